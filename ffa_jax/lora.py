@@ -1,0 +1,288 @@
+"""LoRA and FFA-LoRA as a pytree transform of a model's parameter tree.
+
+A *target* leaf (a ``[d_in, d_out]`` dense kernel whose path matches a regular expression,
+query and value projections by default) is replaced by a :class:`LoRAWeight` node holding the
+frozen pretrained kernel ``w0``, the factors ``a`` ``[d_in, r]`` and ``b`` ``[r, d_out]`` and the
+static ``scale = alpha / r``. Layers compute ``x @ w0 + scale * ((x @ a) @ b)`` (see
+:func:`dense`): the update is never materialised during training, so per-example gradients of
+``b`` are ``r x d_out``, not ``d_in x d_out``.
+
+In PyTorch/PEFT layout (``[out, in]``) this is ``W = W0 + scale * B_pt @ A_pt`` with
+``A_pt = a.T`` (``[r, d_in]``) and ``B_pt = b.T`` (``[d_out, r]``).
+
+Modes:
+
+* ``"ffa"`` (FFA-LoRA, Sun et al., ICLR 2024): ``a`` is random and frozen, identical on every
+  client because it is drawn from one shared seed; only ``b`` (zero at init) is trained,
+  uploaded and averaged.
+* ``"lora"``: ``a`` and ``b`` are both trained and averaged separately (the paper's baseline).
+
+Trainable and frozen leaves are separated by :func:`split` into two trees of the same structure
+(``None`` where a leaf belongs to the other tree) and joined by :func:`combine`; gradients are
+only ever taken with respect to the trainable tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ffa_jax.errors import ConfigError
+
+PyTree = Any
+
+MODES = ("ffa", "lora")
+A_INITS = ("uniform", "gaussian", "orthogonal")
+DEFAULT_TARGETS = r".*(query|value|q_proj|v_proj)/kernel$"
+
+
+@struct.dataclass
+class LoRAWeight:
+    """A dense kernel with a low-rank adapter: ``w0 + scale * a @ b``.
+
+    Attributes:
+      w0: frozen pretrained kernel, ``[d_in, d_out]``.
+      a: ``[d_in, r]``; frozen under FFA-LoRA.
+      b: ``[r, d_out]``; zero at init, always trainable.
+      scale: ``alpha / r`` (static, part of the tree structure).
+    """
+
+    w0: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float = struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w0.shape)
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[-1])
+
+    def merged(self) -> jax.Array:
+        """The plain kernel ``w0 + scale * a @ b``, ``[d_in, d_out]``."""
+        return self.w0 + self.scale * (self.a @ self.b).astype(self.w0.dtype)
+
+
+def is_lora(x: Any) -> bool:
+    return isinstance(x, LoRAWeight)
+
+
+def dense(x: jax.Array, kernel: jax.Array | LoRAWeight) -> jax.Array:
+    """``x @ kernel`` for a plain or LoRA kernel. ``x``: ``[..., d_in]`` -> ``[..., d_out]``.
+
+    The LoRA branch stays factorised (two skinny matmuls) so that gradients with respect to
+    ``b`` never form a ``d_in x d_out`` matrix.
+    """
+    if isinstance(kernel, LoRAWeight):
+        low = (x @ kernel.a.astype(x.dtype)) @ kernel.b.astype(x.dtype)
+        return x @ kernel.w0.astype(x.dtype) + kernel.scale * low
+    return x @ kernel.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRASpec:
+    """What to adapt and how. Mirrors the ``lora`` config section.
+
+    Attributes:
+      mode: ``"ffa"`` (train B only) or ``"lora"`` (train A and B).
+      rank: r >= 1.
+      alpha: scale numerator; the update is ``(alpha / r) * B A``.
+      targets: regular expression matched (``re.fullmatch``) against ``/``-joined leaf paths,
+        e.g. ``encoder/layer_0/attention/self/query/kernel``.
+      a_init: ``"uniform"`` (PEFT's Kaiming-uniform with a=sqrt(5), i.e.
+        ``U(-1/sqrt(d_in), 1/sqrt(d_in))``), ``"gaussian"`` (``N(0, 1/d_in)``) or
+        ``"orthogonal"`` (orthonormal columns).
+    """
+
+    mode: str = "ffa"
+    rank: int = 8
+    alpha: float = 8.0
+    targets: str = DEFAULT_TARGETS
+    a_init: str = "uniform"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"lora.mode={self.mode!r} is not one of {MODES}; use 'ffa' or 'lora'.")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ConfigError(f"lora.rank={self.rank!r} must be a positive integer, e.g. 8.")
+        if not np.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"lora.alpha={self.alpha!r} must be a positive finite number, e.g. 8.")
+        if self.a_init not in A_INITS:
+            raise ConfigError(f"lora.a_init={self.a_init!r} is not one of {A_INITS}.")
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise ConfigError(f"lora.targets={self.targets!r} is not a valid regular expression: {e}") from e
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / float(self.rank)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """``/``-joined names of a ``jax.tree_util`` key path (dict keys, attributes, indices)."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(str(k.name))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _init_a(key: jax.Array, d_in: int, rank: int, how: str, dtype) -> jax.Array:
+    if how == "uniform":
+        bound = 1.0 / np.sqrt(d_in)
+        return jax.random.uniform(key, (d_in, rank), dtype, -bound, bound)
+    if how == "gaussian":
+        return jax.random.normal(key, (d_in, rank), dtype) / np.sqrt(d_in)
+    # Orthonormal unit columns: entries have variance 1/d_in, as with "gaussian".
+    return jax.nn.initializers.orthogonal()(key, (d_in, rank), jnp.float32).astype(dtype)
+
+
+def target_paths(params: PyTree, targets: str) -> list[str]:
+    """Paths of the leaves of ``params`` that ``targets`` fullmatches (2-D leaves only)."""
+    pattern = re.compile(targets)
+    out = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        p = path_str(path)
+        if pattern.fullmatch(p) and getattr(leaf, "ndim", 0) == 2:
+            out.append(p)
+    return out
+
+
+def init(params: PyTree, spec: LoRASpec, key: jax.Array) -> PyTree:
+    """Wraps every target kernel of ``params`` in a :class:`LoRAWeight` with B = 0.
+
+    A is a deterministic function of ``key`` and the leaf's path (not of leaf order), so every
+    client that calls ``init`` with the same shared key holds bit-identical A matrices: A never
+    needs to be communicated.
+
+    Args:
+      params: the pretrained parameter tree (plain arrays).
+      spec: the LoRA specification.
+      key: the shared LoRA key (same on every client).
+
+    Returns:
+      A tree of the same structure where targets are :class:`LoRAWeight` nodes.
+
+    Raises:
+      ConfigError: if ``spec.targets`` matches no 2-D weight (the message lists some paths),
+        or ``rank`` exceeds a target's dimensions.
+    """
+    paths = target_paths(params, spec.targets)
+    if not paths:
+        candidates = [
+            path_str(p) for p, leaf in jax.tree_util.tree_leaves_with_path(params) if getattr(leaf, "ndim", 0) == 2
+        ]
+        raise ConfigError(
+            f"lora.targets={spec.targets!r} matches no 2-D weight of the model. "
+            f"Some weight paths are: {candidates[:8]}; pass a regular expression that fullmatches "
+            "some of them, e.g. '.*(query|value)/kernel'."
+        )
+    wanted = set(paths)
+
+    def wrap(path, leaf):
+        p = path_str(path)
+        if p not in wanted:
+            return leaf
+        d_in, d_out = leaf.shape
+        if spec.rank > min(d_in, d_out):
+            raise ConfigError(
+                f"lora.rank={spec.rank} exceeds the dimensions {leaf.shape} of target {p}; use a smaller rank."
+            )
+        # crc32 of the path: stable across processes and Python hash seeds.
+        leaf_key = jax.random.fold_in(key, zlib.crc32(p.encode()) & 0x7FFFFFFF)
+        a = _init_a(leaf_key, d_in, spec.rank, spec.a_init, jnp.float32)
+        b = jnp.zeros((spec.rank, d_out), jnp.float32)
+        return LoRAWeight(w0=leaf, a=a, b=b, scale=spec.scale)
+
+    return jax.tree_util.tree_map_with_path(wrap, params)
+
+
+def merge(params: PyTree) -> PyTree:
+    """Replaces every :class:`LoRAWeight` by its merged kernel (for inference and export)."""
+    return jax.tree_util.tree_map(lambda x: x.merged() if is_lora(x) else x, params, is_leaf=is_lora)
+
+
+def trainable_mask(params: PyTree, mode: str, *, extra: str | None = None) -> PyTree:
+    """Bool tree (same structure as ``params``' leaves): True for leaves that are trained.
+
+    ``b`` of every LoRA node is trainable; ``a`` too when ``mode == "lora"``; ``w0`` never.
+    ``extra`` is an optional regular expression of additional plain leaves to train (e.g. the
+    classification head, ``classifier/.*``).
+    """
+    if mode not in MODES:
+        raise ConfigError(f"lora.mode={mode!r} is not one of {MODES}.")
+    extra_re = re.compile(extra) if extra else None
+
+    def leaf_mask(path, leaf):
+        if is_lora(leaf):
+            return LoRAWeight(w0=False, a=mode == "lora", b=True, scale=leaf.scale)
+        return bool(extra_re and extra_re.fullmatch(path_str(path)))
+
+    return jax.tree_util.tree_map_with_path(leaf_mask, params, is_leaf=is_lora)
+
+
+def split(params: PyTree, mask: PyTree) -> tuple[PyTree, PyTree]:
+    """Splits ``params`` into ``(trainable, frozen)`` trees by a :func:`trainable_mask`.
+
+    Both trees keep the full structure, with ``None`` where a leaf lives in the other tree,
+    so ``combine(*split(p, m)) == p``.
+    """
+    trainable = jax.tree_util.tree_map(lambda m, x: x if m else None, mask, params)
+    frozen = jax.tree_util.tree_map(lambda m, x: None if m else x, mask, params)
+    return trainable, frozen
+
+
+def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
+    """Inverse of :func:`split`: takes each leaf from whichever tree holds it."""
+    return jax.tree_util.tree_map(
+        lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
+    )
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Total bytes of the array leaves of ``tree`` (``None`` leaves count zero)."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def lora_nodes(params: PyTree) -> dict[str, LoRAWeight]:
+    """``{path: LoRAWeight}`` of every LoRA node in ``params``."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_lora):
+        if is_lora(leaf):
+            out[path_str(path)] = leaf
+    return out
+
+
+def apply_fn_with_lora(apply_fn: Callable, mode: str) -> Callable:
+    """Wraps a model ``apply_fn(params, ...)`` so that, under FFA, ``a`` is stop-gradiented.
+
+    Gradients are taken only with respect to the trainable tree anyway; this guards users who
+    differentiate the combined tree directly.
+    """
+    if mode == "lora":
+        return apply_fn
+
+    def wrapped(params, *args, **kwargs):
+        params = jax.tree_util.tree_map(
+            lambda x: x.replace(a=jax.lax.stop_gradient(x.a)) if is_lora(x) else x, params, is_leaf=is_lora
+        )
+        return apply_fn(params, *args, **kwargs)
+
+    return wrapped
