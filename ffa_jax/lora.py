@@ -24,7 +24,6 @@ only ever taken with respect to the trainable tree.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import zlib
 from collections.abc import Callable, Sequence
@@ -35,13 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ffa_jax.config import LORA_MODES, LoRAConfig
 from ffa_jax.errors import ConfigError
 
 PyTree = Any
 
-MODES = ("ffa", "lora")
-A_INITS = ("uniform", "gaussian", "orthogonal")
-DEFAULT_TARGETS = r".*(query|value|q_proj|v_proj)/kernel$"
+MODES = LORA_MODES
 
 
 @struct.dataclass
@@ -89,46 +87,6 @@ def dense(x: jax.Array, kernel: jax.Array | LoRAWeight) -> jax.Array:
     return x @ kernel.astype(x.dtype)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRASpec:
-    """What to adapt and how. Mirrors the ``lora`` config section.
-
-    Attributes:
-      mode: ``"ffa"`` (train B only) or ``"lora"`` (train A and B).
-      rank: r >= 1.
-      alpha: scale numerator; the update is ``(alpha / r) * B A``.
-      targets: regular expression matched (``re.fullmatch``) against ``/``-joined leaf paths,
-        e.g. ``encoder/layer_0/attention/self/query/kernel``.
-      a_init: ``"uniform"`` (PEFT's Kaiming-uniform with a=sqrt(5), i.e.
-        ``U(-1/sqrt(d_in), 1/sqrt(d_in))``), ``"gaussian"`` (``N(0, 1/d_in)``) or
-        ``"orthogonal"`` (orthonormal columns).
-    """
-
-    mode: str = "ffa"
-    rank: int = 8
-    alpha: float = 8.0
-    targets: str = DEFAULT_TARGETS
-    a_init: str = "uniform"
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ConfigError(f"lora.mode={self.mode!r} is not one of {MODES}; use 'ffa' or 'lora'.")
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise ConfigError(f"lora.rank={self.rank!r} must be a positive integer, e.g. 8.")
-        if not np.isfinite(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"lora.alpha={self.alpha!r} must be a positive finite number, e.g. 8.")
-        if self.a_init not in A_INITS:
-            raise ConfigError(f"lora.a_init={self.a_init!r} is not one of {A_INITS}.")
-        try:
-            re.compile(self.targets)
-        except re.error as e:
-            raise ConfigError(f"lora.targets={self.targets!r} is not a valid regular expression: {e}") from e
-
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / float(self.rank)
-
-
 def path_str(path: Sequence[Any]) -> str:
     """``/``-joined names of a ``jax.tree_util`` key path (dict keys, attributes, indices)."""
     parts = []
@@ -165,7 +123,7 @@ def target_paths(params: PyTree, targets: str) -> list[str]:
     return out
 
 
-def init(params: PyTree, spec: LoRASpec, key: jax.Array) -> PyTree:
+def init(params: PyTree, spec: LoRAConfig, key: jax.Array) -> PyTree:
     """Wraps every target kernel of ``params`` in a :class:`LoRAWeight` with B = 0.
 
     A is a deterministic function of ``key`` and the leaf's path (not of leaf order), so every
@@ -174,7 +132,7 @@ def init(params: PyTree, spec: LoRASpec, key: jax.Array) -> PyTree:
 
     Args:
       params: the pretrained parameter tree (plain arrays).
-      spec: the LoRA specification.
+      spec: the ``lora`` config section.
       key: the shared LoRA key (same on every client).
 
     Returns:
@@ -187,7 +145,9 @@ def init(params: PyTree, spec: LoRASpec, key: jax.Array) -> PyTree:
     paths = target_paths(params, spec.targets)
     if not paths:
         candidates = [
-            path_str(p) for p, leaf in jax.tree_util.tree_leaves_with_path(params) if getattr(leaf, "ndim", 0) == 2
+            path_str(p)
+            for p, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if getattr(leaf, "ndim", 0) == 2
         ]
         raise ConfigError(
             f"lora.targets={spec.targets!r} matches no 2-D weight of the model. "
@@ -216,7 +176,9 @@ def init(params: PyTree, spec: LoRASpec, key: jax.Array) -> PyTree:
 
 def merge(params: PyTree) -> PyTree:
     """Replaces every :class:`LoRAWeight` by its merged kernel (for inference and export)."""
-    return jax.tree_util.tree_map(lambda x: x.merged() if is_lora(x) else x, params, is_leaf=is_lora)
+    return jax.tree_util.tree_map(
+        lambda x: x.merged() if is_lora(x) else x, params, is_leaf=is_lora
+    )
 
 
 def trainable_mask(params: PyTree, mode: str, *, extra: str | None = None) -> PyTree:
@@ -281,7 +243,9 @@ def apply_fn_with_lora(apply_fn: Callable, mode: str) -> Callable:
 
     def wrapped(params, *args, **kwargs):
         params = jax.tree_util.tree_map(
-            lambda x: x.replace(a=jax.lax.stop_gradient(x.a)) if is_lora(x) else x, params, is_leaf=is_lora
+            lambda x: x.replace(a=jax.lax.stop_gradient(x.a)) if is_lora(x) else x,
+            params,
+            is_leaf=is_lora,
         )
         return apply_fn(params, *args, **kwargs)
 

@@ -1,0 +1,616 @@
+"""Run configuration: frozen, keyword-only dataclasses, loaded from YAML, overridden from the CLI.
+
+One name per concept, used in the YAML files, in ``--set section.field=value`` overrides, in the
+docs and in the code: e.g. ``lora.mode``, ``lora.rank``, ``lora.alpha``, ``privacy.epsilon``,
+``privacy.delta``, ``privacy.clip_norm``, ``federated.clients``, ``federated.rounds``,
+``federated.local_steps``, ``data.partition``, ``seed``.
+
+Every section validates itself on construction and raises :class:`ffa_jax.errors.ConfigError`
+naming the field, the bad value and the fix. Cross-section checks live in
+:meth:`RunConfig.__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ffa_jax.errors import ConfigError
+
+LORA_MODES = ("ffa", "lora")
+A_INITS = ("uniform", "gaussian", "orthogonal")
+DEFAULT_TARGETS = r".*(query|value|q_proj|v_proj)/kernel"
+PARTITIONS = ("iid", "label_mix", "dirichlet")
+CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
+WEIGHTINGS = ("uniform", "examples")
+ACCOUNTANTS = ("pld", "rdp")
+PAPER_LABEL_MIX_2 = ((0.1, 0.9), (0.9, 0.1), (0.5, 0.5))
+
+
+def _require(cond: bool, field: str, value: Any, fix: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field}={value!r} is invalid: {fix}")
+
+
+def _positive_int(field: str, value: Any) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        field,
+        value,
+        "must be a positive integer.",
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The pretrained model.
+
+    Attributes:
+      name: ``"minilm"`` (the offline all-MiniLM-L6-v2 wheel), a local HF model folder
+        (``config.json`` + safetensors), or a hub id such as ``roberta-large`` (needs internet).
+      max_length: tokens per example (padded/truncated).
+      train_head: also train (and upload) the classification head. Off by default, as in the
+        paper; then only LoRA matrices are trained.
+    """
+
+    name: str = "minilm"
+    max_length: int = 64
+    train_head: bool = False
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.name, str) and self.name != "",
+            "model.name",
+            self.name,
+            "give 'minilm', a local model folder or a hub id.",
+        )
+        _positive_int("model.max_length", self.max_length)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """LoRA / FFA-LoRA adapters (see :mod:`ffa_jax.lora`).
+
+    Attributes:
+      mode: ``"ffa"`` (A frozen at its shared random init, only B trained and sent) or
+        ``"lora"`` (A and B trained and averaged separately).
+      rank: r.
+      alpha: the update is ``(alpha / r) * B A``.
+      targets: regular expression fullmatched against ``/``-joined parameter paths.
+      a_init: ``uniform`` (PEFT default, ``U(-1/sqrt(d_in), 1/sqrt(d_in))``), ``gaussian``,
+        ``orthogonal``.
+    """
+
+    mode: str = "ffa"
+    rank: int = 8
+    alpha: float = 8.0
+    targets: str = DEFAULT_TARGETS
+    a_init: str = "uniform"
+
+    def __post_init__(self):
+        _require(self.mode in LORA_MODES, "lora.mode", self.mode, f"use one of {LORA_MODES}.")
+        _positive_int("lora.rank", self.rank)
+        _require(
+            _is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0,
+            "lora.alpha",
+            self.alpha,
+            "must be a positive finite number, e.g. 8.",
+        )
+        _require(self.a_init in A_INITS, "lora.a_init", self.a_init, f"use one of {A_INITS}.")
+        try:
+            re.compile(self.targets)
+        except (re.error, TypeError) as e:
+            raise ConfigError(
+                f"lora.targets={self.targets!r} is not a valid regular expression: {e}"
+            ) from e
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / float(self.rank)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The task and its split into clients.
+
+    Attributes:
+      task: ``"spamassassin"`` (shipped), a local ``.jsonl/.json/.csv/.parquet`` file with
+        ``text_field``/``label_field`` columns, or a HF datasets name (needs internet).
+      partition: ``iid``, ``label_mix`` (row k of ``label_mix`` is client k's label
+        distribution, the paper's non-IID setting) or ``dirichlet`` (``dirichlet_alpha``).
+      test_fraction: held-out share when the task has no test split.
+      max_train_examples: optional cap on training examples (stratified).
+    """
+
+    task: str = "spamassassin"
+    partition: str = "label_mix"
+    label_mix: tuple[tuple[float, ...], ...] = PAPER_LABEL_MIX_2
+    dirichlet_alpha: float = 0.5
+    test_fraction: float = 0.2
+    max_train_examples: int | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+
+    def __post_init__(self):
+        _require(
+            self.partition in PARTITIONS,
+            "data.partition",
+            self.partition,
+            f"use one of {PARTITIONS}.",
+        )
+        _require(
+            _is_number(self.dirichlet_alpha) and self.dirichlet_alpha > 0,
+            "data.dirichlet_alpha",
+            self.dirichlet_alpha,
+            "must be > 0 (smaller = more heterogeneous), e.g. 0.5.",
+        )
+        _require(
+            _is_number(self.test_fraction) and 0 < self.test_fraction < 1,
+            "data.test_fraction",
+            self.test_fraction,
+            "must be in (0, 1), e.g. 0.2.",
+        )
+        if self.max_train_examples is not None:
+            _positive_int("data.max_train_examples", self.max_train_examples)
+        if self.partition == "label_mix":
+            _require(
+                len(self.label_mix) > 0,
+                "data.label_mix",
+                self.label_mix,
+                "give one row of label proportions per client, e.g. [[0.1, 0.9], [0.9, 0.1]].",
+            )
+            for k, row in enumerate(self.label_mix):
+                _require(
+                    all(_is_number(p) and p >= 0 for p in row) and abs(sum(row) - 1) < 1e-6,
+                    f"data.label_mix[{k}]",
+                    list(row),
+                    "each row must be non-negative proportions that sum to 1.",
+                )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FederatedConfig:
+    """The federation. All clients take part in every round (cross-silo, as in the paper).
+
+    Attributes:
+      clients: number of clients K.
+      rounds: communication rounds.
+      local_steps: local optimiser steps per client per round.
+      weighting: ``uniform`` (1/K, the paper) or ``examples`` (n_k / n) for averaging updates.
+    """
+
+    clients: int = 3
+    rounds: int = 10
+    local_steps: int = 5
+    weighting: str = "uniform"
+
+    def __post_init__(self):
+        _positive_int("federated.clients", self.clients)
+        _positive_int("federated.rounds", self.rounds)
+        _positive_int("federated.local_steps", self.local_steps)
+        _require(
+            self.weighting in WEIGHTINGS,
+            "federated.weighting",
+            self.weighting,
+            f"use one of {WEIGHTINGS}.",
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """Local training on each client.
+
+    Attributes:
+      optimizer: ``sgd`` (the paper), ``momentum`` or ``adam``; state is reset every round.
+      learning_rate: local learning rate.
+      momentum: for ``momentum``.
+      batch_size: expected local batch size; under DP each example is sampled with
+        probability ``batch_size / n_k`` (Poisson), without DP too (same sampler).
+    """
+
+    optimizer: str = "sgd"
+    learning_rate: float = 0.5
+    momentum: float = 0.9
+    batch_size: int = 32
+
+    def __post_init__(self):
+        _require(
+            self.optimizer in CLIENT_OPTIMIZERS,
+            "client.optimizer",
+            self.optimizer,
+            f"use one of {CLIENT_OPTIMIZERS}.",
+        )
+        _require(
+            _is_number(self.learning_rate) and self.learning_rate > 0,
+            "client.learning_rate",
+            self.learning_rate,
+            "must be > 0.",
+        )
+        _require(
+            _is_number(self.momentum) and 0 <= self.momentum < 1,
+            "client.momentum",
+            self.momentum,
+            "must be in [0, 1).",
+        )
+        _positive_int("client.batch_size", self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """The server optimizer applied to the averaged client update (the pseudo-gradient).
+
+    ``sgd`` with learning rate 1 is FedAvg; ``momentum`` is FedAvgM; ``adam``/``yogi`` are
+    FedAdam/FedYogi (Reddi et al., 2021; ``eps`` is their tau).
+    """
+
+    optimizer: str = "sgd"
+    learning_rate: float = 1.0
+    momentum: float = 0.9
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-3
+
+    def __post_init__(self):
+        _require(
+            self.optimizer in SERVER_OPTIMIZERS,
+            "server.optimizer",
+            self.optimizer,
+            f"use one of {SERVER_OPTIMIZERS}.",
+        )
+        _require(
+            _is_number(self.learning_rate) and self.learning_rate > 0,
+            "server.learning_rate",
+            self.learning_rate,
+            "must be > 0 (1.0 with sgd is FedAvg).",
+        )
+        for f in ("momentum", "b1", "b2"):
+            v = getattr(self, f)
+            _require(_is_number(v) and 0 <= v < 1, f"server.{f}", v, "must be in [0, 1).")
+        _require(_is_number(self.eps) and self.eps > 0, "server.eps", self.eps, "must be > 0.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    """Sample-level differential privacy on every client (DP-SGD), as in the paper.
+
+    Attributes:
+      epsilon: target epsilon per client over the whole run, or ``inf`` for no DP (no
+        clipping, no noise).
+      delta: target delta, e.g. 1e-5.
+      clip_norm: per-example L2 clip norm C of the gradient of the trainable tree.
+      accountant: ``pld`` (default) or ``rdp`` (dp-accounting).
+      noise_multiplier: optional fixed sigma; when set, epsilon is reported, not targeted.
+    """
+
+    epsilon: float = 6.0
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    accountant: str = "pld"
+    noise_multiplier: float | None = None
+
+    def __post_init__(self):
+        _require(
+            _is_number(self.epsilon) and self.epsilon > 0 and not math.isnan(self.epsilon),
+            "privacy.epsilon",
+            self.epsilon,
+            "must be > 0, or 'inf' for a non-private run.",
+        )
+        _require(
+            _is_number(self.delta) and 0 < self.delta < 1,
+            "privacy.delta",
+            self.delta,
+            "must be in (0, 1), e.g. 1e-5 (well below 1/n).",
+        )
+        _require(
+            _is_number(self.clip_norm) and 0 < self.clip_norm < math.inf,
+            "privacy.clip_norm",
+            self.clip_norm,
+            "must be a positive finite number.",
+        )
+        _require(
+            self.accountant in ACCOUNTANTS,
+            "privacy.accountant",
+            self.accountant,
+            f"use one of {ACCOUNTANTS}.",
+        )
+        if self.noise_multiplier is not None:
+            _require(
+                _is_number(self.noise_multiplier) and self.noise_multiplier > 0,
+                "privacy.noise_multiplier",
+                self.noise_multiplier,
+                "must be > 0, or null to calibrate it to privacy.epsilon.",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return math.isfinite(self.epsilon) or self.noise_multiplier is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Evaluation on the held-out test split.
+
+    Attributes:
+      every: evaluate every this many rounds (0: only after the last round).
+      max_examples: evaluate on the first this many test examples (None: all).
+      batch_size: evaluation batch size.
+    """
+
+    every: int = 0
+    max_examples: int | None = None
+    batch_size: int = 64
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.every, int) and self.every >= 0,
+            "eval.every",
+            self.every,
+            "must be an integer >= 0.",
+        )
+        if self.max_examples is not None:
+            _positive_int("eval.max_examples", self.max_examples)
+        _positive_int("eval.batch_size", self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerfConfig:
+    """Knobs that change speed and memory, never results or privacy.
+
+    Attributes:
+      clients_per_chunk: clients run in parallel (vmapped) at once; the rest are scanned.
+        0 = all clients at once. Memory grows linearly with it.
+      microbatch_size: per-example gradients in chunks of this many examples (0 = whole batch).
+      devices: devices on the ``clients`` mesh axis (0 = the largest count that divides the
+        chunk size).
+    """
+
+    clients_per_chunk: int = 0
+    microbatch_size: int = 0
+    devices: int = 0
+
+    def __post_init__(self):
+        for f in ("clients_per_chunk", "microbatch_size", "devices"):
+            v = getattr(self, f)
+            _require(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                f"perf.{f}",
+                v,
+                "must be an integer >= 0 (0 = automatic).",
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A whole run. See ``configs/quickstart.yaml`` for an annotated example."""
+
+    name: str = "quickstart"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    federated: FederatedConfig = dataclasses.field(default_factory=FederatedConfig)
+    client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    perf: PerfConfig = dataclasses.field(default_factory=PerfConfig)
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.name, str)
+            and re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name or "") is not None,
+            "name",
+            self.name,
+            "use letters, digits, '_', '-' or '.' (it names the run folder).",
+        )
+        _require(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+            "seed",
+            self.seed,
+            "must be an integer >= 0.",
+        )
+        if self.data.partition == "label_mix":
+            rows = len(self.data.label_mix)
+            _require(
+                self.federated.clients % rows == 0,
+                "federated.clients",
+                self.federated.clients,
+                f"with data.partition=label_mix it must be a multiple of the {rows} rows of "
+                "data.label_mix (one label distribution per client).",
+            )
+        chunk = self.perf.clients_per_chunk
+        if chunk and self.perf.devices:
+            _require(
+                chunk % self.perf.devices == 0,
+                "perf.devices",
+                self.perf.devices,
+                f"must divide perf.clients_per_chunk={chunk}.",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def _coerce(value: Any, tp: Any, field: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` and converts YAML-ish spellings."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, field)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{field}={value!r} has the wrong type.")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{field}={value!r} must be a list.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{field}[{i}]") for i, v in enumerate(value))
+        return tuple(
+            _coerce(v, a, f"{field}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{field}={value!r} must be true or false.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{field}={value!r} must be an integer.")
+    if tp is float:
+        if _is_number(value):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # accepts "inf", "1e-5"
+            except ValueError:
+                pass
+        raise ConfigError(
+            f"{field}={value!r} must be a number ('inf' allowed where it makes sense)."
+        )
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{field}={value!r} must be a string.")
+    raise ConfigError(f"{field}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def from_dict(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
+    """Builds the dataclass ``cls`` from nested plain data, rejecting unknown keys."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + u for u in unknown]} in {where}; "
+            f"valid keys are {sorted(prefix + f for f in fields)}."
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}{name} must be a mapping of its fields, got {value!r}.")
+            kwargs[name] = from_dict(tp, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"lora.rank=16"`` -> ``(["lora", "rank"], 16)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(
+            f"override {text!r} must look like section.field=value, e.g. lora.rank=16."
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key; use section.field=value.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e}).") from e
+    if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity"):
+        value = math.inf
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Returns a copy of the nested ``data`` with every ``section.field=value`` applied."""
+    out = _deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for p in path[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {p} is not a section.")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Loads a YAML config (or the defaults when ``path`` is None) and applies overrides.
+
+    Raises:
+      ConfigError: the file is missing or not a mapping, a key is unknown, or a value is
+        invalid (the message names the field and the fix).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"config file {str(p)!r} does not exist; pass --config with a YAML file "
+                "such as configs/quickstart.yaml."
+            )
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}."
+            )
+        data = loaded
+    data = apply_overrides(data, overrides)
+    return from_dict(RunConfig, data)
+
+
+def replace(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """A new config with ``section.field=value`` overrides applied (validated)."""
+    return from_dict(RunConfig, apply_overrides(cfg.to_dict(), overrides))
