@@ -1,0 +1,84 @@
+"""``ffa-jax``: the command-line interface.
+
+    ffa-jax train [--config configs/quickstart.yaml] [--set section.field=value ...] [--overwrite]
+    ffa-jax config [--config ...] [--set ...]      # print the resolved, validated config
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ffa_jax.errors import FfaJaxError
+
+
+def default_config_path() -> Path | None:
+    """``configs/quickstart.yaml`` of the working tree if present; else None (the built-in
+    defaults of :class:`ffa_jax.config.RunConfig`, which are the quickstart's)."""
+    local = Path("configs/quickstart.yaml")
+    return local if local.is_file() else None
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="YAML run config (default: configs/quickstart.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field, e.g. --set lora.mode=lora --set privacy.epsilon=inf (repeatable)",
+    )
+
+
+def _load(args):
+    from ffa_jax.config import load_config
+
+    return load_config(args.config or default_config_path(), args.overrides)
+
+
+def cmd_train(args) -> int:
+    from ffa_jax.train import train
+
+    cfg = _load(args)
+    summary = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(_load(args).to_yaml(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ffa-jax", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run federated (FFA-)LoRA fine-tuning")
+    _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="print the resolved and validated config")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FfaJaxError as e:
+        print(f"ffa-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

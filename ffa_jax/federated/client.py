@@ -1,0 +1,141 @@
+"""One client's local training: ``lax.scan`` over local steps, DP-SGD or plain SGD.
+
+A client starts from the server's trainable tree (B under FFA-LoRA; A and B under LoRA), runs
+``local_steps`` optimiser steps on its own fixed-shape batches and returns the *delta* of its
+trainable tree. The frozen tree (pretrained weights and, under FFA, the shared A) is an
+argument, never part of the carry: it is shared by all clients, never copied per client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ffa_jax.config import ClientConfig
+from ffa_jax.privacy.clipping import clipped_grad, mean_grad
+from ffa_jax.privacy.noise import privatize_grad_sum
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree, dict[str, jax.Array]], jax.Array]
+
+# Purposes folded into a client's key so that no two uses share randomness.
+NOISE_PURPOSE = 1
+
+
+class DpParams(NamedTuple):
+    """Per-client DP-SGD parameters, runtime values (changing them never recompiles).
+
+    Attributes:
+      clip_norm: scalar C.
+      noise_multiplier: sigma of this client (noise std on the summed gradient is sigma * C).
+      expected_batch_size: q_k * n_k, the fixed denominator of the noisy mean.
+    """
+
+    clip_norm: jax.Array
+    noise_multiplier: jax.Array
+    expected_batch_size: jax.Array
+
+
+class ClientMetrics(NamedTuple):
+    """Per-client metrics of one round (scalars; stacked to ``[K]`` by the round)."""
+
+    loss: jax.Array  # mean training loss over the real examples of all local steps
+    num_examples: jax.Array  # real examples processed over all local steps
+    clipped_fraction: jax.Array  # mean over steps (0 without DP)
+    grad_norm: jax.Array  # mean per-example gradient norm before clipping
+    delta_norm: jax.Array  # L2 norm of the uploaded delta
+
+
+def make_client_optimizer(cfg: ClientConfig) -> optax.GradientTransformation:
+    """The local optimiser. Its state is re-initialised at the start of every round."""
+    if cfg.optimizer == "sgd":
+        return optax.sgd(cfg.learning_rate)
+    if cfg.optimizer == "momentum":
+        return optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
+    return optax.adam(cfg.learning_rate)
+
+
+def step_noise_key(client_key: jax.Array, step: jax.Array | int) -> jax.Array:
+    """The DP noise key of local step ``step`` of a client whose round key is ``client_key``."""
+    return jax.random.fold_in(jax.random.fold_in(client_key, step), NOISE_PURPOSE)
+
+
+def tree_norm(tree: PyTree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def make_client_update(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    private: bool,
+    microbatch_size: int | None = None,
+) -> Callable[..., tuple[PyTree, ClientMetrics]]:
+    """Builds ``client_update(trainable, frozen, batches, dp, key) -> (delta, ClientMetrics)``.
+
+    Args:
+      loss_fn: per-example loss ``loss_fn(trainable, frozen, example) -> scalar``.
+      optimizer: local optax optimiser.
+      private: DP-SGD (clip per example, noise the sum, divide by the expected batch size)
+        when True; the plain mean gradient over real examples otherwise.
+      microbatch_size: per-example gradients in chunks of this size (memory bound).
+
+    The returned function takes ``batches``: a dict of arrays ``[S, B_max, ...]`` with a
+    ``"mask"`` entry ``[S, B_max]`` (S local steps; padded slots masked out), ``dp``: a
+    :class:`DpParams` of scalars, and ``key``: this client's key for this round.
+
+    Formal guarantee (``private=True``): each local step is the sampled Gaussian mechanism on
+    this client's data with sensitivity ``clip_norm`` (add/remove one example) and noise std
+    ``noise_multiplier * clip_norm``, provided the batches were drawn by Poisson sampling at
+    the rate the accountant assumes. The returned delta is post-processing of those steps.
+    """
+    plain_grad = mean_grad(loss_fn, microbatch_size=microbatch_size)
+
+    def client_update(trainable, frozen, batches, dp: DpParams, key):
+        def step(carry, xs):
+            params, opt_state = carry
+            batch, step_idx = xs
+            mask = batch["mask"]
+            example = {k: v for k, v in batch.items() if k != "mask"}
+            if private:
+                # C is a runtime value, so changing it never recompiles.
+                clip = clipped_grad(loss_fn, dp.clip_norm, microbatch_size=microbatch_size)
+                g_sum, stats = clip(params, frozen, example, mask)
+                noise_key = step_noise_key(key, step_idx)
+                grads = privatize_grad_sum(
+                    g_sum,
+                    clip_norm=dp.clip_norm,
+                    noise_multiplier=dp.noise_multiplier,
+                    expected_batch_size=dp.expected_batch_size,
+                    key=noise_key,
+                )
+            else:
+                grads, stats = plain_grad(params, frozen, example, mask)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            n = stats.num_examples
+            mean_norm = jnp.sum(stats.grad_norms) / jnp.maximum(n, 1.0)
+            return (params, opt_state), (stats.loss_sum, n, stats.clipped_fraction, mean_norm)
+
+        steps = jax.tree_util.tree_leaves(batches)[0].shape[0]
+        (final, _), (loss_sum, n, clipped, norms) = jax.lax.scan(
+            step, (trainable, optimizer.init(trainable)), (batches, jnp.arange(steps))
+        )
+        delta = jax.tree_util.tree_map(lambda new, old: new - old, final, trainable)
+        total = jnp.sum(n)
+        metrics = ClientMetrics(
+            loss=jnp.sum(loss_sum) / jnp.maximum(total, 1.0),
+            num_examples=total,
+            clipped_fraction=jnp.mean(clipped),
+            grad_norm=jnp.mean(norms),
+            delta_norm=tree_norm(delta),
+        )
+        return delta, metrics
+
+    return client_update
+

@@ -1,0 +1,147 @@
+"""One federated round as one ``jax.jit``: all clients' local training, aggregation, server step.
+
+Clients are stacked on a leading axis of size K. They run in chunks of ``clients_per_chunk``
+clients: inside a chunk the client update is ``vmap``ped (and the chunk's client axis is
+sharded over the ``clients`` axis of a device mesh); chunks run one after another under
+``lax.map``, so activation memory grows with the chunk size, not with K. Results do not depend
+on the chunk size. When K is not a multiple of the chunk size, zero-weight dummy clients (all
+examples masked out) pad the last chunk; they contribute nothing to the average.
+
+PRNG: the round key is ``fold_in(key, round)``; client k's key is ``fold_in(round_key,
+client_id[k])``; local step s folds ``s`` and the noise purpose into it (see
+:mod:`ffa_jax.federated.client`). No two (round, client, step) triples share a noise key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ffa_jax.federated.client import ClientMetrics, DpParams
+from ffa_jax.federated.server import ServerState, server_update, weighted_mean
+
+PyTree = Any
+CLIENTS_AXIS = "clients"
+
+
+class RoundMetrics(NamedTuple):
+    """Metrics of one round. ``clients`` fields are ``[K]`` (padding removed)."""
+
+    clients: ClientMetrics
+    loss: jax.Array  # weighted mean of the clients' training losses
+    update_norm: jax.Array  # L2 norm of the averaged delta
+
+
+def client_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D mesh with a ``clients`` axis over the first ``num_devices`` devices."""
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"perf.devices={n} but only {len(devices)} devices are available.")
+    return Mesh(np.asarray(devices[:n]), (CLIENTS_AXIS,))
+
+
+def choose_devices(chunk: int, requested: int = 0) -> int:
+    """Devices on the clients axis: ``requested``, or the most that divide the chunk size."""
+    if requested:
+        return requested
+    n = len(jax.devices())
+    return max(d for d in range(1, min(n, chunk) + 1) if chunk % d == 0)
+
+
+def client_key(key: jax.Array, round_idx: jax.Array | int, client_id: jax.Array | int) -> jax.Array:
+    """Client ``client_id``'s key in round ``round_idx`` (0-based) of a run with training key ``key``."""
+    return jax.random.fold_in(jax.random.fold_in(key, round_idx), client_id)
+
+
+def _pad_clients(tree: PyTree, pad: int, value=0) -> PyTree:
+    if pad == 0:
+        return tree
+    return jax.tree_util.tree_map(
+        lambda x: jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], value, x.dtype)]), tree
+    )
+
+
+def _to_chunks(tree: PyTree, chunk: int) -> PyTree:
+    # [K] -> [K/chunk, chunk]: client i goes to (i % n_chunks, i // n_chunks) so that the
+    # chunk axis keeps the contiguous block sharding of the original client axis.
+    def f(x):
+        n_chunks = x.shape[0] // chunk
+        return jnp.swapaxes(x.reshape((chunk, n_chunks) + x.shape[1:]), 0, 1)
+
+    return jax.tree_util.tree_map(f, tree)
+
+
+def _from_chunks(tree: PyTree) -> PyTree:
+    def f(x):
+        y = jnp.swapaxes(x, 0, 1)
+        return y.reshape((y.shape[0] * y.shape[1],) + y.shape[2:])
+
+    return jax.tree_util.tree_map(f, tree)
+
+
+def make_round(
+    client_update: Callable[..., tuple[PyTree, ClientMetrics]],
+    server_optimizer: optax.GradientTransformation,
+    *,
+    clients_per_chunk: int = 0,
+    mesh: Mesh | None = None,
+) -> Callable[..., tuple[ServerState, RoundMetrics]]:
+    """Builds the jitted ``round_fn``.
+
+    ``round_fn(state, frozen, batches, weights, client_ids, dp, key) -> (state, RoundMetrics)``
+
+    Args (of ``round_fn``):
+      state: :class:`ServerState`.
+      frozen: the frozen tree (shared by all clients, replicated, never stacked).
+      batches: dict of ``[K, S, B_max, ...]`` arrays with ``"mask"`` ``[K, S, B_max]``.
+      weights: ``[K]`` aggregation weights (0 for dummy clients).
+      client_ids: ``[K]`` int32 global client ids (fold into the PRNG key).
+      dp: :class:`DpParams` with ``[K]`` leaves.
+      key: the run's training key (the round number is folded in here).
+
+    ``clients_per_chunk`` (0 = all K at once) and ``mesh`` change memory and speed only.
+    """
+
+    def round_fn(state: ServerState, frozen, batches, weights, client_ids, dp: DpParams, key):
+        num_clients = weights.shape[0]
+        chunk = clients_per_chunk or num_clients
+        pad = (-num_clients) % chunk
+        keys = jax.vmap(lambda i: client_key(key, state.round, i))(client_ids)
+
+        inputs = (
+            _pad_clients(batches, pad),
+            _pad_clients(dp, pad, 1),  # expected batch 1 keeps dummy clients finite
+            _pad_clients(keys, pad),
+        )
+        weights_p = _pad_clients(weights, pad)
+        if mesh is not None:
+            inputs = jax.lax.with_sharding_constraint(inputs, NamedSharding(mesh, P(CLIENTS_AXIS)))
+            frozen = jax.lax.with_sharding_constraint(frozen, NamedSharding(mesh, P()))
+
+        run_chunk = jax.vmap(client_update, in_axes=(None, None, 0, 0, 0))
+        if chunk == num_clients + pad:
+            deltas, metrics = run_chunk(state.trainable, frozen, *inputs)
+        else:
+            chunked = _to_chunks(inputs, chunk)
+            if mesh is not None:
+                chunked = jax.lax.with_sharding_constraint(chunked, NamedSharding(mesh, P(None, CLIENTS_AXIS)))
+            deltas, metrics = _from_chunks(
+                jax.lax.map(lambda xs: run_chunk(state.trainable, frozen, *xs), chunked)
+            )
+
+        mean_delta = weighted_mean(deltas, weights_p)
+        new_state = server_update(state, mean_delta, server_optimizer)
+        metrics = jax.tree_util.tree_map(lambda x: x[:num_clients], metrics)
+        w = weights / jnp.maximum(jnp.sum(weights), 1e-12)
+        update_norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(mean_delta)))
+        return new_state, RoundMetrics(clients=metrics, loss=jnp.sum(w * metrics.loss), update_norm=update_norm)
+
+    return jax.jit(round_fn)

@@ -1,0 +1,87 @@
+"""Run outputs meant for people: plots and a short markdown summary."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def write_plots(plot_dir: Path, history: list[dict[str, Any]]) -> Path:
+    """``metrics.png``: training loss, test accuracy and epsilon spent vs round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    rounds = [h["round"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(rounds, [h["train_loss"] for h in history], marker="o", ms=3)
+    axes[0].set(title="training loss (mean over clients)", xlabel="round", ylabel="cross-entropy")
+    ev = [(h["round"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
+    if ev:
+        axes[1].plot(*zip(*ev, strict=True), marker="o", ms=4, color="tab:green")
+    axes[1].set(title="test accuracy", xlabel="round", ylabel="accuracy")
+    eps = [(h["round"], h["epsilon"]) for h in history if math.isfinite(h["epsilon"])]
+    if eps:
+        axes[2].plot(*zip(*eps, strict=True), marker="o", ms=3, color="tab:red")
+        axes[2].set(title=f"privacy spent (delta={history[-1]['delta']:g})", xlabel="round", ylabel="epsilon")
+    else:
+        axes[2].text(0.5, 0.5, "non-private run\n(epsilon = inf)", ha="center", va="center")
+        axes[2].set(title="privacy spent", xlabel="round")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = plot_dir / "metrics.png"
+    tmp = plot_dir / ".metrics.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _fmt_eps(e: float) -> str:
+    return "inf (non-private)" if not math.isfinite(e) else f"{e:.3f}"
+
+
+def write_summary(path: Path, cfg, prep, history: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
+    last = history[-1]
+    lines = [
+        f"# Run `{cfg.name}`",
+        "",
+        f"- method: **{'FFA-LoRA' if cfg.lora.mode == 'ffa' else 'LoRA'}** (r={cfg.lora.rank}, alpha={cfg.lora.alpha:g}, "
+        f"{len(prep.target_paths)} target matrices)",
+        f"- model: `{cfg.model.name}`, max_length {cfg.model.max_length}; task `{cfg.data.task}`",
+        f"- federation: {cfg.federated.clients} clients, partition `{cfg.data.partition}`, "
+        f"{cfg.federated.rounds} rounds x {cfg.federated.local_steps} local steps, "
+        f"expected batch {cfg.client.batch_size}, client {cfg.client.optimizer} lr {cfg.client.learning_rate:g}, "
+        f"server {cfg.server.optimizer} lr {cfg.server.learning_rate:g}",
+        f"- privacy: epsilon {_fmt_eps(summary['epsilon'])}"
+        + (f", delta {cfg.privacy.delta:g}, clip norm {cfg.privacy.clip_norm:g}, accountant {cfg.privacy.accountant}, "
+           f"noise multipliers {[round(float(s), 4) for s in prep.noise_multipliers]}" if cfg.privacy.enabled else ""),
+        "",
+        "## Result",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| test accuracy | {summary['test_accuracy']:.4f} |",
+        f"| majority-class accuracy | {summary['majority_accuracy']:.4f} |",
+        f"| test loss | {summary['test_loss']:.4f} |",
+        f"| final training loss | {last['train_loss']:.4f} |",
+        f"| epsilon spent | {_fmt_eps(summary['epsilon'])} |",
+        f"| uplink per client per round | {summary['uplink_bytes_per_client_per_round']:,} bytes |",
+        f"| uplink total | {summary['uplink_bytes_total']:,} bytes |",
+        f"| wall time | {summary['wall_seconds']:.1f} s |",
+        "",
+        "## Clients",
+        "",
+        "```",
+        prep.partition_table,
+        "```",
+        "",
+        "![metrics](plots/metrics.png)",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+    return path
