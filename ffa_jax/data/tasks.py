@@ -1,0 +1,407 @@
+"""Text-classification tasks: the shipped SpamAssassin asset, local files and HF hub datasets.
+
+``load_text_classification(task)`` returns a :class:`TextClassificationData` with a train and a
+test split, integer labels ``0..num_labels-1`` and the label names. ``task`` is resolved as:
+
+1. a name in :data:`TASKS` (built-in tasks, e.g. ``"spamassassin"``, shipped with the package);
+2. a local file path ending in ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` (loaded with HF
+   ``datasets``, fully offline);
+3. otherwise a HF hub dataset name, optionally ``"name:config"`` (e.g. ``"nyu-mll/glue:sst2"``),
+   which needs internet.
+
+When the source has no labelled test split, a stratified test split of ``test_fraction`` is drawn
+with ``numpy.random.default_rng((seed, 0))``; ``max_examples`` then caps the train split
+(stratified) with ``default_rng((seed, 1))``. Both are deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ffa_jax.data.partition import largest_remainder
+from ffa_jax.errors import DataError
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# Splits tried, in order, as the test split of a hub dataset.
+HUB_TEST_SPLITS = ("test", "validation")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous
+class TextClassificationData:
+    """A text-classification data set with a train and a test split.
+
+    Attributes:
+      name: the task string it was loaded from.
+      train_texts: ``N_train`` strings.
+      train_labels: int32 ``[N_train]``, values in ``[0, num_labels)``.
+      test_texts: ``N_test`` strings.
+      test_labels: int32 ``[N_test]``, values in ``[0, num_labels)``.
+      label_names: one name per label id.
+    """
+
+    name: str
+    train_texts: tuple[str, ...]
+    train_labels: np.ndarray
+    test_texts: tuple[str, ...]
+    test_labels: np.ndarray
+    label_names: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class RawSplits:
+    """What a task loader returns: texts and labels as found, before validation and encoding.
+
+    Labels may be ints (with ``label_names`` giving their names, or ``None`` for ``"0", "1",
+    ...``) or strings (mapped to ids in sorted order). ``test_*`` is ``None`` when the source
+    has no labelled test split; one is then split off the train split.
+    """
+
+    source: str
+    train_texts: Sequence[Any]
+    train_labels: Sequence[Any]
+    test_texts: Sequence[Any] | None = None
+    test_labels: Sequence[Any] | None = None
+    label_names: tuple[str, ...] | None = None
+
+
+def _load_spamassassin() -> RawSplits:
+    path = ASSETS_DIR / "spamassassin.jsonl.gz"
+    if not path.is_file():
+        raise DataError(
+            f"data.task='spamassassin': the shipped asset {path} is missing; reinstall ffa_jax "
+            "or regenerate it with `python experiments/prepare/spamassassin.py --fetch`."
+        )
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    return RawSplits(
+        source=str(path),
+        train_texts=[r["text"] for r in records],
+        train_labels=[r["label"] for r in records],
+        label_names=("ham", "spam"),
+    )
+
+
+# Built-in tasks by name. Add one (e.g. a GLUE task) with `register_task`.
+TASKS: dict[str, Callable[[], RawSplits]] = {"spamassassin": _load_spamassassin}
+
+
+def register_task(name: str, loader: Callable[[], RawSplits]) -> None:
+    """Register a built-in task: ``load_text_classification(name)`` will call ``loader()``."""
+    if name in TASKS:
+        raise DataError(f"data.task={name!r} is already registered; pick another name.")
+    TASKS[name] = loader
+
+
+def _columns(ds: Any, source: str, text_field: str, label_field: str) -> tuple[list, list]:
+    present = list(ds.column_names)
+    for field, value in (("data.text_field", text_field), ("data.label_field", label_field)):
+        if value not in present:
+            raise DataError(
+                f"{field}={value!r} is not a column of {source}; the columns present are "
+                f"{present}. Set {field} to one of them."
+            )
+    return list(ds[text_field]), list(ds[label_field])
+
+
+def _class_label_names(ds: Any, label_field: str) -> tuple[str, ...] | None:
+    """Names of a ``datasets.ClassLabel`` column, or ``None`` for plain int/str labels."""
+    feature = ds.features.get(label_field)
+    names = getattr(feature, "names", None)
+    return tuple(names) if names else None
+
+
+def _load_local_file(path: Path, text_field: str, label_field: str) -> RawSplits:
+    if not path.is_file():
+        raise DataError(
+            f"data.task={str(path)!r}: file not found. Give an existing .jsonl/.json/.csv/"
+            f".parquet file, or a built-in task name ({sorted(TASKS)})."
+        )
+    if path.stat().st_size == 0:
+        raise DataError(
+            f"data.task={str(path)!r}: the file is empty; give a file with at least one example "
+            "per label."
+        )
+    import datasets  # deferred: importing datasets takes ~1 s
+
+    fmt = LOCAL_FORMATS[path.suffix.lower()]
+    try:
+        dd = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files
+        cause = e.__cause__ or e  # datasets wraps the parser's error, which is the useful one
+        raise DataError(
+            f"data.task={str(path)!r}: could not read it as {fmt} "
+            f"({type(cause).__name__}: {cause}). "
+            "Check the file's format: JSON lines, a JSON list of records, CSV with a header row, "
+            "or parquet."
+        ) from e
+    texts, labels = _columns(dd, str(path), text_field, label_field)
+    return RawSplits(
+        source=str(path),
+        train_texts=texts,
+        train_labels=labels,
+        label_names=_class_label_names(dd, label_field),
+    )
+
+
+def _has_labels(ds: Any, label_field: str) -> bool:
+    """False for splits whose labels are hidden (GLUE test splits store -1 everywhere)."""
+    if label_field not in ds.column_names or len(ds) == 0:
+        return False
+    labels = np.asarray(ds[: min(len(ds), 1000)][label_field])
+    return not (labels.dtype.kind in "iu" and np.all(labels < 0))
+
+
+def _load_hub(task: str, text_field: str, label_field: str) -> RawSplits:
+    import datasets  # deferred: importing datasets takes ~1 s
+
+    name, _, config = task.partition(":")
+    try:
+        dd = datasets.load_dataset(name, config or None)
+    except Exception as e:  # noqa: BLE001 - offline/hub failures surface as many types
+        raise DataError(
+            f"data.task={task!r} is not a built-in task ({sorted(TASKS)}), not a local file "
+            f"(those must end in {sorted(LOCAL_FORMATS)}), and loading it from the HF hub failed "
+            f"({type(e).__name__}: {e}). Check the name (use 'name:config' for configs, e.g. "
+            "'nyu-mll/glue:sst2') and your internet access, or use a local file."
+        ) from e
+    if "train" not in dd:
+        raise DataError(
+            f"data.task={task!r}: the dataset has no 'train' split (splits: {list(dd)}). "
+            "Use a dataset with a train split, or export one to a local .jsonl file."
+        )
+    train = dd["train"]
+    texts, labels = _columns(train, f"{task} (train split)", text_field, label_field)
+    test_texts = test_labels = None
+    for split in HUB_TEST_SPLITS:
+        if split in dd and _has_labels(dd[split], label_field):
+            test_texts, test_labels = _columns(
+                dd[split], f"{task} ({split} split)", text_field, label_field
+            )
+            break
+    return RawSplits(
+        source=task,
+        train_texts=texts,
+        train_labels=labels,
+        test_texts=test_texts,
+        test_labels=test_labels,
+        label_names=_class_label_names(train, label_field),
+    )
+
+
+def _check_texts(texts: Sequence[Any], source: str, split: str) -> tuple[str, ...]:
+    if len(texts) == 0:
+        raise DataError(
+            f"data.task: {source} has no {split} examples; give a data set with at least one "
+            "example per label."
+        )
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(
+                f"data.text_field: {split} example {i} of {source} has text {t!r} of type "
+                f"{type(t).__name__}, not str. Fix or drop that row (empty CSV cells load as "
+                "None), or point data.text_field at a string column."
+            )
+    return tuple(texts)
+
+
+def _encode_labels(
+    raw: Sequence[Any], names: tuple[str, ...] | None, source: str, split: str
+) -> np.ndarray:
+    """Integer labels as int32 ``[N]``; strings are mapped through ``names`` (sorted names)."""
+    values = np.asarray(raw)
+    if values.dtype.kind in "US":
+        index = {n: i for i, n in enumerate(names or ())}
+        unknown = [v for v in values.tolist() if v not in index]
+        if unknown:
+            raise DataError(
+                f"data.label_field: {split} label {unknown[0]!r} of {source} is not one of the "
+                f"label names {names}. Fix the label or the task's label names."
+            )
+        return np.array([index[v] for v in values.tolist()], dtype=np.int32)
+    if values.dtype.kind == "b":
+        values = values.astype(np.int32)
+    if values.dtype.kind == "f" and np.all(np.isfinite(values) & (values == np.round(values))):
+        # CSV readers turn int columns with gaps into floats; integral floats are fine.
+        values = values.astype(np.int64)
+    if values.dtype.kind not in "iu":
+        bad = next(v for v in raw if not _is_int_like(v))
+        raise DataError(
+            f"data.label_field: {split} labels of {source} must be all ints or all strings; found "
+            f"{bad!r} ({type(bad).__name__}). Fix that column or point data.label_field "
+            "elsewhere."
+        )
+    if values.size and values.min() < 0:
+        i = int(np.argmin(values))
+        raise DataError(
+            f"data.label_field: {split} example {i} of {source} has label {int(values[i])}; "
+            "labels must be >= 0 (a negative label usually marks a hidden test label). Drop "
+            "those rows or use a labelled split."
+        )
+    if names is not None and values.size and values.max() >= len(names):
+        raise DataError(
+            f"data.label_field: {split} labels of {source} reach {int(values.max())} but there "
+            f"are only {len(names)} label names {names}. Fix the labels or the names."
+        )
+    return values.astype(np.int32)
+
+
+def _is_int_like(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) or (
+        isinstance(v, (float, np.floating)) and np.isfinite(v) and float(v).is_integer()
+    )
+
+
+def _label_names(raw: RawSplits) -> tuple[str, ...]:
+    """Label names: given, the sorted distinct strings, or ``"0".."max"`` for int labels."""
+    if raw.label_names is not None:
+        return tuple(raw.label_names)
+    pooled = list(raw.train_labels) + list(raw.test_labels or [])
+    if pooled and all(isinstance(v, str) for v in pooled):
+        return tuple(sorted(set(pooled)))
+    if any(isinstance(v, str) for v in pooled):
+        raise DataError(
+            f"data.label_field: labels of {raw.source} mix strings and numbers "
+            f"(e.g. {next(v for v in pooled if not isinstance(v, str))!r}); make them all "
+            "ints or all strings."
+        )
+    ints = _encode_labels(pooled, None, raw.source, "all")
+    return tuple(str(i) for i in range(int(ints.max()) + 1)) if ints.size else ()
+
+
+def stratified_split(
+    labels: np.ndarray,
+    num_taken: int,
+    rng: np.random.Generator,
+    *,
+    every_class_both_sides: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``[N]`` labels into (kept, taken) sorted index arrays, stratified by class.
+
+    ``num_taken`` examples are taken, allocated to classes in proportion to their sizes by
+    largest remainder. With ``every_class_both_sides``, each class with >= 2 examples keeps at
+    least one and gives at least one (so the total can differ slightly from ``num_taken``).
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    take = largest_remainder(counts * (num_taken / len(labels)), num_taken)
+    if every_class_both_sides:
+        take = np.where(counts >= 2, np.clip(take, 1, counts - 1), take)
+    taken = []
+    for c, k in zip(classes, take, strict=True):
+        members = np.flatnonzero(labels == c)
+        taken.append(rng.permutation(members)[:k])
+    taken_idx = np.sort(np.concatenate(taken))
+    kept_idx = np.setdiff1d(np.arange(len(labels)), taken_idx)
+    return kept_idx, taken_idx
+
+
+def _check_two_classes(labels: np.ndarray, names: tuple[str, ...], source: str, why: str) -> None:
+    present = np.unique(labels)
+    if len(present) < 2:
+        found = names[int(present[0])] if len(present) else "none"
+        raise DataError(
+            f"data.label_field: the train labels of {source} have a single class ({found!r}){why}; "
+            "classification needs at least two. Check data.label_field and the data."
+        )
+
+
+def load_text_classification(
+    task: str,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    text_field: str = "text",
+    label_field: str = "label",
+    max_examples: int | None = None,
+) -> TextClassificationData:
+    """Load a text-classification task with train/test splits (see the module docstring).
+
+    Args:
+      task: a built-in task name (``TASKS``), a local ``.jsonl/.json/.csv/.parquet`` path, or a
+        HF hub dataset name (``"name"`` or ``"name:config"``).
+      test_fraction: share of examples held out when the source has no labelled test split.
+      seed: seeds the test split and the ``max_examples`` subsample.
+      text_field, label_field: column names in local files and hub datasets.
+      max_examples: optional cap on the number of train examples (stratified subsample).
+
+    Returns:
+      TextClassificationData with int32 labels in ``[0, num_labels)``.
+
+    Raises:
+      DataError: unknown task, missing file, empty data, missing columns, non-string texts,
+        negative or single-class labels, or bad ``test_fraction``/``max_examples``.
+    """
+    if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise DataError(
+            f"data.test_fraction={test_fraction!r} must be a number in (0, 1), e.g. 0.2."
+        )
+    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
+        raise DataError(
+            f"data.max_train_examples={max_examples!r} must be a positive int or None (no cap)."
+        )
+    if not isinstance(task, str) or not task:
+        raise DataError(
+            f"data.task={task!r} must be a non-empty string: a built-in task {sorted(TASKS)}, a "
+            "local .jsonl/.json/.csv/.parquet path, or a HF hub dataset name."
+        )
+
+    if task in TASKS:
+        raw = TASKS[task]()
+    elif Path(task).suffix.lower() in LOCAL_FORMATS:
+        raw = _load_local_file(Path(task).expanduser(), text_field, label_field)
+    else:
+        raw = _load_hub(task, text_field, label_field)
+
+    names = _label_names(raw)
+    train_texts = _check_texts(raw.train_texts, raw.source, "train")
+    train_labels = _encode_labels(raw.train_labels, names, raw.source, "train")
+    _check_two_classes(train_labels, names, raw.source, "")
+
+    if raw.test_texts is not None and raw.test_labels is not None:
+        test_texts = _check_texts(raw.test_texts, raw.source, "test")
+        test_labels = _encode_labels(raw.test_labels, names, raw.source, "test")
+    else:
+        keep, held = stratified_split(
+            train_labels,
+            int(round(test_fraction * len(train_labels))),
+            np.random.default_rng((seed, 0)),
+            every_class_both_sides=True,
+        )
+        if len(held) == 0 or len(keep) == 0:
+            raise DataError(
+                f"data.test_fraction={test_fraction}: splitting the {len(train_labels)} examples "
+                f"of {raw.source} leaves an empty train or test split; use more data or a "
+                "different test_fraction."
+            )
+        test_texts = tuple(train_texts[i] for i in held)
+        test_labels = train_labels[held]
+        train_texts = tuple(train_texts[i] for i in keep)
+        train_labels = train_labels[keep]
+
+    if max_examples is not None and max_examples < len(train_labels):
+        _, chosen = stratified_split(train_labels, max_examples, np.random.default_rng((seed, 1)))
+        train_texts = tuple(train_texts[i] for i in chosen)
+        train_labels = train_labels[chosen]
+        _check_two_classes(
+            train_labels, names, raw.source, f" after capping to max_examples={max_examples}"
+        )
+
+    return TextClassificationData(
+        name=task,
+        train_texts=train_texts,
+        train_labels=train_labels,
+        test_texts=test_texts,
+        test_labels=test_labels,
+        label_names=names,
+    )
