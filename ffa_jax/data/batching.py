@@ -1,0 +1,264 @@
+"""Host-side batching with fixed shapes, so the jitted federated round never recompiles.
+
+- :func:`tokenize` pads/truncates every text to exactly ``max_length`` tokens.
+- :func:`poisson_batch_indices` draws Poisson-subsampled batches (each example in independently
+  with probability q, as the DP-SGD accountant assumes) for every client and local step, padded
+  to a fixed ``max_batch_size`` with a mask; :func:`physical_batch_size` picks that size so that
+  overflow is negligible.
+- :func:`gather_client_batches` turns the indices into ``[K, S, B, ...]`` arrays.
+- :func:`eval_batches` walks a set in fixed-size, masked batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ffa_jax.errors import DataError
+
+TOKENIZE_CHUNK = 1024  # texts per tokenizer call: amortises call overhead, bounds peak memory
+_PAD_TOKEN_CANDIDATES = ("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>", "</s>")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise DataError(f"{name}={value!r} must be a positive int.")
+
+
+def _raw_tokenizer_copy(tokenizer: Any, max_length: int) -> Any:
+    """A copy of a ``tokenizers.Tokenizer`` that pads and truncates to ``max_length``."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer.to_str())  # copy: never mutate the caller's tokenizer
+    pad_id, pad_token = 0, None
+    if tokenizer.padding is not None:
+        pad_id, pad_token = tokenizer.padding["pad_id"], tokenizer.padding["pad_token"]
+    else:
+        for candidate in _PAD_TOKEN_CANDIDATES:
+            token_id = tokenizer.token_to_id(candidate)
+            if token_id is not None:
+                pad_id, pad_token = token_id, candidate
+                break
+    if pad_token is None:
+        # No pad token: id 0 is as good as any, since the attention mask hides padding.
+        pad_token = tokenizer.id_to_token(0) or "[PAD]"
+    tok.enable_padding(pad_id=pad_id, pad_token=pad_token, length=max_length)
+    tok.enable_truncation(max_length=max_length)
+    return tok
+
+
+def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> dict[str, np.ndarray]:
+    """Tokenize texts to fixed-length int32 arrays.
+
+    Args:
+      texts: N strings.
+      tokenizer: a ``transformers`` PreTrainedTokenizer(Fast) or a ``tokenizers.Tokenizer``
+        (a padding/truncating copy is used; the argument is not modified).
+      max_length: L, the exact output length (longer texts are truncated, shorter padded).
+
+    Returns:
+      ``{"input_ids": int32 [N, L], "attention_mask": int32 [N, L]}``.
+    """
+    _check_positive_int("max_length", max_length)
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(
+                f"texts[{i}]={t!r} is a {type(t).__name__}, not str; tokenize only strings."
+            )
+    is_raw = hasattr(tokenizer, "encode_batch") and hasattr(tokenizer, "enable_padding")
+    if is_raw:
+        tok = _raw_tokenizer_copy(tokenizer, max_length)
+    elif callable(tokenizer):
+        if getattr(tokenizer, "pad_token", "") is None:
+            raise DataError(
+                f"tokenizer {type(tokenizer).__name__} has no pad token, so it cannot pad to "
+                "max_length; set one first, e.g. tokenizer.pad_token = tokenizer.eos_token."
+            )
+    else:
+        raise DataError(
+            f"tokenizer of type {type(tokenizer).__name__} is neither a transformers tokenizer "
+            "nor a tokenizers.Tokenizer; pass one of those."
+        )
+
+    ids = np.zeros((len(texts), max_length), dtype=np.int32)
+    mask = np.zeros((len(texts), max_length), dtype=np.int32)
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = texts[start : start + TOKENIZE_CHUNK]
+        if is_raw:
+            encodings = tok.encode_batch(chunk)
+            chunk_ids = np.array([e.ids for e in encodings], dtype=np.int32)
+            chunk_mask = np.array([e.attention_mask for e in encodings], dtype=np.int32)
+        else:
+            out = tokenizer(
+                chunk,
+                padding="max_length",
+                truncation=True,
+                max_length=max_length,
+                return_tensors="np",
+            )
+            chunk_ids, chunk_mask = out["input_ids"], out["attention_mask"]
+        ids[start : start + len(chunk)] = chunk_ids
+        mask[start : start + len(chunk)] = chunk_mask
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def physical_batch_size(expected_batch_size: float, overflow_probability: float = 1e-6) -> int:
+    """Fixed batch capacity for Poisson-subsampled batches of mean ``expected_batch_size``.
+
+    Returns the smallest ``b >= 1`` with ``P(X > b) <= overflow_probability`` for
+    ``X ~ Poisson(expected_batch_size)``. The sampled batch size is Binomial(n, q) (or
+    Poisson-binomial) with the same mean and a smaller variance, so the Poisson tail is a
+    conservative stand-in.
+    """
+    lam = expected_batch_size
+    if not isinstance(lam, (int, float)) or not 0 <= lam < math.inf:
+        raise DataError(
+            f"expected_batch_size={lam!r} must be a finite number >= 0 (client.batch_size)."
+        )
+    if not isinstance(overflow_probability, (int, float)) or not 0 < overflow_probability < 1:
+        raise DataError(
+            f"overflow_probability={overflow_probability!r} must be in (0, 1), e.g. 1e-6."
+        )
+    if lam == 0:
+        return 1
+    # log pmf(k) = -lam + k log lam - lgamma(k + 1), built incrementally over k = 0..k_max.
+    log_p = math.log(overflow_probability)
+    k_max = int(math.ceil(lam + 2 * math.sqrt(lam * (12 - log_p)) + 2 * (12 - log_p) + 10))
+    ks = np.arange(1, k_max + 1, dtype=np.float64)
+    log_pmf = np.concatenate([[-lam], -lam + np.cumsum(math.log(lam) - np.log(ks))])
+    pmf = np.exp(log_pmf)
+    # tail[b] = P(X > b) = sum_{k > b} pmf(k); summing from the right keeps tiny tails exact.
+    tail = np.concatenate([np.cumsum(pmf[::-1])[::-1][1:], [0.0]])
+    b = int(np.argmax(tail <= overflow_probability))
+    return max(b, 1)
+
+
+def poisson_batch_indices(
+    rng: np.random.Generator,
+    client_sizes: Sequence[int],
+    sampling_rates: Sequence[float],
+    local_steps: int,
+    max_batch_size: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Poisson-subsampled batches for every client and local step, padded to a fixed size.
+
+    For client k and step s each of the client's ``n_k`` examples is included independently
+    with probability ``q_k``. This is drawn as a Binomial(n_k, q_k) count followed by that many
+    distinct indices chosen uniformly without replacement, which is distributionally identical
+    to per-example Bernoulli draws and costs O(batch) instead of O(n_k).
+
+    Args:
+      rng: the generator (advanced in place).
+      client_sizes: ``n_k`` for K clients (each >= 1).
+      sampling_rates: ``q_k`` in [0, 1] for each client.
+      local_steps: S.
+      max_batch_size: B_max; see :func:`physical_batch_size`.
+
+    Returns:
+      (local_idx int32 ``[K, S, B_max]``, mask bool ``[K, S, B_max]``, dropped): indices are
+      client-local; padding slots hold index 0 with mask False; ``dropped`` counts sampled
+      examples that did not fit in B_max (a uniformly random subset of the sample is kept).
+    """
+    sizes = np.asarray(client_sizes, dtype=np.int64)
+    rates = np.asarray(sampling_rates, dtype=np.float64)
+    if sizes.ndim != 1 or sizes.size == 0 or np.any(sizes < 1):
+        raise DataError(
+            f"client_sizes={list(np.atleast_1d(sizes))} must list one size >= 1 per client; "
+            "every client needs at least one example."
+        )
+    if rates.shape != sizes.shape or not np.all((rates >= 0) & (rates <= 1)):
+        raise DataError(
+            f"sampling_rates={list(np.atleast_1d(rates))} must give one probability in [0, 1] "
+            f"per client ({sizes.size} clients); q_k = client.batch_size / n_k."
+        )
+    _check_positive_int("local_steps", local_steps)
+    _check_positive_int("max_batch_size", max_batch_size)
+
+    num_clients = sizes.size
+    counts = rng.binomial(sizes[:, None], rates[:, None], size=(num_clients, local_steps))
+    local_idx = np.zeros((num_clients, local_steps, max_batch_size), dtype=np.int32)
+    mask = np.zeros((num_clients, local_steps, max_batch_size), dtype=bool)
+    dropped = 0
+    for k in range(num_clients):
+        for s in range(local_steps):
+            count = int(counts[k, s])
+            # choice(..., shuffle=True) returns the sample in random order, so truncating an
+            # overflowing sample keeps a uniformly random subset.
+            chosen = rng.choice(int(sizes[k]), size=count, replace=False)
+            kept = min(count, max_batch_size)
+            dropped += count - kept
+            local_idx[k, s, :kept] = chosen[:kept]
+            mask[k, s, :kept] = True
+    return local_idx, mask, dropped
+
+
+def _leading_size(arrays: dict[str, np.ndarray]) -> int:
+    if not arrays:
+        raise DataError("arrays is empty; pass e.g. {'input_ids': ..., 'labels': ...}.")
+    sizes = {name: len(a) for name, a in arrays.items()}
+    if len(set(sizes.values())) != 1:
+        raise DataError(
+            f"arrays have different leading sizes {sizes}; all must be [N, ...] over one set."
+        )
+    return next(iter(sizes.values()))
+
+
+def gather_client_batches(
+    arrays: dict[str, np.ndarray],
+    client_indices: list[np.ndarray],
+    local_idx: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Gather per-client batches from train-set arrays.
+
+    Args:
+      arrays: name -> ``[N, ...]`` over the whole train set.
+      client_indices: K arrays mapping client-local positions to train-set indices.
+      local_idx: int ``[K, S, B]`` client-local indices (from :func:`poisson_batch_indices`).
+
+    Returns:
+      name -> ``[K, S, B, ...]``.
+    """
+    n = _leading_size(arrays)
+    local_idx = np.asarray(local_idx)
+    if local_idx.ndim != 3 or local_idx.shape[0] != len(client_indices):
+        raise DataError(
+            f"local_idx has shape {local_idx.shape}; expected [K={len(client_indices)}, S, B]."
+        )
+    global_idx = np.empty(local_idx.shape, dtype=np.int64)
+    for k, members in enumerate(client_indices):
+        members = np.asarray(members)
+        if local_idx[k].size and local_idx[k].max() >= len(members):
+            raise DataError(
+                f"local_idx[{k}] reaches {int(local_idx[k].max())} but client {k} has "
+                f"{len(members)} examples; draw indices with that client's size."
+            )
+        global_idx[k] = members[local_idx[k]]
+    if global_idx.size and global_idx.max() >= n:
+        raise DataError(
+            f"client_indices reach {int(global_idx.max())} but the arrays have N={n} rows; "
+            "partition the same train set the arrays come from."
+        )
+    return {name: a[global_idx] for name, a in arrays.items()}
+
+
+def eval_batches(
+    arrays: dict[str, np.ndarray], batch_size: int
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Fixed-size batches over a whole set, in order.
+
+    Yields:
+      (name -> ``[batch_size, ...]``, mask bool ``[batch_size]``). The last batch is padded by
+      repeating row 0, with mask False on the padding.
+    """
+    _check_positive_int("batch_size", batch_size)
+    n = _leading_size(arrays)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        idx = np.zeros(batch_size, dtype=np.int64)
+        idx[: stop - start] = np.arange(start, stop)
+        mask = np.arange(batch_size) < stop - start
+        yield {name: a[idx] for name, a in arrays.items()}, mask
