@@ -10,8 +10,10 @@ test split, integer labels ``0..num_labels-1`` and the label names. ``task`` is 
    which needs internet.
 
 When the source has no labelled test split, a stratified test split of ``test_fraction`` is drawn
-with ``numpy.random.default_rng((seed, 0))``; ``max_examples`` then caps the train split
-(stratified) with ``default_rng((seed, 1))``. Both are deterministic for a given seed.
+with ``numpy.random.default_rng((seed, 0))``, and both splits are returned in a seeded random
+order (so any prefix is a fair sample); ``max_examples`` then caps the train split (stratified)
+with ``default_rng((seed, 1))``, keeping the order. Both are deterministic for a given seed.
+A test split given by the source keeps its order.
 """
 
 from __future__ import annotations
@@ -372,12 +374,16 @@ def load_text_classification(
         test_texts = _check_texts(raw.test_texts, raw.source, "test")
         test_labels = _encode_labels(raw.test_labels, names, raw.source, "test")
     else:
+        rng = np.random.default_rng((seed, 0))
         keep, held = stratified_split(
             train_labels,
             int(round(test_fraction * len(train_labels))),
-            np.random.default_rng((seed, 0)),
+            rng,
             every_class_both_sides=True,
         )
+        # Sources are often sorted by class (the SpamAssassin asset is, by group); a random
+        # order makes any prefix (e.g. an eval cap) a fair sample.
+        keep, held = rng.permutation(keep), rng.permutation(held)
         if len(held) == 0 or len(keep) == 0:
             raise DataError(
                 f"data.test_fraction={test_fraction}: splitting the {len(train_labels)} examples "

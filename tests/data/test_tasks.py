@@ -256,3 +256,10 @@ def test_hub_path_without_test_split_is_split_off(monkeypatch):
     assert d.label_names == ("x", "y")
     assert len(d.test_texts) == 10 and d.test_labels.sum() == 2  # 20 % of each class
     assert sorted(d.train_texts + d.test_texts) == sorted(texts)
+
+
+def test_split_order_is_shuffled_so_prefixes_are_fair(spam):
+    # The asset is sorted by group (all ham, then spam); a prefix of the test split must not be.
+    head = spam.test_labels[:200]
+    assert 0.2 < head.mean() < 0.45
+    assert 0.2 < spam.train_labels[:500].mean() < 0.45
