@@ -1,0 +1,311 @@
+"""Per-example clipped gradients (the sensitivity-bounding half of DP-SGD) and their
+non-private counterpart.
+
+Both factories take a single-example loss ``loss_fn(trainable, frozen, example) -> scalar``
+(``example``: a dict of arrays without batch axis) and return a pure, jittable function
+
+    f(trainable, frozen, batch, mask) -> (gradient_tree, GradStats)
+
+where ``batch`` is a dict of arrays with a fixed leading axis ``B_max`` and ``mask`` (bool or
+float, shape ``[B_max]``) marks the real examples. Padded slots contribute exactly nothing, even
+when they hold garbage (inf/NaN/huge values): they are removed with ``jnp.where``, never by
+multiplying by zero (``0 * inf = nan``).
+
+Only ``trainable`` is differentiated (the frozen tree is an input, not a parameter), so the
+per-example gradient memory and the DP dimension are those of the trainable tree.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ffa_jax.errors import ConfigError
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree, dict], jax.Array]
+GradFn = Callable[[PyTree, PyTree, dict, jax.Array], tuple[PyTree, "GradStats"]]
+
+
+class GradStats(NamedTuple):
+    """Auxiliary statistics of one batch; every field is a jnp array (a valid pytree).
+
+    Formal guarantee:
+        None. These are computed from private data WITHOUT noise: use them for local
+        diagnostics, and do not send them to the server or log them per client in a setting
+        that must be private unless their release is accounted for separately.
+
+    Attributes:
+        loss_sum: scalar float32, sum of per-example losses over real examples.
+        num_examples: scalar float32, number of real (mask=True) examples.
+        grad_norms: float32 ``[B_max]``, per-example gradient L2 norms before clipping
+            (0 for padding; ``mean_grad`` does not compute them and reports zeros).
+        clipped_fraction: scalar float32, fraction of real examples whose gradient norm
+            exceeded ``clip_norm`` (0 if there are no real examples; always 0 in
+            ``mean_grad``).
+    """
+
+    loss_sum: jax.Array
+    num_examples: jax.Array
+    grad_norms: jax.Array
+    clipped_fraction: jax.Array
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_clip_norm(clip_norm: Any) -> None:
+    # Only concrete Python numbers can be checked; a traced value is the caller's contract.
+    if isinstance(clip_norm, numbers.Real) and not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ConfigError(
+            f"privacy.clip_norm={clip_norm!r} must be a finite number > 0 "
+            "(the paper's grid is 2, 5, 10)."
+        )
+
+
+def _check_microbatch_size(microbatch_size: int | None) -> None:
+    if microbatch_size is None:
+        return
+    if (
+        isinstance(microbatch_size, bool)
+        or not isinstance(microbatch_size, numbers.Integral)
+        or microbatch_size < 1
+    ):
+        raise ConfigError(
+            f"microbatch_size={microbatch_size!r} must be a positive integer dividing the "
+            "padded batch size, or None to process the whole batch at once."
+        )
+
+
+def _batch_size(batch: dict, mask: jax.Array) -> int:
+    sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(batch)}
+    b = mask.shape[0] if mask.ndim == 1 else None
+    if b is None or sizes != {b}:
+        raise ValueError(
+            f"batch leaves must share the leading (batch) axis of mask [B_max]; got mask "
+            f"shape {mask.shape} and batch leading sizes {sorted(sizes, key=str)}."
+        )
+    return b
+
+
+def _num_chunks(batch_size: int, microbatch_size: int | None) -> int:
+    if microbatch_size is None or microbatch_size >= batch_size:
+        return 1
+    if batch_size % microbatch_size:
+        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        raise ConfigError(
+            f"microbatch_size={microbatch_size} does not divide the padded batch size "
+            f"B_max={batch_size}; choose one of {divisors} (or None)."
+        )
+    return batch_size // microbatch_size
+
+
+def _chunked(tree: PyTree, num_chunks: int) -> PyTree:
+    return jax.tree.map(lambda x: x.reshape((num_chunks, -1) + x.shape[1:]), tree)
+
+
+def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
+    """Reshapes a per-example vector ``[b]`` to broadcast against ``x`` of shape ``[b, ...]``."""
+    return v.reshape(v.shape + (1,) * (x.ndim - 1))
+
+
+def _per_example_norms(grads: PyTree) -> jax.Array:
+    """Global L2 norm of each example's gradient, in float32, without overflow.
+
+    Squaring float32 overflows for entries above ~1.8e19, which huge inputs do reach; scaling
+    by the per-example max-abs first keeps the norm finite whenever every entry is finite.
+    A non-finite entry gives a non-finite (inf or nan) norm.
+    """
+    leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(grads)]
+    if not leaves:
+        raise ValueError("the trainable tree has no leaves: there is nothing to differentiate.")
+    flat = [g.reshape(g.shape[0], -1) for g in leaves]
+    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(g), axis=1) for g in flat]), axis=0)
+    safe = jnp.where(scale > 0, scale, 1.0)
+    sumsq = sum(jnp.sum(jnp.square(g / safe[:, None]), axis=1) for g in flat)
+    return scale * jnp.sqrt(sumsq)
+
+
+def _zeros_f32(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+
+def _scan_chunks(chunk_fn, init, chunked_batch, chunked_mask):
+    """Runs ``chunk_fn(carry, (batch_chunk, mask_chunk))`` over chunks with ``lax.scan``."""
+    return jax.lax.scan(chunk_fn, init, (chunked_batch, chunked_mask))
+
+
+# ----------------------------------------------------------------------------- DP
+
+
+def clipped_grad(
+    loss_fn: LossFn,
+    clip_norm: float | jax.Array,
+    *,
+    microbatch_size: int | None = None,
+) -> GradFn:
+    """Sum of per-example gradients, each clipped to global L2 norm ``clip_norm``.
+
+    Per-example gradients come from ``jax.vmap(jax.value_and_grad(loss_fn))`` over the
+    leading batch axis; each is scaled by ``min(1, C / (||g|| + tiny))`` with the norm taken
+    over the whole trainable tree, and the scaled gradients of real examples are summed.
+    A real example whose gradient is not finite contributes zero (its norm is reported in
+    ``GradStats.grad_norms``) so that one example can never turn the release into NaN.
+
+    Args:
+        loss_fn: ``loss_fn(trainable, frozen, example) -> scalar`` for ONE example.
+        clip_norm: C > 0; a Python float, or a traced scalar when the returned function is
+            called inside the same trace (so C can change without recompiling; a traced C
+            is not validated).
+        microbatch_size: if set and smaller than B_max, the batch is processed in
+            ``B_max / microbatch_size`` chunks with ``lax.scan``, so at most
+            ``microbatch_size`` per-example gradients are alive at once. Must divide B_max.
+            The result equals the unchunked one up to float summation order.
+
+    Returns:
+        ``f(trainable, frozen, batch, mask) -> (grad_sum, stats)``:
+        ``batch`` a dict of arrays ``[B_max, ...]``, ``mask`` bool/float ``[B_max]``
+        (False/0 = padding); ``grad_sum`` a tree shaped and typed like ``trainable``
+        (accumulated in float32); ``stats`` a ``GradStats``.
+
+    Raises:
+        ConfigError: if ``clip_norm`` is a Python number that is not finite and > 0, if
+            ``microbatch_size`` is not a positive integer, or (at trace time) if it does not
+            divide B_max.
+
+    Formal guarantee:
+        Adding or removing one example of the client changes ``grad_sum`` by a vector of L2
+        norm at most ``clip_norm`` (the add/remove sensitivity is C), whatever the model,
+        the data or the padding. Adding N(0, (sigma C)^2 I) to ``grad_sum`` (see
+        ``ffa_jax.privacy.noise``) then gives the Gaussian mechanism that
+        ``ffa_jax.privacy.accounting`` accounts for: sample-level DP per client, neighbouring
+        datasets differing in one example of one client. ``GradStats`` are not private.
+    """
+    _check_clip_norm(clip_norm)
+    _check_microbatch_size(microbatch_size)
+    per_example = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, None, 0))
+
+    def chunk(trainable, frozen, batch, real):
+        losses, grads = per_example(trainable, frozen, batch)
+        norms = _per_example_norms(grads)
+        c = jnp.asarray(clip_norm, jnp.float32)
+        factor = jnp.minimum(1.0, c / (norms + jnp.finfo(jnp.float32).tiny))
+        keep = real & jnp.isfinite(norms)
+        grad_sum = jax.tree.map(
+            lambda g: jnp.sum(
+                jnp.where(_bcast(keep, g), g.astype(jnp.float32) * _bcast(factor, g), 0.0),
+                axis=0,
+            ),
+            grads,
+        )
+        loss_sum = jnp.sum(jnp.where(real, losses.astype(jnp.float32), 0.0))
+        num_clipped = jnp.sum(real & (norms > c), dtype=jnp.float32)
+        return grad_sum, loss_sum, num_clipped, jnp.where(real, norms, 0.0)
+
+    def f(trainable, frozen, batch, mask):
+        mask = jnp.asarray(mask)
+        b = _batch_size(batch, mask)
+        n_chunks = _num_chunks(b, microbatch_size)
+        real = mask.astype(bool)
+        if n_chunks == 1:
+            grad_sum, loss_sum, num_clipped, norms = chunk(trainable, frozen, batch, real)
+        else:
+
+            def body(carry, xs):
+                g_acc, loss_acc, c_acc = carry
+                g, loss, c, n = chunk(trainable, frozen, *xs)
+                return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, c_acc + c), n
+
+            init = (_zeros_f32(trainable), jnp.float32(0), jnp.float32(0))
+            (grad_sum, loss_sum, num_clipped), norms = _scan_chunks(
+                body, init, _chunked(batch, n_chunks), _chunked(real, n_chunks)
+            )
+            norms = norms.reshape(b)
+        num = jnp.sum(real, dtype=jnp.float32)
+        stats = GradStats(
+            loss_sum=loss_sum,
+            num_examples=num,
+            grad_norms=norms,
+            clipped_fraction=num_clipped / jnp.maximum(num, 1.0),
+        )
+        grad_sum = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, trainable)
+        return grad_sum, stats
+
+    return f
+
+
+# ----------------------------------------------------------------------------- non-DP
+
+
+def mean_grad(loss_fn: LossFn, *, microbatch_size: int | None = None) -> GradFn:
+    """Non-private counterpart of ``clipped_grad``: the mean gradient over real examples.
+
+    One ``jax.value_and_grad`` of the masked summed loss (no per-example gradients). Padded
+    examples are replaced by zeros before the forward pass, so garbage in a padding slot
+    cannot leak ``0 * inf = nan`` into the backward pass.
+
+    Args:
+        loss_fn: ``loss_fn(trainable, frozen, example) -> scalar`` for ONE example.
+        microbatch_size: as in ``clipped_grad``; bounds activation memory.
+
+    Returns:
+        ``f(trainable, frozen, batch, mask) -> (grad_mean, stats)``: ``grad_mean`` shaped and
+        typed like ``trainable``, the mean over real examples (zeros if there are none);
+        ``stats`` a ``GradStats`` with ``grad_norms`` all zeros and ``clipped_fraction`` 0
+        (not computed here).
+
+    Raises:
+        ConfigError: as in ``clipped_grad`` for ``microbatch_size``.
+
+    Formal guarantee:
+        None: the output is not private and must only be used when privacy is off.
+    """
+    _check_microbatch_size(microbatch_size)
+    per_example_loss = jax.vmap(loss_fn, in_axes=(None, None, 0))
+
+    def summed_loss(trainable, frozen, batch, real):
+        clean = jax.tree.map(lambda x: jnp.where(_bcast(real, x), x, jnp.zeros((), x.dtype)), batch)
+        losses = per_example_loss(trainable, frozen, clean).astype(jnp.float32)
+        return jnp.sum(jnp.where(real, losses, 0.0))
+
+    grad_fn = jax.value_and_grad(summed_loss)
+
+    def f(trainable, frozen, batch, mask):
+        mask = jnp.asarray(mask)
+        b = _batch_size(batch, mask)
+        n_chunks = _num_chunks(b, microbatch_size)
+        real = mask.astype(bool)
+        if n_chunks == 1:
+            loss_sum, grad_sum = grad_fn(trainable, frozen, batch, real)
+            grad_sum = jax.tree.map(lambda g: g.astype(jnp.float32), grad_sum)
+        else:
+
+            def body(carry, xs):
+                g_acc, loss_acc = carry
+                loss, g = grad_fn(trainable, frozen, *xs)
+                return (
+                    jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g),
+                    loss_acc + loss,
+                ), None
+
+            init = (_zeros_f32(trainable), jnp.float32(0))
+            (grad_sum, loss_sum), _ = _scan_chunks(
+                body, init, _chunked(batch, n_chunks), _chunked(real, n_chunks)
+            )
+        num = jnp.sum(real, dtype=jnp.float32)
+        denom = jnp.maximum(num, 1.0)
+        grad_mean = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, trainable)
+        stats = GradStats(
+            loss_sum=loss_sum,
+            num_examples=num,
+            grad_norms=jnp.zeros((b,), jnp.float32),
+            clipped_fraction=jnp.float32(0),
+        )
+        return grad_mean, stats
+
+    return f
