@@ -173,6 +173,17 @@ def test_lora_with_zero_b_gives_base_logits(tiny, ref):
     assert np.abs(np.asarray(apply({"params": bumped}, *args) - base)).max() > 1e-3
 
 
+def test_too_long_input_is_a_clear_error(tiny):
+    _, config, params = tiny
+    ids = jnp.full((1, config.max_length + 1), 5, jnp.int32)
+    with pytest.raises(ConfigError, match="exceeds the .* positions"):
+        _apply(config)({"params": params}, ids, jnp.ones_like(ids))
+    ids = ids[:, :-1]  # exactly max_length tokens is fine
+    assert np.isfinite(
+        np.asarray(_apply(config)({"params": params}, ids, jnp.ones_like(ids)))
+    ).all()
+
+
 def test_config_validation():
     good = dict(
         family="bert",
