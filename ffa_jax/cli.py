@@ -1,7 +1,7 @@
 """``ffa-jax``: the command-line interface.
 
-    ffa-jax train [--config configs/quickstart.yaml] [--set section.field=value ...] [--overwrite]
-    ffa-jax config [--config ...] [--set ...]      # print the resolved, validated config
+ffa-jax train [--config configs/quickstart.yaml] [--set section.field=value ...] [--overwrite]
+ffa-jax config [--config ...] [--set ...]      # print the resolved, validated config
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ def default_config_path() -> Path | None:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None, help="YAML run config (default: configs/quickstart.yaml)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML run config (default: configs/quickstart.yaml)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -60,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run federated (FFA-)LoRA fine-tuning")
     _add_config_args(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run directory of the same name",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

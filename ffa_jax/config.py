@@ -28,6 +28,7 @@ from ffa_jax.errors import ConfigError
 LORA_MODES = ("ffa", "lora")
 A_INITS = ("uniform", "gaussian", "orthogonal")
 DEFAULT_TARGETS = r".*(query|value|q_proj|v_proj)/kernel"
+POOLINGS = ("auto", "cls", "mean")
 PARTITIONS = ("iid", "label_mix", "dirichlet")
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
@@ -58,13 +59,18 @@ class ModelConfig:
       name: ``"minilm"`` (the offline all-MiniLM-L6-v2 wheel), a local HF model folder
         (``config.json`` + safetensors), or a hub id such as ``roberta-large`` (needs internet).
       max_length: tokens per example (padded/truncated).
-      train_head: also train (and upload) the classification head. Off by default, as in the
-        paper; then only LoRA matrices are trained.
+      train_head: also train (and upload) the final classification layer (``classifier/*``).
+        Off by default, as in the paper; then only LoRA matrices are trained.
+      pooling: what the head reads: ``cls`` (first token, HF sequence classification),
+        ``mean`` (mean of token states, as sentence-transformers models are trained) or
+        ``auto`` (``mean`` when the model folder has a sentence-transformers
+        ``1_Pooling/config.json`` asking for it, else ``cls``).
     """
 
     name: str = "minilm"
     max_length: int = 64
     train_head: bool = False
+    pooling: str = "auto"
 
     def __post_init__(self):
         _require(
@@ -74,6 +80,7 @@ class ModelConfig:
             "give 'minilm', a local model folder or a hub id.",
         )
         _positive_int("model.max_length", self.max_length)
+        _require(self.pooling in POOLINGS, "model.pooling", self.pooling, f"use one of {POOLINGS}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,11 @@ def write_plots(plot_dir: Path, history: list[dict[str, Any]]) -> Path:
     eps = [(h["round"], h["epsilon"]) for h in history if math.isfinite(h["epsilon"])]
     if eps:
         axes[2].plot(*zip(*eps, strict=True), marker="o", ms=3, color="tab:red")
-        axes[2].set(title=f"privacy spent (delta={history[-1]['delta']:g})", xlabel="round", ylabel="epsilon")
+        axes[2].set(
+            title=f"privacy spent (delta={history[-1]['delta']:g})",
+            xlabel="round",
+            ylabel="epsilon",
+        )
     else:
         axes[2].text(0.5, 0.5, "non-private run\n(epsilon = inf)", ha="center", va="center")
         axes[2].set(title="privacy spent", xlabel="round")
@@ -45,7 +49,9 @@ def _fmt_eps(e: float) -> str:
     return "inf (non-private)" if not math.isfinite(e) else f"{e:.3f}"
 
 
-def write_summary(path: Path, cfg, prep, history: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
+def write_summary(
+    path: Path, cfg, prep, history: list[dict[str, Any]], summary: dict[str, Any]
+) -> Path:
     last = history[-1]
     lines = [
         f"# Run `{cfg.name}`",
@@ -58,8 +64,12 @@ def write_summary(path: Path, cfg, prep, history: list[dict[str, Any]], summary:
         f"expected batch {cfg.client.batch_size}, client {cfg.client.optimizer} lr {cfg.client.learning_rate:g}, "
         f"server {cfg.server.optimizer} lr {cfg.server.learning_rate:g}",
         f"- privacy: epsilon {_fmt_eps(summary['epsilon'])}"
-        + (f", delta {cfg.privacy.delta:g}, clip norm {cfg.privacy.clip_norm:g}, accountant {cfg.privacy.accountant}, "
-           f"noise multipliers {[round(float(s), 4) for s in prep.noise_multipliers]}" if cfg.privacy.enabled else ""),
+        + (
+            f", delta {cfg.privacy.delta:g}, clip norm {cfg.privacy.clip_norm:g}, accountant {cfg.privacy.accountant}, "
+            f"noise multipliers {[round(float(s), 4) for s in prep.noise_multipliers]}"
+            if cfg.privacy.enabled
+            else ""
+        ),
         "",
         "## Result",
         "",

@@ -107,7 +107,10 @@ def prepare(cfg: RunConfig, *, log=print) -> Prepared:
     table = partition.partition_table(data.train_labels, parts, data.label_names)
 
     enc_cfg, base_params = weights_lib.load_encoder(
-        str(model_dir), data.num_labels, head_key=jax.random.fold_in(key, KEY_HEAD)
+        str(model_dir),
+        data.num_labels,
+        head_key=jax.random.fold_in(key, KEY_HEAD),
+        pooling=cfg.model.pooling,
     )
     module = encoder_lib.EncoderClassifier(enc_cfg)
     params = lora.init(base_params, cfg.lora, jax.random.fold_in(key, KEY_LORA_A))
@@ -120,7 +123,10 @@ def prepare(cfg: RunConfig, *, log=print) -> Prepared:
     train_arrays["label"] = np.asarray(data.train_labels, np.int32)
     test_texts, test_labels = data.test_texts, data.test_labels
     if cfg.eval.max_examples is not None:
-        test_texts, test_labels = test_texts[: cfg.eval.max_examples], test_labels[: cfg.eval.max_examples]
+        test_texts, test_labels = (
+            test_texts[: cfg.eval.max_examples],
+            test_labels[: cfg.eval.max_examples],
+        )
     test_arrays = batching.tokenize(test_texts, tokenizer, cfg.model.max_length)
     test_arrays["label"] = np.asarray(test_labels, np.int32)
 
@@ -133,7 +139,11 @@ def prepare(cfg: RunConfig, *, log=print) -> Prepared:
             sigmas = np.array(
                 [
                     accounting.calibrate_noise_multiplier(
-                        cfg.privacy.epsilon, cfg.privacy.delta, float(qk), steps, accountant=cfg.privacy.accountant
+                        cfg.privacy.epsilon,
+                        cfg.privacy.delta,
+                        float(qk),
+                        steps,
+                        accountant=cfg.privacy.accountant,
                     )
                     for qk in q
                 ]
@@ -141,7 +151,11 @@ def prepare(cfg: RunConfig, *, log=print) -> Prepared:
         curves = np.stack(
             [
                 accounting.epsilon_curve(
-                    float(s), float(qk), cfg.federated.local_steps, cfg.federated.rounds, cfg.privacy.delta,
+                    float(s),
+                    float(qk),
+                    cfg.federated.local_steps,
+                    cfg.federated.rounds,
+                    cfg.privacy.delta,
                     accountant=cfg.privacy.accountant,
                 )
                 for s, qk in zip(sigmas, q, strict=True)
@@ -172,7 +186,7 @@ def prepare(cfg: RunConfig, *, log=print) -> Prepared:
 
 
 def _head_pattern(enc_cfg) -> str:
-    return r"(classifier|pooler)/.*" if enc_cfg.family == "bert" else r"classifier/.*"
+    return r"classifier/.*"
 
 
 def build_round(prep: Prepared):
@@ -189,7 +203,9 @@ def build_round(prep: Prepared):
     chunk = cfg.perf.clients_per_chunk or cfg.federated.clients
     devices = choose_devices(chunk, cfg.perf.devices)
     mesh = client_mesh(devices) if devices > 1 else None
-    return make_round(client_update, server_opt, clients_per_chunk=cfg.perf.clients_per_chunk, mesh=mesh), server_opt
+    return make_round(
+        client_update, server_opt, clients_per_chunk=cfg.perf.clients_per_chunk, mesh=mesh
+    ), server_opt
 
 
 def client_batches(prep: Prepared, round_idx: int) -> dict[str, np.ndarray]:
@@ -221,7 +237,11 @@ def evaluate(prep: Prepared, params: PyTree, eval_fn=None) -> dict[str, float]:
         for k in totals:
             totals[k] += float(out[k])
     n = max(totals["count"], 1.0)
-    return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n, "examples": int(totals["count"])}
+    return {
+        "accuracy": totals["correct"] / n,
+        "loss": totals["loss_sum"] / n,
+        "examples": int(totals["count"]),
+    }
 
 
 def run_dir(cfg: RunConfig) -> Path:
@@ -240,7 +260,9 @@ def _bytes_of_one_client(tree: PyTree) -> int:
     return lora.tree_bytes(tree)
 
 
-def train(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True, log=print) -> dict[str, Any]:
+def train(
+    cfg: RunConfig, *, overwrite: bool = False, progress: bool = True, log=print
+) -> dict[str, Any]:
     """Runs a whole federated fine-tuning job and writes its run directory.
 
     Returns:
@@ -271,7 +293,9 @@ def train(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True, log
     key = jax.random.fold_in(root_key(cfg), KEY_TRAIN)
     K = cfg.federated.clients
     sizes = np.array([len(p) for p in prep.client_indices], np.float32)
-    weights = np.ones(K, np.float32) if cfg.federated.weighting == "uniform" else sizes / sizes.sum()
+    weights = (
+        np.ones(K, np.float32) if cfg.federated.weighting == "uniform" else sizes / sizes.sum()
+    )
     client_ids = np.arange(K, dtype=np.int32)
     dp = DpParams(
         clip_norm=jnp.full((K,), cfg.privacy.clip_norm, jnp.float32),
@@ -310,7 +334,8 @@ def train(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True, log
                 "downlink_bytes": per_client_bytes * K,
                 "uplink_bytes_per_client": per_client_bytes,
                 "clipped_fraction": float(np.mean(m.clients.clipped_fraction)),
-                "grad_norm": float(np.mean(m.clients.grad_norm)),
+                # Per-example norms are only computed under DP (clipping needs them).
+                "grad_norm": float(np.mean(m.clients.grad_norm)) if cfg.privacy.enabled else None,
                 "update_norm": float(m.update_norm),
                 "examples": int(np.sum(m.clients.num_examples)),
                 "dropped_examples": dropped,
@@ -348,7 +373,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True, log
 
     write_plots(out / "plots", history)
     write_summary(out / "summary.md", cfg, prep, history, summary)
-    return summary
+    return _json_safe(summary)
 
 
 def _majority(labels: np.ndarray) -> float:

@@ -22,9 +22,17 @@ def test_overrides_public_names(tmp_path):
     cfg = load_config(
         None,
         [
-            "lora.mode=lora", "lora.rank=16", "lora.alpha=32", "privacy.epsilon=inf", "privacy.delta=1e-6",
-            "privacy.clip_norm=0.5", "federated.clients=6", "federated.rounds=2", "federated.local_steps=3",
-            "data.partition=dirichlet", "seed=7",
+            "lora.mode=lora",
+            "lora.rank=16",
+            "lora.alpha=32",
+            "privacy.epsilon=inf",
+            "privacy.delta=1e-6",
+            "privacy.clip_norm=0.5",
+            "federated.clients=6",
+            "federated.rounds=2",
+            "federated.local_steps=3",
+            "data.partition=dirichlet",
+            "seed=7",
         ],
     )
     assert cfg.lora.mode == "lora" and cfg.lora.rank == 16 and cfg.lora.alpha == 32.0

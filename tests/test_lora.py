@@ -46,7 +46,9 @@ def test_merge_equals_unmerged_forward(base):
     module, params, x = base
     lp = lora.init(params, LoRAConfig(rank=4, alpha=16), jax.random.key(2))
     lp = jax.tree_util.tree_map(
-        lambda n: n.replace(b=jax.random.normal(jax.random.key(3), n.b.shape)) if lora.is_lora(n) else n,
+        lambda n: (
+            n.replace(b=jax.random.normal(jax.random.key(3), n.b.shape)) if lora.is_lora(n) else n
+        ),
         lp,
         is_leaf=lora.is_lora,
     )
@@ -73,9 +75,13 @@ def test_a_init_is_shared_and_peft_scaled(base):
     lp = lora.init(params, cfg, jax.random.key(7))
     assert not np.array_equal(lp["query"]["kernel"].a, lp["value"]["kernel"].a)
     for how in ("gaussian", "orthogonal"):
-        a = lora.init(params, LoRAConfig(rank=8, a_init=how), jax.random.key(7))["query"]["kernel"].a
+        a = lora.init(params, LoRAConfig(rank=8, a_init=how), jax.random.key(7))["query"][
+            "kernel"
+        ].a
         assert a.shape == (16, 8) and np.isfinite(np.asarray(a)).all()
-    q = lora.init(params, LoRAConfig(rank=8, a_init="orthogonal"), jax.random.key(7))["query"]["kernel"].a
+    q = lora.init(params, LoRAConfig(rank=8, a_init="orthogonal"), jax.random.key(7))["query"][
+        "kernel"
+    ].a
     np.testing.assert_allclose(q.T @ q, np.eye(8), atol=1e-5)
 
 

@@ -138,4 +138,3 @@ def make_client_update(
         return delta, metrics
 
     return client_update
-

@@ -132,7 +132,9 @@ def make_round(
         else:
             chunked = _to_chunks(inputs, chunk)
             if mesh is not None:
-                chunked = jax.lax.with_sharding_constraint(chunked, NamedSharding(mesh, P(None, CLIENTS_AXIS)))
+                chunked = jax.lax.with_sharding_constraint(
+                    chunked, NamedSharding(mesh, P(None, CLIENTS_AXIS))
+                )
             deltas, metrics = _from_chunks(
                 jax.lax.map(lambda xs: run_chunk(state.trainable, frozen, *xs), chunked)
             )
@@ -141,7 +143,11 @@ def make_round(
         new_state = server_update(state, mean_delta, server_optimizer)
         metrics = jax.tree_util.tree_map(lambda x: x[:num_clients], metrics)
         w = weights / jnp.maximum(jnp.sum(weights), 1e-12)
-        update_norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(mean_delta)))
-        return new_state, RoundMetrics(clients=metrics, loss=jnp.sum(w * metrics.loss), update_norm=update_norm)
+        update_norm = jnp.sqrt(
+            sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(mean_delta))
+        )
+        return new_state, RoundMetrics(
+            clients=metrics, loss=jnp.sum(w * metrics.loss), update_norm=update_norm
+        )
 
     return jax.jit(round_fn)

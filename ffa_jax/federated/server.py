@@ -41,7 +41,9 @@ def make_server_optimizer(cfg: ServerConfig) -> optax.GradientTransformation:
 
 
 def server_init(trainable: PyTree, optimizer: optax.GradientTransformation) -> ServerState:
-    return ServerState(trainable=trainable, opt_state=optimizer.init(trainable), round=jnp.zeros((), jnp.int32))
+    return ServerState(
+        trainable=trainable, opt_state=optimizer.init(trainable), round=jnp.zeros((), jnp.int32)
+    )
 
 
 def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
@@ -61,7 +63,9 @@ def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
     return jax.tree_util.tree_map(mean, stacked)
 
 
-def server_update(state: ServerState, mean_delta: PyTree, optimizer: optax.GradientTransformation) -> ServerState:
+def server_update(
+    state: ServerState, mean_delta: PyTree, optimizer: optax.GradientTransformation
+) -> ServerState:
     """Applies the server optimiser to the pseudo-gradient ``-mean_delta``."""
     pseudo_grad = jax.tree_util.tree_map(jnp.negative, mean_delta)
     updates, opt_state = optimizer.update(pseudo_grad, state.opt_state, state.trainable)

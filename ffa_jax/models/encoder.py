@@ -53,6 +53,7 @@ from ffa_jax.errors import ConfigError, WeightsError
 from ffa_jax.models.layers import Dense
 
 FAMILIES = ("bert", "roberta")
+POOLINGS = ("cls", "mean")
 # HF ``model_type`` -> family. XLM-RoBERTa has RoBERTa's architecture and weight names.
 MODEL_TYPES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
 # HF ``hidden_act`` names: "gelu" is the exact (erf) GELU, as in HF BERT/RoBERTa.
@@ -82,6 +83,11 @@ class EncoderConfig:
         approximation) or ``"relu"``.
       num_labels: classifier outputs.
       initializer_range: std of the normal init of new weights (HF convention, default 0.02).
+      pooling: what the classification head reads: ``"cls"`` (the first token, through BERT's
+        pooler or RoBERTa's ``classifier.dense``; HF's ``*ForSequenceClassification``) or
+        ``"mean"`` (the mask-weighted mean of the last hidden states, the pooling
+        sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained with; BERT's
+        pooler is then unused).
 
     Raises:
       ConfigError: on construction, naming the bad field.
@@ -100,11 +106,16 @@ class EncoderConfig:
     hidden_act: str = "gelu"
     num_labels: int = 2
     initializer_range: float = 0.02
+    pooling: str = "cls"
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ConfigError(
+                f"EncoderConfig.pooling={self.pooling!r} is invalid: use one of {POOLINGS}."
+            )
         if self.family not in FAMILIES:
             raise ConfigError(
                 f"EncoderConfig.family={self.family!r} is invalid: use one of {FAMILIES}."
@@ -382,11 +393,12 @@ class RobertaClassificationHead(nn.Module):
         self.dense = _dense(c, c.hidden_size)
         self.out_proj = _dense(c, c.num_labels)
 
-    def pre_logits(self, h):
-        return jnp.tanh(self.dense(h[..., 0, :]))
+    def pre_logits(self, pooled):
+        """``pooled``: ``[..., hidden]`` (the first token's state, or a mean)."""
+        return jnp.tanh(self.dense(pooled))
 
-    def __call__(self, h):
-        return self.out_proj(self.pre_logits(h))
+    def __call__(self, pooled):
+        return self.out_proj(self.pre_logits(pooled))
 
 
 class EncoderClassifier(nn.Module):
@@ -420,16 +432,23 @@ class EncoderClassifier(nn.Module):
         x = self.embeddings(input_ids, attention_mask, token_type_ids)
         return self.encoder(x, mask)
 
-    def _pre_logits(self, h):
+    def _pre_logits(self, h, attention_mask):
+        if self.config.pooling == "mean":
+            m = (attention_mask > 0).astype(h.dtype)[..., None]
+            pooled = jnp.sum(h * m, axis=-2) / jnp.maximum(jnp.sum(m, axis=-2), 1.0)
+            if self.config.family == "bert":
+                return pooled
+            return self.classifier.pre_logits(pooled)
         if self.config.family == "bert":
             return self.pooler(h)
-        return self.classifier.pre_logits(h)
+        return self.classifier.pre_logits(h[..., 0, :])
 
     def features(self, input_ids, attention_mask, token_type_ids=None) -> jax.Array:
-        return self._pre_logits(self.encode(input_ids, attention_mask, token_type_ids))
+        h = self.encode(input_ids, attention_mask, token_type_ids)
+        return self._pre_logits(h, attention_mask)
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None) -> jax.Array:
-        h = self.encode(input_ids, attention_mask, token_type_ids)
+        feats = self.features(input_ids, attention_mask, token_type_ids)
         if self.config.family == "bert":
-            return self.classifier(self.pooler(h))
-        return self.classifier(h)
+            return self.classifier(feats)
+        return self.classifier.out_proj(feats)

@@ -15,7 +15,9 @@ from ffa_jax import lora
 PyTree = Any
 
 
-def classification_loss(module: nn.Module) -> Callable[[PyTree, PyTree, dict[str, jax.Array]], jax.Array]:
+def classification_loss(
+    module: nn.Module,
+) -> Callable[[PyTree, PyTree, dict[str, jax.Array]], jax.Array]:
     """Per-example cross-entropy ``loss_fn(trainable, frozen, example) -> scalar``.
 
     ``example`` holds ``input_ids`` and ``attention_mask`` (``[L]`` int32) and ``label`` (int32
@@ -27,12 +29,16 @@ def classification_loss(module: nn.Module) -> Callable[[PyTree, PyTree, dict[str
         logits = module.apply(
             {"params": params}, example["input_ids"][None], example["attention_mask"][None]
         )[0]
-        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), example["label"])
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), example["label"]
+        )
 
     return loss_fn
 
 
-def classification_eval(module: nn.Module) -> Callable[[PyTree, dict[str, jax.Array], jax.Array], dict]:
+def classification_eval(
+    module: nn.Module,
+) -> Callable[[PyTree, dict[str, jax.Array], jax.Array], dict]:
     """Jitted ``eval_fn(params, batch, mask) -> {"correct", "loss_sum", "count"}`` sums.
 
     ``params`` may hold LoRA nodes; they are merged first (one ``d_in x d_out`` add per target)
@@ -42,7 +48,9 @@ def classification_eval(module: nn.Module) -> Callable[[PyTree, dict[str, jax.Ar
     @jax.jit
     def eval_fn(params, batch, mask):
         merged = lora.merge(params)
-        logits = module.apply({"params": merged}, batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
+        logits = module.apply(
+            {"params": merged}, batch["input_ids"], batch["attention_mask"]
+        ).astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
         return {

@@ -326,8 +326,22 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+def detect_pooling(model_dir: str | os.PathLike) -> str:
+    """``"mean"`` for a sentence-transformers folder whose ``1_Pooling/config.json`` asks for
+    mean pooling (e.g. all-MiniLM-L6-v2), else ``"cls"`` (HF sequence classification)."""
+    path = pathlib.Path(model_dir) / "1_Pooling" / "config.json"
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise WeightsError(f"{str(path)!r} is not valid JSON ({e}); fix or remove it.") from e
+        if cfg.get("pooling_mode_mean_tokens"):
+            return "mean"
+    return "cls"
+
+
 def load_encoder(
-    name_or_path: str | os.PathLike, num_labels: int, *, head_key: jax.Array
+    name_or_path: str | os.PathLike, num_labels: int, *, head_key: jax.Array, pooling: str = "auto"
 ) -> tuple[EncoderConfig, dict]:
     """Loads a BERT/RoBERTa checkpoint as ``(config, params)`` for :class:`EncoderClassifier`.
 
@@ -340,6 +354,7 @@ def load_encoder(
       name_or_path: see :func:`resolve_model_dir`.
       num_labels: classifier outputs.
       head_key: PRNG key for any head/pooler weights not in the checkpoint.
+      pooling: ``"cls"``, ``"mean"``, or ``"auto"`` (:func:`detect_pooling`).
 
     Returns:
       ``(config, params)``: ``params`` is the inner tree (``model.apply({"params": params},
@@ -354,6 +369,9 @@ def load_encoder(
     model_dir = resolve_model_dir(name_or_path)
     hf_config = read_hf_config(model_dir)
     config = EncoderConfig.from_hf(hf_config, num_labels)
+    if pooling == "auto":
+        pooling = detect_pooling(model_dir)
+    config = dataclasses.replace(config, pooling=pooling)
     raw, source = read_safetensors(model_dir)
     errors: list[str] = []
     tensors = _normalise_keys(raw, config.family, errors)

