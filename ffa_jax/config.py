@@ -197,7 +197,7 @@ class FederatedConfig:
 
     clients: int = 3
     rounds: int = 10
-    local_steps: int = 5
+    local_steps: int = 2
     weighting: str = "uniform"
 
     def __post_init__(self):
@@ -225,9 +225,9 @@ class ClientConfig:
     """
 
     optimizer: str = "sgd"
-    learning_rate: float = 0.5
+    learning_rate: float = 100.0
     momentum: float = 0.9
-    batch_size: int = 32
+    batch_size: int = 64
 
     def __post_init__(self):
         _require(
@@ -300,7 +300,7 @@ class PrivacyConfig:
 
     epsilon: float = 6.0
     delta: float = 1e-5
-    clip_norm: float = 1.0
+    clip_norm: float = 0.1
     accountant: str = "pld"
     noise_multiplier: float | None = None
 
@@ -352,7 +352,7 @@ class EvalConfig:
       batch_size: evaluation batch size.
     """
 
-    every: int = 0
+    every: int = 5
     max_examples: int | None = None
     batch_size: int = 64
 

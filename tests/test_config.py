@@ -88,3 +88,10 @@ def test_bad_files(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="section.field=value"):
         load_config(None, ["lora.rank"])
+
+
+def test_quickstart_yaml_equals_the_defaults():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    assert load_config(path) == RunConfig()

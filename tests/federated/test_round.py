@@ -123,8 +123,8 @@ def test_lora_mode_uploads_a_and_b_and_trains_a():
     assert not np.array_equal(np.asarray(n0.a), np.asarray(n1.a))
 
 
-@pytest.mark.parametrize("private", [True, False])
-def test_vmapped_round_equals_sequential_clients(private):
+@pytest.mark.parametrize("private, devices", [(True, 1), (False, 1), (True, 4)])
+def test_vmapped_round_equals_sequential_clients(private, devices):
     module, _, trainable, frozen = setup("ffa")
     K = 4
     cu = make_client_update(loss_fn_for(module), optax.sgd(0.3), private=private)
@@ -133,7 +133,10 @@ def test_vmapped_round_equals_sequential_clients(private):
     weights = jnp.array([1.0, 2.0, 0.5, 1.5])
     ids = jnp.arange(K, dtype=jnp.int32) + 10
     key = jax.random.key(3)
-    state, _ = make_round(cu, opt)(
+    if devices > len(jax.devices()):
+        pytest.skip(f"needs {devices} (simulated) devices")
+    mesh = client_mesh(devices) if devices > 1 else None
+    state, _ = make_round(cu, opt, mesh=mesh)(
         server_init(trainable, opt), frozen, batches, weights, ids, dp_params(K), key
     )
 
