@@ -6,6 +6,14 @@ steps is a pure function of ``(noise_multiplier, sampling_rate, t, delta)``, com
 
     SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), t).
 
+When batches are padded to a fixed physical size ``B_max`` (as ffa_jax does, so the round never
+recompiles), an overflowing Poisson sample is cut to a uniformly random subset of ``B_max``
+examples. Pass ``truncation=Truncation(dataset_size=n_k, max_batch_size=B_max)`` to account
+for exactly that mechanism: with the PLD accountant the event is
+``TruncatedSubsampledGaussianDpEvent(n_k, q, B_max, sigma)`` (truncated Poisson sampling,
+arXiv:2508.15089). The RDP accountant does not support it; there the untruncated Poisson event
+is used and :func:`overflow_probability` reports the chance that truncation ever happened.
+
 Because the composition is always over *all* steps taken so far (rounds x local steps), a run
 cannot forget earlier rounds (the bug of re-creating a privacy engine every round), and a
 checkpoint only needs the step count to restore the accountant.
@@ -32,6 +40,7 @@ import logging
 import math
 import numbers
 import warnings
+from typing import NamedTuple
 
 import dp_accounting
 import numpy as np
@@ -148,6 +157,52 @@ def _check_epsilon(epsilon: float) -> float:
 # ----------------------------------------------------------------------------- events
 
 
+class Truncation(NamedTuple):
+    """Fixed-size padding of Poisson batches: at most ``max_batch_size`` of a client's
+    ``dataset_size`` examples enter a step (a uniformly random subset when more are sampled)."""
+
+    dataset_size: int
+    max_batch_size: int
+
+
+def _check_truncation(truncation: Truncation | None, q: float) -> Truncation | None:
+    if truncation is None:
+        return None
+    n, b = truncation
+    for name, v in (("dataset_size", n), ("max_batch_size", b)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"truncation.{name}={v!r} is invalid: must be a positive integer.")
+    return Truncation(int(n), int(b))
+
+
+def overflow_probability(dataset_size: int, sampling_rate: float, max_batch_size: int) -> float:
+    """P(Binomial(dataset_size, q) > max_batch_size): one step's chance of truncation."""
+    n, q, b = int(dataset_size), float(sampling_rate), int(max_batch_size)
+    if b >= n:
+        return 0.0
+    # Upper tail summed in log space from b+1 upwards (terms decay fast past the mean).
+    k = np.arange(b + 1, n + 1)
+    logpmf = (
+        np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in k])
+        + k * math.log(q)
+        + (n - k) * math.log1p(-q)
+        if 0 < q < 1
+        else np.where(k == (n if q >= 1 else 0), 0.0, -np.inf)
+    )
+    return float(min(1.0, np.exp(logpmf).sum()))
+
+
+def _step_event(sigma: float, q: float, truncation: Truncation | None, accountant: str):
+    if truncation is not None and accountant == "pld":
+        return dp_accounting.TruncatedSubsampledGaussianDpEvent(
+            dataset_size=truncation.dataset_size,
+            sampling_probability=q,
+            truncated_batch_size=truncation.max_batch_size,
+            noise_multiplier=sigma,
+        )
+    return dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+
+
 def dp_sgd_event(
     noise_multiplier: float, sampling_rate: float, steps: int
 ) -> dp_accounting.DpEvent:
@@ -197,13 +252,21 @@ def make_accountant(accountant: str = "pld") -> dp_accounting.PrivacyAccountant:
     return dp_accounting.rdp.RdpAccountant(RDP_ORDERS)
 
 
-def _epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
+def _epsilon(
+    sigma: float, q: float, steps: int, delta: float, accountant: str, truncation=None
+) -> float:
     if steps == 0:
         return 0.0
     if sigma == 0.0:
         return math.inf
     with _quiet_rdp():
-        acc = make_accountant(accountant).compose(dp_sgd_event(sigma, q, steps))
+        if truncation is not None and accountant == "pld":
+            event = dp_accounting.SelfComposedDpEvent(
+                _step_event(sigma, q, truncation, "pld"), steps
+            )
+        else:
+            event = dp_sgd_event(sigma, q, steps)
+        acc = make_accountant(accountant).compose(event)
         return float(acc.get_epsilon(delta))
 
 
@@ -213,6 +276,7 @@ def epsilon_spent(
     steps: int,
     delta: float,
     accountant: str = "pld",
+    truncation: Truncation | None = None,
 ) -> float:
     """Epsilon spent by one client after ``steps`` DP-SGD steps, at the given delta.
 
@@ -222,6 +286,8 @@ def epsilon_spent(
         steps: total local steps of the client so far (rounds x local steps), >= 0.
         delta: target delta, in (0, 1).
         accountant: one of ``ACCOUNTANTS``.
+        truncation: the fixed physical batch size, when batches are padded/truncated (see
+            the module docstring); PLD accounts for it exactly, RDP ignores it.
 
     Returns:
         epsilon as a Python float: 0.0 if ``steps == 0``; ``math.inf`` if sigma is 0 and
@@ -241,7 +307,12 @@ def epsilon_spent(
     steps = _check_steps(steps, minimum=0)
     delta = _check_delta(delta)
     _check_accountant(accountant)
-    return _epsilon(sigma, q, steps, delta, accountant)
+    return _epsilon(sigma, q, steps, delta, accountant, _check_truncation(truncation, q))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_curve(*args) -> tuple[float, ...]:
+    return tuple(_epsilon_curve(*args))
 
 
 def epsilon_curve(
@@ -251,6 +322,24 @@ def epsilon_curve(
     rounds: int,
     delta: float,
     accountant: str = "pld",
+    truncation: Truncation | None = None,
+) -> np.ndarray:
+    """Epsilon spent by one client after each round (cached; see :func:`_epsilon_curve`)."""
+    return np.asarray(
+        _cached_curve(
+            noise_multiplier, sampling_rate, steps_per_round, rounds, delta, accountant, truncation
+        )
+    )
+
+
+def _epsilon_curve(
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps_per_round: int,
+    rounds: int,
+    delta: float,
+    accountant: str = "pld",
+    truncation: Truncation | None = None,
 ) -> np.ndarray:
     """Epsilon spent by one client after each round.
 
@@ -284,10 +373,20 @@ def epsilon_curve(
     rounds = _check_steps(rounds, minimum=1, field="rounds")
     delta = _check_delta(delta)
     _check_accountant(accountant)
+    truncation = _check_truncation(truncation, q)
     if sigma == 0.0:
         return np.full(rounds, np.inf)
 
-    if accountant == "rdp":
+    if truncation is not None and accountant == "pld":
+        acc = make_accountant("pld")
+        round_event = dp_accounting.SelfComposedDpEvent(
+            _step_event(sigma, q, truncation, "pld"), spr
+        )
+        eps = []
+        for _ in range(rounds):
+            acc.compose(round_event)
+            eps.append(acc.get_epsilon(delta))
+    elif accountant == "rdp":
         with _quiet_rdp():
             acc = make_accountant("rdp").compose(dp_sgd_event(sigma, q, 1))
         rdp_step = getattr(acc, "_rdp", None)
@@ -330,6 +429,7 @@ def calibrate_noise_multiplier(
     sampling_rate: float,
     steps: int,
     accountant: str = "pld",
+    truncation: Truncation | None = None,
 ) -> float:
     """Smallest noise multiplier whose epsilon after ``steps`` steps is at most the target.
 
@@ -375,7 +475,44 @@ def calibrate_noise_multiplier(
     q = _check_sampling_rate(sampling_rate)
     steps = _check_steps(steps, minimum=1)
     _check_accountant(accountant)
-    return _calibrate_cached(_sig(eps), _sig(delta), _sig(q), steps, accountant)
+    truncation = _check_truncation(truncation, q)
+    sigma = _calibrate_cached(_sig(eps), _sig(delta), _sig(q), steps, accountant)
+    if truncation is None or accountant != "pld":
+        return sigma
+    return _calibrate_truncated(_sig(eps), _sig(delta), _sig(q), steps, truncation, sigma)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate_truncated(
+    eps: float, delta: float, q: float, steps: int, truncation: Truncation, sigma0: float
+) -> float:
+    """Refines the Poisson sigma for truncated Poisson sampling (PLD). Truncation changes
+    epsilon by a fraction of a percent, so a short bisection around ``sigma0`` suffices."""
+
+    def eps_at(s):
+        return _epsilon(s, q, steps, delta, "pld", truncation)
+
+    lo, hi = sigma0, sigma0
+    if eps_at(sigma0) <= eps:
+        while eps_at(lo * 0.99) <= eps and lo > sigma0 * 0.5:
+            lo *= 0.99
+        hi, lo = lo, lo * 0.99
+    else:
+        while eps_at(hi) > eps:
+            lo, hi = hi, hi * 1.01
+            if hi > sigma0 * 2:
+                raise ConfigError(
+                    f"privacy.epsilon={eps}: no noise multiplier near {sigma0:.4g} meets the "
+                    f"target under truncated Poisson sampling (n={truncation.dataset_size}, "
+                    f"B_max={truncation.max_batch_size}); increase the physical batch size."
+                )
+    for _ in range(7):  # 1% bracket / 2^7: relative tolerance ~8e-5 in sigma
+        mid = 0.5 * (lo + hi)
+        if eps_at(mid) <= eps:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 @functools.lru_cache(maxsize=256)

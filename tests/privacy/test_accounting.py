@@ -147,3 +147,43 @@ def test_bad_inputs_raise_config_error_naming_the_field(call, field):
 def test_sampling_rate_one_is_allowed():
     sigma = calibrate_noise_multiplier(5.0, DELTA, 1.0, 20, "rdp")
     assert direct_epsilon(sigma, 1.0, 20, DELTA, "rdp") <= 5.0
+
+
+# ----------------------------------------------------------------------------- truncation
+
+
+def test_truncated_poisson_matches_dp_accounting_and_calibrates():
+    n, q, b, steps, delta = 500, 0.06, 55, 12, 1e-5
+    trunc = acc_mod.Truncation(n, b)
+    sigma = acc_mod.calibrate_noise_multiplier(4.0, delta, q, steps, truncation=trunc)
+    acc = dp_acc_mod.pld.PLDAccountant(
+        value_discretization_interval=acc_mod.PLD_VALUE_DISCRETIZATION
+    )
+    acc.compose(
+        dp_acc_mod.SelfComposedDpEvent(
+            dp_acc_mod.TruncatedSubsampledGaussianDpEvent(
+                dataset_size=n,
+                sampling_probability=q,
+                truncated_batch_size=b,
+                noise_multiplier=sigma,
+            ),
+            steps,
+        )
+    )
+    eps = acc.get_epsilon(delta)
+    assert 0.99 * 4.0 <= eps <= 4.0
+    assert acc_mod.epsilon_spent(sigma, q, steps, delta, truncation=trunc) == pytest.approx(
+        eps, rel=1e-9
+    )
+    curve = acc_mod.epsilon_curve(sigma, q, 3, 4, delta, truncation=trunc)
+    assert np.all(np.diff(curve) > 0) and curve[-1] == pytest.approx(eps, rel=1e-6)
+
+
+def test_overflow_probability_matches_monte_carlo():
+    rng = np.random.default_rng(0)
+    n, q = 400, 0.1
+    draws = rng.binomial(n, q, size=200_000)
+    for b in (40, 45, 50):
+        assert acc_mod.overflow_probability(n, q, b) == pytest.approx(np.mean(draws > b), abs=3e-3)
+    assert acc_mod.overflow_probability(n, q, n) == 0.0
+    assert acc_mod.overflow_probability(1011, 64 / 1011, 105) < 1e-6
