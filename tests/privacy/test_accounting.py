@@ -156,12 +156,12 @@ def test_truncated_poisson_matches_dp_accounting_and_calibrates():
     n, q, b, steps, delta = 500, 0.06, 55, 12, 1e-5
     trunc = acc_mod.Truncation(n, b)
     sigma = acc_mod.calibrate_noise_multiplier(4.0, delta, q, steps, truncation=trunc)
-    acc = dp_acc_mod.pld.PLDAccountant(
+    acc = dp_accounting.pld.PLDAccountant(
         value_discretization_interval=acc_mod.PLD_VALUE_DISCRETIZATION
     )
     acc.compose(
-        dp_acc_mod.SelfComposedDpEvent(
-            dp_acc_mod.TruncatedSubsampledGaussianDpEvent(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.TruncatedSubsampledGaussianDpEvent(
                 dataset_size=n,
                 sampling_probability=q,
                 truncated_batch_size=b,
