@@ -25,7 +25,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ffa_jax.federated.client import ClientMetrics, DpParams
-from ffa_jax.federated.server import ServerState, server_update, weighted_mean
+from ffa_jax.federated.server import (
+    ServerDpParams,
+    ServerState,
+    dp_fedavg_aggregate,
+    server_update,
+    weighted_mean,
+)
 
 PyTree = Any
 CLIENTS_AXIS = "clients"
@@ -54,6 +60,15 @@ def choose_devices(chunk: int, requested: int = 0) -> int:
         return requested
     n = len(jax.devices())
     return max(d for d in range(1, min(n, chunk) + 1) if chunk % d == 0)
+
+
+# Reserved fold-in value for the server's noise key; client ids must stay below it.
+SERVER_KEY_ID = 0xFFFFFFFF
+
+
+def server_noise_key(key: jax.Array, round_idx: jax.Array | int) -> jax.Array:
+    """The server's (client-level DP) noise key of round ``round_idx``."""
+    return jax.random.fold_in(jax.random.fold_in(key, round_idx), SERVER_KEY_ID)
 
 
 def client_key(key: jax.Array, round_idx: jax.Array | int, client_id: jax.Array | int) -> jax.Array:
@@ -93,10 +108,12 @@ def make_round(
     *,
     clients_per_chunk: int = 0,
     mesh: Mesh | None = None,
+    client_level_dp: bool = False,
 ) -> Callable[..., tuple[ServerState, RoundMetrics]]:
     """Builds the jitted ``round_fn``.
 
-    ``round_fn(state, frozen, batches, weights, client_ids, dp, key) -> (state, RoundMetrics)``
+    ``round_fn(state, frozen, batches, weights, client_ids, dp, key, server_dp=None)
+    -> (state, RoundMetrics)``
 
     Args (of ``round_fn``):
       state: :class:`ServerState`.
@@ -106,11 +123,23 @@ def make_round(
       client_ids: ``[K]`` int32 global client ids (fold into the PRNG key).
       dp: :class:`DpParams` with ``[K]`` leaves.
       key: the run's training key (the round number is folded in here).
+      server_dp: :class:`ServerDpParams`, required when ``client_level_dp``: each client's
+        update is clipped to ``server_dp.clip_norm`` and the server noises the sum
+        (DP-FedAvg); ``weights`` must then be participation indicators in {0, 1}.
 
     ``clients_per_chunk`` (0 = all K at once) and ``mesh`` change memory and speed only.
     """
 
-    def round_fn(state: ServerState, frozen, batches, weights, client_ids, dp: DpParams, key):
+    def round_fn(
+        state: ServerState,
+        frozen,
+        batches,
+        weights,
+        client_ids,
+        dp: DpParams,
+        key,
+        server_dp: ServerDpParams | None = None,
+    ):
         num_clients = weights.shape[0]
         chunk = clients_per_chunk or num_clients
         pad = (-num_clients) % chunk
@@ -139,7 +168,14 @@ def make_round(
                 jax.lax.map(lambda xs: run_chunk(state.trainable, frozen, *xs), chunked)
             )
 
-        mean_delta = weighted_mean(deltas, weights_p)
+        if client_level_dp:
+            if server_dp is None:
+                raise ValueError("client_level_dp=True needs server_dp=ServerDpParams(...).")
+            mean_delta, _ = dp_fedavg_aggregate(
+                deltas, weights_p, server_dp, server_noise_key(key, state.round)
+            )
+        else:
+            mean_delta = weighted_mean(deltas, weights_p)
         new_state = server_update(state, mean_delta, server_optimizer)
         metrics = jax.tree_util.tree_map(lambda x: x[:num_clients], metrics)
         w = weights / jnp.maximum(jnp.sum(weights), 1e-12)
