@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ffa_jax.errors import FfaJaxError
+from ffa_jax.errors import ConfigError, FfaJaxError
 
 
 def default_config_path() -> Path | None:
@@ -54,6 +54,42 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_privacy(args) -> int:
+    from ffa_jax.data.batching import physical_batch_size
+    from ffa_jax.data.clients import load_clients
+    from ffa_jax.privacy import planner
+
+    cfg = _load(args)
+    _, parts = load_clients(cfg)
+    plan = planner.sample_level_plan(
+        client_sizes=[len(p) for p in parts],
+        batch_size=cfg.client.batch_size,
+        max_batch_size=physical_batch_size(cfg.client.batch_size),
+        rounds=cfg.federated.rounds,
+        local_steps=cfg.federated.local_steps,
+        epsilon=cfg.privacy.epsilon,
+        delta=cfg.privacy.delta,
+        accountant=cfg.privacy.accountant,
+        noise_multiplier=cfg.privacy.noise_multiplier,
+    )
+    alt = planner.alternatives(
+        plan,
+        batch_size=cfg.client.batch_size,
+        rounds=cfg.federated.rounds,
+        local_steps=cfg.federated.local_steps,
+        epsilon=cfg.privacy.epsilon,
+    )
+    if args.png:
+        if not plan.private:
+            raise ConfigError("--png needs a private run (privacy.epsilon is inf).")
+        planner.plot_curve(plan, args.png)
+    if args.json:
+        print(json.dumps({**plan.to_json(), "alternatives": alt}))
+    else:
+        print(planner.format_plan(plan, alt))
+    return 0
+
+
 def cmd_config(args) -> int:
     print(_load(args).to_yaml(), end="")
     return 0
@@ -72,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("privacy", help="plan the privacy budget of a config without training")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--png", type=Path, default=None, help="also plot epsilon vs round to this PNG")
+    p.set_defaults(func=cmd_privacy)
 
     p = sub.add_parser("config", help="print the resolved and validated config")
     _add_config_args(p)
