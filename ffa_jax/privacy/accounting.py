@@ -311,10 +311,6 @@ def epsilon_spent(
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_curve(*args) -> tuple[float, ...]:
-    return tuple(_epsilon_curve(*args))
-
-
 def epsilon_curve(
     noise_multiplier: float,
     sampling_rate: float,
@@ -324,24 +320,7 @@ def epsilon_curve(
     accountant: str = "pld",
     truncation: Truncation | None = None,
 ) -> np.ndarray:
-    """Epsilon spent by one client after each round (cached; see :func:`_epsilon_curve`)."""
-    return np.asarray(
-        _cached_curve(
-            noise_multiplier, sampling_rate, steps_per_round, rounds, delta, accountant, truncation
-        )
-    )
-
-
-def _epsilon_curve(
-    noise_multiplier: float,
-    sampling_rate: float,
-    steps_per_round: int,
-    rounds: int,
-    delta: float,
-    accountant: str = "pld",
-    truncation: Truncation | None = None,
-) -> np.ndarray:
-    """Epsilon spent by one client after each round.
+    """Epsilon spent by one client after each round (cached; the array is read-only).
 
     RDP composes linearly, so the RDP vector of one step is computed once and scaled per
     round (~0.2 ms a round). PLD composes the per-round PLD incrementally (~5-10 ms a round);
@@ -412,7 +391,9 @@ def _epsilon_curve(
         for _ in range(rounds - 1):
             total = total.compose(one_round)
             eps.append(total.get_epsilon_for_delta(delta))
-    return np.maximum.accumulate(np.asarray(eps, dtype=np.float64))
+    out = np.maximum.accumulate(np.asarray(eps, dtype=np.float64))
+    out.flags.writeable = False  # shared by the cache
+    return out
 
 
 # ----------------------------------------------------------------------------- calibration
