@@ -396,6 +396,31 @@ class PerfConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Checkpoints of the whole run state in ``<output_dir>/<name>/checkpoints/`` (orbax).
+
+    They never change results: ``ffa-jax train --resume RUN_DIR`` continues bit-identically.
+
+    Attributes:
+      every: save after every this many rounds (0 = only after the last round, which is
+        always saved).
+      keep: keep the newest this many checkpoints (older ones are deleted after a save).
+    """
+
+    every: int = 1
+    keep: int = 2
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.every, int) and not isinstance(self.every, bool) and self.every >= 0,
+            "checkpoint.every",
+            self.every,
+            "must be an integer >= 0 (rounds between saves; 0 = only at the end).",
+        )
+        _positive_int("checkpoint.keep", self.keep)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """A whole run. See ``configs/quickstart.yaml`` for an annotated example."""
 
@@ -411,6 +436,7 @@ class RunConfig:
     privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     perf: PerfConfig = dataclasses.field(default_factory=PerfConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
         _require(
