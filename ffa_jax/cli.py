@@ -90,6 +90,28 @@ def cmd_privacy(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from ffa_jax.bench import BenchSpec, run_bench, to_markdown, write_report
+
+    if args.quick:
+        spec = BenchSpec(
+            model="tiny", batch_size=4, seq_len=16, local_steps=2, clients=2, repeats=2
+        )
+    else:
+        spec = BenchSpec(
+            model=args.model,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            local_steps=args.local_steps,
+            clients=args.clients,
+            repeats=args.repeats,
+        )
+    report = run_bench(spec)
+    write_report(report, args.out)
+    print(to_markdown(report))
+    return 0
+
+
 def cmd_config(args) -> int:
     print(_load(args).to_yaml(), end="")
     return 0
@@ -114,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--png", type=Path, default=None, help="also plot epsilon vs round to this PNG")
     p.set_defaults(func=cmd_privacy)
+
+    p = sub.add_parser("bench", help="time DP vs non-DP, FFA vs LoRA client updates and a round")
+    p.add_argument("--model", choices=["tiny", "minilm", "roberta-base"], default="minilm")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--local-steps", type=int, default=2)
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="tiny model, small batch, 2 repeats (CI)")
+    p.add_argument("--out", type=Path, default=Path("experiments/results/bench"))
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("config", help="print the resolved and validated config")
     _add_config_args(p)
