@@ -20,14 +20,19 @@ def classification_loss(
 ) -> Callable[[PyTree, PyTree, dict[str, jax.Array]], jax.Array]:
     """Per-example cross-entropy ``loss_fn(trainable, frozen, example) -> scalar``.
 
-    ``example`` holds ``input_ids`` and ``attention_mask`` (``[L]`` int32) and ``label`` (int32
-    scalar). Gradients flow only into ``trainable`` (see :func:`ffa_jax.lora.split`).
+    ``example`` holds ``input_ids`` and ``attention_mask`` (``[L]`` int32), optionally
+    ``token_type_ids`` (``[L]``, sentence pairs) and ``label`` (int32 scalar). Gradients flow
+    only into ``trainable`` (see :func:`ffa_jax.lora.split`).
     """
 
     def loss_fn(trainable, frozen, example):
         params = lora.combine(trainable, frozen)
+        types = example.get("token_type_ids")
         logits = module.apply(
-            {"params": params}, example["input_ids"][None], example["attention_mask"][None]
+            {"params": params},
+            example["input_ids"][None],
+            example["attention_mask"][None],
+            None if types is None else types[None],
         )[0]
         return optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), example["label"]
@@ -49,7 +54,10 @@ def classification_eval(
     def eval_fn(params, batch, mask):
         merged = lora.merge(params)
         logits = module.apply(
-            {"params": merged}, batch["input_ids"], batch["attention_mask"]
+            {"params": merged},
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("token_type_ids"),
         ).astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
