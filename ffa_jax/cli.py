@@ -2,6 +2,7 @@
 
 ffa-jax train [--config configs/quickstart.yaml] [--set section.field=value ...] [--overwrite]
 ffa-jax config [--config ...] [--set ...]      # print the resolved, validated config
+ffa-jax export-peft RUN_DIR OUT_DIR            # the run's adapter in HF PEFT format
 """
 
 from __future__ import annotations
@@ -117,6 +118,28 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_export_peft(args) -> int:
+    import warnings
+
+    from ffa_jax.models.peft import export_peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the caveats are printed below
+        res = export_peft(
+            args.run_dir,
+            args.out_dir,
+            merged=not args.no_merged,
+            num_labels=args.num_labels,
+            overwrite=args.overwrite,
+        )
+    for w in res.warnings:
+        print(f"ffa-jax: warning: {w}", file=sys.stderr)
+    print(f"PEFT adapter: {res.out_dir} (base model {res.base_model}, num_labels={res.num_labels})")
+    if res.merged_dir is not None:
+        print(f"merged HF checkpoint: {res.merged_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffa-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved and validated config")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "export-peft", help="write a run's adapter in HF PEFT format (+ a merged HF checkpoint)"
+    )
+    p.add_argument("run_dir", type=Path, help="a finished run directory, e.g. runs/quickstart")
+    p.add_argument("out_dir", type=Path, help="the adapter folder to write")
+    p.add_argument("--no-merged", action="store_true", help="skip the merged checkpoint (merged/)")
+    p.add_argument("--num-labels", type=int, default=None, help="if the run cannot tell")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    p.set_defaults(func=cmd_export_peft)
     return parser
 
 
