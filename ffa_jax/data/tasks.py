@@ -9,6 +9,18 @@ test split, integer labels ``0..num_labels-1`` and the label names. ``task`` is 
 3. otherwise a HF hub dataset name, optionally ``"name:config"`` (e.g. ``"nyu-mll/glue:sst2"``),
    which needs internet.
 
+The GLUE tasks of the paper and SNLI are built in by name (:data:`GLUE_TASKS`: ``sst2``,
+``qnli``, ``qqp``, ``mnli`` (evaluated on validation_matched), ``mnli-mm`` (the same training data,
+evaluated on validation_mismatched), ``snli``), with their text columns, label names and
+labelled evaluation split: ``"qnli"`` loads the HF hub dataset, and ``"qnli:<folder>"`` loads
+local files in the same format (``<folder>/train.jsonl`` and ``<folder>/validation.jsonl``, or
+``.json/.csv/.parquet``; the columns of the hub dataset; labels as ints or label names).
+
+Sentence-pair tasks (QNLI, QQP, MNLI, SNLI; or ``text_pair_field`` for other sources) give
+each example as a ``(text, text_pair)`` tuple; :func:`ffa_jax.data.batching.tokenize` passes
+such tuples to the tokenizer as pairs (``[CLS] a [SEP] b [SEP]``, ``<s> a </s></s> b </s>``) and
+returns ``token_type_ids``.
+
 When the source has no labelled test split, a stratified test split of ``test_fraction`` is drawn
 with ``numpy.random.default_rng((seed, 0))``, and both splits are returned in a seeded random
 order (so any prefix is a fair sample); ``max_examples`` then caps the train split (stratified)
@@ -42,7 +54,7 @@ class TextClassificationData:
 
     Attributes:
       name: the task string it was loaded from.
-      train_texts: ``N_train`` strings.
+      train_texts: ``N_train`` strings, or ``(text, text_pair)`` tuples for sentence pairs.
       train_labels: int32 ``[N_train]``, values in ``[0, num_labels)``.
       test_texts: ``N_test`` strings.
       test_labels: int32 ``[N_test]``, values in ``[0, num_labels)``.
@@ -106,15 +118,23 @@ def register_task(name: str, loader: Callable[[], RawSplits]) -> None:
     TASKS[name] = loader
 
 
-def _columns(ds: Any, source: str, text_field: str, label_field: str) -> tuple[list, list]:
+def _columns(
+    ds: Any, source: str, text_field: str, label_field: str, pair_field: str | None = None
+) -> tuple[list, list]:
     present = list(ds.column_names)
-    for field, value in (("data.text_field", text_field), ("data.label_field", label_field)):
+    fields = [("data.text_field", text_field), ("data.label_field", label_field)]
+    if pair_field is not None:
+        fields.append(("text_pair_field", pair_field))
+    for field, value in fields:
         if value not in present:
             raise DataError(
                 f"{field}={value!r} is not a column of {source}; the columns present are "
                 f"{present}. Set {field} to one of them."
             )
-    return list(ds[text_field]), list(ds[label_field])
+    texts = list(ds[text_field])
+    if pair_field is not None:
+        texts = list(zip(texts, ds[pair_field], strict=True))
+    return texts, list(ds[label_field])
 
 
 def _class_label_names(ds: Any, label_field: str) -> tuple[str, ...] | None:
@@ -124,7 +144,9 @@ def _class_label_names(ds: Any, label_field: str) -> tuple[str, ...] | None:
     return tuple(names) if names else None
 
 
-def _load_local_file(path: Path, text_field: str, label_field: str) -> RawSplits:
+def _load_local_file(
+    path: Path, text_field: str, label_field: str, pair_field: str | None = None
+) -> RawSplits:
     if not path.is_file():
         raise DataError(
             f"data.task={str(path)!r}: file not found. Give an existing .jsonl/.json/.csv/"
@@ -148,7 +170,7 @@ def _load_local_file(path: Path, text_field: str, label_field: str) -> RawSplits
             "Check the file's format: JSON lines, a JSON list of records, CSV with a header row, "
             "or parquet."
         ) from e
-    texts, labels = _columns(dd, str(path), text_field, label_field)
+    texts, labels = _columns(dd, str(path), text_field, label_field, pair_field)
     return RawSplits(
         source=str(path),
         train_texts=texts,
@@ -165,7 +187,9 @@ def _has_labels(ds: Any, label_field: str) -> bool:
     return not (labels.dtype.kind in "iu" and np.all(labels < 0))
 
 
-def _load_hub(task: str, text_field: str, label_field: str) -> RawSplits:
+def _load_hub(
+    task: str, text_field: str, label_field: str, pair_field: str | None = None
+) -> RawSplits:
     import datasets  # deferred: importing datasets takes ~1 s
 
     name, _, config = task.partition(":")
@@ -184,12 +208,12 @@ def _load_hub(task: str, text_field: str, label_field: str) -> RawSplits:
             "Use a dataset with a train split, or export one to a local .jsonl file."
         )
     train = dd["train"]
-    texts, labels = _columns(train, f"{task} (train split)", text_field, label_field)
+    texts, labels = _columns(train, f"{task} (train split)", text_field, label_field, pair_field)
     test_texts = test_labels = None
     for split in HUB_TEST_SPLITS:
         if split in dd and _has_labels(dd[split], label_field):
             test_texts, test_labels = _columns(
-                dd[split], f"{task} ({split} split)", text_field, label_field
+                dd[split], f"{task} ({split} split)", text_field, label_field, pair_field
             )
             break
     return RawSplits(
@@ -209,6 +233,8 @@ def _check_texts(texts: Sequence[Any], source: str, split: str) -> tuple[str, ..
             "example per label."
         )
     for i, t in enumerate(texts):
+        if isinstance(t, tuple) and len(t) == 2 and all(isinstance(x, str) for x in t):
+            continue  # a sentence pair (text, text_pair)
         if not isinstance(t, str):
             raise DataError(
                 f"data.text_field: {split} example {i} of {source} has text {t!r} of type "
@@ -318,6 +344,122 @@ def _check_two_classes(labels: np.ndarray, names: tuple[str, ...], source: str, 
         )
 
 
+# --------------------------------------------------------------------------- GLUE / SNLI
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueTask:
+    """A GLUE-style task: where it lives on the hub and what its columns mean.
+
+    Attributes:
+      dataset, config: the HF ``datasets`` name and config (``None``: no config).
+      text_field, pair_field: the text column(s); ``pair_field`` is ``None`` for single texts.
+      label_names: the ``label`` column's class names (index = label id).
+      eval_split: the labelled split used as the test split (GLUE test labels are hidden).
+    """
+
+    dataset: str
+    config: str | None
+    text_field: str
+    pair_field: str | None
+    label_names: tuple[str, ...]
+    eval_split: str = "validation"
+
+
+_NLI = ("entailment", "neutral", "contradiction")
+GLUE_TASKS: dict[str, GlueTask] = {
+    "sst2": GlueTask("nyu-mll/glue", "sst2", "sentence", None, ("negative", "positive")),
+    "qnli": GlueTask(
+        "nyu-mll/glue", "qnli", "question", "sentence", ("entailment", "not_entailment")
+    ),
+    "qqp": GlueTask(
+        "nyu-mll/glue", "qqp", "question1", "question2", ("not_duplicate", "duplicate")
+    ),
+    "mnli": GlueTask("nyu-mll/glue", "mnli", "premise", "hypothesis", _NLI, "validation_matched"),
+    "mnli-mm": GlueTask(
+        "nyu-mll/glue", "mnli", "premise", "hypothesis", _NLI, "validation_mismatched"
+    ),
+    "snli": GlueTask("stanfordnlp/snli", None, "premise", "hypothesis", _NLI),
+}
+
+
+def _glue_split(ds: Any, spec: GlueTask, source: str) -> tuple[list, list]:
+    texts, labels = _columns(ds, source, spec.text_field, "label", spec.pair_field)
+    # SNLI marks examples without a gold label with -1 (GLUE test splits are all -1): drop them.
+    keep = [i for i, y in enumerate(labels) if not (_is_int_like(y) and y < 0)]
+    return [texts[i] for i in keep], [labels[i] for i in keep]
+
+
+def _load_glue(name: str, folder: str | None = None) -> RawSplits:
+    """A :data:`GLUE_TASKS` task from the hub, or from local files in ``folder``."""
+    import datasets  # deferred: importing datasets takes ~1 s
+
+    spec = GLUE_TASKS[name]
+    if folder is None:
+        source = spec.dataset + (f":{spec.config}" if spec.config else "")
+        try:
+            dd = datasets.load_dataset(spec.dataset, spec.config)
+        except Exception as e:  # noqa: BLE001 - offline/hub failures surface as many types
+            raise DataError(
+                f"data.task={name!r}: loading {source} from the HF hub failed "
+                f"({type(e).__name__}: {e}). Check your internet access, or download it once "
+                f"and use local files: data.task='{name}:<folder>' with <folder>/train.jsonl "
+                f"and <folder>/{spec.eval_split}.jsonl in the same format."
+            ) from e
+        missing = [s for s in ("train", spec.eval_split) if s not in dd]
+        if missing:
+            raise DataError(f"data.task={name!r}: {source} has no split(s) {missing}.")
+        train, test = dd["train"], dd[spec.eval_split]
+    else:
+        root = Path(folder).expanduser()
+        files = {}
+        for split in ("train", spec.eval_split):
+            found = [
+                root / f"{split}{ext}"
+                for ext in LOCAL_FORMATS
+                if (root / f"{split}{ext}").is_file()
+            ]
+            if not found:
+                raise DataError(
+                    f"data.task='{name}:{folder}': {str(root / split)}.<ext> not found; the folder "
+                    f"needs train and {spec.eval_split} files ({sorted(LOCAL_FORMATS)}) with the "
+                    f"columns {[c for c in (spec.text_field, spec.pair_field, 'label') if c]}."
+                )
+            files[split] = found[0]
+        formats = {LOCAL_FORMATS[f.suffix.lower()] for f in files.values()}
+        if len(formats) != 1:
+            raise DataError(
+                f"data.task='{name}:{folder}': the train and {spec.eval_split} files have "
+                f"different formats ({sorted(formats)}); use one format for both."
+            )
+        source = str(root)
+        try:
+            dd = datasets.load_dataset(
+                formats.pop(), data_files={k: str(v) for k, v in files.items()}
+            )
+        except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files
+            cause = e.__cause__ or e
+            raise DataError(
+                f"data.task='{name}:{folder}': could not read {sorted(map(str, files.values()))} "
+                f"({type(cause).__name__}: {cause})."
+            ) from e
+        train, test = dd["train"], dd[spec.eval_split]
+    train_texts, train_labels = _glue_split(train, spec, f"{source} (train)")
+    test_texts, test_labels = _glue_split(test, spec, f"{source} ({spec.eval_split})")
+    return RawSplits(
+        source=source,
+        train_texts=train_texts,
+        train_labels=train_labels,
+        test_texts=test_texts,
+        test_labels=test_labels,
+        label_names=spec.label_names,
+    )
+
+
+for _name in GLUE_TASKS:
+    register_task(_name, lambda _n=_name: _load_glue(_n))
+
+
 def load_text_classification(
     task: str,
     *,
@@ -326,6 +468,7 @@ def load_text_classification(
     text_field: str = "text",
     label_field: str = "label",
     max_examples: int | None = None,
+    text_pair_field: str | None = None,
 ) -> TextClassificationData:
     """Load a text-classification task with train/test splits (see the module docstring).
 
@@ -334,7 +477,10 @@ def load_text_classification(
         HF hub dataset name (``"name"`` or ``"name:config"``).
       test_fraction: share of examples held out when the source has no labelled test split.
       seed: seeds the test split and the ``max_examples`` subsample.
-      text_field, label_field: column names in local files and hub datasets.
+      text_field, label_field: column names in local files and hub datasets (the built-in
+        GLUE tasks know their own columns).
+      text_pair_field: optional second text column of sentence-pair data in local files and
+        hub datasets; examples are then ``(text, text_pair)`` tuples.
       max_examples: optional cap on the number of train examples (stratified subsample).
 
     Returns:
@@ -358,12 +504,15 @@ def load_text_classification(
             "local .jsonl/.json/.csv/.parquet path, or a HF hub dataset name."
         )
 
+    glue_name, sep, folder = task.partition(":")
     if task in TASKS:
         raw = TASKS[task]()
+    elif sep and glue_name in GLUE_TASKS:
+        raw = _load_glue(glue_name, folder)
     elif Path(task).suffix.lower() in LOCAL_FORMATS:
-        raw = _load_local_file(Path(task).expanduser(), text_field, label_field)
+        raw = _load_local_file(Path(task).expanduser(), text_field, label_field, text_pair_field)
     else:
-        raw = _load_hub(task, text_field, label_field)
+        raw = _load_hub(task, text_field, label_field, text_pair_field)
 
     names = _label_names(raw)
     train_texts = _check_texts(raw.train_texts, raw.source, "train")
