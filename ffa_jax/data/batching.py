@@ -50,20 +50,50 @@ def _raw_tokenizer_copy(tokenizer: Any, max_length: int) -> Any:
     return tok
 
 
-def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> dict[str, np.ndarray]:
-    """Tokenize texts to fixed-length int32 arrays.
+def _split_pairs(
+    texts: list[Any], pairs: Sequence[str] | None
+) -> tuple[list[Any], list[str] | None]:
+    """``(texts, pairs)``: ``(text, text_pair)`` tuples in ``texts`` are split into two lists."""
+    if pairs is None and texts and all(isinstance(t, (tuple, list)) for t in texts):
+        if not all(len(t) == 2 for t in texts):
+            bad = next(t for t in texts if len(t) != 2)
+            raise DataError(f"sentence pair {bad!r} must be a (text, text_pair) 2-tuple.")
+        return [t[0] for t in texts], [t[1] for t in texts]
+    if pairs is None:
+        return texts, None
+    pairs = list(pairs)
+    if len(pairs) != len(texts):
+        raise DataError(
+            f"pairs has {len(pairs)} entries but texts has {len(texts)}; give one pair per text."
+        )
+    for i, t in enumerate(pairs):
+        if not isinstance(t, str):
+            raise DataError(
+                f"pairs[{i}]={t!r} is a {type(t).__name__}, not str; tokenize only strings."
+            )
+    return texts, pairs
+
+
+def tokenize(
+    texts: Sequence[Any], tokenizer: Any, max_length: int, pairs: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Tokenize texts (or sentence pairs) to fixed-length int32 arrays.
 
     Args:
-      texts: N strings.
+      texts: N strings, or N ``(text, text_pair)`` tuples (sentence pairs).
       tokenizer: a ``transformers`` PreTrainedTokenizer(Fast) or a ``tokenizers.Tokenizer``
         (a padding/truncating copy is used; the argument is not modified).
-      max_length: L, the exact output length (longer texts are truncated, shorter padded).
+      max_length: L, the exact output length (longer texts are truncated, shorter padded;
+        pairs are truncated longest-first).
+      pairs: optional N second texts (the same as passing tuples).
 
     Returns:
-      ``{"input_ids": int32 [N, L], "attention_mask": int32 [N, L]}``.
+      ``{"input_ids": int32 [N, L], "attention_mask": int32 [N, L]}``, plus
+      ``"token_type_ids"`` (int32 ``[N, L]``, 1 on the second text where the tokenizer marks
+      it) for sentence pairs.
     """
     _check_positive_int("max_length", max_length)
-    texts = list(texts)
+    texts, pairs = _split_pairs(list(texts), pairs)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise DataError(
@@ -86,24 +116,33 @@ def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> dict[str,
 
     ids = np.zeros((len(texts), max_length), dtype=np.int32)
     mask = np.zeros((len(texts), max_length), dtype=np.int32)
+    types = np.zeros((len(texts), max_length), dtype=np.int32)
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = texts[start : start + TOKENIZE_CHUNK]
+        chunk_pairs = None if pairs is None else pairs[start : start + TOKENIZE_CHUNK]
         if is_raw:
-            encodings = tok.encode_batch(chunk)
+            inputs = chunk if chunk_pairs is None else list(zip(chunk, chunk_pairs, strict=True))
+            encodings = tok.encode_batch(inputs)
             chunk_ids = np.array([e.ids for e in encodings], dtype=np.int32)
             chunk_mask = np.array([e.attention_mask for e in encodings], dtype=np.int32)
+            chunk_types = np.array([e.type_ids for e in encodings], dtype=np.int32)
         else:
             out = tokenizer(
                 chunk,
+                chunk_pairs,
                 padding="max_length",
                 truncation=True,
                 max_length=max_length,
                 return_tensors="np",
             )
             chunk_ids, chunk_mask = out["input_ids"], out["attention_mask"]
+            chunk_types = out.get("token_type_ids", np.zeros_like(chunk_ids))
         ids[start : start + len(chunk)] = chunk_ids
         mask[start : start + len(chunk)] = chunk_mask
-    return {"input_ids": ids, "attention_mask": mask}
+        types[start : start + len(chunk)] = chunk_types
+    if pairs is None:
+        return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
 def physical_batch_size(expected_batch_size: float, overflow_probability: float = 1e-6) -> int:
