@@ -1,0 +1,551 @@
+"""Checkpoints of the whole run state (orbax), and the checks that make resuming safe.
+
+A checkpoint is one orbax step folder ``<run_dir>/checkpoints/<round>/`` with two items:
+
+* ``state``: the :class:`~ffa_jax.federated.server.ServerState` (the server's trainable tree
+  -- B, and A too in LoRA mode, plus a trained head -- the server optimiser state and the
+  round counter), flattened to ``{"000000": array, ...}`` (orbax ``StandardSave``);
+* ``meta``: one JSON document (orbax ``JsonSave``) with everything else a resumed run needs
+  or checks: the completed round, the root seed, the resolved config, the privacy ledger
+  (sigma_k, q_k, steps done, epsilon spent), the metrics history so far, a SHA-256 of the
+  frozen A matrices (regenerated from the seed), of the client data and of every saved array,
+  and the path, shape and dtype of every leaf.
+
+What is *not* saved because it is a pure function of ``(seed, round)``: the DP noise keys
+(``fold_in(fold_in(key(seed), KEY_TRAIN), round)``), the host-side Poisson sampler
+(``numpy.random.default_rng([seed, SAMPLER_PURPOSE, round])``), the frozen A and the data
+partition. Epsilon is a stateless function of ``(sigma_k, q_k, steps)``, so the ledger stores
+those and the value spent.
+
+Atomicity: orbax writes a step into ``<round>.orbax-checkpoint-tmp-<time>/`` and renames it
+to ``<round>/`` only when every file is written, so a crash during a save leaves the previous
+checkpoint intact and never a half-written step under a final name; unfinalised tmp folders are
+ignored when reading and deleted when a run is resumed. Old steps are deleted only after the
+new one is finalised (``checkpoint.keep``). On restore every array is checked against its
+SHA-256 in ``meta``, so a damaged checkpoint raises :class:`CheckpointError` instead of being
+loaded. Only safe formats are read: orbax/tensorstore arrays and JSON (no pickle).
+
+Which config fields may change on resume (everything else must match the checkpoint):
+:data:`RESUMABLE_FIELDS` -- the run's name and folder, ``federated.rounds`` (to extend or
+shorten a run; a DP run calibrated to ``privacy.epsilon`` refuses an extension that would
+spend more than that budget), evaluation cadence/batch size, ``perf.*`` (speed and memory
+only) and ``checkpoint.*``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from ffa_jax import lora
+from ffa_jax.config import RunConfig, from_dict
+from ffa_jax.errors import CheckpointError, ConfigError
+
+PyTree = Any
+
+CHECKPOINTS = "checkpoints"
+FORMAT = "ffa_jax.checkpoint/1"
+ITEMS = ("state", "meta")
+
+#: Config fields (dotted; ``section.*`` for a whole section) that may differ between a
+#: checkpoint and the run that resumes it. None of them changes the training trajectory.
+RESUMABLE_FIELDS = (
+    "name",
+    "output_dir",
+    "federated.rounds",
+    "eval.every",
+    "eval.batch_size",
+    "perf.*",
+    "checkpoint.*",
+)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _sha256_array(x: np.ndarray) -> str:
+    x = np.ascontiguousarray(x)
+    h = hashlib.sha256()
+    h.update(f"{x.dtype.str}{x.shape}".encode())
+    h.update(x.tobytes())
+    return h.hexdigest()
+
+
+def a_matrices_hash(params: PyTree) -> str:
+    """SHA-256 of every LoRA node's ``a`` (path, dtype, shape and bytes), in path order.
+
+    Computed on the freshly initialised tree, it identifies the shared A that the root seed
+    regenerates; a resumed run recomputes it and refuses a mismatch.
+    """
+    h = hashlib.sha256()
+    for path, node in sorted(lora.lora_nodes(params).items()):
+        h.update(path.encode())
+        h.update(_sha256_array(np.asarray(node.a)).encode())
+    return h.hexdigest()
+
+
+def data_hash(arrays: Iterable[Mapping[str, np.ndarray]], parts: Sequence[np.ndarray]) -> str:
+    """SHA-256 of tokenised data (``arrays``: dicts of arrays) and the client partition."""
+    h = hashlib.sha256()
+    for d in arrays:
+        for k in sorted(d):
+            h.update(k.encode())
+            h.update(_sha256_array(np.asarray(d[k])).encode())
+    for k, p in enumerate(parts):
+        h.update(f"client{k}".encode())
+        h.update(_sha256_array(np.asarray(p)).encode())
+    return h.hexdigest()
+
+
+def leaf_table(tree: PyTree) -> list[dict[str, Any]]:
+    """``[{"path", "shape", "dtype"}]`` of the array leaves of ``tree`` in flatten order."""
+    out = []
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        out.append({"path": lora.path_str(path), "shape": list(np.shape(x)), "dtype": str(x.dtype)})
+    return out
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _resumable(field: str) -> bool:
+    return any(
+        field == f or (f.endswith(".*") and field.startswith(f[:-1])) for f in RESUMABLE_FIELDS
+    )
+
+
+def check_config(saved: Mapping[str, Any], cfg: RunConfig, where: str) -> RunConfig:
+    """Checks that ``cfg`` may resume a checkpoint written with the config ``saved``.
+
+    Fields missing from ``saved`` (written by an older ffa_jax) take their defaults.
+
+    Returns:
+      The checkpoint's config.
+
+    Raises:
+      CheckpointError: a field outside :data:`RESUMABLE_FIELDS` differs (the message lists
+        every such field with both values and the fix), or ``saved`` is not a valid config.
+    """
+    try:
+        old = from_dict(RunConfig, saved)
+    except ConfigError as e:
+        raise CheckpointError(
+            f"checkpoint {where} holds a config this version of ffa_jax cannot read ({e}); "
+            "resume it with the ffa_jax version that wrote it, or start a new run."
+        ) from e
+    a, b = _flatten(old.to_dict()), _flatten(cfg.to_dict())
+    diffs = [
+        f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and not _resumable(k)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {where} was written with another config; these fields differ and would "
+            "change the results:\n  "
+            + "\n  ".join(diffs)
+            + "\nResume with the checkpoint's values (drop those --set overrides), or start a new "
+            "run with --set name=<new-name>. Only "
+            + ", ".join(RESUMABLE_FIELDS)
+            + " may change on resume."
+        )
+    return old
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacyLedger:
+    """What the accountant needs to continue: epsilon is a function of (sigma_k, q_k, steps).
+
+    Attributes:
+      private: DP-SGD on (False: no clipping, no noise, epsilon = inf).
+      accountant, delta: as configured.
+      noise_multipliers: sigma_k of every client, as used since round 1.
+      sampling_rates: q_k = batch_size / n_k.
+      client_sizes: n_k.
+      max_batch_size: the fixed physical batch B_max (truncated Poisson accounting).
+      steps_per_round: local DP-SGD steps per round.
+      steps_done: local steps every client has taken so far (rounds done x steps_per_round).
+      epsilon_spent: max over clients of epsilon after ``steps_done`` steps (inf if not
+        private).
+    """
+
+    private: bool
+    accountant: str
+    delta: float
+    noise_multipliers: tuple[float, ...]
+    sampling_rates: tuple[float, ...]
+    client_sizes: tuple[int, ...]
+    max_batch_size: int
+    steps_per_round: int
+    steps_done: int
+    epsilon_spent: float
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["epsilon_spent"] = _finite_or_none(self.epsilon_spent)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> PrivacyLedger:
+        d = dict(d)
+        d["epsilon_spent"] = math.inf if d.get("epsilon_spent") is None else d["epsilon_spent"]
+        for k in ("noise_multipliers", "sampling_rates", "client_sizes"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def _finite_or_none(x: Any) -> Any:
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def history_to_json(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Metrics records as strict JSON (a non-private epsilon of inf is written as null)."""
+    return [{k: _finite_or_none(v) for k, v in h.items()} for h in history]
+
+
+def history_from_json(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Inverse of :func:`history_to_json` (``epsilon: null`` -> inf)."""
+    out = []
+    for r in records:
+        r = dict(r)
+        if "epsilon" in r and r["epsilon"] is None:
+            r["epsilon"] = math.inf
+        out.append(r)
+    return out
+
+
+# --------------------------------------------------------------------------- save
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def _orbax():
+    import orbax.checkpoint as ocp  # deferred: ~0.5 s import
+
+    return ocp
+
+
+def _flat_state(state: PyTree) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    leaves = jax.tree_util.tree_leaves(state)
+    table = leaf_table(state)
+    arrays = {f"{i:06d}": np.asarray(jax.device_get(x)) for i, x in enumerate(leaves)}
+    for row, x in zip(table, arrays.values(), strict=True):
+        row["sha256"] = _sha256_array(x)
+    return arrays, table
+
+
+class Checkpointer:
+    """Writes the run's checkpoints (synchronously: a save has finished when it returns).
+
+    Opening it deletes unfinalised tmp folders left by a crash (they are never read).
+
+    Args:
+      directory: ``<run_dir>/checkpoints``.
+      keep: keep the newest this many steps.
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int):
+        ocp = _orbax()
+        self.directory = Path(directory)
+        self._mgr = ocp.CheckpointManager(
+            self.directory.absolute(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=True,
+                cleanup_tmp_directories=True,
+                enable_async_checkpointing=False,
+            ),
+            item_names=ITEMS,
+        )
+
+    def save(
+        self,
+        round_done: int,
+        state: PyTree,
+        *,
+        cfg: RunConfig,
+        history: Sequence[Mapping[str, Any]],
+        ledger: PrivacyLedger,
+        a_hash: str,
+        data_fingerprint: str,
+    ) -> Path:
+        """Saves the state after ``round_done`` completed rounds as step ``round_done``."""
+        ocp = _orbax()
+        arrays, table = _flat_state(state)
+        meta = {
+            "format": FORMAT,
+            "round": int(round_done),
+            "seed": cfg.seed,
+            "config": cfg.to_dict(),
+            "a_hash": a_hash,
+            "data_hash": data_fingerprint,
+            "leaves": table,
+            "privacy": ledger.to_json(),
+            "history": history_to_json(history),
+            "versions": _versions(),
+        }
+        self._mgr.save(
+            int(round_done),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        self._mgr.wait_until_finished()
+        return self.directory / str(int(round_done))
+
+    def close(self) -> None:
+        self._mgr.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("ffa_jax", "jax", "orbax-checkpoint", "dp-accounting"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:  # pragma: no cover
+            out[pkg] = "unknown"
+    return out
+
+
+# --------------------------------------------------------------------------- read
+
+
+def finalized_steps(directory: str | Path) -> list[int]:
+    """Rounds with a finalised checkpoint in ``directory`` (ascending); unfinalised orbax tmp
+    folders (a crash during a save) are not listed. Reads only: creates and deletes nothing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    steps = []
+    for p in directory.iterdir():
+        # orbax finalises a step by renaming "<step>.orbax-checkpoint-tmp-<t>" to "<step>".
+        if p.is_dir() and re.fullmatch(r"\d+", p.name):
+            steps.append(int(p.name))
+    return sorted(steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A checkpoint's metadata (read and validated) and, once loaded, its state."""
+
+    step_dir: Path
+    round: int
+    config: RunConfig
+    seed: int
+    a_hash: str
+    data_hash: str
+    leaves: list[dict[str, Any]]
+    ledger: PrivacyLedger
+    history: list[dict[str, Any]]
+
+
+def _read_only_manager(directory: Path):
+    ocp = _orbax()
+    return ocp.CheckpointManager(
+        directory.absolute(),
+        options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, enable_async_checkpointing=False
+        ),
+        item_names=ITEMS,
+    )
+
+
+def _damaged(step_dir: Path, what: str, others: Sequence[int]) -> CheckpointError:
+    prev = [s for s in others if s < int(step_dir.name)]
+    fix = (
+        f"delete {str(step_dir)!r} to resume from the previous checkpoint (round {prev[-1]})"
+        if prev
+        else f"delete {str(step_dir)!r} to start the run again from round 0"
+    )
+    return CheckpointError(
+        f"checkpoint {str(step_dir)!r} is damaged: {what}. It was not loaded; {fix}, or start "
+        "a new run with --set name=<new-name>."
+    )
+
+
+def read_latest(directory: str | Path, cfg: RunConfig) -> Restored | None:
+    """Reads and checks the metadata of the newest finalised checkpoint (no arrays yet).
+
+    Returns:
+      None when ``directory`` holds no finalised checkpoint.
+
+    Raises:
+      CheckpointError: the metadata is unreadable/truncated or from another format, or the
+        checkpoint was written with a config that differs from ``cfg`` in a field that
+        changes results (see :func:`check_config`).
+    """
+    directory = Path(directory)
+    steps = finalized_steps(directory)
+    if not steps:
+        return None
+    step = steps[-1]
+    step_dir = directory / str(step)
+    meta_file = step_dir / "meta" / "metadata"
+    if not meta_file.is_file():
+        raise _damaged(step_dir, f"its metadata file {str(meta_file)!r} is missing", steps)
+    ocp = _orbax()
+    mgr = _read_only_manager(directory)
+    try:
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # noqa: BLE001 - orbax/json raise many types for damaged files
+        raise _damaged(
+            step_dir,
+            f"its metadata {str(meta_file)!r} cannot be read ({type(e).__name__}: {e})",
+            steps,
+        ) from e
+    finally:
+        mgr.close()
+    where = repr(str(step_dir))
+    needed = ("format", "round", "seed", "config", "a_hash", "data_hash", "leaves", "privacy")
+    if not isinstance(meta, dict) or any(k not in meta for k in needed):
+        raise _damaged(step_dir, f"{str(meta_file)!r} lacks the fields {list(needed)}", steps)
+    if meta["format"] != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {where} has format {meta['format']!r}, this ffa_jax reads {FORMAT!r}; "
+            "resume it with the version that wrote it, or start a new run."
+        )
+    if meta["round"] != step:
+        raise _damaged(
+            step_dir, f"its metadata says round {meta['round']}, its folder {step}", steps
+        )
+    old_cfg = check_config(meta["config"], cfg, where)
+    try:
+        ledger = PrivacyLedger.from_json(meta["privacy"])
+    except (TypeError, KeyError) as e:
+        raise _damaged(step_dir, f"its privacy ledger is malformed ({e})", steps) from e
+    history = history_from_json(meta.get("history", []))
+    if [h.get("round") for h in history] != list(range(1, step + 1)):
+        raise _damaged(step_dir, f"its metrics history does not cover rounds 1..{step}", steps)
+    return Restored(
+        step_dir=step_dir,
+        round=step,
+        config=old_cfg,
+        seed=int(meta["seed"]),
+        a_hash=str(meta["a_hash"]),
+        data_hash=str(meta["data_hash"]),
+        leaves=list(meta["leaves"]),
+        ledger=ledger,
+        history=history,
+    )
+
+
+def check_leaves(restored: Restored, like: PyTree) -> None:
+    """The checkpoint's leaves must be exactly the leaves of ``like`` (path, shape, dtype).
+
+    Raises:
+      CheckpointError: naming every missing, unexpected or misshapen leaf.
+    """
+    want = {r["path"]: r for r in leaf_table(like)}
+    got = {r["path"]: r for r in restored.leaves}
+    problems = [f"missing: {p} {want[p]['shape']} {want[p]['dtype']}" for p in want if p not in got]
+    problems += [
+        f"unexpected: {p} {got[p]['shape']} {got[p]['dtype']}" for p in got if p not in want
+    ]
+    for p in want.keys() & got.keys():
+        w, g = want[p], got[p]
+        if list(w["shape"]) != list(g["shape"]) or w["dtype"] != g["dtype"]:
+            problems.append(
+                f"{p}: checkpoint {g['shape']} {g['dtype']}, model {w['shape']} {w['dtype']}"
+            )
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {str(restored.step_dir)!r} does not fit this model's trainable tree "
+            f"({len(problems)} problem(s); was it written for another model.name, lora or server "
+            "setting, or did the model folder change?):\n  " + "\n  ".join(problems[:20])
+        )
+
+
+def restore_state(restored: Restored, like: PyTree) -> PyTree:
+    """Loads the arrays of ``restored`` (as numpy, on the host) into the structure of
+    ``like``, checking every SHA-256.
+
+    Raises:
+      CheckpointError: leaves do not fit ``like``, an array file is truncated or unreadable,
+        or an array's bytes differ from the hash recorded at save time.
+    """
+    check_leaves(restored, like)
+    step_dir = restored.step_dir
+    steps = finalized_steps(step_dir.parent)
+    treedef = jax.tree_util.tree_structure(like)
+    by_path = {r["path"]: r for r in restored.leaves}
+    table = leaf_table(like)
+    # Saved arrays are keyed by their index at save time; map them to this tree's order.
+    saved_index = {r["path"]: i for i, r in enumerate(restored.leaves)}
+    target = {
+        f"{saved_index[r['path']]:06d}": np.zeros(r["shape"], np.dtype(r["dtype"])) for r in table
+    }
+    ocp = _orbax()
+    mgr = _read_only_manager(step_dir.parent)
+    try:
+        arrays = mgr.restore(
+            restored.round, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        ).state
+    except Exception as e:  # noqa: BLE001 - tensorstore raises many types for damaged files
+        raise _damaged(
+            step_dir,
+            f"its arrays in {str(step_dir / 'state')!r} cannot be read ({type(e).__name__}: {e})",
+            steps,
+        ) from e
+    finally:
+        mgr.close()
+    out = []
+    for r in table:
+        x = np.asarray(arrays[f"{saved_index[r['path']]:06d}"])
+        if _sha256_array(x) != by_path[r["path"]].get("sha256"):
+            raise _damaged(
+                step_dir,
+                f"array {r['path']} does not match the SHA-256 recorded at save time",
+                steps,
+            )
+        out.append(x)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+__all__ = [
+    "CHECKPOINTS",
+    "RESUMABLE_FIELDS",
+    "Checkpointer",
+    "PrivacyLedger",
+    "Restored",
+    "a_matrices_hash",
+    "check_config",
+    "check_leaves",
+    "checkpoint_dir",
+    "data_hash",
+    "finalized_steps",
+    "leaf_table",
+    "read_latest",
+    "restore_state",
+]
