@@ -1,6 +1,7 @@
 """``ffa-jax``: the command-line interface.
 
 ffa-jax train [--config configs/quickstart.yaml] [--set section.field=value ...] [--overwrite]
+ffa-jax train --resume RUN_DIR [--set section.field=value ...]   # continue from its checkpoint
 ffa-jax config [--config ...] [--set ...]      # print the resolved, validated config
 ffa-jax export-peft RUN_DIR OUT_DIR            # the run's adapter in HF PEFT format
 """
@@ -47,10 +48,23 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
-    from ffa_jax.train import train
+    from ffa_jax.train import resume_config, train
 
-    cfg = _load(args)
-    summary = train(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    if args.resume is not None:
+        if args.config is not None:
+            raise ConfigError(
+                "--config cannot be combined with --resume: a resumed run uses RUN_DIR/config.yaml "
+                "(change the fields that may change with --set)."
+            )
+        cfg = resume_config(args.resume, args.overrides)
+    else:
+        cfg = _load(args)
+    summary = train(
+        cfg,
+        overwrite=args.overwrite,
+        resume=args.resume is not None,
+        progress=not args.no_progress,
+    )
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -150,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace an existing run directory of the same name",
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest checkpoint (bit-identical to an "
+        "uninterrupted run)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
