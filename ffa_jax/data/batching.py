@@ -134,6 +134,8 @@ def tokenize(
                 truncation=True,
                 max_length=max_length,
                 return_tensors="np",
+                # Some tokenizers leave token types out by default; pairs need them (BERT).
+                return_token_type_ids=chunk_pairs is not None or None,
             )
             chunk_ids, chunk_mask = out["input_ids"], out["attention_mask"]
             chunk_types = out.get("token_type_ids", np.zeros_like(chunk_ids))
