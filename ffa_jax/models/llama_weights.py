@@ -29,6 +29,7 @@ Model sources (:func:`resolve_llama_source`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -335,6 +336,17 @@ def _iter_safetensors(
 
 
 def _gguf_reader(path: pathlib.Path):
+    """A (cached) ``gguf.GGUFReader``: weights and tokenizer of one file parse it once."""
+    path = pathlib.Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise WeightsError(f"cannot read {str(path)!r}: {e}") from e
+    return _cached_gguf_reader(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_gguf_reader(path: str, mtime_ns: int, size: int):
     try:
         import gguf
     except ImportError as e:
