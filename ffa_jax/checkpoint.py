@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import math
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ PyTree = Any
 CHECKPOINTS = "checkpoints"
 FORMAT = "ffa_jax.checkpoint/1"
 ITEMS = ("state", "meta")
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax: "<step>.orbax-checkpoint-tmp-<time>"
 
 #: Config fields (dotted; ``section.*`` for a whole section) that may differ between a
 #: checkpoint and the run that resumes it. None of them changes the training trajectory.
@@ -270,13 +272,14 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int):
         ocp = _orbax()
         self.directory = Path(directory)
+        # The run is the only writer of its checkpoints, so every tmp folder is garbage from a
+        # crash. Deleted here, synchronously (orbax's own cleanup runs in the background).
+        for p in unfinalized(self.directory):
+            shutil.rmtree(p)
         self._mgr = ocp.CheckpointManager(
             self.directory.absolute(),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                create=True,
-                cleanup_tmp_directories=True,
-                enable_async_checkpointing=False,
+                max_to_keep=keep, create=True, enable_async_checkpointing=False
             ),
             item_names=ITEMS,
         )
@@ -356,6 +359,14 @@ def finalized_steps(directory: str | Path) -> list[int]:
     return sorted(steps)
 
 
+def unfinalized(directory: str | Path) -> list[Path]:
+    """Orbax tmp folders in ``directory``: saves that never finished (never read)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and TMP_MARK in p.name)
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """A checkpoint's metadata (read and validated) and, once loaded, its state."""
@@ -371,15 +382,22 @@ class Restored:
     history: list[dict[str, Any]]
 
 
-def _read_only_manager(directory: Path):
+def _read_json_item(path: Path) -> Any:
     ocp = _orbax()
-    return ocp.CheckpointManager(
-        directory.absolute(),
-        options=ocp.CheckpointManagerOptions(
-            read_only=True, create=False, enable_async_checkpointing=False
-        ),
-        item_names=ITEMS,
-    )
+    reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+    try:
+        return reader.restore(path.absolute())
+    finally:
+        reader.close()
+
+
+def _read_array_item(path: Path, target: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ocp = _orbax()
+    reader = ocp.StandardCheckpointer()
+    try:
+        return reader.restore(path.absolute(), target)
+    finally:
+        reader.close()
 
 
 def _damaged(step_dir: Path, what: str, others: Sequence[int]) -> CheckpointError:
@@ -415,18 +433,14 @@ def read_latest(directory: str | Path, cfg: RunConfig) -> Restored | None:
     meta_file = step_dir / "meta" / "metadata"
     if not meta_file.is_file():
         raise _damaged(step_dir, f"its metadata file {str(meta_file)!r} is missing", steps)
-    ocp = _orbax()
-    mgr = _read_only_manager(directory)
     try:
-        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        meta = _read_json_item(step_dir / "meta")
     except Exception as e:  # noqa: BLE001 - orbax/json raise many types for damaged files
         raise _damaged(
             step_dir,
             f"its metadata {str(meta_file)!r} cannot be read ({type(e).__name__}: {e})",
             steps,
         ) from e
-    finally:
-        mgr.close()
     where = repr(str(step_dir))
     needed = ("format", "round", "seed", "config", "a_hash", "data_hash", "leaves", "privacy")
     if not isinstance(meta, dict) or any(k not in meta for k in needed):
@@ -506,20 +520,14 @@ def restore_state(restored: Restored, like: PyTree) -> PyTree:
     target = {
         f"{saved_index[r['path']]:06d}": np.zeros(r["shape"], np.dtype(r["dtype"])) for r in table
     }
-    ocp = _orbax()
-    mgr = _read_only_manager(step_dir.parent)
     try:
-        arrays = mgr.restore(
-            restored.round, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        ).state
+        arrays = _read_array_item(step_dir / "state", target)
     except Exception as e:  # noqa: BLE001 - tensorstore raises many types for damaged files
         raise _damaged(
             step_dir,
             f"its arrays in {str(step_dir / 'state')!r} cannot be read ({type(e).__name__}: {e})",
             steps,
         ) from e
-    finally:
-        mgr.close()
     out = []
     for r in table:
         x = np.asarray(arrays[f"{saved_index[r['path']]:06d}"])
@@ -545,6 +553,7 @@ __all__ = [
     "checkpoint_dir",
     "data_hash",
     "finalized_steps",
+    "unfinalized",
     "leaf_table",
     "read_latest",
     "restore_state",
