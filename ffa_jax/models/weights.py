@@ -362,8 +362,8 @@ def load_encoder(
 
     Raises:
       WeightsError: the folder or config is unusable, or the weights do not match the table;
-        the message names every unmapped key, missing key and shape mismatch (expected vs got)
-        and the files.
+        the message names every unmapped key, missing key, shape mismatch (expected vs got),
+        non-float dtype and non-finite tensor, and the files.
       ConfigError: ``num_labels`` is invalid.
     """
     model_dir = resolve_model_dir(name_or_path)
@@ -418,7 +418,16 @@ def load_encoder(
                 f"shape mismatch: {e.hf!r} expected {e.hf_shape}, got {tuple(value.shape)}"
             )
             continue
+        if value.dtype.kind != "f":
+            errors.append(
+                f"dtype mismatch: {e.hf!r} is {value.dtype}, expected a floating-point dtype "
+                "(float32, float16 or bfloat16)"
+            )
+            continue
         value = np.asarray(value, dtype=np.float32)
+        if not np.all(np.isfinite(value)):
+            errors.append(f"non-finite values: {e.hf!r} holds NaN or inf")
+            continue
         _set(params, e.path, value.T if e.transpose else value)
 
     ignored = [re.compile(p) for p in IGNORED[config.family]]
