@@ -157,9 +157,11 @@ def _load_local_file(
             f"data.task={str(path)!r}: the file is empty; give a file with at least one example "
             "per label."
         )
+    fmt = LOCAL_FORMATS[path.suffix.lower()]
+    if fmt in ("json", "csv"):
+        _check_utf8(path)
     import datasets  # deferred: importing datasets takes ~1 s
 
-    fmt = LOCAL_FORMATS[path.suffix.lower()]
     try:
         dd = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files
@@ -177,6 +179,20 @@ def _load_local_file(
         train_labels=labels,
         label_names=_class_label_names(dd, label_field),
     )
+
+
+def _check_utf8(path: Path) -> None:
+    """Text formats must be UTF-8 (pyarrow would fail later, deep inside a row access)."""
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"data.task={str(path)!r}: line {line_no} is not valid UTF-8 (byte "
+                    f"{line[e.start : e.start + 1]!r} at column {e.start + 1}: {e.reason}). "
+                    "Re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8."
+                ) from e
 
 
 def _has_labels(ds: Any, label_field: str) -> bool:
