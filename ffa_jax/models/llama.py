@@ -617,7 +617,8 @@ class LlamaForCausalLM(nn.Module):
 def init_params(config: LlamaConfig, key: jax.Array) -> PyTree:
     """Random parameters (normal(initializer_range) kernels, unit norms) for ``config``."""
     ids = jnp.zeros((1, 2), jnp.int32)
-    return LlamaForCausalLM(config).init(key, ids, jnp.ones_like(ids))["params"]
+    init = jax.jit(LlamaForCausalLM(config).init)  # jitted: eager linen init is slow
+    return init(key, ids, jnp.ones_like(ids))["params"]
 
 
 # --------------------------------------------------------------------------- objectives
