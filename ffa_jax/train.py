@@ -290,10 +290,13 @@ def resume_config(run_dir: str | Path, overrides=()) -> RunConfig:
     return load_config(run_dir / "config.yaml", [*overrides, *where])
 
 
-def _check_restored(restored: ckpt_lib.Restored, prep: Prepared, a_hash: str, d_hash: str):
+def _check_restored(
+    restored: ckpt_lib.Restored, prep: Prepared, like: PyTree, a_hash: str, d_hash: str
+) -> None:
     """A restored checkpoint must belong to this model, data and seed, and its remaining
     rounds must fit the privacy budget. Raises CheckpointError / ConfigError."""
     cfg, where = prep.cfg, repr(str(restored.step_dir))
+    ckpt_lib.check_leaves(restored, like)
     if restored.a_hash != a_hash:
         raise CheckpointError(
             f"checkpoint {where}: the frozen A matrices regenerated from seed={cfg.seed} differ "
@@ -401,7 +404,7 @@ def train(
     history: list[dict[str, Any]] = []
     start = 0
     if restored is not None:
-        _check_restored(restored, prep, a_hash, d_hash)
+        _check_restored(restored, prep, state, a_hash, d_hash)
         state = ckpt_lib.restore_state(restored, state)
         history, start = restored.history, restored.round
     log(prep.partition_table)

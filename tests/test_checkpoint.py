@@ -153,6 +153,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_checkpoint_is_never_loaded(tmp_path, damage):
     _, state, opt = _state()
