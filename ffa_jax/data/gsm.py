@@ -373,14 +373,16 @@ def encode_gsm(
       max_length: L.
       instruction, chat: see :func:`format_prompt`.
       overflow: ``"error"`` (raise when any example is longer than ``max_length``) or
-        ``"drop"`` (skip those; the count is in ``num_dropped``). Answers are never truncated:
+        ``"drop"`` (skip those; ``"index"`` tells which were kept). Answers are never truncated:
         a truncated answer would teach the model to stop before ``####``.
       pad_token_id: id written in padding (default: the tokenizer's pad, else its EOS).
 
     Returns:
       ``{"input_ids", "attention_mask", "loss_mask"}`` int32 ``[N, L]`` (``loss_mask[i, t] = 1``
       iff token ``t`` of row ``i`` is an answer token or the final EOS), ``"prompt_length"`` and
-      ``"length"`` int32 ``[N]``, and ``"num_dropped"`` (int).
+      ``"length"`` and ``"index"`` (the row's position in ``examples``) int32 ``[N]``: every
+      value has the leading example axis, so the dict can be sliced and partitioned as one
+      tree. ``len(examples) - N`` examples were dropped.
 
     Raises:
       DataError: an example is longer than ``max_length`` (with ``overflow="error"``; the
@@ -408,7 +410,7 @@ def encode_gsm(
         if n > max_length:
             too_long.append((i, n))
             continue
-        rows.append((list(p), list(a) + [eos]))
+        rows.append((i, list(p), list(a) + [eos]))
     if too_long and overflow == "error":
         longest = max(n for _, n in too_long)
         raise DataError(
@@ -430,7 +432,7 @@ def encode_gsm(
     attn = np.zeros((N, max_length), np.int32)
     loss = np.zeros((N, max_length), np.int32)
     plen = np.zeros((N,), np.int32)
-    for i, (p, a) in enumerate(rows):
+    for i, (_, p, a) in enumerate(rows):
         n = len(p) + len(a)
         ids[i, :n] = p + a
         attn[i, :n] = 1
@@ -442,7 +444,7 @@ def encode_gsm(
         "loss_mask": loss,
         "prompt_length": plen,
         "length": attn.sum(axis=1).astype(np.int32),
-        "num_dropped": len(too_long),
+        "index": np.asarray([r[0] for r in rows], np.int32),
     }
 
 

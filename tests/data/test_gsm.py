@@ -231,7 +231,7 @@ def test_encode_gsm_masks_exactly_the_answer():
     out = encode_gsm(tok, EXAMPLES, max_length=160)
     ids, attn, loss = out["input_ids"], out["attention_mask"], out["loss_mask"]
     assert ids.shape == attn.shape == loss.shape == (3, 160) and ids.dtype == np.int32
-    assert out["num_dropped"] == 0
+    assert out["index"].tolist() == [0, 1, 2]
     for i, e in enumerate(EXAMPLES):
         n, p = int(out["length"][i]), int(out["prompt_length"][i])
         assert attn[i].tolist() == [1] * n + [0] * (160 - n)
@@ -258,7 +258,11 @@ def test_encode_gsm_overflow():
     with pytest.raises(DataError, match=rf"1 of 3 GSM examples are longer than max_length={limit}"):
         encode_gsm(tok, EXAMPLES, max_length=limit)
     out = encode_gsm(tok, EXAMPLES, max_length=limit, overflow="drop")
-    assert out["num_dropped"] == 1 and out["input_ids"].shape == (2, limit)
+    longest = int(np.argmax(lengths))
+    assert out["index"].tolist() == [i for i in range(3) if i != longest]
+    assert out["input_ids"].shape == (2, limit) and set(out) == {
+        "input_ids", "attention_mask", "loss_mask", "prompt_length", "length", "index"
+    }  # fmt: skip
     with pytest.raises(DataError, match="no GSM example fits"):
         encode_gsm(tok, EXAMPLES, max_length=10, overflow="drop")
 
