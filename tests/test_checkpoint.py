@@ -4,6 +4,7 @@ ledger checks, and the stateless pieces a resume relies on (sampler, A, privacy 
 from __future__ import annotations
 
 import math
+import pickle
 import shutil
 from pathlib import Path
 
@@ -76,9 +77,15 @@ def _save(directory: Path, rounds: int, state, *, keep: int = 3, cfg=CFG) -> Non
         )
 
 
-def test_round_trip_is_bit_exact_and_keeps_the_tree_structure(tmp_path):
+def test_round_trip_is_bit_exact_and_keeps_the_tree_structure(tmp_path, monkeypatch):
     _, state, opt = _state()
     _save(tmp_path, 2, state)
+
+    def no_pickle(*a, **k):
+        raise AssertionError("a checkpoint must never be read with pickle")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, no_pickle)
     restored = ckpt_lib.read_latest(tmp_path, CFG)
     assert restored.round == 2 and restored.seed == CFG.seed
     assert restored.ledger == _ledger(2) and restored.history == _history(2)
@@ -90,6 +97,7 @@ def test_round_trip_is_bit_exact_and_keeps_the_tree_structure(tmp_path):
         assert isinstance(x, np.ndarray) and x.dtype == y.dtype
         np.testing.assert_array_equal(x, np.asarray(y))
     assert int(out.round) == 2
+    monkeypatch.undo()
     # The restored state continues exactly like the original.
     delta = jax.tree_util.tree_map(jnp.ones_like, state.trainable)
     a, b = server_update(out, delta, opt), server_update(state, delta, opt)
