@@ -219,7 +219,6 @@ def clipped_grad(
         if n_chunks == 1:
             grad_sum, loss_sum, num_clipped, norms = chunk(trainable, frozen, batch, real)
         else:
-
             m = b // n_chunks
 
             def skipped(_batch, _real):
