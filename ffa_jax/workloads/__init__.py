@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from ffa_jax.config import RunConfig
+from ffa_jax.errors import WeightsError
 
 PyTree = Any
 
@@ -94,6 +95,12 @@ class Workload:
         return len(self.label_names)
 
 
+def _encoder_model_types() -> tuple[str, ...]:
+    from ffa_jax.models.encoder import MODEL_TYPES
+
+    return tuple(MODEL_TYPES)
+
+
 def _llama_model_types() -> tuple[str, ...]:
     from ffa_jax.models.llama import MODEL_TYPES
 
@@ -104,7 +111,12 @@ def resolve_family(cfg: RunConfig) -> str:
     """``cfg.model.family``, or for ``auto`` the family detected from ``cfg.model.name``
     without any download: ``llama`` for ``smollm2``, ``.gguf`` files and local folders whose
     ``config.json`` has a LLaMA-family ``model_type``; ``encoder`` otherwise (hub ids
-    included: set ``model.family: llama`` for a hub LLaMA)."""
+    included: set ``model.family: llama`` for a hub LLaMA).
+
+    Raises:
+      WeightsError: a local folder's ``config.json`` names an architecture no family
+        supports (e.g. ``gpt2``).
+    """
     if cfg.model.family != "auto":
         return cfg.model.family
     name = cfg.model.name
@@ -118,6 +130,13 @@ def resolve_family(cfg: RunConfig) -> str:
             model_type = None  # the family's loader reports the broken file
         if model_type in _llama_model_types():
             return "llama"
+        if isinstance(model_type, str) and model_type not in _encoder_model_types():
+            raise WeightsError(
+                f"model.name={name!r}: config.json has model_type={model_type!r}, which no model "
+                f"family supports: encoders {sorted(_encoder_model_types())} (BERT/RoBERTa text "
+                f"classification) or LLaMA-family decoders {list(_llama_model_types())} (GSM). "
+                "Use a checkpoint of one of these architectures."
+            )
     return "encoder"
 
 
