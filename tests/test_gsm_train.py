@@ -260,3 +260,15 @@ def test_llama7b_config_validates_offline():
 def test_encoder_rejects_decoder_only_fields():
     with pytest.raises(ConfigError, match="model.dtype='bfloat16'"):
         workloads.check(load_config(None, ["model.dtype=bfloat16"]))
+
+
+def test_privacy_plan_matches_the_run(env, cli_run, capsys):
+    args = ["privacy", "--json", "--config", str(GSM_CONFIG)]
+    for o in tiny_gsm_overrides(env["model"], env["data"], env["base"] / "unused", "plan"):
+        args += ["--set", o]
+    assert cli.main(args) == 0
+    plan = json.loads(capsys.readouterr().out)
+    cfg = load_config(cli_run / "config.yaml")
+    ledger = ckpt_lib.read_latest(cli_run / "checkpoints", cfg).ledger
+    assert plan["noise_multiplier"] == pytest.approx(list(ledger.noise_multipliers), rel=1e-12)
+    assert plan["epsilon_curve"][-1] == pytest.approx(ledger.epsilon_spent, rel=1e-9)

@@ -10,8 +10,8 @@ family's ``load(cfg, head_key=...)`` after the pure config checks of its ``check
 * ``llama`` (:mod:`ffa_jax.workloads.gsm`): a LLaMA-family causal LM on a GSM task
   (answer-only loss, greedy exact match); metric ``eval_exact_match``.
 
-Adding a family: write a module with ``check(cfg)`` (no I/O) and ``load(cfg, *, head_key)``
-returning a :class:`Workload`, list it in :data:`FAMILIES` and in
+Adding a family: write a module with ``check(cfg)`` (no I/O), ``load(cfg, *, head_key)``
+returning a :class:`Workload` and ``train_labels(cfg)`` (labels without the weights), list it in :data:`FAMILIES` and in
 ``ffa_jax.config.MODEL_FAMILIES``, and teach :func:`resolve_family` to detect it (or require
 ``model.family``).
 """
@@ -170,4 +170,17 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     return mod.load(cfg, head_key=head_key)
 
 
-__all__ = ["FAMILIES", "Workload", "check", "load", "resolve_family"]
+def train_labels(cfg: RunConfig) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``(labels [N], label_names)`` of the training examples ``load`` would keep, without
+    loading model weights (tokenizer and data only): what planning (``ffa-jax privacy``)
+    needs to partition the clients.
+
+    Raises:
+      ConfigError / DataError / WeightsError: as :func:`load`.
+    """
+    mod = family_module(cfg)
+    mod.check(cfg)
+    return mod.train_labels(cfg)
+
+
+__all__ = ["FAMILIES", "Workload", "check", "load", "resolve_family", "train_labels"]

@@ -69,6 +69,27 @@ def _prompt_arrays(prompts: Sequence[Sequence[int]], length: int, pad: int) -> d
     return {"prompt_ids": ids, "prompt_length": np.asarray([len(p) for p in prompts], np.int32)}
 
 
+def _load_task(cfg: RunConfig) -> gsm_lib.GSMData:
+    return gsm_lib.load_gsm(
+        cfg.data.task,
+        test_fraction=cfg.data.test_fraction,
+        seed=cfg.seed,
+        max_train_examples=cfg.data.max_train_examples,
+        max_test_examples=cfg.eval.max_examples,
+    )
+
+
+def train_labels(cfg: RunConfig) -> tuple[np.ndarray, tuple[str, ...]]:
+    """All-zero labels, one per training problem that fits ``model.max_length`` with the
+    model's tokenizer (the weights are not loaded)."""
+    data = _load_task(cfg)
+    tokenizer = llama_weights.load_llama_tokenizer(cfg.model.name)
+    encoded = gsm_lib.encode_gsm(
+        tokenizer, data.train, max_length=cfg.model.max_length, overflow="drop"
+    )
+    return np.zeros(len(encoded["index"]), np.int32), LABEL_NAMES
+
+
 def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     """Loads the decoder, its tokenizer and the GSM task; encodes the training examples and
     checks that every test prompt fits.
@@ -82,13 +103,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     """
     del head_key  # no randomly initialised head
     L = cfg.model.max_length
-    data = gsm_lib.load_gsm(
-        cfg.data.task,
-        test_fraction=cfg.data.test_fraction,
-        seed=cfg.seed,
-        max_train_examples=cfg.data.max_train_examples,
-        max_test_examples=cfg.eval.max_examples,
-    )
+    data = _load_task(cfg)
     dtype = _dtype(cfg)
     pre = llama_weights.load_llama_pretrained(cfg.model.name, dtype=dtype)
     config, tokenizer = pre.config, pre.tokenizer

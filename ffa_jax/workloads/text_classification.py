@@ -36,14 +36,8 @@ def check(cfg: RunConfig) -> None:
         )
 
 
-def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
-    """Loads the encoder, its tokenizer and the task; tokenizes train and (capped) test.
-
-    Raises:
-      ConfigError / DataError / WeightsError: bad input, before any training compute.
-    """
-    model_dir = weights_lib.resolve_model_dir(cfg.model.name)  # fails fast on missing files
-    data = tasks.load_text_classification(
+def _load_task(cfg: RunConfig) -> tasks.TextClassificationData:
+    return tasks.load_text_classification(
         cfg.data.task,
         test_fraction=cfg.data.test_fraction,
         seed=cfg.seed,
@@ -51,6 +45,22 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         label_field=cfg.data.label_field,
         max_examples=cfg.data.max_train_examples,
     )
+
+
+def train_labels(cfg: RunConfig) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The task's training labels and label names (no model files are read)."""
+    data = _load_task(cfg)
+    return np.asarray(data.train_labels), tuple(data.label_names)
+
+
+def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
+    """Loads the encoder, its tokenizer and the task; tokenizes train and (capped) test.
+
+    Raises:
+      ConfigError / DataError / WeightsError: bad input, before any training compute.
+    """
+    model_dir = weights_lib.resolve_model_dir(cfg.model.name)  # fails fast on missing files
+    data = _load_task(cfg)
     enc_cfg, base_params = weights_lib.load_encoder(
         str(model_dir), data.num_labels, head_key=head_key, pooling=cfg.model.pooling
     )
