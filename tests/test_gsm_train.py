@@ -272,3 +272,10 @@ def test_privacy_plan_matches_the_run(env, cli_run, capsys):
     ledger = ckpt_lib.read_latest(cli_run / "checkpoints", cfg).ledger
     assert plan["noise_multiplier"] == pytest.approx(list(ledger.noise_multipliers), rel=1e-12)
     assert plan["epsilon_curve"][-1] == pytest.approx(ledger.epsilon_spent, rel=1e-9)
+
+
+def test_peft_export_of_a_decoder_run_says_what_exists(cli_run, tmp_path, capsys):
+    assert cli.main(["export-peft", str(cli_run), str(tmp_path / "peft")]) == 2
+    err = capsys.readouterr().err
+    assert "encoder runs only" in err and "adapter.safetensors" in err, err
+    assert not (tmp_path / "peft").exists()
