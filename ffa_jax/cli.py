@@ -70,12 +70,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_privacy(args) -> int:
+    from ffa_jax import workloads
     from ffa_jax.data.batching import physical_batch_size
-    from ffa_jax.data.clients import load_clients
+    from ffa_jax.data.clients import partition_clients
     from ffa_jax.privacy import planner
 
     cfg = _load(args)
-    _, parts = load_clients(cfg)
+    labels, names = workloads.train_labels(cfg)
+    parts = partition_clients(cfg, labels, len(names))
     plan = planner.sample_level_plan(
         client_sizes=[len(p) for p in parts],
         batch_size=cfg.client.batch_size,
