@@ -44,13 +44,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
+from ffa_jax import lora
 from ffa_jax.errors import ConfigError, DataError, WeightsError
 from ffa_jax.models.layers import Dense
 
@@ -59,6 +61,8 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 # ViTImageProcessor defaults: pixels rescaled to [0, 1], then (x - 0.5) / 0.5.
 DEFAULT_IMAGE_MEAN = 0.5
 DEFAULT_IMAGE_STD = 0.5
+
+PyTree = Any
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -430,3 +434,46 @@ class ViTClassifier(nn.Module):
 
     def __call__(self, pixel_values) -> jax.Array:
         return self.classifier(self.features(pixel_values))
+
+
+def image_classification_loss(
+    module: ViTClassifier, image_mean, image_std
+) -> Callable[[PyTree, PyTree, dict[str, jax.Array]], jax.Array]:
+    """Per-example cross-entropy ``loss_fn(trainable, frozen, example) -> scalar``.
+
+    ``example`` holds ``pixel_values`` (uint8 ``[H, W, C]``, normalised here with
+    ``image_mean``/``image_std``, see :func:`normalise`) and ``label`` (int32 scalar).
+    Gradients flow only into ``trainable`` (see :func:`ffa_jax.lora.split`).
+    """
+
+    def loss_fn(trainable, frozen, example):
+        params = lora.combine(trainable, frozen)
+        x = normalise(example["pixel_values"], image_mean, image_std)[None]
+        logits = module.apply({"params": params}, x)[0]
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), example["label"]
+        )
+
+    return loss_fn
+
+
+def image_classification_eval(
+    module: ViTClassifier, image_mean, image_std
+) -> Callable[[PyTree, dict[str, jax.Array], jax.Array], dict]:
+    """Jitted ``eval_fn(params, batch, mask) -> {"correct", "loss_sum", "count"}`` sums over
+    the real examples of a batch (``pixel_values`` uint8 ``[B, H, W, C]``, ``label`` ``[B]``,
+    ``mask`` bool ``[B]``). LoRA nodes are merged first."""
+
+    @jax.jit
+    def eval_fn(params, batch, mask):
+        x = normalise(batch["pixel_values"], image_mean, image_std)
+        logits = module.apply({"params": lora.merge(params)}, x).astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
+        return {
+            "correct": jnp.sum(correct),
+            "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+            "count": jnp.sum(mask),
+        }
+
+    return eval_fn
