@@ -505,11 +505,9 @@ def load_image_classification(
         label_field,
         None if cache_dir is None else Path(cache_dir),
     )
+    pooled = [raw.train_labels] + ([] if raw.test_labels is None else [raw.test_labels])
     names = raw.label_names or tuple(
-        str(i)
-        for i in range(
-            1 + max(int(raw.train_labels.max()), int(np.max(raw.test_labels, initial=0)))
-        )
+        str(i) for i in range(1 + max(int(np.max(y, initial=0)) for y in pooled))
     )
     train_images, train_labels = raw.train_images, raw.train_labels
     test_images, test_labels = raw.test_images, raw.test_labels
