@@ -44,13 +44,6 @@ KEY_INIT = 0
 KEY_AUGMENT = 1
 
 
-def resolve_cache_dir(value: str | None) -> Path | None:
-    """``data.cache_dir``: ``"auto"`` -> :func:`ffa_jax.data.images.default_cache_dir`."""
-    if value is None:
-        return None
-    return images.default_cache_dir() if value == "auto" else Path(value).expanduser()
-
-
 def random_shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
     """Translates each image of ``x`` (``[B, H, W, C]``) by independent integer offsets in
     ``[-max_shift, max_shift]`` per axis, filling with zeros (black, MNIST's background)."""
@@ -113,7 +106,7 @@ def pretrain(
         max_examples=cfg.data.max_train_examples,
         image_field=cfg.data.image_field,
         label_field=cfg.data.label_field,
-        cache_dir=resolve_cache_dir(cfg.data.cache_dir),
+        cache_dir=images.resolve_cache_dir(cfg.data.cache_dir),
     )
     vit = ViTConfig(
         image_size=m.image_size,

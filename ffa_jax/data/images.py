@@ -347,6 +347,14 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "ffa_jax") / "images"
 
 
+def resolve_cache_dir(value: str | os.PathLike | None) -> Path | None:
+    """The ``data.cache_dir`` setting as a folder: ``"auto"`` -> :func:`default_cache_dir`,
+    ``None`` -> no cache."""
+    if value is None:
+        return None
+    return default_cache_dir() if value == "auto" else Path(value).expanduser()
+
+
 def _source_identity(task: str) -> dict[str, Any]:
     """What a cached entry depends on: the files behind ``task`` (path, size, mtime)."""
     if task == MNIST5K:
