@@ -51,9 +51,11 @@ def main() -> None:
             args.pretrain_config, [f"output_dir={model_dir.parent}", f"name={model_dir.name}"]
         )
         print("pretraining:", json.dumps(pretrain(pcfg, progress=False)))
-    pre = json.loads((model_dir / "summary.json").read_text()) if (
-        model_dir / "summary.json"
-    ).is_file() else {}
+    pre = (
+        json.loads((model_dir / "summary.json").read_text())
+        if (model_dir / "summary.json").is_file()
+        else {}
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "runs.jsonl"
@@ -105,14 +107,18 @@ def main() -> None:
     ]
     for partition in args.partitions:
         for eps in args.epsilons:
-            rows = [r for r in done if r["partition"] == partition and r["epsilon_target"] == float(eps)]
+            rows = [
+                r for r in done if r["partition"] == partition and r["epsilon_target"] == float(eps)
+            ]
             start = [r["start_accuracy"] for r in rows if r["start_accuracy"] is not None]
             cells = []
             for mode in ("lora", "ffa"):
                 acc = [r["test_accuracy"] for r in rows if r["mode"] == mode]
                 cells.append(_fmt(acc) if acc else "-")
             e = "inf" if math.isinf(float(eps)) else eps
-            lines.append(f"| {partition} | {e} | {_fmt(start) if start else '-'} | {cells[0]} | {cells[1]} |")
+            lines.append(
+                f"| {partition} | {e} | {_fmt(start) if start else '-'} | {cells[0]} | {cells[1]} |"
+            )
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -29,6 +29,8 @@ LORA_MODES = ("ffa", "lora")
 A_INITS = ("uniform", "gaussian", "orthogonal")
 DEFAULT_TARGETS = r".*(query|value|q_proj|v_proj)/kernel"
 POOLINGS = ("auto", "cls", "mean")
+MODEL_FAMILIES = ("auto", "encoder", "llama", "vit")
+MODEL_DTYPES = ("float32", "bfloat16")
 PARTITIONS = ("iid", "label_mix", "dirichlet")
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
@@ -56,24 +58,40 @@ class ModelConfig:
     """The pretrained model.
 
     Attributes:
-      name: ``"minilm"`` (the offline all-MiniLM-L6-v2 wheel), a local HF model folder
-        (``config.json`` + safetensors), or a hub id such as ``roberta-large`` (needs internet).
-      max_length: tokens per example (padded/truncated).
+      name: encoders: ``"minilm"`` (the offline all-MiniLM-L6-v2 wheel), a local HF model
+        folder (``config.json`` + safetensors), or a hub id such as ``roberta-large`` (needs
+        internet). LLaMA-family decoders: ``"smollm2"`` (the offline SmolLM2-135M-Instruct
+        wheel), a ``.gguf`` file, a local HF folder, or a hub id (with ``family: llama``).
+      family: which model family (and so which workload, see :mod:`ffa_jax.workloads`):
+        ``encoder`` (BERT/RoBERTa text classification), ``llama`` (LLaMA-family causal LM on
+        a GSM task), ``vit`` (ViT image classification) or ``auto``: ``llama`` for
+        ``smollm2``, ``.gguf`` files and local folders whose ``config.json`` has a LLaMA
+        ``model_type``, ``vit`` for local folders with ``model_type: vit``, else ``encoder``.
+        Hub ids are not looked up: set ``family: llama`` or ``family: vit`` for hub models.
+      max_length: tokens per example (padded/truncated for encoders; for decoders prompt +
+        answer + EOS, longer training examples are dropped, and the evaluation prompts must
+        fit).
       train_head: also train (and upload) the final classification layer (``classifier/*``).
-        Off by default, as in the paper; then only LoRA matrices are trained.
+        Off by default, as in the paper; then only LoRA matrices are trained. Encoders and
+        ViTs.
       pooling: what the head reads: ``cls`` (first token, HF sequence classification),
         ``mean`` (mean of token states, as sentence-transformers models are trained) or
         ``auto`` (``mean`` when the model folder has a sentence-transformers
-        ``1_Pooling/config.json`` asking for it, else ``cls``).
+        ``1_Pooling/config.json`` asking for it, else ``cls``). Encoders only.
+      dtype: dtype of the frozen base weights and of the computation (``float32`` or
+        ``bfloat16``, e.g. for LLaMA-7B); LoRA factors, gradients, noise and norms stay
+        float32. ``bfloat16`` is for decoders only.
       new_head: initialise the classification head from the seed even when the checkpoint
         has one with the task's label count (a new task with the same number of labels, e.g.
-        a ViT pretrained on digits 0-4 fine-tuned on 5-9). Vision (ViT) models only.
+        a ViT pretrained on digits 0-4 fine-tuned on 5-9). ViT models only.
     """
 
     name: str = "minilm"
+    family: str = "auto"
     max_length: int = 64
     train_head: bool = False
     pooling: str = "auto"
+    dtype: str = "float32"
     new_head: bool = False
 
     def __post_init__(self):
@@ -85,6 +103,15 @@ class ModelConfig:
         )
         _positive_int("model.max_length", self.max_length)
         _require(self.pooling in POOLINGS, "model.pooling", self.pooling, f"use one of {POOLINGS}.")
+        _require(
+            self.family in MODEL_FAMILIES,
+            "model.family",
+            self.family,
+            f"use one of {MODEL_FAMILIES}.",
+        )
+        _require(
+            self.dtype in MODEL_DTYPES, "model.dtype", self.dtype, f"use one of {MODEL_DTYPES}."
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -370,13 +397,19 @@ class EvalConfig:
 
     Attributes:
       every: evaluate every this many rounds (0: only after the last round).
-      max_examples: evaluate on the first this many test examples (None: all).
+      max_examples: evaluate on the first this many test examples (None: all; GSM tasks keep
+        a seeded random subset of this size).
       batch_size: evaluation batch size.
+      baseline: also evaluate the pretrained model (LoRA B = 0) before the first round; it is
+        logged as round 0 in ``metrics.jsonl`` and shown in ``summary.md``.
+      max_new_tokens: decoders: greedy generation stops at EOS or after this many tokens.
     """
 
     every: int = 5
     max_examples: int | None = None
     batch_size: int = 64
+    baseline: bool = False
+    max_new_tokens: int = 256
 
     def __post_init__(self):
         _require(
@@ -388,6 +421,7 @@ class EvalConfig:
         if self.max_examples is not None:
             _positive_int("eval.max_examples", self.max_examples)
         _positive_int("eval.batch_size", self.batch_size)
+        _positive_int("eval.max_new_tokens", self.max_new_tokens)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -400,11 +434,18 @@ class PerfConfig:
       microbatch_size: per-example gradients in chunks of this many examples (0 = whole batch).
       devices: devices on the ``clients`` mesh axis (0 = the largest count that divides the
         chunk size).
+      remat: decoders: recompute each layer's activations in the backward pass
+        (``jax.checkpoint``): less memory, more compute, identical results.
+
+    With ``clients_per_chunk: 1`` and ``microbatch_size: 1`` the padded slots of a Poisson
+    batch cost nothing (empty micro-batches are skipped), so a step costs the sampled batch
+    size, not its fixed capacity B_max: the fastest setting for large models on CPU.
     """
 
     clients_per_chunk: int = 0
     microbatch_size: int = 0
     devices: int = 0
+    remat: bool = False
 
     def __post_init__(self):
         for f in ("clients_per_chunk", "microbatch_size", "devices"):
@@ -415,6 +456,7 @@ class PerfConfig:
                 v,
                 "must be an integer >= 0 (0 = automatic).",
             )
+        _require(isinstance(self.remat, bool), "perf.remat", self.remat, "must be true or false.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
