@@ -494,7 +494,7 @@ def train(
         **wl.summary_fields(history),
         "epsilon": history[-1]["epsilon"],
         "delta": history[-1]["delta"],
-        "uplink_bytes_total": sum(h["uplink_bytes"] for h in history),
+        "uplink_bytes_total": sum(h.get("uplink_bytes", 0) for h in history),
         "uplink_bytes_per_client_per_round": per_client_bytes,
         "wall_seconds": time.time() - t_start,
         "rounds": cfg.federated.rounds,
