@@ -41,8 +41,19 @@ def main() -> None:
     p.add_argument("--partitions", nargs="+", default=["label_mix"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    # Without DP nothing is clipped: per-example gradient norms are ~5 here, so the DP runs'
+    # lr 5 x clip 0.1 (a step of at most 0.5) corresponds to lr ~0.1-0.5 unclipped.
+    p.add_argument(
+        "--nonprivate-set",
+        dest="nonprivate_overrides",
+        action="append",
+        default=None,
+        help="extra overrides for epsilon=inf runs (default: client.learning_rate=0.5)",
+    )
     p.add_argument("--out", type=Path, default=Path("experiments/results/vision_mnist"))
     args = p.parse_args()
+    if args.nonprivate_overrides is None:
+        args.nonprivate_overrides = ["client.learning_rate=0.5"]
 
     base = load_config(args.config, args.overrides)
     model_dir = Path(base.model.name)
@@ -60,15 +71,18 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "runs.jsonl"
     done = []
-    for partition in args.partitions:
-        for eps in args.epsilons:
-            for mode in args.modes:
-                for seed in args.seeds:
+    # Seeds outermost: an interrupted sweep still has every cell for the first seeds.
+    for seed in args.seeds:
+        for partition in args.partitions:
+            for eps in args.epsilons:
+                for mode in args.modes:
                     name = f"{base.name}_{partition}_{mode}_eps{eps}_s{seed}"
+                    private = math.isfinite(float(eps))
                     cfg = load_config(
                         args.config,
                         [
                             *args.overrides,
+                            *([] if private else args.nonprivate_overrides),
                             f"name={name}",
                             f"seed={seed}",
                             f"lora.mode={mode}",
@@ -84,6 +98,7 @@ def main() -> None:
                         "mode": mode,
                         "epsilon_target": float(eps),
                         "seed": seed,
+                        "learning_rate": cfg.client.learning_rate,
                         "start_accuracy": s.get("start_accuracy"),
                         "test_accuracy": s["test_accuracy"],
                         "epsilon_spent": s["epsilon"],
@@ -99,7 +114,8 @@ def main() -> None:
         "",
         f"Pretrained backbone: test accuracy on digits 0-4 = {pre.get('test_accuracy', 'n/a')}"
         f" ({pre.get('test_examples', '?')} held-out images).",
-        f"Config: `{args.config}` with {args.overrides or 'no overrides'}; seeds {args.seeds}.",
+        f"Config: `{args.config}` with {args.overrides or 'no overrides'}; epsilon=inf runs "
+        f"also {args.nonprivate_overrides}; seeds {args.seeds}.",
         "Accuracy on the 500 held-out private images (%), mean ± std over seeds.",
         "",
         "| partition | epsilon | start | LoRA | FFA-LoRA |",

@@ -29,7 +29,8 @@ costs nothing and keeps the cached arrays 4x smaller than float32.
 ``classes`` keeps a subset of the source's labels, relabelled ``0..k-1`` in the given order;
 this is how one source gives a public pretraining task and a disjoint private one (MNIST
 digits 0-4 vs 5-9). A test split is drawn (stratified, seeded) when the source has none, as for
-text tasks.
+text tasks; a test split given by the source is shuffled (seeded), so that any prefix of it
+(``eval.max_examples``) is a fair sample.
 """
 
 from __future__ import annotations
@@ -553,6 +554,11 @@ def load_image_classification(
             )
         test_images, test_labels = train_images[held], train_labels[held]
         train_images, train_labels = train_images[keep], train_labels[keep]
+    else:
+        # Sources often sort their test split by class: a seeded shuffle makes any prefix
+        # (eval.max_examples) a fair sample; the whole split's accuracy is unchanged.
+        order = np.random.default_rng((seed, 2)).permutation(len(test_labels))
+        test_images, test_labels = test_images[order], test_labels[order]
     if max_examples is not None and max_examples < len(train_labels):
         _, chosen = tasks.stratified_split(
             train_labels, max_examples, np.random.default_rng((seed, 1))

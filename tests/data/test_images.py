@@ -68,7 +68,13 @@ def test_npz_arrays_resize_and_split(tmp_path):
         test_labels=y[:8],
     )
     d3 = load_image_classification(t, image_size=10, num_channels=1)
-    assert len(d3.train_labels) == 40 and d3.test_labels.tolist() == y[:8].tolist()
+    assert len(d3.train_labels) == 40
+    # ... shuffled with the seed (the pairs of image and label stay together).
+    assert sorted(d3.test_labels.tolist()) == sorted(y[:8].tolist())
+    pairs = {(img.tobytes(), int(lab)) for img, lab in zip(d3.test_images, d3.test_labels)}
+    assert pairs == {
+        (img[..., None].tobytes(), int(lab)) for img, lab in zip(x[:8, :, :, 0], y[:8])
+    }
 
 
 @pytest.mark.parametrize(
