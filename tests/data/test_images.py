@@ -71,9 +71,11 @@ def test_npz_arrays_resize_and_split(tmp_path):
     assert len(d3.train_labels) == 40
     # ... shuffled with the seed (the pairs of image and label stay together).
     assert sorted(d3.test_labels.tolist()) == sorted(y[:8].tolist())
-    pairs = {(img.tobytes(), int(lab)) for img, lab in zip(d3.test_images, d3.test_labels)}
+    pairs = {
+        (img.tobytes(), int(lab)) for img, lab in zip(d3.test_images, d3.test_labels, strict=True)
+    }
     assert pairs == {
-        (img[..., None].tobytes(), int(lab)) for img, lab in zip(x[:8, :, :, 0], y[:8])
+        (img[..., None].tobytes(), int(lab)) for img, lab in zip(x[:8, :, :, 0], y[:8], strict=True)
     }
 
 
