@@ -9,6 +9,8 @@ family's ``load(cfg, head_key=...)`` after the pure config checks of its ``check
   classification (SpamAssassin, GLUE, local files); metric ``eval_accuracy``.
 * ``llama`` (:mod:`ffa_jax.workloads.gsm`): a LLaMA-family causal LM on a GSM task
   (answer-only loss, greedy exact match); metric ``eval_exact_match``.
+* ``vit`` (:mod:`ffa_jax.workloads.image_classification`): ViT image classification (MNIST
+  5k, local arrays/folders, HF image datasets); metric ``eval_accuracy``.
 
 Adding a family: write a module with ``check(cfg)`` (no I/O), ``load(cfg, *, head_key)``
 returning a :class:`Workload` and ``train_labels(cfg)`` (labels without the weights), list it in :data:`FAMILIES` and in
@@ -38,6 +40,7 @@ PyTree = Any
 FAMILIES = {
     "encoder": "ffa_jax.workloads.text_classification",
     "llama": "ffa_jax.workloads.gsm",
+    "vit": "ffa_jax.workloads.image_classification",
 }
 
 
@@ -110,8 +113,9 @@ def _llama_model_types() -> tuple[str, ...]:
 def resolve_family(cfg: RunConfig) -> str:
     """``cfg.model.family``, or for ``auto`` the family detected from ``cfg.model.name``
     without any download: ``llama`` for ``smollm2``, ``.gguf`` files and local folders whose
-    ``config.json`` has a LLaMA-family ``model_type``; ``encoder`` otherwise (hub ids
-    included: set ``model.family: llama`` for a hub LLaMA).
+    ``config.json`` has a LLaMA-family ``model_type``; ``vit`` for local folders with
+    ``model_type: vit``; ``encoder`` otherwise (hub ids included: set ``model.family: llama``
+    or ``vit`` for a hub LLaMA or ViT).
 
     Raises:
       WeightsError: a local folder's ``config.json`` names an architecture no family
@@ -130,12 +134,14 @@ def resolve_family(cfg: RunConfig) -> str:
             model_type = None  # the family's loader reports the broken file
         if model_type in _llama_model_types():
             return "llama"
+        if model_type == "vit":
+            return "vit"
         if isinstance(model_type, str) and model_type not in _encoder_model_types():
             raise WeightsError(
                 f"model.name={name!r}: config.json has model_type={model_type!r}, which no model "
                 f"family supports: encoders {sorted(_encoder_model_types())} (BERT/RoBERTa text "
-                f"classification) or LLaMA-family decoders {list(_llama_model_types())} (GSM). "
-                "Use a checkpoint of one of these architectures."
+                f"classification), LLaMA-family decoders {list(_llama_model_types())} (GSM) or "
+                "'vit' (image classification). Use a checkpoint of one of these architectures."
             )
     return "encoder"
 
