@@ -173,3 +173,22 @@ def test_pretrain_cli(tmp_path, capsys):
     assert out["epochs"] == 1 and Path(out["model_dir"], "model.safetensors").is_file()
     assert cli_main(["pretrain", "--set", f"output_dir={tmp_path}", "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_privacy_planner_reads_the_image_task(pretrained, tmp_path, capsys):
+    """``ffa-jax privacy`` partitions the image task (labels only) and plans without weights."""
+    root, _ = pretrained
+    overrides = [
+        *TINY_RUN,
+        f"model.name={root / 'pre'}",
+        f"output_dir={tmp_path}",
+        f"data.cache_dir={root / 'cache'}",
+        "privacy.epsilon=6",
+    ]
+    args = ["privacy", "--config", str(ROOT / "configs" / "vision_mnist.yaml"), "--json"]
+    for o in overrides:
+        args += ["--set", o]
+    assert cli_main(args) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert abs(plan["epsilon"] - 6.0) < 0.06
+    assert not (tmp_path / "vit-mnist").exists()

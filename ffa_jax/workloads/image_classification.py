@@ -45,12 +45,9 @@ def check(cfg: RunConfig) -> None:
         )
 
 
-def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
-    """Loads the ViT and the image task; checks the images against the model.
-
-    Raises:
-      ConfigError / DataError / WeightsError: bad input, before any training compute.
-    """
+def _load_task(cfg: RunConfig) -> tuple[Any, images.ImageClassificationData]:
+    """``(model folder, images resized to the model's input size)``; reads the model's
+    config.json but no weights."""
     model_dir = weights_lib.resolve_model_dir(cfg.model.name)  # fails fast on missing files
     # The architecture first: the data are resized to its input size.
     arch = ViTConfig.from_hf(weights_lib.read_hf_config(model_dir), 1)
@@ -66,6 +63,22 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         label_field=cfg.data.label_field,
         cache_dir=images.resolve_cache_dir(cfg.data.cache_dir),
     )
+    return model_dir, data
+
+
+def train_labels(cfg: RunConfig) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The task's training labels and label names (the model's config.json, no weights)."""
+    _, data = _load_task(cfg)
+    return np.asarray(data.train_labels), tuple(data.label_names)
+
+
+def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
+    """Loads the ViT and the image task; checks the images against the model.
+
+    Raises:
+      ConfigError / DataError / WeightsError: bad input, before any training compute.
+    """
+    model_dir, data = _load_task(cfg)
     vit_cfg, base_params = load_vit(
         model_dir, data.num_labels, head_key=head_key, new_head=cfg.model.new_head
     )
