@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -208,10 +209,12 @@ def cmd_flower_local(args) -> int:
         )
         run_id = fed.submit(app_dir)
         print(f"flwr run: run {run_id}", flush=True)
-        try:
-            status = fed.wait(run_id, timeout=args.timeout)
-        finally:
-            print(fed.logs(run_id), flush=True)
+        stream = fed.stream_logs(run_id)
+        status = fed.wait(run_id, timeout=args.timeout)
+        try:  # let the log stream print the run's last lines
+            stream.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
     if status != "finished:completed":
         raise FederationError(f"run {run_id} ended {status}; see the log above and {work}/logs/.")
     print(f"run directory: {out}")

@@ -35,8 +35,11 @@ PRIVACY_STATE = "ffa-client-privacy"  # the client's own privacy plan, in Contex
 
 app = ClientApp()
 
-# One prepared client per process (a ClientApp process may serve several messages).
+# Prepared clients of this process, newest last. Flower's deployment runtime starts a process
+# per message; a process that serves several messages (or several nodes, as in tests) reuses
+# the model, data and compiled update.
 _NODES: dict[tuple[str, int], ClientNode] = {}
+_MAX_NODES = 8
 
 
 def _privacy_from_state(context: Context) -> ClientPrivacy | None:
@@ -68,7 +71,8 @@ def client_node(context: Context) -> ClientNode:
     )
     key = (str(context.run_config[CONFIG_KEY]), cid)
     if key not in _NODES:
-        _NODES.clear()
+        while len(_NODES) >= _MAX_NODES:
+            _NODES.pop(next(iter(_NODES)))
         _NODES[key] = ClientNode(cfg, cid, privacy=_privacy_from_state(context))
     node = _NODES[key]
     _privacy_to_state(context, node.privacy)

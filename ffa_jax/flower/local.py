@@ -330,6 +330,14 @@ class LocalFederation:
                 )
             time.sleep(poll)
 
+    def stream_logs(self, run_id: int) -> subprocess.Popen:
+        """Streams the run's ServerApp log to this process's stdout (``flwr log --stream``)
+        until the run ends; the streaming process is stopped with the federation."""
+        argv = [_executable("flwr"), "log", str(run_id), CONNECTION, "--stream"]
+        proc = subprocess.Popen(argv, env=self.env, cwd=self.work_dir, stdin=subprocess.DEVNULL)
+        self._track(proc.pid, "flwr-log")
+        return proc
+
     def logs(self, run_id: int) -> str:
         """The run's ServerApp log (``flwr log RUN_ID --show``)."""
         return self.flwr("log", str(run_id), CONNECTION, "--show").stdout
