@@ -85,6 +85,8 @@ class LocalFederation:
       non_loopback: ``(process name, address)`` of every socket seen on any address other
         than 127.0.0.1 by a background check of all processes and their descendants (empty
         when everything stayed on the loopback interface).
+      sockets_seen: distinct ``(local, remote)`` TCP/UDP endpoints that check saw (so an empty
+        ``non_loopback`` means something).
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class LocalFederation:
         self.env.update(env or {})
         self.processes: dict[str, subprocess.Popen] = {}
         self.non_loopback: list[tuple[str, str]] = []
+        self.sockets_seen: set[tuple[str, str]] = set()
         self._tracked: dict[int, object] = {}  # pid -> psutil.Process (guards pid reuse)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -166,6 +169,7 @@ class LocalFederation:
                 for child in proc.children(recursive=True):
                     self._track(child.pid, f"{proc.info_name}/{child.pid}")
                 for c in proc.net_connections(kind="inet"):
+                    self.sockets_seen.add((_fmt(c.laddr), _fmt(c.raddr)))
                     for addr in (c.laddr, c.raddr):
                         if addr and addr.ip not in ("127.0.0.1", "::ffff:127.0.0.1"):
                             self.non_loopback.append((proc.info_name, f"{addr.ip}:{addr.port}"))
@@ -341,6 +345,10 @@ class LocalFederation:
     def logs(self, run_id: int) -> str:
         """The run's ServerApp log (``flwr log RUN_ID --show``)."""
         return self.flwr("log", str(run_id), CONNECTION, "--show").stdout
+
+
+def _fmt(addr) -> str:
+    return f"{addr.ip}:{addr.port}" if addr else ""
 
 
 def _alive(p) -> bool:
