@@ -105,7 +105,10 @@ def test_records_are_npy_without_pickle():
 
 
 def test_app_pyproject_carries_the_config_exactly(tmp_path):
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: Flower's own TOML reader
+        import tomli as tomllib
 
     cfg = load_config(None, ["name=odd", "privacy.epsilon=inf", 'data.text_field=a"b\\c\n'])
     out = app_lib.write_app(cfg, tmp_path / "app", round_timeout=12.5)
@@ -324,7 +327,10 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
     fed = LocalFederation(tmp_path / "work", 3)
     with fed:
         run_id = fed.submit(tmp_path / "app")
-        status = fed.wait(run_id, timeout=600)
+        try:
+            status = fed.wait(run_id, timeout=600)
+        except FederationError as e:  # show the server's log in the failure
+            pytest.fail(f"{e}\n{fed.logs(run_id)}")
         server_log = fed.logs(run_id)
     wall = time.monotonic() - t0
     assert status == "finished:completed", server_log
