@@ -460,8 +460,12 @@ def read_latest(directory: str | Path, cfg: RunConfig) -> Restored | None:
     except (TypeError, KeyError) as e:
         raise _damaged(step_dir, f"its privacy ledger is malformed ({e})", steps) from e
     history = history_from_json(meta.get("history", []))
-    if [h.get("round") for h in history] != list(range(1, step + 1)):
-        raise _damaged(step_dir, f"its metrics history does not cover rounds 1..{step}", steps)
+    # Round 0 is the pretrained model's evaluation (eval.baseline), present iff it is on.
+    first = 0 if old_cfg.eval.baseline else 1
+    if [h.get("round") for h in history] != list(range(first, step + 1)):
+        raise _damaged(
+            step_dir, f"its metrics history does not cover rounds {first}..{step}", steps
+        )
     return Restored(
         step_dir=step_dir,
         round=step,

@@ -3,6 +3,7 @@
 ffa-jax train [--config configs/quickstart.yaml] [--set section.field=value ...] [--overwrite]
 ffa-jax train --resume RUN_DIR [--set section.field=value ...]   # continue from its checkpoint
 ffa-jax config [--config ...] [--set ...]      # print the resolved, validated config
+ffa-jax pretrain [--config configs/vision_pretrain_mnist.yaml] [--set ...]  # central ViT
 ffa-jax export-peft RUN_DIR OUT_DIR            # the run's adapter in HF PEFT format
 ffa-jax flower app OUT_DIR [--config ...] [--set ...]   # a Flower App folder for `flwr run`
 ffa-jax flower local [--config ...] [--set ...]  # SuperLink + SuperNodes on 127.0.0.1, flwr run
@@ -72,13 +73,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from ffa_jax.config import load_pretrain_config
+    from ffa_jax.pretrain import pretrain
+
+    cfg = load_pretrain_config(args.config, args.overrides)
+    summary = pretrain(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def cmd_privacy(args) -> int:
+    from ffa_jax import workloads
     from ffa_jax.data.batching import physical_batch_size
-    from ffa_jax.data.clients import load_clients
+    from ffa_jax.data.clients import partition_clients
     from ffa_jax.privacy import planner
 
     cfg = _load(args)
-    _, parts = load_clients(cfg)
+    labels, names = workloads.train_labels(cfg)
+    parts = partition_clients(cfg, labels, len(names))
     plan = planner.sample_level_plan(
         client_sizes=[len(p) for p in parts],
         batch_size=cfg.client.batch_size,
@@ -242,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "pretrain", help="train a small ViT centrally (non-private) on a public image task"
+    )
+    _add_config_args(p)
+    p.set_defaults(config=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("privacy", help="plan the privacy budget of a config without training")
     _add_config_args(p)

@@ -29,6 +29,8 @@ LORA_MODES = ("ffa", "lora")
 A_INITS = ("uniform", "gaussian", "orthogonal")
 DEFAULT_TARGETS = r".*(query|value|q_proj|v_proj)/kernel"
 POOLINGS = ("auto", "cls", "mean")
+MODEL_FAMILIES = ("auto", "encoder", "llama", "vit")
+MODEL_DTYPES = ("float32", "bfloat16")
 PARTITIONS = ("iid", "label_mix", "dirichlet")
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
@@ -56,21 +58,41 @@ class ModelConfig:
     """The pretrained model.
 
     Attributes:
-      name: ``"minilm"`` (the offline all-MiniLM-L6-v2 wheel), a local HF model folder
-        (``config.json`` + safetensors), or a hub id such as ``roberta-large`` (needs internet).
-      max_length: tokens per example (padded/truncated).
+      name: encoders: ``"minilm"`` (the offline all-MiniLM-L6-v2 wheel), a local HF model
+        folder (``config.json`` + safetensors), or a hub id such as ``roberta-large`` (needs
+        internet). LLaMA-family decoders: ``"smollm2"`` (the offline SmolLM2-135M-Instruct
+        wheel), a ``.gguf`` file, a local HF folder, or a hub id (with ``family: llama``).
+      family: which model family (and so which workload, see :mod:`ffa_jax.workloads`):
+        ``encoder`` (BERT/RoBERTa text classification), ``llama`` (LLaMA-family causal LM on
+        a GSM task), ``vit`` (ViT image classification) or ``auto``: ``llama`` for
+        ``smollm2``, ``.gguf`` files and local folders whose ``config.json`` has a LLaMA
+        ``model_type``, ``vit`` for local folders with ``model_type: vit``, else ``encoder``.
+        Hub ids are not looked up: set ``family: llama`` or ``family: vit`` for hub models.
+      max_length: tokens per example (padded/truncated for encoders; for decoders prompt +
+        answer + EOS, longer training examples are dropped, and the evaluation prompts must
+        fit).
       train_head: also train (and upload) the final classification layer (``classifier/*``).
-        Off by default, as in the paper; then only LoRA matrices are trained.
+        Off by default, as in the paper; then only LoRA matrices are trained. Encoders and
+        ViTs.
       pooling: what the head reads: ``cls`` (first token, HF sequence classification),
         ``mean`` (mean of token states, as sentence-transformers models are trained) or
         ``auto`` (``mean`` when the model folder has a sentence-transformers
-        ``1_Pooling/config.json`` asking for it, else ``cls``).
+        ``1_Pooling/config.json`` asking for it, else ``cls``). Encoders only.
+      dtype: dtype of the frozen base weights and of the computation (``float32`` or
+        ``bfloat16``, e.g. for LLaMA-7B); LoRA factors, gradients, noise and norms stay
+        float32. ``bfloat16`` is for decoders only.
+      new_head: initialise the classification head from the seed even when the checkpoint
+        has one with the task's label count (a new task with the same number of labels, e.g.
+        a ViT pretrained on digits 0-4 fine-tuned on 5-9). ViT models only.
     """
 
     name: str = "minilm"
+    family: str = "auto"
     max_length: int = 64
     train_head: bool = False
     pooling: str = "auto"
+    dtype: str = "float32"
+    new_head: bool = False
 
     def __post_init__(self):
         _require(
@@ -81,6 +103,15 @@ class ModelConfig:
         )
         _positive_int("model.max_length", self.max_length)
         _require(self.pooling in POOLINGS, "model.pooling", self.pooling, f"use one of {POOLINGS}.")
+        _require(
+            self.family in MODEL_FAMILIES,
+            "model.family",
+            self.family,
+            f"use one of {MODEL_FAMILIES}.",
+        )
+        _require(
+            self.dtype in MODEL_DTYPES, "model.dtype", self.dtype, f"use one of {MODEL_DTYPES}."
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -136,6 +167,11 @@ class DataConfig:
         distribution, the paper's non-IID setting) or ``dirichlet`` (``dirichlet_alpha``).
       test_fraction: held-out share when the task has no test split.
       max_train_examples: optional cap on training examples (stratified).
+      classes: image tasks: source label ids to keep, relabelled ``0..k-1`` in this order
+        (null: all), e.g. ``[5, 6, 7, 8, 9]`` for the private half of MNIST.
+      image_field: image tasks: the image column of folders and HF datasets.
+      cache_dir: image tasks: where resized images are cached (``auto``:
+        ``$FFA_JAX_CACHE/images`` or ``~/.cache/ffa_jax/images``; null: no cache).
     """
 
     task: str = "spamassassin"
@@ -146,8 +182,21 @@ class DataConfig:
     max_train_examples: int | None = None
     text_field: str = "text"
     label_field: str = "label"
+    classes: tuple[int, ...] | None = None
+    image_field: str = "image"
+    cache_dir: str | None = "auto"
 
     def __post_init__(self):
+        if self.classes is not None:
+            _require(
+                len(self.classes) >= 2
+                and len(set(self.classes)) == len(self.classes)
+                and all(c >= 0 for c in self.classes),
+                "data.classes",
+                list(self.classes),
+                "give at least two distinct label ids >= 0 of the source, e.g. [5, 6, 7, 8, 9], "
+                "or null for all labels.",
+            )
         _require(
             self.partition in PARTITIONS,
             "data.partition",
@@ -348,13 +397,19 @@ class EvalConfig:
 
     Attributes:
       every: evaluate every this many rounds (0: only after the last round).
-      max_examples: evaluate on the first this many test examples (None: all).
+      max_examples: evaluate on the first this many test examples (None: all; GSM tasks keep
+        a seeded random subset of this size).
       batch_size: evaluation batch size.
+      baseline: also evaluate the pretrained model (LoRA B = 0) before the first round; it is
+        logged as round 0 in ``metrics.jsonl`` and shown in ``summary.md``.
+      max_new_tokens: decoders: greedy generation stops at EOS or after this many tokens.
     """
 
     every: int = 5
     max_examples: int | None = None
     batch_size: int = 64
+    baseline: bool = False
+    max_new_tokens: int = 256
 
     def __post_init__(self):
         _require(
@@ -366,6 +421,7 @@ class EvalConfig:
         if self.max_examples is not None:
             _positive_int("eval.max_examples", self.max_examples)
         _positive_int("eval.batch_size", self.batch_size)
+        _positive_int("eval.max_new_tokens", self.max_new_tokens)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -378,11 +434,18 @@ class PerfConfig:
       microbatch_size: per-example gradients in chunks of this many examples (0 = whole batch).
       devices: devices on the ``clients`` mesh axis (0 = the largest count that divides the
         chunk size).
+      remat: decoders: recompute each layer's activations in the backward pass
+        (``jax.checkpoint``): less memory, more compute, identical results.
+
+    With ``clients_per_chunk: 1`` and ``microbatch_size: 1`` the padded slots of a Poisson
+    batch cost nothing (empty micro-batches are skipped), so a step costs the sampled batch
+    size, not its fixed capacity B_max: the fastest setting for large models on CPU.
     """
 
     clients_per_chunk: int = 0
     microbatch_size: int = 0
     devices: int = 0
+    remat: bool = False
 
     def __post_init__(self):
         for f in ("clients_per_chunk", "microbatch_size", "devices"):
@@ -393,6 +456,7 @@ class PerfConfig:
                 v,
                 "must be an integer >= 0 (0 = automatic).",
             )
+        _require(isinstance(self.remat, bool), "perf.remat", self.remat, "must be true or false.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -647,3 +711,191 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def replace(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
     """A new config with ``section.field=value`` overrides applied (validated)."""
     return from_dict(RunConfig, apply_overrides(cfg.to_dict(), overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Central (non-private) pretraining of a small ViT: ``ffa-jax pretrain``
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ViTArchConfig:
+    """Architecture of a ViT trained from scratch (HF ``ViTConfig`` field meanings).
+
+    Attributes:
+      image_size: input side in pixels; patch_size must divide it.
+      patch_size: patch side in pixels.
+      num_channels: 1 (grayscale) or 3 (RGB).
+      hidden_size, num_layers, num_heads, intermediate_size: transformer width, depth, heads
+        (must divide hidden_size) and MLP width.
+    """
+
+    image_size: int = 28
+    patch_size: int = 7
+    num_channels: int = 1
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 128
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _positive_int(f"model.{f.name}", getattr(self, f.name))
+        _require(
+            self.image_size % self.patch_size == 0,
+            "model.patch_size",
+            self.patch_size,
+            f"must divide model.image_size={self.image_size}.",
+        )
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            "model.num_heads",
+            self.num_heads,
+            f"must divide model.hidden_size={self.hidden_size}.",
+        )
+        _require(
+            self.num_channels in (1, 3), "model.num_channels", self.num_channels, "use 1 or 3."
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainDataConfig:
+    """The public pretraining task (see :mod:`ffa_jax.data.images` for ``task``).
+
+    Attributes:
+      task: ``mnist5k``, a local ``.npz`` file or folder, or a HF image dataset name.
+      classes: source label ids to keep, relabelled ``0..k-1`` (null: all).
+      test_fraction: held-out share for the reported accuracy (when the source has no test
+        split).
+      max_train_examples: optional cap (stratified).
+      image_field, label_field: columns of folders and HF datasets.
+      cache_dir: resized-image cache (``auto``, a folder, or null for none).
+    """
+
+    task: str = "mnist5k"
+    classes: tuple[int, ...] | None = (0, 1, 2, 3, 4)
+    test_fraction: float = 0.2
+    max_train_examples: int | None = None
+    image_field: str = "image"
+    label_field: str = "label"
+    cache_dir: str | None = "auto"
+
+    def __post_init__(self):
+        _require(
+            _is_number(self.test_fraction) and 0 < self.test_fraction < 1,
+            "data.test_fraction",
+            self.test_fraction,
+            "must be in (0, 1), e.g. 0.2.",
+        )
+        if self.max_train_examples is not None:
+            _positive_int("data.max_train_examples", self.max_train_examples)
+        if self.classes is not None:
+            _require(
+                len(self.classes) >= 2
+                and len(set(self.classes)) == len(self.classes)
+                and all(c >= 0 for c in self.classes),
+                "data.classes",
+                list(self.classes),
+                "give at least two distinct label ids >= 0, or null for all labels.",
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainOptimConfig:
+    """Central training: AdamW with linear warmup and cosine decay, fixed-size shuffled batches.
+
+    Attributes:
+      learning_rate: peak learning rate.
+      weight_decay: AdamW decoupled weight decay (not applied to biases/LayerNorm/embeddings).
+      batch_size: examples per step (the last partial batch of an epoch is dropped).
+      epochs: passes over the training split.
+      warmup_steps: linear warmup steps.
+      augment_shift: random translations of up to this many pixels per axis (0 = none).
+    """
+
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    batch_size: int = 64
+    epochs: int = 30
+    warmup_steps: int = 100
+    augment_shift: int = 2
+
+    def __post_init__(self):
+        _require(
+            _is_number(self.learning_rate) and self.learning_rate > 0,
+            "optim.learning_rate",
+            self.learning_rate,
+            "must be > 0.",
+        )
+        _require(
+            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            "optim.weight_decay",
+            self.weight_decay,
+            "must be >= 0.",
+        )
+        _positive_int("optim.batch_size", self.batch_size)
+        _positive_int("optim.epochs", self.epochs)
+        for f in ("warmup_steps", "augment_shift"):
+            v = getattr(self, f)
+            _require(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                f"optim.{f}",
+                v,
+                "must be an integer >= 0.",
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """``ffa-jax pretrain``: see ``configs/vision_pretrain_mnist.yaml``. The model is written to
+    ``<output_dir>/<name>/`` (HF safetensors + config.json + preprocessor_config.json)."""
+
+    name: str = "vit_mnist_pretrain"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ViTArchConfig = dataclasses.field(default_factory=ViTArchConfig)
+    data: PretrainDataConfig = dataclasses.field(default_factory=PretrainDataConfig)
+    optim: PretrainOptimConfig = dataclasses.field(default_factory=PretrainOptimConfig)
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.name, str)
+            and re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name or "") is not None,
+            "name",
+            self.name,
+            "use letters, digits, '_', '-' or '.' (it names the output folder).",
+        )
+        _require(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+            "seed",
+            self.seed,
+            "must be an integer >= 0.",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_pretrain_config(
+    path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> PretrainConfig:
+    """Loads a pretraining YAML config (or the defaults) and applies ``section.field=value``
+    overrides. Raises ConfigError as :func:`load_config`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"config file {str(p)!r} does not exist; pass --config with a YAML file such "
+                "as configs/vision_pretrain_mnist.yaml."
+            )
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections.")
+        data = loaded or {}
+    return from_dict(PretrainConfig, apply_overrides(data, overrides))

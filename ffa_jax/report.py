@@ -7,23 +7,32 @@ from pathlib import Path
 from typing import Any
 
 
-def write_plots(plot_dir: Path, history: list[dict[str, Any]]) -> Path:
-    """``metrics.png``: training loss, test accuracy and epsilon spent vs round."""
+def write_plots(
+    plot_dir: Path,
+    history: list[dict[str, Any]],
+    *,
+    metric: str = "eval_accuracy",
+    metric_title: str = "test accuracy",
+) -> Path:
+    """``metrics.png``: training loss, the test ``metric`` and epsilon spent vs round (a
+    round-0 record, the pretrained model's evaluation, appears in the metric panel only)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     plot_dir.mkdir(parents=True, exist_ok=True)
-    rounds = [h["round"] for h in history]
+    trained = [h for h in history if "train_loss" in h]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(rounds, [h["train_loss"] for h in history], marker="o", ms=3)
+    axes[0].plot(
+        [h["round"] for h in trained], [h["train_loss"] for h in trained], marker="o", ms=3
+    )
     axes[0].set(title="training loss (mean over clients)", xlabel="round", ylabel="cross-entropy")
-    ev = [(h["round"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
+    ev = [(h["round"], h[metric]) for h in history if metric in h]
     if ev:
         axes[1].plot(*zip(*ev, strict=True), marker="o", ms=4, color="tab:green")
-    axes[1].set(title="test accuracy", xlabel="round", ylabel="accuracy")
-    eps = [(h["round"], h["epsilon"]) for h in history if math.isfinite(h["epsilon"])]
+    axes[1].set(title=metric_title, xlabel="round", ylabel=metric_title)
+    eps = [(h["round"], h["epsilon"]) for h in trained if math.isfinite(h["epsilon"])]
     if eps:
         axes[2].plot(*zip(*eps, strict=True), marker="o", ms=3, color="tab:red")
         axes[2].set(
@@ -75,9 +84,7 @@ def write_summary(
         "",
         "| metric | value |",
         "|---|---|",
-        f"| test accuracy | {summary['test_accuracy']:.4f} |",
-        f"| majority-class accuracy | {summary['majority_accuracy']:.4f} |",
-        f"| test loss | {summary['test_loss']:.4f} |",
+        *(f"| {k} | {v} |" for k, v in prep.workload.result_rows(summary, history)),
         f"| final training loss | {last['train_loss']:.4f} |",
         f"| epsilon spent | {_fmt_eps(summary['epsilon'])} |",
         f"| uplink per client per round | {summary['uplink_bytes_per_client_per_round']:,} bytes |",
@@ -93,5 +100,37 @@ def write_summary(
         "![metrics](plots/metrics.png)",
         "",
     ]
+    if prep.workload.notes:
+        lines += ["## Data", "", *(f"- {n}" for n in prep.workload.notes), ""]
+    lines += _samples_section(history)
     path.write_text("\n".join(lines))
     return path
+
+
+def _fence(text: str) -> list[str]:
+    return ["```text", text.replace("```", "'''"), "```"]
+
+
+def _samples_section(history: list[dict[str, Any]]) -> list[str]:
+    """Sample generations of the pretrained model (round 0) and of the last evaluation."""
+    evals = [h for h in history if h.get("eval_samples")]
+    if not evals:
+        return []
+    picked = [evals[-1]] if evals[0] is evals[-1] else [evals[0], evals[-1]]
+    lines = ["## Sample generations", ""]
+    for h in picked:
+        when = "pretrained model (round 0)" if h["round"] == 0 else f"after round {h['round']}"
+        lines += [f"### {when}", ""]
+        for s in h["eval_samples"]:
+            mark = "correct" if s.get("correct") else "wrong"
+            lines += [
+                f"**{s.get('id', '')}**: reference `{s.get('reference')}`, predicted "
+                f"`{s.get('predicted')}` ({mark})",
+                "",
+                "Question:",
+                *_fence(str(s.get("question", ""))),
+                "Generation:",
+                *_fence(str(s.get("generation", ""))),
+                "",
+            ]
+    return lines

@@ -1,7 +1,8 @@
 """The run loop: prepare everything (validating all input first), then rounds, eval, outputs.
 
-``prepare(cfg)`` loads and checks the model files, the data, the partition and the privacy
-calibration before any training compute; ``train(cfg)`` runs the rounds and writes
+``prepare(cfg)`` loads and checks the model files, the data (through the model family's
+:class:`ffa_jax.workloads.Workload`: encoder text classification or LLaMA on GSM), the
+partition and the privacy calibration before any training compute; ``train(cfg)`` runs the rounds and writes
 ``<output_dir>/<name>/`` (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
 ``adapter.safetensors``, ``plots/metrics.png``, ``summary.md``). ``train(cfg, resume=True)``
 (``ffa-jax train --resume RUN_DIR``) continues from the newest checkpoint, bit-identically to
@@ -28,17 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ffa_jax import checkpoint as ckpt_lib
-from ffa_jax import lora
+from ffa_jax import lora, workloads
 from ffa_jax.config import RunConfig, load_config
-from ffa_jax.data import batching, partition, tasks
-from ffa_jax.data.clients import load_clients
+from ffa_jax.data import batching, partition
+from ffa_jax.data.clients import partition_clients
 from ffa_jax.errors import CheckpointError, ConfigError, DataError, FfaJaxError
 from ffa_jax.federated.client import DpParams, make_client_optimizer, make_client_update
 from ffa_jax.federated.round import choose_devices, client_mesh, make_round
 from ffa_jax.federated.server import make_server_optimizer, server_init
-from ffa_jax.models import encoder as encoder_lib
-from ffa_jax.models import weights as weights_lib
-from ffa_jax.models.objectives import classification_eval, classification_loss
 from ffa_jax.privacy import accounting, planner
 
 PyTree = Any
@@ -46,6 +44,9 @@ PyTree = Any
 # Purposes folded into the root key; one per use so that no randomness is shared.
 KEY_LORA_A = 0  # the shared A (identical on every client)
 KEY_HEAD = 1  # a randomly initialised classification head
+# Evaluation outputs kept in the history (checkpointed, shown in summary.md) but not in
+# metrics.jsonl: they are not scalars.
+NON_METRIC_KEYS = ("eval_samples",)
 KEY_TRAIN = 2  # DP noise (round, client and step are folded in by the round)
 SAMPLER_PURPOSE = 3  # host-side Poisson sampling
 
@@ -60,7 +61,8 @@ class Prepared:
     """Everything a run needs, built and validated before any training compute."""
 
     cfg: RunConfig
-    data: tasks.TextClassificationData
+    workload: workloads.Workload
+    data: Any  # the task's data (workload.data)
     module: Any
     params: PyTree  # full tree with LoRA nodes at the targets
     trainable: PyTree
@@ -102,39 +104,16 @@ def prepare(
       ConfigError / DataError / WeightsError: bad input, before any training compute.
     """
     key = root_key(cfg)
-    model_dir = weights_lib.resolve_model_dir(cfg.model.name)  # fails fast on missing files
-    data, parts = load_clients(cfg)
+    wl = workloads.load(cfg, head_key=jax.random.fold_in(key, KEY_HEAD))
+    for note in wl.notes:
+        log(note)
+    parts = partition_clients(cfg, wl.train_labels, wl.num_labels)
     sizes = np.array([len(p) for p in parts])
-    table = partition.partition_table(data.train_labels, parts, data.label_names)
+    table = partition.partition_table(wl.train_labels, parts, wl.label_names)
 
-    enc_cfg, base_params = weights_lib.load_encoder(
-        str(model_dir),
-        data.num_labels,
-        head_key=jax.random.fold_in(key, KEY_HEAD),
-        pooling=cfg.model.pooling,
-    )
-    if cfg.model.max_length > enc_cfg.max_length:
-        raise ConfigError(
-            f"model.max_length={cfg.model.max_length} exceeds the {enc_cfg.max_length} positions "
-            f"of the model {cfg.model.name!r}; use model.max_length <= {enc_cfg.max_length}."
-        )
-    module = encoder_lib.EncoderClassifier(enc_cfg)
-    params = lora.init(base_params, cfg.lora, jax.random.fold_in(key, KEY_LORA_A))
-    head = _head_pattern(enc_cfg) if cfg.model.train_head else None
-    mask = lora.trainable_mask(params, cfg.lora.mode, extra=head)
+    params = lora.init(wl.base_params, cfg.lora, jax.random.fold_in(key, KEY_LORA_A))
+    mask = lora.trainable_mask(params, cfg.lora.mode, extra=wl.head_pattern)
     trainable, frozen = lora.split(params, mask)
-
-    tokenizer = weights_lib.load_tokenizer(str(model_dir))
-    train_arrays = batching.tokenize(data.train_texts, tokenizer, cfg.model.max_length)
-    train_arrays["label"] = np.asarray(data.train_labels, np.int32)
-    test_texts, test_labels = data.test_texts, data.test_labels
-    if cfg.eval.max_examples is not None:
-        test_texts, test_labels = (
-            test_texts[: cfg.eval.max_examples],
-            test_labels[: cfg.eval.max_examples],
-        )
-    test_arrays = batching.tokenize(test_texts, tokenizer, cfg.model.max_length)
-    test_arrays["label"] = np.asarray(test_labels, np.int32)
 
     max_batch = batching.physical_batch_size(cfg.client.batch_size)
     if plan_privacy:
@@ -146,20 +125,21 @@ def prepare(
 
     return Prepared(
         cfg=cfg,
-        data=data,
-        module=module,
+        workload=wl,
+        data=wl.data,
+        module=wl.module,
         params=params,
         trainable=trainable,
         frozen=frozen,
-        train_arrays=train_arrays,
-        test_arrays=test_arrays,
+        train_arrays=wl.train_arrays,
+        test_arrays=wl.test_arrays,
         client_indices=parts,
         sampling_rates=q,
         noise_multipliers=sigmas,
         epsilon_curve=eps_curve,
         max_batch_size=max_batch,
         partition_table=table,
-        target_paths=lora.target_paths(base_params, cfg.lora.targets),
+        target_paths=lora.target_paths(wl.base_params, cfg.lora.targets),
     )
 
 
@@ -210,16 +190,12 @@ def privacy_plan(
     return q, sigmas, curves.max(axis=0)
 
 
-def _head_pattern(enc_cfg) -> str:
-    return r"classifier/.*"
-
-
 def build_client_update(prep: Prepared):
     """The (unjitted) client update of a prepared run: local DP-SGD steps of one client, see
     :func:`ffa_jax.federated.client.make_client_update`."""
     cfg = prep.cfg
     return make_client_update(
-        classification_loss(prep.module),
+        prep.workload.loss_fn,
         make_client_optimizer(cfg.client),
         private=cfg.privacy.enabled,
         microbatch_size=cfg.perf.microbatch_size or None,
@@ -282,20 +258,10 @@ def client_batches(
     return out
 
 
-def evaluate(prep: Prepared, params: PyTree, eval_fn=None) -> dict[str, float]:
-    """Accuracy and mean loss on the (possibly capped) test split."""
-    eval_fn = eval_fn or classification_eval(prep.module)
-    totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
-    for batch, mask in batching.eval_batches(prep.test_arrays, prep.cfg.eval.batch_size):
-        out = eval_fn(params, batch, mask)
-        for k in totals:
-            totals[k] += float(out[k])
-    n = max(totals["count"], 1.0)
-    return {
-        "accuracy": totals["correct"] / n,
-        "loss": totals["loss_sum"] / n,
-        "examples": int(totals["count"]),
-    }
+def evaluate(prep: Prepared, params: PyTree) -> dict[str, Any]:
+    """The workload's test metrics (``eval_*`` keys, e.g. ``eval_accuracy`` or
+    ``eval_exact_match``) of ``params`` (a tree that may hold LoRA nodes)."""
+    return prep.workload.evaluate(params)
 
 
 def run_dir(cfg: RunConfig) -> Path:
@@ -484,7 +450,15 @@ def train(
         expected_batch_size=jnp.full((K,), float(cfg.client.batch_size), jnp.float32),
     )
     per_client_bytes = _bytes_of_one_client(prep.trainable)
-    eval_fn = classification_eval(prep.module)
+    wl = prep.workload
+    if cfg.eval.baseline and not any(h["round"] == 0 for h in history):
+        # The pretrained model (B = 0, so the LoRA tree computes the base model), as round 0.
+        t0 = time.time()
+        record = {"round": 0, **evaluate(prep, prep.params), "seconds": time.time() - t0}
+        history.append(record)
+        with open(metrics_path, "a") as mf:
+            mf.write(_metric_line(record))
+        log(f"round 0 (pretrained model): {wl.metric_title} {record[wl.metric]:.4f}")
 
     rounds = range(start, cfg.federated.rounds)
     bar = None
@@ -531,9 +505,7 @@ def train(
             }
             is_last = r + 1 == cfg.federated.rounds
             if is_last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
-                ev = evaluate(prep, lora.combine(state.trainable, prep.frozen), eval_fn)
-                record["eval_accuracy"] = ev["accuracy"]
-                record["eval_loss"] = ev["loss"]
+                record.update(evaluate(prep, lora.combine(state.trainable, prep.frozen)))
             record["seconds"] = time.time() - t0
             history.append(record)
             mf.write(_metric_line(record))
@@ -551,8 +523,8 @@ def train(
                 last_saved = r + 1
             if bar is not None:
                 post = {"loss": f"{loss:.4f}", "eps": f"{record['epsilon']:.2f}"}
-                if "eval_accuracy" in record:
-                    post["acc"] = f"{record['eval_accuracy']:.3f}"
+                if wl.metric in record:
+                    post[wl.metric_short] = f"{record[wl.metric]:.3f}"
                 bar.set_postfix(post)
     if bar is not None:
         bar.close()
@@ -561,12 +533,10 @@ def train(
     save_adapter(out / "adapter.safetensors", final_params, cfg)
     summary = {
         "run_dir": str(out),
-        "test_accuracy": history[-1]["eval_accuracy"],
-        "test_loss": history[-1]["eval_loss"],
-        "majority_accuracy": _majority(prep.test_arrays["label"]),
+        **wl.summary_fields(history),
         "epsilon": history[-1]["epsilon"],
         "delta": history[-1]["delta"],
-        "uplink_bytes_total": sum(h["uplink_bytes"] for h in history),
+        "uplink_bytes_total": sum(h.get("uplink_bytes", 0) for h in history),
         "uplink_bytes_per_client_per_round": per_client_bytes,
         "wall_seconds": time.time() - t_start,
         "rounds": cfg.federated.rounds,
@@ -579,7 +549,8 @@ def train(
 
 
 def _metric_line(record: dict[str, Any]) -> str:
-    return json.dumps(_json_safe(record)) + "\n"
+    scalars = {k: v for k, v in record.items() if k not in NON_METRIC_KEYS}
+    return json.dumps(_json_safe(scalars)) + "\n"
 
 
 def _ledger(prep: Prepared, rounds_done: int) -> ckpt_lib.PrivacyLedger:
@@ -622,10 +593,6 @@ def _check_finite(r, loss, update_norm, trainable, ckpt_dir: Path, last_saved) -
         "and metrics.jsonl ends at the last good round. Lower client.learning_rate (or "
         "server.learning_rate), or check the data, and start a new run."
     )
-
-
-def _majority(labels: np.ndarray) -> float:
-    return float(np.bincount(labels).max() / max(len(labels), 1))
 
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:

@@ -129,3 +129,104 @@ def tree_of_files(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+# --------------------------------------------------------------------------- tiny LLaMA + GSM
+
+LLAMA_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# ChatML without a system message: short prompts for the byte-level test tokenizer.
+LLAMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer without merges (one token per byte) and ChatML specials:
+    259 tokens (3 specials, then the 256 bytes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate([*LLAMA_SPECIALS, *sorted(alphabet)])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=LLAMA_CHAT_TEMPLATE,
+    )
+
+
+def tiny_llama_dir(dst: Path, *, vocab_size: int = 264, model_type: str = "llama") -> Path:
+    """Writes (once) a random 2-layer, 32-wide LLaMA (GQA 4/2 heads, tied embeddings) as a HF
+    folder with the :func:`byte_tokenizer` next to it. ``vocab_size`` below 259 gives a
+    tokenizer/embedding mismatch; ``model_type`` edits ``config.json`` (e.g. ``gpt2``)."""
+    if (dst / "config.json").is_file():
+        return dst
+    import jax
+
+    from ffa_jax.models.llama import LlamaConfig, init_params
+    from ffa_jax.models.llama_weights import save_llama
+
+    tok = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_ids=(tok.eos_token_id,),
+        pad_token_id=tok.pad_token_id,
+    )
+    save_llama(init_params(config, jax.random.key(0)), config, dst)
+    tok.save_pretrained(dst)
+    if model_type != "llama":
+        hf = json.loads((dst / "config.json").read_text())
+        hf["model_type"] = model_type
+        (dst / "config.json").write_text(json.dumps(hf))
+    return dst
+
+
+def tiny_gsm_jsonl(path: Path, n_train: int = 24, n_test: int = 4, seed: int = 0) -> Path:
+    """Writes a GSM8K-format JSON-lines file of short addition problems with a ``split``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_train + n_test):
+        a, b = (int(x) for x in rng.integers(1, 20, 2))
+        rows.append(
+            {
+                "question": f"Ann has {a} pens and gets {b} more. How many pens?",
+                "answer": f"{a} + {b} = {a + b}\n#### {a + b}",
+                "split": "train" if i < n_train else "test",
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_gsm_overrides(model_dir: Path, data: Path, out_dir: Path, name: str, *extra: str):
+    """Overrides of ``configs/gsm_smollm2.yaml`` for a 2-round run of the tiny LLaMA."""
+    return [
+        f"model.name={model_dir}",
+        "model.max_length=160",
+        f"data.task={data}",
+        "federated.rounds=2",
+        "federated.local_steps=2",
+        "client.batch_size=2",
+        "client.learning_rate=0.5",
+        "eval.max_examples=4",
+        "eval.batch_size=4",
+        "eval.max_new_tokens=8",
+        f"output_dir={out_dir}",
+        f"name={name}",
+        *extra,
+    ]

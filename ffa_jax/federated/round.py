@@ -155,7 +155,15 @@ def make_round(
             inputs = jax.lax.with_sharding_constraint(inputs, NamedSharding(mesh, P(CLIENTS_AXIS)))
             frozen = jax.lax.with_sharding_constraint(frozen, NamedSharding(mesh, P()))
 
-        run_chunk = jax.vmap(client_update, in_axes=(None, None, 0, 0, 0))
+        if chunk == 1:
+            # One client at a time without vmap: the client's own conditionals (skipping
+            # empty micro-batches) stay real branches instead of becoming selects.
+            def run_chunk(trainable, frozen_, *xs):
+                one = jax.tree_util.tree_map(lambda x: x[0], xs)
+                out = client_update(trainable, frozen_, *one)
+                return jax.tree_util.tree_map(lambda x: x[None], out)
+        else:
+            run_chunk = jax.vmap(client_update, in_axes=(None, None, 0, 0, 0))
         if chunk == num_clients + pad:
             deltas, metrics = run_chunk(state.trainable, frozen, *inputs)
         else:

@@ -43,7 +43,6 @@ from ffa_jax.federated.server import (
     weighted_mean,
 )
 from ffa_jax.flower import wire
-from ffa_jax.models.objectives import classification_eval
 from ffa_jax.privacy import planner
 from ffa_jax.train import (
     Prepared,
@@ -229,7 +228,6 @@ class ServerRun:
         self.server_opt = make_server_optimizer(cfg.server)
         self.state = jax.device_get(server_init(self.prep.trainable, self.server_opt))
         self.weights = client_weights(cfg, [len(p) for p in self.prep.client_indices])
-        self.eval_fn = classification_eval(self.prep.module)
         opt = self.server_opt
 
         def aggregate(state, stacked, weights):
@@ -254,7 +252,7 @@ class ServerRun:
         """Aggregates the K clients' deltas (index k = client k) and takes the server step.
 
         Returns the round's metrics record (the keys of ``metrics.jsonl`` of
-        :func:`ffa_jax.train.train`), with ``eval_accuracy``/``eval_loss`` on eval rounds.
+        :func:`ffa_jax.train.train`), with the workload's ``eval_*`` metrics on eval rounds.
         """
         cfg = self.cfg
         k = cfg.federated.clients
@@ -289,9 +287,6 @@ class ServerRun:
         }
         is_last = round_idx + 1 == cfg.federated.rounds
         if is_last or (cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0):
-            ev = evaluate(
-                self.prep, lora.combine(self.state.trainable, self.prep.frozen), self.eval_fn
-            )
-            record["eval_accuracy"] = ev["accuracy"]
-            record["eval_loss"] = ev["loss"]
+            params = lora.combine(self.state.trainable, self.prep.frozen)
+            record.update(evaluate(self.prep, params))
         return record

@@ -131,6 +131,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
             f"(flwr run ... --run-config '{OVERWRITE_KEY}=true' replaces it)."
         )
     server = ServerRun(cfg)
+    wl = server.prep.workload
     k = cfg.federated.clients
     per_client = server.trainable_bytes
     log(
@@ -176,11 +177,11 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
             _atomic_write(out / "config.yaml", cfg.to_yaml())
         with open(out / "metrics.jsonl", "w" if r == 0 else "a") as mf:
             mf.write(_metric_line(record))
-        acc = record.get("eval_accuracy")
+        score = record.get(wl.metric)
         log(
             f"ffa_jax server: round {r + 1}/{cfg.federated.rounds} loss "
             f"{record['train_loss']:.4f} eps {record['epsilon']:.3f}"
-            + ("" if acc is None else f" acc {acc:.4f}")
+            + ("" if score is None else f" {wl.metric_short} {score:.4f}")
             + f" uplink {payloads} B ({record['seconds']:.1f} s)"
         )
     save_adapter(
@@ -191,8 +192,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
         {
             "run_dir": str(out),
             "runtime": "flower",
-            "test_accuracy": last["eval_accuracy"],
-            "test_loss": last["eval_loss"],
+            **wl.summary_fields(history),
             "epsilon": last["epsilon"],
             "delta": last["delta"],
             "uplink_bytes_total": int(sum(h["uplink_bytes"] for h in history)),

