@@ -56,6 +56,17 @@ def _executable(name: str) -> str:
     return found
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
+    """Linux: the child gets SIGTERM when the process that started it dies, even by SIGKILL
+    (``prctl(PR_SET_PDEATHSIG)``), so a killed launcher leaves no SuperLink/SuperNode behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -141,6 +152,7 @@ class LocalFederation:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: signals reach its children
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         finally:
             log.close()
