@@ -56,15 +56,12 @@ def _executable(name: str) -> str:
     return found
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
-    """Linux: the child gets SIGTERM when the process that started it dies, even by SIGKILL
-    (``prctl(PR_SET_PDEATHSIG)``), so a killed launcher leaves no SuperLink/SuperNode behind."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+def _with_parent_death_signal(argv: list[str]) -> list[str]:
+    """``argv`` run so that it gets SIGTERM when the process that started it dies, even by
+    SIGKILL (Linux ``PR_SET_PDEATHSIG`` via util-linux ``setpriv``), so a killed launcher
+    leaves no SuperLink or SuperNode behind. Unchanged where ``setpriv`` is missing."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float) -> None:
@@ -145,14 +142,13 @@ class LocalFederation:
         log = open(self.log_dir / f"{name}.log", "wb")
         try:
             proc = subprocess.Popen(
-                argv,
+                _with_parent_death_signal(argv),
                 env=self.env,
                 cwd=self.work_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: signals reach its children
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         finally:
             log.close()
