@@ -5,6 +5,8 @@ ffa-jax train --resume RUN_DIR [--set section.field=value ...]   # continue from
 ffa-jax config [--config ...] [--set ...]      # print the resolved, validated config
 ffa-jax pretrain [--config configs/vision_pretrain_mnist.yaml] [--set ...]  # central ViT
 ffa-jax export-peft RUN_DIR OUT_DIR            # the run's adapter in HF PEFT format
+ffa-jax flower app OUT_DIR [--config ...] [--set ...]   # a Flower App folder for `flwr run`
+ffa-jax flower local [--config ...] [--set ...]  # SuperLink + SuperNodes on 127.0.0.1, flwr run
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-from ffa_jax.errors import ConfigError, FfaJaxError
+from ffa_jax.errors import ConfigError, FederationError, FfaJaxError
 
 
 def default_config_path() -> Path | None:
@@ -167,6 +170,70 @@ def cmd_export_peft(args) -> int:
     return 0
 
 
+def _absolute_output(cfg):
+    """The config with an absolute ``output_dir`` (the ServerApp runs in another folder)."""
+    from ffa_jax.config import replace
+
+    return replace(cfg, [f"output_dir={Path(cfg.output_dir).absolute()}"])
+
+
+def cmd_flower_app(args) -> int:
+    from ffa_jax.flower.app import write_app
+
+    cfg = _absolute_output(_load(args))
+    out = write_app(
+        cfg,
+        args.out_dir,
+        round_timeout=args.round_timeout,
+        node_timeout=args.node_timeout,
+        overwrite=args.overwrite,
+    )
+    k = cfg.federated.clients
+    print(f"Flower App: {out / 'pyproject.toml'} (run {cfg.name}, {k} clients)")
+    print(f"run it: flwr run {out} <superlink-connection>   # with {k} SuperNodes connected")
+    return 0
+
+
+def cmd_flower_local(args) -> int:
+    from ffa_jax.flower.app import write_app
+    from ffa_jax.flower.local import LocalFederation
+    from ffa_jax.train import run_dir
+
+    cfg = _absolute_output(_load(args))
+    out = run_dir(cfg)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(
+            f"run directory {str(out)!r} already exists; pass --overwrite or choose another "
+            "name with --set name=<new-name>."
+        )
+    work = args.work_dir or out.parent / f"{cfg.name}.flower"
+    app_dir = write_app(
+        cfg,
+        Path(work) / "app",
+        round_timeout=args.timeout,
+        node_timeout=min(args.timeout, 300.0),
+        overwrite=args.overwrite,
+    )
+    with LocalFederation(work, cfg.federated.clients) as fed:
+        print(
+            f"SuperLink on 127.0.0.1:{fed.superlink_port}, {cfg.federated.clients} SuperNodes "
+            f"(ports {fed.node_ports}); logs in {fed.log_dir}",
+            flush=True,
+        )
+        run_id = fed.submit(app_dir)
+        print(f"flwr run: run {run_id}", flush=True)
+        stream = fed.stream_logs(run_id)
+        status = fed.wait(run_id, timeout=args.timeout)
+        try:  # let the log stream print the run's last lines
+            stream.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+    if status != "finished:completed":
+        raise FederationError(f"run {run_id} ended {status}; see the log above and {work}/logs/.")
+    print(f"run directory: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffa-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +295,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-labels", type=int, default=None, help="if the run cannot tell")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     p.set_defaults(func=cmd_export_peft)
+
+    p = sub.add_parser(
+        "flower", help="run on Flower's deployment runtime (needs pip install 'ffa_jax[flower]')"
+    )
+    fsub = p.add_subparsers(dest="flower_command", required=True)
+    q = fsub.add_parser("app", help="write a Flower App folder (pyproject.toml) for a run config")
+    q.add_argument("out_dir", type=Path, help="the folder to write (flwr run OUT_DIR ...)")
+    _add_config_args(q)
+    q.add_argument(
+        "--round-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds the server waits for the clients of one round (default 1800)",
+    )
+    q.add_argument(
+        "--node-timeout",
+        type=float,
+        default=300.0,
+        help="seconds the server waits for all SuperNodes to connect (default 300)",
+    )
+    q.add_argument(
+        "--overwrite", action="store_true", help="the server replaces an existing run directory"
+    )
+    q.set_defaults(func=cmd_flower_app)
+    q = fsub.add_parser(
+        "local",
+        help="SuperLink + one SuperNode per client on 127.0.0.1, flwr run, wait, shut down",
+    )
+    _add_config_args(q)
+    q.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="Flower home, app, logs, compilation cache (default <output_dir>/<name>.flower)",
+    )
+    q.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds the run may take (default 3600)"
+    )
+    q.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    q.set_defaults(func=cmd_flower_local)
     return parser
 
 

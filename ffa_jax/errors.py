@@ -19,3 +19,8 @@ class WeightsError(FfaJaxError, ValueError):
 
 class CheckpointError(FfaJaxError, ValueError):
     """A checkpoint is missing, truncated or does not belong to this run."""
+
+
+class FederationError(FfaJaxError, ValueError):
+    """A federated deployment is inconsistent with the run: a node's partition, a message's
+    arrays (names, shapes, dtypes, values) or a peer's reply do not match what the run expects."""

@@ -82,13 +82,23 @@ def root_key(cfg: RunConfig) -> jax.Array:
     return jax.random.key(cfg.seed)
 
 
-def prepare(cfg: RunConfig, *, log=print, noise_multipliers: np.ndarray | None = None) -> Prepared:
+def prepare(
+    cfg: RunConfig,
+    *,
+    log=print,
+    noise_multipliers: np.ndarray | None = None,
+    plan_privacy: bool = True,
+) -> Prepared:
     """Loads model, tokenizer and data, partitions, builds the LoRA tree and calibrates noise.
 
     Args:
       cfg: the run config.
       noise_multipliers: ``[K]`` sigma_k to use instead of calibrating them (a resumed run
         keeps the sigmas it started with); epsilon is then accounted for these sigmas.
+      plan_privacy: calibrate sigma_k and account epsilon for every client (seconds of host
+        work). False leaves ``noise_multipliers`` and ``epsilon_curve`` as NaN, for callers
+        that plan one client themselves (a Flower client, see :mod:`ffa_jax.flower`) or
+        need no privacy numbers (a Flower server).
 
     Raises:
       ConfigError / DataError / WeightsError: bad input, before any training compute.
@@ -106,7 +116,12 @@ def prepare(cfg: RunConfig, *, log=print, noise_multipliers: np.ndarray | None =
     trainable, frozen = lora.split(params, mask)
 
     max_batch = batching.physical_batch_size(cfg.client.batch_size)
-    q, sigmas, eps_curve = privacy_plan(cfg, sizes, max_batch, noise_multipliers)
+    if plan_privacy:
+        q, sigmas, eps_curve = privacy_plan(cfg, sizes, max_batch, noise_multipliers)
+    else:
+        q = cfg.client.batch_size / sizes
+        sigmas = np.full(len(sizes), np.nan)
+        eps_curve = np.full(cfg.federated.rounds, np.nan)
 
     return Prepared(
         cfg=cfg,
@@ -175,15 +190,36 @@ def privacy_plan(
     return q, sigmas, curves.max(axis=0)
 
 
-def build_round(prep: Prepared):
-    """The jitted round function and the server optimiser for a prepared run."""
+def build_client_update(prep: Prepared):
+    """The (unjitted) client update of a prepared run: local DP-SGD steps of one client, see
+    :func:`ffa_jax.federated.client.make_client_update`."""
     cfg = prep.cfg
-    client_update = make_client_update(
+    return make_client_update(
         prep.workload.loss_fn,
         make_client_optimizer(cfg.client),
         private=cfg.privacy.enabled,
         microbatch_size=cfg.perf.microbatch_size or None,
     )
+
+
+def train_key(cfg: RunConfig) -> jax.Array:
+    """The run's training key: rounds, clients and local steps are folded into it
+    (:func:`ffa_jax.federated.round.client_key`)."""
+    return jax.random.fold_in(root_key(cfg), KEY_TRAIN)
+
+
+def client_weights(cfg: RunConfig, client_sizes) -> np.ndarray:
+    """``[K]`` aggregation weights: ones (``uniform``) or ``n_k / n`` (``examples``)."""
+    sizes = np.asarray(client_sizes, np.float32)
+    if cfg.federated.weighting == "uniform":
+        return np.ones(len(sizes), np.float32)
+    return sizes / sizes.sum()
+
+
+def build_round(prep: Prepared):
+    """The jitted round function and the server optimiser for a prepared run."""
+    cfg = prep.cfg
+    client_update = build_client_update(prep)
     server_opt = make_server_optimizer(cfg.server)
     chunk = cfg.perf.clients_per_chunk or cfg.federated.clients
     devices = choose_devices(chunk, cfg.perf.devices)
@@ -193,10 +229,15 @@ def build_round(prep: Prepared):
     ), server_opt
 
 
-def client_batches(prep: Prepared, round_idx: int) -> dict[str, np.ndarray]:
+def client_batches(
+    prep: Prepared, round_idx: int, clients: list[int] | None = None
+) -> dict[str, np.ndarray]:
     """Host-side Poisson sampling of every client's batches for one round: ``[K, S, B_max, ...]``.
 
-    Deterministic in ``(seed, round)``, so a resumed run draws the same batches.
+    Deterministic in ``(seed, round)``, so a resumed run draws the same batches. ``clients``
+    (client ids) gathers only those clients' batches, ``[len(clients), S, B_max, ...]``: the
+    draw is the same for all K, so client k's batches do not depend on who else is gathered
+    (a Flower client gathers only its own). ``"_dropped"`` counts over all K clients.
     """
     cfg = prep.cfg
     rng = np.random.default_rng([cfg.seed, SAMPLER_PURPOSE, round_idx])
@@ -207,7 +248,11 @@ def client_batches(prep: Prepared, round_idx: int) -> dict[str, np.ndarray]:
         cfg.federated.local_steps,
         prep.max_batch_size,
     )
-    out = batching.gather_client_batches(prep.train_arrays, prep.client_indices, local_idx)
+    parts = prep.client_indices
+    if clients is not None:
+        local_idx, mask = local_idx[clients], mask[clients]
+        parts = [prep.client_indices[k] for k in clients]
+    out = batching.gather_client_batches(prep.train_arrays, parts, local_idx)
     out["mask"] = mask
     out["_dropped"] = dropped
     return out
@@ -395,12 +440,9 @@ def train(
     # checkpoint, or a torn line from a crash) are dropped and recomputed.
     _atomic_write(metrics_path, "".join(_metric_line(h) for h in history))
 
-    key = jax.random.fold_in(root_key(cfg), KEY_TRAIN)
+    key = train_key(cfg)
     K = cfg.federated.clients
-    sizes = np.array([len(p) for p in prep.client_indices], np.float32)
-    weights = (
-        np.ones(K, np.float32) if cfg.federated.weighting == "uniform" else sizes / sizes.sum()
-    )
+    weights = client_weights(cfg, [len(p) for p in prep.client_indices])
     client_ids = np.arange(K, dtype=np.int32)
     dp = DpParams(
         clip_norm=jnp.full((K,), cfg.privacy.clip_norm, jnp.float32),
@@ -580,8 +622,11 @@ __all__ = [
     "Prepared",
     "prepare",
     "privacy_plan",
+    "build_client_update",
     "build_round",
     "client_batches",
+    "client_weights",
+    "train_key",
     "evaluate",
     "resume_config",
     "train",

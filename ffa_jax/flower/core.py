@@ -1,0 +1,292 @@
+"""The two halves of a round, as a Flower deployment runs them, without Flower.
+
+:class:`ClientNode` is what one client (one SuperNode) computes in a round; :class:`ServerRun`
+is what the server computes from the clients' deltas. They are built on the functions of the
+in-process simulation (:func:`ffa_jax.train.train`): the same :func:`ffa_jax.train.prepare`,
+batches (:func:`ffa_jax.train.client_batches`), client update
+(:func:`ffa_jax.federated.client.make_client_update`), PRNG keys
+(:func:`ffa_jax.federated.round.client_key`), aggregation
+(:func:`ffa_jax.federated.server.weighted_mean`) and Optax server step
+(:func:`ffa_jax.federated.server.server_update`). With the same config and seed, a
+distributed run computes what :func:`ffa_jax.train.train` computes, up to float32 rounding
+(one client is ``jit``-compiled on its own instead of ``vmap``-ped with the others).
+
+Client k regenerates the shared frozen A from the config seed, draws its Poisson batches
+from ``(seed, round)`` exactly as the simulation draws client k's, and calibrates its own
+noise multiplier sigma_k from its own sampling rate (the simulation calibrates each client
+independently, so the numbers are identical). Only the trainable tree (B under FFA-LoRA)
+travels: the server sends it, each client returns its delta.
+
+This module does not import flwr; :mod:`ffa_jax.flower.client_app` and
+:mod:`ffa_jax.flower.server_app` wrap it in a Flower ``ClientApp`` and ``ServerApp``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ffa_jax import lora
+from ffa_jax.config import RunConfig
+from ffa_jax.errors import FederationError
+from ffa_jax.federated.client import DpParams
+from ffa_jax.federated.round import client_key
+from ffa_jax.federated.server import (
+    make_server_optimizer,
+    server_init,
+    server_update,
+    weighted_mean,
+)
+from ffa_jax.flower import wire
+from ffa_jax.privacy import planner
+from ffa_jax.train import (
+    Prepared,
+    build_client_update,
+    client_batches,
+    client_weights,
+    evaluate,
+    prepare,
+    train_key,
+)
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientPrivacy:
+    """One client's DP-SGD plan, computed by the client itself.
+
+    Attributes:
+      noise_multiplier: sigma_k (0 without DP).
+      sampling_rate: q_k = client.batch_size / n_k.
+      epsilon_curve: ``[rounds]`` epsilon this client has spent after each round (inf
+        without DP).
+    """
+
+    noise_multiplier: float
+    sampling_rate: float
+    epsilon_curve: tuple[float, ...]
+
+
+def plan_client_privacy(prep: Prepared, client_id: int) -> ClientPrivacy:
+    """Client ``client_id``'s own privacy plan: sigma_k calibrated to ``privacy.epsilon``.
+
+    This is :func:`ffa_jax.privacy.planner.sample_level_plan` on this client's size alone;
+    the simulation calibrates every client the same way, one at a time, so sigma_k and the
+    epsilon curve are the simulation's k-th entries.
+
+    Formal guarantee: with this sigma_k, client k's local training over all
+    ``rounds x local_steps`` DP-SGD steps is (epsilon, delta)-DP with respect to adding or
+    removing one of its examples; the client adds the noise itself, so this holds whatever
+    the server does.
+    """
+    cfg = prep.cfg
+    plan = planner.sample_level_plan(
+        client_sizes=[len(prep.client_indices[client_id])],
+        batch_size=cfg.client.batch_size,
+        max_batch_size=prep.max_batch_size,
+        rounds=cfg.federated.rounds,
+        local_steps=cfg.federated.local_steps,
+        epsilon=cfg.privacy.epsilon,
+        delta=cfg.privacy.delta,
+        accountant=cfg.privacy.accountant,
+        noise_multiplier=cfg.privacy.noise_multiplier,
+    )
+    return ClientPrivacy(
+        noise_multiplier=float(plan.noise_multipliers[0]),
+        sampling_rate=float(plan.sampling_rates[0]),
+        epsilon_curve=tuple(float(e) for e in plan.epsilon_curve),
+    )
+
+
+def check_partition(cfg: RunConfig, partition_id: Any, num_partitions: Any) -> int:
+    """The client id of a node from its Flower node config (``partition-id``,
+    ``num-partitions``), checked against ``federated.clients``.
+
+    Raises:
+      FederationError: naming the node-config key and the fix.
+    """
+    k = cfg.federated.clients
+    if num_partitions is not None and (
+        isinstance(num_partitions, bool) or not isinstance(num_partitions, int)
+    ):
+        raise FederationError(
+            f"node config num-partitions={num_partitions!r} must be an integer "
+            f'(flower-supernode --node-config "partition-id=0 num-partitions={k}").'
+        )
+    if num_partitions is not None and num_partitions != k:
+        raise FederationError(
+            f"node config num-partitions={num_partitions} but the run has "
+            f"federated.clients={k}; start {k} SuperNodes with --node-config "
+            f'"partition-id=<0..{k - 1}> num-partitions={k}".'
+        )
+    if isinstance(partition_id, bool) or not isinstance(partition_id, int):
+        raise FederationError(
+            f"node config partition-id={partition_id!r} must be an integer in [0, {k - 1}] "
+            f'(flower-supernode --node-config "partition-id=0 num-partitions={k}").'
+        )
+    if not 0 <= partition_id < k:
+        raise FederationError(
+            f"node config partition-id={partition_id} is outside [0, {k - 1}] "
+            f"(federated.clients={k}); give each SuperNode a distinct id in that range."
+        )
+    return partition_id
+
+
+class ClientNode:
+    """One client of a federation: its data partition, the model, and a jitted update.
+
+    Args:
+      cfg: the run config (identical on every node).
+      client_id: this client's partition id k in ``[0, federated.clients)``.
+      privacy: this client's plan from an earlier round (a Flower client keeps it in its
+        node state); planned with :func:`plan_client_privacy` when None.
+      prep: an already prepared run (tests share one); prepared here when None.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        client_id: int,
+        *,
+        privacy: ClientPrivacy | None = None,
+        prep: Prepared | None = None,
+    ):
+        self.cfg = cfg
+        self.client_id = check_partition(cfg, client_id, None)
+        self.prep = prep if prep is not None else prepare(cfg, plan_privacy=False, log=_quiet)
+        self.privacy = privacy or plan_client_privacy(self.prep, client_id)
+        self._update = jax.jit(build_client_update(self.prep))
+        self._key = train_key(cfg)
+        self.dp = DpParams(
+            clip_norm=jnp.float32(cfg.privacy.clip_norm),
+            noise_multiplier=jnp.float32(self.privacy.noise_multiplier),
+            expected_batch_size=jnp.float32(cfg.client.batch_size),
+        )
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.prep.client_indices[self.client_id])
+
+    def train_round(self, trainable: PyTree, round_idx: int) -> tuple[PyTree, dict[str, float]]:
+        """Runs this client's local steps of round ``round_idx`` (0-based) from ``trainable``.
+
+        Returns:
+          ``(delta, metrics)``: the delta of the trainable tree (numpy leaves) and this
+          client's metrics (loss, examples, clipped fraction, gradient and delta norms,
+          epsilon spent after this round, sigma_k).
+
+        Formal guarantee: see :func:`plan_client_privacy`; the delta is post-processing of
+        this client's DP-SGD steps.
+        """
+        rounds = self.cfg.federated.rounds
+        if not 0 <= round_idx < rounds:
+            raise FederationError(
+                f"the server asked for round index {round_idx}, outside [0, {rounds - 1}] "
+                f"(federated.rounds={rounds}); server and clients must run the same config."
+            )
+        batches = client_batches(self.prep, round_idx, clients=[self.client_id])
+        batches.pop("_dropped")
+        batches = {k: v[0] for k, v in batches.items()}
+        key = client_key(self._key, round_idx, self.client_id)
+        delta, m = self._update(trainable, self.prep.frozen, batches, self.dp, key)
+        delta = jax.device_get(delta)
+        eps = self.privacy.epsilon_curve[round_idx]
+        metrics = {
+            "loss": float(m.loss),
+            "num_examples": float(m.num_examples),
+            "clipped_fraction": float(m.clipped_fraction),
+            "grad_norm": float(m.grad_norm),
+            "delta_norm": float(m.delta_norm),
+            "epsilon": eps if math.isfinite(eps) else -1.0,  # -1: not private
+            "noise_multiplier": self.privacy.noise_multiplier,
+            "partition_id": float(self.client_id),
+        }
+        return delta, metrics
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+class ServerRun:
+    """The server of a federation: global trainable tree, Optax server optimiser, evaluation.
+
+    It holds the test split for evaluation (``prepare`` loads the task); it never sees the
+    clients' batches, only their deltas. Aggregation weights come from the partition sizes
+    (``federated.weighting``), as in the simulation.
+    """
+
+    def __init__(self, cfg: RunConfig, *, prep: Prepared | None = None):
+        self.cfg = cfg
+        self.prep = prep if prep is not None else prepare(cfg, plan_privacy=False, log=_quiet)
+        self.server_opt = make_server_optimizer(cfg.server)
+        self.state = jax.device_get(server_init(self.prep.trainable, self.server_opt))
+        self.weights = client_weights(cfg, [len(p) for p in self.prep.client_indices])
+        opt = self.server_opt
+
+        def aggregate(state, stacked, weights):
+            mean_delta = weighted_mean(stacked, weights)
+            norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(mean_delta)))
+            return server_update(state, mean_delta, opt), norm
+
+        self._aggregate = jax.jit(aggregate)
+
+    @property
+    def trainable_bytes(self) -> int:
+        """Analytic bytes of one copy of the trainable tree (one client's uplink per round)."""
+        return lora.tree_bytes(self.prep.trainable)
+
+    def decode(self, arrays, sender: str) -> PyTree:
+        """A client's delta from its named arrays (checked, see :func:`wire.arrays_to_tree`)."""
+        return wire.arrays_to_tree(arrays, self.state.trainable, sender=sender)
+
+    def apply_round(
+        self, round_idx: int, deltas: list[PyTree], client_metrics: list[dict[str, float]]
+    ) -> dict[str, Any]:
+        """Aggregates the K clients' deltas (index k = client k) and takes the server step.
+
+        Returns the round's metrics record (the keys of ``metrics.jsonl`` of
+        :func:`ffa_jax.train.train`), with the workload's ``eval_*`` metrics on eval rounds.
+        """
+        cfg = self.cfg
+        k = cfg.federated.clients
+        if len(deltas) != k or len(client_metrics) != k:
+            raise FederationError(
+                f"round {round_idx + 1}: {len(deltas)} client deltas for federated.clients={k}."
+            )
+        if int(self.state.round) != round_idx:
+            raise FederationError(
+                f"round index {round_idx} but the server has done {int(self.state.round)} rounds."
+            )
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *deltas)
+        new_state, update_norm = self._aggregate(self.state, stacked, self.weights)
+        self.state = jax.device_get(new_state)
+        w = self.weights / max(float(self.weights.sum()), 1e-12)
+        losses = np.array([m["loss"] for m in client_metrics])
+        eps = [m["epsilon"] for m in client_metrics]
+        record: dict[str, Any] = {
+            "round": round_idx + 1,
+            "train_loss": float(np.sum(w * losses)),
+            "epsilon": max(eps) if cfg.privacy.enabled else math.inf,
+            "delta": cfg.privacy.delta if cfg.privacy.enabled else 0.0,
+            "clipped_fraction": float(np.mean([m["clipped_fraction"] for m in client_metrics])),
+            "grad_norm": (
+                float(np.mean([m["grad_norm"] for m in client_metrics]))
+                if cfg.privacy.enabled
+                else None
+            ),
+            "update_norm": float(update_norm),
+            "examples": int(sum(m["num_examples"] for m in client_metrics)),
+            "noise_multipliers": [m["noise_multiplier"] for m in client_metrics],
+        }
+        is_last = round_idx + 1 == cfg.federated.rounds
+        if is_last or (cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0):
+            params = lora.combine(self.state.trainable, self.prep.frozen)
+            record.update(evaluate(self.prep, params))
+        return record
