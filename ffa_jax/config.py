@@ -416,15 +416,16 @@ class PrivacyConfig:
                 self.enabled,
                 "privacy.max_epsilon",
                 self.max_epsilon,
-                "is set but the run is not private (privacy.epsilon=inf spends an infinite "
-                "epsilon); set privacy.epsilon or privacy.noise_multiplier, or drop max_epsilon.",
+                "a cap needs a private run, and this one is not private (privacy.epsilon=inf "
+                "spends an infinite epsilon); set privacy.epsilon or privacy.noise_multiplier, "
+                "or drop privacy.max_epsilon.",
             )
             _require(
                 self.noise_multiplier is not None or self.epsilon <= self.max_epsilon,
                 "privacy.max_epsilon",
                 self.max_epsilon,
-                f"is below the target privacy.epsilon={self.epsilon:g}; lower privacy.epsilon "
-                "or raise the cap.",
+                f"the cap is below the target privacy.epsilon={self.epsilon:g}; lower "
+                "privacy.epsilon or raise the cap.",
             )
 
     @property

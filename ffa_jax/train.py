@@ -217,19 +217,18 @@ def client_batches(
         slots = np.arange(len(sizes))
     real = slots >= 0
     members = slots[real]
-    local_idx, mask, dropped = batching.poisson_batch_indices(
-        rng,
-        sizes[members],
-        np.asarray(prep.sampling_rates)[members],
-        cfg.federated.local_steps,
-        prep.max_batch_size,
-    )
-    if not real.all():
-        shape = (len(slots),) + local_idx.shape[1:]
-        full_idx, full_mask = np.zeros(shape, local_idx.dtype), np.zeros(shape, bool)
-        full_idx[real], full_mask[real] = local_idx, mask
-        local_idx, mask = full_idx, full_mask
-    parts = [prep.client_indices[int(c)] for c in np.where(real, slots, members[0])]
+    shape = (len(slots), cfg.federated.local_steps, prep.max_batch_size)
+    local_idx, mask, dropped = np.zeros(shape, np.int32), np.zeros(shape, bool), 0
+    if len(members):  # a Poisson draw may pick nobody: then every slot is a dummy
+        idx, m, dropped = batching.poisson_batch_indices(
+            rng,
+            sizes[members],
+            np.asarray(prep.sampling_rates)[members],
+            cfg.federated.local_steps,
+            prep.max_batch_size,
+        )
+        local_idx[real], mask[real] = idx, m
+    parts = [prep.client_indices[int(c)] for c in np.where(real, slots, 0)]
     out = batching.gather_client_batches(prep.train_arrays, parts, local_idx)
     out["mask"] = mask
     out["_dropped"] = dropped
@@ -600,9 +599,10 @@ def _round_record(prep: Prepared, r: int, inp: RoundInputs, m, loss, per_client_
         "examples": int(np.sum(c.num_examples)),
         "dropped_examples": inp.dropped,
     }
+    # L2 norm of the participants' updates before any client-level clipping (to choose S).
+    record["client_update_norm"] = part_mean(c.delta_norm)
     if _unit(cfg) == "client":
         norms = np.asarray(c.delta_norm)[real]
-        record["client_update_norm"] = part_mean(c.delta_norm)
         record["client_clipped_fraction"] = (
             float(np.mean(norms > cfg.privacy.client_clip_norm)) if n_part else 0.0
         )

@@ -122,6 +122,9 @@ class PrivacyLedger:
             self.rounds_participated,
             strict=True,
         ):
+            if r == 0:  # never took part: nothing about its data was released
+                out.append(dp_accounting.NoOpDpEvent())
+                continue
             trunc = accounting.Truncation(int(n), int(self.max_batch_size))
             step = accounting._step_event(float(sigma), float(q), trunc, accountant)
             out.append(dp_accounting.SelfComposedDpEvent(step, int(r) * self.steps_per_round))
