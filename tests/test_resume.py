@@ -290,10 +290,10 @@ DRIVER = textwrap.dedent(
 
         batches = t.client_batches
 
-        def client_batches(prep, r):
+        def client_batches(prep, r, *slots):
             if r + 1 == int(n):
                 pause(f"round {n}")
-            return batches(prep, r)
+            return batches(prep, r, *slots)
 
         t.client_batches = client_batches
 
