@@ -7,15 +7,16 @@ A checkpoint is one orbax step folder ``<run_dir>/checkpoints/<round>/`` with tw
   round counter), flattened to ``{"000000": array, ...}`` (orbax ``StandardSave``);
 * ``meta``: one JSON document (orbax ``JsonSave``) with everything else a resumed run needs
   or checks: the completed round, the root seed, the resolved config, the privacy ledger
-  (sigma_k, q_k, steps done, epsilon spent), the metrics history so far, a SHA-256 of the
+  (:class:`ffa_jax.privacy.ledger.PrivacyLedger`: sigma_k, q_k, z, rounds each client took
+  part in, epsilon spent with PLD and RDP), the metrics history so far, a SHA-256 of the
   frozen A matrices (regenerated from the seed), of the client data and of every saved array,
   and the path, shape and dtype of every leaf.
 
 What is *not* saved because it is a pure function of ``(seed, round)``: the DP noise keys
 (``fold_in(fold_in(key(seed), KEY_TRAIN), round)``), the host-side Poisson sampler
 (``numpy.random.default_rng([seed, SAMPLER_PURPOSE, round])``), the frozen A and the data
-partition. Epsilon is a stateless function of ``(sigma_k, q_k, steps)``, so the ledger stores
-those and the value spent.
+partition, the participants of every round (``participation``). Epsilon is a stateless
+function of the ledger's parameters and counts, so the ledger stores those and the value spent.
 
 Atomicity: orbax writes a step into ``<round>.orbax-checkpoint-tmp-<time>/`` and renames it
 to ``<round>/`` only when every file is written, so a crash during a save leaves the previous
@@ -28,7 +29,7 @@ loaded. Only safe formats are read: orbax/tensorstore arrays and JSON (no pickle
 Which config fields may change on resume (everything else must match the checkpoint):
 :data:`RESUMABLE_FIELDS` -- the run's name and folder, ``federated.rounds`` (to extend or
 shorten a run; a DP run calibrated to ``privacy.epsilon`` refuses an extension that would
-spend more than that budget), evaluation cadence/batch size, ``perf.*`` (speed and memory
+spend more than that budget), ``privacy.max_epsilon`` (a cap, checked on resume), evaluation cadence/batch size, ``perf.*`` (speed and memory
 only) and ``checkpoint.*``.
 """
 
@@ -49,6 +50,7 @@ import numpy as np
 from ffa_jax import lora
 from ffa_jax.config import RunConfig, from_dict
 from ffa_jax.errors import CheckpointError, ConfigError
+from ffa_jax.privacy.ledger import PrivacyLedger
 
 PyTree = Any
 
@@ -63,6 +65,7 @@ RESUMABLE_FIELDS = (
     "name",
     "output_dir",
     "federated.rounds",
+    "privacy.max_epsilon",
     "eval.every",
     "eval.batch_size",
     "perf.*",
@@ -173,48 +176,6 @@ def check_config(saved: Mapping[str, Any], cfg: RunConfig, where: str) -> RunCon
 
 
 # --------------------------------------------------------------------------- ledger
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PrivacyLedger:
-    """What the accountant needs to continue: epsilon is a function of (sigma_k, q_k, steps).
-
-    Attributes:
-      private: DP-SGD on (False: no clipping, no noise, epsilon = inf).
-      accountant, delta: as configured.
-      noise_multipliers: sigma_k of every client, as used since round 1.
-      sampling_rates: q_k = batch_size / n_k.
-      client_sizes: n_k.
-      max_batch_size: the fixed physical batch B_max (truncated Poisson accounting).
-      steps_per_round: local DP-SGD steps per round.
-      steps_done: local steps every client has taken so far (rounds done x steps_per_round).
-      epsilon_spent: max over clients of epsilon after ``steps_done`` steps (inf if not
-        private).
-    """
-
-    private: bool
-    accountant: str
-    delta: float
-    noise_multipliers: tuple[float, ...]
-    sampling_rates: tuple[float, ...]
-    client_sizes: tuple[int, ...]
-    max_batch_size: int
-    steps_per_round: int
-    steps_done: int
-    epsilon_spent: float
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["epsilon_spent"] = _finite_or_none(self.epsilon_spent)
-        return d
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> PrivacyLedger:
-        d = dict(d)
-        d["epsilon_spent"] = math.inf if d.get("epsilon_spent") is None else d["epsilon_spent"]
-        for k in ("noise_multipliers", "sampling_rates", "client_sizes"):
-            d[k] = tuple(d[k])
-        return cls(**d)
 
 
 def _finite_or_none(x: Any) -> Any:

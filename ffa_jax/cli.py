@@ -92,16 +92,8 @@ def cmd_privacy(args) -> int:
     cfg = _load(args)
     labels, names = workloads.train_labels(cfg)
     parts = partition_clients(cfg, labels, len(names))
-    plan = planner.sample_level_plan(
-        client_sizes=[len(p) for p in parts],
-        batch_size=cfg.client.batch_size,
-        max_batch_size=physical_batch_size(cfg.client.batch_size),
-        rounds=cfg.federated.rounds,
-        local_steps=cfg.federated.local_steps,
-        epsilon=cfg.privacy.epsilon,
-        delta=cfg.privacy.delta,
-        accountant=cfg.privacy.accountant,
-        noise_multiplier=cfg.privacy.noise_multiplier,
+    plan = planner.make_plan(
+        cfg, [len(p) for p in parts], physical_batch_size(cfg.client.batch_size)
     )
     alt = planner.alternatives(
         plan,
@@ -109,6 +101,7 @@ def cmd_privacy(args) -> int:
         rounds=cfg.federated.rounds,
         local_steps=cfg.federated.local_steps,
         epsilon=cfg.privacy.epsilon,
+        seed=cfg.seed,
     )
     if args.png:
         if not plan.private:
@@ -118,6 +111,13 @@ def cmd_privacy(args) -> int:
         print(json.dumps({**plan.to_json(), "alternatives": alt}))
     else:
         print(planner.format_plan(plan, alt))
+    cap = cfg.privacy.max_epsilon
+    if cap is not None and plan.private and plan.epsilon > cap:
+        print(
+            f"ffa-jax: warning: the plan spends epsilon={plan.epsilon:.4f} > "
+            f"privacy.max_epsilon={cap:g}; ffa-jax train would refuse to start.",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -2,8 +2,10 @@
 
 One name per concept, used in the YAML files, in ``--set section.field=value`` overrides, in the
 docs and in the code: e.g. ``lora.mode``, ``lora.rank``, ``lora.alpha``, ``privacy.epsilon``,
-``privacy.delta``, ``privacy.clip_norm``, ``federated.clients``, ``federated.rounds``,
-``federated.local_steps``, ``data.partition``, ``seed``.
+``privacy.delta``, ``privacy.clip_norm``, ``privacy.unit``, ``privacy.client_clip_norm``,
+``privacy.max_epsilon``, ``federated.clients``, ``federated.clients_per_round``,
+``federated.client_sampling``, ``federated.rounds``, ``federated.local_steps``,
+``data.partition``, ``seed``.
 
 Every section validates itself on construction and raises :class:`ffa_jax.errors.ConfigError`
 naming the field, the bad value and the fix. Cross-section checks live in
@@ -36,6 +38,8 @@ CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
 WEIGHTINGS = ("uniform", "examples")
 ACCOUNTANTS = ("pld", "rdp")
+PRIVACY_UNITS = ("sample", "client")
+CLIENT_SAMPLINGS = ("poisson", "fixed")
 PAPER_LABEL_MIX_2 = ((0.1, 0.9), (0.9, 0.1), (0.5, 0.5))
 
 
@@ -235,19 +239,29 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FederatedConfig:
-    """The federation. All clients take part in every round (cross-silo, as in the paper).
+    """The federation: K clients, of which M take part in each round.
 
     Attributes:
-      clients: number of clients K.
+      clients: number of clients K (N in the client-level DP literature).
+      clients_per_round: M, the (expected) number of clients taking part in a round; null =
+        all K every round (cross-silo, as in the paper).
+      client_sampling: how the M clients of a round are drawn (from the seed, independently of
+        the data): ``poisson`` (each client independently with probability q = M / K; the
+        round's client axis is padded with masked dummy clients to a fixed size) or ``fixed``
+        (exactly M of K uniformly without replacement). Client-level DP accounting matches it
+        (see :mod:`ffa_jax.privacy.ledger`).
       rounds: communication rounds.
-      local_steps: local optimiser steps per client per round.
-      weighting: ``uniform`` (1/K, the paper) or ``examples`` (n_k / n) for averaging updates.
+      local_steps: local optimiser steps per participating client per round.
+      weighting: ``uniform`` (1/M, the paper) or ``examples`` (n_k / sum of participants' n)
+        for averaging updates.
     """
 
     clients: int = 3
     rounds: int = 10
     local_steps: int = 2
     weighting: str = "uniform"
+    clients_per_round: int | None = None
+    client_sampling: str = "poisson"
 
     def __post_init__(self):
         _positive_int("federated.clients", self.clients)
@@ -259,6 +273,32 @@ class FederatedConfig:
             self.weighting,
             f"use one of {WEIGHTINGS}.",
         )
+        if self.clients_per_round is not None:
+            _require(
+                isinstance(self.clients_per_round, int)
+                and not isinstance(self.clients_per_round, bool)
+                and 1 <= self.clients_per_round <= self.clients,
+                "federated.clients_per_round",
+                self.clients_per_round,
+                f"must be an integer in [1, federated.clients={self.clients}] (at least one "
+                "client per round), or null for all clients every round.",
+            )
+        _require(
+            self.client_sampling in CLIENT_SAMPLINGS,
+            "federated.client_sampling",
+            self.client_sampling,
+            f"use one of {CLIENT_SAMPLINGS}.",
+        )
+
+    @property
+    def participants(self) -> int:
+        """M: the (expected) number of clients per round."""
+        return self.clients if self.clients_per_round is None else self.clients_per_round
+
+    @property
+    def partial(self) -> bool:
+        """True when fewer than all clients take part in a round."""
+        return self.participants < self.clients
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -336,15 +376,28 @@ class ServerConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PrivacyConfig:
-    """Sample-level differential privacy on every client (DP-SGD), as in the paper.
+    """Differential privacy of the run: which unit is protected, the budget, the mechanism.
 
     Attributes:
-      epsilon: target epsilon per client over the whole run, or ``inf`` for no DP (no
-        clipping, no noise).
+      unit: the privacy unit. ``sample`` (the paper's): DP-SGD inside every client; two
+        datasets are neighbours when they differ in one example of one client; the server
+        adds no noise. ``client`` (DP-FedAvg): clients train without noise, the server clips
+        every participating client's whole update to ``client_clip_norm`` and noises the sum;
+        neighbours differ in all the data of one client (add/remove one client, or replace
+        one with ``federated.client_sampling=fixed``); the server is trusted.
+      epsilon: target epsilon over the whole run (per client under ``sample``), or ``inf`` for
+        no DP (no clipping, no noise).
       delta: target delta, e.g. 1e-5.
-      clip_norm: per-example L2 clip norm C of the gradient of the trainable tree.
+      clip_norm: per-example L2 clip norm C of the gradient of the trainable tree (``sample``).
+      client_clip_norm: L2 clip norm S of a client's whole update, the delta of its trainable
+        tree over a round (``client``). The quickstart's updates measured 8-14 in L2 norm
+        (``client_update_norm`` in ``metrics.jsonl``); choose S near their median.
       accountant: ``pld`` (default) or ``rdp`` (dp-accounting).
-      noise_multiplier: optional fixed sigma; when set, epsilon is reported, not targeted.
+      noise_multiplier: optional fixed sigma (z under ``client``); when set, epsilon is
+        reported, not targeted.
+      max_epsilon: optional hard cap on the epsilon the run may spend (with ``accountant``): a
+        run (or a resumed run) that would spend more refuses to start. null = no cap beyond
+        ``epsilon``.
     """
 
     epsilon: float = 6.0
@@ -352,6 +405,9 @@ class PrivacyConfig:
     clip_norm: float = 0.1
     accountant: str = "pld"
     noise_multiplier: float | None = None
+    unit: str = "sample"
+    client_clip_norm: float = 5.0
+    max_epsilon: float | None = None
 
     def __post_init__(self):
         _require(
@@ -373,10 +429,22 @@ class PrivacyConfig:
             "must be a positive finite number.",
         )
         _require(
+            _is_number(self.client_clip_norm) and 0 < self.client_clip_norm < math.inf,
+            "privacy.client_clip_norm",
+            self.client_clip_norm,
+            "must be a positive finite number (the L2 bound of one client's update).",
+        )
+        _require(
             self.accountant in ACCOUNTANTS,
             "privacy.accountant",
             self.accountant,
             f"use one of {ACCOUNTANTS}.",
+        )
+        _require(
+            self.unit in PRIVACY_UNITS,
+            "privacy.unit",
+            self.unit,
+            f"use one of {PRIVACY_UNITS} (one example of one client, or one whole client).",
         )
         if self.noise_multiplier is not None:
             _require(
@@ -384,6 +452,30 @@ class PrivacyConfig:
                 "privacy.noise_multiplier",
                 self.noise_multiplier,
                 "must be > 0, or null to calibrate it to privacy.epsilon.",
+            )
+        if self.max_epsilon is not None:
+            _require(
+                _is_number(self.max_epsilon)
+                and self.max_epsilon > 0
+                and not math.isnan(self.max_epsilon),
+                "privacy.max_epsilon",
+                self.max_epsilon,
+                "must be > 0, or null for no cap.",
+            )
+            _require(
+                self.enabled,
+                "privacy.max_epsilon",
+                self.max_epsilon,
+                "a cap needs a private run, and this one is not private (privacy.epsilon=inf "
+                "spends an infinite epsilon); set privacy.epsilon or privacy.noise_multiplier, "
+                "or drop privacy.max_epsilon.",
+            )
+            _require(
+                self.noise_multiplier is not None or self.epsilon <= self.max_epsilon,
+                "privacy.max_epsilon",
+                self.max_epsilon,
+                f"the cap is below the target privacy.epsilon={self.epsilon:g}; lower "
+                "privacy.epsilon or raise the cap.",
             )
 
     @property
@@ -524,6 +616,26 @@ class RunConfig:
                 self.federated.clients,
                 f"with data.partition=label_mix it must be a multiple of the {rows} rows of "
                 "data.label_mix (one label distribution per client).",
+            )
+        if self.privacy.enabled and self.privacy.unit == "client":
+            _require(
+                self.federated.weighting == "uniform",
+                "federated.weighting",
+                self.federated.weighting,
+                "must be 'uniform' with privacy.unit=client: every client's clipped update "
+                "counts once, or one client's weight would exceed the sensitivity S.",
+            )
+            _require(
+                not (
+                    self.federated.partial
+                    and self.federated.client_sampling == "fixed"
+                    and self.privacy.accountant == "pld"
+                ),
+                "privacy.accountant",
+                self.privacy.accountant,
+                "cannot account client-level DP with federated.client_sampling=fixed (sampling "
+                "without replacement): dp-accounting's PLD accountant has no such event. Use "
+                "privacy.accountant=rdp, or federated.client_sampling=poisson.",
             )
         chunk = self.perf.clients_per_chunk
         if chunk and self.perf.devices:

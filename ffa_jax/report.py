@@ -58,6 +58,34 @@ def _fmt_eps(e: float) -> str:
     return "inf (non-private)" if not math.isfinite(e) else f"{e:.3f}"
 
 
+def _fmt_opt(e) -> str:
+    return "n/a" if e is None else _fmt_eps(e)
+
+
+def _privacy_details(cfg, prep, summary) -> str:
+    fed = cfg.federated
+    who = (
+        f"; {fed.clients_per_round} of {fed.clients} clients per round ({fed.client_sampling})"
+        if fed.partial
+        else ""
+    )
+    if not cfg.privacy.enabled:
+        return who
+    p = cfg.privacy
+    if p.unit == "client":
+        return (
+            f", delta {p.delta:g}, **client-level** (DP-FedAvg: neighbours differ in one whole "
+            f"client; the server is trusted), client clip norm S {p.client_clip_norm:g}, "
+            f"server noise multiplier z {prep.plan.client_noise_multiplier:.4f}, accountant "
+            f"{p.accountant}{who}"
+        )
+    return (
+        f", delta {p.delta:g}, **sample-level** per client (neighbours differ in one example of "
+        f"one client), clip norm {p.clip_norm:g}, accountant {p.accountant}, noise multipliers "
+        f"{[round(float(s), 4) for s in prep.noise_multipliers]}{who}"
+    )
+
+
 def write_summary(
     path: Path, cfg, prep, history: list[dict[str, Any]], summary: dict[str, Any]
 ) -> Path:
@@ -72,13 +100,7 @@ def write_summary(
         f"{cfg.federated.rounds} rounds x {cfg.federated.local_steps} local steps, "
         f"expected batch {cfg.client.batch_size}, client {cfg.client.optimizer} lr {cfg.client.learning_rate:g}, "
         f"server {cfg.server.optimizer} lr {cfg.server.learning_rate:g}",
-        f"- privacy: epsilon {_fmt_eps(summary['epsilon'])}"
-        + (
-            f", delta {cfg.privacy.delta:g}, clip norm {cfg.privacy.clip_norm:g}, accountant {cfg.privacy.accountant}, "
-            f"noise multipliers {[round(float(s), 4) for s in prep.noise_multipliers]}"
-            if cfg.privacy.enabled
-            else ""
-        ),
+        f"- privacy: epsilon {_fmt_eps(summary['epsilon'])}" + _privacy_details(cfg, prep, summary),
         "",
         "## Result",
         "",
@@ -87,6 +109,8 @@ def write_summary(
         *(f"| {k} | {v} |" for k, v in prep.workload.result_rows(summary, history)),
         f"| final training loss | {last['train_loss']:.4f} |",
         f"| epsilon spent | {_fmt_eps(summary['epsilon'])} |",
+        f"| epsilon (PLD / RDP) | {_fmt_opt(summary.get('epsilon_pld'))} / "
+        f"{_fmt_opt(summary.get('epsilon_rdp'))} |",
         f"| uplink per client per round | {summary['uplink_bytes_per_client_per_round']:,} bytes |",
         f"| uplink total | {summary['uplink_bytes_total']:,} bytes |",
         f"| wall time | {summary['wall_seconds']:.1f} s |",

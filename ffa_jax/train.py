@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +34,12 @@ from ffa_jax.config import RunConfig, load_config
 from ffa_jax.data import batching, partition
 from ffa_jax.data.clients import partition_clients
 from ffa_jax.errors import CheckpointError, ConfigError, DataError, FfaJaxError
+from ffa_jax.federated import participation
 from ffa_jax.federated.client import DpParams, make_client_optimizer, make_client_update
 from ffa_jax.federated.round import choose_devices, client_mesh, make_round
-from ffa_jax.federated.server import make_server_optimizer, server_init
-from ffa_jax.privacy import accounting, planner
+from ffa_jax.federated.server import ServerDpParams, make_server_optimizer, server_init
+from ffa_jax.privacy import planner
+from ffa_jax.privacy.ledger import PrivacyLedger
 
 PyTree = Any
 
@@ -49,6 +51,7 @@ KEY_HEAD = 1  # a randomly initialised classification head
 NON_METRIC_KEYS = ("eval_samples",)
 KEY_TRAIN = 2  # DP noise (round, client and step are folded in by the round)
 SAMPLER_PURPOSE = 3  # host-side Poisson sampling
+# participation.PARTICIPATION_PURPOSE = 4: host-side draw of each round's clients
 
 
 class NonFiniteError(FfaJaxError, FloatingPointError):
@@ -70,9 +73,11 @@ class Prepared:
     train_arrays: dict[str, np.ndarray]
     test_arrays: dict[str, np.ndarray]
     client_indices: list[np.ndarray]
+    # Noise, participants of every round, epsilon curves, ledger (None: prepare(plan_privacy=False)).
+    plan: planner.PrivacyPlan | None
     sampling_rates: np.ndarray  # [K] q_k = batch_size / n_k
-    noise_multipliers: np.ndarray  # [K] sigma_k (0 without DP)
-    epsilon_curve: np.ndarray  # [rounds] epsilon spent after each round (max over clients)
+    noise_multipliers: np.ndarray  # [K] sigma_k (0 without sample-level DP)
+    epsilon_curve: np.ndarray  # [rounds] epsilon spent after each round (max over units)
     max_batch_size: int
     partition_table: str
     target_paths: list[str]
@@ -86,19 +91,19 @@ def prepare(
     cfg: RunConfig,
     *,
     log=print,
-    noise_multipliers: np.ndarray | None = None,
+    ledger: PrivacyLedger | None = None,
     plan_privacy: bool = True,
 ) -> Prepared:
     """Loads model, tokenizer and data, partitions, builds the LoRA tree and calibrates noise.
 
     Args:
       cfg: the run config.
-      noise_multipliers: ``[K]`` sigma_k to use instead of calibrating them (a resumed run
-        keeps the sigmas it started with); epsilon is then accounted for these sigmas.
-      plan_privacy: calibrate sigma_k and account epsilon for every client (seconds of host
-        work). False leaves ``noise_multipliers`` and ``epsilon_curve`` as NaN, for callers
-        that plan one client themselves (a Flower client, see :mod:`ffa_jax.flower`) or
-        need no privacy numbers (a Flower server).
+      ledger: a resumed run's privacy ledger: its noise multipliers (sigma_k, or the server's
+        z) are used instead of calibrating new ones, and their epsilon is accounted.
+      plan_privacy: calibrate the noise and account epsilon (seconds of host work). False
+        leaves ``plan`` None and ``noise_multipliers`` / ``epsilon_curve`` NaN, for callers
+        that plan one client themselves (a Flower client, see :mod:`ffa_jax.flower`) or need
+        no privacy numbers (a Flower server).
 
     Raises:
       ConfigError / DataError / WeightsError: bad input, before any training compute.
@@ -117,8 +122,10 @@ def prepare(
 
     max_batch = batching.physical_batch_size(cfg.client.batch_size)
     if plan_privacy:
-        q, sigmas, eps_curve = privacy_plan(cfg, sizes, max_batch, noise_multipliers)
+        plan = privacy_plan(cfg, sizes, max_batch, ledger)
+        q, sigmas, eps_curve = plan.sampling_rates, plan.noise_multipliers, plan.epsilon_curve
     else:
+        plan = None
         q = cfg.client.batch_size / sizes
         sigmas = np.full(len(sizes), np.nan)
         eps_curve = np.full(cfg.federated.rounds, np.nan)
@@ -134,6 +141,7 @@ def prepare(
         train_arrays=wl.train_arrays,
         test_arrays=wl.test_arrays,
         client_indices=parts,
+        plan=plan,
         sampling_rates=q,
         noise_multipliers=sigmas,
         epsilon_curve=eps_curve,
@@ -147,47 +155,15 @@ def privacy_plan(
     cfg: RunConfig,
     client_sizes: np.ndarray,
     max_batch_size: int,
-    noise_multipliers: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(q [K], sigma [K], epsilon after each round [rounds])`` of a run.
-
-    Without ``noise_multipliers`` this is :func:`ffa_jax.privacy.planner.sample_level_plan`
-    (what ``ffa-jax privacy`` prints); with them (a resumed run), the same accounting
-    (truncated-Poisson PLD, or RDP) of those sigmas, so the curve of a resumed run equals the
-    uninterrupted run's entry for entry.
+    ledger: PrivacyLedger | None = None,
+) -> planner.PrivacyPlan:
+    """The run's :class:`~ffa_jax.privacy.planner.PrivacyPlan` (what ``ffa-jax privacy``
+    prints). With a resumed run's ``ledger``, the same accounting of the ledger's noise
+    multipliers, so the curve of a resumed run equals the uninterrupted run's entry for entry.
     """
-    sizes = np.asarray(client_sizes, np.int64)
-    fed, priv = cfg.federated, cfg.privacy
-    if noise_multipliers is None or not priv.enabled:
-        plan = planner.sample_level_plan(
-            client_sizes=sizes.tolist(),
-            batch_size=cfg.client.batch_size,
-            max_batch_size=max_batch_size,
-            rounds=fed.rounds,
-            local_steps=fed.local_steps,
-            epsilon=priv.epsilon,
-            delta=priv.delta,
-            accountant=priv.accountant,
-            noise_multiplier=priv.noise_multiplier,
-        )
-        return plan.sampling_rates, plan.noise_multipliers, plan.epsilon_curve
-    sigmas = np.asarray(noise_multipliers, np.float64)
-    q = cfg.client.batch_size / sizes
-    curves = np.stack(
-        [
-            accounting.epsilon_curve(
-                float(s),
-                float(qk),
-                fed.local_steps,
-                fed.rounds,
-                priv.delta,
-                priv.accountant,
-                truncation=accounting.Truncation(int(n), int(max_batch_size)),
-            )
-            for s, qk, n in zip(sigmas, q, sizes, strict=True)
-        ]
+    return planner.make_plan(
+        cfg, np.asarray(client_sizes, np.int64).tolist(), max_batch_size, ledger=ledger
     )
-    return q, sigmas, curves.max(axis=0)
 
 
 def build_client_update(prep: Prepared):
@@ -197,7 +173,8 @@ def build_client_update(prep: Prepared):
     return make_client_update(
         prep.workload.loss_fn,
         make_client_optimizer(cfg.client),
-        private=cfg.privacy.enabled,
+        # Client-level DP clips and noises whole updates at the server: clients run plain SGD.
+        private=_unit(cfg) == "sample",
         microbatch_size=cfg.perf.microbatch_size or None,
     )
 
@@ -221,23 +198,34 @@ def build_round(prep: Prepared):
     cfg = prep.cfg
     client_update = build_client_update(prep)
     server_opt = make_server_optimizer(cfg.server)
-    chunk = cfg.perf.clients_per_chunk or cfg.federated.clients
+    chunk = cfg.perf.clients_per_chunk or prep.plan.sampling.max_clients
     devices = choose_devices(chunk, cfg.perf.devices)
     mesh = client_mesh(devices) if devices > 1 else None
     return make_round(
-        client_update, server_opt, clients_per_chunk=cfg.perf.clients_per_chunk, mesh=mesh
+        client_update,
+        server_opt,
+        clients_per_chunk=cfg.perf.clients_per_chunk,
+        mesh=mesh,
+        client_level_dp=_unit(cfg) == "client",
     ), server_opt
 
 
-def client_batches(
-    prep: Prepared, round_idx: int, clients: list[int] | None = None
-) -> dict[str, np.ndarray]:
-    """Host-side Poisson sampling of every client's batches for one round: ``[K, S, B_max, ...]``.
+def _unit(cfg: RunConfig) -> str | None:
+    """The privacy unit actually in force: ``sample``, ``client`` or None (not private)."""
+    return cfg.privacy.unit if cfg.privacy.enabled else None
 
-    Deterministic in ``(seed, round)``, so a resumed run draws the same batches. ``clients``
-    (client ids) gathers only those clients' batches, ``[len(clients), S, B_max, ...]``: the
-    draw is the same for all K, so client k's batches do not depend on who else is gathered
-    (a Flower client gathers only its own). ``"_dropped"`` counts over all K clients.
+
+def client_batches(
+    prep: Prepared, round_idx: int, slots: np.ndarray | list[int] | None = None
+) -> dict[str, np.ndarray]:
+    """Host-side Poisson sampling of the clients' batches for one round: ``[K, S, B_max, ...]``.
+
+    Deterministic in ``(seed, round)``, so a resumed run draws the same batches. The draw is
+    made for all K clients, so client k's batches do not depend on who else takes part or is
+    gathered (a Flower client gathers only its own, ``slots=[k]``). With ``slots`` (``[P]``
+    client of each slot, -1 = dummy; see :func:`round_inputs`) only those batches are
+    gathered, ``[P, S, B_max, ...]``, and dummy slots are fully masked. ``"_dropped"`` counts
+    the sampled examples that did not fit B_max over all K clients.
     """
     cfg = prep.cfg
     rng = np.random.default_rng([cfg.seed, SAMPLER_PURPOSE, round_idx])
@@ -249,13 +237,60 @@ def client_batches(
         prep.max_batch_size,
     )
     parts = prep.client_indices
-    if clients is not None:
-        local_idx, mask = local_idx[clients], mask[clients]
-        parts = [prep.client_indices[k] for k in clients]
+    if slots is not None:
+        slots = np.asarray(slots, np.int64)
+        real = slots >= 0
+        pick = np.where(real, slots, 0)
+        local_idx = np.where(real[:, None, None], local_idx[pick], 0)
+        mask = mask[pick] & real[:, None, None]
+        parts = [prep.client_indices[int(c)] for c in pick]
     out = batching.gather_client_batches(prep.train_arrays, parts, local_idx)
     out["mask"] = mask
     out["_dropped"] = dropped
     return out
+
+
+class RoundInputs(NamedTuple):
+    """The host-side inputs of one round, ``[P]`` slots (participants first, then dummies)."""
+
+    slots: np.ndarray  # [P] client of each slot, -1 = dummy
+    batches: dict[str, np.ndarray]  # [P, S, B_max, ...] with "mask"
+    weights: np.ndarray  # [P] aggregation weights, 0 for dummies
+    client_ids: np.ndarray  # [P] int32 global client ids (dummies: K + slot, unused by anyone)
+    dp: DpParams  # [P] per-slot DP-SGD parameters
+    server_dp: ServerDpParams | None  # client-level DP parameters (scalars)
+    dropped: int  # sampled examples that did not fit B_max
+
+
+def round_inputs(prep: Prepared, round_idx: int) -> RoundInputs:
+    """Participants of round ``round_idx`` (from the plan), placed in fixed-size slots, and
+    everything the jitted round needs for them. Same shapes every round: nothing recompiles."""
+    cfg, plan = prep.cfg, prep.plan
+    num_slots = plan.sampling.max_clients
+    members = np.flatnonzero(plan.participation[round_idx])
+    slots = participation.slots(members, num_slots, cfg.perf.clients_per_chunk)
+    real = slots >= 0
+    pick = np.where(real, slots, 0)
+    batches = client_batches(prep, round_idx, slots)
+    dropped = int(batches.pop("_dropped"))
+    sizes = [len(p) for p in prep.client_indices]
+    weights = np.where(real, client_weights(cfg, sizes)[pick], 0.0).astype(np.float32)
+    client_ids = np.where(real, slots, len(sizes) + np.arange(num_slots)).astype(np.int32)
+    dp = DpParams(
+        clip_norm=np.full(num_slots, cfg.privacy.clip_norm, np.float32),
+        noise_multiplier=np.where(real, prep.noise_multipliers[pick], 0.0).astype(np.float32),
+        # Dummy slots divide by 1 (kept finite; their output is discarded).
+        expected_batch_size=np.where(real, float(cfg.client.batch_size), 1.0).astype(np.float32),
+    )
+    server_dp = None
+    if _unit(cfg) == "client":
+        server_dp = ServerDpParams(
+            clip_norm=np.float32(cfg.privacy.client_clip_norm),
+            noise_multiplier=np.float32(plan.client_noise_multiplier),
+            # Noise the sum, then divide by the FIXED expected number of participants (M).
+            expected_clients=np.float32(plan.sampling.clients_per_round),
+        )
+    return RoundInputs(slots, batches, weights, client_ids, dp, server_dp, dropped)
 
 
 def evaluate(prep: Prepared, params: PyTree) -> dict[str, Any]:
@@ -332,11 +367,18 @@ def _check_restored(
     if not cfg.privacy.enabled:
         return
     r = restored.round
-    if led.steps_done != r * cfg.federated.local_steps:
+    expected = tuple(int(c) for c in prep.plan.participation[:r].sum(axis=0))
+    if (
+        led.rounds_done != r
+        or led.steps_per_round != cfg.federated.local_steps
+        or led.rounds_participated != expected
+        or led.unit != cfg.privacy.unit
+    ):
         raise CheckpointError(
-            f"checkpoint {where}: its privacy ledger counts {led.steps_done} local steps after "
-            f"{r} rounds of {cfg.federated.local_steps}; the checkpoint is inconsistent. Start a "
-            "new run."
+            f"checkpoint {where}: its privacy ledger ({led.unit}-level, {led.rounds_done} rounds "
+            f"of {led.steps_per_round} steps, rounds taken part {list(led.rounds_participated)}) "
+            f"does not match {r} rounds of this run's schedule ({list(expected)}); the "
+            "checkpoint is inconsistent. Start a new run."
         )
     spent_now = float(prep.epsilon_curve[r - 1])
     final = float(prep.epsilon_curve[-1])
@@ -403,10 +445,7 @@ def train(
             f"run directory {str(out)!r} already exists; pass --overwrite, --resume "
             f"{str(out)!r} to continue it, or choose another name with --set name=<new-name>."
         )
-    sigmas = None
-    if restored is not None and restored.ledger.private:
-        sigmas = np.asarray(restored.ledger.noise_multipliers, np.float64)
-    prep = prepare(cfg, log=log, noise_multipliers=sigmas)
+    prep = prepare(cfg, log=log, ledger=restored.ledger if restored is not None else None)
     a_hash = ckpt_lib.a_matrices_hash(prep.params)
     d_hash = ckpt_lib.data_hash([prep.train_arrays, prep.test_arrays], prep.client_indices)
     round_fn, server_opt = build_round(prep)
@@ -417,13 +456,9 @@ def train(
         _check_restored(restored, prep, state, a_hash, d_hash)
         state = ckpt_lib.restore_state(restored, state)
         history, start = restored.history, restored.round
+    _check_budget(prep, restored)
     log(prep.partition_table)
-    if cfg.privacy.enabled:
-        log(
-            f"DP-SGD per client: sigma={np.round(prep.noise_multipliers, 4).tolist()} "
-            f"q={np.round(prep.sampling_rates, 5).tolist()} steps={cfg.federated.rounds * cfg.federated.local_steps} "
-            f"-> epsilon={prep.epsilon_curve[-1]:.3f} at delta={cfg.privacy.delta:g} ({cfg.privacy.accountant})"
-        )
+    log(_privacy_line(prep))
     if resume:
         log(
             f"resuming {out} at round {start} of {cfg.federated.rounds}"
@@ -441,14 +476,6 @@ def train(
     _atomic_write(metrics_path, "".join(_metric_line(h) for h in history))
 
     key = train_key(cfg)
-    K = cfg.federated.clients
-    weights = client_weights(cfg, [len(p) for p in prep.client_indices])
-    client_ids = np.arange(K, dtype=np.int32)
-    dp = DpParams(
-        clip_norm=jnp.full((K,), cfg.privacy.clip_norm, jnp.float32),
-        noise_multiplier=jnp.asarray(prep.noise_multipliers, jnp.float32),
-        expected_batch_size=jnp.full((K,), float(cfg.client.batch_size), jnp.float32),
-    )
     per_client_bytes = _bytes_of_one_client(prep.trainable)
     wl = prep.workload
     if cfg.eval.baseline and not any(h["round"] == 0 for h in history):
@@ -480,29 +507,23 @@ def train(
     ):
         for r in rounds:
             t0 = time.time()
-            batches = client_batches(prep, r)
-            dropped = int(batches.pop("_dropped"))
-            new_state, m = round_fn(state, prep.frozen, batches, weights, client_ids, dp, key)
+            inp = round_inputs(prep, r)
+            new_state, m = round_fn(
+                state,
+                prep.frozen,
+                inp.batches,
+                inp.weights,
+                inp.client_ids,
+                inp.dp,
+                key,
+                inp.server_dp,
+            )
             loss = float(m.loss)
             _check_finite(r, loss, float(m.update_norm), new_state.trainable, ckpt_dir, last_saved)
             # The state lives on the host between rounds, as after a restore: every round
             # (fresh or resumed) calls the same executable with the same input placement.
             state = jax.device_get(new_state)
-            record: dict[str, Any] = {
-                "round": r + 1,
-                "train_loss": loss,
-                "epsilon": float(prep.epsilon_curve[r]),
-                "delta": cfg.privacy.delta if cfg.privacy.enabled else 0.0,
-                "uplink_bytes": per_client_bytes * K,
-                "downlink_bytes": per_client_bytes * K,
-                "uplink_bytes_per_client": per_client_bytes,
-                "clipped_fraction": float(np.mean(m.clients.clipped_fraction)),
-                # Per-example norms are only computed under DP (clipping needs them).
-                "grad_norm": float(np.mean(m.clients.grad_norm)) if cfg.privacy.enabled else None,
-                "update_norm": float(m.update_norm),
-                "examples": int(np.sum(m.clients.num_examples)),
-                "dropped_examples": dropped,
-            }
+            record = _round_record(prep, r, inp, m, loss, per_client_bytes)
             is_last = r + 1 == cfg.federated.rounds
             if is_last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
                 record.update(evaluate(prep, lora.combine(state.trainable, prep.frozen)))
@@ -516,7 +537,7 @@ def train(
                     state,
                     cfg=cfg,
                     history=history,
-                    ledger=_ledger(prep, r + 1),
+                    ledger=prep.plan.ledger(r + 1),
                     a_hash=a_hash,
                     data_fingerprint=d_hash,
                 )
@@ -535,7 +556,10 @@ def train(
         "run_dir": str(out),
         **wl.summary_fields(history),
         "epsilon": history[-1]["epsilon"],
+        "epsilon_pld": history[-1].get("epsilon_pld"),
+        "epsilon_rdp": history[-1].get("epsilon_rdp"),
         "delta": history[-1]["delta"],
+        "privacy_unit": _unit(cfg) or "none",
         "uplink_bytes_total": sum(h.get("uplink_bytes", 0) for h in history),
         "uplink_bytes_per_client_per_round": per_client_bytes,
         "wall_seconds": time.time() - t_start,
@@ -553,20 +577,100 @@ def _metric_line(record: dict[str, Any]) -> str:
     return json.dumps(_json_safe(scalars)) + "\n"
 
 
-def _ledger(prep: Prepared, rounds_done: int) -> ckpt_lib.PrivacyLedger:
-    cfg = prep.cfg
-    return ckpt_lib.PrivacyLedger(
-        private=cfg.privacy.enabled,
-        accountant=cfg.privacy.accountant,
-        delta=cfg.privacy.delta,
-        noise_multipliers=tuple(float(s) for s in prep.noise_multipliers),
-        sampling_rates=tuple(float(q) for q in prep.sampling_rates),
-        client_sizes=tuple(int(len(p)) for p in prep.client_indices),
-        max_batch_size=int(prep.max_batch_size),
-        steps_per_round=cfg.federated.local_steps,
-        steps_done=rounds_done * cfg.federated.local_steps,
-        epsilon_spent=float(prep.epsilon_curve[rounds_done - 1]),
+def _round_record(prep: Prepared, r: int, inp: RoundInputs, m, loss, per_client_bytes) -> dict:
+    """One metrics line of round ``r`` (0-based): averages over the round's participants."""
+    cfg, plan = prep.cfg, prep.plan
+    real = inp.slots >= 0
+    n_part = int(real.sum())
+    c = m.clients
+
+    def part_mean(x):
+        return float(np.mean(np.asarray(x)[real])) if n_part else 0.0
+
+    private = cfg.privacy.enabled
+    record: dict[str, Any] = {
+        "round": r + 1,
+        "train_loss": loss,
+        "epsilon": float(plan.epsilon_curve[r]),
+        "epsilon_pld": plan.epsilon_after(r + 1, "pld") if private else None,
+        "epsilon_rdp": plan.epsilon_after(r + 1, "rdp") if private else None,
+        "delta": cfg.privacy.delta if private else 0.0,
+        "participants": n_part,
+        "uplink_bytes": per_client_bytes * n_part,
+        "downlink_bytes": per_client_bytes * n_part,
+        "uplink_bytes_per_client": per_client_bytes,
+        "clipped_fraction": part_mean(c.clipped_fraction),
+        # Per-example norms are only computed under sample-level DP (clipping needs them).
+        "grad_norm": part_mean(c.grad_norm) if _unit(cfg) == "sample" else None,
+        "update_norm": float(m.update_norm),
+        "examples": int(np.sum(c.num_examples)),
+        "dropped_examples": inp.dropped,
+    }
+    # L2 norm of the participants' updates before any client-level clipping (to choose S).
+    record["client_update_norm"] = part_mean(c.delta_norm)
+    if _unit(cfg) == "client":
+        norms = np.asarray(c.delta_norm)[real]
+        record["client_clipped_fraction"] = (
+            float(np.mean(norms > cfg.privacy.client_clip_norm)) if n_part else 0.0
+        )
+    return record
+
+
+def _privacy_line(prep: Prepared) -> str:
+    cfg, plan = prep.cfg, prep.plan
+    smp = plan.sampling
+    who = (
+        f"all {smp.num_clients} clients per round"
+        if smp.full
+        else f"{smp.clients_per_round} of {smp.num_clients} clients per round ({smp.sampling})"
     )
+    if not cfg.privacy.enabled:
+        return f"no DP (epsilon = inf); {who}"
+    eps = (
+        f"epsilon={plan.epsilon:.3f} at delta={cfg.privacy.delta:g} ({cfg.privacy.accountant}; "
+        + ", ".join(
+            f"{a}: {'n/a' if plan.epsilon_after(plan.rounds, a) is None else f'{plan.epsilon_after(plan.rounds, a):.3f}'}"
+            for a in ("pld", "rdp")
+        )
+        + ")"
+    )
+    if plan.unit == "client":
+        return (
+            f"client-level DP (DP-FedAvg): {who}, z={plan.client_noise_multiplier:.4f}, "
+            f"S={cfg.privacy.client_clip_norm:g}, {plan.rounds} rounds -> {eps}"
+        )
+    return (
+        f"sample-level DP-SGD per client: {who}, "
+        f"sigma={np.round(plan.noise_multipliers, 4).tolist()} "
+        f"q={np.round(plan.sampling_rates, 5).tolist()} "
+        f"rounds taken part={plan.rounds_participated.tolist()} x {cfg.federated.local_steps} "
+        f"steps -> {eps}"
+    )
+
+
+def _check_budget(prep: Prepared, restored: ckpt_lib.Restored | None) -> None:
+    """``privacy.max_epsilon``: a run (or the rest of a resumed run) that would spend more
+    refuses to start, before anything is written. Raises ConfigError."""
+    cfg, plan = prep.cfg, prep.plan
+    cap = cfg.privacy.max_epsilon
+    if cap is None or not cfg.privacy.enabled:
+        return
+    if restored is not None and restored.ledger.epsilon_spent > cap:
+        raise ConfigError(
+            f"privacy.max_epsilon={cap:g}: the checkpoint {str(restored.step_dir)!r} has already "
+            f"spent epsilon={restored.ledger.epsilon_spent:.4f} ({restored.ledger.accountant}) "
+            f"after {restored.round} rounds, over the cap. Nothing was changed; the run cannot "
+            "continue under this cap (start a new run for a new budget)."
+        )
+    if plan.epsilon > cap:
+        within = int(np.sum(plan.epsilon_curve <= cap))
+        start = restored.round if restored is not None else 0
+        raise ConfigError(
+            f"privacy.max_epsilon={cap:g}: this run would spend epsilon={plan.epsilon:.4f} "
+            f"({cfg.privacy.accountant}) by round {plan.rounds}, over the cap. Use "
+            f"federated.rounds <= {max(within, start)} (the most rounds within the cap), a "
+            "larger privacy.noise_multiplier, or calibrate to privacy.epsilon <= the cap."
+        )
 
 
 def _check_finite(r, loss, update_norm, trainable, ckpt_dir: Path, last_saved) -> None:

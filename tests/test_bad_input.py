@@ -299,6 +299,78 @@ CASES = [
     ),
     Case(
         "config",
+        "out-of-range-epsilon",
+        ConfigError,
+        ("privacy.epsilon=-1", "> 0"),
+        lambda c: c.fresh("privacy.epsilon=-1"),
+    ),
+    Case(
+        "config",
+        "no-sampled-client",
+        ConfigError,
+        ("federated.clients_per_round=0", "at least one client"),
+        lambda c: c.fresh(
+            "privacy.unit=client", "privacy.epsilon=6", "federated.clients_per_round=0"
+        ),
+    ),
+    Case(
+        "config",
+        "more-sampled-than-clients",
+        ConfigError,
+        ("federated.clients_per_round=4", "federated.clients=3"),
+        lambda c: c.fresh("federated.clients_per_round=4"),
+    ),
+    Case(
+        "config",
+        "client-clip-norm-zero",
+        ConfigError,
+        ("privacy.client_clip_norm=0",),
+        lambda c: c.fresh("privacy.unit=client", "privacy.epsilon=6", "privacy.client_clip_norm=0"),
+    ),
+    Case(
+        "config",
+        "unknown-privacy-unit",
+        ConfigError,
+        ("privacy.unit='user'", "sample"),
+        lambda c: c.fresh("privacy.unit=user"),
+    ),
+    Case(
+        "config",
+        "max-epsilon-not-private",
+        ConfigError,
+        ("privacy.max_epsilon=3", "not private"),
+        lambda c: c.fresh("privacy.max_epsilon=3"),
+    ),
+    Case(
+        "config",
+        "max-epsilon-below-target",
+        ConfigError,
+        ("privacy.max_epsilon=3", "privacy.epsilon=6"),
+        lambda c: c.fresh("privacy.epsilon=6", "privacy.max_epsilon=3"),
+    ),
+    Case(
+        "config",
+        "client-level-example-weighting",
+        ConfigError,
+        ("federated.weighting='examples'", "privacy.unit=client"),
+        lambda c: c.fresh(
+            "privacy.unit=client", "privacy.epsilon=6", "federated.weighting=examples"
+        ),
+    ),
+    Case(
+        "config",
+        "client-level-fixed-sampling-pld",
+        ConfigError,
+        ("privacy.accountant='pld'", "client_sampling=fixed", "rdp"),
+        lambda c: c.fresh(
+            "privacy.unit=client",
+            "privacy.epsilon=6",
+            "federated.clients_per_round=2",
+            "federated.client_sampling=fixed",
+        ),
+    ),
+    Case(
+        "config",
         "clients-vs-label-mix-rows",
         ConfigError,
         ("federated.clients=4", "data.label_mix"),

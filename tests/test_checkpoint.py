@@ -53,8 +53,11 @@ def _ledger(rounds: int) -> ckpt_lib.PrivacyLedger:
         client_sizes=(50, 80),
         max_batch_size=24,
         steps_per_round=2,
-        steps_done=2 * rounds,
+        rounds_done=rounds,
+        rounds_participated=(rounds, max(rounds - 1, 0)),
         epsilon_spent=1.5 * rounds,
+        epsilon_pld=1.5 * rounds,
+        epsilon_rdp=1.7 * rounds,
     )
 
 
@@ -224,6 +227,12 @@ def test_ledger_and_history_survive_json():
     off = ckpt_lib.PrivacyLedger(**{**led.__dict__, "private": False, "epsilon_spent": math.inf})
     assert off.to_json()["epsilon_spent"] is None
     assert ckpt_lib.PrivacyLedger.from_json(off.to_json()) == off
+    # A ledger written before partial participation (steps_done): every client, every round.
+    old = {
+        k: v for k, v in led.to_json().items() if k not in ("rounds_done", "rounds_participated")
+    }
+    back = ckpt_lib.PrivacyLedger.from_json({**old, "steps_done": 6})
+    assert back.rounds_done == 3 and back.rounds_participated == (3, 3)
     h = _history(2)
     assert ckpt_lib.history_to_json(h)[0]["epsilon"] is None
     assert ckpt_lib.history_from_json(ckpt_lib.history_to_json(h)) == h
@@ -272,12 +281,13 @@ def test_pld_plan_of_a_resumed_run_matches_the_planner(prep):
 
     cfg = prep.cfg
     sizes = np.array([len(p) for p in prep.client_indices])
-    q, sigmas, curve = privacy_plan(cfg, sizes, prep.max_batch_size)
+    plan = privacy_plan(cfg, sizes, prep.max_batch_size)
+    q, sigmas, curve = plan.sampling_rates, plan.noise_multipliers, plan.epsilon_curve
     assert cfg.privacy.accountant == "pld" and np.all(sigmas == 0.8)
-    q2, s2, c2 = privacy_plan(cfg, sizes, prep.max_batch_size, sigmas)
-    np.testing.assert_array_equal(q, q2)
-    np.testing.assert_array_equal(curve, c2)
+    resumed = privacy_plan(cfg, sizes, prep.max_batch_size, plan.ledger(2))
+    np.testing.assert_array_equal(q, resumed.sampling_rates)
+    np.testing.assert_array_equal(curve, resumed.epsilon_curve)
     longer = replace(cfg, ["federated.rounds=4"])
-    _, _, c4 = privacy_plan(longer, sizes, prep.max_batch_size, sigmas)
+    c4 = privacy_plan(longer, sizes, prep.max_batch_size, plan.ledger(3)).epsilon_curve
     np.testing.assert_array_equal(c4[:3], curve)
     assert c4[3] > c4[2]

@@ -126,6 +126,20 @@ def test_app_pyproject_carries_the_config_exactly(tmp_path):
         app_lib.config_from_run_config({"ffa-config": "lora: {rank: 0}"})
 
 
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("privacy.unit=client", "privacy.unit"),
+        ("federated.clients_per_round=2", "federated.clients_per_round"),
+    ],
+)
+def test_simulation_only_settings_are_refused_before_writing(tmp_path, override, field):
+    cfg = load_config(None, [override])
+    with pytest.raises(ConfigError, match=field):
+        app_lib.write_app(cfg, tmp_path / "app")
+    assert not (tmp_path / "app").exists()
+
+
 # ------------------------------------------------------------------- the apps, in process
 
 

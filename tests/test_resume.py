@@ -50,6 +50,20 @@ CASES = {
         "privacy.noise_multiplier=0.8",
         "privacy.accountant=rdp",
     ],
+    # Client-level DP (DP-FedAvg), 3 of 6 clients per round (Poisson, masked dummy slots).
+    "client-dp-partial": [
+        "privacy.unit=client",
+        "federated.clients=6",
+        "federated.clients_per_round=3",
+        "privacy.accountant=rdp",
+    ],
+    # Sample-level DP, exactly 2 of 6 clients per round: per-client ledger of rounds taken part.
+    "ffa-dp-fixed-partial": [
+        "federated.clients=6",
+        "federated.clients_per_round=2",
+        "federated.client_sampling=fixed",
+        "privacy.accountant=rdp",
+    ],
     # Non-private with a stateful server optimiser (FedAdam).
     "lora-nodp": [
         "lora.mode=lora",
@@ -182,6 +196,26 @@ def test_dp_resume_refuses_to_exceed_the_epsilon_budget(env, tmp_path, capsys):
     assert tree_of_files(run) == before  # nothing written, nothing overwritten
 
 
+def test_resume_refuses_when_max_epsilon_is_already_spent(env, tmp_path, capsys):
+    """privacy.max_epsilon below what the checkpoint's ledger has spent: a clear error, and
+    nothing in the run directory is written or overwritten."""
+    ref = _full_run(env, "lora-dp")  # fixed noise multiplier: epsilon reported, not targeted
+    run = tmp_path / "capped"
+    shutil.copytree(ref, run)
+    spent = _metrics(run)[-1]["epsilon"]
+    before = tree_of_files(run)
+    capsys.readouterr()
+    assert _resume(run, "federated.rounds=4", f"privacy.max_epsilon={spent / 2:.4f}") == 2
+    err = capsys.readouterr().err
+    assert "privacy.max_epsilon" in err and "already" in err and f"{spent:.4f}" in err, err
+    assert tree_of_files(run) == before
+    # A cap above what is spent but below the extended plan: refused with the rounds that fit.
+    assert _resume(run, "federated.rounds=30", f"privacy.max_epsilon={spent * 1.01:.4f}") == 2
+    err = capsys.readouterr().err
+    assert "federated.rounds <= 3" in err, err
+    assert tree_of_files(run) == before
+
+
 def test_non_finite_round_stops_with_the_last_good_checkpoint(env, tmp_path, monkeypatch):
     build = train_lib.build_round
 
@@ -256,10 +290,10 @@ DRIVER = textwrap.dedent(
 
         batches = t.client_batches
 
-        def client_batches(prep, r):
+        def client_batches(prep, r, *slots):
             if r + 1 == int(n):
                 pause(f"round {n}")
-            return batches(prep, r)
+            return batches(prep, r, *slots)
 
         t.client_batches = client_batches
 

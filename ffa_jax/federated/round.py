@@ -5,7 +5,10 @@ clients: inside a chunk the client update is ``vmap``ped (and the chunk's client
 sharded over the ``clients`` axis of a device mesh); chunks run one after another under
 ``lax.map``, so activation memory grows with the chunk size, not with K. Results do not depend
 on the chunk size. When K is not a multiple of the chunk size, zero-weight dummy clients (all
-examples masked out) pad the last chunk; they contribute nothing to the average.
+examples masked out) pad the last chunk; they contribute nothing to the average. A chunk whose
+clients all have weight 0 (dummies, or clients not taking part this round) is skipped with
+``lax.cond``: its deltas and metrics are zeros, and it costs no compute. With partial
+participation, :func:`ffa_jax.federated.participation.slots` fills whole chunks first.
 
 PRNG: the round key is ``fold_in(key, round)``; client k's key is ``fold_in(round_key,
 client_id[k])``; local step s folds ``s`` and the noise purpose into it (see
@@ -172,9 +175,25 @@ def make_round(
                 chunked = jax.lax.with_sharding_constraint(
                     chunked, NamedSharding(mesh, P(None, CLIENTS_AXIS))
                 )
-            deltas, metrics = _from_chunks(
-                jax.lax.map(lambda xs: run_chunk(state.trainable, frozen, *xs), chunked)
+            chunk_weights = _to_chunks(weights_p, chunk)
+            out_shape = jax.eval_shape(
+                lambda xs: run_chunk(state.trainable, frozen, *xs),
+                jax.tree_util.tree_map(lambda x: x[0], chunked),
             )
+
+            def one_chunk(args):
+                xs, w = args
+                # Chunks of non-participants only are skipped (their outputs are unused).
+                return jax.lax.cond(
+                    jnp.any(w > 0),
+                    lambda xs: run_chunk(state.trainable, frozen, *xs),
+                    lambda xs: jax.tree_util.tree_map(
+                        lambda s: jnp.zeros(s.shape, s.dtype), out_shape
+                    ),
+                    xs,
+                )
+
+            deltas, metrics = _from_chunks(jax.lax.map(one_chunk, (chunked, chunk_weights)))
 
         if client_level_dp:
             if server_dp is None:

@@ -108,6 +108,29 @@ def app_pyproject(cfg: RunConfig, **kwargs: Any) -> str:
     )
 
 
+def check_supported(cfg: RunConfig) -> RunConfig:
+    """``cfg`` if the Flower deployment runs it: sample-level DP (or none) with every client
+    in every round.
+
+    Raises:
+      ConfigError: client-level DP or partial participation (simulation-only for now).
+    """
+    if cfg.privacy.enabled and cfg.privacy.unit != "sample":
+        raise ConfigError(
+            f"privacy.unit={cfg.privacy.unit!r} is not supported by the Flower deployment yet "
+            "(the server would have to clip and noise client updates): use privacy.unit=sample, "
+            "or run client-level DP in simulation with `ffa-jax train`."
+        )
+    m = cfg.federated.clients_per_round
+    if m is not None and m != cfg.federated.clients:
+        raise ConfigError(
+            f"federated.clients_per_round={m} is not supported by the Flower deployment yet "
+            "(every SuperNode trains every round): drop the override, or run partial "
+            "participation in simulation with `ffa-jax train`."
+        )
+    return cfg
+
+
 def write_app(cfg: RunConfig, out_dir: str | Path, **kwargs: Any) -> Path:
     """Writes the Flower App folder for ``cfg`` (``out_dir/pyproject.toml``) and returns it.
 
@@ -116,6 +139,7 @@ def write_app(cfg: RunConfig, out_dir: str | Path, **kwargs: Any) -> Path:
     """
     from ffa_jax.train import _atomic_write
 
+    check_supported(cfg)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{str(out)!r} is a file; pass a folder for the Flower App.")
@@ -143,7 +167,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(
             f"the Flower run config's {CONFIG_KEY!r} must be a YAML mapping of config sections."
         )
-    return from_dict(RunConfig, data)
+    return check_supported(from_dict(RunConfig, data))
 
 
 def positive_seconds(run_config: Mapping[str, Any], key: str, default: float) -> float:

@@ -190,7 +190,7 @@ class ClientNode:
                 f"the server asked for round index {round_idx}, outside [0, {rounds - 1}] "
                 f"(federated.rounds={rounds}); server and clients must run the same config."
             )
-        batches = client_batches(self.prep, round_idx, clients=[self.client_id])
+        batches = client_batches(self.prep, round_idx, slots=[self.client_id])
         batches.pop("_dropped")
         batches = {k: v[0] for k, v in batches.items()}
         key = client_key(self._key, round_idx, self.client_id)

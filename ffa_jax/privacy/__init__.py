@@ -1,7 +1,17 @@
-"""DP-SGD inside each federated client: per-example clipping, Gaussian noise, accounting.
+"""Differential privacy of federated fine-tuning: clipping, Gaussian noise, accounting, audit.
 
-Formal guarantee (of the three pieces together): sample-level differential privacy per
-client; neighbouring datasets differ in one example of one client; the server adds no noise.
+Two privacy units (``privacy.unit``):
+
+* sample-level (DP-SGD inside each client; :mod:`clipping`, :mod:`noise`, :mod:`accounting`).
+  Formal guarantee: neighbouring datasets differ in one example of one client; the server adds
+  no noise and only sees noisy updates.
+* client-level (DP-FedAvg at the server; :func:`ffa_jax.federated.server.dp_fedavg_aggregate`,
+  :mod:`client_level`). Formal guarantee: neighbouring datasets differ in all the data of one
+  client (add/remove; replace-one for fixed-size client sampling); the server is trusted with
+  the clipped updates and adds the noise.
+
+:mod:`ledger` records what a run spent as dp-accounting DpEvents (PLD and RDP), :mod:`planner`
+calibrates and plans a run, :mod:`audit` gives empirical epsilon lower bounds.
 """
 
 from ffa_jax.privacy.accounting import (

@@ -234,22 +234,29 @@ def dp_sgd_event(
     )
 
 
-def make_accountant(accountant: str = "pld") -> dp_accounting.PrivacyAccountant:
+def make_accountant(
+    accountant: str = "pld",
+    neighboring_relation: dp_accounting.NeighboringRelation = (
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    ),
+) -> dp_accounting.PrivacyAccountant:
     """A fresh dp-accounting accountant configured as every function of this module uses it.
 
     Args:
         accountant: ``"pld"`` (tight; discretisation ``PLD_VALUE_DISCRETIZATION``) or
             ``"rdp"`` (an upper bound of PLD's epsilon; orders ``RDP_ORDERS``).
+        neighboring_relation: add/remove one unit (default; Poisson sampling) or
+            ``REPLACE_ONE`` (sampling without replacement, RDP only).
 
     Returns:
-        An empty ``dp_accounting.PrivacyAccountant`` (add/remove-one neighbouring relation).
+        An empty ``dp_accounting.PrivacyAccountant``.
     """
     _check_accountant(accountant)
     if accountant == "pld":
         return dp_accounting.pld.PLDAccountant(
-            value_discretization_interval=PLD_VALUE_DISCRETIZATION
+            neighboring_relation, value_discretization_interval=PLD_VALUE_DISCRETIZATION
         )
-    return dp_accounting.rdp.RdpAccountant(RDP_ORDERS)
+    return dp_accounting.rdp.RdpAccountant(RDP_ORDERS, neighboring_relation)
 
 
 def _epsilon(

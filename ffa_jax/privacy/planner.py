@@ -13,31 +13,45 @@ from typing import Any
 
 import numpy as np
 
-from ffa_jax.privacy import accounting
+from ffa_jax.config import RunConfig
+from ffa_jax.errors import ConfigError
+from ffa_jax.federated import participation as participation_lib
+from ffa_jax.privacy import accounting, client_level
+from ffa_jax.privacy.ledger import PrivacyLedger
 
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyPlan:
-    """Sample-level DP-SGD on every client (the paper's setting).
+    """The privacy plan of a run, for either privacy unit (``privacy.unit``).
 
     Attributes:
-      noise_multipliers: ``[K]`` sigma_k (0 when the run is not private).
+      unit: ``sample`` (DP-SGD in every client) or ``client`` (DP-FedAvg at the server).
+      noise_multipliers: ``[K]`` sigma_k of the clients' DP-SGD (0 under ``client`` or when
+        the run is not private).
       sampling_rates: ``[K]`` q_k = batch_size / n_k.
       client_sizes: ``[K]`` n_k.
       max_batch_size: B_max, the fixed physical batch (Poisson batches are padded to it).
-      steps: local DP-SGD steps per client over the run (rounds x local_steps).
-      epsilon_curve: ``[rounds]`` epsilon spent after each round, max over clients.
-      client_epsilon: ``[K]`` final epsilon of each client.
+      local_steps: local steps per participating client per round.
+      participation: ``[rounds, K]`` bool, who takes part in each round (drawn from the seed).
+      sampling: the client sampling (M of N, poisson/fixed, P slots).
+      client_noise_multiplier: z, the server's noise multiplier under ``client`` (else 0).
+      curves: accountant -> ``[rounds]`` epsilon spent after each round (max over units), or
+        None where dp-accounting has no such accountant for the events.
+      client_epsilon: ``[K]`` final epsilon of each client (all equal under ``client``).
       overflow_probability: ``[K]`` per-step probability that a Poisson batch exceeds B_max.
       delta, accountant: as configured.
     """
 
+    unit: str
     noise_multipliers: np.ndarray
     sampling_rates: np.ndarray
     client_sizes: np.ndarray
     max_batch_size: int
-    steps: int
-    epsilon_curve: np.ndarray
+    local_steps: int
+    participation: np.ndarray
+    sampling: client_level.ClientSampling
+    client_noise_multiplier: float
+    curves: dict[str, np.ndarray | None]
     client_epsilon: np.ndarray
     overflow_probability: np.ndarray
     delta: float
@@ -45,28 +59,121 @@ class PrivacyPlan:
     private: bool
 
     @property
+    def epsilon_curve(self) -> np.ndarray:
+        """``[rounds]`` epsilon after each round with the configured accountant."""
+        return self.curves[self.accountant]
+
+    @property
     def epsilon(self) -> float:
         return float(self.epsilon_curve[-1])
 
+    @property
+    def rounds(self) -> int:
+        return int(self.participation.shape[0])
+
+    @property
+    def rounds_participated(self) -> np.ndarray:
+        """``[K]`` rounds each client takes part in."""
+        return self.participation.sum(axis=0)
+
+    @property
+    def steps(self) -> int:
+        """Composed steps of the binding unit: local DP-SGD steps of the busiest client
+        (``sample``), or rounds (``client``)."""
+        if self.unit == "client":
+            return self.rounds
+        return int(self.rounds_participated.max()) * self.local_steps
+
+    def epsilon_after(self, rounds_done: int, accountant: str | None = None) -> float | None:
+        """Epsilon after ``rounds_done`` rounds (0 for 0 rounds; None: accountant n/a)."""
+        curve = self.curves.get(accountant or self.accountant)
+        if curve is None:
+            return None
+        return 0.0 if rounds_done == 0 else float(curve[rounds_done - 1])
+
+    def ledger(self, rounds_done: int) -> PrivacyLedger:
+        """The ledger after ``rounds_done`` rounds of this plan."""
+
+        def eps(acc):
+            e = self.epsilon_after(rounds_done, acc)
+            return e if (e is not None and self.private) else None
+
+        return PrivacyLedger(
+            private=self.private,
+            unit=self.unit,
+            accountant=self.accountant,
+            delta=self.delta,
+            noise_multipliers=tuple(float(s) for s in self.noise_multipliers),
+            sampling_rates=tuple(float(q) for q in self.sampling_rates),
+            client_sizes=tuple(int(n) for n in self.client_sizes),
+            max_batch_size=int(self.max_batch_size),
+            steps_per_round=int(self.local_steps),
+            rounds_done=int(rounds_done),
+            rounds_participated=tuple(int(c) for c in self.participation[:rounds_done].sum(0)),
+            clients_per_round=int(self.sampling.clients_per_round),
+            client_sampling=self.sampling.sampling,
+            max_clients_per_round=int(self.sampling.max_clients),
+            client_noise_multiplier=float(self.client_noise_multiplier),
+            epsilon_spent=(self.epsilon_after(rounds_done) if self.private else math.inf),
+            epsilon_pld=eps("pld"),
+            epsilon_rdp=eps("rdp"),
+        )
+
     def to_json(self) -> dict[str, Any]:
         def num(x):
-            return None if not math.isfinite(float(x)) else float(x)
+            return None if x is None or not math.isfinite(float(x)) else float(x)
 
-        return {
+        out = {
             "private": self.private,
-            "unit": "sample-level, per client",
+            "unit": self.unit,
+            "neighbouring_relation": _relation_text(self),
             "accountant": self.accountant,
             "delta": self.delta if self.private else None,
             "epsilon": num(self.epsilon),
-            "noise_multiplier": [float(s) for s in self.noise_multipliers],
-            "sampling_rate": [float(q) for q in self.sampling_rates],
-            "client_sizes": [int(n) for n in self.client_sizes],
-            "max_batch_size": self.max_batch_size,
+            "epsilon_pld": num(self.epsilon_after(self.rounds, "pld")) if self.private else None,
+            "epsilon_rdp": num(self.epsilon_after(self.rounds, "rdp")) if self.private else None,
             "steps": self.steps,
+            "rounds": self.rounds,
+            "clients": int(self.sampling.num_clients),
+            "clients_per_round": int(self.sampling.clients_per_round),
+            "client_sampling": self.sampling.sampling
+            if self.sampling.clients_per_round < self.sampling.num_clients
+            else "all",
+            "client_sampling_rate": self.sampling.rate,
+            "client_slots": int(self.sampling.max_clients),
+            "rounds_participated": [int(c) for c in self.rounds_participated],
             "epsilon_curve": [num(e) for e in self.epsilon_curve],
-            "client_epsilon": [num(e) for e in self.client_epsilon],
-            "overflow_probability_per_step": [float(p) for p in self.overflow_probability],
+            "client_sizes": [int(n) for n in self.client_sizes],
         }
+        if self.unit == "client":
+            out["noise_multiplier"] = float(self.client_noise_multiplier)
+            out["sampling_rate"] = self.sampling.rate
+        else:
+            out["noise_multiplier"] = [float(s) for s in self.noise_multipliers]
+            out["sampling_rate"] = [float(q) for q in self.sampling_rates]
+            out["max_batch_size"] = self.max_batch_size
+            out["client_epsilon"] = [num(e) for e in self.client_epsilon]
+            out["overflow_probability_per_step"] = [float(p) for p in self.overflow_probability]
+        return out
+
+
+def _relation_text(plan: PrivacyPlan) -> str:
+    if not plan.private:
+        return "none"
+    if plan.unit == "client":
+        return plan.sampling.relation_text
+    return "add/remove one example of one client"
+
+
+def _full_sampling(k: int) -> client_level.ClientSampling:
+    return client_level.ClientSampling(k, k, "poisson", k)
+
+
+def _lookup(curve: np.ndarray, participation: np.ndarray) -> np.ndarray:
+    """Per-round epsilon of a client from its curve over its own rounds (``curve[c - 1]``
+    after its c-th participation; 0 before the first)."""
+    cum = np.cumsum(participation.astype(np.int64))
+    return np.where(cum > 0, np.asarray(curve)[np.maximum(cum - 1, 0)], 0.0)
 
 
 def sample_level_plan(
@@ -80,106 +187,291 @@ def sample_level_plan(
     delta: float,
     accountant: str = "pld",
     noise_multiplier: float | None = None,
+    participation: np.ndarray | None = None,
+    sampling: client_level.ClientSampling | None = None,
+    noise_multipliers: Sequence[float] | None = None,
 ) -> PrivacyPlan:
-    """Calibrates sigma_k for every client so that each spends exactly ``epsilon`` (or, with
-    a fixed ``noise_multiplier``, reports what it spends).
+    """Calibrates sigma_k for every client so that each spends exactly ``epsilon`` over the
+    rounds it takes part in (or, with a fixed ``noise_multiplier`` / ``noise_multipliers``,
+    reports what it spends).
 
-    Each client has its own sampling rate ``q_k = batch_size / n_k`` and therefore its own
-    sigma_k: every client meets the target, none is over-noised. The accounting covers the
-    fixed-size padding exactly with PLD (truncated Poisson sampling, see
-    :mod:`ffa_jax.privacy.accounting`).
+    Each client has its own sampling rate ``q_k = batch_size / n_k`` and its own number of
+    rounds ``c_k`` (``participation``, default: every round), hence its own sigma_k: every
+    client meets the target, none is over-noised. The accounting covers the fixed-size padding
+    exactly with PLD (truncated Poisson sampling, see :mod:`ffa_jax.privacy.accounting`).
 
     Formal guarantee:
-      With these sigma_k, client k's local training over all ``rounds x local_steps`` steps
-      is (epsilon_k, delta)-DP with respect to adding or removing one of its examples; the
-      reported epsilon is ``max_k epsilon_k``.
+      With these sigma_k, client k's local training over its ``c_k x local_steps`` DP-SGD
+      steps is (epsilon_k, delta)-DP with respect to adding or removing one of its examples;
+      rounds it sits out release nothing about its data (participants are drawn from the
+      seed, independently of the data); the reported epsilon is ``max_k epsilon_k``.
     """
     sizes = np.asarray(client_sizes, dtype=np.int64)
+    k = len(sizes)
+    if participation is None:
+        participation = np.ones((rounds, k), dtype=bool)
+    participation = np.asarray(participation, dtype=bool)
+    sampling = sampling or _full_sampling(k)
     q = batch_size / sizes
-    steps = rounds * local_steps
-    private = math.isfinite(epsilon) or noise_multiplier is not None
+    private = (
+        math.isfinite(epsilon) or noise_multiplier is not None or noise_multipliers is not None
+    )
     overflow = np.array(
         [
             accounting.overflow_probability(int(n), float(qk), max_batch_size)
             for n, qk in zip(sizes, q, strict=True)
         ]
     )
+    common = dict(
+        unit="sample",
+        sampling_rates=q,
+        client_sizes=sizes,
+        max_batch_size=max_batch_size,
+        local_steps=local_steps,
+        participation=participation,
+        sampling=sampling,
+        client_noise_multiplier=0.0,
+        overflow_probability=overflow,
+        delta=delta,
+        accountant=accountant,
+    )
     if not private:
-        k = len(sizes)
+        inf = np.full(rounds, math.inf)
         return PrivacyPlan(
             noise_multipliers=np.zeros(k),
-            sampling_rates=q,
-            client_sizes=sizes,
-            max_batch_size=max_batch_size,
-            steps=steps,
-            epsilon_curve=np.full(rounds, math.inf),
+            curves={"pld": inf, "rdp": inf},
             client_epsilon=np.full(k, math.inf),
-            overflow_probability=overflow,
-            delta=delta,
-            accountant=accountant,
             private=False,
+            **common,
         )
+    counts = np.maximum(participation.sum(axis=0), 1)  # a client that never takes part: 1
     truncs = [accounting.Truncation(int(n), int(max_batch_size)) for n in sizes]
-    if noise_multiplier is not None:
-        sigmas = np.full(len(sizes), float(noise_multiplier))
+    if noise_multipliers is not None:
+        sigmas = np.asarray(noise_multipliers, np.float64)
+    elif noise_multiplier is not None:
+        sigmas = np.full(k, float(noise_multiplier))
     else:
         sigmas = np.array(
             [
                 accounting.calibrate_noise_multiplier(
-                    epsilon, delta, float(qk), steps, accountant, truncation=t
+                    epsilon, delta, float(qk), int(c) * local_steps, accountant, truncation=t
                 )
-                for qk, t in zip(q, truncs, strict=True)
+                for qk, c, t in zip(q, counts, truncs, strict=True)
             ]
         )
-    curves = np.stack(
-        [
-            accounting.epsilon_curve(
-                float(s), float(qk), local_steps, rounds, delta, accountant, truncation=t
-            )
-            for s, qk, t in zip(sigmas, q, truncs, strict=True)
-        ]
-    )
+    curves = {}
+    for acc in accounting.ACCOUNTANTS:
+        per_client = np.stack(
+            [
+                _lookup(
+                    accounting.epsilon_curve(
+                        float(s), float(qk), local_steps, int(c), delta, acc, truncation=t
+                    ),
+                    participation[:, i],
+                )
+                for i, (s, qk, c, t) in enumerate(zip(sigmas, q, counts, truncs, strict=True))
+            ]
+        )
+        curves[acc] = per_client.max(axis=0)
+        if acc == accountant:
+            client_eps = per_client[:, -1]
     return PrivacyPlan(
         noise_multipliers=sigmas,
+        curves=curves,
+        client_epsilon=client_eps,
+        private=True,
+        **common,
+    )
+
+
+def client_level_plan(
+    *,
+    client_sizes: Sequence[int],
+    batch_size: int,
+    max_batch_size: int,
+    rounds: int,
+    local_steps: int,
+    epsilon: float,
+    delta: float,
+    accountant: str,
+    participation: np.ndarray,
+    sampling: client_level.ClientSampling,
+    noise_multiplier: float | None = None,
+) -> PrivacyPlan:
+    """Calibrates the server's noise multiplier z of DP-FedAvg so that T = ``rounds`` rounds
+    of client sampling ``sampling`` spend exactly ``epsilon`` (or reports what a fixed z
+    spends).
+
+    Formal guarantee:
+      Clipping every participant's update to S and adding ``N(0, (z S)^2 I)`` to their sum
+      each round makes the released aggregates client-level (epsilon, delta)-DP under
+      ``sampling.relation`` (add/remove one client; replace one for fixed-size sampling),
+      provided the sampled set stays secret; the server is trusted with the clipped updates.
+    """
+    sizes = np.asarray(client_sizes, dtype=np.int64)
+    k = len(sizes)
+    q = batch_size / sizes
+    if noise_multiplier is not None:
+        z = float(noise_multiplier)
+    else:
+        z = client_level.calibrate(epsilon, delta, sampling, rounds, accountant)
+    curves: dict[str, np.ndarray | None] = {}
+    for acc in accounting.ACCOUNTANTS:
+        try:
+            curves[acc] = client_level.epsilon_curve(z, sampling, rounds, delta, acc)
+        except ConfigError:
+            curves[acc] = None  # PLD with fixed-size sampling: no such event
+    return PrivacyPlan(
+        unit="client",
+        noise_multipliers=np.zeros(k),
         sampling_rates=q,
         client_sizes=sizes,
         max_batch_size=max_batch_size,
-        steps=steps,
-        epsilon_curve=curves.max(axis=0),
-        client_epsilon=curves[:, -1],
-        overflow_probability=overflow,
+        local_steps=local_steps,
+        participation=np.asarray(participation, dtype=bool),
+        sampling=sampling,
+        client_noise_multiplier=z,
+        curves=curves,
+        client_epsilon=np.full(k, float(curves[accountant][-1])),
+        overflow_probability=np.zeros(k),
         delta=delta,
         accountant=accountant,
         private=True,
     )
 
 
-def alternatives(
-    plan: PrivacyPlan, *, batch_size: int, rounds: int, local_steps: int, epsilon: float
-) -> list[dict[str, Any]]:
-    """What-if table: for other (rounds, local steps, batch size) choices, the noise multiplier
-    needed to keep the target epsilon and the epsilon the current sigma would spend.
+def client_sampling(cfg: RunConfig) -> client_level.ClientSampling:
+    """The run's client sampling: M of N, poisson/fixed, and the slot count P."""
+    fed = cfg.federated
+    m = fed.participants
+    return client_level.ClientSampling(
+        fed.clients,
+        m,
+        fed.client_sampling,
+        participation_lib.slot_count(fed.clients, m, fed.client_sampling),
+    )
 
-    Uses untruncated Poisson accounting (fast); fixed-size truncation changes these numbers
-    by well under 1%.
+
+def make_plan(
+    cfg: RunConfig,
+    client_sizes: Sequence[int],
+    max_batch_size: int,
+    *,
+    ledger: PrivacyLedger | None = None,
+) -> PrivacyPlan:
+    """The privacy plan of the run ``cfg`` (what ``ffa-jax privacy`` prints, what ``train``
+    uses). With ``ledger`` (a resumed run) the noise multipliers are the ledger's, and the
+    epsilon of those is accounted instead of calibrating new ones."""
+    fed, priv = cfg.federated, cfg.privacy
+    sampling = client_sampling(cfg)
+    participation = participation_lib.schedule(
+        cfg.seed, fed.rounds, fed.clients, sampling.clients_per_round, fed.client_sampling
+    )
+    common = dict(
+        client_sizes=list(client_sizes),
+        batch_size=cfg.client.batch_size,
+        max_batch_size=max_batch_size,
+        rounds=fed.rounds,
+        local_steps=fed.local_steps,
+        epsilon=priv.epsilon,
+        delta=priv.delta,
+        accountant=priv.accountant,
+        participation=participation,
+        sampling=sampling,
+    )
+    fixed = ledger is not None and ledger.private and priv.enabled
+    if priv.enabled and priv.unit == "client":
+        z = ledger.client_noise_multiplier if fixed else priv.noise_multiplier
+        return client_level_plan(noise_multiplier=z, **common)
+    return sample_level_plan(
+        noise_multiplier=priv.noise_multiplier,
+        noise_multipliers=ledger.noise_multipliers if fixed else None,
+        **common,
+    )
+
+
+def alternatives(
+    plan: PrivacyPlan,
+    *,
+    batch_size: int,
+    rounds: int,
+    local_steps: int,
+    epsilon: float,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """What-if table: for other (rounds, local steps, batch size, clients per round) choices,
+    the noise multiplier needed to keep the target epsilon and the epsilon the current one
+    would spend.
+
+    Sample-level rows follow the binding client (the one spending the most) with its exact
+    participation for the changed schedule, and use untruncated Poisson accounting (fast;
+    fixed-size truncation changes these numbers by well under 1%). Client-level rows use the
+    same client-level events as the run.
     """
     if not plan.private:
         return []
-    k = int(np.argmax(plan.sampling_rates))  # the smallest client is the binding one
+    smp = plan.sampling
+    n_clients, m = smp.num_clients, smp.clients_per_round
+    changes = [
+        ("as configured", rounds, local_steps, batch_size, m),
+        ("rounds x 2", rounds * 2, local_steps, batch_size, m),
+        ("rounds / 2", max(1, rounds // 2), local_steps, batch_size, m),
+    ]
+    if m < n_clients:
+        changes.append(
+            ("clients/round x 2", rounds, local_steps, batch_size, min(n_clients, 2 * m))
+        )
+    if m > 1:
+        changes.append(("clients/round / 2", rounds, local_steps, batch_size, max(1, m // 2)))
+    if plan.unit == "sample":
+        changes += [
+            ("local_steps x 2", rounds, local_steps * 2, batch_size, m),
+            ("batch_size x 2", rounds, local_steps, batch_size * 2, m),
+            ("batch_size / 2", rounds, local_steps, max(1, batch_size // 2), m),
+        ]
+    rows = []
+    if plan.unit == "client":
+        z_now = plan.client_noise_multiplier
+        for name, r, s, b, mm in changes:
+            alt = client_level.ClientSampling(
+                n_clients,
+                mm,
+                smp.sampling,
+                participation_lib.slot_count(n_clients, mm, smp.sampling),
+            )
+            row = {
+                "change": name,
+                "rounds": r,
+                "local_steps": s,
+                "batch_size": b,
+                "clients_per_round": mm,
+                "sampling_rate": alt.rate,
+                "epsilon_at_current_sigma": client_level.epsilon_spent(
+                    z_now, alt, r, plan.delta, plan.accountant
+                ),
+            }
+            if math.isfinite(epsilon):
+                row["sigma_for_target"] = client_level.calibrate(
+                    epsilon, plan.delta, alt, r, plan.accountant
+                )
+            rows.append(row)
+        return rows
+    k = int(np.argmax(plan.client_epsilon))  # the binding client
     n = int(plan.client_sizes[k])
     sigma_now = float(plan.noise_multipliers[k])
-    rows = []
-    for name, r, s, b in [
-        ("as configured", rounds, local_steps, batch_size),
-        ("rounds x 2", rounds * 2, local_steps, batch_size),
-        ("rounds / 2", max(1, rounds // 2), local_steps, batch_size),
-        ("local_steps x 2", rounds, local_steps * 2, batch_size),
-        ("batch_size x 2", rounds, local_steps, batch_size * 2),
-        ("batch_size / 2", rounds, local_steps, max(1, batch_size // 2)),
-    ]:
+    for name, r, s, b, mm in changes:
         q = min(1.0, b / n)
-        steps = r * s
-        row = {"change": name, "rounds": r, "local_steps": s, "batch_size": b, "sampling_rate": q}
+        part = participation_lib.schedule(seed, r, n_clients, mm, smp.sampling)[:, k]
+        steps = max(int(part.sum()), 1) * s
+        row = {
+            "change": name,
+            "rounds": r,
+            "local_steps": s,
+            "batch_size": b,
+            "clients_per_round": mm,
+            "sampling_rate": q,
+            "steps": steps,
+        }
         row["epsilon_at_current_sigma"] = accounting.epsilon_spent(
             sigma_now, q, steps, plan.delta, plan.accountant
         )
@@ -195,33 +487,60 @@ def format_plan(plan: PrivacyPlan, alt: list[dict[str, Any]], every: int | None 
     """Human-readable tables of a plan."""
     if not plan.private:
         return "privacy.epsilon = inf: no clipping, no noise, no privacy guarantee."
-    lines = [
-        f"Sample-level DP per client ({plan.accountant.upper()} accountant, delta={plan.delta:g}), "
-        f"{plan.steps} local DP-SGD steps per client, physical batch B_max={plan.max_batch_size}",
-        "",
-        "client      n   sampling rate q   noise multiplier   overflow/step   final epsilon",
-    ]
-    for i in range(len(plan.client_sizes)):
-        lines.append(
-            f"{i:6d} {plan.client_sizes[i]:6d} {plan.sampling_rates[i]:17.5f} {plan.noise_multipliers[i]:18.4f}"
-            f" {plan.overflow_probability[i]:15.2e} {plan.client_epsilon[i]:15.4f}"
-        )
-    rounds = len(plan.epsilon_curve)
+    smp = plan.sampling
+    who = (
+        f"all {smp.num_clients} clients every round"
+        if smp.full
+        else f"{smp.clients_per_round} of {smp.num_clients} clients per round ({smp.sampling}, "
+        f"q={smp.rate:.4g}, {smp.max_clients} slots)"
+    )
+    other = "rdp" if plan.accountant == "pld" else "pld"
+    other_eps = plan.epsilon_after(plan.rounds, other)
+    other_txt = f"{other_eps:.4f}" if other_eps is not None else "n/a for this sampling"
+    if plan.unit == "client":
+        lines = [
+            f"Client-level DP (DP-FedAvg; neighbours: {smp.relation_text}), "
+            f"{plan.accountant.upper()} accountant, delta={plan.delta:g}",
+            f"{who}, {plan.rounds} rounds",
+            f"server noise multiplier z = {plan.client_noise_multiplier:.4f} (noise std z x "
+            "privacy.client_clip_norm on the sum of clipped updates)",
+            f"epsilon = {plan.epsilon:.4f} ({plan.accountant}); {other}: {other_txt}",
+        ]
+    else:
+        lines = [
+            f"Sample-level DP per client ({plan.accountant.upper()} accountant, delta={plan.delta:g}), "
+            f"{who}, physical batch B_max={plan.max_batch_size}",
+            f"epsilon = {plan.epsilon:.4f} ({plan.accountant}); {other}: {other_txt}",
+            "",
+            "client      n   rounds   sampling rate q   noise multiplier   overflow/step   final epsilon",
+        ]
+        parts = plan.rounds_participated
+        for i in range(len(plan.client_sizes)):
+            lines.append(
+                f"{i:6d} {plan.client_sizes[i]:6d} {parts[i]:8d} {plan.sampling_rates[i]:17.5f}"
+                f" {plan.noise_multipliers[i]:18.4f} {plan.overflow_probability[i]:15.2e}"
+                f" {plan.client_epsilon[i]:15.4f}"
+            )
+    rounds = plan.rounds
     every = every or max(1, rounds // 10)
-    lines += ["", "round   epsilon spent (max over clients)"]
+    unit = "max over clients" if plan.unit == "sample" else "client-level"
+    lines += ["", f"round   epsilon spent ({unit})"]
     for r in range(rounds):
         if (r + 1) % every == 0 or r == 0 or r + 1 == rounds:
             lines.append(f"{r + 1:5d}   {plan.epsilon_curve[r]:.4f}")
     if alt:
+        binding = "binding = busiest client" if plan.unit == "sample" else "client-level"
         lines += [
             "",
-            "alternatives (binding = smallest client)     sigma for target   epsilon at current sigma",
+            f"alternatives ({binding})" + " " * 33 + "sigma for target   epsilon at current sigma",
         ]
         for row in alt:
             sig = row.get("sigma_for_target")
             lines.append(
-                f"  {row['change']:<16} rounds={row['rounds']:<5} steps={row['local_steps']:<3} batch={row['batch_size']:<5}"
-                f" {sig if sig is None else f'{sig:10.4f}':>12} {row['epsilon_at_current_sigma']:22.4f}"
+                f"  {row['change']:<18} rounds={row['rounds']:<5} steps={row['local_steps']:<3}"
+                f" batch={row['batch_size']:<5} clients/round={row['clients_per_round']:<4}"
+                f" {sig if sig is None else f'{sig:10.4f}':>12}"
+                f" {row['epsilon_at_current_sigma']:22.4f}"
             )
     return "\n".join(lines)
 
@@ -238,7 +557,7 @@ def plot_curve(plan: PrivacyPlan, path) -> None:
     ax.set(
         xlabel="round",
         ylabel="epsilon spent",
-        title=f"privacy spent ({plan.accountant}, delta={plan.delta:g})",
+        title=f"{plan.unit}-level privacy spent ({plan.accountant}, delta={plan.delta:g})",
     )
     ax.grid(alpha=0.3)
     fig.tight_layout()

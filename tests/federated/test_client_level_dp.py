@@ -121,3 +121,77 @@ def test_server_noise_keys_never_collide_with_client_or_step_keys():
             )
             seen.add(tuple(np.asarray(jax.random.key_data(client_key(key, r, c))).tolist()))
     assert len(seen) == 5 * (1 + 4 + 16)  # server key, client keys, step noise keys: all distinct
+
+
+@pytest.mark.parametrize("client_level", [False, True], ids=["sample-level", "client-level"])
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_idle_chunks_are_skipped_without_changing_results(client_level, chunk):
+    """Partial participation: slots of non-participants (weight 0) are filled last, whole idle
+    chunks are skipped by lax.cond, and the result equals the unchunked round over the same
+    participants, which equals the round over the participants alone."""
+    from ffa_jax.federated import participation
+
+    module, _, trainable, frozen = setup("ffa")
+    P = 6
+    cu = make_client_update(loss_fn_for(module), optax.sgd(0.5), private=not client_level)
+    opt = make_server_optimizer(ServerConfig())
+    sdp = _sdp(0.05, 0.0, 2.0) if client_level else None
+    members = np.array([4, 9])  # 2 participants of a 10-client federation, 6 slots
+    slots = participation.slots(members, P, chunk)
+    real = slots >= 0
+    batches = make_batches(P, 2, 8)
+    for k in batches:
+        batches[k] = np.where(
+            real.reshape((-1,) + (1,) * (batches[k].ndim - 1)), batches[k], 0 * batches[k]
+        )
+    weights = jnp.asarray(real, jnp.float32)
+    ids = jnp.asarray(np.where(real, slots, 10 + np.arange(P)), jnp.int32)
+    key = jax.random.key(3)
+    args = (frozen, batches, weights, ids, dp_params(P), key, sdp)
+    round_chunked = make_round(cu, opt, clients_per_chunk=chunk, client_level_dp=client_level)
+    got, m = round_chunked(server_init(trainable, opt), *args)
+    ref, _ = make_round(cu, opt, client_level_dp=client_level)(server_init(trainable, opt), *args)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(got.trainable),
+        jax.tree_util.tree_leaves(ref.trainable),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # Same as a round that only ever had the two participants.
+    sub = jax.tree_util.tree_map(lambda x: x[real], batches)
+    alone, _ = make_round(cu, opt, client_level_dp=client_level)(
+        server_init(trainable, opt),
+        frozen,
+        sub,
+        jnp.ones(2),
+        jnp.asarray(slots[real], jnp.int32),
+        dp_params(2),
+        key,
+        sdp,
+    )
+    for a, b in zip(
+        jax.tree_util.tree_leaves(got.trainable),
+        jax.tree_util.tree_leaves(alone.trainable),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # Skipped slots report zeros; the participants did train.
+    assert np.all(np.asarray(m.clients.num_examples)[~real] == 0)
+    assert np.all(np.asarray(m.clients.num_examples)[real] > 0)
+    # Another round with other participants reuses the executable.
+    other = participation.slots(np.array([0, 1, 2, 3, 5]), P, chunk)
+    w2 = jnp.asarray(other >= 0, jnp.float32)
+    round_chunked(got, frozen, batches, w2, ids, dp_params(P), key, sdp)
+    assert round_chunked._cache_size() == 1
+
+
+def test_noise_is_added_to_the_sum_before_dividing():
+    """(sum + N(0, (zS)^2)) / M: the output noise std is z S / M, not z S (noise after the
+    division) and not z S / sqrt(M) (noise per client)."""
+    m = 8.0
+    out, _ = dp_fedavg_aggregate(
+        {"b": jnp.zeros((8, 20000))}, jnp.ones(8), _sdp(0.5, 2.0, m), jax.random.key(7)
+    )
+    std = float(jnp.std(out["b"]))
+    assert std == pytest.approx(2.0 * 0.5 / m, rel=0.03)
+    assert abs(std - 2.0 * 0.5) > 0.5 and abs(std - 2.0 * 0.5 / np.sqrt(m)) > 0.1

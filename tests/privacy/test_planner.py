@@ -63,3 +63,39 @@ def test_fixed_noise_multiplier_reports_epsilon():
     assert plan.epsilon == pytest.approx(
         accounting.epsilon_spent(1.0, 32 / 500, 6, 1e-5, "rdp"), rel=1e-9
     )
+
+
+def test_privacy_json_client_level_partial_participation(capsys):
+    args = [
+        "privacy",
+        "--json",
+        *FAST,
+        "--set",
+        "privacy.unit=client",
+        "--set",
+        "federated.clients=6",
+        "--set",
+        "federated.clients_per_round=2",
+    ]
+    assert cli.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["unit"] == "client" and out["neighbouring_relation"].startswith("add/remove one")
+    assert out["steps"] == 4 and out["clients_per_round"] == 2 and out["clients"] == 6
+    assert out["sampling_rate"] == pytest.approx(1 / 3) and out["client_sampling"] == "poisson"
+    acc = accounting.make_accountant("rdp")
+    acc.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(
+                1 / 3, dp_accounting.GaussianDpEvent(out["noise_multiplier"])
+            ),
+            4,
+        )
+    )
+    assert acc.get_epsilon(1e-5) == pytest.approx(out["epsilon"], rel=1e-6)
+    assert out["epsilon"] == pytest.approx(6.0, rel=0.01) and out["epsilon_rdp"] == out["epsilon"]
+    changes = {r["change"]: r for r in out["alternatives"]}
+    # More clients per round: a larger sampling rate needs more noise for the same budget.
+    more = changes["clients/round x 2"]
+    assert more["clients_per_round"] == 4
+    assert more["sigma_for_target"] > changes["as configured"]["sigma_for_target"]
+    assert sum(out["rounds_participated"]) > 0

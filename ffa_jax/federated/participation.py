@@ -1,0 +1,99 @@
+"""Which clients take part in each round (partial participation), drawn on the host.
+
+The draw of round ``r`` is a pure function of ``(seed, r)`` (NumPy generator seeded with
+``[seed, PARTICIPATION_PURPOSE, r]``) and never looks at the data, so the whole schedule is
+known before training: the accountant composes exactly what will happen, and a resumed run
+draws the same participants. Client-level DP's amplification by sampling assumes the draw is
+not revealed: keep the seed secret.
+
+Shapes stay fixed so the round never recompiles: the round's client axis has
+:func:`slot_count` slots (P); the participants fill the first slots and the rest are masked
+dummy clients (weight 0, every example masked).
+
+* ``fixed``: exactly M of N clients, uniformly without replacement; P = M.
+* ``poisson``: each client independently with probability q = M / N; P is the smallest size
+  that a Binomial(N, q) count exceeds with probability <= ``overflow_probability`` (1e-6).
+  An overflowing draw keeps a uniformly random subset of P clients (truncated Poisson
+  sampling, which the PLD accountant accounts for exactly).
+* all clients (M = N): every client, in order, every round; P = N.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ffa_jax.privacy.accounting import overflow_probability as _binomial_tail
+
+# Host-side randomness purposes of train.py are 0..3; participation has its own.
+PARTICIPATION_PURPOSE = 4
+SLOT_OVERFLOW_PROBABILITY = 1e-6
+
+
+def slot_count(
+    num_clients: int,
+    clients_per_round: int,
+    sampling: str,
+    overflow_probability: float = SLOT_OVERFLOW_PROBABILITY,
+) -> int:
+    """P, the fixed size of the round's client axis."""
+    n, m = int(num_clients), int(clients_per_round)
+    if m >= n:
+        return n
+    if sampling == "fixed":
+        return m
+    q = m / n
+    for b in range(m, n):
+        if _binomial_tail(n, q, b) <= overflow_probability:
+            return b
+    return n
+
+
+def participants(
+    seed: int, round_idx: int, num_clients: int, clients_per_round: int, sampling: str
+) -> np.ndarray:
+    """Sorted int array of the clients taking part in round ``round_idx`` (0-based)."""
+    n, m = int(num_clients), int(clients_per_round)
+    if m >= n:
+        return np.arange(n)
+    rng = np.random.default_rng([int(seed), PARTICIPATION_PURPOSE, int(round_idx)])
+    if sampling == "fixed":
+        chosen = rng.choice(n, size=m, replace=False)
+    else:
+        chosen = np.flatnonzero(rng.random(n) < m / n)
+        cap = slot_count(n, m, sampling)
+        if len(chosen) > cap:  # truncated Poisson: a uniformly random subset of P clients
+            chosen = rng.choice(chosen, size=cap, replace=False)
+    return np.sort(chosen)
+
+
+def schedule(
+    seed: int, rounds: int, num_clients: int, clients_per_round: int, sampling: str
+) -> np.ndarray:
+    """``[rounds, N]`` bool: entry (r, k) is True when client k takes part in round r."""
+    out = np.zeros((int(rounds), int(num_clients)), dtype=bool)
+    for r in range(int(rounds)):
+        out[r, participants(seed, r, num_clients, clients_per_round, sampling)] = True
+    return out
+
+
+def fill_order(num_slots: int, clients_per_chunk: int) -> np.ndarray:
+    """Slot indices in the order participants should fill them so that whole chunks of the
+    round (see :mod:`ffa_jax.federated.round`) hold participants first: chunks of dummies only
+    are then skipped. ``clients_per_chunk`` 0 means one chunk."""
+    c = clients_per_chunk or num_slots
+    n_chunks = -(-num_slots // c)
+    # The round maps slot i to (chunk i % n_chunks, position i // n_chunks).
+    order = [pos * n_chunks + chunk for chunk in range(n_chunks) for pos in range(c)]
+    return np.asarray([i for i in order if i < num_slots], dtype=np.int64)
+
+
+def slots(members: np.ndarray, num_slots: int, clients_per_chunk: int = 0) -> np.ndarray:
+    """``[P]`` int: the client in each slot of the round, -1 for a dummy slot."""
+    out = np.full(num_slots, -1, dtype=np.int64)
+    members = np.asarray(members)
+    if len(members) == num_slots:  # everyone takes part: keep the client order
+        return members.astype(np.int64)
+    if len(members) > num_slots:
+        raise ValueError(f"{len(members)} participants do not fit {num_slots} slots.")
+    out[fill_order(num_slots, clients_per_chunk)[: len(members)]] = members
+    return out

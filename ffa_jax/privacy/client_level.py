@@ -1,0 +1,227 @@
+"""Host-side accounting of client-level DP (DP-FedAvg): one event per round, composed over rounds.
+
+Each round the server draws the participating clients (from the seed, independently of the
+data), clips every participant's whole update to L2 norm S, adds ``N(0, (z S)^2 I)`` to the sum
+and divides by the fixed expected number of participants. The round's DpEvent depends on how
+the clients are drawn (``federated.client_sampling``):
+
+* all clients every round (M = N): ``GaussianDpEvent(z)``; add/remove one client.
+* ``poisson`` (each client independently with probability q = M / N):
+  ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``; add/remove one client. When the round's
+  client axis holds fewer than N slots (``max_clients`` P, padded with masked dummies), an
+  overflowing sample is cut to a uniformly random subset of P clients, and the PLD accountant
+  accounts for exactly that with ``TruncatedSubsampledGaussianDpEvent(N, q, P, z)`` (RDP uses
+  the untruncated event, as for sample-level DP).
+* ``fixed`` (exactly M of N uniformly without replacement):
+  ``SampledWithoutReplacementDpEvent(N, M, GaussianDpEvent(z / 2))`` under the *replace-one*
+  relation (N is public; one client's data is replaced by another's). Replacing one clipped
+  update moves the sum by up to 2 S, so the Gaussian's multiplier relative to that sensitivity
+  is z / 2. Only dp-accounting's RDP accountant (Wang, Balle, Kasiviswanathan 2019) supports
+  this event; the PLD accountant does not, and asking for it raises ConfigError.
+
+The run's event is ``SelfComposedDpEvent(round_event, T)``. Like :mod:`accounting`, nothing
+here runs under jit; functions take and return Python numbers / NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import dp_accounting
+import numpy as np
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from ffa_jax.config import CLIENT_SAMPLINGS
+from ffa_jax.errors import ConfigError
+from ffa_jax.privacy import accounting
+
+NeighborRel = dp_accounting.NeighboringRelation
+
+
+class ClientSampling(NamedTuple):
+    """How the participants of a round are drawn: M of N clients, ``poisson`` or ``fixed``,
+    in a client axis of ``max_clients`` slots (P; = N when no truncation can happen)."""
+
+    num_clients: int
+    clients_per_round: int
+    sampling: str
+    max_clients: int
+
+    @property
+    def rate(self) -> float:
+        """q = M / N."""
+        return self.clients_per_round / self.num_clients
+
+    @property
+    def full(self) -> bool:
+        return self.clients_per_round == self.num_clients
+
+    @property
+    def relation(self) -> NeighborRel:
+        """The neighbouring relation the accounting of this sampling uses."""
+        if self.sampling == "fixed" and not self.full:
+            return NeighborRel.REPLACE_ONE
+        return NeighborRel.ADD_OR_REMOVE_ONE
+
+    @property
+    def relation_text(self) -> str:
+        if self.relation == NeighborRel.REPLACE_ONE:
+            return "replace one client's data (N public)"
+        return "add/remove one client's data"
+
+
+def check_sampling(s: ClientSampling) -> ClientSampling:
+    n, m, p = s.num_clients, s.clients_per_round, s.max_clients
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (n, m, p)):
+        raise ConfigError(f"client sampling {s!r}: counts must be integers.")
+    if not 1 <= m <= n:
+        raise ConfigError(
+            f"federated.clients_per_round={m} must be in [1, federated.clients={n}]: client-level "
+            "DP needs at least one sampled client per round."
+        )
+    if s.sampling not in CLIENT_SAMPLINGS:
+        raise ConfigError(
+            f"federated.client_sampling={s.sampling!r}: use one of {CLIENT_SAMPLINGS}."
+        )
+    if not (min(m, n) <= p <= n):
+        raise ConfigError(f"max_clients={p} must be in [{m}, {n}].")
+    return ClientSampling(int(n), int(m), s.sampling, int(p))
+
+
+def _check_supported(s: ClientSampling, accountant: str) -> None:
+    if s.relation == NeighborRel.REPLACE_ONE and accountant == "pld":
+        raise ConfigError(
+            "privacy.accountant='pld' cannot account client-level DP with "
+            "federated.client_sampling=fixed (dp-accounting's PLD accountant has no "
+            "sampling-without-replacement event); use privacy.accountant=rdp or "
+            "federated.client_sampling=poisson."
+        )
+
+
+def round_event(z: float, s: ClientSampling, accountant: str = "pld") -> dp_accounting.DpEvent:
+    """The DpEvent of one round of DP-FedAvg with noise multiplier ``z`` (std ``z S``).
+
+    Formal guarantee:
+      One round releases ``sum_{k sampled} clip_S(delta_k) + N(0, (z S)^2 I)``; under the
+      relation ``s.relation`` this is the event returned (see the module docstring).
+    """
+    s = check_sampling(s)
+    _check_supported(s, accountant)
+    z = float(z)
+    if s.full:
+        return dp_accounting.GaussianDpEvent(z)
+    if s.sampling == "fixed":
+        return dp_accounting.SampledWithoutReplacementDpEvent(
+            s.num_clients, s.clients_per_round, dp_accounting.GaussianDpEvent(z / 2.0)
+        )
+    if accountant == "pld" and s.max_clients < s.num_clients:
+        return dp_accounting.TruncatedSubsampledGaussianDpEvent(
+            dataset_size=s.num_clients,
+            sampling_probability=s.rate,
+            truncated_batch_size=s.max_clients,
+            noise_multiplier=z,
+        )
+    return dp_accounting.PoissonSampledDpEvent(s.rate, dp_accounting.GaussianDpEvent(z))
+
+
+def run_event(z: float, s: ClientSampling, rounds: int, accountant: str = "pld"):
+    """``SelfComposedDpEvent(round_event(z, s), rounds)``: the run's client-level event."""
+    return dp_accounting.SelfComposedDpEvent(round_event(z, s, accountant), int(rounds))
+
+
+def _truncation(s: ClientSampling, accountant: str) -> accounting.Truncation | None:
+    if accountant == "pld" and s.max_clients < s.num_clients:
+        return accounting.Truncation(s.num_clients, s.max_clients)
+    return None
+
+
+def epsilon_spent(z: float, s: ClientSampling, rounds: int, delta: float, accountant="pld"):
+    """Client-level epsilon after ``rounds`` rounds (0 for 0 rounds, inf for z = 0).
+
+    Formal guarantee:
+      The sequence of released noisy aggregates is (epsilon, delta)-DP under ``s.relation``
+      (one whole client), given that the participants are drawn as ``s`` says and the draw
+      is not revealed (amplification by sampling needs a secret seed).
+    """
+    s = check_sampling(s)
+    _check_supported(s, accountant)
+    if rounds == 0:
+        return 0.0
+    if z == 0:
+        return math.inf
+    with accounting._quiet_rdp():
+        acc = accounting.make_accountant(accountant, s.relation)
+        acc.compose(run_event(z, s, rounds, accountant))
+        return float(acc.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=64)
+def epsilon_curve(
+    z: float, s: ClientSampling, rounds: int, delta: float, accountant: str = "pld"
+) -> np.ndarray:
+    """``[rounds]`` client-level epsilon after each round (cached, read-only)."""
+    s = check_sampling(s)
+    _check_supported(s, accountant)
+    if z == 0:
+        return np.full(rounds, np.inf)
+    if s.relation == NeighborRel.ADD_OR_REMOVE_ONE:
+        # One round is one step of the Poisson (q = M/N) subsampled Gaussian: the DP-SGD curve.
+        return accounting.epsilon_curve(
+            float(z), s.rate, 1, int(rounds), float(delta), accountant, _truncation(s, accountant)
+        )
+    with accounting._quiet_rdp():
+        acc = accounting.make_accountant("rdp", s.relation).compose(round_event(z, s, "rdp"))
+    rdp = getattr(acc, "_rdp", None)
+    if rdp is None:  # private RDP vector moved in a dp-accounting release: pay more
+        eps = [epsilon_spent(z, s, r + 1, delta, "rdp") for r in range(rounds)]
+    else:
+        orders = np.asarray(accounting.RDP_ORDERS)
+        eps = [
+            rdp_privacy_accountant.compute_epsilon(orders, (r + 1) * rdp, delta)[0]
+            for r in range(rounds)
+        ]
+    out = np.maximum.accumulate(np.asarray(eps, np.float64))
+    out.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def calibrate(
+    target_epsilon: float, delta: float, s: ClientSampling, rounds: int, accountant: str = "pld"
+) -> float:
+    """Smallest server noise multiplier z whose client-level epsilon after ``rounds`` rounds is
+    at most ``target_epsilon`` (and at least ``(1 - CALIBRATION_RTOL)`` of it).
+
+    Formal guarantee:
+      DP-FedAvg with this z, clip norm S and the sampling ``s`` is client-level
+      (target_epsilon, delta)-DP under ``s.relation`` after ``rounds`` rounds.
+    """
+    s = check_sampling(s)
+    _check_supported(s, accountant)
+    if s.relation == NeighborRel.ADD_OR_REMOVE_ONE:
+        return accounting.calibrate_noise_multiplier(
+            target_epsilon, delta, s.rate, int(rounds), accountant, _truncation(s, accountant)
+        )
+    eps = accounting._check_epsilon(target_epsilon)
+    lo, hi = 0.0, 1.0
+    while epsilon_spent(hi, s, rounds, delta, "rdp") > eps:
+        lo, hi = hi, hi * 2.0
+        if hi > 2.0**30:
+            raise ConfigError(
+                f"privacy.epsilon={eps} cannot be reached with z <= 2^30 for delta={delta}; "
+                "raise epsilon or delta."
+            )
+    with accounting._quiet_rdp():
+        z = float(
+            dp_accounting.calibrate_dp_mechanism(
+                lambda: accounting.make_accountant("rdp", s.relation),
+                lambda v: run_event(v, s, rounds, "rdp"),
+                eps,
+                delta,
+                bracket_interval=dp_accounting.ExplicitBracketInterval(max(lo, 1e-3), hi),
+                tol=1e-5 * hi,
+            )
+        )
+    return z
