@@ -131,6 +131,16 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _hwm_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Unlike ``ru_maxrss``, which Linux carries over
+    from the parent across fork + exec, it starts afresh in a new program."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return _peak_rss_mb()
+
+
 class _RssSampler:
     """Polls this process's resident set in a thread: the peak over a window of time."""
 
@@ -185,7 +195,7 @@ def memory_probe(spec: BenchSpec, clients: int, chunk: int) -> dict[str, Any]:
         "setup_rss_mb": setup_rss,
         "run_peak_rss_mb": sampler.peak_mb,
         "run_extra_mb": sampler.peak_mb - before,
-        "max_rss_mb": _peak_rss_mb(),
+        "max_rss_mb": _hwm_rss_mb(),
         "temp_mb": temp_mb,
         "round_s": round_s,
     }
