@@ -123,6 +123,7 @@ def cmd_privacy(args) -> int:
 
 def cmd_bench(args) -> int:
     from ffa_jax.bench import BenchSpec, run_bench, to_markdown, write_report
+    from ffa_jax.bench_torch import torch_available
 
     if args.quick:
         spec = BenchSpec(
@@ -136,11 +137,49 @@ def cmd_bench(args) -> int:
             local_steps=args.local_steps,
             clients=args.clients,
             repeats=args.repeats,
+            round_batch_size=args.round_batch_size,
+            round_seq_len=args.round_seq_len,
+            clients_per_chunk=args.clients_per_chunk,
         )
-    report = run_bench(spec)
+    if args.reference == "torch" and not torch_available():
+        raise ConfigError(
+            "bench --reference torch needs torch, peft and opacus: "
+            'pip install -e ".[torch]" (or use --reference none).'
+        )
+    reference = args.reference == "torch" or (args.reference == "auto" and torch_available())
+    memory = None
+    if args.memory:
+        ks = sorted({int(x) for x in args.memory.split(",")})
+        memory = sorted({(k, c) for k in ks for c in (1, k)})
+    report = run_bench(spec, reference=reference, threads=args.threads, memory=memory)
+    report["command"] = "ffa-jax " + " ".join(args.argv)
+    report["commit"] = _git_commit()
     write_report(report, args.out)
     print(to_markdown(report))
     return 0
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def cmd_config(args) -> int:
@@ -278,6 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--round-batch-size", type=int, default=0, help="per-client batch of the round")
+    p.add_argument("--round-seq-len", type=int, default=0, help="sequence length of the round")
+    p.add_argument("--clients-per-chunk", type=int, default=0, help="of the round (0 = all)")
+    p.add_argument(
+        "--reference",
+        choices=["auto", "torch", "none"],
+        default="auto",
+        help="PyTorch Opacus+PEFT reference in the same run (auto: when torch is installed)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
+    p.add_argument(
+        "--memory",
+        default="",
+        help="comma-separated K values: round memory for k in {1, K}, one subprocess each",
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, small batch, 2 repeats (CI)")
     p.add_argument("--out", type=Path, default=Path("experiments/results/bench"))
     p.set_defaults(func=cmd_bench)
@@ -341,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except FfaJaxError as e:
