@@ -4,6 +4,7 @@ ffa-jax train [--config configs/quickstart.yaml] [--set section.field=value ...]
 ffa-jax train --resume RUN_DIR [--set section.field=value ...]   # continue from its checkpoint
 ffa-jax config [--config ...] [--set ...]      # print the resolved, validated config
 ffa-jax export-peft RUN_DIR OUT_DIR            # the run's adapter in HF PEFT format
+ffa-jax experiment NAME [--quick] [--seeds ...]  # run experiments/grids/NAME.yaml (resumes)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -127,6 +129,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from ffa_jax.experiments.runner import run_experiment
+
+    command = "ffa-jax experiment " + " ".join(
+        shlex.quote(a) for a in (args.argv if args.argv is not None else sys.argv[2:])
+    )
+    res = run_experiment(
+        args.name,
+        quick=args.quick,
+        seeds=args.seeds,
+        out=args.out,
+        overrides=args.overrides,
+        command=command.strip(),
+        dry_run=args.dry_run,
+    )
+    print(json.dumps(res, indent=2))
+    return 0
+
+
 def cmd_config(args) -> int:
     print(_load(args).to_yaml(), end="")
     return 0
@@ -193,6 +214,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("experiments/results/bench"))
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser(
+        "experiment",
+        help="run an experiment grid (experiments/grids/NAME.yaml), resuming finished cells",
+    )
+    p.add_argument("name", help="grid name (experiments/grids/NAME.yaml) or a grid YAML path")
+    p.add_argument("--quick", action="store_true", help="the grid's tiny CI size")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="replace the grid's reported seeds"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default experiments/results/NAME, or NAME-quick with --quick)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field in every cell (recorded with the results)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    p.set_defaults(func=cmd_experiment, argv=None)
+
     p = sub.add_parser("config", help="print the resolved and validated config")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
@@ -212,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if getattr(args, "func", None) is cmd_experiment and argv is not None:
+        args.argv = list(argv[1:])
     try:
         return args.func(args)
     except FfaJaxError as e:

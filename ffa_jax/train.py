@@ -238,6 +238,29 @@ def client_batches(prep: Prepared, round_idx: int) -> dict[str, np.ndarray]:
     return out
 
 
+def train_key(cfg: RunConfig) -> jax.Array:
+    """The run's training key (DP noise); the round folds in the round and client ids."""
+    return jax.random.fold_in(root_key(cfg), KEY_TRAIN)
+
+
+def round_inputs(prep: Prepared) -> tuple[np.ndarray, np.ndarray, DpParams]:
+    """``(weights [K], client_ids [K], DpParams with [K] leaves)``: the per-client arguments
+    :func:`train` passes to every call of the round function (aggregation weights 1/K or
+    n_k/n before normalisation, global client ids, clip norm / sigma_k / expected batch)."""
+    cfg = prep.cfg
+    K = cfg.federated.clients
+    sizes = np.array([len(p) for p in prep.client_indices], np.float32)
+    weights = (
+        np.ones(K, np.float32) if cfg.federated.weighting == "uniform" else sizes / sizes.sum()
+    )
+    dp = DpParams(
+        clip_norm=jnp.full((K,), cfg.privacy.clip_norm, jnp.float32),
+        noise_multiplier=jnp.asarray(prep.noise_multipliers, jnp.float32),
+        expected_batch_size=jnp.full((K,), float(cfg.client.batch_size), jnp.float32),
+    )
+    return weights, np.arange(K, dtype=np.int32), dp
+
+
 def evaluate(prep: Prepared, params: PyTree, eval_fn=None) -> dict[str, float]:
     """Accuracy and mean loss on the (possibly capped) test split."""
     eval_fn = eval_fn or classification_eval(prep.module)
@@ -430,18 +453,9 @@ def train(
     # checkpoint, or a torn line from a crash) are dropped and recomputed.
     _atomic_write(metrics_path, "".join(_metric_line(h) for h in history))
 
-    key = jax.random.fold_in(root_key(cfg), KEY_TRAIN)
+    key = train_key(cfg)
     K = cfg.federated.clients
-    sizes = np.array([len(p) for p in prep.client_indices], np.float32)
-    weights = (
-        np.ones(K, np.float32) if cfg.federated.weighting == "uniform" else sizes / sizes.sum()
-    )
-    client_ids = np.arange(K, dtype=np.int32)
-    dp = DpParams(
-        clip_norm=jnp.full((K,), cfg.privacy.clip_norm, jnp.float32),
-        noise_multiplier=jnp.asarray(prep.noise_multipliers, jnp.float32),
-        expected_batch_size=jnp.full((K,), float(cfg.client.batch_size), jnp.float32),
-    )
+    weights, client_ids, dp = round_inputs(prep)
     per_client_bytes = _bytes_of_one_client(prep.trainable)
     eval_fn = classification_eval(prep.module)
 
@@ -616,6 +630,8 @@ __all__ = [
     "privacy_plan",
     "build_round",
     "client_batches",
+    "round_inputs",
+    "train_key",
     "evaluate",
     "resume_config",
     "train",
