@@ -208,13 +208,15 @@ def run_experiment(
             log(f"+ {len(grid_lib.main_cells(grid, None))} main cells after tuning")
         return {"out": str(out), "ran": 0, "skipped": 0, "cells": len(tune_cells)}
 
+    # The code that runs is the code imported now: record its commit once, not per cell.
+    code = git_commit()
     info = {
         **settings,
         "description": grid.description,
         "grid_file": str(grid.path),
         "command": command or f"ffa-jax experiment {name}" + (" --quick" if quick else ""),
         "ffa_jax_version": ffa_jax.__version__,
-        **git_commit(),
+        **code,
         "python": sys.version.split()[0],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "jax_devices": None,
@@ -251,7 +253,7 @@ def run_experiment(
                 overrides=list(cell.overrides) + list(overrides),
                 command=cell_command(grid, cell, overrides, where),
                 ffa_jax_version=ffa_jax.__version__,
-                **git_commit(),
+                **code,
             )
             _atomic_write(path, json.dumps(_clean(rec), indent=1, default=_json_default))
             ran += 1
