@@ -117,8 +117,11 @@ class Cell:
 
     @property
     def file_stem(self) -> str:
-        """A file-system-safe, unique name for the cell (readable prefix + hash of the id)."""
-        digest = hashlib.sha1(self.cell_id.encode()).hexdigest()[:10]
+        """A file-system-safe name for the cell: its readable id plus a hash of the id and of
+        every override, so that editing a grid's settings makes new cells (never reuses the
+        results of the old settings)."""
+        text = "\n".join([self.cell_id, *self.overrides])
+        digest = hashlib.sha1(text.encode()).hexdigest()[:10]
         safe = re.sub(r"[^A-Za-z0-9_.\-]+", "_", self.cell_id.replace("=", "-"))[:120]
         return f"{safe}-{digest}"
 

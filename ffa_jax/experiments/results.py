@@ -84,13 +84,13 @@ def _current(grid, cells: list[dict[str, Any]], stage: str) -> list[dict[str, An
     if stage == "tune":
         if grid.tune is None:
             return []
-        ids = {c.cell_id for c in grid_lib.tune_cells(grid)}
+        stems = {c.file_stem for c in grid_lib.tune_cells(grid)}
     else:
         chosen = choose(grid, _current(grid, cells, "tune")) if grid.tune is not None else None
         if grid.tune is not None and chosen is None:
             return []
-        ids = {c.cell_id for c in grid_lib.main_cells(grid, chosen)}
-    return [c for c in cells if c["cell_id"] in ids]
+        stems = {c.file_stem for c in grid_lib.main_cells(grid, chosen)}
+    return [c for c in cells if c.get("file_stem") in stems]
 
 
 def choose(grid, tune_cells: list[dict[str, Any]]) -> dict[tuple, Any] | None:
@@ -99,10 +99,10 @@ def choose(grid, tune_cells: list[dict[str, Any]]) -> dict[tuple, Any] | None:
     candidate). None while some tuning cell of the grid has not run."""
     if grid.tune is None:
         return None
-    by_id = {c["cell_id"]: c for c in tune_cells}
+    by_stem = {c.get("file_stem"): c for c in tune_cells}
     scores: dict[tuple, dict[str, list[float]]] = {}
     for cell in grid_lib.tune_cells(grid):
-        rec = by_id.get(cell.cell_id)
+        rec = by_stem.get(cell.file_stem)
         if rec is None:
             return None
         g = grid_lib.tune_group(grid, cell.axes)

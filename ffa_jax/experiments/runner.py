@@ -246,6 +246,7 @@ def run_experiment(
             where = [f"output_dir={scratch}", f"name={cell.file_stem}"]
             rec.update(
                 cell_id=cell.cell_id,
+                file_stem=cell.file_stem,
                 stage=cell.stage,
                 seed=cell.seed,
                 axes={k: grid_lib.fmt_value(v) for k, v in cell.axes.items()},
