@@ -10,6 +10,9 @@ A grid file (``experiments/grids/NAME.yaml``) holds::
     axes:                                 # cartesian product, in this order
       lora.mode: [ffa, lora]
       privacy.epsilon: [inf, 6, 3, 1]
+      partition:                          # a variant axis: named bundles of overrides
+        iid: [data.partition=iid]
+        dirichlet_0.1: [data.partition=dirichlet, data.dirichlet_alpha=0.1]
     per:                                  # overrides tied to axis values
       lora.mode: {ffa: [client.learning_rate=100], lora: [client.learning_rate=10]}
       lora.mode+privacy.epsilon: {ffa+inf: [client.learning_rate=20]}   # several axes
@@ -91,6 +94,7 @@ class Grid:
     seeds: tuple[int, ...]
     axes: dict[str, tuple[Any, ...]]  # ordered
     per: dict[str, dict[str, tuple[str, ...]]]
+    variants: dict[str, dict[str, tuple[str, ...]]]  # variant axis -> {label: overrides}
     tune: Tune | None
     probe: dict[str, Any]  # kind-specific settings (noise_amplification, theorem1)
     quick: bool
@@ -173,16 +177,24 @@ def _str_list(x: Any, where: str) -> tuple[str, ...]:
     return tuple(x)
 
 
-def _axes(x: Any, where: str) -> dict[str, tuple[Any, ...]]:
+def _axes(x: Any, where: str, variants: dict | None = None) -> dict[str, tuple[Any, ...]]:
+    """Axes ``section.field: [values]``, or variant axes ``name: {label: [overrides]}`` (their
+    bundles go into ``variants``)."""
     if x is None:
         return {}
     _need(isinstance(x, dict), where, "give a mapping of section.field: [values].")
     out = {}
     for k, v in x.items():
+        if isinstance(v, dict) and variants is not None and v:
+            variants[k] = {
+                str(label): _str_list(o, f"{where}.{k}.{label}") for label, o in v.items()
+            }
+            out[k] = tuple(str(label) for label in v)
+            continue
         _need(
             isinstance(k, str) and isinstance(v, list) and len(v) > 0,
             f"{where}.{k}",
-            "each axis is section.field: [one or more values].",
+            "each axis is section.field: [one or more values], or name: {label: [overrides]}.",
         )
         out[k] = tuple(_as_value(e) for e in v)
     return out
@@ -238,7 +250,8 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
         )
     sets = _str_list(raw.get("set"), f"{path.name}: set")
     grid_seeds = _seeds(raw.get("seeds", [0]), f"{path.name}: seeds")
-    axes = _axes(raw.get("axes"), f"{path.name}: axes")
+    variants: dict[str, dict[str, tuple[str, ...]]] = {}
+    axes = _axes(raw.get("axes"), f"{path.name}: axes", variants)
     probe = dict(raw.get("probe") or {})
     per_raw = raw.get("per") or {}
     _need(isinstance(per_raw, dict), f"{path.name}: per", "give axis: {value: [overrides]}.")
@@ -267,6 +280,12 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
             grid_seeds = _seeds(quick_raw["seeds"], f"{path.name}: quick.seeds")
         for k, v in _axes(quick_raw.get("axes"), f"{path.name}: quick.axes").items():
             _need(k in axes, f"{path.name}: quick.axes.{k}", f"must name an axis of {list(axes)}.")
+            if k in variants:
+                unknown_labels = [e for e in v if str(e) not in variants[k]]
+                _need(
+                    not unknown_labels, f"{path.name}: quick.axes.{k}", f"unknown {unknown_labels}."
+                )
+                v = tuple(str(e) for e in v)
             axes[k] = v
         probe.update(quick_raw.get("probe") or {})
     if seeds:
@@ -335,6 +354,7 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
         seeds=grid_seeds,
         axes=axes,
         per=per,
+        variants=variants,
         tune=tune,
         probe=probe,
         quick=quick,
@@ -353,7 +373,10 @@ def _axis_points(grid: Grid) -> list[dict[str, Any]]:
 def _overrides(grid: Grid, axes: Mapping[str, Any], tuned, seed: int) -> tuple[str, ...]:
     out = list(grid.set)
     for k, v in axes.items():
-        out.append(override(k, v))
+        if k in grid.variants:
+            out += grid.variants[k][fmt_value(v)]
+        else:
+            out.append(override(k, v))
     for k, table in grid.per.items():
         value = "+".join(fmt_value(axes[a]) for a in k.split("+"))
         out += table.get(value, ())

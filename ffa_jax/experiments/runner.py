@@ -131,7 +131,9 @@ def run_cell(grid, cell, extra, scratch: Path, log) -> dict[str, Any]:
             rec.update(probes.theorem1(cfg, reference_alpha=ref, log=quiet))
     except NonFiniteError as e:
         rec.update(status="diverged", message=str(e).split(". ")[0])
-    except DataError as e:
+    except (DataError, ConfigError) as e:
+        # Every cell's config validated before the run; what fails here depends on the data
+        # (e.g. a Dirichlet client smaller than the batch): recorded, the grid goes on.
         rec.update(status="error", message=str(e))
     rec["wall_seconds"] = time.time() - t0
     rec.pop("run_dir", None)
