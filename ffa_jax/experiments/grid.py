@@ -18,8 +18,8 @@ A grid file (``experiments/grids/NAME.yaml``) holds::
       lora.mode+privacy.epsilon: {ffa+inf: [client.learning_rate=20]}   # several axes
     tune:                                 # optional: pick one field's value per group of cells
       field: client.learning_rate
-      key: lora.mode                      # candidates depend on this axis' value
-      candidates: {ffa: [50, 100, 200], lora: [3, 10, 30]}
+      key: lora.mode                      # candidates depend on this axis' value (or
+      candidates: {ffa: [50, 100, 200], lora: [3, 10, 30]}   # axes joined by '+': ffa+inf)
       seeds: [1000]                       # tuning seeds, disjoint from the reported seeds
       shared_over: [data.partition]       # tuned at the first value of these axes only
       same_as: {privacy.epsilon: {3: 6, 1: 6}}   # these values reuse another value's choice
@@ -78,7 +78,8 @@ class Tune:
     def candidates_for(self, axes: Mapping[str, Any]) -> tuple[Any, ...]:
         if self.key is None:
             return self.candidates["*"]
-        return self.candidates[fmt_value(axes[self.key])]
+        rep = self.representative(axes)
+        return self.candidates["+".join(fmt_value(rep[k]) for k in self.key.split("+"))]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -296,7 +297,11 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
         bad = sorted(set(tune_raw) - set(TUNE_KEYS))
         _need(not bad, f"{path.name}: tune", f"unknown keys {bad}; valid: {TUNE_KEYS}.")
         key = tune_raw.get("key")
-        _need(key is None or key in axes, f"{path.name}: tune.key", f"must be one of {list(axes)}.")
+        _need(
+            key is None or all(k in axes for k in str(key).split("+")),
+            f"{path.name}: tune.key",
+            f"must be an axis of {list(axes)}, or several joined by '+'.",
+        )
         cands = tune_raw.get("candidates")
         if quick and "candidates" in quick_raw:
             cands = quick_raw["candidates"]
@@ -307,10 +312,10 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
             f"{path.name}: tune.candidates",
             "give {key-axis value: [candidate values]} (or a list without tune.key).",
         )
-        cands = {fmt_value(_as_value(k)): tuple(v) for k, v in cands.items()}
-        if key is not None:
-            missing = [fmt_value(v) for v in axes[key] if fmt_value(v) not in cands]
-            _need(not missing, f"{path.name}: tune.candidates", f"no candidates for {missing}.")
+        cands = {
+            "+".join(fmt_value(_as_value(p)) for p in str(k).split("+")): tuple(v)
+            for k, v in cands.items()
+        }
         shared = tuple(tune_raw.get("shared_over") or ())
         _need(
             all(s in axes for s in shared),
@@ -344,6 +349,13 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
             seeds=_seeds(tune_raw.get("seeds", [1000]), f"{path.name}: tune.seeds"),
             same_as=same,
         )
+        for point in _axis_points_of(axes):
+            try:
+                tune.candidates_for(point)
+            except KeyError as e:
+                raise ConfigError(
+                    f"{path.name}: tune.candidates has no entry {e.args[0]!r} (tune.key={key})."
+                ) from None
     grid = Grid(
         name=path.stem,
         path=path,
@@ -365,9 +377,13 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
     return grid
 
 
+def _axis_points_of(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    keys = list(axes)
+    return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*axes.values())]
+
+
 def _axis_points(grid: Grid) -> list[dict[str, Any]]:
-    keys = list(grid.axes)
-    return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*grid.axes.values())]
+    return _axis_points_of(grid.axes)
 
 
 def _overrides(grid: Grid, axes: Mapping[str, Any], tuned, seed: int) -> tuple[str, ...]:
