@@ -143,6 +143,7 @@ def cmd_experiment(args) -> int:
         overrides=args.overrides,
         command=command.strip(),
         dry_run=args.dry_run,
+        tune_only=args.tune_only,
     )
     print(json.dumps(res, indent=2))
     return 0
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config field in every cell (recorded with the results)",
     )
     p.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    p.add_argument(
+        "--tune-only", action="store_true", help="run only the learning-rate tuning cells"
+    )
     p.set_defaults(func=cmd_experiment, argv=None)
 
     p = sub.add_parser("config", help="print the resolved and validated config")

@@ -166,6 +166,7 @@ def run_experiment(
     scratch: Path | None = None,
     command: str | None = None,
     dry_run: bool = False,
+    tune_only: bool = False,
     log=print,
 ) -> dict[str, Any]:
     """Runs the grid ``name`` (``experiments/grids/NAME.yaml`` or a path) and writes ``out``.
@@ -178,6 +179,7 @@ def run_experiment(
         holding cells made with other overrides or another size is refused).
       scratch: where the cells' run directories go (default ``runs/experiments/<out name>``).
       dry_run: list the cells and what would run, run nothing.
+      tune_only: run the tuning cells and stop (the choice is then in ``table.md``).
 
     Returns:
       ``{"out": path, "ran": n, "skipped": n, "cells": n, "seconds": wall}``.
@@ -273,6 +275,10 @@ def run_experiment(
     chosen = None
     if grid.tune is not None:
         chosen = results_lib.choose(grid, results_lib.load_cells(cells_dir, "tune"))
+        log(f"[{grid.name}] chosen {grid.tune.field}: {chosen}")
+    if tune_only:
+        _write(grid, out, info, meta)
+        return {"out": str(out), "ran": ran, "skipped": skipped, "cells": len(tune_cells)}
     run_all(grid_lib.main_cells(grid, chosen))
     _write(grid, out, info, meta)
     total = len(tune_cells) + len(grid_lib.main_cells(grid, chosen))
