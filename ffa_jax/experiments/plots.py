@@ -31,6 +31,12 @@ def _plt():
     return plt
 
 
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _save(fig, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=110, format="png")
@@ -160,6 +166,7 @@ def curves_plot(
         ys = [np.mean([v for run in runs for r2, v in run if r2 == r]) for r in rounds]
         ax.plot(rounds, ys, marker="o", ms=3, label=", ".join(_label(k, v) for k, v in g))
     ax.set(xlabel="round", ylabel=ylabel, title=f"{grid.name}: {ylabel} (mean over seeds)")
+    _integer_x(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -247,6 +254,7 @@ def noise_plot(grid, main, path: Path) -> Path | None:
         ylabel="Frobenius norm (weight units, log scale)",
         title="noise terms of one DP-SGD update (Figure 1 of the paper)",
     )
+    _integer_x(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -274,6 +282,7 @@ def theorem1_plot(grid, main, path: Path) -> Path | None:
         ylabel="‖W_ref − W_scaled‖_F / ‖W_ref − W0‖_F (log)",
         title="Theorem 1: FFA-LoRA's alpha is a learning-rate change (floor 1e-12)",
     )
+    _integer_x(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
