@@ -37,15 +37,19 @@ RESULTS_DIR = Path("experiments/results")
 SCRATCH_DIR = Path("runs/experiments")
 
 
-def git_commit(root: Path | None = None) -> dict[str, Any]:
-    """``{"commit": sha or None, "dirty": bool}`` of the repository holding ffa_jax."""
+def git_commit(root: Path | None = None, grid_file: Path | None = None) -> dict[str, Any]:
+    """``{"commit": sha or None, "dirty": bool}`` of the repository holding ffa_jax; dirty
+    means uncommitted changes to ffa_jax/, configs/ or the grid file itself."""
     root = root or Path(ffa_jax.__file__).resolve().parents[1]
+    paths = ["ffa_jax", "configs"]
+    if grid_file is not None:
+        paths.append(str(Path(grid_file).resolve()))
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "ffa_jax", "configs", "experiments/grids"],
+            ["git", "status", "--porcelain", "--", *paths],
             cwd=root,
             capture_output=True,
             text=True,
@@ -213,7 +217,7 @@ def run_experiment(
         return {"out": str(out), "ran": 0, "skipped": 0, "cells": len(tune_cells)}
 
     # The code that runs is the code imported now: record its commit once, not per cell.
-    code = git_commit()
+    code = git_commit(grid_file=grid.path)
     info = {
         **settings,
         "description": grid.description,
