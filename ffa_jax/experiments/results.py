@@ -117,6 +117,13 @@ def choose(grid, tune_cells: list[dict[str, Any]]) -> dict[tuple, Any] | None:
     return chosen
 
 
+def _sort_key(s: str) -> tuple:
+    try:
+        return (0, float(s), "")
+    except ValueError:
+        return (1, 0.0, s)
+
+
 def _number(s: str) -> Any:
     try:
         f = float(s)
@@ -233,7 +240,7 @@ def tune_table(grid, cells: list[dict[str, Any]]) -> str:
     out = []
     for g, per_value in groups.items():
         pick = chosen.get(tuple((k, v) for k, v in g))
-        for value, accs in per_value.items():
+        for value, accs in sorted(per_value.items(), key=lambda kv: _sort_key(kv[0])):
             shown = ", ".join("diverged" if a is None else f"{a:.3f}" for a in accs)
             mark = "**yes**" if pick is not None and grid_lib.fmt_value(pick) == value else ""
             out.append([_axis_label(k, v) for k, v in g] + [value, shown, mark])
