@@ -31,6 +31,12 @@ def _plt():
     return plt
 
 
+def _ordered(grid, cells):
+    from ffa_jax.experiments.results import axis_order
+
+    return sorted(cells, key=lambda c: axis_order(grid, c["axes"]))
+
+
 def _integer_x(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -151,7 +157,7 @@ def curves_plot(
 ) -> Path | None:
     """``metric`` vs round, mean over seeds, one line per group."""
     groups: dict[tuple, list[list[tuple[int, float]]]] = {}
-    for c in main:
+    for c in _ordered(grid, main):
         if c.get("status") != "ok":
             continue
         pts = [(h["round"], h[metric]) for h in c["history"] if h.get(metric) is not None]
@@ -175,7 +181,7 @@ def curves_plot(
 
 def communication_plot(grid, main, path: Path, target: float, full_bytes) -> Path | None:
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for c in main:
+    for c in _ordered(grid, main):
         if c.get("status") == "ok":
             groups.setdefault(tuple(c["axes"].items()), []).append(c)
     if not groups:
@@ -225,7 +231,7 @@ def communication_plot(grid, main, path: Path, target: float, full_bytes) -> Pat
 
 def noise_plot(grid, main, path: Path) -> Path | None:
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for c in main:
+    for c in _ordered(grid, main):
         if c.get("status") == "ok":
             groups.setdefault(tuple(c["axes"].items()), []).append(c)
     if not groups:

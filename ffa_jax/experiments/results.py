@@ -252,7 +252,7 @@ def communication_table(grid, cells: list[dict[str, Any]], target: float, full_b
     (evaluated every round), per cell group (mean over seeds that reached it)."""
     rows = []
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for c in cells:
+    for c in sorted(cells, key=lambda c: axis_order(grid, c["axes"])):
         if c.get("status") == "ok":
             groups.setdefault(_group_key(grid, c), []).append(c)
     for key, members in groups.items():
@@ -292,7 +292,7 @@ def communication_table(grid, cells: list[dict[str, Any]], target: float, full_b
 
 def noise_table(grid, cells: list[dict[str, Any]]) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for c in cells:
+    for c in sorted(cells, key=lambda c: axis_order(grid, c["axes"])):
         if c.get("status") == "ok":
             groups.setdefault(_group_key(grid, c), []).append(c)
     header = [grid_lib.short(a) for a in grid.axes] + [
