@@ -212,7 +212,7 @@ def main_table(grid, rows: list[dict[str, Any]]) -> str:
     header = [grid_lib.short(a) for a in axes]
     if grid.tune is not None:
         header.append(f"{grid_lib.short(grid.tune.field)} (tuned)")
-    header += ["test accuracy (mean ± 95% CI)", "seeds", "diverged"]
+    header += ["test accuracy (mean ± 95% CI)", "majority class", "seeds", "diverged"]
     if grid.kind == "theorem1":
         header = [grid_lib.short(a) for a in axes] + ["max relative gap", "max abs gap"]
     out = []
@@ -223,7 +223,12 @@ def main_table(grid, rows: list[dict[str, Any]]) -> str:
             continue
         if grid.tune is not None:
             cells.append(grid_lib.fmt_value(r["tuned"][1]) if r["tuned"] else "-")
-        cells += [fmt_ci(r["acc_mean"], r["acc_ci"]), str(r["n"]), str(r["diverged"])]
+        cells += [
+            fmt_ci(r["acc_mean"], r["acc_ci"]),
+            f"{r['majority']:.3f}",
+            str(r["n"]),
+            str(r["diverged"]),
+        ]
         out.append(cells)
     return _md_table(header, out)
 
