@@ -7,6 +7,7 @@ ffa-jax pretrain [--config configs/vision_pretrain_mnist.yaml] [--set ...]  # ce
 ffa-jax export-peft RUN_DIR OUT_DIR            # the run's adapter in HF PEFT format
 ffa-jax flower app OUT_DIR [--config ...] [--set ...]   # a Flower App folder for `flwr run`
 ffa-jax flower local [--config ...] [--set ...]  # SuperLink + SuperNodes on 127.0.0.1, flwr run
+ffa-jax experiment NAME [--quick] [--seeds ...]  # run experiments/grids/NAME.yaml (resumes)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +184,24 @@ def _git_commit() -> str:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def cmd_experiment(args) -> int:
+    from ffa_jax.experiments.runner import run_experiment
+
+    command = "ffa-jax experiment " + " ".join(shlex.quote(a) for a in args.argv[1:])
+    res = run_experiment(
+        args.name,
+        quick=args.quick,
+        seeds=args.seeds,
+        out=args.out,
+        overrides=args.overrides,
+        command=command.strip(),
+        dry_run=args.dry_run,
+        tune_only=args.tune_only,
+    )
+    print(json.dumps(res, indent=2))
+    return 0
+
+
 def cmd_config(args) -> int:
     print(_load(args).to_yaml(), end="")
     return 0
@@ -335,6 +355,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model, small batch, 2 repeats (CI)")
     p.add_argument("--out", type=Path, default=Path("experiments/results/bench"))
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "experiment",
+        help="run an experiment grid (experiments/grids/NAME.yaml), resuming finished cells",
+    )
+    p.add_argument("name", help="grid name (experiments/grids/NAME.yaml) or a grid YAML path")
+    p.add_argument("--quick", action="store_true", help="the grid's tiny CI size")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="replace the grid's reported seeds"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default experiments/results/NAME, or NAME-quick with --quick)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field in every cell (recorded with the results)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    p.add_argument(
+        "--tune-only", action="store_true", help="run only the learning-rate tuning cells"
+    )
+    p.set_defaults(func=cmd_experiment, argv=None)
 
     p = sub.add_parser("config", help="print the resolved and validated config")
     _add_config_args(p)

@@ -730,6 +730,7 @@ __all__ = [
     "build_round",
     "client_batches",
     "client_weights",
+    "round_inputs",
     "train_key",
     "evaluate",
     "resume_config",

@@ -1,0 +1,308 @@
+"""``ffa-jax experiment NAME``: expand a grid into cells, run the missing ones, write results.
+
+Every finished cell is stored as ``OUT/cells/<cell>.json`` (its overrides, the command that
+reruns it alone, the ffa_jax version and git commit that produced it, its summary and per-round
+history). A cell whose file exists is never run again, so an interrupted experiment resumes
+where it stopped and a finished one reruns nothing. After every cell ``runs.csv``,
+``table.md`` and the plots are rewritten from all cell files.
+
+Learning-rate tuning (a grid's ``tune:``) is part of the experiment: its cells run first on
+their own seeds, the best candidate of each group (highest mean test accuracy over the tuning
+seeds; a diverged run counts as 0) is chosen, and the reported (``main``) cells use it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import ffa_jax
+from ffa_jax.errors import ConfigError, DataError
+from ffa_jax.experiments import grid as grid_lib
+from ffa_jax.experiments import results as results_lib
+from ffa_jax.train import NonFiniteError, _atomic_write, train
+
+RESULTS_DIR = Path("experiments/results")
+SCRATCH_DIR = Path("runs/experiments")
+
+
+def git_commit(root: Path | None = None, grid_file: Path | None = None) -> dict[str, Any]:
+    """``{"commit": sha or None, "dirty": bool}`` of the repository holding ffa_jax; dirty
+    means uncommitted changes to ffa_jax/, configs/ or the grid file itself."""
+    root = root or Path(ffa_jax.__file__).resolve().parents[1]
+    paths = ["ffa_jax", "configs"]
+    if grid_file is not None:
+        paths.append(str(Path(grid_file).resolve()))
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", *paths],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return {"commit": sha, "dirty": bool(dirty)}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def enable_compilation_cache(path: Path) -> None:
+    """JAX's persistent compilation cache: cells that differ only in runtime values (seed,
+    epsilon, data) reuse one compiled round. Never changes results."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def full_model_bytes(cfg) -> int:
+    """Bytes of every parameter of ``cfg``'s model with its head (what full fine-tuning would
+    upload per client per round, float32)."""
+    import jax
+
+    from ffa_jax import lora
+    from ffa_jax.data.clients import load_clients
+    from ffa_jax.models import weights as weights_lib
+
+    data, _ = load_clients(cfg)
+    _, params = weights_lib.load_encoder(
+        str(weights_lib.resolve_model_dir(cfg.model.name)),
+        data.num_labels,
+        head_key=jax.random.key(0),
+        pooling=cfg.model.pooling,
+    )
+    return lora.tree_bytes(params)
+
+
+def cell_command(grid: grid_lib.Grid, cell: grid_lib.Cell, extra: Sequence[str], where) -> str:
+    """The command that reruns one cell alone and reproduces its numbers (same machine)."""
+    if grid.kind != "train":
+        quick = " --quick" if grid.quick else ""
+        return f"ffa-jax experiment {grid.path}{quick}  # cell {cell.cell_id}"
+    parts = ["ffa-jax", "train", "--no-progress", "--overwrite"]
+    if grid.base is not None:
+        parts += ["--config", str(grid.base)]
+    for o in [*cell.overrides, *extra, *where]:
+        parts += ["--set", o]
+    return shlex.join(parts)
+
+
+def _history(run_dir: Path) -> list[dict[str, Any]]:
+    keep = ("round", "train_loss", "eval_accuracy", "epsilon", "uplink_bytes", "update_norm")
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out.append({k: rec[k] for k in keep if k in rec})
+    return out
+
+
+def run_cell(grid, cell, extra, scratch: Path, log) -> dict[str, Any]:
+    """Runs one cell; returns its record (never raises for a diverged run or bad data)."""
+    from ffa_jax.experiments import probes
+
+    where = [f"output_dir={scratch}", f"name={cell.file_stem}"]
+    cfg = grid_lib.cell_config(grid, cell, [*extra, *where])
+    quiet = lambda *a, **k: None  # noqa: E731
+    t0 = time.time()
+    rec: dict[str, Any] = {"status": "ok"}
+    try:
+        if grid.kind == "train":
+            summary = train(cfg, overwrite=True, progress=False, log=quiet)
+            rec.update(summary)
+            rec["history"] = _history(Path(summary["run_dir"]))
+            rec["final_train_loss"] = rec["history"][-1]["train_loss"]
+        elif grid.kind == "noise_amplification":
+            rec.update(probes.noise_amplification(cfg, log=quiet))
+        else:
+            ref = float(grid.probe.get("reference_alpha", 8))
+            rec.update(probes.theorem1(cfg, reference_alpha=ref, log=quiet))
+    except NonFiniteError as e:
+        rec.update(status="diverged", message=str(e).split(". ")[0])
+    except (DataError, ConfigError) as e:
+        # Every cell's config validated before the run; what fails here depends on the data
+        # (e.g. a Dirichlet client smaller than the batch): recorded, the grid goes on.
+        rec.update(status="error", message=str(e))
+    rec["wall_seconds"] = time.time() - t0
+    rec.pop("run_dir", None)
+    return rec
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(type(x))
+
+
+def _clean(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
+
+
+def run_experiment(
+    name: str,
+    *,
+    quick: bool = False,
+    seeds: Sequence[int] | None = None,
+    out: Path | None = None,
+    overrides: Sequence[str] = (),
+    scratch: Path | None = None,
+    command: str | None = None,
+    dry_run: bool = False,
+    tune_only: bool = False,
+    log=print,
+) -> dict[str, Any]:
+    """Runs the grid ``name`` (``experiments/grids/NAME.yaml`` or a path) and writes ``out``.
+
+    Args:
+      quick: the grid's ``quick:`` size (CI).
+      seeds: replace the grid's reported seeds.
+      out: results folder (default ``experiments/results/NAME`` or ``.../NAME-quick``).
+      overrides: ``section.field=value`` applied to every cell (recorded; an ``out`` folder
+        holding cells made with other overrides or another size is refused).
+      scratch: where the cells' run directories go (default ``runs/experiments/<out name>``).
+      dry_run: list the cells and what would run, run nothing.
+      tune_only: run the tuning cells and stop (the choice is then in ``table.md``).
+
+    Returns:
+      ``{"out": path, "ran": n, "skipped": n, "cells": n, "seconds": wall}``.
+
+    Raises:
+      ConfigError: bad grid, bad override, or ``out`` made with other settings.
+    """
+    t0 = time.time()
+    grid = grid_lib.load_grid(grid_lib.find_grid(name), quick=quick, seeds=seeds)
+    for o in overrides:
+        grid_lib.parse_override(o)
+    out = Path(out) if out is not None else RESULTS_DIR / (grid.name + ("-quick" if quick else ""))
+    scratch = Path(scratch) if scratch is not None else SCRATCH_DIR / out.name
+    cells_dir = out / "cells"
+    settings = {"grid": grid.name, "quick": quick, "set": list(overrides)}
+    meta_path = out / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta and {k: meta.get(k) for k in settings} != settings:
+        raise ConfigError(
+            f"{str(out)!r} holds results of {json.dumps({k: meta.get(k) for k in settings})}, "
+            f"not {json.dumps(settings)}: pass another --out, or delete the folder to start over."
+        )
+    tune_cells = grid_lib.tune_cells(grid)
+    if dry_run:
+        main = grid_lib.main_cells(grid, None) if grid.tune is None else []
+        todo = [c for c in tune_cells + main if not (cells_dir / f"{c.file_stem}.json").is_file()]
+        for c in tune_cells + main:
+            log(f"{'todo' if c in todo else 'done'}  {c.cell_id}")
+        if grid.tune is not None:
+            log(f"+ {len(grid_lib.main_cells(grid, None))} main cells after tuning")
+        return {"out": str(out), "ran": 0, "skipped": 0, "cells": len(tune_cells)}
+
+    # The code that runs is the code imported now: record its commit once, not per cell.
+    code = git_commit(grid_file=grid.path)
+    info = {
+        **settings,
+        "description": grid.description,
+        "grid_file": str(grid.path),
+        "command": command or f"ffa-jax experiment {name}" + (" --quick" if quick else ""),
+        "ffa_jax_version": ffa_jax.__version__,
+        **code,
+        "python": sys.version.split()[0],
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "jax_devices": None,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    import jax
+
+    info["jax_devices"] = f"{len(jax.devices())} x {jax.devices()[0].platform}"
+    if grid.probe.get("target_accuracy") is not None:
+        info["full_model_bytes"] = full_model_bytes(
+            grid_lib.cell_config(grid, grid_lib.main_cells(grid, None)[0], overrides)
+        )
+    enable_compilation_cache(Path(os.environ.get("FFA_JAX_CACHE", "runs/.jax_cache")))
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    ran = skipped = 0
+    seconds_run = 0.0
+
+    def run_all(cells):
+        nonlocal ran, skipped, seconds_run
+        for i, cell in enumerate(cells, 1):
+            path = cells_dir / f"{cell.file_stem}.json"
+            if path.is_file():
+                skipped += 1
+                continue
+            log(f"[{grid.name}] {cell.stage} {i}/{len(cells)}: {cell.cell_id}")
+            rec = run_cell(grid, cell, overrides, scratch, log)
+            where = [f"output_dir={scratch}", f"name={cell.file_stem}"]
+            rec.update(
+                cell_id=cell.cell_id,
+                file_stem=cell.file_stem,
+                stage=cell.stage,
+                seed=cell.seed,
+                axes={k: grid_lib.fmt_value(v) for k, v in cell.axes.items()},
+                tuned=None if cell.tuned is None else [cell.tuned[0], cell.tuned[1]],
+                overrides=list(cell.overrides) + list(overrides),
+                command=cell_command(grid, cell, overrides, where),
+                ffa_jax_version=ffa_jax.__version__,
+                **code,
+            )
+            _atomic_write(path, json.dumps(_clean(rec), indent=1, default=_json_default))
+            ran += 1
+            seconds_run += rec["wall_seconds"]
+            acc = rec.get("test_accuracy")
+            log(
+                f"  -> {rec['status']}"
+                + (f", test accuracy {acc:.4f}" if isinstance(acc, float) else "")
+                + f" ({rec['wall_seconds']:.0f} s)"
+            )
+            _write(grid, out, info, meta)
+
+    run_all(tune_cells)
+    chosen = None
+    if grid.tune is not None:
+        chosen = results_lib.choose(grid, results_lib.load_cells(cells_dir, "tune"))
+        log(f"[{grid.name}] chosen {grid.tune.field}: {chosen}")
+    if tune_only:
+        _write(grid, out, info, meta)
+        return {"out": str(out), "ran": ran, "skipped": skipped, "cells": len(tune_cells)}
+    run_all(grid_lib.main_cells(grid, chosen))
+    _write(grid, out, info, meta)
+    total = len(tune_cells) + len(grid_lib.main_cells(grid, chosen))
+    return {
+        "out": str(out),
+        "ran": ran,
+        "skipped": skipped,
+        "cells": total,
+        "seconds": time.time() - t0,
+    }
+
+
+def _write(grid, out: Path, info: dict, old_meta: dict) -> None:
+    """Rewrites meta.json, runs.csv, table.md and the plots from every cell file."""
+    cells = results_lib.load_cells(out / "cells")
+    meta = dict(info)
+    meta["cell_seconds_total"] = sum(c.get("wall_seconds", 0.0) for c in cells)
+    meta["cells"] = len(cells)
+    meta["commits"] = sorted({str(c.get("commit")) for c in cells})
+    meta["started"] = old_meta.get("started") or info["started"]
+    meta["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    _atomic_write(out / "meta.json", json.dumps(meta, indent=1))
+    results_lib.write_all(grid, out, cells, meta)
