@@ -48,6 +48,21 @@ def _require(cond: bool, field: str, value: Any, fix: str) -> None:
         raise ConfigError(f"{field}={value!r} is invalid: {fix}")
 
 
+def _check_name_and_seed(name: Any, seed: Any, folder: str) -> None:
+    _require(
+        isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.\-]+", name or "") is not None,
+        "name",
+        name,
+        f"use letters, digits, '_', '-' or '.' (it names the {folder} folder).",
+    )
+    _require(
+        isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
+        "seed",
+        seed,
+        "must be an integer >= 0.",
+    )
+
+
 def _positive_int(field: str, value: Any) -> None:
     _require(
         isinstance(value, int) and not isinstance(value, bool) and value > 0,
@@ -595,19 +610,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
-        _require(
-            isinstance(self.name, str)
-            and re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name or "") is not None,
-            "name",
-            self.name,
-            "use letters, digits, '_', '-' or '.' (it names the run folder).",
-        )
-        _require(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-            "seed",
-            self.seed,
-            "must be an integer >= 0.",
-        )
+        _check_name_and_seed(self.name, self.seed, "run")
         if self.data.partition == "label_mix":
             rows = len(self.data.label_mix)
             _require(
@@ -969,19 +972,7 @@ class PretrainConfig:
     optim: PretrainOptimConfig = dataclasses.field(default_factory=PretrainOptimConfig)
 
     def __post_init__(self):
-        _require(
-            isinstance(self.name, str)
-            and re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name or "") is not None,
-            "name",
-            self.name,
-            "use letters, digits, '_', '-' or '.' (it names the output folder).",
-        )
-        _require(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-            "seed",
-            self.seed,
-            "must be an integer >= 0.",
-        )
+        _check_name_and_seed(self.name, self.seed, "output")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -98,6 +98,26 @@ class Workload:
         return len(self.label_names)
 
 
+def classification_evaluator(
+    eval_fn: Callable, test_arrays: dict[str, np.ndarray], batch_size: int
+) -> Callable[[Any], dict[str, float]]:
+    """``evaluate(params) -> {"eval_accuracy", "eval_loss"}`` over ``test_arrays`` in batches
+    of ``batch_size``, for classifiers whose ``eval_fn(params, batch, mask)`` returns the
+    batch's ``correct``, ``loss_sum`` and ``count`` (masked padding excluded)."""
+    from ffa_jax.data import batching
+
+    def evaluate(params) -> dict[str, float]:
+        totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+        for batch, mask in batching.eval_batches(test_arrays, batch_size):
+            out = eval_fn(params, batch, mask)
+            for k in totals:
+                totals[k] += float(out[k])
+        n = max(totals["count"], 1.0)
+        return {"eval_accuracy": totals["correct"] / n, "eval_loss": totals["loss_sum"] / n}
+
+    return evaluate
+
+
 def _encoder_model_types() -> tuple[str, ...]:
     from ffa_jax.models.encoder import MODEL_TYPES
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from ffa_jax.config import RunConfig
-from ffa_jax.data import batching, images
+from ffa_jax.data import images
 from ffa_jax.errors import ConfigError
 from ffa_jax.models import weights as weights_lib
 from ffa_jax.models.vit import (
@@ -27,7 +27,7 @@ from ffa_jax.models.vit import (
     image_classification_loss,
 )
 from ffa_jax.models.vit_weights import load_vit, read_image_processor
-from ffa_jax.workloads import Workload
+from ffa_jax.workloads import Workload, classification_evaluator
 
 HEAD_PATTERN = r"classifier/.*"
 
@@ -98,15 +98,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
 
     eval_fn = image_classification_eval(module, mean, std)
 
-    def evaluate(params) -> dict[str, Any]:
-        """Accuracy and mean loss on the (possibly capped) test split."""
-        totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
-        for batch, mask in batching.eval_batches(test_arrays, cfg.eval.batch_size):
-            out = eval_fn(params, batch, mask)
-            for k in totals:
-                totals[k] += float(out[k])
-        n = max(totals["count"], 1.0)
-        return {"eval_accuracy": totals["correct"] / n, "eval_loss": totals["loss_sum"] / n}
+    evaluate = classification_evaluator(eval_fn, test_arrays, cfg.eval.batch_size)
 
     majority = float(np.bincount(test_y).max() / max(len(test_y), 1))
 

@@ -18,7 +18,7 @@ from ffa_jax.errors import ConfigError
 from ffa_jax.models import encoder as encoder_lib
 from ffa_jax.models import weights as weights_lib
 from ffa_jax.models.objectives import classification_eval, classification_loss
-from ffa_jax.workloads import Workload
+from ffa_jax.workloads import Workload, classification_evaluator
 
 HEAD_PATTERN = r"classifier/.*"
 
@@ -85,15 +85,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
 
     eval_fn = classification_eval(module)
 
-    def evaluate(params) -> dict[str, Any]:
-        """Accuracy and mean loss on the (possibly capped) test split."""
-        totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
-        for batch, mask in batching.eval_batches(test_arrays, cfg.eval.batch_size):
-            out = eval_fn(params, batch, mask)
-            for k in totals:
-                totals[k] += float(out[k])
-        n = max(totals["count"], 1.0)
-        return {"eval_accuracy": totals["correct"] / n, "eval_loss": totals["loss_sum"] / n}
+    evaluate = classification_evaluator(eval_fn, test_arrays, cfg.eval.batch_size)
 
     majority = float(np.bincount(test_arrays["label"]).max() / max(len(test_arrays["label"]), 1))
 
