@@ -793,6 +793,33 @@ def _deepcopy(d: Any) -> Any:
     return d
 
 
+def _read_sections(path: str | Path | None, *, example: str) -> dict[str, Any]:
+    """The YAML mapping of config sections in ``path`` (``{}`` for None or an empty file).
+
+    Raises:
+      ConfigError: the file is missing, not valid YAML, or not a mapping.
+    """
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist; pass --config with a YAML file "
+            f"such as {example}."
+        )
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}."
+        )
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Loads a YAML config (or the defaults when ``path`` is None) and applies overrides.
 
@@ -800,27 +827,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
       ConfigError: the file is missing or not a mapping, a key is unknown, or a value is
         invalid (the message names the field and the fix).
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(
-                f"config file {str(p)!r} does not exist; pass --config with a YAML file "
-                "such as configs/quickstart.yaml."
-            )
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}."
-            )
-        data = loaded
-    data = apply_overrides(data, overrides)
-    return from_dict(RunConfig, data)
+    data = _read_sections(path, example="configs/quickstart.yaml")
+    return from_dict(RunConfig, apply_overrides(data, overrides))
 
 
 def replace(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
@@ -986,19 +994,5 @@ def load_pretrain_config(
 ) -> PretrainConfig:
     """Loads a pretraining YAML config (or the defaults) and applies ``section.field=value``
     overrides. Raises ConfigError as :func:`load_config`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(
-                f"config file {str(p)!r} does not exist; pass --config with a YAML file such "
-                "as configs/vision_pretrain_mnist.yaml."
-            )
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections.")
-        data = loaded or {}
+    data = _read_sections(path, example="configs/vision_pretrain_mnist.yaml")
     return from_dict(PretrainConfig, apply_overrides(data, overrides))
