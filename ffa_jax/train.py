@@ -293,6 +293,21 @@ def round_inputs(prep: Prepared, round_idx: int) -> RoundInputs:
     return RoundInputs(slots, batches, weights, client_ids, dp, server_dp, dropped)
 
 
+def run_round(round_fn, prep: Prepared, state, inp: RoundInputs, key: jax.Array):
+    """``(new server state, RoundMetrics)``: one call of the jitted round (from
+    :func:`build_round`) on ``inp`` (:func:`round_inputs`) with the run's training ``key``."""
+    return round_fn(
+        state,
+        prep.frozen,
+        inp.batches,
+        inp.weights,
+        inp.client_ids,
+        inp.dp,
+        key,
+        inp.server_dp,
+    )
+
+
 def evaluate(prep: Prepared, params: PyTree) -> dict[str, Any]:
     """The workload's test metrics (``eval_*`` keys, e.g. ``eval_accuracy`` or
     ``eval_exact_match``) of ``params`` (a tree that may hold LoRA nodes)."""
@@ -508,16 +523,7 @@ def train(
         for r in rounds:
             t0 = time.time()
             inp = round_inputs(prep, r)
-            new_state, m = round_fn(
-                state,
-                prep.frozen,
-                inp.batches,
-                inp.weights,
-                inp.client_ids,
-                inp.dp,
-                key,
-                inp.server_dp,
-            )
+            new_state, m = run_round(round_fn, prep, state, inp, key)
             loss = float(m.loss)
             _check_finite(r, loss, float(m.update_norm), new_state.trainable, ckpt_dir, last_saved)
             # The state lives on the host between rounds, as after a restore: every round
@@ -731,6 +737,7 @@ __all__ = [
     "client_batches",
     "client_weights",
     "round_inputs",
+    "run_round",
     "train_key",
     "evaluate",
     "resume_config",

@@ -26,6 +26,7 @@ from ffa_jax.train import (
     prepare,
     root_key,
     round_inputs,
+    run_round,
     train_key,
 )
 
@@ -41,17 +42,7 @@ def iterate_rounds(prep: Prepared) -> Iterator[tuple[int, ServerState, RoundMetr
     state = jax.device_get(server_init(prep.trainable, server_opt))
     key = train_key(prep.cfg)
     for r in range(prep.cfg.federated.rounds):
-        inp = round_inputs(prep, r)
-        state, m = round_fn(
-            state,
-            prep.frozen,
-            inp.batches,
-            inp.weights,
-            inp.client_ids,
-            inp.dp,
-            key,
-            inp.server_dp,
-        )
+        state, m = run_round(round_fn, prep, state, round_inputs(prep, r), key)
         state = jax.device_get(state)
         yield r + 1, state, m
 
