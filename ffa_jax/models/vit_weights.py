@@ -263,26 +263,9 @@ def load_vit(
             _set(params, e.path, _head_init(config, e, head_key))
             used.add(e.hf)
             continue
-        if e.hf not in tensors:
-            errors.append(f"missing key: {e.hf!r} (for {'/'.join(e.path)}, shape {e.hf_shape})")
-            continue
-        used.add(e.hf)
-        value = tensors[e.hf]
-        if tuple(value.shape) != e.hf_shape:
-            errors.append(
-                f"shape mismatch: {e.hf!r} expected {e.hf_shape}, got {tuple(value.shape)}"
-            )
-            continue
-        if value.dtype.kind != "f":
-            errors.append(
-                f"dtype mismatch: {e.hf!r} is {value.dtype}, expected a floating-point dtype"
-            )
-            continue
-        value = np.asarray(value, np.float32)
-        if not np.all(np.isfinite(value)):
-            errors.append(f"non-finite values: {e.hf!r} holds NaN or inf")
-            continue
-        _set(params, e.path, e.to_tree(value))
+        value = weights_lib.checked_tensor(tensors, e.hf, e.hf_shape, e.path, errors, used)
+        if value is not None:
+            _set(params, e.path, e.to_tree(value))
     ignored = [re.compile(p) for p in IGNORED]
     for k in tensors:
         if k not in used and not any(p.fullmatch(k) for p in ignored):

@@ -21,7 +21,7 @@ import pathlib
 import re
 import tempfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -346,6 +346,38 @@ def detect_pooling(model_dir: str | os.PathLike) -> str:
     return "cls"
 
 
+def checked_tensor(
+    tensors: Mapping[str, np.ndarray],
+    hf: str,
+    hf_shape: tuple[int, ...],
+    path: Sequence[str],
+    errors: list[str],
+    used: set[str],
+) -> np.ndarray | None:
+    """``tensors[hf]`` as float32 if present with shape ``hf_shape``, a float dtype and only
+    finite values; otherwise None, with the problem appended to ``errors`` (so a loader reports
+    every bad key at once). Marks ``hf`` as used when present."""
+    if hf not in tensors:
+        errors.append(f"missing key: {hf!r} (for {'/'.join(path)}, shape {hf_shape})")
+        return None
+    used.add(hf)
+    value = tensors[hf]
+    if tuple(value.shape) != tuple(hf_shape):
+        errors.append(f"shape mismatch: {hf!r} expected {hf_shape}, got {tuple(value.shape)}")
+        return None
+    if value.dtype.kind != "f":
+        errors.append(
+            f"dtype mismatch: {hf!r} is {value.dtype}, expected a floating-point dtype "
+            "(float32, float16 or bfloat16)"
+        )
+        return None
+    value = np.asarray(value, dtype=np.float32)
+    if not np.all(np.isfinite(value)):
+        errors.append(f"non-finite values: {hf!r} holds NaN or inf")
+        return None
+    return value
+
+
 def load_encoder(
     name_or_path: str | os.PathLike, num_labels: int, *, head_key: jax.Array, pooling: str = "auto"
 ) -> tuple[EncoderConfig, dict]:
@@ -414,27 +446,9 @@ def load_encoder(
         if e.module in init_modules:
             _set(params, e.path, _head_init(config, e, head_key))
             continue
-        if e.hf not in tensors:
-            errors.append(f"missing key: {e.hf!r} (for {'/'.join(e.path)}, shape {e.hf_shape})")
-            continue
-        used.add(e.hf)
-        value = tensors[e.hf]
-        if tuple(value.shape) != e.hf_shape:
-            errors.append(
-                f"shape mismatch: {e.hf!r} expected {e.hf_shape}, got {tuple(value.shape)}"
-            )
-            continue
-        if value.dtype.kind != "f":
-            errors.append(
-                f"dtype mismatch: {e.hf!r} is {value.dtype}, expected a floating-point dtype "
-                "(float32, float16 or bfloat16)"
-            )
-            continue
-        value = np.asarray(value, dtype=np.float32)
-        if not np.all(np.isfinite(value)):
-            errors.append(f"non-finite values: {e.hf!r} holds NaN or inf")
-            continue
-        _set(params, e.path, value.T if e.transpose else value)
+        value = checked_tensor(tensors, e.hf, e.hf_shape, e.path, errors, used)
+        if value is not None:
+            _set(params, e.path, value.T if e.transpose else value)
 
     ignored = [re.compile(p) for p in IGNORED[config.family]]
     for k in tensors:
