@@ -325,17 +325,7 @@ def _load_folder(
 def _load_hub(
     task: str, image_size: int, num_channels: int, image_field: str, label_field: str
 ) -> _Raw:
-    import datasets
-
-    name, _, config = task.partition(":")
-    try:
-        dd = datasets.load_dataset(name, config or None)
-    except Exception as e:  # noqa: BLE001 - offline/hub failures surface as many types
-        raise DataError(
-            f"data.task={task!r} is not {MNIST5K!r}, a local .npz file or folder, and loading it "
-            f"from the HF hub failed ({type(e).__name__}: {e}). Check the name and your "
-            "internet access, or use local data."
-        ) from e
+    dd = tasks.load_hub_dataset(task, f"{MNIST5K!r}, nor a local .npz file or folder")
     return _from_datasets(dd, task, image_size, num_channels, image_field, label_field)
 
 

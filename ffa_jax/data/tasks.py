@@ -203,21 +203,34 @@ def _has_labels(ds: Any, label_field: str) -> bool:
     return not (labels.dtype.kind in "iu" and np.all(labels < 0))
 
 
-def _load_hub(
-    task: str, text_field: str, label_field: str, pair_field: str | None = None
-) -> RawSplits:
+def load_hub_dataset(task: str, not_what: str):
+    """``datasets.load_dataset`` of ``task`` (``name`` or ``name:config``) from the HF hub.
+
+    Raises:
+      DataError: loading failed (offline, unknown name...); the message says that ``task`` is
+        not ``not_what`` either and how to fix it.
+    """
     import datasets  # deferred: importing datasets takes ~1 s
 
     name, _, config = task.partition(":")
     try:
-        dd = datasets.load_dataset(name, config or None)
+        return datasets.load_dataset(name, config or None)
     except Exception as e:  # noqa: BLE001 - offline/hub failures surface as many types
         raise DataError(
-            f"data.task={task!r} is not a built-in task ({sorted(TASKS)}), not a local file "
-            f"(those must end in {sorted(LOCAL_FORMATS)}), and loading it from the HF hub failed "
+            f"data.task={task!r} is neither {not_what}, and loading it from the HF hub failed "
             f"({type(e).__name__}: {e}). Check the name (use 'name:config' for configs, e.g. "
-            "'nyu-mll/glue:sst2') and your internet access, or use a local file."
+            "'nyu-mll/glue:sst2') and your internet access, or use local data."
         ) from e
+
+
+def _load_hub(
+    task: str, text_field: str, label_field: str, pair_field: str | None = None
+) -> RawSplits:
+    dd = load_hub_dataset(
+        task,
+        f"a built-in task ({sorted(TASKS)}), nor a local file (those must end in "
+        f"{sorted(LOCAL_FORMATS)})",
+    )
     if "train" not in dd:
         raise DataError(
             f"data.task={task!r}: the dataset has no 'train' split (splits: {list(dd)}). "
