@@ -70,12 +70,25 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "runs.jsonl"
-    done = []
+    # Earlier invocations' rows count too: cells already in runs.jsonl are not rerun, and the
+    # table covers every row (the last one of a cell wins).
+    done = (
+        [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
+        if results_path.is_file()
+        else []
+    )
+
+    def _key(partition: str, mode: str, eps: float, seed: int) -> tuple:
+        return (partition, mode, float(eps), int(seed))
+
+    finished = {_key(r["partition"], r["mode"], r["epsilon_target"], r["seed"]) for r in done}
     # Seeds outermost: an interrupted sweep still has every cell for the first seeds.
     for seed in args.seeds:
         for partition in args.partitions:
             for eps in args.epsilons:
                 for mode in args.modes:
+                    if _key(partition, mode, float(eps), seed) in finished:
+                        continue
                     name = f"{base.name}_{partition}_{mode}_eps{eps}_s{seed}"
                     private = math.isfinite(float(eps))
                     cfg = load_config(
@@ -115,7 +128,8 @@ def main() -> None:
         f"Pretrained backbone: test accuracy on digits 0-4 = {pre.get('test_accuracy', 'n/a')}"
         f" ({pre.get('test_examples', '?')} held-out images).",
         f"Config: `{args.config}` with {args.overrides or 'no overrides'}; epsilon=inf runs "
-        f"also {args.nonprivate_overrides}; seeds {args.seeds}.",
+        f"also {args.nonprivate_overrides}; seeds "
+        f"{sorted({r['seed'] for r in done if r['partition'] in args.partitions})}.",
         "Accuracy on the 500 held-out private images (%), mean ± std over seeds.",
         "",
         "| partition | epsilon | start | LoRA | FFA-LoRA |",
@@ -123,8 +137,13 @@ def main() -> None:
     ]
     for partition in args.partitions:
         for eps in args.epsilons:
+            latest = {
+                _key(r["partition"], r["mode"], r["epsilon_target"], r["seed"]): r for r in done
+            }
             rows = [
-                r for r in done if r["partition"] == partition and r["epsilon_target"] == float(eps)
+                r
+                for r in latest.values()
+                if r["partition"] == partition and r["epsilon_target"] == float(eps)
             ]
             start = [r["start_accuracy"] for r in rows if r["start_accuracy"] is not None]
             cells = []
