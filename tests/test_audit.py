@@ -23,6 +23,7 @@ import optax
 import pytest
 
 from ffa_jax import cli
+from ffa_jax.config import load_config
 from ffa_jax.federated.client import DpParams, make_client_update
 from ffa_jax.federated.round import make_round
 from ffa_jax.federated.server import ServerDpParams, server_init
@@ -206,3 +207,34 @@ def test_audit_detects_a_run_without_noise_that_still_claims_epsilon(env, tmp_pa
     assert rec["noise_scale"] == 0.0 and 1.0 < rec["claimed_epsilon"] < 2.5
     assert rec["correct"] >= 98
     assert rec["epsilon_lower_bound"] > rec["claimed_epsilon"] and rec["violation"] is True
+
+
+def test_client_level_audit_holds_for_dp_fedavg_and_detects_it_without_noise(env):
+    # 2 of 4 clients per round (Poisson), z = 4 over 6 rounds: epsilon ~1.4 (RDP). A canary
+    # client takes part in a round with probability 1/2, so 0.5^6 = 1.6% are never sampled.
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            env["model"],
+            env["base"] / "runs",
+            "audit-client",
+            "data.max_train_examples=120",
+            "data.partition=iid",
+            "federated.clients=4",
+            "federated.clients_per_round=2",
+            "federated.rounds=6",
+            "federated.local_steps=1",
+            "lora.rank=32",
+            "privacy.unit=client",
+            "privacy.client_clip_norm=1",
+            "privacy.noise_multiplier=4",
+            "privacy.accountant=rdp",
+        ),
+    )
+    quiet = dict(canaries=200, guesses=100, log=lambda *a: None)
+    real = audit_lib.audit_run(cfg, **quiet)
+    assert real.unit == "client" and real.client is None and 1.0 < real.claimed_epsilon < 2.0
+    assert real.epsilon_lower_bound <= real.claimed_epsilon and not real.violation
+    broken = audit_lib.audit_run(cfg, noise_scale=0.0, **quiet)
+    assert broken.claimed_epsilon == real.claimed_epsilon
+    assert broken.correct >= 97 and broken.violation
