@@ -76,7 +76,8 @@ def make_client_update(
     private: bool,
     microbatch_size: int | None = None,
 ) -> Callable[..., tuple[PyTree, ClientMetrics]]:
-    """Builds ``client_update(trainable, frozen, batches, dp, key) -> (delta, ClientMetrics)``.
+    """Builds ``client_update(trainable, frozen, batches, dp, key, extra_grad_sums=None)
+    -> (delta, ClientMetrics)``.
 
     Args:
       loss_fn: per-example loss ``loss_fn(trainable, frozen, example) -> scalar``.

@@ -237,6 +237,7 @@ def audit_run(
 
     prep = train_lib.prepare(cfg, log=log)
     train_lib._check_budget(prep, None)
+    log(train_lib._privacy_line(prep))
     plan = prep.plan
     if unit == "sample":
         if client is None:
