@@ -52,6 +52,7 @@ NON_METRIC_KEYS = ("eval_samples",)
 KEY_TRAIN = 2  # DP noise (round, client and step are folded in by the round)
 SAMPLER_PURPOSE = 3  # host-side Poisson sampling
 # participation.PARTICIPATION_PURPOSE = 4: host-side draw of each round's clients
+# privacy.audit_run.AUDIT_PURPOSE = 5: the privacy audit's canaries (ffa-jax audit)
 
 
 class NonFiniteError(FfaJaxError, FloatingPointError):
