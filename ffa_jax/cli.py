@@ -3,11 +3,16 @@
 ffa-jax train [--config configs/quickstart.yaml] [--set section.field=value ...] [--overwrite]
 ffa-jax train --resume RUN_DIR [--set section.field=value ...]   # continue from its checkpoint
 ffa-jax config [--config ...] [--set ...]      # print the resolved, validated config
+ffa-jax audit [--config ...] [--set ...] [--canaries M] [--guesses R] [--confidence 0.95]
+              [--client K] [--out DIR] [--json]  # one-run empirical privacy audit of the run
 ffa-jax pretrain [--config configs/vision_pretrain_mnist.yaml] [--set ...]  # central ViT
 ffa-jax export-peft RUN_DIR OUT_DIR            # the run's adapter in HF PEFT format
 ffa-jax flower app OUT_DIR [--config ...] [--set ...]   # a Flower App folder for `flwr run`
 ffa-jax flower local [--config ...] [--set ...]  # SuperLink + SuperNodes on 127.0.0.1, flwr run
 ffa-jax experiment NAME [--quick] [--seeds ...]  # run experiments/grids/NAME.yaml (resumes)
+
+Exit codes: 0 success; 2 bad input (ffa-jax: error: ...); 3 ``ffa-jax audit`` detected a
+privacy violation (the empirical epsilon lower bound exceeds the run's claimed epsilon).
 """
 
 from __future__ import annotations
@@ -202,6 +207,40 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+# ``ffa-jax audit``: the lower bound exceeds the claimed epsilon (a privacy bug).
+EXIT_PRIVACY_VIOLATION = 3
+
+
+def cmd_audit(args) -> int:
+    from ffa_jax.privacy.audit_run import audit_run, check_audit_args, check_audit_config
+    from ffa_jax.train import _atomic_write, run_dir
+
+    # Every input is checked before the (minutes of) training compute.
+    check_audit_args(args.canaries, args.guesses, args.confidence)
+    cfg = _load(args)
+    check_audit_config(cfg)
+    out = args.out or run_dir(cfg).with_name(f"{cfg.name}.audit")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; pass a folder for audit.json.")
+    res = audit_run(
+        cfg,
+        canaries=args.canaries,
+        guesses=args.guesses,
+        confidence=args.confidence,
+        client=args.client,
+        progress=not args.no_progress and not args.json,
+        log=(lambda *a: None) if args.json else print,
+    )
+    record = {**res.to_json(), "command": "ffa-jax " + " ".join(args.argv), "config": cfg.to_dict()}
+    _atomic_write(out / "audit.json", json.dumps(record, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(res.summary())
+        print(f"written: {out / 'audit.json'}")
+    return EXIT_PRIVACY_VIOLATION if res.violation else 0
+
+
 def cmd_config(args) -> int:
     print(_load(args).to_yaml(), end="")
     return 0
@@ -384,6 +423,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--tune-only", action="store_true", help="run only the learning-rate tuning cells"
     )
     p.set_defaults(func=cmd_experiment, argv=None)
+
+    p = sub.add_parser(
+        "audit",
+        help="train the run with canaries and bound its epsilon from below (exit 3: violation)",
+    )
+    _add_config_args(p)
+    p.add_argument("--canaries", type=int, default=1000, help="m canaries (default 1000)")
+    p.add_argument(
+        "--guesses",
+        type=int,
+        default=None,
+        help="r guesses, half 'in' and half 'out' (default min(100, m))",
+    )
+    p.add_argument(
+        "--confidence", type=float, default=0.95, help="of the lower bound (default 0.95)"
+    )
+    p.add_argument(
+        "--client",
+        type=int,
+        default=None,
+        help="the audited client (sample-level; default: the one with the largest epsilon)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for audit.json (default <output_dir>/<name>.audit)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("config", help="print the resolved and validated config")
     _add_config_args(p)

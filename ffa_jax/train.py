@@ -52,6 +52,7 @@ NON_METRIC_KEYS = ("eval_samples",)
 KEY_TRAIN = 2  # DP noise (round, client and step are folded in by the round)
 SAMPLER_PURPOSE = 3  # host-side Poisson sampling
 # participation.PARTICIPATION_PURPOSE = 4: host-side draw of each round's clients
+# privacy.audit_run.AUDIT_PURPOSE = 5: the privacy audit's canaries (ffa-jax audit)
 
 
 class NonFiniteError(FfaJaxError, FloatingPointError):
@@ -193,8 +194,11 @@ def client_weights(cfg: RunConfig, client_sizes) -> np.ndarray:
     return sizes / sizes.sum()
 
 
-def build_round(prep: Prepared):
-    """The jitted round function and the server optimiser for a prepared run."""
+def build_round(prep: Prepared, *, return_deltas: bool = False):
+    """The jitted round function and the server optimiser for a prepared run.
+
+    ``return_deltas``: the round also returns what it releases
+    (:class:`ffa_jax.federated.round.RoundReleases`), for the privacy audit."""
     cfg = prep.cfg
     client_update = build_client_update(prep)
     server_opt = make_server_optimizer(cfg.server)
@@ -207,6 +211,7 @@ def build_round(prep: Prepared):
         clients_per_chunk=cfg.perf.clients_per_chunk,
         mesh=mesh,
         client_level_dp=_unit(cfg) == "client",
+        return_deltas=return_deltas,
     ), server_opt
 
 
@@ -293,9 +298,12 @@ def round_inputs(prep: Prepared, round_idx: int) -> RoundInputs:
     return RoundInputs(slots, batches, weights, client_ids, dp, server_dp, dropped)
 
 
-def run_round(round_fn, prep: Prepared, state, inp: RoundInputs, key: jax.Array):
+def run_round(round_fn, prep: Prepared, state, inp: RoundInputs, key: jax.Array, **extra):
     """``(new server state, RoundMetrics)``: one call of the jitted round (from
-    :func:`build_round`) on ``inp`` (:func:`round_inputs`) with the run's training ``key``."""
+    :func:`build_round`) on ``inp`` (:func:`round_inputs`) with the run's training ``key``.
+
+    ``extra``: the audit's canary inputs (``extra_grad_sums`` / ``extra_update_sum`` of
+    :func:`ffa_jax.federated.round.make_round`); a training run passes none."""
     return round_fn(
         state,
         prep.frozen,
@@ -305,6 +313,7 @@ def run_round(round_fn, prep: Prepared, state, inp: RoundInputs, key: jax.Array)
         inp.dp,
         key,
         inp.server_dp,
+        **extra,
     )
 
 

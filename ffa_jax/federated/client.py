@@ -76,7 +76,8 @@ def make_client_update(
     private: bool,
     microbatch_size: int | None = None,
 ) -> Callable[..., tuple[PyTree, ClientMetrics]]:
-    """Builds ``client_update(trainable, frozen, batches, dp, key) -> (delta, ClientMetrics)``.
+    """Builds ``client_update(trainable, frozen, batches, dp, key, extra_grad_sums=None)
+    -> (delta, ClientMetrics)``.
 
     Args:
       loss_fn: per-example loss ``loss_fn(trainable, frozen, example) -> scalar``.
@@ -87,7 +88,11 @@ def make_client_update(
 
     The returned function takes ``batches``: a dict of arrays ``[S, B_max, ...]`` with a
     ``"mask"`` entry ``[S, B_max]`` (S local steps; padded slots masked out), ``dp``: a
-    :class:`DpParams` of scalars, and ``key``: this client's key for this round.
+    :class:`DpParams` of scalars, ``key``: this client's key for this round, and optionally
+    ``extra_grad_sums``: a tree like ``trainable`` with leaves ``[S, ...]``, added to step s's
+    clipped per-example gradient sum before the noise (``private=True`` only). It is the
+    privacy audit's hook (:mod:`ffa_jax.privacy.audit_run`): gradient canaries enter exactly
+    like real examples. Without it (the default) the traced computation is unchanged.
 
     Formal guarantee (``private=True``): each local step is the sampled Gaussian mechanism on
     this client's data with sensitivity ``clip_norm`` (add/remove one example) and noise std
@@ -96,16 +101,22 @@ def make_client_update(
     """
     plain_grad = mean_grad(loss_fn, microbatch_size=microbatch_size)
 
-    def client_update(trainable, frozen, batches, dp: DpParams, key):
+    def client_update(trainable, frozen, batches, dp: DpParams, key, extra_grad_sums=None):
+        if extra_grad_sums is not None and not private:
+            raise ValueError("extra_grad_sums needs private=True (they join the clipped sum).")
+
         def step(carry, xs):
             params, opt_state = carry
-            batch, step_idx = xs
+            batch, step_idx, extra = xs
             mask = batch["mask"]
             example = {k: v for k, v in batch.items() if k != "mask"}
             if private:
                 # C is a runtime value, so changing it never recompiles.
                 clip = clipped_grad(loss_fn, dp.clip_norm, microbatch_size=microbatch_size)
                 g_sum, stats = clip(params, frozen, example, mask)
+                if extra is not None:
+                    # Already bounded (each canary has norm C): joins the sum unclipped.
+                    g_sum = jax.tree_util.tree_map(jnp.add, g_sum, extra)
                 noise_key = step_noise_key(key, step_idx)
                 grads = privatize_grad_sum(
                     g_sum,
@@ -124,7 +135,9 @@ def make_client_update(
 
         steps = jax.tree_util.tree_leaves(batches)[0].shape[0]
         (final, _), (loss_sum, n, clipped, norms) = jax.lax.scan(
-            step, (trainable, optimizer.init(trainable)), (batches, jnp.arange(steps))
+            step,
+            (trainable, optimizer.init(trainable)),
+            (batches, jnp.arange(steps), extra_grad_sums),
         )
         delta = jax.tree_util.tree_map(lambda new, old: new - old, final, trainable)
         total = jnp.sum(n)

@@ -48,6 +48,15 @@ class RoundMetrics(NamedTuple):
     update_norm: jax.Array  # L2 norm of the averaged delta
 
 
+class RoundReleases(NamedTuple):
+    """What a round releases (``make_round(return_deltas=True)``): the clients' uploads,
+    leaves ``[K, ...]`` (unclipped; under sample-level DP each is already private), and the
+    aggregated update the server applies (noisy under client-level DP)."""
+
+    deltas: PyTree
+    mean_delta: PyTree
+
+
 def client_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh with a ``clients`` axis over the first ``num_devices`` devices."""
     devices = jax.devices()
@@ -112,11 +121,14 @@ def make_round(
     clients_per_chunk: int = 0,
     mesh: Mesh | None = None,
     client_level_dp: bool = False,
+    return_deltas: bool = False,
 ) -> Callable[..., tuple[ServerState, RoundMetrics]]:
     """Builds the jitted ``round_fn``.
 
-    ``round_fn(state, frozen, batches, weights, client_ids, dp, key, server_dp=None)
-    -> (state, RoundMetrics)``
+    ``round_fn(state, frozen, batches, weights, client_ids, dp, key, server_dp=None,
+    extra_grad_sums=None, extra_update_sum=None) -> (state, RoundMetrics)``, or
+    ``(state, RoundMetrics, RoundReleases)`` with ``return_deltas`` (what an adversary
+    observes, for the privacy audit).
 
     Args (of ``round_fn``):
       state: :class:`ServerState`.
@@ -129,6 +141,13 @@ def make_round(
       server_dp: :class:`ServerDpParams`, required when ``client_level_dp``: each client's
         update is clipped to ``server_dp.clip_norm`` and the server noises the sum
         (DP-FedAvg); ``weights`` must then be participation indicators in {0, 1}.
+      extra_grad_sums: optional tree like ``state.trainable`` with leaves ``[K, S, ...]``,
+        added to each client's clipped gradient sum of each local step before its noise (the
+        audit's gradient canaries, see :func:`ffa_jax.federated.client.make_client_update`).
+        None (the default) traces exactly the round without it.
+      extra_update_sum: optional tree like ``state.trainable`` (no client axis), added to the
+        sum of clipped client updates before the server's noise (``client_level_dp`` only: the
+        audit's canary client updates, see :func:`ffa_jax.federated.server.dp_fedavg_aggregate`).
 
     ``clients_per_chunk`` (0 = all K at once) and ``mesh`` change memory and speed only.
     """
@@ -142,6 +161,8 @@ def make_round(
         dp: DpParams,
         key,
         server_dp: ServerDpParams | None = None,
+        extra_grad_sums=None,
+        extra_update_sum=None,
     ):
         num_clients = weights.shape[0]
         chunk = clients_per_chunk or num_clients
@@ -153,6 +174,8 @@ def make_round(
             _pad_clients(dp, pad, 1),  # expected batch 1 keeps dummy clients finite
             _pad_clients(keys, pad),
         )
+        if extra_grad_sums is not None:
+            inputs = (*inputs, _pad_clients(extra_grad_sums, pad))
         weights_p = _pad_clients(weights, pad)
         if mesh is not None:
             inputs = jax.lax.with_sharding_constraint(inputs, NamedSharding(mesh, P(CLIENTS_AXIS)))
@@ -166,7 +189,7 @@ def make_round(
                 out = client_update(trainable, frozen_, *one)
                 return jax.tree_util.tree_map(lambda x: x[None], out)
         else:
-            run_chunk = jax.vmap(client_update, in_axes=(None, None, 0, 0, 0))
+            run_chunk = jax.vmap(client_update, in_axes=(None, None) + (0,) * len(inputs))
         if chunk == num_clients + pad:
             deltas, metrics = run_chunk(state.trainable, frozen, *inputs)
         else:
@@ -199,9 +222,11 @@ def make_round(
             if server_dp is None:
                 raise ValueError("client_level_dp=True needs server_dp=ServerDpParams(...).")
             mean_delta, _ = dp_fedavg_aggregate(
-                deltas, weights_p, server_dp, server_noise_key(key, state.round)
+                deltas, weights_p, server_dp, server_noise_key(key, state.round), extra_update_sum
             )
         else:
+            if extra_update_sum is not None:
+                raise ValueError("extra_update_sum needs client_level_dp=True.")
             mean_delta = weighted_mean(deltas, weights_p)
         new_state = server_update(state, mean_delta, server_optimizer)
         metrics = jax.tree_util.tree_map(lambda x: x[:num_clients], metrics)
@@ -209,8 +234,12 @@ def make_round(
         update_norm = jnp.sqrt(
             sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(mean_delta))
         )
-        return new_state, RoundMetrics(
+        round_metrics = RoundMetrics(
             clients=metrics, loss=jnp.sum(w * metrics.loss), update_norm=update_norm
         )
+        if return_deltas:
+            deltas = jax.tree_util.tree_map(lambda x: x[:num_clients], deltas)
+            return new_state, round_metrics, RoundReleases(deltas, mean_delta)
+        return new_state, round_metrics
 
     return jax.jit(round_fn)

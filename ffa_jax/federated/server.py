@@ -112,7 +112,11 @@ def clip_updates(stacked: PyTree, clip_norm: jax.Array) -> tuple[PyTree, jax.Arr
 
 
 def dp_fedavg_aggregate(
-    stacked: PyTree, participation: jax.Array, dp: ServerDpParams, key: jax.Array
+    stacked: PyTree,
+    participation: jax.Array,
+    dp: ServerDpParams,
+    key: jax.Array,
+    extra_sum: PyTree | None = None,
 ) -> tuple[PyTree, jax.Array]:
     """Client-level DP aggregation (DP-FedAvg, McMahan et al., ICLR 2018).
 
@@ -123,6 +127,9 @@ def dp_fedavg_aggregate(
       participation: ``[K]`` 1 for clients that took part, 0 for dummies / non-sampled.
       dp: :class:`ServerDpParams`.
       key: the server's noise key for this round (never used for anything else).
+      extra_sum: optional tree like one client's update (no client axis), added to the sum of
+        clipped updates before the noise: the privacy audit's canary client updates (each of
+        norm S), see :mod:`ffa_jax.privacy.audit_run`. None leaves the computation unchanged.
 
     Returns:
       (noisy mean update, norms before clipping ``[K]``).
@@ -144,6 +151,8 @@ def dp_fedavg_aggregate(
         return jnp.sum(jnp.where(w > 0, x * w, 0), axis=0)
 
     summed = jax.tree_util.tree_map(total, clipped)
+    if extra_sum is not None:
+        summed = jax.tree_util.tree_map(jnp.add, summed, extra_sum)
     noise = gaussian_noise_like(summed, dp.noise_multiplier * dp.clip_norm, key)
     noisy = jax.tree_util.tree_map(lambda s, n: (s + n) / dp.expected_clients, summed, noise)
     return noisy, norms

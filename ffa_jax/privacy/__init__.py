@@ -11,7 +11,8 @@ Two privacy units (``privacy.unit``):
   the clipped updates and adds the noise.
 
 :mod:`ledger` records what a run spent as dp-accounting DpEvents (PLD and RDP), :mod:`planner`
-calibrates and plans a run, :mod:`audit` gives empirical epsilon lower bounds.
+calibrates and plans a run, :mod:`audit` gives empirical epsilon lower bounds and
+:mod:`audit_run` audits a whole training run with canaries (``ffa-jax audit``).
 """
 
 from ffa_jax.privacy.accounting import (
