@@ -435,6 +435,10 @@ def train(
         already complete only rewrites the final outputs.
       progress: show a progress bar.
 
+    In a multi-process run (after :func:`ffa_jax.distributed.initialize`) every process calls
+    ``train`` with the same arguments and computes the same run; process 0 alone writes the
+    run directory, logs and shows progress. All return the same summary.
+
     Returns:
       The final summary (test accuracy, epsilon, bytes, wall time, run directory).
 
