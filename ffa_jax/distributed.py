@@ -34,9 +34,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ffa_jax.errors import ConfigError
+from ffa_jax.federated.round import CLIENTS_AXIS
 
 PyTree = Any
-CLIENTS_AXIS = "clients"  # = ffa_jax.federated.round.CLIENTS_AXIS (not imported: no cycle)
 
 
 def initialize(
@@ -110,12 +110,15 @@ def check_mesh(mesh: Mesh | None) -> Mesh:
     missing = sorted(set(range(jax.process_count())) - have)
     if missing:
         n = 0 if mesh is None else mesh.devices.size
+        devices = jax.devices()
+        # The mesh takes devices in jax.devices() order (process by process).
+        need = 1 + min(i for i, d in enumerate(devices) if d.process_index == missing[-1])
         raise ConfigError(
             f"perf.devices / perf.clients_per_chunk: the round's clients mesh has {n} of the "
-            f"{len(jax.devices())} devices of the {jax.process_count()} processes, none of "
-            f"process(es) {missing}. Use a chunk size (perf.clients_per_chunk, 0 = all "
-            "clients of a round) with a divisor that spans every process, e.g. a multiple of "
-            f"{len(jax.devices())}, or set perf.devices to such a divisor."
+            f"{len(devices)} devices of the {jax.process_count()} processes, none of "
+            f"process(es) {missing}. Make the clients of a chunk (perf.clients_per_chunk; 0 = "
+            "all clients of a round: federated.clients or federated.clients_per_round) a "
+            f"multiple of {len(devices)}, or set perf.devices to a divisor of it >= {need}."
         )
     return mesh
 
@@ -165,10 +168,13 @@ def global_round(round_fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]
                 frozen,
                 jax.tree_util.tree_map(lambda x: _global(x, replicated), frozen),
             ]
-        rep = lambda tree: jax.tree_util.tree_map(lambda x: _global(x, replicated), tree)  # noqa: E731
-        per_client = lambda tree: jax.tree_util.tree_map(  # noqa: E731
-            lambda x: _global(x, _client_sharded(mesh, x)), tree
-        )
+
+        def rep(tree):
+            return jax.tree_util.tree_map(lambda x: _global(x, replicated), tree)
+
+        def per_client(tree):
+            return jax.tree_util.tree_map(lambda x: _global(x, _client_sharded(mesh, x)), tree)
+
         out = jitted(
             rep(state),
             frozen_cache[1],
