@@ -237,11 +237,20 @@ class Checkpointer:
         # crash. Deleted here, synchronously (orbax's own cleanup runs in the background).
         for p in unfinalized(self.directory):
             shutil.rmtree(p)
+        options = dict(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        if jax.process_count() > 1:
+            # A multi-process run: the state is a host copy every process holds, so this
+            # process (0) writes alone, and orbax must not wait for the others at barriers.
+            self.directory.mkdir(parents=True, exist_ok=True)
+            options.update(
+                create=False,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=jax.process_index(), active_processes={jax.process_index()}
+                ),
+            )
         self._mgr = ocp.CheckpointManager(
             self.directory.absolute(),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=False
-            ),
+            options=ocp.CheckpointManagerOptions(**options),
             item_names=ITEMS,
         )
 
@@ -289,6 +298,20 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class NoCheckpointer:
+    """Stands in for :class:`Checkpointer` on processes other than 0 of a multi-process run
+    (process 0 writes the checkpoints)."""
+
+    def save(self, round_done: int, state: PyTree, **kwargs) -> None:
+        return None
+
+    def __enter__(self) -> NoCheckpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def _versions() -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 ffa-jax train [--config configs/quickstart.yaml] [--set section.field=value ...] [--overwrite]
 ffa-jax train --resume RUN_DIR [--set section.field=value ...]   # continue from its checkpoint
+ffa-jax train --distributed [--coordinator HOST:PORT --num-processes N --process-id I] ...
+                                               # one process per host, clients across hosts
 ffa-jax config [--config ...] [--set ...]      # print the resolved, validated config
 ffa-jax audit [--config ...] [--set ...] [--canaries M] [--guesses R] [--confidence 0.95]
               [--client K] [--out DIR] [--json]  # one-run empirical privacy audit of the run
@@ -59,6 +61,16 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    if args.distributed:
+        # Before any other JAX use: jax.devices() then lists every process's devices.
+        from ffa_jax import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+        raise ConfigError(
+            "--coordinator / --num-processes / --process-id need --distributed (a multi-process "
+            "run); drop them for a single-process run."
+        )
     from ffa_jax.train import resume_config, train
 
     if args.resume is not None:
@@ -76,7 +88,10 @@ def cmd_train(args) -> int:
         resume=args.resume is not None,
         progress=not args.no_progress,
     )
-    print(json.dumps(summary, indent=2, default=str))
+    import jax
+
+    if jax.process_index() == 0:  # process 0 reports a multi-process run
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -352,6 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
         "uninterrupted run)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group(
+        "multi-host (one process per host; see README 'Running on Cloud TPU VMs and GPU clusters')"
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join the other processes with jax.distributed.initialize (auto-detected on Cloud "
+        "TPU VMs, SLURM and Open MPI; elsewhere pass the three flags below)",
+    )
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N")
+    g.add_argument("--process-id", type=int, default=None, metavar="I", help="0..N-1")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ffa_jax import checkpoint as ckpt_lib
-from ffa_jax import lora, workloads
+from ffa_jax import distributed, lora, workloads
 from ffa_jax.config import RunConfig, load_config
 from ffa_jax.data import batching, partition
 from ffa_jax.data.clients import partition_clients
@@ -198,21 +198,28 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
     """The jitted round function and the server optimiser for a prepared run.
 
     ``return_deltas``: the round also returns what it releases
-    (:class:`ffa_jax.federated.round.RoundReleases`), for the privacy audit."""
+    (:class:`ffa_jax.federated.round.RoundReleases`), for the privacy audit.
+
+    In a multi-process run (:mod:`ffa_jax.distributed`) the round is wrapped by
+    :func:`ffa_jax.distributed.global_round`: same signature, host (numpy) outputs."""
     cfg = prep.cfg
     client_update = build_client_update(prep)
     server_opt = make_server_optimizer(cfg.server)
     chunk = cfg.perf.clients_per_chunk or prep.plan.sampling.max_clients
     devices = choose_devices(chunk, cfg.perf.devices)
     mesh = client_mesh(devices) if devices > 1 else None
-    return make_round(
+    round_fn = make_round(
         client_update,
         server_opt,
         clients_per_chunk=cfg.perf.clients_per_chunk,
         mesh=mesh,
         client_level_dp=_unit(cfg) == "client",
         return_deltas=return_deltas,
-    ), server_opt
+    )
+    if distributed.is_distributed():
+        # Several processes: global inputs on the mesh spanning them, host outputs.
+        round_fn = distributed.global_round(round_fn, distributed.check_mesh(mesh))
+    return round_fn, server_opt
 
 
 def _unit(cfg: RunConfig) -> str | None:
@@ -437,6 +444,10 @@ def train(
         already complete only rewrites the final outputs.
       progress: show a progress bar.
 
+    In a multi-process run (after :func:`ffa_jax.distributed.initialize`) every process calls
+    ``train`` with the same arguments and computes the same run; process 0 alone writes the
+    run directory, logs and shows progress. All return the same summary.
+
     Returns:
       The final summary (test accuracy, epsilon, bytes, wall time, run directory).
 
@@ -448,27 +459,21 @@ def train(
     t_start = time.time()
     out = run_dir(cfg)
     ckpt_dir = ckpt_lib.checkpoint_dir(out)
+    # Multi-process runs (ffa_jax.distributed): every process computes everything, process 0
+    # alone writes files and reports.
+    primary = distributed.is_primary()
+    if not primary:
+        progress, log = False, _silent
     restored = None
-    if resume:
-        if overwrite:
-            raise ConfigError("--resume and --overwrite exclude each other; pass one of them.")
-        if not (out / "config.yaml").is_file():
-            raise CheckpointError(
-                f"cannot resume {str(out)!r}: not a run directory (no config.yaml); start the "
-                "run without --resume."
-            )
-        restored = ckpt_lib.read_latest(ckpt_dir, cfg)
-        if restored is not None and cfg.federated.rounds < restored.round:
-            raise ConfigError(
-                f"federated.rounds={cfg.federated.rounds} is below the {restored.round} rounds "
-                f"the checkpoint {str(restored.step_dir)!r} has done; use "
-                f"federated.rounds >= {restored.round}."
-            )
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"run directory {str(out)!r} already exists; pass --overwrite, --resume "
-            f"{str(out)!r} to continue it, or choose another name with --set name=<new-name>."
-        )
+    failure = None
+    try:
+        restored = _open_run_dir(cfg, out, ckpt_dir, overwrite=overwrite, resume=resume)
+    except FfaJaxError as e:
+        failure = e
+    if distributed.is_distributed():
+        _agree_on_start(out, failure, restored)
+    if failure is not None:
+        raise failure
     prep = prepare(cfg, log=log, ledger=restored.ledger if restored is not None else None)
     a_hash = ckpt_lib.a_matrices_hash(prep.params)
     d_hash = ckpt_lib.data_hash([prep.train_arrays, prep.test_arrays], prep.client_indices)
@@ -489,15 +494,16 @@ def train(
             + ("" if restored else " (no checkpoint yet)")
         )
 
-    # Every input is valid: from here on the run directory is written.
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "config.yaml", cfg.to_yaml())
-    metrics_path = out / "metrics.jsonl"
-    # The checkpoint's history is the truth: later lines (rounds done after the last
-    # checkpoint, or a torn line from a crash) are dropped and recomputed.
-    _atomic_write(metrics_path, "".join(_metric_line(h) for h in history))
+    # Every input is valid: from here on the run directory is written (by process 0).
+    metrics_path = out / "metrics.jsonl" if primary else Path(os.devnull)
+    if primary:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "config.yaml", cfg.to_yaml())
+        # The checkpoint's history is the truth: later lines (rounds done after the last
+        # checkpoint, or a torn line from a crash) are dropped and recomputed.
+        _atomic_write(metrics_path, "".join(_metric_line(h) for h in history))
 
     key = train_key(cfg)
     per_client_bytes = _bytes_of_one_client(prep.trainable)
@@ -526,7 +532,9 @@ def train(
         rounds = bar
     last_saved = start if restored is not None else None
     with (
-        ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep) as ckpt,
+        ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
+        if primary
+        else ckpt_lib.NoCheckpointer() as ckpt,
         open(metrics_path, "a") as mf,
     ):
         for r in rounds:
@@ -566,7 +574,8 @@ def train(
         bar.close()
 
     final_params = lora.combine(state.trainable, prep.frozen)
-    save_adapter(out / "adapter.safetensors", final_params, cfg)
+    if primary:
+        save_adapter(out / "adapter.safetensors", final_params, cfg)
     summary = {
         "run_dir": str(out),
         **wl.summary_fields(history),
@@ -580,11 +589,71 @@ def train(
         "wall_seconds": time.time() - t_start,
         "rounds": cfg.federated.rounds,
     }
-    from ffa_jax.report import write_plots, write_summary
+    if primary:
+        from ffa_jax.report import write_plots, write_summary
 
-    write_plots(out / "plots", history)
-    write_summary(out / "summary.md", cfg, prep, history, summary)
+        write_plots(out / "plots", history)
+        write_summary(out / "summary.md", cfg, prep, history, summary)
     return _json_safe(summary)
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of processes other than 0 in a multi-process run (process 0 reports)."""
+
+
+def _open_run_dir(
+    cfg: RunConfig, out: Path, ckpt_dir: Path, *, overwrite: bool, resume: bool
+) -> ckpt_lib.Restored | None:
+    """Checks the run directory before anything is computed; the checkpoint to resume from.
+
+    In a multi-process run only process 0 owns the directory, so the others skip the
+    "already exists" check (process 0 may already have created it); a resume reads the
+    checkpoint on every process. Raises ConfigError / CheckpointError.
+    """
+    if resume:
+        if overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other; pass one of them.")
+        if not (out / "config.yaml").is_file():
+            raise CheckpointError(
+                f"cannot resume {str(out)!r}: not a run directory (no config.yaml); start the "
+                "run without --resume."
+            )
+        restored = ckpt_lib.read_latest(ckpt_dir, cfg)
+        if restored is not None and cfg.federated.rounds < restored.round:
+            raise ConfigError(
+                f"federated.rounds={cfg.federated.rounds} is below the {restored.round} rounds "
+                f"the checkpoint {str(restored.step_dir)!r} has done; use "
+                f"federated.rounds >= {restored.round}."
+            )
+        return restored
+    if distributed.is_primary() and out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"run directory {str(out)!r} already exists; pass --overwrite, --resume "
+            f"{str(out)!r} to continue it, or choose another name with --set name=<new-name>."
+        )
+    return None
+
+
+def _agree_on_start(out: Path, failure: Exception | None, restored) -> None:
+    """Multi-process runs: every process learns whether all accepted the run directory and
+    resume from the same round, so that none is left waiting in a collective for a process
+    that stopped. Raises (on the processes that accepted) ConfigError / CheckpointError."""
+    rows = distributed.gather_ints(failure is None, -1 if restored is None else restored.round)
+    if failure is not None:
+        return  # this process raises its own error
+    bad = [i for i, (ok, _) in enumerate(rows) if not ok]
+    if bad:
+        raise ConfigError(
+            f"process(es) {bad} rejected the run (their error is printed in their log); "
+            "every process stops."
+        )
+    rounds = sorted({int(r) for _, r in rows})
+    if len(rounds) > 1:
+        raise CheckpointError(
+            f"--resume {str(out)!r}: the processes found different checkpoints (rounds "
+            f"{rounds}, -1 = none); a multi-process run must keep output_dir on a filesystem "
+            "every host shares (NFS, GCS Fuse)."
+        )
 
 
 def _metric_line(record: dict[str, Any]) -> str:
