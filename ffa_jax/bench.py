@@ -6,7 +6,10 @@ LoRA, each with DP-SGD (per-example clipping + noise) and without — plus a K-c
 Each variant is compiled first (compile time reported separately), then timed ``repeats``
 times; the median is reported. Absolute times are noisy on shared machines; the ratios
 (DP / non-DP, LoRA / FFA) are measured back to back in one process and are the numbers to
-compare. Peak memory is the process's max RSS (CPU) or device memory stats where available.
+compare. Memory is reported two ways: XLA's buffer sizes of each compiled executable
+(``memory_analysis()``: temporary buffers = activations, arguments, outputs), which do not
+depend on the load or on what else the process holds, and the process's resident set.
+MB means 2^20 bytes throughout.
 """
 
 from __future__ import annotations
@@ -108,12 +111,34 @@ def _time(fn, repeats: int) -> tuple[float, float]:
     return compile_s, statistics.median(times)
 
 
+def compiled_memory(jitted, *args) -> dict[str, float] | None:
+    """XLA's buffer sizes of ``jitted`` compiled for ``args``, in MB (2^20 bytes).
+
+    ``temp_mb``: temporary buffers (activations, per-example gradients); ``argument_mb`` and
+    ``output_mb``: the inputs and results; ``total_mb``: all three minus donated (aliased)
+    bytes, the executable's peak. ``None`` where the backend does not report them. After a
+    call with the same shapes the executable comes from jit's cache: nothing recompiles.
+    """
+    stats = jitted.lower(*args).compile().memory_analysis()
+    if stats is None:
+        return None
+    temp, arg = stats.temp_size_in_bytes, stats.argument_size_in_bytes
+    out, alias = stats.output_size_in_bytes, stats.alias_size_in_bytes
+    return {
+        "temp_mb": temp / 2**20,
+        "argument_mb": arg / 2**20,
+        "output_mb": out / 2**20,
+        "total_mb": (temp + arg + out - alias) / 2**20,
+    }
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _round_setup(spec: BenchSpec, module, params, loss_fn, k: int, chunk: int):
-    """A jitted FFA DP round over ``k`` clients at the round batch; returns (call, round_fn)."""
+    """A jitted FFA DP round over ``k`` clients at the round batch; returns
+    ``(call, round_fn, args)``: ``call()`` runs ``round_fn(*args)``."""
     lp = lora.init(params, LoRAConfig(mode="ffa", rank=spec.rank), jax.random.key(1))
     trainable, frozen = lora.split(lp, lora.trainable_mask(lp, "ffa"))
     cu = make_client_update(loss_fn, optax.sgd(0.1), private=True)
@@ -164,25 +189,49 @@ class _RssSampler:
         self.peak_mb = max(self.peak_mb, _current_rss_mb())
 
 
-def memory_probe(spec: BenchSpec, clients: int, chunk: int) -> dict[str, Any]:
-    """Memory of one K-client round in *this* process (run it in a fresh one).
+# Default largest XLA total (MB) a memory probe runs; larger settings are only compiled. With
+# the ~0.5 GB of weights and runtime and the allocator's slack, 6 GiB of buffers keeps a probe
+# under ~7.5 GB resident.
+MEMORY_BUDGET_MB = 6144.0
 
-    ``setup_rss_mb``: resident set once the weights and batches exist, before compiling;
-    ``run_peak_rss_mb``: the highest resident set sampled (every 2 ms) while two compiled
-    rounds run, so compiler memory is excluded; ``run_extra_mb`` is that minus the resident
-    set just before the rounds; ``max_rss_mb``: the process's max RSS including compilation;
-    ``temp_mb``: XLA's compiled temporary buffer size of the round (its activations),
-    independent of what else the process holds.
+
+def memory_probe(
+    spec: BenchSpec, clients: int, chunk: int, budget_mb: float = MEMORY_BUDGET_MB
+) -> dict[str, Any]:
+    """Memory of one K-client round in *this* process (run it in a fresh one). MB = 2^20 bytes.
+
+    ``xla``: :func:`compiled_memory` of the round (``temp_mb`` = its activations, independent
+    of what else the process holds); ``weights_mb``: the shared frozen tree plus the server
+    state, the part of the arguments every client shares; ``per_client_mb``: one client's
+    batch plus its delta (the upload), which the round holds for every client. When ``xla["total_mb"]`` exceeds
+    ``budget_mb`` (0 = no limit) the round is compiled only (``ran`` False) and the resident-
+    set fields are ``None``. Otherwise: ``setup_rss_mb``, the resident set once the weights
+    and batches exist, before compiling; ``run_peak_rss_mb``, the highest resident set sampled
+    (every 2 ms) while two compiled rounds run, so compiler memory is excluded;
+    ``run_extra_mb``, that minus the resident set just before the rounds; ``max_rss_mb``, the
+    process's max RSS including compilation; ``round_s``, one round's wall time.
     """
     module, params = _encoder(spec)
     call, round_fn, args = _round_setup(
         spec, module, params, classification_loss(module), clients, chunk
     )
+    state, frozen, batches = args[:3]
+    out: dict[str, Any] = {
+        "clients": clients,
+        "clients_per_chunk": chunk or clients,
+        "weights_mb": (lora.tree_bytes(frozen) + lora.tree_bytes(state)) / 2**20,
+        # What the round holds per client whatever k: its batch and its delta (the upload).
+        "per_client_mb": (lora.tree_bytes(batches) / clients + lora.tree_bytes(state.trainable))
+        / 2**20,
+    }
     setup_rss = _current_rss_mb()
-    compiled = round_fn.lower(*args).compile()
-    stats = compiled.memory_analysis()
-    temp_mb = None if stats is None else stats.temp_size_in_bytes / 2**20
-    jax.block_until_ready(call())  # fills the jit cache (same executable)
+    xla = compiled_memory(round_fn, *args)
+    ran = budget_mb <= 0 or xla is None or xla["total_mb"] <= budget_mb
+    out.update(xla=xla, ran=ran, setup_rss_mb=setup_rss)
+    if not ran:
+        none = dict.fromkeys(("run_peak_rss_mb", "run_extra_mb", "max_rss_mb", "round_s"))
+        return {**out, **none}
+    jax.block_until_ready(call())  # the executable compiled above, from jit's cache
     before = _current_rss_mb()
     with _RssSampler() as sampler:
         t0 = time.perf_counter()
@@ -190,42 +239,81 @@ def memory_probe(spec: BenchSpec, clients: int, chunk: int) -> dict[str, Any]:
         round_s = time.perf_counter() - t0
         jax.block_until_ready(call())
     return {
-        "clients": clients,
-        "clients_per_chunk": chunk or clients,
-        "setup_rss_mb": setup_rss,
+        **out,
         "run_peak_rss_mb": sampler.peak_mb,
         "run_extra_mb": sampler.peak_mb - before,
         "max_rss_mb": _hwm_rss_mb(),
-        "temp_mb": temp_mb,
         "round_s": round_s,
     }
 
 
-def run_memory_probes(spec: BenchSpec, settings: list[tuple[int, int]]) -> list[dict[str, Any]]:
-    """Runs :func:`memory_probe` for each ``(K, k)`` in its own subprocess (clean max RSS)."""
-    out = []
-    for clients, chunk in settings:
-        code = (
-            "import json, sys; from ffa_jax.bench import BenchSpec, memory_probe; "
-            "s = BenchSpec(**json.loads(sys.argv[1])); "
-            "print(json.dumps(memory_probe(s, int(sys.argv[2]), int(sys.argv[3]))))"
-        )
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                code,
-                json.dumps(dataclasses.asdict(spec)),
-                str(clients),
-                str(chunk),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory probe K={clients} k={chunk} failed:\n{proc.stderr}")
-        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+def _probe_subprocess(spec: BenchSpec, clients: int, chunk: int, budget_mb: float) -> dict:
+    """:func:`memory_probe` in a fresh interpreter (a clean max RSS); a failure (say, killed
+    for memory) is returned as ``{"error": ...}`` so the other settings still get measured."""
+    code = (
+        "import json, sys; from ffa_jax.bench import BenchSpec, memory_probe; "
+        "s = BenchSpec(**json.loads(sys.argv[1])); "
+        "print(json.dumps(memory_probe(s, int(sys.argv[2]), int(sys.argv[3]), "
+        "float(sys.argv[4]))))"
+    )
+    argv = [json.dumps(dataclasses.asdict(spec)), str(clients), str(chunk), str(budget_mb)]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-5:]
+        return {
+            "clients": clients,
+            "clients_per_chunk": chunk or clients,
+            "error": f"exit code {proc.returncode}: " + " / ".join(tail),
+        }
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Slack of the chunk bound for the O(K) scalars a round keeps (keys, metrics, DP parameters).
+CHUNK_BOUND_SLACK_MB = 1.0
+
+
+def chunk_bound(probe: dict[str, Any], single_temp_mb: float) -> dict[str, float] | None:
+    """The chunking target of one probe, in MB.
+
+    ``bound_mb = k x single_temp_mb + arguments + outputs`` (``single_temp_mb``: a single-
+    client round's temporary buffers; arguments and outputs: shared weights, server state,
+    the K batches, the new state and metrics); ``ratio = total / bound``, ``excess_mb =
+    total - bound``. A round also keeps, whatever k, every client's delta (the uploads it
+    averages) and a chunked copy of its batch, for K rounded up to whole chunks:
+    ``per_client_allowance_mb`` is that plus :data:`CHUNK_BOUND_SLACK_MB`; an excess within
+    it is not activation memory growing with K.
+    """
+    xla = probe.get("xla")
+    if not xla:
+        return None
+    k = probe["clients_per_chunk"]
+    shared = xla["argument_mb"] + xla["output_mb"]
+    bound = k * single_temp_mb + shared
+    padded = -(-probe["clients"] // k) * k
+    return {
+        "bound_mb": bound,
+        "ratio": xla["total_mb"] / bound,
+        "excess_mb": xla["total_mb"] - bound,
+        "per_client_allowance_mb": padded * probe["per_client_mb"] + CHUNK_BOUND_SLACK_MB,
+    }
+
+
+def run_memory_probes(
+    spec: BenchSpec, settings: list[tuple[int, int]], budget_mb: float = MEMORY_BUDGET_MB
+) -> list[dict[str, Any]]:
+    """Runs :func:`memory_probe` for each ``(K, k)``, each in its own subprocess.
+
+    The single-client round ``(1, 1)`` is always probed first: every row's
+    :func:`chunk_bound` (stored under ``"chunk_bound"``) refers to its XLA temp size.
+    Settings whose compiled round exceeds ``budget_mb`` are compiled, not run.
+    """
+    ordered = [(1, 1)] + sorted(set(settings) - {(1, 1)})
+    out = [_probe_subprocess(spec, clients, chunk, budget_mb) for clients, chunk in ordered]
+    single = out[0].get("xla")
+    for probe in out:
+        probe["chunk_bound"] = chunk_bound(probe, single["temp_mb"]) if single else None
     return out
 
 
@@ -235,13 +323,18 @@ def run_bench(
     reference: bool = False,
     threads: int | None = None,
     memory: list[tuple[int, int]] | None = None,
+    memory_budget_mb: float = MEMORY_BUDGET_MB,
 ) -> dict[str, Any]:
-    """Runs every variant and returns a JSON-able report with times and ratios.
+    """Runs every variant and returns a JSON-able report with times, memory and ratios.
 
     ``reference``: also time the PyTorch Opacus+PEFT reference (:mod:`ffa_jax.bench_torch`)
     on the same shapes with ``threads`` torch threads. ``memory``: ``(K, k)`` settings whose
-    round memory is measured, each in a fresh subprocess.
+    round memory is measured, each in a fresh subprocess (see :func:`run_memory_probes`;
+    those above ``memory_budget_mb`` MB of XLA buffers are compiled, not run).
     """
+    # The probes go first, while this process holds no model, so that its resident set and
+    # a probe's never add up beyond the probe's own.
+    probes = run_memory_probes(spec, memory, memory_budget_mb) if memory else None
     module, params = _encoder(spec)
     vocab = MODELS[spec.model]["vocab_size"]
     loss_fn = classification_loss(module)
@@ -253,10 +346,8 @@ def run_bench(
         for private in (False, True):
             cu = jax.jit(make_client_update(loss_fn, optax.sgd(0.1), private=private))
             dp = DpParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(spec.batch_size))
-            compile_s, median = _time(
-                lambda cu=cu, t=trainable, f=frozen, dp=dp: cu(t, f, one, dp, jax.random.key(0)),
-                spec.repeats,
-            )
+            args = (trainable, frozen, one, dp, jax.random.key(0))
+            compile_s, median = _time(lambda cu=cu, args=args: cu(*args), spec.repeats)
             name = f"{mode}_{'dp' if private else 'nodp'}"
             results[name] = {
                 "compile_s": compile_s,
@@ -264,10 +355,13 @@ def run_bench(
                 "step_s": median / spec.local_steps,
                 "examples_per_s": spec.batch_size * spec.local_steps / median,
                 "uplink_bytes": lora.tree_bytes(trainable),
+                "xla": compiled_memory(cu, *args),
             }
     # One round with K clients (FFA, DP) in one jit, clients vmapped in chunks.
     k = spec.clients
-    round_call, round_fn, _ = _round_setup(spec, module, params, loss_fn, k, spec.clients_per_chunk)
+    round_call, round_fn, round_args = _round_setup(
+        spec, module, params, loss_fn, k, spec.clients_per_chunk
+    )
     compile_s, median = _time(round_call, spec.repeats)
     results["round_ffa_dp"] = {
         "clients": k,
@@ -276,6 +370,7 @@ def run_bench(
         "compile_s": compile_s,
         "round_s": median,
         "recompiles_after_first": round_fn._cache_size() - 1,
+        "xla": compiled_memory(round_fn, *round_args),
     }
     r = results
     ratios = {
@@ -283,6 +378,7 @@ def run_bench(
         "lora_dp_over_nodp": r["lora_dp"]["client_update_s"] / r["lora_nodp"]["client_update_s"],
         "lora_over_ffa_dp": r["lora_dp"]["client_update_s"] / r["ffa_dp"]["client_update_s"],
         "uplink_lora_over_ffa": r["lora_dp"]["uplink_bytes"] / r["ffa_dp"]["uplink_bytes"],
+        **_memory_ratios(results),
     }
     if spec.round_batch == (spec.batch_size, spec.seq_len):
         ratios["round_over_k_sequential_clients"] = r["round_ffa_dp"]["round_s"] / (
@@ -319,10 +415,21 @@ def run_bench(
         ratios["speedup_vs_torch_round_dp"] = (
             ref["round_ffa_dp"]["round_s"] / r["round_ffa_dp"]["round_s"]
         )
-    if memory:
-        report["memory"] = run_memory_probes(spec, memory)
+    if probes is not None:
+        report["memory"], report["memory_budget_mb"] = probes, memory_budget_mb
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     return report
+
+
+def _memory_ratios(results: dict[str, Any]) -> dict[str, float]:
+    """DP / non-DP XLA temporary-buffer size of the client update, per mode: what DP-SGD's
+    per-example gradients cost in activation memory (weights and batch are the same)."""
+    out = {}
+    for mode in ("ffa", "lora"):
+        dp, nodp = results[f"{mode}_dp"]["xla"], results[f"{mode}_nodp"]["xla"]
+        if dp and nodp and nodp["temp_mb"] > 0:
+            out[f"{mode}_dp_over_nodp_memory"] = dp["temp_mb"] / nodp["temp_mb"]
+    return out
 
 
 def machine_info() -> dict[str, Any]:
@@ -341,6 +448,140 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _mb(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
+
+
+def _variants_md(report: dict[str, Any]) -> list[str]:
+    lines = [
+        "| variant | compile s | client update s | examples/s | uplink bytes "
+        "| XLA temp MB | XLA total MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("ffa_nodp", "ffa_dp", "lora_nodp", "lora_dp"):
+        r = report["results"][name]
+        xla = r.get("xla") or {}
+        lines.append(
+            f"| {name} | {r['compile_s']:.2f} | {r['client_update_s']:.3f} "
+            f"| {r['examples_per_s']:.1f} | {r['uplink_bytes']:,} "
+            f"| {_mb(xla.get('temp_mb'))} | {_mb(xla.get('total_mb'))} |"
+        )
+    return lines + [
+        "",
+        "XLA temp = the compiled client update's temporary buffers (activations and, with DP, "
+        "per-example gradients); total = temp + arguments (weights, batch) + outputs. "
+        "MB = 2^20 bytes. These come from the compiled executable and do not depend on load.",
+    ]
+
+
+def _round_md(report: dict[str, Any], rb: int, rl: int) -> list[str]:
+    rr = report["results"]["round_ffa_dp"]
+    temp = (rr.get("xla") or {}).get("temp_mb")
+    return [
+        f"Round of {rr['clients']} FFA DP clients ({rb} x {rl} each, chunks of "
+        f"{rr['clients_per_chunk']}) in one jit: {rr['round_s']:.3f} s "
+        f"(compile {rr['compile_s']:.2f} s, recompiles after the first: "
+        f"{rr['recompiles_after_first']}; XLA temp {_mb(temp)} MB).",
+    ]
+
+
+def _reference_md(ref: dict[str, Any], m: dict[str, Any]) -> list[str]:
+    return [
+        f"PyTorch reference (torch {ref['torch']}, peft {ref['peft']}, opacus "
+        f"{ref['opacus']}, {ref['torch_threads']} torch threads; XLA:CPU uses "
+        f"{m['usable_cores']} cores): Opacus+PEFT FFA DP client update "
+        f"{ref['ffa_dp']['client_update_s']:.3f} s; sequential round of "
+        f"{ref['round_ffa_dp']['clients']} clients {ref['round_ffa_dp']['round_s']:.3f} s.",
+    ]
+
+
+def _memory_row(r: dict[str, Any]) -> str:
+    k, c = r["clients"], r["clients_per_chunk"]
+    if "error" in r:
+        return f"| {k} | {c} | failed: {r['error'][:200]} |" + " |" * 8
+    xla, cb = r.get("xla") or {}, r.get("chunk_bound") or {}
+    ratio = "n/a" if not cb else f"{cb['ratio']:.3f}"
+    cells = [str(k), str(c), _mb(xla.get("temp_mb")), _mb(xla.get("total_mb"))]
+    cells += [_mb(cb.get("bound_mb")), ratio]
+    if r["ran"]:
+        cells += [
+            f"{r['setup_rss_mb']:.0f}",
+            f"{r['run_peak_rss_mb']:.0f} (+{r['run_extra_mb']:.0f})",
+            f"{r['max_rss_mb']:.0f}",
+            f"{r['round_s']:.3f}",
+        ]
+    else:
+        cells += [f"{r['setup_rss_mb']:.0f}", "not run (compiled only)", "", ""]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _setting(r: dict[str, Any]) -> str:
+    return f"K={r['clients']} k={r['clients_per_chunk']}"
+
+
+def _chunk_target_md(mem: list[dict[str, Any]]) -> list[str]:
+    bounds = [(r, r["chunk_bound"]) for r in mem if r.get("chunk_bound")]
+    if not bounds:
+        return []
+    strict = [_setting(r) for r, b in bounds if b["ratio"] <= 1]
+    within = [_setting(r) for r, b in bounds if 0 < b["excess_mb"] <= b["per_client_allowance_mb"]]
+    beyond = [
+        f"{_setting(r)} (ratio {b['ratio']:.3f}, {b['excess_mb']:+.1f} MB)"
+        for r, b in bounds
+        if b["excess_mb"] > b["per_client_allowance_mb"]
+    ]
+    parts = []
+    if strict:
+        parts.append("met for " + ", ".join(strict))
+    if within:
+        parts.append(
+            "met up to the per-client uploads and batches the round holds whatever k "
+            f"(K x {mem[0].get('per_client_mb', 0):.3f} MB + {CHUNK_BOUND_SLACK_MB:.0f} MB) "
+            "for " + ", ".join(within)
+        )
+    parts.append("NOT met for " + ", ".join(beyond) if beyond else "no row beyond that")
+    return [
+        "",
+        'Target "round memory with k-client chunks <= k x single-client + shared weights" '
+        "(XLA total / bound <= 1): " + "; ".join(parts) + ".",
+    ]
+
+
+def _memory_md(mem: list[dict[str, Any]], rb: int, rl: int, budget: float | None) -> list[str]:
+    lines = [
+        f"Round memory vs K and chunk k ({rb} x {rl} per client; each row a fresh "
+        "subprocess; MB = 2^20 bytes). XLA temp = the compiled round's temporary buffers "
+        "(activations); XLA total = temp + arguments (weights, state, batches) + outputs; "
+        "bound = k x the single-client round's (K=1) XLA temp + this round's arguments and "
+        "outputs; setup RSS = weights + batches before compiling; run peak = highest RSS "
+        "sampled every 2 ms while two compiled rounds run (+ = above the RSS just before); "
+        "max RSS includes the compiler."
+        + (
+            f" Rounds above {budget:.0f} MB of XLA buffers are compiled, not run." if budget else ""
+        ),
+        "",
+        "| K | k | XLA temp MB | XLA total MB | bound MB | total / bound "
+        "| setup RSS MB | run peak RSS MB (+) | max RSS MB | round s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_memory_row(r) for r in mem]
+    return lines + _chunk_target_md(mem)
+
+
+def _noise_note(report: dict[str, Any]) -> list[str]:
+    m = report["machine"]
+    load = max(m["loadavg_start"][0], m.get("loadavg_end", [0])[0])
+    if load <= 0.5 * max(m["usable_cores"], 1):
+        return []
+    return [
+        "",
+        "The machine was shared with other jobs during this run (see the load average): "
+        "absolute times and the timing ratios are noisy. Each ratio compares two measurements "
+        "of the same process taken close together, so it is the number to compare, but "
+        "treat differences below ~20 % as noise. The XLA memory numbers do not depend on load.",
+    ]
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     s, m = report["spec"], report["machine"]
     rb, rl = s["round_batch_size"] or s["batch_size"], s["round_seq_len"] or s["seq_len"]
@@ -356,73 +597,28 @@ def to_markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("command"):
         lines += ["", f"Command: `{report['command']}` at commit `{report.get('commit', '?')}`."]
-    lines += [
-        "",
-        "| variant | compile s | client update s | examples/s | uplink bytes |",
-        "|---|---|---|---|---|",
-    ]
-    for name in ("ffa_nodp", "ffa_dp", "lora_nodp", "lora_dp"):
-        r = report["results"][name]
-        lines.append(
-            f"| {name} | {r['compile_s']:.2f} | {r['client_update_s']:.3f} "
-            f"| {r['examples_per_s']:.1f} | {r['uplink_bytes']:,} |"
-        )
-    rr = report["results"]["round_ffa_dp"]
-    lines += [
-        "",
-        f"Round of {rr['clients']} FFA DP clients ({rb} x {rl} each, chunks of "
-        f"{rr['clients_per_chunk']}) in one jit: {rr['round_s']:.3f} s "
-        f"(compile {rr['compile_s']:.2f} s, recompiles after the first: "
-        f"{rr['recompiles_after_first']}).",
-    ]
-    ref = report.get("reference")
-    if ref:
-        lines += [
-            "",
-            f"PyTorch reference (torch {ref['torch']}, peft {ref['peft']}, opacus "
-            f"{ref['opacus']}, {ref['torch_threads']} torch threads; XLA:CPU uses "
-            f"{m['usable_cores']} cores): Opacus+PEFT FFA DP client update "
-            f"{ref['ffa_dp']['client_update_s']:.3f} s; sequential round of "
-            f"{ref['round_ffa_dp']['clients']} clients {ref['round_ffa_dp']['round_s']:.3f} s.",
-        ]
-    mem = report.get("memory")
-    if mem:
-        lines += [
-            "",
-            f"Round memory vs K and chunk k ({rb} x {rl} per client; each row a fresh "
-            "subprocess. XLA temp = the compiled round's temporary buffers (activations); "
-            "setup RSS = weights + batches before compiling; run peak = highest RSS sampled "
-            "every 2 ms while two compiled rounds run (+ = above the RSS just before); "
-            "max RSS includes the compiler):",
-            "",
-            "| K | k | XLA temp MB | setup RSS MB | run peak RSS MB (+) | max RSS MB | round s |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in mem:
-            temp = "n/a" if r["temp_mb"] is None else f"{r['temp_mb']:.0f}"
-            lines.append(
-                f"| {r['clients']} | {r['clients_per_chunk']} | {temp} "
-                f"| {r['setup_rss_mb']:.0f} | {r['run_peak_rss_mb']:.0f} "
-                f"(+{r['run_extra_mb']:.0f}) | {r['max_rss_mb']:.0f} | {r['round_s']:.3f} |"
-            )
+    lines += ["", *_variants_md(report), "", *_round_md(report, rb, rl)]
+    if report.get("reference"):
+        lines += ["", *_reference_md(report["reference"], m)]
+    if report.get("memory"):
+        lines += ["", *_memory_md(report["memory"], rb, rl, report.get("memory_budget_mb"))]
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
-    if max(m["loadavg_start"][0], report["machine"].get("loadavg_end", [0])[0]) > 0.5 * max(
-        m["usable_cores"], 1
-    ):
-        lines += [
-            "",
-            "The machine was shared with other jobs during this run (see the load average): "
-            "absolute times and the ratios are noisy. Each ratio compares two measurements "
-            "of the same process taken close together, so it is the number to compare, but "
-            "treat differences below ~20 % as noise.",
-        ]
+    lines += _noise_note(report)
     return "\n".join(lines) + "\n"
+
+
+def report_stem(spec: dict[str, Any]) -> str:
+    """``bench_MODEL_bB_lL_rRBxRL``: the file name of a report, with its batch shapes (client
+    update ``B x L``, round ``RB x RL`` per client), so reports of other shapes do not clash."""
+    rb = spec["round_batch_size"] or spec["batch_size"]
+    rl = spec["round_seq_len"] or spec["seq_len"]
+    return f"bench_{spec['model']}_b{spec['batch_size']}_l{spec['seq_len']}_r{rb}x{rl}"
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_{report['spec']['model']}_b{report['spec']['batch_size']}_l{report['spec']['seq_len']}"
+    stem = report_stem(report["spec"])
     j, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     for path, text in ((j, json.dumps(report, indent=2)), (md, to_markdown(report))):
         tmp = path.with_suffix(path.suffix + ".tmp")

@@ -144,7 +144,7 @@ def cmd_privacy(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ffa_jax.bench import BenchSpec, run_bench, to_markdown, write_report
+    from ffa_jax.bench import MEMORY_BUDGET_MB, BenchSpec, run_bench, to_markdown, write_report
     from ffa_jax.bench_torch import torch_available
 
     if args.quick:
@@ -169,16 +169,40 @@ def cmd_bench(args) -> int:
             'pip install -e ".[torch]" (or use --reference none).'
         )
     reference = args.reference == "torch" or (args.reference == "auto" and torch_available())
-    memory = None
-    if args.memory:
-        ks = sorted({int(x) for x in args.memory.split(",")})
-        memory = sorted({(k, c) for k in ks for c in (1, k)})
-    report = run_bench(spec, reference=reference, threads=args.threads, memory=memory)
+    memory = memory_settings(args.memory, args.chunks) if args.memory else None
+    report = run_bench(
+        spec,
+        reference=reference,
+        threads=args.threads,
+        memory=memory,
+        memory_budget_mb=(
+            MEMORY_BUDGET_MB if args.memory_budget_mb is None else args.memory_budget_mb
+        ),
+    )
     report["command"] = "ffa-jax " + " ".join(args.argv)
     report["commit"] = _git_commit()
     write_report(report, args.out)
     print(to_markdown(report))
     return 0
+
+
+def memory_settings(clients: str, chunks: str) -> list[tuple[int, int]]:
+    """``(K, k)`` pairs of ``bench --memory K1,K2 --chunks k1,k2``: every K with every chunk
+    size k, where ``K`` in ``chunks`` means all K clients at once and k is capped at K."""
+
+    def positive(text: str, flag: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"bench {flag}: {text!r} is not a positive integer.")
+        return value
+
+    ks = {positive(x, "--memory") for x in clients.split(",")}
+    cs = [x.strip() for x in chunks.split(",")]
+    sizes = {None if c.upper() == "K" else positive(c, "--chunks") for c in cs}
+    return sorted({(k, k if c is None else min(c, k)) for k in ks for c in sizes})
 
 
 def _git_commit() -> str:
@@ -416,7 +440,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory",
         default="",
-        help="comma-separated K values: round memory for k in {1, K}, one subprocess each",
+        help="comma-separated K values: round memory for every chunk size of --chunks, "
+        "one subprocess each",
+    )
+    p.add_argument(
+        "--chunks",
+        default="1,K",
+        help="comma-separated chunk sizes k of the --memory rounds; K = all clients at once",
+    )
+    p.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        default=None,
+        help="--memory rounds whose XLA buffers exceed this many MB (2^20 bytes) are compiled, "
+        "not run (default 6144; 0 = run all)",
     )
     p.add_argument("--quick", action="store_true", help="tiny model, small batch, 2 repeats (CI)")
     p.add_argument("--out", type=Path, default=Path("experiments/results/bench"))

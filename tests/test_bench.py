@@ -1,34 +1,97 @@
 """`ffa-jax bench --quick` runs end to end (no timing is asserted)."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 
 from ffa_jax import cli
-from ffa_jax.bench import TINY, BenchSpec, run_memory_probes
+from ffa_jax.bench import TINY, BenchSpec, chunk_bound, memory_probe, to_markdown
+from ffa_jax.errors import ConfigError
 
 
 def test_bench_quick_writes_report(tmp_path, capsys):
-    assert cli.main(["bench", "--quick", "--reference", "none", "--out", str(tmp_path)]) == 0
-    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    argv = ["bench", "--quick", "--reference", "none", "--out", str(tmp_path)]
+    assert cli.main(argv + ["--memory", "2", "--chunks", "1", "--memory-budget-mb", "0"]) == 0
+    (path,) = tmp_path.glob("*.json")
+    assert path.name == "bench_tiny_b4_l16_r4x16.json"  # the shapes are in the name
+    report = json.loads(path.read_text())
     assert report["results"]["round_ffa_dp"]["recompiles_after_first"] == 0
     assert report["ratios"]["uplink_lora_over_ffa"] > 1.0
     assert set(report["ratios"]) >= {"ffa_dp_over_nodp", "round_over_k_sequential_clients"}
     assert "reference" not in report
     assert len(report["machine"]["loadavg_start"]) == 3
     assert report["command"].startswith("ffa-jax bench --quick")
-    assert "| ratio | value |" in capsys.readouterr().out
-
-
-def test_memory_probe_runs_in_a_subprocess():
-    spec = BenchSpec(model="tiny", batch_size=2, seq_len=8, local_steps=1, repeats=1)
-    (probe,) = run_memory_probes(spec, [(2, 1)])
-    assert probe["clients"] == 2 and probe["clients_per_chunk"] == 1
-    assert probe["temp_mb"] is None or probe["temp_mb"] >= 0
+    # Each (K, k) in a fresh subprocess, the single-client baseline of the bound first.
+    single, probe = report["memory"]
+    assert [(r["clients"], r["clients_per_chunk"]) for r in (single, probe)] == [(1, 1), (2, 1)]
+    assert single["ran"] and probe["ran"] and "error" not in probe
     # The sampled peak while running can not be below the RSS just before the rounds.
     assert probe["run_extra_mb"] >= 0
     assert probe["max_rss_mb"] >= probe["setup_rss_mb"] > 0
+    if report["results"]["ffa_dp"]["xla"] is not None:
+        assert report["ratios"]["ffa_dp_over_nodp_memory"] > 0
+        assert single["chunk_bound"]["ratio"] == pytest.approx(1.0)
+        assert probe["chunk_bound"]["ratio"] > 0
+    out = capsys.readouterr().out
+    assert "| ratio | value |" in out and "| K | k | XLA temp MB |" in out
+
+
+def test_memory_probe_over_budget_is_compiled_not_run():
+    spec = BenchSpec(model="tiny", batch_size=2, seq_len=8, local_steps=1, repeats=1)
+    probe = memory_probe(spec, 2, 1, budget_mb=1e-9)  # in this process: it only compiles
+    if probe["xla"] is None:
+        pytest.skip("this backend reports no compiled memory, so there is no budget to exceed")
+    assert probe["xla"]["total_mb"] >= probe["xla"]["temp_mb"] > 0
+    assert not probe["ran"] and probe["run_peak_rss_mb"] is None and probe["round_s"] is None
+    probe["chunk_bound"] = chunk_bound(probe, single_temp_mb=probe["xla"]["temp_mb"])
+    assert probe["chunk_bound"]["ratio"] == pytest.approx(1.0)  # k=1: its own single client
+    assert "not run (compiled only)" in to_markdown(_report_with_memory([probe]))
+
+
+def test_memory_settings_pairs_every_k_with_every_chunk():
+    assert cli.memory_settings("1,3,10", "1,3,K") == [
+        (1, 1),
+        (3, 1),
+        (3, 3),
+        (10, 1),
+        (10, 3),
+        (10, 10),
+    ]
+    with pytest.raises(ConfigError, match="--chunks"):
+        cli.memory_settings("3", "0")
+
+
+def _report_with_memory(memory):
+    variant = {"compile_s": 0.0, "client_update_s": 1.0, "examples_per_s": 1.0}
+    variant.update(uplink_bytes=1, xla=None)
+    return {
+        "spec": dataclasses.asdict(BenchSpec(model="tiny")),
+        "machine": {
+            "platform": "p",
+            "cpus": 1,
+            "usable_cores": 1,
+            "jax": "0",
+            "backend": "cpu",
+            "devices": 1,
+            "loadavg_start": [0.0, 0.0, 0.0],
+        },
+        "peak_rss_mb": 0.0,
+        "results": {
+            **dict.fromkeys(("ffa_nodp", "ffa_dp", "lora_nodp", "lora_dp"), variant),
+            "round_ffa_dp": {
+                "clients": 1,
+                "clients_per_chunk": 1,
+                "compile_s": 0.0,
+                "round_s": 1.0,
+                "recompiles_after_first": 0,
+            },
+        },
+        "ratios": {},
+        "memory": memory,
+        "memory_budget_mb": 1e-9,
+    }
 
 
 def test_bench_reference_torch_tiny(tmp_path):
