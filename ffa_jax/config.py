@@ -98,8 +98,9 @@ class ModelConfig:
         ``auto`` (``mean`` when the model folder has a sentence-transformers
         ``1_Pooling/config.json`` asking for it, else ``cls``). Encoders only.
       dtype: dtype of the frozen base weights and of the computation (``float32`` or
-        ``bfloat16``, e.g. for LLaMA-7B); LoRA factors, gradients, noise and norms stay
-        float32. ``bfloat16`` is for decoders only.
+        ``bfloat16``, e.g. for LLaMA-7B, or any family on TPU/GPU); LoRA factors, a trained
+        head, gradients, clipping, noise and aggregation stay float32, as do norms, softmax
+        and logits. Every family (encoder, llama, vit).
       new_head: initialise the classification head from the seed even when the checkpoint
         has one with the task's label count (a new task with the same number of labels, e.g.
         a ViT pretrained on digits 0-4 fine-tuned on 5-9). ViT models only.

@@ -6,6 +6,8 @@ the trainable trees agree to float tolerance, and the frozen leaves really are s
 model axis. (One mesh per family: each compile of a DP round costs seconds on CI.)
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +35,7 @@ K, S, B, L = 4, 2, 3, 8
 MIN_ELEMENTS = 256  # the tiny models' kernels (32 x 32) count as "large"
 
 
+@functools.cache  # each model is built (its init compiled) once
 def _encoder():
     cfg = EncoderConfig(
         family="bert",
@@ -59,6 +62,7 @@ def _encoder():
     return params, classification_loss(module), batches, ".*(query|value)/kernel"
 
 
+@functools.cache
 def _llama():
     cfg = LlamaConfig(
         vocab_size=64,
@@ -82,6 +86,7 @@ def _llama():
 
 def _two_rounds(family, mesh):
     params, loss_fn, batches, targets = {"encoder": _encoder, "llama": _llama}[family]()
+    batches = dict(batches)
     batches["mask"] = np.random.default_rng(2).random((K, S, B)) < 0.8
     lp = lora.init(params, LoRAConfig(mode="ffa", rank=4, targets=targets), jax.random.key(1))
     trainable, frozen = lora.split(lp, lora.trainable_mask(lp, "ffa"))
