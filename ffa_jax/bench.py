@@ -35,6 +35,7 @@ from ffa_jax.federated.client import DpParams, make_client_update
 from ffa_jax.federated.round import make_round
 from ffa_jax.federated.server import make_server_optimizer, server_init
 from ffa_jax.models.encoder import EncoderClassifier, EncoderConfig
+from ffa_jax.models.layers import cast_frozen_weights
 from ffa_jax.models.objectives import classification_loss
 
 TINY = dict(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
@@ -59,6 +60,8 @@ class BenchSpec:
     round_batch_size: int = 0
     round_seq_len: int = 0
     clients_per_chunk: int = 0  # of the timed round (0 = all K clients vmapped at once)
+    # model.dtype: "bfloat16" stores the frozen trunk and computes in bf16 (LoRA stays float32).
+    dtype: str = "float32"
 
     @property
     def round_batch(self) -> tuple[int, int]:
@@ -76,9 +79,12 @@ def _encoder(spec: BenchSpec):
         num_labels=2,
         **MODELS[spec.model],
     )
-    module = EncoderClassifier(cfg)
+    dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
+    module = EncoderClassifier(cfg, dtype=dtype)
     ids = jnp.ones((1, spec.seq_len), jnp.int32)
     params = module.init(jax.random.key(0), ids, ids)["params"]
+    if dtype != jnp.float32:
+        params = cast_frozen_weights(params, dtype)
     return module, params
 
 
@@ -347,7 +353,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     load = ", ".join(f"{x:.1f}" for x in m["loadavg_start"])
     lines = [
         f"# ffa-jax bench: {s['model']}, batch {s['batch_size']} x {s['seq_len']} tokens, "
-        f"{s['local_steps']} local steps, r={s['rank']}",
+        f"{s['local_steps']} local steps, r={s['rank']}, {s.get('dtype', 'float32')}",
         "",
         f"Machine: {m['platform']}, {m['cpus']} CPUs ({m['usable_cores']} usable), "
         f"JAX {m['jax']} ({m['backend']}, {m['devices']} devices). "
@@ -422,7 +428,10 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_{report['spec']['model']}_b{report['spec']['batch_size']}_l{report['spec']['seq_len']}"
+    spec = report["spec"]
+    stem = f"bench_{spec['model']}_b{spec['batch_size']}_l{spec['seq_len']}"
+    if spec.get("dtype", "float32") != "float32":
+        stem += f"_{spec['dtype']}"
     j, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     for path, text in ((j, json.dumps(report, indent=2)), (md, to_markdown(report))):
         tmp = path.with_suffix(path.suffix + ".tmp")
