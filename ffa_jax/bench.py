@@ -38,6 +38,7 @@ from ffa_jax.federated.client import DpParams, make_client_update
 from ffa_jax.federated.round import make_round
 from ffa_jax.federated.server import make_server_optimizer, server_init
 from ffa_jax.models.encoder import EncoderClassifier, EncoderConfig
+from ffa_jax.models.layers import cast_frozen_weights
 from ffa_jax.models.objectives import classification_loss
 
 TINY = dict(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
@@ -62,6 +63,8 @@ class BenchSpec:
     round_batch_size: int = 0
     round_seq_len: int = 0
     clients_per_chunk: int = 0  # of the timed round (0 = all K clients vmapped at once)
+    # model.dtype: "bfloat16" stores the frozen trunk and computes in bf16 (LoRA stays float32).
+    dtype: str = "float32"
 
     @property
     def round_batch(self) -> tuple[int, int]:
@@ -79,9 +82,12 @@ def _encoder(spec: BenchSpec):
         num_labels=2,
         **MODELS[spec.model],
     )
-    module = EncoderClassifier(cfg)
+    dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
+    module = EncoderClassifier(cfg, dtype=dtype)
     ids = jnp.ones((1, spec.seq_len), jnp.int32)
     params = module.init(jax.random.key(0), ids, ids)["params"]
+    if dtype != jnp.float32:
+        params = cast_frozen_weights(params, dtype)
     return module, params
 
 
@@ -588,7 +594,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     load = ", ".join(f"{x:.1f}" for x in m["loadavg_start"])
     lines = [
         f"# ffa-jax bench: {s['model']}, batch {s['batch_size']} x {s['seq_len']} tokens, "
-        f"{s['local_steps']} local steps, r={s['rank']}",
+        f"{s['local_steps']} local steps, r={s['rank']}, {s.get('dtype', 'float32')}",
         "",
         f"Machine: {m['platform']}, {m['cpus']} CPUs ({m['usable_cores']} usable), "
         f"JAX {m['jax']} ({m['backend']}, {m['devices']} devices). "
@@ -609,11 +615,15 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def report_stem(spec: dict[str, Any]) -> str:
-    """``bench_MODEL_bB_lL_rRBxRL``: the file name of a report, with its batch shapes (client
-    update ``B x L``, round ``RB x RL`` per client), so reports of other shapes do not clash."""
+    """``bench_MODEL_bB_lL_rRBxRL[_DTYPE]``: the file name of a report, with its batch shapes
+    (client update ``B x L``, round ``RB x RL`` per client) and a non-float32 compute dtype, so
+    reports of other shapes or dtypes do not clash."""
     rb = spec["round_batch_size"] or spec["batch_size"]
     rl = spec["round_seq_len"] or spec["seq_len"]
-    return f"bench_{spec['model']}_b{spec['batch_size']}_l{spec['seq_len']}_r{rb}x{rl}"
+    stem = f"bench_{spec['model']}_b{spec['batch_size']}_l{spec['seq_len']}_r{rb}x{rl}"
+    if spec.get("dtype", "float32") != "float32":
+        stem += f"_{spec['dtype']}"
+    return stem
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

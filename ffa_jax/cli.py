@@ -149,7 +149,13 @@ def cmd_bench(args) -> int:
 
     if args.quick:
         spec = BenchSpec(
-            model="tiny", batch_size=4, seq_len=16, local_steps=2, clients=2, repeats=2
+            model="tiny",
+            batch_size=4,
+            seq_len=16,
+            local_steps=2,
+            clients=2,
+            repeats=2,
+            dtype=args.dtype,
         )
     else:
         spec = BenchSpec(
@@ -162,6 +168,7 @@ def cmd_bench(args) -> int:
             round_batch_size=args.round_batch_size,
             round_seq_len=args.round_seq_len,
             clients_per_chunk=args.clients_per_chunk,
+            dtype=args.dtype,
         )
     if args.reference == "torch" and not torch_available():
         raise ConfigError(
@@ -430,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-batch-size", type=int, default=0, help="per-client batch of the round")
     p.add_argument("--round-seq-len", type=int, default=0, help="sequence length of the round")
     p.add_argument("--clients-per-chunk", type=int, default=0, help="of the round (0 = all)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="model.dtype of the timed encoder (LoRA factors, gradients and noise stay float32)",
+    )
     p.add_argument(
         "--reference",
         choices=["auto", "torch", "none"],

@@ -98,8 +98,9 @@ class ModelConfig:
         ``auto`` (``mean`` when the model folder has a sentence-transformers
         ``1_Pooling/config.json`` asking for it, else ``cls``). Encoders only.
       dtype: dtype of the frozen base weights and of the computation (``float32`` or
-        ``bfloat16``, e.g. for LLaMA-7B); LoRA factors, gradients, noise and norms stay
-        float32. ``bfloat16`` is for decoders only.
+        ``bfloat16``, e.g. for LLaMA-7B, or any family on TPU/GPU); LoRA factors, a trained
+        head, gradients, clipping, noise and aggregation stay float32, as do norms, softmax
+        and logits. Every family (encoder, llama, vit).
       new_head: initialise the classification head from the seed even when the checkpoint
         has one with the task's label count (a new task with the same number of labels, e.g.
         a ViT pretrained on digits 0-4 fine-tuned on 5-9). ViT models only.
@@ -540,7 +541,13 @@ class PerfConfig:
         0 = all clients at once. Memory grows linearly with it.
       microbatch_size: per-example gradients in chunks of this many examples (0 = whole batch).
       devices: devices on the ``clients`` mesh axis (0 = the largest count that divides the
-        chunk size).
+        chunk size and fits next to the model axis).
+      model_devices: devices on the ``model`` mesh axis, over which the frozen base weights
+        (large kernels and embeddings) are sharded fsdp-style, for models that do not fit one
+        device (e.g. LLaMA-7B on 8 accelerators: ``devices: 1, model_devices: 8``). 1 = every
+        device holds the whole frozen tree. ``devices x model_devices`` must not exceed the
+        device count. Trainable LoRA factors, optimizer state and client batches are not
+        sharded over it.
       remat: decoders: recompute each layer's activations in the backward pass
         (``jax.checkpoint``): less memory, more compute, identical results.
 
@@ -552,6 +559,7 @@ class PerfConfig:
     clients_per_chunk: int = 0
     microbatch_size: int = 0
     devices: int = 0
+    model_devices: int = 1
     remat: bool = False
 
     def __post_init__(self):
@@ -563,6 +571,7 @@ class PerfConfig:
                 v,
                 "must be an integer >= 0 (0 = automatic).",
             )
+        _positive_int("perf.model_devices", self.model_devices)
         _require(isinstance(self.remat, bool), "perf.remat", self.remat, "must be true or false.")
 
 

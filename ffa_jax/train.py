@@ -36,7 +36,7 @@ from ffa_jax.data.clients import partition_clients
 from ffa_jax.errors import CheckpointError, ConfigError, DataError, FfaJaxError
 from ffa_jax.federated import participation
 from ffa_jax.federated.client import DpParams, make_client_optimizer, make_client_update
-from ffa_jax.federated.round import choose_devices, client_mesh, make_round
+from ffa_jax.federated.round import choose_devices, client_mesh, make_round, place_frozen
 from ffa_jax.federated.server import ServerDpParams, make_server_optimizer, server_init
 from ffa_jax.privacy import planner
 from ffa_jax.privacy.ledger import PrivacyLedger
@@ -200,14 +200,28 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
     ``return_deltas``: the round also returns what it releases
     (:class:`ffa_jax.federated.round.RoundReleases`), for the privacy audit.
 
+    With ``perf.model_devices > 1`` this also places ``prep.frozen`` (and ``prep.params``)
+    on the ``clients x model`` mesh, its large leaves sharded over ``model``, once.
+
     In a multi-process run (:mod:`ffa_jax.distributed`) the round is wrapped by
     :func:`ffa_jax.distributed.global_round`: same signature, host (numpy) outputs."""
     cfg = prep.cfg
     client_update = build_client_update(prep)
     server_opt = make_server_optimizer(cfg.server)
     chunk = cfg.perf.clients_per_chunk or prep.plan.sampling.max_clients
-    devices = choose_devices(chunk, cfg.perf.devices)
-    mesh = client_mesh(devices) if devices > 1 else None
+    model_devices = cfg.perf.model_devices
+    if model_devices > 1 and distributed.is_distributed():
+        # place_frozen puts the whole tree with device_put, which cannot target other
+        # processes' devices; sharded loading across hosts is not built yet.
+        raise ConfigError(
+            f"perf.model_devices={model_devices} is not supported with --distributed yet: "
+            "run one process per host group without it, or set perf.model_devices=1."
+        )
+    devices = choose_devices(chunk, cfg.perf.devices, model_devices)
+    mesh = client_mesh(devices, model_devices) if devices * model_devices > 1 else None
+    if model_devices > 1:
+        prep.frozen = place_frozen(prep.frozen, mesh)
+        prep.params = lora.combine(prep.trainable, prep.frozen)  # no unsharded copy kept
     round_fn = make_round(
         client_update,
         server_opt,

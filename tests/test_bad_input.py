@@ -385,6 +385,13 @@ CASES = [
     ),
     Case(
         "config",
+        "mesh-larger-than-the-devices",
+        ConfigError,
+        ("perf.model_devices=16", "perf.devices=1", "are available"),
+        lambda c: c.fresh("perf.model_devices=16"),
+    ),
+    Case(
+        "config",
         "batch-larger-than-a-client",
         ConfigError,
         ("client.batch_size=100", "smallest client"),

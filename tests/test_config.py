@@ -70,6 +70,8 @@ def test_overrides_public_names(tmp_path):
         ("client.learning_rate=0", "client.learning_rate"),
         ("server.optimizer=adagrad", "server.optimizer"),
         ("model.train_head=maybe", "model.train_head"),
+        ("model.dtype=float16", "model.dtype"),
+        ("perf.model_devices=0", "perf.model_devices"),
         ("name=a/b", "name"),
     ],
 )

@@ -257,9 +257,9 @@ def test_llama7b_config_validates_offline():
     assert workloads.check(gsm) == "llama" and gsm.eval.baseline
 
 
-def test_encoder_rejects_decoder_only_fields():
-    with pytest.raises(ConfigError, match="model.dtype='bfloat16'"):
-        workloads.check(load_config(None, ["model.dtype=bfloat16"]))
+def test_encoder_accepts_bfloat16():
+    # bfloat16 compute is supported by every family (encoders and ViTs since issue 9).
+    assert workloads.check(load_config(None, ["model.dtype=bfloat16"])) == "encoder"
 
 
 def test_privacy_plan_matches_the_run(env, cli_run, capsys):

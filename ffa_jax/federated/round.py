@@ -10,6 +10,14 @@ clients all have weight 0 (dummies, or clients not taking part this round) is sk
 ``lax.cond``: its deltas and metrics are zeros, and it costs no compute. With partial
 participation, :func:`ffa_jax.federated.participation.slots` fills whole chunks first.
 
+Big models: the mesh may have a second axis, ``model`` (:func:`client_mesh`), over which the
+frozen base weights are sharded fsdp-style (:func:`frozen_partition_spec`); each device then
+holds ``1 / model_devices`` of every large frozen leaf and XLA's GSPMD partitioner inserts the
+all-gathers where a layer needs the whole weight. Client inputs, per-client deltas and
+metrics are sharded over ``clients`` only (replicated over ``model``); the trainable tree and
+the optimizer state are replicated. Results equal the unsharded round's up to float
+reassociation.
+
 PRNG: the round key is ``fold_in(key, round)``; client k's key is ``fold_in(round_key,
 client_id[k])``; local step s folds ``s`` and the noise purpose into it (see
 :mod:`ffa_jax.federated.client`). No two (round, client, step) triples share a noise key.
@@ -17,6 +25,7 @@ client_id[k])``; local step s folds ``s`` and the noise purpose into it (see
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,6 +36,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ffa_jax.errors import ConfigError
 from ffa_jax.federated.client import ClientMetrics, DpParams
 from ffa_jax.federated.server import (
     ServerDpParams,
@@ -38,6 +48,9 @@ from ffa_jax.federated.server import (
 
 PyTree = Any
 CLIENTS_AXIS = "clients"
+MODEL_AXIS = "model"
+# Frozen leaves below this many elements (1 MiB in float32) stay replicated on the model axis.
+MIN_SHARDED_ELEMENTS = 2**18
 
 
 class RoundMetrics(NamedTuple):
@@ -57,21 +70,90 @@ class RoundReleases(NamedTuple):
     mean_delta: PyTree
 
 
-def client_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh with a ``clients`` axis over the first ``num_devices`` devices."""
+def client_mesh(num_devices: int | None = None, model_devices: int = 1) -> Mesh:
+    """A ``clients x model`` mesh over the first ``num_devices * model_devices`` devices.
+
+    Args:
+      num_devices: devices on the ``clients`` axis (``perf.devices``); None = all devices
+        not used by the model axis (``len(jax.devices()) // model_devices``).
+      model_devices: devices on the ``model`` axis (``perf.model_devices``) over which the
+        frozen weights are sharded; 1 = every device holds the whole frozen tree.
+
+    Returns:
+      A 2-D mesh, shape ``(num_devices, model_devices)``, axes ``("clients", "model")``.
+      Consecutive devices share a ``model`` group (on TPU/GPU usually the fastest links),
+      since the model axis all-gathers weights in every layer.
+
+    Raises:
+      ConfigError: the mesh needs more devices than there are.
+    """
     devices = jax.devices()
-    n = len(devices) if num_devices is None else num_devices
-    if not 1 <= n <= len(devices):
-        raise ValueError(f"perf.devices={n} but only {len(devices)} devices are available.")
-    return Mesh(np.asarray(devices[:n]), (CLIENTS_AXIS,))
+    m = model_devices
+    n = len(devices) // max(m, 1) if num_devices is None else num_devices
+    if m < 1 or n < 1 or n * m > len(devices):
+        raise ConfigError(
+            f"perf.devices={n} x perf.model_devices={m} = {n * m} devices, but only "
+            f"{len(devices)} are available; lower perf.devices or perf.model_devices so that "
+            f"their product is at most {len(devices)}."
+        )
+    grid = np.asarray(devices[: n * m], dtype=object).reshape(n, m)
+    return Mesh(grid, (CLIENTS_AXIS, MODEL_AXIS))
 
 
-def choose_devices(chunk: int, requested: int = 0) -> int:
-    """Devices on the clients axis: ``requested``, or the most that divide the chunk size."""
+def choose_devices(chunk: int, requested: int = 0, model_devices: int = 1) -> int:
+    """Devices on the clients axis: ``requested``, or the most that divide the chunk size
+    and fit next to a ``model_devices``-wide model axis."""
     if requested:
         return requested
-    n = len(jax.devices())
+    n = max(len(jax.devices()) // model_devices, 1)
     return max(d for d in range(1, min(n, chunk) + 1) if chunk % d == 0)
+
+
+def frozen_partition_spec(shape: tuple[int, ...], model_size: int, min_elements: int) -> P:
+    """The sharding rule of one frozen leaf over the ``model`` axis (fsdp-style).
+
+    A leaf with at least ``min_elements`` elements is split along its largest dimension that
+    ``model_size`` divides (the first of equal ones), e.g. an embedding ``[vocab, hidden]``
+    along ``vocab``, a kernel ``[d_in, d_out]`` along the larger side. Smaller leaves
+    (biases, norms, LoRA ``a`` of small rank) and leaves with no divisible dimension stay
+    replicated: gathering them would cost more latency than their memory is worth.
+
+    Args:
+      shape: the leaf's shape.
+      model_size: devices on the ``model`` axis.
+      min_elements: size threshold in elements (not bytes).
+
+    Returns:
+      A ``PartitionSpec`` over ``("model",)`` or the replicated ``P()``.
+    """
+    if model_size <= 1 or math.prod(shape) < min_elements:
+        return P()
+    divisible = [i for i, d in enumerate(shape) if d % model_size == 0]
+    if not divisible:
+        return P()
+    axis = max(divisible, key=lambda i: (shape[i], -i))
+    return P(*([None] * axis + [MODEL_AXIS]))
+
+
+def frozen_shardings(frozen: PyTree, mesh: Mesh, min_elements: int | None = None) -> PyTree:
+    """``NamedSharding`` of every leaf of ``frozen`` by :func:`frozen_partition_spec`
+    (all replicated when ``mesh`` has no ``model`` axis or it has size 1). ``min_elements``
+    defaults to :data:`MIN_SHARDED_ELEMENTS`."""
+    if min_elements is None:
+        min_elements = MIN_SHARDED_ELEMENTS
+    model_size = dict(mesh.shape).get(MODEL_AXIS, 1)
+    return jax.tree_util.tree_map(
+        lambda x: NamedSharding(
+            mesh, frozen_partition_spec(tuple(x.shape), model_size, min_elements)
+        ),
+        frozen,
+    )
+
+
+def place_frozen(frozen: PyTree, mesh: Mesh, min_elements: int | None = None) -> PyTree:
+    """``frozen`` on ``mesh``, each leaf sharded by :func:`frozen_shardings` (one transfer;
+    pass the result to every round so the weights are not moved again)."""
+    return jax.device_put(frozen, frozen_shardings(frozen, mesh, min_elements))
 
 
 # Reserved fold-in value for the server's noise key; client ids must stay below it.
@@ -122,6 +204,7 @@ def make_round(
     mesh: Mesh | None = None,
     client_level_dp: bool = False,
     return_deltas: bool = False,
+    min_sharded_elements: int | None = None,
 ) -> Callable[..., tuple[ServerState, RoundMetrics]]:
     """Builds the jitted ``round_fn``.
 
@@ -132,7 +215,9 @@ def make_round(
 
     Args (of ``round_fn``):
       state: :class:`ServerState`.
-      frozen: the frozen tree (shared by all clients, replicated, never stacked).
+      frozen: the frozen tree (shared by all clients, never stacked); on a mesh with a
+        ``model`` axis its large leaves are sharded over it (:func:`frozen_shardings`; place
+        it once with :func:`place_frozen` to avoid a transfer per round).
       batches: dict of ``[K, S, B_max, ...]`` arrays with ``"mask"`` ``[K, S, B_max]``.
       weights: ``[K]`` aggregation weights (0 for dummy clients).
       client_ids: ``[K]`` int32 global client ids (fold into the PRNG key).
@@ -149,7 +234,9 @@ def make_round(
         sum of clipped client updates before the server's noise (``client_level_dp`` only: the
         audit's canary client updates, see :func:`ffa_jax.federated.server.dp_fedavg_aggregate`).
 
-    ``clients_per_chunk`` (0 = all K at once) and ``mesh`` change memory and speed only.
+    ``clients_per_chunk`` (0 = all K at once) and ``mesh`` (from :func:`client_mesh`) change
+    memory and speed only; ``min_sharded_elements`` is the size threshold of
+    :func:`frozen_partition_spec`.
     """
 
     def round_fn(
@@ -179,7 +266,11 @@ def make_round(
         weights_p = _pad_clients(weights, pad)
         if mesh is not None:
             inputs = jax.lax.with_sharding_constraint(inputs, NamedSharding(mesh, P(CLIENTS_AXIS)))
-            frozen = jax.lax.with_sharding_constraint(frozen, NamedSharding(mesh, P()))
+            # Replicated, or fsdp-sharded over the model axis: GSPMD gathers each weight
+            # where it is used, so no device ever holds the whole frozen tree at rest.
+            frozen = jax.lax.with_sharding_constraint(
+                frozen, frozen_shardings(frozen, mesh, min_sharded_elements)
+            )
 
         if chunk == 1:
             # One client at a time without vmap: the client's own conditionals (skipping

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from ffa_jax.errors import ConfigError, WeightsError
-from ffa_jax.models.layers import Dense
+from ffa_jax.models.layers import Dense, layer_norm
 
 FAMILIES = ("bert", "roberta")
 POOLINGS = ("cls", "mean")
@@ -297,8 +297,14 @@ class Embeddings(nn.Module):
         token_type = nn.Embed(
             c.type_vocab_size, c.hidden_size, embedding_init=init, name="token_type_embeddings"
         )
-        x = word(input_ids) + position(position_ids) + token_type(token_type_ids)
-        return _layer_norm(c)(x)
+        # Summed and normalised in float32 (the tables may be stored in bfloat16).
+        f32 = jnp.float32
+        x = (
+            word(input_ids).astype(f32)
+            + position(position_ids).astype(f32)
+            + token_type(token_type_ids).astype(f32)
+        )
+        return layer_norm(_layer_norm(c), x)
 
 
 class SelfAttention(nn.Module):
@@ -315,11 +321,12 @@ class SelfAttention(nn.Module):
         # matmuls below plain dot_generals (faster on CPU than the equivalent einsum).
         q, k, v = (jnp.swapaxes(t, -2, -3) for t in (q, k, v))
         q = q * jnp.asarray(1.0 / math.sqrt(c.head_dim), q.dtype)
-        scores = q @ jnp.swapaxes(k, -1, -2)  # [..., heads, L_q, L_k]
+        # [..., heads, L_q, L_k]; the softmax is float32 whatever the compute dtype.
+        scores = (q @ jnp.swapaxes(k, -1, -2)).astype(jnp.float32)
         # Masked keys get the dtype's most negative value (a `where`, not an addition, so it
         # cannot overflow); a fully padded row then softmaxes to uniform weights, never NaN.
         scores = jnp.where(mask[..., None, None, :], scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores, axis=-1)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.swapaxes(probs @ v, -2, -3)  # [..., L, heads, d]
         return out.reshape(x.shape)
 
@@ -332,7 +339,7 @@ class Output(nn.Module):
     @nn.compact
     def __call__(self, h, residual):
         c = self.config
-        return _layer_norm(c)(_dense(c, c.hidden_size, "dense")(h) + residual)
+        return layer_norm(_layer_norm(c), _dense(c, c.hidden_size, "dense")(h) + residual)
 
 
 class Attention(nn.Module):
@@ -404,6 +411,13 @@ class RobertaClassificationHead(nn.Module):
 class EncoderClassifier(nn.Module):
     """BERT/RoBERTa sequence classifier: ``int32 [B, L]`` inputs -> ``float32 [B, num_labels]``.
 
+    Attributes:
+      config: the architecture.
+      dtype: compute dtype of the activations and matmuls (weights are cast per matmul, see
+        :func:`ffa_jax.models.layers.cast_frozen_weights` to also store them so);
+        ``jnp.bfloat16`` for speed on TPU/GPU. LayerNorm, softmax, mean pooling and logits
+        are float32.
+
     Methods (use with ``module.apply({"params": params}, ..., method=...)``):
       ``__call__``: logits ``[B, num_labels]``.
       ``encode``: last hidden states ``[B, L, hidden_size]`` (HF ``last_hidden_state``).
@@ -416,6 +430,7 @@ class EncoderClassifier(nn.Module):
     """
 
     config: EncoderConfig
+    dtype: Any = jnp.float32
 
     def setup(self):
         c = self.config
@@ -429,13 +444,16 @@ class EncoderClassifier(nn.Module):
 
     def encode(self, input_ids, attention_mask, token_type_ids=None) -> jax.Array:
         mask = attention_mask > 0
-        x = self.embeddings(input_ids, attention_mask, token_type_ids)
+        x = self.embeddings(input_ids, attention_mask, token_type_ids).astype(self.dtype)
         return self.encoder(x, mask)
 
     def _pre_logits(self, h, attention_mask):
         if self.config.pooling == "mean":
-            m = (attention_mask > 0).astype(h.dtype)[..., None]
-            pooled = jnp.sum(h * m, axis=-2) / jnp.maximum(jnp.sum(m, axis=-2), 1.0)
+            m = (attention_mask > 0).astype(jnp.float32)[..., None]
+            pooled = jnp.sum(h.astype(jnp.float32) * m, axis=-2) / jnp.maximum(
+                jnp.sum(m, axis=-2), 1.0
+            )
+            pooled = pooled.astype(h.dtype)
             if self.config.family == "bert":
                 return pooled
             return self.classifier.pre_logits(pooled)
@@ -450,5 +468,5 @@ class EncoderClassifier(nn.Module):
     def __call__(self, input_ids, attention_mask, token_type_ids=None) -> jax.Array:
         feats = self.features(input_ids, attention_mask, token_type_ids)
         if self.config.family == "bert":
-            return self.classifier(feats)
-        return self.classifier.out_proj(feats)
+            return self.classifier(feats).astype(jnp.float32)
+        return self.classifier.out_proj(feats).astype(jnp.float32)

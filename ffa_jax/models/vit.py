@@ -54,7 +54,7 @@ import optax
 
 from ffa_jax import lora
 from ffa_jax.errors import ConfigError, DataError, WeightsError
-from ffa_jax.models.layers import Dense
+from ffa_jax.models.layers import Dense, layer_norm
 
 # HF ``hidden_act`` names: "gelu" is the exact (erf) GELU, as in HF ViT.
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -349,7 +349,9 @@ class SelfAttention(nn.Module):
         # [..., L, heads, d] -> [..., heads, L, d] so the two matmuls are batched dot_generals.
         q, k, v = (jnp.swapaxes(t, -2, -3) for t in (q, k, v))
         q = q * jnp.asarray(1.0 / math.sqrt(c.head_dim), q.dtype)
-        probs = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2), axis=-1)
+        # The softmax is float32 whatever the compute dtype.
+        scores = (q @ jnp.swapaxes(k, -1, -2)).astype(jnp.float32)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.swapaxes(probs @ v, -2, -3)
         return out.reshape(x.shape)
 
@@ -386,9 +388,9 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        x = x + Attention(c, name="attention")(_layer_norm(c, "layernorm_before")(x))
+        x = x + Attention(c, name="attention")(layer_norm(_layer_norm(c, "layernorm_before"), x))
         h = _DenseBlock(c, c.intermediate_size, act=True, name="intermediate")(
-            _layer_norm(c, "layernorm_after")(x)
+            layer_norm(_layer_norm(c, "layernorm_after"), x)
         )
         return x + _DenseBlock(c, c.hidden_size, name="output")(h)
 
@@ -414,9 +416,16 @@ class ViTClassifier(nn.Module):
 
     A ``pixel_values`` shape other than ``[..., image_size, image_size, num_channels]`` raises
     a :class:`ffa_jax.errors.DataError` at trace time.
+
+    Attributes:
+      config: the architecture.
+      dtype: compute dtype of the activations and matmuls (weights are cast per matmul, see
+        :func:`ffa_jax.models.layers.cast_frozen_weights` to also store them so);
+        ``jnp.bfloat16`` for speed on TPU/GPU. LayerNorm, softmax and logits are float32.
     """
 
     config: ViTConfig
+    dtype: Any = jnp.float32
 
     def setup(self):
         c = self.config
@@ -427,13 +436,14 @@ class ViTClassifier(nn.Module):
 
     def encode(self, pixel_values) -> jax.Array:
         check_pixel_shape(pixel_values.shape, self.config)
-        return self.layernorm(self.encoder(self.embeddings(pixel_values)))
+        x = self.embeddings(pixel_values.astype(self.dtype))
+        return layer_norm(self.layernorm, self.encoder(x))
 
     def features(self, pixel_values) -> jax.Array:
         return self.encode(pixel_values)[..., 0, :]
 
     def __call__(self, pixel_values) -> jax.Array:
-        return self.classifier(self.features(pixel_values))
+        return self.classifier(self.features(pixel_values)).astype(jnp.float32)
 
 
 def image_classification_loss(

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ffa_jax.config import RunConfig
@@ -96,6 +97,12 @@ class Workload:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+
+def compute_dtype(cfg: RunConfig):
+    """``model.dtype`` as a JAX dtype: the storage dtype of the frozen weights and the
+    compute dtype of the model (LoRA factors, gradients and noise stay float32)."""
+    return jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
 
 
 def classification_evaluator(

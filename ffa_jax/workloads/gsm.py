@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ffa_jax.config import RunConfig
@@ -29,7 +28,7 @@ from ffa_jax.data import gsm as gsm_lib
 from ffa_jax.errors import ConfigError, DataError
 from ffa_jax.models import llama as llama_lib
 from ffa_jax.models import llama_weights
-from ffa_jax.workloads import Workload
+from ffa_jax.workloads import Workload, compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +55,6 @@ def check(cfg: RunConfig) -> None:
         )
     if cfg.model.max_length < 2:
         raise ConfigError(f"model.max_length={cfg.model.max_length} must be >= 2 for a decoder.")
-
-
-def _dtype(cfg: RunConfig):
-    return jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
 
 
 def _prompt_arrays(prompts: Sequence[Sequence[int]], length: int, pad: int) -> dict:
@@ -104,7 +99,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     del head_key  # no randomly initialised head
     L = cfg.model.max_length
     data = _load_task(cfg)
-    dtype = _dtype(cfg)
+    dtype = compute_dtype(cfg)
     pre = llama_weights.load_llama_pretrained(cfg.model.name, dtype=dtype)
     config, tokenizer = pre.config, pre.tokenizer
     context = L + cfg.eval.max_new_tokens

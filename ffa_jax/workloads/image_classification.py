@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ffa_jax.config import RunConfig
 from ffa_jax.data import images
-from ffa_jax.errors import ConfigError
 from ffa_jax.models import weights as weights_lib
+from ffa_jax.models.layers import cast_frozen_weights
 from ffa_jax.models.vit import (
     ViTClassifier,
     ViTConfig,
@@ -27,22 +28,13 @@ from ffa_jax.models.vit import (
     image_classification_loss,
 )
 from ffa_jax.models.vit_weights import load_vit, read_image_processor
-from ffa_jax.workloads import Workload, classification_evaluator
+from ffa_jax.workloads import Workload, classification_evaluator, compute_dtype
 
 HEAD_PATTERN = r"classifier/.*"
 
 
 def check(cfg: RunConfig) -> None:
-    """Pure config checks (no I/O).
-
-    Raises:
-      ConfigError: ``model.dtype`` is not float32 (the ViT computes in float32).
-    """
-    if cfg.model.dtype != "float32":
-        raise ConfigError(
-            f"model.dtype={cfg.model.dtype!r} is not supported by the ViT (model.family=vit), "
-            "which runs in float32: drop the override."
-        )
+    """Pure config checks (no I/O): none beyond the config's own validation."""
 
 
 def _load_task(cfg: RunConfig) -> tuple[Any, images.ImageClassificationData]:
@@ -83,7 +75,12 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         model_dir, data.num_labels, head_key=head_key, new_head=cfg.model.new_head
     )
     mean, std = read_image_processor(model_dir, vit_cfg.num_channels)
-    module = ViTClassifier(vit_cfg)
+    dtype = compute_dtype(cfg)
+    head = HEAD_PATTERN if cfg.model.train_head else None
+    if dtype != jnp.float32:
+        # bfloat16 storage of the frozen trunk; a trained head stays float32.
+        base_params = cast_frozen_weights(base_params, dtype, keep=head)
+    module = ViTClassifier(vit_cfg, dtype=dtype)
 
     test_x, test_y = data.test_images, data.test_labels
     if cfg.eval.max_examples is not None:
@@ -134,7 +131,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         family="vit",
         module=module,
         base_params=base_params,
-        head_pattern=HEAD_PATTERN if cfg.model.train_head else None,
+        head_pattern=head,
         loss_fn=image_classification_loss(module, mean, std),
         evaluate=evaluate,
         train_arrays=train_arrays,

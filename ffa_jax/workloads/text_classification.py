@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ffa_jax.config import RunConfig
@@ -17,23 +18,15 @@ from ffa_jax.data import batching, tasks
 from ffa_jax.errors import ConfigError
 from ffa_jax.models import encoder as encoder_lib
 from ffa_jax.models import weights as weights_lib
+from ffa_jax.models.layers import cast_frozen_weights
 from ffa_jax.models.objectives import classification_eval, classification_loss
-from ffa_jax.workloads import Workload, classification_evaluator
+from ffa_jax.workloads import Workload, classification_evaluator, compute_dtype
 
 HEAD_PATTERN = r"classifier/.*"
 
 
 def check(cfg: RunConfig) -> None:
-    """Pure config checks (no I/O).
-
-    Raises:
-      ConfigError: ``model.dtype`` is not float32 (encoders compute in float32).
-    """
-    if cfg.model.dtype != "float32":
-        raise ConfigError(
-            f"model.dtype={cfg.model.dtype!r} is only supported by decoders (model.family=llama); "
-            "encoders run in float32: drop the override."
-        )
+    """Pure config checks (no I/O): none beyond the config's own validation."""
 
 
 def _load_task(cfg: RunConfig) -> tasks.TextClassificationData:
@@ -69,7 +62,12 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
             f"model.max_length={cfg.model.max_length} exceeds the {enc_cfg.max_length} positions "
             f"of the model {cfg.model.name!r}; use model.max_length <= {enc_cfg.max_length}."
         )
-    module = encoder_lib.EncoderClassifier(enc_cfg)
+    dtype = compute_dtype(cfg)
+    head = HEAD_PATTERN if cfg.model.train_head else None
+    if dtype != jnp.float32:
+        # bfloat16 storage of the frozen trunk; a trained head stays float32.
+        base_params = cast_frozen_weights(base_params, dtype, keep=head)
+    module = encoder_lib.EncoderClassifier(enc_cfg, dtype=dtype)
 
     tokenizer = weights_lib.load_tokenizer(str(model_dir))
     train_arrays = batching.tokenize(data.train_texts, tokenizer, cfg.model.max_length)
@@ -107,7 +105,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         family="encoder",
         module=module,
         base_params=base_params,
-        head_pattern=HEAD_PATTERN if cfg.model.train_head else None,
+        head_pattern=head,
         loss_fn=classification_loss(module),
         evaluate=evaluate,
         train_arrays=train_arrays,
