@@ -32,6 +32,10 @@ def _fmt(values: list[float]) -> str:
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}"
 
 
+def _command(config: str, overrides: list[str]) -> str:
+    return " ".join(["ffa-jax train --config", config, *(f"--set {o}" for o in overrides)])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/vision_mnist.yaml")
@@ -91,19 +95,17 @@ def main() -> None:
                         continue
                     name = f"{base.name}_{partition}_{mode}_eps{eps}_s{seed}"
                     private = math.isfinite(float(eps))
-                    cfg = load_config(
-                        args.config,
-                        [
-                            *args.overrides,
-                            *([] if private else args.nonprivate_overrides),
-                            f"name={name}",
-                            f"seed={seed}",
-                            f"lora.mode={mode}",
-                            f"privacy.epsilon={eps}",
-                            f"data.partition={partition}",
-                            "eval.baseline=true",
-                        ],
-                    )
+                    overrides = [
+                        *args.overrides,
+                        *([] if private else args.nonprivate_overrides),
+                        f"name={name}",
+                        f"seed={seed}",
+                        f"lora.mode={mode}",
+                        f"privacy.epsilon={eps}",
+                        f"data.partition={partition}",
+                        "eval.baseline=true",
+                    ]
+                    cfg = load_config(args.config, overrides)
                     t0 = time.time()
                     s = train(cfg, overwrite=True, progress=False, log=lambda *a: None)
                     row = {
@@ -116,6 +118,8 @@ def main() -> None:
                         "test_accuracy": s["test_accuracy"],
                         "epsilon_spent": s["epsilon"],
                         "wall_seconds": time.time() - t0,
+                        # The same run alone from the command line (same number, same machine).
+                        "command": _command(args.config, overrides),
                     }
                     print(json.dumps(row), flush=True)
                     with open(results_path, "a") as f:
@@ -130,7 +134,11 @@ def main() -> None:
         f"Config: `{args.config}` with {args.overrides or 'no overrides'}; epsilon=inf runs "
         f"also {args.nonprivate_overrides}; seeds "
         f"{sorted({r['seed'] for r in done if r['partition'] in args.partitions})}.",
-        "Accuracy on the 500 held-out private images (%), mean ± std over seeds.",
+        "Accuracy on the 500 held-out private images (%), mean ± std over seeds. Each row of "
+        "`runs.jsonl` reruns alone as "
+        f"`{_command(args.config, ['seed=S', 'lora.mode=M', 'privacy.epsilon=E', 'data.partition=P', 'eval.baseline=true'])}`"
+        f" (plus `--set {' --set '.join(args.nonprivate_overrides)}` at epsilon=inf; rows "
+        "written since the `command` field was added carry their exact command).",
         "",
         "| partition | epsilon | start | LoRA | FFA-LoRA |",
         "|---|---|---|---|---|",
