@@ -112,8 +112,13 @@ def test_private_finetune_of_the_pretrained_vit(pretrained, tmp_path, mode):
         "encoder/layer_0/attention/attention/query/kernel",
         "encoder/layer_0/attention/attention/value/kernel",
     ]
+    # model.train_head: the new 5-way head is trained and uploaded with B (PEFT's
+    # modules_to_save=["classifier"]).
+    trainable = jax.tree_util.tree_leaves_with_path(prep.trainable)
+    assert {"classifier/kernel", "classifier/bias"} <= {lora.path_str(p) for p, _ in trainable}
     start = lora.lora_nodes(prep.params)
     summary = train(cfg, progress=False, log=lambda *a: None)
+    assert summary["uplink_bytes_per_client_per_round"] == sum(x.nbytes for _, x in trainable)
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     assert 0.0 <= summary["start_accuracy"] <= 1.0
     assert summary["epsilon"] <= 6.0 + 1e-6

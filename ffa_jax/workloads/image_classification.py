@@ -76,10 +76,10 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     )
     mean, std = read_image_processor(model_dir, vit_cfg.num_channels)
     dtype = compute_dtype(cfg)
-    head = HEAD_PATTERN if cfg.model.train_head else None
+    head_pattern = HEAD_PATTERN if cfg.model.train_head else None
     if dtype != jnp.float32:
         # bfloat16 storage of the frozen trunk; a trained head stays float32.
-        base_params = cast_frozen_weights(base_params, dtype, keep=head)
+        base_params = cast_frozen_weights(base_params, dtype, keep=head_pattern)
     module = ViTClassifier(vit_cfg, dtype=dtype)
 
     test_x, test_y = data.test_images, data.test_labels
@@ -131,7 +131,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         family="vit",
         module=module,
         base_params=base_params,
-        head_pattern=head,
+        head_pattern=head_pattern,
         loss_fn=image_classification_loss(module, mean, std),
         evaluate=evaluate,
         train_arrays=train_arrays,

@@ -63,10 +63,10 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
             f"of the model {cfg.model.name!r}; use model.max_length <= {enc_cfg.max_length}."
         )
     dtype = compute_dtype(cfg)
-    head = HEAD_PATTERN if cfg.model.train_head else None
+    head_pattern = HEAD_PATTERN if cfg.model.train_head else None
     if dtype != jnp.float32:
         # bfloat16 storage of the frozen trunk; a trained head stays float32.
-        base_params = cast_frozen_weights(base_params, dtype, keep=head)
+        base_params = cast_frozen_weights(base_params, dtype, keep=head_pattern)
     module = encoder_lib.EncoderClassifier(enc_cfg, dtype=dtype)
 
     tokenizer = weights_lib.load_tokenizer(str(model_dir))
@@ -105,7 +105,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         family="encoder",
         module=module,
         base_params=base_params,
-        head_pattern=head,
+        head_pattern=head_pattern,
         loss_fn=classification_loss(module),
         evaluate=evaluate,
         train_arrays=train_arrays,
