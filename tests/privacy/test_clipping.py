@@ -205,12 +205,16 @@ def test_microbatched_equals_unchunked(microbatch_size):
     batch = make_batch(6, 10.0)
     g0, s0 = jitted()(0.8, trainable, frozen, batch, MASK)
     g1, s1 = jitted("clip", microbatch_size)(0.8, trainable, frozen, batch, MASK)
-    assert_tree_close(g1, g0, atol=1e-6, rtol=1e-6)
+    # Equal up to float32 summation order: the sums reach ~40, where one ulp is ~4e-6, and
+    # XLA:CPU's reduction order depends on the host's vector width.
+    scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(g0))
+    assert_tree_close(g1, g0, atol=1e-6 * scale, rtol=1e-6)
     for a, b in zip(s1, s0, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     m0, ms0 = jitted("mean")(None, trainable, frozen, batch, MASK)
     m1, ms1 = jitted("mean", microbatch_size)(None, trainable, frozen, batch, MASK)
-    assert_tree_close(m1, m0, atol=1e-6, rtol=1e-6)
+    scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(m0))
+    assert_tree_close(m1, m0, atol=1e-6 * scale, rtol=1e-6)
     np.testing.assert_allclose(ms1.loss_sum, ms0.loss_sum, rtol=1e-6)
 
 
