@@ -477,7 +477,7 @@ def train(
     # alone writes files and reports.
     primary = distributed.is_primary()
     if not primary:
-        progress, log = False, _silent
+        progress, log = False, silent
     restored = None
     failure = None
     try:
@@ -611,8 +611,9 @@ def train(
     return _json_safe(summary)
 
 
-def _silent(*args, **kwargs) -> None:
-    """The log of processes other than 0 in a multi-process run (process 0 reports)."""
+def silent(*args, **kwargs) -> None:
+    """A ``log`` that prints nothing: processes other than 0 of a multi-process run (process
+    0 reports), and Flower's per-message prepares."""
 
 
 def _open_run_dir(

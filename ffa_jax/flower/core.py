@@ -51,6 +51,7 @@ from ffa_jax.train import (
     client_weights,
     evaluate,
     prepare,
+    silent,
     train_key,
 )
 
@@ -159,7 +160,7 @@ class ClientNode:
     ):
         self.cfg = cfg
         self.client_id = check_partition(cfg, client_id, None)
-        self.prep = prep if prep is not None else prepare(cfg, plan_privacy=False, log=_quiet)
+        self.prep = prep if prep is not None else prepare(cfg, plan_privacy=False, log=silent)
         self.privacy = privacy or plan_client_privacy(self.prep, client_id)
         self._update = jax.jit(build_client_update(self.prep))
         self._key = train_key(cfg)
@@ -210,10 +211,6 @@ class ClientNode:
         return delta, metrics
 
 
-def _quiet(*_args, **_kwargs) -> None:
-    pass
-
-
 class ServerRun:
     """The server of a federation: global trainable tree, Optax server optimiser, evaluation.
 
@@ -224,7 +221,7 @@ class ServerRun:
 
     def __init__(self, cfg: RunConfig, *, prep: Prepared | None = None):
         self.cfg = cfg
-        self.prep = prep if prep is not None else prepare(cfg, plan_privacy=False, log=_quiet)
+        self.prep = prep if prep is not None else prepare(cfg, plan_privacy=False, log=silent)
         self.server_opt = make_server_optimizer(cfg.server)
         self.state = jax.device_get(server_init(self.prep.trainable, self.server_opt))
         self.weights = client_weights(cfg, [len(p) for p in self.prep.client_indices])
