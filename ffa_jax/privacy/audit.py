@@ -102,6 +102,13 @@ def guess_and_count(
     return k_in + k_out, v
 
 
+def canary_directions(key: jax.Array, m: int, dim: int, norm: float) -> jax.Array:
+    """``[m, dim]`` float32 random directions (Gaussian, normalised) of L2 norm exactly
+    ``norm``: the gradient canaries."""
+    d = jax.random.normal(key, (m, dim), jnp.float32)
+    return norm * d / jnp.linalg.norm(d, axis=1, keepdims=True)
+
+
 def gradient_canary_audit(
     *,
     noise_multiplier: float,
@@ -128,8 +135,7 @@ def gradient_canary_audit(
     """
     k_incl, k_dir, k_noise = jax.random.split(key, 3)
     included = np.asarray(jax.random.bernoulli(k_incl, 0.5, (num_canaries,)))
-    dirs = jax.random.normal(k_dir, (num_canaries, dim), jnp.float32)
-    dirs = clip_norm * dirs / jnp.linalg.norm(dirs, axis=1, keepdims=True)
+    dirs = canary_directions(k_dir, num_canaries, dim, clip_norm)
     grad_sum = {"g": jnp.asarray(included, jnp.float32) @ dirs}
     total = jnp.zeros((dim,), jnp.float32)
     for s in range(steps):

@@ -63,7 +63,7 @@ from ffa_jax import train as train_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated.server import server_init
-from ffa_jax.privacy.audit import epsilon_lower_bound, guess_and_count
+from ffa_jax.privacy.audit import canary_directions, epsilon_lower_bound, guess_and_count
 
 # Folded into the run's root key (ffa_jax.train uses 0-4): the canaries' randomness is
 # independent of everything the run draws.
@@ -173,12 +173,6 @@ def check_audit_config(cfg: RunConfig) -> None:
         )
 
 
-def _directions(key: jax.Array, m: int, dim: int, norm: float) -> jax.Array:
-    """``[m, dim]`` float32 random directions of L2 norm exactly ``norm``."""
-    d = jax.random.normal(key, (m, dim), jnp.float32)
-    return norm * d / jnp.linalg.norm(d, axis=1, keepdims=True)
-
-
 @jax.jit
 def _canary_sum(sampled: jax.Array, dirs: jax.Array) -> jax.Array:
     """``[..., m]`` {0, 1} x ``[m, d]`` -> ``[..., d]``: the sum of the sampled canaries."""
@@ -259,7 +253,7 @@ def audit_run(
     included = np.asarray(
         jax.random.bernoulli(jax.random.fold_in(key, _INCLUSION), 0.5, (canaries,))
     )
-    dirs = _directions(jax.random.fold_in(key, _DIRECTIONS), canaries, flat0.size, norm)
+    dirs = canary_directions(jax.random.fold_in(key, _DIRECTIONS), canaries, flat0.size, norm)
     incl = jnp.asarray(included)
     per_round_key = jax.random.fold_in(key, _PARTICIPATION)
     steps = cfg.federated.local_steps
