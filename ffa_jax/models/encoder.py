@@ -50,14 +50,12 @@ import jax
 import jax.numpy as jnp
 
 from ffa_jax.errors import ConfigError, WeightsError
-from ffa_jax.models.layers import Dense, layer_norm
+from ffa_jax.models.layers import ACTIVATIONS, Dense, activation, layer_norm
 
 FAMILIES = ("bert", "roberta")
 POOLINGS = ("cls", "mean")
 # HF ``model_type`` -> family. XLM-RoBERTa has RoBERTa's architecture and weight names.
 MODEL_TYPES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
-# HF ``hidden_act`` names: "gelu" is the exact (erf) GELU, as in HF BERT/RoBERTa.
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -241,16 +239,6 @@ class EncoderConfig:
         )
 
 
-def _activation(name: str):
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "relu":
-        return jax.nn.relu
-    raise ConfigError(f"hidden_act={name!r} is not supported: use one of {ACTIVATIONS}.")
-
-
 def _layer_norm(config: EncoderConfig) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=config.layer_norm_eps, name="LayerNorm")
 
@@ -357,7 +345,7 @@ class Intermediate(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        return _activation(c.hidden_act)(_dense(c, c.intermediate_size, "dense")(x))
+        return activation(c.hidden_act)(_dense(c, c.intermediate_size, "dense")(x))
 
 
 class Layer(nn.Module):

@@ -54,10 +54,8 @@ import optax
 
 from ffa_jax import lora
 from ffa_jax.errors import ConfigError, DataError, WeightsError
-from ffa_jax.models.layers import Dense, layer_norm
+from ffa_jax.models.layers import ACTIVATIONS, Dense, activation, layer_norm
 
-# HF ``hidden_act`` names: "gelu" is the exact (erf) GELU, as in HF ViT.
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 # ViTImageProcessor defaults: pixels rescaled to [0, 1], then (x - 0.5) / 0.5.
 DEFAULT_IMAGE_MEAN = 0.5
 DEFAULT_IMAGE_STD = 0.5
@@ -277,14 +275,6 @@ def normalise(images: jax.Array, mean, std) -> jax.Array:
     return (x - mean) / std
 
 
-def _activation(name: str):
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    return jax.nn.relu
-
-
 def _dense(c: ViTConfig, features: int, name: str, use_bias: bool = True) -> Dense:
     init = nn.initializers.normal(c.initializer_range)
     return Dense(features, use_bias=use_bias, kernel_init=init, name=name)
@@ -367,7 +357,7 @@ class _DenseBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         y = _dense(self.config, self.features, "dense")(x)
-        return _activation(self.config.hidden_act)(y) if self.act else y
+        return activation(self.config.hidden_act)(y) if self.act else y
 
 
 class Attention(nn.Module):
