@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ffa_jax import lora
+from ffa_jax import lora, xla_options
 from ffa_jax.config import LoRAConfig, ServerConfig
 from ffa_jax.federated.client import DpParams, make_client_update
 from ffa_jax.federated.round import make_round
@@ -65,6 +65,12 @@ class BenchSpec:
     clients_per_chunk: int = 0  # of the timed round (0 = all K clients vmapped at once)
     # model.dtype: "bfloat16" stores the frozen trunk and computes in bf16 (LoRA stays float32).
     dtype: str = "float32"
+    # perf.cpu_library_fusion of the timed jits (ffa_jax.xla_options; "auto" = the encoder's).
+    cpu_library_fusion: str = "auto"
+
+    @property
+    def compiler_options(self) -> dict[str, str] | None:
+        return xla_options.compiler_options(self.cpu_library_fusion, "encoder")
 
     @property
     def round_batch(self) -> tuple[int, int]:
@@ -117,6 +123,20 @@ def _time(fn, repeats: int) -> tuple[float, float]:
     return compile_s, statistics.median(times)
 
 
+def _paired(jax_fn, other_fn, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``jax_fn`` and ``other_fn`` (both warm), timed alternately
+    ``repeats`` times each, so that a change of machine load hits both alike."""
+    a, b = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(jax_fn())
+        a.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        other_fn()
+        b.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b)
+
+
 def compiled_memory(jitted, *args) -> dict[str, float] | None:
     """XLA's buffer sizes of ``jitted`` compiled for ``args``, in MB (2^20 bytes).
 
@@ -149,7 +169,7 @@ def _round_setup(spec: BenchSpec, module, params, loss_fn, k: int, chunk: int):
     trainable, frozen = lora.split(lp, lora.trainable_mask(lp, "ffa"))
     cu = make_client_update(loss_fn, optax.sgd(0.1), private=True)
     opt = make_server_optimizer(ServerConfig())
-    round_fn = make_round(cu, opt, clients_per_chunk=chunk)
+    round_fn = make_round(cu, opt, clients_per_chunk=chunk, compiler_options=spec.compiler_options)
     batches = _batches(spec, k, MODELS[spec.model]["vocab_size"], spec.round_batch)
     dpk = DpParams(jnp.ones(k), jnp.ones(k), jnp.full((k,), float(spec.round_batch[0])))
     state = server_init(trainable, opt)
@@ -330,6 +350,7 @@ def run_bench(
     threads: int | None = None,
     memory: list[tuple[int, int]] | None = None,
     memory_budget_mb: float = MEMORY_BUDGET_MB,
+    fusion_ab: list[str] | None = None,
 ) -> dict[str, Any]:
     """Runs every variant and returns a JSON-able report with times, memory and ratios.
 
@@ -337,6 +358,8 @@ def run_bench(
     on the same shapes with ``threads`` torch threads. ``memory``: ``(K, k)`` settings whose
     round memory is measured, each in a fresh subprocess (see :func:`run_memory_probes`;
     those above ``memory_budget_mb`` MB of XLA buffers are compiled, not run).
+    ``fusion_ab``: ``perf.cpu_library_fusion`` settings whose FFA DP client updates are timed
+    against each other (:func:`library_fusion_ab`).
     """
     # The probes go first, while this process holds no model, so that its resident set and
     # a probe's never add up beyond the probe's own.
@@ -346,15 +369,20 @@ def run_bench(
     loss_fn = classification_loss(module)
     one = jax.tree_util.tree_map(lambda x: x[0], _batches(spec, 1, vocab))
     results: dict[str, Any] = {}
+    timed: dict[str, Any] = {}
     for mode in ("ffa", "lora"):
         lp = lora.init(params, LoRAConfig(mode=mode, rank=spec.rank), jax.random.key(1))
         trainable, frozen = lora.split(lp, lora.trainable_mask(lp, mode))
         for private in (False, True):
-            cu = jax.jit(make_client_update(loss_fn, optax.sgd(0.1), private=private))
+            cu = jax.jit(
+                make_client_update(loss_fn, optax.sgd(0.1), private=private),
+                compiler_options=spec.compiler_options,
+            )
             dp = DpParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(spec.batch_size))
             args = (trainable, frozen, one, dp, jax.random.key(0))
             compile_s, median = _time(lambda cu=cu, args=args: cu(*args), spec.repeats)
             name = f"{mode}_{'dp' if private else 'nodp'}"
+            timed[name] = lambda cu=cu, args=args: cu(*args)
             results[name] = {
                 "compile_s": compile_s,
                 "client_update_s": median,
@@ -398,9 +426,9 @@ def run_bench(
         "peak_rss_mb": _peak_rss_mb(),
     }
     if reference:
-        from ffa_jax.bench_torch import default_threads, run_reference
+        from ffa_jax.bench_torch import default_threads, make_reference
 
-        ref = run_reference(
+        info, torch_client, torch_round = make_reference(
             shape=MODELS[spec.model],
             rank=spec.rank,
             alpha=float(LoRAConfig().alpha),
@@ -410,21 +438,68 @@ def run_bench(
             round_seq_len=spec.round_batch[1],
             local_steps=spec.local_steps,
             clients=k,
-            repeats=spec.repeats,
             threads=threads or default_threads(),
         )
-        report["reference"] = ref
+        # Interleaved (ffa_jax, torch, ffa_jax, torch, ...) so that both see the same load.
+        client = _paired(timed["ffa_dp"], torch_client, spec.repeats)
+        round_ = _paired(round_call, torch_round, spec.repeats)
+        report["reference"] = {
+            **info,
+            "ffa_dp": {"client_update_s": client[1], "ffa_jax_s": client[0]},
+            "round_ffa_dp": {"clients": k, "round_s": round_[1], "ffa_jax_s": round_[0]},
+            "paired_repeats": spec.repeats,
+        }
         # Speed-ups: reference time / ffa_jax time (> 1 means ffa_jax is faster).
-        ratios["speedup_vs_torch_client_dp"] = (
-            ref["ffa_dp"]["client_update_s"] / r["ffa_dp"]["client_update_s"]
-        )
-        ratios["speedup_vs_torch_round_dp"] = (
-            ref["round_ffa_dp"]["round_s"] / r["round_ffa_dp"]["round_s"]
-        )
+        ratios["speedup_vs_torch_client_dp"] = client[1] / client[0]
+        ratios["speedup_vs_torch_round_dp"] = round_[1] / round_[0]
+    if fusion_ab:
+        report["cpu_library_fusion_ab"] = library_fusion_ab(spec, fusion_ab)
     if probes is not None:
         report["memory"], report["memory_budget_mb"] = probes, memory_budget_mb
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     return report
+
+
+def library_fusion_ab(spec: BenchSpec, settings: list[str]) -> dict[str, Any]:
+    """The FFA DP client update compiled under each ``perf.cpu_library_fusion`` setting and
+    timed round-robin (``spec.repeats`` rounds), with its XLA temp memory (MB).
+
+    Returns ``{setting: {"client_update_s", "relative", "temp_mb", "compiler_options"}}``;
+    ``relative`` is the median time over the first setting's. On a non-CPU backend every
+    setting compiles alike (the options are CPU-only)."""
+    module, params = _encoder(spec)
+    loss_fn = classification_loss(module)
+    one = jax.tree_util.tree_map(
+        lambda x: x[0], _batches(spec, 1, MODELS[spec.model]["vocab_size"])
+    )
+    lp = lora.init(params, LoRAConfig(mode="ffa", rank=spec.rank), jax.random.key(1))
+    trainable, frozen = lora.split(lp, lora.trainable_mask(lp, "ffa"))
+    dp = DpParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(spec.batch_size))
+    args = (trainable, frozen, one, dp, jax.random.key(0))
+    update = make_client_update(loss_fn, optax.sgd(0.1), private=True)
+    compiled, options = {}, {}
+    for setting in settings:
+        options[setting] = xla_options.compiler_options(setting, "encoder")
+        jitted = jax.jit(update, compiler_options=options[setting])
+        compiled[setting] = jitted.lower(*args).compile()
+        jax.block_until_ready(compiled[setting](*args))
+    times: dict[str, list[float]] = {s: [] for s in settings}
+    for _ in range(spec.repeats):
+        for setting, fn in compiled.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[setting].append(time.perf_counter() - t0)
+    first = statistics.median(times[settings[0]])
+    out = {}
+    for setting in settings:
+        stats = compiled[setting].memory_analysis()
+        out[setting] = {
+            "client_update_s": statistics.median(times[setting]),
+            "relative": statistics.median(times[setting]) / first,
+            "temp_mb": None if stats is None else stats.temp_size_in_bytes / 2**20,
+            "compiler_options": options[setting],
+        }
+    return out
 
 
 def _memory_ratios(results: dict[str, Any]) -> dict[str, float]:
@@ -492,13 +567,32 @@ def _round_md(report: dict[str, Any], rb: int, rl: int) -> list[str]:
 
 
 def _reference_md(ref: dict[str, Any], m: dict[str, Any]) -> list[str]:
+    c, r = ref["ffa_dp"], ref["round_ffa_dp"]
     return [
         f"PyTorch reference (torch {ref['torch']}, peft {ref['peft']}, opacus "
         f"{ref['opacus']}, {ref['torch_threads']} torch threads; XLA:CPU uses "
-        f"{m['usable_cores']} cores): Opacus+PEFT FFA DP client update "
-        f"{ref['ffa_dp']['client_update_s']:.3f} s; sequential round of "
-        f"{ref['round_ffa_dp']['clients']} clients {ref['round_ffa_dp']['round_s']:.3f} s.",
+        f"{m['usable_cores']} cores), timed alternately with ffa_jax "
+        f"({ref.get('paired_repeats', '?')} pairs, medians): Opacus+PEFT FFA DP client update "
+        f"{c['client_update_s']:.3f} s vs ffa_jax {c.get('ffa_jax_s', float('nan')):.3f} s; "
+        f"sequential round of {r['clients']} clients {r['round_s']:.3f} s vs ffa_jax's "
+        f"one-jit round {r.get('ffa_jax_s', float('nan')):.3f} s.",
     ]
+
+
+def _fusion_md(ab: dict[str, Any]) -> list[str]:
+    lines = [
+        "perf.cpu_library_fusion (XLA:CPU matmul kernels), FFA DP client update compiled "
+        "under each setting in this process and timed round-robin:",
+        "",
+        "| setting | compiler options | client update s | relative | XLA temp MB |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in ab.items():
+        lines.append(
+            f"| {name} | `{r['compiler_options'] or 'jax defaults'}` | "
+            f"{r['client_update_s']:.3f} | {r['relative']:.3f} | {_mb(r['temp_mb'])} |"
+        )
+    return lines
 
 
 def _memory_row(r: dict[str, Any]) -> str:
@@ -606,6 +700,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += ["", *_variants_md(report), "", *_round_md(report, rb, rl)]
     if report.get("reference"):
         lines += ["", *_reference_md(report["reference"], m)]
+    if report.get("cpu_library_fusion_ab"):
+        lines += ["", *_fusion_md(report["cpu_library_fusion_ab"])]
     if report.get("memory"):
         lines += ["", *_memory_md(report["memory"], rb, rl, report.get("memory_budget_mb"))]
     lines += ["", "| ratio | value |", "|---|---|"]

@@ -17,9 +17,8 @@ clients one after another, as peers simulate them: reset B to the global value, 
 from __future__ import annotations
 
 import os
-import statistics
-import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 
@@ -116,19 +115,7 @@ class _DpClient:
             return [p.detach() - s for p, s in zip(self.params, start, strict=True)]
 
 
-def _median_time(fn, repeats: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
-
-
-def run_reference(
+def make_reference(
     *,
     shape: dict[str, int],
     rank: int,
@@ -139,12 +126,17 @@ def run_reference(
     round_seq_len: int,
     local_steps: int,
     clients: int,
-    repeats: int,
     threads: int,
     clip_norm: float = 1.0,
     noise_multiplier: float = 1.0,
-) -> dict[str, Any]:
-    """Times one DP client update and one sequential K-client DP round (seconds, medians)."""
+) -> tuple[dict[str, Any], Callable[[], Any], Callable[[], Any]]:
+    """The reference, built and warmed up: ``(info, client_update, round_)``.
+
+    ``client_update()`` runs one DP client update (``local_steps`` steps at ``batch_size x
+    seq_len``); ``round_()`` runs a sequential round of ``clients`` clients at
+    ``round_batch_size x round_seq_len``. The caller times them, interleaved with ffa_jax's
+    (:func:`ffa_jax.bench.run_bench`), so that both see the same machine load.
+    """
     import opacus
     import peft
     import torch
@@ -153,7 +145,7 @@ def run_reference(
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     vocab = shape["vocab_size"]
-    out: dict[str, Any] = {
+    info: dict[str, Any] = {
         "torch": torch.__version__,
         "peft": peft.__version__,
         "opacus": opacus.__version__,
@@ -164,24 +156,25 @@ def run_reference(
     client = _DpClient(shape, rank, alpha, seq_len, batch_size, clip_norm, noise_multiplier)
     start = [p.detach().clone() for p in client.params]
     one = _batches(local_steps, batch_size, seq_len, vocab)
-    first, median = _median_time(lambda: client.update(one, start), repeats)
-    out["ffa_dp"] = {"first_s": first, "client_update_s": median, "step_s": median / local_steps}
 
-    client = _DpClient(
+    def client_update():
+        return client.update(one, start)
+
+    rclient = _DpClient(
         shape, rank, alpha, round_seq_len, round_batch_size, clip_norm, noise_multiplier
     )
-    start = [p.detach().clone() for p in client.params]
+    rstart = [p.detach().clone() for p in rclient.params]
     data = [_batches(local_steps, round_batch_size, round_seq_len, vocab) for _ in range(clients)]
 
     def round_():
-        deltas = [client.update(data[k], start) for k in range(clients)]
+        deltas = [rclient.update(data[k], rstart) for k in range(clients)]
         with torch.no_grad():
-            for p, s, *ds in zip(client.params, start, *deltas, strict=True):
+            for p, s, *ds in zip(rclient.params, rstart, *deltas, strict=True):
                 p.copy_(s + torch.stack(ds).mean(0))
 
-    first, median = _median_time(round_, repeats)
-    out["round_ffa_dp"] = {"clients": clients, "first_s": first, "round_s": median}
-    return out
+    for fn in (client_update, round_):  # warm-up (allocator, Opacus hooks)
+        fn()
+    return info, client_update, round_
 
 
 def default_threads() -> int:

@@ -27,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ffa_jax.config import CPU_LIBRARY_FUSIONS
 from ffa_jax.errors import ConfigError, FederationError, FfaJaxError
 
 
@@ -169,7 +170,14 @@ def cmd_bench(args) -> int:
             round_seq_len=args.round_seq_len,
             clients_per_chunk=args.clients_per_chunk,
             dtype=args.dtype,
+            cpu_library_fusion=args.cpu_library_fusion,
         )
+    fusion_ab = [x.strip() for x in args.fusion_ab.split(",")] if args.fusion_ab else None
+    for setting in fusion_ab or []:
+        if setting not in CPU_LIBRARY_FUSIONS:
+            raise ConfigError(
+                f"bench --fusion-ab: {setting!r} is not one of {CPU_LIBRARY_FUSIONS}."
+            )
     if args.reference == "torch" and not torch_available():
         raise ConfigError(
             "bench --reference torch needs torch, peft and opacus: "
@@ -185,6 +193,7 @@ def cmd_bench(args) -> int:
         memory_budget_mb=(
             MEMORY_BUDGET_MB if args.memory_budget_mb is None else args.memory_budget_mb
         ),
+        fusion_ab=fusion_ab,
     )
     report["command"] = "ffa-jax " + " ".join(args.argv)
     report["commit"] = _git_commit()
@@ -467,6 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="--memory rounds whose XLA buffers exceed this many MB (2^20 bytes) are compiled, "
         "not run (default 6144; 0 = run all)",
+    )
+    p.add_argument(
+        "--cpu-library-fusion",
+        choices=list(CPU_LIBRARY_FUSIONS),
+        default="auto",
+        help="perf.cpu_library_fusion of the timed jits (XLA:CPU matmul kernels; auto = the "
+        "encoder's best, off)",
+    )
+    p.add_argument(
+        "--fusion-ab",
+        default="",
+        help="comma-separated perf.cpu_library_fusion settings (e.g. jax,dots,off) whose FFA DP "
+        "client updates are timed against each other in this process",
     )
     p.add_argument("--quick", action="store_true", help="tiny model, small batch, 2 repeats (CI)")
     p.add_argument("--out", type=Path, default=Path("experiments/results/bench"))

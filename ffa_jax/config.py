@@ -43,6 +43,10 @@ CLIENT_SAMPLINGS = ("poisson", "fixed")
 PAPER_LABEL_MIX_2 = ((0.1, 0.9), (0.9, 0.1), (0.5, 0.5))
 
 
+# perf.cpu_library_fusion values (see ffa_jax.xla_options).
+CPU_LIBRARY_FUSIONS = ("auto", "jax", "dots", "off")
+
+
 def _require(cond: bool, field: str, value: Any, fix: str) -> None:
     if not cond:
         raise ConfigError(f"{field}={value!r} is invalid: {fix}")
@@ -550,6 +554,10 @@ class PerfConfig:
         sharded over it.
       remat: decoders: recompute each layer's activations in the backward pass
         (``jax.checkpoint``): less memory, more compute, identical results.
+      cpu_library_fusion: which kernels XLA:CPU uses for the training step's matmuls
+        (:mod:`ffa_jax.xla_options`): ``auto`` (measured best per model family), ``jax``
+        (XLA's default: YNNPACK with fused elementwise ops), ``dots`` (YNNPACK, matmuls
+        only) or ``off`` (XLA's own kernels). CPU only; same results to float rounding.
 
     With ``clients_per_chunk: 1`` and ``microbatch_size: 1`` the padded slots of a Poisson
     batch cost nothing (empty micro-batches are skipped), so a step costs the sampled batch
@@ -561,8 +569,15 @@ class PerfConfig:
     devices: int = 0
     model_devices: int = 1
     remat: bool = False
+    cpu_library_fusion: str = "auto"
 
     def __post_init__(self):
+        _require(
+            self.cpu_library_fusion in CPU_LIBRARY_FUSIONS,
+            "perf.cpu_library_fusion",
+            self.cpu_library_fusion,
+            f"must be one of {CPU_LIBRARY_FUSIONS}.",
+        )
         for f in ("clients_per_chunk", "microbatch_size", "devices"):
             v = getattr(self, f)
             _require(

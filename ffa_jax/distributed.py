@@ -139,14 +139,19 @@ def _client_sharded(mesh: Mesh, x: Any) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_round(round_fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+def global_round(
+    round_fn: Callable[..., Any],
+    mesh: Mesh,
+    compiler_options: dict[str, str] | None = None,
+) -> Callable[..., Any]:
     """Wraps the jitted round (:func:`ffa_jax.federated.round.make_round`, same signature) for
     a multi-process run: host inputs become global arrays on ``mesh``, and the outputs come
     back as host numpy trees (replicated on every device, read from a local shard).
 
     Every process must call the wrapper with the same values in the same order (the round's
     collectives pair up by call order). The frozen tree is placed once and reused while the
-    caller passes the same object.
+    caller passes the same object. ``compiler_options`` go to the outer ``jax.jit`` (the one
+    that is compiled; pass the round's own, see :func:`ffa_jax.train.train_compiler_options`).
     """
     check_mesh(mesh)
     replicated = NamedSharding(mesh, P())
@@ -156,7 +161,12 @@ def global_round(round_fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]
         key = jax.random.wrap_key_data(key_data, impl=impl)
         return round_fn(state, frozen, batches, weights, client_ids, dp, key, server_dp)
 
-    jitted = jax.jit(inner, out_shardings=replicated, static_argnums=8)
+    jitted = jax.jit(
+        inner,
+        out_shardings=replicated,
+        static_argnums=8,
+        compiler_options=compiler_options,
+    )
     frozen_cache: list[Any] = [None, None]  # (host tree, its global copy)
 
     def to_host(x):

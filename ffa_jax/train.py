@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ffa_jax import checkpoint as ckpt_lib
-from ffa_jax import distributed, lora, workloads
+from ffa_jax import distributed, lora, workloads, xla_options
 from ffa_jax.config import RunConfig, load_config
 from ffa_jax.data import batching, partition
 from ffa_jax.data.clients import partition_clients
@@ -180,6 +180,12 @@ def build_client_update(prep: Prepared):
     )
 
 
+def train_compiler_options(prep: Prepared) -> dict[str, str] | None:
+    """``jax.jit`` compile options of the run's training jits (``perf.cpu_library_fusion``,
+    see :mod:`ffa_jax.xla_options`)."""
+    return xla_options.compiler_options(prep.cfg.perf.cpu_library_fusion, prep.workload.family)
+
+
 def train_key(cfg: RunConfig) -> jax.Array:
     """The run's training key: rounds, clients and local steps are folded into it
     (:func:`ffa_jax.federated.round.client_key`)."""
@@ -229,10 +235,13 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
         mesh=mesh,
         client_level_dp=_unit(cfg) == "client",
         return_deltas=return_deltas,
+        compiler_options=train_compiler_options(prep),
     )
     if distributed.is_distributed():
         # Several processes: global inputs on the mesh spanning them, host outputs.
-        round_fn = distributed.global_round(round_fn, distributed.check_mesh(mesh))
+        round_fn = distributed.global_round(
+            round_fn, distributed.check_mesh(mesh), train_compiler_options(prep)
+        )
     return round_fn, server_opt
 
 

@@ -7,7 +7,15 @@ import math
 import pytest
 
 from ffa_jax import cli
-from ffa_jax.bench import TINY, BenchSpec, chunk_bound, memory_probe, to_markdown
+from ffa_jax.bench import (
+    TINY,
+    BenchSpec,
+    _fusion_md,
+    chunk_bound,
+    library_fusion_ab,
+    memory_probe,
+    to_markdown,
+)
 from ffa_jax.errors import ConfigError
 
 
@@ -125,3 +133,16 @@ def test_reference_client_is_ffa_with_opacus_clipping():
     # Without noise each step moves B by lr * (sum of clipped per-example grads) / B, whose
     # norm is at most lr * C; B moves (the step is real) and no more than that.
     assert 0 < norm <= steps * lr * clip * (1 + 1e-5)
+
+
+def test_bench_fusion_ab(tmp_path, capsys):
+    spec = BenchSpec(model="tiny", batch_size=4, seq_len=16, local_steps=1, repeats=2)
+    ab = library_fusion_ab(spec, ["jax", "off"])
+    assert list(ab) == ["jax", "off"] and ab["jax"]["relative"] == 1.0
+    assert ab["jax"]["compiler_options"] is None
+    assert ab["off"]["client_update_s"] > 0
+    assert "| off |" in "\n".join(_fusion_md(ab))
+    argv = ["bench", "--quick", "--reference", "none", "--out", str(tmp_path)]
+    assert cli.main(argv + ["--fusion-ab", "jax,fast"]) == 2  # bad input, before any compute
+    assert "--fusion-ab: 'fast' is not one of" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -205,6 +205,7 @@ def make_round(
     client_level_dp: bool = False,
     return_deltas: bool = False,
     min_sharded_elements: int | None = None,
+    compiler_options: dict[str, str] | None = None,
 ) -> Callable[..., tuple[ServerState, RoundMetrics]]:
     """Builds the jitted ``round_fn``.
 
@@ -236,7 +237,8 @@ def make_round(
 
     ``clients_per_chunk`` (0 = all K at once) and ``mesh`` (from :func:`client_mesh`) change
     memory and speed only; ``min_sharded_elements`` is the size threshold of
-    :func:`frozen_partition_spec`.
+    :func:`frozen_partition_spec`. ``compiler_options`` go to ``jax.jit`` (e.g.
+    :func:`ffa_jax.xla_options.compiler_options`; speed only).
     """
 
     def round_fn(
@@ -333,4 +335,4 @@ def make_round(
             return new_state, round_metrics, RoundReleases(deltas, mean_delta)
         return new_state, round_metrics
 
-    return jax.jit(round_fn)
+    return jax.jit(round_fn, compiler_options=compiler_options)

@@ -52,6 +52,7 @@ from ffa_jax.train import (
     evaluate,
     prepare,
     silent,
+    train_compiler_options,
     train_key,
 )
 
@@ -162,7 +163,9 @@ class ClientNode:
         self.client_id = check_partition(cfg, client_id, None)
         self.prep = prep if prep is not None else prepare(cfg, plan_privacy=False, log=silent)
         self.privacy = privacy or plan_client_privacy(self.prep, client_id)
-        self._update = jax.jit(build_client_update(self.prep))
+        self._update = jax.jit(
+            build_client_update(self.prep), compiler_options=train_compiler_options(self.prep)
+        )
         self._key = train_key(cfg)
         self.dp = DpParams(
             clip_norm=jnp.float32(cfg.privacy.clip_norm),

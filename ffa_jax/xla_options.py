@@ -1,0 +1,73 @@
+"""XLA compile options of the training jits (``perf.cpu_library_fusion``), CPU only.
+
+Since jax 0.8, XLA:CPU hands each matmul, together with the elementwise ops around it, to the
+YNNPACK library ("library fusion"). For the backward pass of an encoder's DP step that is
+slower than XLA's own kernels on a 2-core AVX2 CPU, and it keeps more temporaries alive; for a
+LLaMA decoder, YNNPACK matmuls without their elementwise neighbours are best. Measured
+in-process, interleaved, same inputs (``experiments/results/bench/``; the README's
+"Benchmarks" section):
+
+==========================  =========================  ============================
+setting                     MiniLM DP step 32 x 128    SmolLM2-135M shape (12 layers)
+                            (time, XLA temp memory)    DP step 4 x 128 (time)
+==========================  =========================  ============================
+``jax`` (jax's default)     1.00, 1084 MB              1.00
+``dots``                    0.82, 659 MB               0.97
+``off``                     0.77, 659 MB               1.15 - 1.32
+==========================  =========================  ============================
+
+``auto`` therefore picks ``off`` for encoders and ViTs and ``dots`` for decoders. Results are
+identical up to float rounding (the same math, other kernels); the setting never changes
+privacy. It applies only when the jits compile for CPU; GPU and TPU ignore it. An explicit
+``--xla_cpu_experimental_ynn_fusion_type`` in ``XLA_FLAGS`` wins over it, and a jaxlib
+without that option (older or newer than the ones measured) compiles with its defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+
+from ffa_jax.config import CPU_LIBRARY_FUSIONS
+
+_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_VALUES = {"off": "", "dots": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# What ``auto`` means per model family (ffa_jax.workloads.Workload.family).
+_AUTO = {"encoder": "off", "vit": "off", "llama": "dots"}
+
+
+@functools.cache
+def _option_supported() -> bool:
+    # Probed once per process with a trivial compile: jaxlib rejects unknown option names.
+    try:
+        jax.jit(lambda x: x + 1, compiler_options={_OPTION: ""}).lower(1.0).compile()
+    except Exception:  # noqa: BLE001 - any failure means: do not pass the option
+        return False
+    return True
+
+
+def resolve(setting: str, family: str) -> str:
+    """The concrete setting (``jax``, ``dots`` or ``off``) of ``setting`` for ``family``."""
+    if setting not in CPU_LIBRARY_FUSIONS:
+        raise ValueError(f"cpu_library_fusion={setting!r}: use one of {CPU_LIBRARY_FUSIONS}.")
+    return _AUTO.get(family, "jax") if setting == "auto" else setting
+
+
+def compiler_options(setting: str = "auto", family: str = "encoder") -> dict[str, str] | None:
+    """``compiler_options`` for ``jax.jit`` of a training step or round, or None (defaults).
+
+    Args:
+      setting: ``perf.cpu_library_fusion``: ``auto``, ``jax`` (XLA's default), ``dots``
+        (YNNPACK for matmuls only) or ``off`` (XLA's own kernels).
+      family: the model family (``encoder``, ``vit``, ``llama``) that ``auto`` decides for.
+    """
+    concrete = resolve(setting, family)
+    if concrete == "jax" or jax.default_backend() != "cpu":
+        return None
+    if f"--{_OPTION}" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    if not _option_supported():
+        return None
+    return {_OPTION: _VALUES[concrete]}
