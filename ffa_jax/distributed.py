@@ -14,8 +14,19 @@ What runs where:
   from its (identical) host copy only the shards its own devices hold
   (``jax.make_array_from_callback``); the outputs (new server state, metrics) are replicated
   on every device, so each process reads them from a local shard, with no extra gather.
-* Evaluation runs on each process's own default device (the same deterministic compute
-  everywhere, so every process holds the same history).
+* Frozen weights sharded over a ``model`` axis (``perf.model_devices > 1``): every model
+  group (mesh row) is made of one process's devices
+  (:func:`ffa_jax.federated.round.model_groups`), so weight shards and the per-layer
+  all-gathers stay within a host and only the round's client collectives cross hosts; the
+  ``clients`` axis runs over the processes and each process's remaining groups.
+  ``model_devices`` must divide every process's device count (``ConfigError`` before
+  anything is loaded). Each process places the frozen tree on its own rows
+  (:func:`local_mesh`, from its host copy) and :func:`global_round` uses those same device
+  buffers as the global arrays of the round, sharded over ``model``; the trainable tree and
+  the optimizer state are replicated.
+* Evaluation runs on each process's own devices: its default device, or with
+  ``perf.model_devices > 1`` its own model groups holding the sharded frozen tree (the same
+  deterministic compute everywhere, so every process holds the same history).
 * Files: only process 0 (:func:`is_primary`) writes the run directory (config, metrics,
   checkpoints, adapter, plots, summary). Resuming reads the checkpoint on every process, so
   ``output_dir`` must then be on a filesystem all hosts share (NFS, GCS Fuse).

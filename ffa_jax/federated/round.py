@@ -16,7 +16,9 @@ holds ``1 / model_devices`` of every large frozen leaf and XLA's GSPMD partition
 all-gathers where a layer needs the whole weight. Client inputs, per-client deltas and
 metrics are sharded over ``clients`` only (replicated over ``model``); the trainable tree and
 the optimizer state are replicated. Results equal the unsharded round's up to float
-reassociation.
+reassociation. A ``model`` group is always made of one process's devices
+(:func:`model_groups`): in a multi-host run (:mod:`ffa_jax.distributed`) the weights are
+sharded within each host and the ``clients`` axis spans the hosts.
 
 PRNG: the round key is ``fold_in(key, round)``; client k's key is ``fold_in(round_key,
 client_id[k])``; local step s folds ``s`` and the noise purpose into it (see
