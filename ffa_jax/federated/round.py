@@ -102,9 +102,8 @@ def client_mesh(num_devices: int | None = None, model_devices: int = 1) -> Mesh:
     if n < 1 or n > len(rows):
         raise ConfigError(
             f"perf.devices={n} x perf.model_devices={m} = {n * m} devices, but only "
-            f"{len(rows) * m} of the {len(devices)} devices are available for them; lower "
-            "perf.devices or perf.model_devices so that their product is at most "
-            f"{len(rows) * m}."
+            f"{len(devices)} are available; lower perf.devices or perf.model_devices so that "
+            f"their product is at most {len(devices)}."
         )
     grid = np.asarray(rows[:n], dtype=object).reshape(n, m)
     return Mesh(grid, (CLIENTS_AXIS, MODEL_AXIS))
