@@ -551,7 +551,10 @@ class PerfConfig:
         device (e.g. LLaMA-7B on 8 accelerators: ``devices: 1, model_devices: 8``). 1 = every
         device holds the whole frozen tree. ``devices x model_devices`` must not exceed the
         device count. Trainable LoRA factors, optimizer state and client batches are not
-        sharded over it.
+        sharded over it. Each model group is made of one process's devices, so with
+        ``--distributed`` it must divide every host's local device count (e.g. 4 on a TPU
+        v4-32 slice: 4 hosts x 4 chips, one group per host; the ``clients`` axis then spans
+        the hosts); otherwise a ``ConfigError`` stops the run before anything is loaded.
       remat: decoders: recompute each layer's activations in the backward pass
         (``jax.checkpoint``): less memory, more compute, identical results.
       cpu_library_fusion: which kernels XLA:CPU uses for the training step's matmuls

@@ -14,8 +14,19 @@ What runs where:
   from its (identical) host copy only the shards its own devices hold
   (``jax.make_array_from_callback``); the outputs (new server state, metrics) are replicated
   on every device, so each process reads them from a local shard, with no extra gather.
-* Evaluation runs on each process's own default device (the same deterministic compute
-  everywhere, so every process holds the same history).
+* Frozen weights sharded over a ``model`` axis (``perf.model_devices > 1``): every model
+  group (mesh row) is made of one process's devices
+  (:func:`ffa_jax.federated.round.model_groups`), so weight shards and the per-layer
+  all-gathers stay within a host and only the round's client collectives cross hosts; the
+  ``clients`` axis runs over the processes and each process's remaining groups.
+  ``model_devices`` must divide every process's device count (``ConfigError`` before
+  anything is loaded). Each process places the frozen tree on its own rows
+  (:func:`local_mesh`, from its host copy) and :func:`global_round` uses those same device
+  buffers as the global arrays of the round, sharded over ``model``; the trainable tree and
+  the optimizer state are replicated.
+* Evaluation runs on each process's own devices: its default device, or with
+  ``perf.model_devices > 1`` its own model groups holding the sharded frozen tree (the same
+  deterministic compute everywhere, so every process holds the same history).
 * Files: only process 0 (:func:`is_primary`) writes the run directory (config, metrics,
   checkpoints, adapter, plots, summary). Resuming reads the checkpoint on every process, so
   ``output_dir`` must then be on a filesystem all hosts share (NFS, GCS Fuse).
@@ -34,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ffa_jax.errors import ConfigError
-from ffa_jax.federated.round import CLIENTS_AXIS
+from ffa_jax.federated.round import CLIENTS_AXIS, MODEL_AXIS, frozen_shardings, model_groups
 
 PyTree = Any
 
@@ -110,17 +121,35 @@ def check_mesh(mesh: Mesh | None) -> Mesh:
     missing = sorted(set(range(jax.process_count())) - have)
     if missing:
         n = 0 if mesh is None else mesh.devices.size
+        m = 1 if mesh is None else dict(mesh.shape).get(MODEL_AXIS, 1)
         devices = jax.devices()
-        # The mesh takes devices in jax.devices() order (process by process).
-        need = 1 + min(i for i, d in enumerate(devices) if d.process_index == missing[-1])
+        rows = model_groups(devices, m)
+        # The mesh takes its rows (model groups) process by process.
+        need = 1 + min(i for i, row in enumerate(rows) if row[0].process_index == missing[-1])
+        what = "devices" if m == 1 else f"model groups of perf.model_devices={m} devices"
         raise ConfigError(
             f"perf.devices / perf.clients_per_chunk: the round's clients mesh has {n} of the "
             f"{len(devices)} devices of the {jax.process_count()} processes, none of "
             f"process(es) {missing}. Make the clients of a chunk (perf.clients_per_chunk; 0 = "
             "all clients of a round: federated.clients or federated.clients_per_round) a "
-            f"multiple of {len(devices)}, or set perf.devices to a divisor of it >= {need}."
+            f"multiple of {len(rows)} (the {what}), or set perf.devices to a divisor of it "
+            f">= {need}."
         )
     return mesh
+
+
+def local_mesh(mesh: Mesh) -> Mesh:
+    """The rows (model groups) of ``mesh`` that are this process's devices, as a mesh with the
+    same axes: where each process keeps its own sharded copy of the frozen tree (for eval),
+    whose device buffers :func:`global_round` reuses for the round's global arrays."""
+    me = jax.process_index()
+    rows = [row for row in mesh.devices if row[0].process_index == me]
+    if not rows or any(d.process_index != me for row in rows for d in row):
+        raise ConfigError(
+            f"process {me}: the round's mesh has no model group made of this process's devices "
+            "alone (see ffa_jax.federated.round.client_mesh)."
+        )
+    return Mesh(np.asarray(rows, dtype=object), mesh.axis_names)
 
 
 def _global(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -128,6 +157,25 @@ def _global(x: Any, sharding: NamedSharding) -> jax.Array:
     only the shards of this process's devices are materialised."""
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _global_frozen(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A global frozen leaf. When ``x`` already lies on this process's devices of
+    ``sharding`` with the same shards (placed by ``place_frozen`` on :func:`local_mesh`),
+    its device buffers are reused: no transfer, no second copy. Otherwise it is built
+    from the host copy (:func:`_global`)."""
+    if isinstance(x, jax.Array):
+        want = sharding.addressable_devices_indices_map(x.shape)
+        have = {s.device: s for s in x.addressable_shards}
+        if all(d in have and _same_index(have[d].index, idx, x.shape) for d, idx in want.items()):
+            return jax.make_array_from_single_device_arrays(
+                x.shape, sharding, [have[d].data for d in want]
+            )
+    return _global(x, sharding)
+
+
+def _same_index(a: tuple, b: tuple, shape: tuple[int, ...]) -> bool:
+    return all(sa.indices(n) == sb.indices(n) for sa, sb, n in zip(a, b, shape, strict=True))
 
 
 def _client_sharded(mesh: Mesh, x: Any) -> NamedSharding:
@@ -142,6 +190,7 @@ def _client_sharded(mesh: Mesh, x: Any) -> NamedSharding:
 def global_round(
     round_fn: Callable[..., Any],
     mesh: Mesh,
+    min_sharded_elements: int | None = None,
     compiler_options: dict[str, str] | None = None,
 ) -> Callable[..., Any]:
     """Wraps the jitted round (:func:`ffa_jax.federated.round.make_round`, same signature) for
@@ -150,8 +199,12 @@ def global_round(
 
     Every process must call the wrapper with the same values in the same order (the round's
     collectives pair up by call order). The frozen tree is placed once and reused while the
-    caller passes the same object. ``compiler_options`` go to the outer ``jax.jit`` (the one
-    that is compiled; pass the round's own, see :func:`ffa_jax.train.train_compiler_options`).
+    caller passes the same object: each leaf as a global array sharded by
+    :func:`ffa_jax.federated.round.frozen_shardings` (over the ``model`` axis when the mesh
+    has one of size > 1, with ``min_sharded_elements`` as in ``make_round``; else
+    replicated). The server state (trainable tree, optimizer state) is replicated.
+    ``compiler_options`` go to the outer ``jax.jit`` (the one that is compiled; pass the
+    round's own, see :func:`ffa_jax.train.train_compiler_options`).
     """
     check_mesh(mesh)
     replicated = NamedSharding(mesh, P())
@@ -174,10 +227,8 @@ def global_round(
 
     def wrapped(state, frozen, batches, weights, client_ids, dp, key, server_dp=None):
         if frozen_cache[0] is not frozen:
-            frozen_cache[:] = [
-                frozen,
-                jax.tree_util.tree_map(lambda x: _global(x, replicated), frozen),
-            ]
+            shardings = frozen_shardings(frozen, mesh, min_sharded_elements)
+            frozen_cache[:] = [frozen, jax.tree_util.tree_map(_global_frozen, frozen, shardings)]
 
         def rep(tree):
             return jax.tree_util.tree_map(lambda x: _global(x, replicated), tree)
@@ -215,6 +266,7 @@ __all__ = [
     "is_distributed",
     "is_primary",
     "check_mesh",
+    "local_mesh",
     "global_round",
     "gather_ints",
 ]

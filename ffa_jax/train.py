@@ -36,7 +36,13 @@ from ffa_jax.data.clients import partition_clients
 from ffa_jax.errors import CheckpointError, ConfigError, DataError, FfaJaxError
 from ffa_jax.federated import participation
 from ffa_jax.federated.client import DpParams, make_client_optimizer, make_client_update
-from ffa_jax.federated.round import choose_devices, client_mesh, make_round, place_frozen
+from ffa_jax.federated.round import (
+    choose_devices,
+    client_mesh,
+    make_round,
+    model_groups,
+    place_frozen,
+)
 from ffa_jax.federated.server import ServerDpParams, make_server_optimizer, server_init
 from ffa_jax.privacy import planner
 from ffa_jax.privacy.ledger import PrivacyLedger
@@ -210,23 +216,24 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
     on the ``clients x model`` mesh, its large leaves sharded over ``model``, once.
 
     In a multi-process run (:mod:`ffa_jax.distributed`) the round is wrapped by
-    :func:`ffa_jax.distributed.global_round`: same signature, host (numpy) outputs."""
+    :func:`ffa_jax.distributed.global_round`: same signature, host (numpy) outputs. With
+    ``perf.model_devices > 1`` each process then places ``prep.frozen`` on its own rows of
+    the mesh (:func:`ffa_jax.distributed.local_mesh`; evaluation uses that copy) and the
+    round reads the same buffers as one global array sharded over ``model``."""
     cfg = prep.cfg
     client_update = build_client_update(prep)
     server_opt = make_server_optimizer(cfg.server)
     chunk = cfg.perf.clients_per_chunk or prep.plan.sampling.max_clients
     model_devices = cfg.perf.model_devices
-    if model_devices > 1 and distributed.is_distributed():
-        # place_frozen puts the whole tree with device_put, which cannot target other
-        # processes' devices; sharded loading across hosts is not built yet.
-        raise ConfigError(
-            f"perf.model_devices={model_devices} is not supported with --distributed yet: "
-            "run one process per host group without it, or set perf.model_devices=1."
-        )
+    multi = distributed.is_distributed()
     devices = choose_devices(chunk, cfg.perf.devices, model_devices)
     mesh = client_mesh(devices, model_devices) if devices * model_devices > 1 else None
+    if multi:
+        distributed.check_mesh(mesh)
     if model_devices > 1:
-        prep.frozen = place_frozen(prep.frozen, mesh)
+        # Several processes: each places the tree on its own model groups only (device_put
+        # cannot reach other hosts' devices); the round's global arrays reuse those buffers.
+        prep.frozen = place_frozen(prep.frozen, distributed.local_mesh(mesh) if multi else mesh)
         prep.params = lora.combine(prep.trainable, prep.frozen)  # no unsharded copy kept
     round_fn = make_round(
         client_update,
@@ -237,10 +244,10 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
         return_deltas=return_deltas,
         compiler_options=train_compiler_options(prep),
     )
-    if distributed.is_distributed():
+    if multi:
         # Several processes: global inputs on the mesh spanning them, host outputs.
         round_fn = distributed.global_round(
-            round_fn, distributed.check_mesh(mesh), train_compiler_options(prep)
+            round_fn, mesh, compiler_options=train_compiler_options(prep)
         )
     return round_fn, server_opt
 
@@ -497,6 +504,9 @@ def train(
         _agree_on_start(out, failure, restored)
     if failure is not None:
         raise failure
+    # Before loading anything: the model axis must fit each process's devices (the same
+    # check, on the same device list, fails on every process alike).
+    model_groups(jax.devices(), cfg.perf.model_devices)
     prep = prepare(cfg, log=log, ledger=restored.ledger if restored is not None else None)
     a_hash = ckpt_lib.a_matrices_hash(prep.params)
     d_hash = ckpt_lib.data_hash([prep.train_arrays, prep.test_arrays], prep.client_indices)
@@ -511,6 +521,8 @@ def train(
     _check_budget(prep, restored)
     log(prep.partition_table)
     log(_privacy_line(prep))
+    if cfg.perf.model_devices > 1:
+        log(_frozen_line(prep))
     if resume:
         log(
             f"resuming {out} at round {start} of {cfg.federated.rounds}"
@@ -722,6 +734,17 @@ def _round_record(prep: Prepared, r: int, inp: RoundInputs, m, loss, per_client_
             float(np.mean(norms > cfg.privacy.client_clip_norm)) if n_part else 0.0
         )
     return record
+
+
+def _frozen_line(prep: Prepared) -> str:
+    """How much of the frozen tree one device holds (``perf.model_devices > 1``)."""
+    leaves = jax.tree_util.tree_leaves(prep.frozen)
+    held = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+    total = sum(x.nbytes for x in leaves)
+    return (
+        f"frozen weights: {held / 2**20:.2f} MiB per device of {total / 2**20:.2f} MiB "
+        f"(sharded over perf.model_devices={prep.cfg.perf.model_devices})"
+    )
 
 
 def _privacy_line(prep: Prepared) -> str:

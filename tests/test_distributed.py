@@ -1,19 +1,25 @@
 """Multi-host launch (``ffa-jax train --distributed``): 2 CPU processes on loopback equal one.
 
-Two real ``ffa-jax train`` processes (one CPU device each) join with
-``jax.distributed.initialize`` on 127.0.0.1; the round's ``clients`` axis spans both, with
-gloo collectives between them. Their run (2 DP rounds) must equal the same config run in this
-single process to float tolerance: trained B, per-round metrics, epsilon, the checkpoint.
+Two real ``ffa-jax train`` processes (4 CPU devices each) join with
+``jax.distributed.initialize`` on 127.0.0.1 and run on a ``clients x model`` = 4 x 2 mesh
+(``perf.model_devices=2``): the ``clients`` axis spans both processes and two model groups
+within each, with gloo collectives between the processes; the frozen weights (the embedding)
+are sharded over each process's own pairs of devices. Their run (2 DP rounds) must equal the
+same config run unsharded in this single process to float tolerance: trained B, per-round
+metrics, epsilon, the checkpoint. (One launch covers both the multi-host and the sharded
+path: each launch costs about a minute on 2 CPU cores.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +29,7 @@ from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax import cli, distributed
 from ffa_jax.config import load_config
 from ffa_jax.errors import ConfigError
+from ffa_jax.federated.round import model_groups
 from ffa_jax.train import train
 from tests._tiny import tiny_model_dir
 
@@ -32,13 +39,14 @@ pytest.importorskip(
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-# 2 clients (one per process), 2 rounds of DP-SGD (1 local step), eval after each round:
-# the smallest run that crosses hosts in the round, eval and checkpoint paths.
+# 4 clients (one per model group: two per process), 2 rounds of DP-SGD (1 local step), eval
+# after each round: the smallest run that crosses hosts in the round, eval and checkpoint
+# paths, and leaves two model groups to each process.
 SETTINGS = [
     "model.max_length=8",
     "data.max_train_examples=120",
     "data.partition=iid",
-    "federated.clients=2",
+    "federated.clients=4",
     "federated.rounds=2",
     "federated.local_steps=1",
     "client.batch_size=8",
@@ -61,13 +69,15 @@ def _overrides(model_dir: Path, out: Path, name: str) -> list[str]:
     return [f"model.name={model_dir}", *SETTINGS, f"output_dir={out}", f"name={name}"]
 
 
-def _launch(overrides: list[str], cwd: Path, num: int = 2) -> list[subprocess.Popen]:
+def _launch(
+    overrides: list[str], cwd: Path, num: int = 2, devices: int = 4
+) -> list[subprocess.Popen]:
     port = _free_port()
     env = dict(os.environ)
     env.update(
         JAX_PLATFORMS="cpu",
-        # One CPU device per process: the mesh's two devices are on two processes.
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        # `devices` CPU devices per process: the mesh's devices are on `num` processes.
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
     args = [sys.executable, "-m", "ffa_jax.cli", "train", "--no-progress"]
@@ -105,11 +115,12 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
-def test_two_processes_on_loopback_equal_one_process(tmp_path):
+def test_two_processes_on_loopback_with_sharded_weights_equal_one_process(tmp_path):
     model = tiny_model_dir(tmp_path / "model")
-    procs = _launch(_overrides(model, tmp_path, "two"), tmp_path)
+    procs = _launch([*_overrides(model, tmp_path, "two"), "perf.model_devices=2"], tmp_path)
     try:
-        # The single-process run meanwhile (the processes wait for each other at times).
+        # The single-process run (unsharded) meanwhile (the processes wait for each other at
+        # times).
         cfg = load_config(None, _overrides(model, tmp_path, "one"))
         train(cfg, progress=False, log=lambda *a: None)
     finally:
@@ -120,6 +131,12 @@ def test_two_processes_on_loopback_equal_one_process(tmp_path):
     report = json.loads(done[0].stdout[done[0].stdout.index("{\n") :])
     assert report["rounds"] == 2
     assert "run_dir" not in done[1].stdout
+    # Each device of a model group holds half of the big frozen leaves (the embedding).
+    held, total = map(
+        float,
+        re.search(r"frozen weights: (\S+) MiB per device of (\S+) MiB", done[0].stdout).groups(),
+    )
+    assert held < 0.6 * total
 
     two, one = tmp_path / "two", tmp_path / "one"
     b2, b1 = load_file(two / "adapter.safetensors"), load_file(one / "adapter.safetensors")
@@ -151,3 +168,44 @@ def test_incomplete_launch_flags_are_rejected_before_jax_starts(capsys):
 def test_a_mesh_without_every_process_is_rejected():
     with pytest.raises(ConfigError, match="perf.devices / perf.clients_per_chunk"):
         distributed.check_mesh(None)
+
+
+def _fake_devices(per_process: list[int]) -> list[SimpleNamespace]:
+    return [
+        SimpleNamespace(id=10 * p + i, process_index=p)
+        for p, n in enumerate(per_process)
+        for i in range(n)
+    ]
+
+
+def test_model_groups_stay_within_a_process():
+    # 2 hosts x 4 devices, model axis 2: rows are pairs of one host, host by host.
+    rows = model_groups(_fake_devices([4, 4]), 2)
+    assert [[d.id for d in row] for row in rows] == [[0, 1], [2, 3], [10, 11], [12, 13]]
+    assert [[d.id for d in row] for row in model_groups(_fake_devices([4, 4]), 4)] == [
+        [0, 1, 2, 3],
+        [10, 11, 12, 13],
+    ]
+    # One process: consecutive groups, devices that do not fill one are left out (as before).
+    assert len(model_groups(_fake_devices([8]), 3)) == 2
+    # Several: a group would straddle two hosts.
+    with pytest.raises(
+        ConfigError, match=r"perf.model_devices=3 must divide .* one of \[1, 2, 4\]"
+    ):
+        model_groups(_fake_devices([4, 4]), 3)
+
+
+def test_model_devices_not_dividing_a_process_is_rejected_before_loading(tmp_path, monkeypatch):
+    import jax
+
+    from ffa_jax import train as train_lib
+
+    def no_prepare(*a, **k):
+        raise AssertionError("prepare must not run")
+
+    monkeypatch.setattr(train_lib, "prepare", no_prepare)
+    monkeypatch.setattr(jax, "devices", lambda *a: _fake_devices([4, 4]))
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=bad", "perf.model_devices=8"])
+    with pytest.raises(ConfigError, match="perf.model_devices=8 must divide"):
+        train(cfg, progress=False, log=lambda *a: None)
+    assert not (tmp_path / "bad").exists()

@@ -16,7 +16,9 @@ holds ``1 / model_devices`` of every large frozen leaf and XLA's GSPMD partition
 all-gathers where a layer needs the whole weight. Client inputs, per-client deltas and
 metrics are sharded over ``clients`` only (replicated over ``model``); the trainable tree and
 the optimizer state are replicated. Results equal the unsharded round's up to float
-reassociation.
+reassociation. A ``model`` group is always made of one process's devices
+(:func:`model_groups`): in a multi-host run (:mod:`ffa_jax.distributed`) the weights are
+sharded within each host and the ``clients`` axis spans the hosts.
 
 PRNG: the round key is ``fold_in(key, round)``; client k's key is ``fold_in(round_key,
 client_id[k])``; local step s folds ``s`` and the noise purpose into it (see
@@ -71,33 +73,73 @@ class RoundReleases(NamedTuple):
 
 
 def client_mesh(num_devices: int | None = None, model_devices: int = 1) -> Mesh:
-    """A ``clients x model`` mesh over the first ``num_devices * model_devices`` devices.
+    """A ``clients x model`` mesh: ``num_devices`` rows of ``model_devices`` devices each.
 
     Args:
-      num_devices: devices on the ``clients`` axis (``perf.devices``); None = all devices
-        not used by the model axis (``len(jax.devices()) // model_devices``).
+      num_devices: devices on the ``clients`` axis (``perf.devices``); None = all rows
+        (``len(jax.devices()) // model_devices``).
       model_devices: devices on the ``model`` axis (``perf.model_devices``) over which the
         frozen weights are sharded; 1 = every device holds the whole frozen tree.
 
     Returns:
       A 2-D mesh, shape ``(num_devices, model_devices)``, axes ``("clients", "model")``.
-      Consecutive devices share a ``model`` group (on TPU/GPU usually the fastest links),
-      since the model axis all-gathers weights in every layer.
+      A row (one ``model`` group) is ``model_devices`` consecutive devices of ONE process
+      (:func:`model_groups`): weight shards and the per-layer all-gathers never cross hosts
+      (on TPU/GPU the fastest links). The rows are taken process by process, so in a
+      multi-process run the ``clients`` axis spans the processes (and each process's
+      remaining local groups). With one process this is ``jax.devices()`` in order.
 
     Raises:
-      ConfigError: the mesh needs more devices than there are.
+      ConfigError: the mesh needs more devices than there are, or (several processes)
+        ``model_devices`` does not divide a process's device count.
     """
     devices = jax.devices()
     m = model_devices
-    n = len(devices) // max(m, 1) if num_devices is None else num_devices
-    if m < 1 or n < 1 or n * m > len(devices):
+    if m < 1:
+        raise ConfigError(f"perf.model_devices={m} must be >= 1.")
+    rows = model_groups(devices, m)
+    n = len(rows) if num_devices is None else num_devices
+    if n < 1 or n > len(rows):
         raise ConfigError(
             f"perf.devices={n} x perf.model_devices={m} = {n * m} devices, but only "
             f"{len(devices)} are available; lower perf.devices or perf.model_devices so that "
             f"their product is at most {len(devices)}."
         )
-    grid = np.asarray(devices[: n * m], dtype=object).reshape(n, m)
+    grid = np.asarray(rows[:n], dtype=object).reshape(n, m)
     return Mesh(grid, (CLIENTS_AXIS, MODEL_AXIS))
+
+
+def model_groups(devices: list[Any], model_devices: int) -> list[list[Any]]:
+    """``devices`` cut into groups (mesh rows) of ``model_devices`` devices of one process
+    each, process by process (each process's devices in their given order).
+
+    With one process: consecutive groups, devices that do not fill a group left out. With
+    several, ``model_devices`` must divide every process's device count (a group spanning two
+    hosts would all-gather every layer's weights over the slow inter-host network).
+
+    Raises:
+      ConfigError: several processes and ``model_devices`` does not divide the device count
+        of one of them (checked before any compute; the message names the fix).
+    """
+    m = model_devices
+    by_process: dict[int, list[Any]] = {}
+    for d in devices:
+        by_process.setdefault(d.process_index, []).append(d)
+    if len(by_process) > 1:
+        bad = {p: len(ds) for p, ds in sorted(by_process.items()) if len(ds) % m}
+        if bad:
+            counts = sorted({len(ds) for ds in by_process.values()})
+            divisors = [d for d in range(1, min(counts) + 1) if all(c % d == 0 for c in counts)]
+            raise ConfigError(
+                f"perf.model_devices={m} must divide the device count of every process "
+                f"(--distributed: the model axis stays within one host), but process(es) "
+                f"{sorted(bad)} have {sorted(set(bad.values()))} local devices. Set "
+                f"perf.model_devices to one of {divisors}."
+            )
+    rows = []
+    for _, local in sorted(by_process.items()):
+        rows += [local[i : i + m] for i in range(0, len(local) - m + 1, m)]
+    return rows
 
 
 def choose_devices(chunk: int, requested: int = 0, model_devices: int = 1) -> int:
