@@ -235,6 +235,8 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
         # cannot reach other hosts' devices); the round's global arrays reuse those buffers.
         prep.frozen = place_frozen(prep.frozen, distributed.local_mesh(mesh) if multi else mesh)
         prep.params = lora.combine(prep.trainable, prep.frozen)  # no unsharded copy kept
+    # jax takes compile options only on the outermost jit: global_round's when multi-process.
+    options = train_compiler_options(prep)
     round_fn = make_round(
         client_update,
         server_opt,
@@ -242,13 +244,11 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
         mesh=mesh,
         client_level_dp=_unit(cfg) == "client",
         return_deltas=return_deltas,
-        compiler_options=train_compiler_options(prep),
+        compiler_options=None if multi else options,
     )
     if multi:
         # Several processes: global inputs on the mesh spanning them, host outputs.
-        round_fn = distributed.global_round(
-            round_fn, mesh, compiler_options=train_compiler_options(prep)
-        )
+        round_fn = distributed.global_round(round_fn, mesh, compiler_options=options)
     return round_fn, server_opt
 
 
