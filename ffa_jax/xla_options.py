@@ -1,20 +1,23 @@
 """XLA compile options of the training jits (``perf.cpu_library_fusion``), CPU only.
 
 Since jax 0.8, XLA:CPU hands each matmul, together with the elementwise ops around it, to the
-YNNPACK library ("library fusion"). For the backward pass of an encoder's DP step that is
-slower than XLA's own kernels on a 2-core AVX2 CPU, and it keeps more temporaries alive; for a
-LLaMA decoder, YNNPACK matmuls without their elementwise neighbours are best. Measured
-in-process, interleaved, same inputs (``experiments/results/bench/``; the README's
-"Benchmarks" section):
+YNNPACK library ("library fusion"). For the backward pass of an encoder's or a ViT's DP step
+that is slower than XLA's own kernels on a 2-core AVX2 CPU, and above 4096 token rows per
+matmul it merges the FFN, GELU and LayerNorm backward into one fusion whose ~30 inputs are all
+live at once, so memory stops scaling linearly with the batch
+(``experiments/results/bench/round_memory_overshoot.md``). For a LLaMA decoder, YNNPACK
+matmuls without their elementwise neighbours are best. FFA DP client update, each setting
+compiled in one process and timed round-robin on the same inputs (scratch A/B runs; the
+encoder row is reproduced by ``ffa-jax bench --fusion-ab jax,dots,off``):
 
-==========================  =========================  ============================
-setting                     MiniLM DP step 32 x 128    SmolLM2-135M shape (12 layers)
-                            (time, XLA temp memory)    DP step 4 x 128 (time)
-==========================  =========================  ============================
-``jax`` (jax's default)     1.00, 1084 MB              1.00
-``dots``                    0.82, 659 MB               0.97
-``off``                     0.77, 659 MB               1.15 - 1.32
-==========================  =========================  ============================
+=========================  ==================  =================  ==========================
+setting                    MiniLM 32 x 128     ViT-B/16, 4 images SmolLM2-135M shape,
+                           time, XLA temp                         12 layers, 4 x 128
+=========================  ==================  =================  ==========================
+``jax`` (jax's default)    1.00, 1084 MB       1.00, 632 MB       1.00, 466 MB
+``dots``                   0.82, 659 MB        1.02, 438 MB       0.97, 442 MB
+``off``                    0.77, 659 MB        0.94, 438 MB       1.15 - 1.32, 442 MB
+=========================  ==================  =================  ==========================
 
 ``auto`` therefore picks ``off`` for encoders and ViTs and ``dots`` for decoders. Results are
 identical up to float rounding (the same math, other kernels); the setting never changes
