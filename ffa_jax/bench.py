@@ -3,10 +3,10 @@
 Measures, on one model and one batch shape, the jitted client update (``local_steps`` steps
 of local training of one client, the unit a round is made of) in four variants — FFA-LoRA and
 LoRA, each with DP-SGD (per-example clipping + noise) and without — plus a K-client round.
-Each variant is compiled first (compile time reported separately), then timed ``repeats``
-times; the median is reported. Absolute times are noisy on shared machines; the ratios
-(DP / non-DP, LoRA / FFA) are measured back to back in one process and are the numbers to
-compare. Memory is reported two ways: XLA's buffer sizes of each compiled executable
+Each variant is compiled first (compile time reported separately), then all are timed in
+turn, ``repeats`` rounds; the median is reported. Absolute times are noisy on shared machines;
+the ratios (DP / non-DP, LoRA / FFA, ffa_jax / torch) are measured interleaved in one process
+and are the numbers to compare. Memory is reported two ways: XLA's buffer sizes of each compiled executable
 (``memory_analysis()``: temporary buffers = activations, arguments, outputs), which do not
 depend on the load or on what else the process holds, and the process's resident set.
 MB means 2^20 bytes throughout.
@@ -121,6 +121,17 @@ def _time(fn, repeats: int) -> tuple[float, float]:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return compile_s, statistics.median(times)
+
+
+def _round_robin(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median seconds of each (warm) callable, timed in turn ``repeats`` rounds over all."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _paired(jax_fn, other_fn, repeats: int) -> tuple[float, float]:
@@ -380,17 +391,22 @@ def run_bench(
             )
             dp = DpParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(spec.batch_size))
             args = (trainable, frozen, one, dp, jax.random.key(0))
-            compile_s, median = _time(lambda cu=cu, args=args: cu(*args), spec.repeats)
             name = f"{mode}_{'dp' if private else 'nodp'}"
             timed[name] = lambda cu=cu, args=args: cu(*args)
+            t0 = time.perf_counter()
+            jax.block_until_ready(timed[name]())
             results[name] = {
-                "compile_s": compile_s,
-                "client_update_s": median,
-                "step_s": median / spec.local_steps,
-                "examples_per_s": spec.batch_size * spec.local_steps / median,
+                "compile_s": time.perf_counter() - t0,
                 "uplink_bytes": lora.tree_bytes(trainable),
                 "xla": compiled_memory(cu, *args),
             }
+    # Timed round-robin, so that DP / non-DP and LoRA / FFA compare under the same load.
+    for name, median in _round_robin(timed, spec.repeats).items():
+        results[name].update(
+            client_update_s=median,
+            step_s=median / spec.local_steps,
+            examples_per_s=spec.batch_size * spec.local_steps / median,
+        )
     # One round with K clients (FFA, DP) in one jit, clients vmapped in chunks.
     k = spec.clients
     round_call, round_fn, round_args = _round_setup(
@@ -483,19 +499,16 @@ def library_fusion_ab(spec: BenchSpec, settings: list[str]) -> dict[str, Any]:
         jitted = jax.jit(update, compiler_options=options[setting])
         compiled[setting] = jitted.lower(*args).compile()
         jax.block_until_ready(compiled[setting](*args))
-    times: dict[str, list[float]] = {s: [] for s in settings}
-    for _ in range(spec.repeats):
-        for setting, fn in compiled.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[setting].append(time.perf_counter() - t0)
-    first = statistics.median(times[settings[0]])
+    medians = _round_robin(
+        {setting: (lambda fn=fn: fn(*args)) for setting, fn in compiled.items()}, spec.repeats
+    )
+    first = medians[settings[0]]
     out = {}
     for setting in settings:
         stats = compiled[setting].memory_analysis()
         out[setting] = {
-            "client_update_s": statistics.median(times[setting]),
-            "relative": statistics.median(times[setting]) / first,
+            "client_update_s": medians[setting],
+            "relative": medians[setting] / first,
             "temp_mb": None if stats is None else stats.temp_size_in_bytes / 2**20,
             "compiler_options": options[setting],
         }
