@@ -549,7 +549,9 @@ class PerfConfig:
       model_devices: devices on the ``model`` mesh axis, over which the frozen base weights
         (large kernels and embeddings) are sharded fsdp-style, for models that do not fit one
         device (e.g. LLaMA-7B on 8 accelerators: ``devices: 1, model_devices: 8``). 1 = every
-        device holds the whole frozen tree. ``devices x model_devices`` must not exceed the
+        device holds the whole frozen tree. With > 1 the weights are loaded into host memory
+        and each device receives only its shards (host RAM holds the frozen tree once, no
+        device ever holds all of it). ``devices x model_devices`` must not exceed the
         device count. Trainable LoRA factors, optimizer state and client batches are not
         sharded over it. Each model group is made of one process's devices, so with
         ``--distributed`` it must divide every host's local device count (e.g. 4 on a TPU

@@ -24,6 +24,7 @@ only ever taken with respect to the trainable tree.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from collections.abc import Callable, Sequence
@@ -47,7 +48,9 @@ class LoRAWeight:
     """A dense kernel with a low-rank adapter: ``w0 + scale * a @ b``.
 
     Attributes:
-      w0: frozen pretrained kernel, ``[d_in, d_out]``.
+      w0: frozen pretrained kernel, ``[d_in, d_out]``: a ``jax.Array``, or a numpy array in
+        host memory until the frozen tree is placed (``perf.model_devices > 1``, see
+        :func:`ffa_jax.workloads.host_weights`).
       a: ``[d_in, r]``; frozen under FFA-LoRA.
       b: ``[r, d_out]``; zero at init, always trainable.
       scale: ``alpha / r`` (static, part of the tree structure).
@@ -130,6 +133,10 @@ def init(params: PyTree, spec: LoRAConfig, key: jax.Array) -> PyTree:
     client that calls ``init`` with the same shared key holds bit-identical A matrices: A never
     needs to be communicated.
 
+    Only shapes and paths of ``params`` are read: its leaves may be ``jax.Array`` or host
+    numpy arrays (they become the ``w0`` as they are, never copied to a device); ``a`` and
+    ``b`` are float32 ``jax.Array`` leaves either way.
+
     Args:
       params: the pretrained parameter tree (plain arrays).
       spec: the ``lora`` config section.
@@ -179,6 +186,30 @@ def merge(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map(
         lambda x: x.merged() if is_lora(x) else x, params, is_leaf=is_lora
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _merge_into(sharding) -> Callable[[LoRAWeight], jax.Array]:
+    return jax.jit(lambda node: node.merged(), out_shardings=sharding)
+
+
+def merge_sharded(params: PyTree) -> PyTree:
+    """:func:`merge` for eager callers (outside ``jax.jit``) whose frozen kernels may be
+    sharded over several devices (``perf.model_devices > 1``, see
+    :func:`ffa_jax.federated.round.place_frozen`): a merged kernel gets its ``w0``'s
+    sharding, so no device holds more of it than of ``w0`` (an eager ``w0 + a @ b`` would
+    leave the placement to XLA, and ``a @ b`` would be whole on every device of the mesh).
+    Nodes whose ``w0`` is on one device, or on the host, merge exactly as :func:`merge`."""
+
+    def one(x):
+        if not is_lora(x):
+            return x
+        sharding = getattr(x.w0, "sharding", None)
+        if not isinstance(x.w0, jax.Array) or len(sharding.device_set) <= 1:
+            return x.merged()
+        return _merge_into(sharding)(x)
+
+    return jax.tree_util.tree_map(one, params, is_leaf=is_lora)
 
 
 def trainable_mask(params: PyTree, mode: str, *, extra: str | None = None) -> PyTree:

@@ -68,7 +68,14 @@ class NonFiniteError(FfaJaxError, FloatingPointError):
 
 @dataclasses.dataclass
 class Prepared:
-    """Everything a run needs, built and validated before any training compute."""
+    """Everything a run needs, built and validated before any training compute.
+
+    ``params`` and ``frozen`` share their frozen leaves with ``workload.base_params``. With
+    ``perf.model_devices > 1`` those are numpy arrays in host memory (in ``model.dtype``,
+    see :func:`ffa_jax.workloads.host_weights`) until :func:`build_round` places ``frozen``
+    on the mesh, each device receiving only its shard, and rebuilds ``params`` from it; the
+    workload keeps the host copy. At rest no device holds more than its shards.
+    """
 
     cfg: RunConfig
     workload: workloads.Workload
@@ -111,6 +118,10 @@ def prepare(
         leaves ``plan`` None and ``noise_multipliers`` / ``epsilon_curve`` NaN, for callers
         that plan one client themselves (a Flower client, see :mod:`ffa_jax.flower`) or need
         no privacy numbers (a Flower server).
+
+    With ``perf.model_devices > 1`` the frozen leaves of ``params`` / ``frozen`` are host
+    (numpy) arrays until :func:`build_round` shards them over the mesh (see
+    :class:`Prepared`); the LoRA factors are small ``jax.Array`` leaves either way.
 
     Raises:
       ConfigError / DataError / WeightsError: bad input, before any training compute.
@@ -213,7 +224,11 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
     (:class:`ffa_jax.federated.round.RoundReleases`), for the privacy audit.
 
     With ``perf.model_devices > 1`` this also places ``prep.frozen`` (and ``prep.params``)
-    on the ``clients x model`` mesh, its large leaves sharded over ``model``, once.
+    on the ``clients x model`` mesh, its large leaves sharded over ``model``, once: the
+    frozen leaves go from host memory (where :func:`prepare` left them) straight to their
+    shards, so no device holds a whole large leaf at rest, before or after a round or an
+    evaluation (evaluation merges LoRA kernels into the same sharding); inside the jitted
+    round and evaluation XLA gathers a weight where a layer needs it, transiently.
 
     In a multi-process run (:mod:`ffa_jax.distributed`) the round is wrapped by
     :func:`ffa_jax.distributed.global_round`: same signature, host (numpy) outputs. With
@@ -233,8 +248,9 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
     if model_devices > 1:
         # Several processes: each places the tree on its own model groups only (device_put
         # cannot reach other hosts' devices); the round's global arrays reuse those buffers.
+        # From host memory (prepare's numpy leaves): each device receives only its slices.
         prep.frozen = place_frozen(prep.frozen, distributed.local_mesh(mesh) if multi else mesh)
-        prep.params = lora.combine(prep.trainable, prep.frozen)  # no unsharded copy kept
+        prep.params = lora.combine(prep.trainable, prep.frozen)  # the host leaves only in wl
     # jax takes compile options only on the outermost jit: global_round's when multi-process.
     options = train_compiler_options(prep)
     round_fn = make_round(

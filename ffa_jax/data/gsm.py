@@ -489,7 +489,8 @@ class GSMEvaluator:
     """Greedy-decoding exact-match evaluator; build with :func:`make_gsm_evaluator`.
 
     ``evaluator(params, examples) -> GSMEvalResult``. ``params`` may hold LoRA nodes (they
-    are merged once per call). Batches are padded to ``batch_size`` with dummy rows, so the
+    are merged once per call, each merged kernel sharded as its ``w0``:
+    :func:`ffa_jax.lora.merge_sharded`). Batches are padded to ``batch_size`` with dummy rows, so the
     generator compiles once for the whole evaluation (and across calls).
     """
 
@@ -505,7 +506,8 @@ class GSMEvaluator:
         """Greedy generations (decoded, special tokens skipped) and ``finished`` flags."""
         from ffa_jax import lora
 
-        params = lora.merge(params)
+        # Sharded frozen kernels (perf.model_devices > 1) stay sharded once merged.
+        params = lora.merge_sharded(params)
         prompts = tokenize_prompts(
             self.tokenizer, questions, instruction=self.instruction, chat=self.chat
         )

@@ -194,7 +194,13 @@ def frozen_shardings(frozen: PyTree, mesh: Mesh, min_elements: int | None = None
 
 def place_frozen(frozen: PyTree, mesh: Mesh, min_elements: int | None = None) -> PyTree:
     """``frozen`` on ``mesh``, each leaf sharded by :func:`frozen_shardings` (one transfer;
-    pass the result to every round so the weights are not moved again)."""
+    pass the result to every round so the weights are not moved again).
+
+    Pass host (numpy) leaves for models that do not fit one device: ``jax.device_put`` of a
+    numpy array with a ``NamedSharding`` copies each device only its slice, so the whole
+    leaf never exists on any device (``jax.Array`` leaves on one device work too, but that
+    device held the whole leaf first).
+    """
     return jax.device_put(frozen, frozen_shardings(frozen, mesh, min_elements))
 
 

@@ -140,6 +140,16 @@ def check_partition(cfg: RunConfig, partition_id: Any, num_partitions: Any) -> i
     return partition_id
 
 
+def _frozen_on_device(prep: Prepared) -> Prepared:
+    """A Flower node computes on one device: host (numpy) frozen leaves, which ``prepare``
+    leaves with ``perf.model_devices > 1`` for :func:`ffa_jax.train.build_round` to shard,
+    are put on the default device once (Flower has no ``model`` mesh)."""
+    if any(isinstance(x, np.ndarray) for x in jax.tree.leaves(prep.frozen)):
+        prep.frozen = jax.device_put(prep.frozen)
+        prep.params = lora.combine(prep.trainable, prep.frozen)
+    return prep
+
+
 class ClientNode:
     """One client of a federation: its data partition, the model, and a jitted update.
 
@@ -161,7 +171,9 @@ class ClientNode:
     ):
         self.cfg = cfg
         self.client_id = check_partition(cfg, client_id, None)
-        self.prep = prep if prep is not None else prepare(cfg, plan_privacy=False, log=silent)
+        self.prep = _frozen_on_device(
+            prep if prep is not None else prepare(cfg, plan_privacy=False, log=silent)
+        )
         self.privacy = privacy or plan_client_privacy(self.prep, client_id)
         self._update = jax.jit(
             build_client_update(self.prep), compiler_options=train_compiler_options(self.prep)
@@ -224,7 +236,9 @@ class ServerRun:
 
     def __init__(self, cfg: RunConfig, *, prep: Prepared | None = None):
         self.cfg = cfg
-        self.prep = prep if prep is not None else prepare(cfg, plan_privacy=False, log=silent)
+        self.prep = _frozen_on_device(
+            prep if prep is not None else prepare(cfg, plan_privacy=False, log=silent)
+        )
         self.server_opt = make_server_optimizer(cfg.server)
         self.state = jax.device_get(server_init(self.prep.trainable, self.server_opt))
         self.weights = client_weights(cfg, [len(p) for p in self.prep.client_indices])

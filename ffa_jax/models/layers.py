@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ffa_jax import lora
 
@@ -119,6 +120,9 @@ def cast_frozen_weights(params: PyTree, dtype: Any, keep: str | None = None) -> 
     ``keep`` is a regular expression of ``/``-joined paths left unchanged, e.g. a head that is
     trained (``classifier/.*``): trainable leaves must stay float32. Call it before
     :func:`ffa_jax.lora.init`, whose LoRA factors are float32 whatever ``w0`` is.
+
+    Host (numpy) leaves are cast on the host and stay numpy (bfloat16 as
+    ``ml_dtypes.bfloat16``); ``jax.Array`` leaves are cast on their device.
     """
     keep_re = re.compile(keep) if keep else None
 
@@ -127,6 +131,8 @@ def cast_frozen_weights(params: PyTree, dtype: Any, keep: str | None = None) -> 
             return x
         if keep_re is not None and keep_re.fullmatch(lora.path_str(path)):
             return x
+        if isinstance(x, np.ndarray):
+            return np.ascontiguousarray(x, np.dtype(dtype))
         return jnp.asarray(x, dtype)
 
     return jax.tree_util.tree_map_with_path(cast, params)

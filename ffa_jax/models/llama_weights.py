@@ -446,6 +446,7 @@ def _convert(
     where: str,
     dtype: Any,
     gguf: bool,
+    host: bool = False,
 ) -> dict:
     errors: list[str] = []
     wanted: dict[str, LlamaKeyEntry] = {}
@@ -477,12 +478,15 @@ def _convert(
             value = unpermute_gguf(value, e.gguf_heads)
         if e.transpose:
             value = value.T
-        _set(params, e.path, jnp.asarray(value, dtype))
+        if host:
+            _set(params, e.path, np.ascontiguousarray(value, np.dtype(dtype)))
+        else:
+            _set(params, e.path, jnp.asarray(value, dtype))
     return params
 
 
 def load_llama(
-    name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32
+    name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, host: bool = False
 ) -> tuple[LlamaConfig, PyTree]:
     """Loads a LLaMA checkpoint as ``(config, params)`` for :class:`LlamaForCausalLM`.
 
@@ -490,11 +494,17 @@ def load_llama(
       name_or_path: see :func:`resolve_llama_source` (``"smollm2"``, a ``.gguf`` file, a HF
         folder or a hub id).
       dtype: dtype of the parameter leaves (``jnp.bfloat16`` halves memory for 7B models);
-        tensors are converted one at a time.
+        tensors are read and converted one at a time.
+      host: keep the leaves in host memory as C-contiguous numpy arrays (bfloat16 as
+        ``ml_dtypes.bfloat16``) instead of ``jax.Array`` leaves on the default device: no
+        device ever holds the whole tree, and :func:`ffa_jax.federated.round.place_frozen`
+        later transfers each device only its shard (``perf.model_devices > 1``). Host RAM
+        then holds the converted tree once (a safetensors tensor is read, transposed and
+        converted one at a time; a GGUF tensor is dequantised one at a time).
 
     Returns:
       ``(config, params)``: ``params`` is the inner tree (``model.apply({"params": params},
-      ...)``).
+      ...)``) of ``jax.Array`` leaves, or numpy leaves with ``host``.
 
     Raises:
       WeightsError: the source is unusable, the architecture is unsupported, or the weights do
@@ -521,6 +531,7 @@ def load_llama(
             repr(str(src.path)),
             dtype,
             gguf=True,
+            host=host,
         )
         return config, params
     config = LlamaConfig.from_hf(_read_json(src.path / "config.json"))
@@ -544,6 +555,7 @@ def load_llama(
         f"{str(src.path)!r} (files {sorted(set(where.values()))})",
         dtype,
         gguf=False,
+        host=host,
     )
     return config, params
 
@@ -735,9 +747,10 @@ class PretrainedLlama(NamedTuple):
 
 
 def load_llama_pretrained(
-    name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32
+    name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, host: bool = False
 ) -> PretrainedLlama:
-    """:func:`load_llama` + :func:`load_llama_tokenizer` + :func:`check_vocab`.
+    """:func:`load_llama` (``dtype``, ``host`` as there) + :func:`load_llama_tokenizer` +
+    :func:`check_vocab`.
 
     For the config, special token ids the checkpoint does not set (``eos_token_ids``,
     ``pad_token_id``, ``bos_token_id``) are taken from the tokenizer.
@@ -745,7 +758,7 @@ def load_llama_pretrained(
     Raises:
       WeightsError: as :func:`load_llama`, or the tokenizer does not fit the weights.
     """
-    config, params = load_llama(name_or_path, dtype=dtype)
+    config, params = load_llama(name_or_path, dtype=dtype, host=host)
     tokenizer = load_llama_tokenizer(name_or_path)
     check_vocab(config, tokenizer)
     updates = {}

@@ -209,6 +209,7 @@ def load_vit(
     *,
     head_key: jax.Array,
     new_head: bool = False,
+    host: bool = False,
 ) -> tuple[ViTConfig, dict]:
     """Loads a HF ViT checkpoint as ``(config, params)`` for :class:`ViTClassifier`.
 
@@ -220,9 +221,11 @@ def load_vit(
         initializer_range)`` kernel, zero bias, as HF).
       new_head: initialise the head even when the checkpoint has one with ``num_labels``
         outputs (a new task with the same label count).
+      host: float32 numpy leaves in host memory instead of ``jax.Array`` leaves on the
+        default device (see :func:`ffa_jax.models.weights.load_encoder`).
 
     Returns:
-      ``(config, params)``: float32 ``jax.Array`` leaves.
+      ``(config, params)``: float32 ``jax.Array`` leaves (numpy with ``host``).
 
     Raises:
       WeightsError: the folder or config is unusable, or the weights do not match the table
@@ -276,7 +279,7 @@ def load_vit(
             f"cannot load ViT weights from {str(model_dir)!r} (files {files}), "
             f"{len(errors)} problem(s):\n  " + "\n  ".join(errors)
         )
-    return config, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return config, weights_lib.float32_leaves(params, host)
 
 
 # --------------------------------------------------------------------------- save

@@ -379,7 +379,12 @@ def checked_tensor(
 
 
 def load_encoder(
-    name_or_path: str | os.PathLike, num_labels: int, *, head_key: jax.Array, pooling: str = "auto"
+    name_or_path: str | os.PathLike,
+    num_labels: int,
+    *,
+    head_key: jax.Array,
+    pooling: str = "auto",
+    host: bool = False,
 ) -> tuple[EncoderConfig, dict]:
     """Loads a BERT/RoBERTa checkpoint as ``(config, params)`` for :class:`EncoderClassifier`.
 
@@ -393,10 +398,14 @@ def load_encoder(
       num_labels: classifier outputs.
       head_key: PRNG key for any head/pooler weights not in the checkpoint.
       pooling: ``"cls"``, ``"mean"``, or ``"auto"`` (:func:`detect_pooling`).
+      host: return C-contiguous float32 numpy leaves (host memory) instead of ``jax.Array``
+        leaves on the default device (``perf.model_devices > 1``: the frozen leaves go
+        straight from the host to their shards, see
+        :func:`ffa_jax.federated.round.place_frozen`).
 
     Returns:
       ``(config, params)``: ``params`` is the inner tree (``model.apply({"params": params},
-      ...)``) of float32 ``jax.Array`` leaves.
+      ...)``) of float32 ``jax.Array`` leaves (numpy with ``host``).
 
     Raises:
       WeightsError: the folder or config is unusable, or the weights do not match the table;
@@ -464,7 +473,14 @@ def load_encoder(
             f"cannot load {config.family} weights from {str(model_dir)!r} (files {files}), "
             f"{len(errors)} problem(s):\n  " + "\n  ".join(errors)
         )
-    return config, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return config, float32_leaves(params, host)
+
+
+def float32_leaves(params: dict, host: bool) -> dict:
+    """float32 leaves: numpy (C-contiguous, host memory) or ``jax.Array`` (default device)."""
+    if host:
+        return jax.tree_util.tree_map(lambda x: np.ascontiguousarray(x, np.float32), params)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):

@@ -52,7 +52,10 @@ class Workload:
     Attributes:
       family: ``"encoder"``, ``"llama"``, ...
       module: the Flax module (``module.apply({"params": params}, ...)``).
-      base_params: the pretrained parameter tree, without LoRA nodes.
+      base_params: the pretrained parameter tree, without LoRA nodes: ``jax.Array`` leaves
+        on the default device, or with ``perf.model_devices > 1`` (:func:`host_weights`)
+        numpy leaves in host memory, so that no device ever holds the whole tree (the frozen
+        leaves reach the devices only as shards, in :func:`ffa_jax.train.build_round`).
       head_pattern: regex of non-LoRA leaves trained as well (a classification head with
         ``model.train_head``), or ``None``.
       loss_fn: per-example loss ``loss_fn(trainable, frozen, example) -> scalar`` (``example``
@@ -103,6 +106,17 @@ def compute_dtype(cfg: RunConfig):
     """``model.dtype`` as a JAX dtype: the storage dtype of the frozen weights and the
     compute dtype of the model (LoRA factors, gradients and noise stay float32)."""
     return jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
+
+
+def host_weights(cfg: RunConfig) -> bool:
+    """Whether the pretrained weights stay in host memory (numpy leaves, in their storage
+    dtype: ``model.dtype``) until they are placed: with ``perf.model_devices > 1`` the frozen
+    tree is sharded over the ``model`` axis by
+    :func:`ffa_jax.federated.round.place_frozen`, which transfers each device only its shard
+    of a host array; loading it onto one device first would need the whole tree in that
+    device's memory (LLaMA-7B in bfloat16, 13.5 GB, on a 16 GB chip). With one model device
+    the weights are ``jax.Array`` leaves on the default device, as always."""
+    return cfg.perf.model_devices > 1
 
 
 def classification_evaluator(

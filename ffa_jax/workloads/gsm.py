@@ -28,7 +28,7 @@ from ffa_jax.data import gsm as gsm_lib
 from ffa_jax.errors import ConfigError, DataError
 from ffa_jax.models import llama as llama_lib
 from ffa_jax.models import llama_weights
-from ffa_jax.workloads import Workload, compute_dtype
+from ffa_jax.workloads import Workload, compute_dtype, host_weights
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     L = cfg.model.max_length
     data = _load_task(cfg)
     dtype = compute_dtype(cfg)
-    pre = llama_weights.load_llama_pretrained(cfg.model.name, dtype=dtype)
+    pre = llama_weights.load_llama_pretrained(cfg.model.name, dtype=dtype, host=host_weights(cfg))
     config, tokenizer = pre.config, pre.tokenizer
     context = L + cfg.eval.max_new_tokens
     if context > config.max_position_embeddings:

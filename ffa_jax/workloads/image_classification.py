@@ -28,7 +28,12 @@ from ffa_jax.models.vit import (
     image_classification_loss,
 )
 from ffa_jax.models.vit_weights import load_vit, read_image_processor
-from ffa_jax.workloads import Workload, classification_evaluator, compute_dtype
+from ffa_jax.workloads import (
+    Workload,
+    classification_evaluator,
+    compute_dtype,
+    host_weights,
+)
 
 HEAD_PATTERN = r"classifier/.*"
 
@@ -72,7 +77,11 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     """
     model_dir, data = _load_task(cfg)
     vit_cfg, base_params = load_vit(
-        model_dir, data.num_labels, head_key=head_key, new_head=cfg.model.new_head
+        model_dir,
+        data.num_labels,
+        head_key=head_key,
+        new_head=cfg.model.new_head,
+        host=host_weights(cfg),
     )
     mean, std = read_image_processor(model_dir, vit_cfg.num_channels)
     dtype = compute_dtype(cfg)

@@ -20,7 +20,12 @@ from ffa_jax.models import encoder as encoder_lib
 from ffa_jax.models import weights as weights_lib
 from ffa_jax.models.layers import cast_frozen_weights
 from ffa_jax.models.objectives import classification_eval, classification_loss
-from ffa_jax.workloads import Workload, classification_evaluator, compute_dtype
+from ffa_jax.workloads import (
+    Workload,
+    classification_evaluator,
+    compute_dtype,
+    host_weights,
+)
 
 HEAD_PATTERN = r"classifier/.*"
 
@@ -55,7 +60,11 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     model_dir = weights_lib.resolve_model_dir(cfg.model.name)  # fails fast on missing files
     data = _load_task(cfg)
     enc_cfg, base_params = weights_lib.load_encoder(
-        str(model_dir), data.num_labels, head_key=head_key, pooling=cfg.model.pooling
+        str(model_dir),
+        data.num_labels,
+        head_key=head_key,
+        pooling=cfg.model.pooling,
+        host=host_weights(cfg),
     )
     if cfg.model.max_length > enc_cfg.max_length:
         raise ConfigError(
