@@ -7,16 +7,17 @@ matmul it merges the FFN, GELU and LayerNorm backward into one fusion whose ~30 
 live at once, so memory stops scaling linearly with the batch
 (``experiments/results/bench/round_memory_overshoot.md``). For a LLaMA decoder, YNNPACK
 matmuls without their elementwise neighbours are best. FFA DP client update, each setting
-compiled in one process and timed round-robin on the same inputs (scratch A/B runs; the
-encoder row is reproduced by ``ffa-jax bench --fusion-ab jax,dots,off``):
+compiled in one process and timed round-robin on the same inputs (the MiniLM column: two runs
+of ``ffa-jax bench --fusion-ab jax,dots,off``, README "Benchmarks"; the others: one scratch
+A/B run each):
 
 =========================  ==================  =================  ==========================
 setting                    MiniLM 32 x 128     ViT-B/16, 4 images SmolLM2-135M shape,
                            time, XLA temp                         12 layers, 4 x 128
 =========================  ==================  =================  ==========================
 ``jax`` (jax's default)    1.00, 1084 MB       1.00, 632 MB       1.00, 466 MB
-``dots``                   0.82, 659 MB        1.02, 438 MB       0.97, 442 MB
-``off``                    0.77, 659 MB        0.94, 438 MB       1.15 - 1.32, 442 MB
+``dots``                   0.89-0.94, 659 MB   1.02, 438 MB       0.97, 442 MB
+``off``                    0.81-0.84, 659 MB   0.94, 438 MB       1.15 - 1.32, 442 MB
 =========================  ==================  =================  ==========================
 
 ``auto`` therefore picks ``off`` for encoders and ViTs and ``dots`` for decoders. Results are
