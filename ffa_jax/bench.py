@@ -123,6 +123,18 @@ def _time(fn, repeats: int) -> tuple[float, float]:
     return compile_s, statistics.median(times)
 
 
+def _client_update_args(spec: BenchSpec, params, mode: str) -> tuple:
+    """``(trainable, frozen, batch, dp, key)`` of one client update of ``mode`` (``ffa`` or
+    ``lora``) on the bench's first client's batch: what every timed client update gets."""
+    lp = lora.init(params, LoRAConfig(mode=mode, rank=spec.rank), jax.random.key(1))
+    trainable, frozen = lora.split(lp, lora.trainable_mask(lp, mode))
+    one = jax.tree_util.tree_map(
+        lambda x: x[0], _batches(spec, 1, MODELS[spec.model]["vocab_size"])
+    )
+    dp = DpParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(spec.batch_size))
+    return trainable, frozen, one, dp, jax.random.key(0)
+
+
 def _round_robin(fns: dict[str, Any], repeats: int) -> dict[str, float]:
     """Median seconds of each (warm) callable, timed in turn ``repeats`` rounds over all."""
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -376,21 +388,17 @@ def run_bench(
     # a probe's never add up beyond the probe's own.
     probes = run_memory_probes(spec, memory, memory_budget_mb) if memory else None
     module, params = _encoder(spec)
-    vocab = MODELS[spec.model]["vocab_size"]
     loss_fn = classification_loss(module)
-    one = jax.tree_util.tree_map(lambda x: x[0], _batches(spec, 1, vocab))
     results: dict[str, Any] = {}
     timed: dict[str, Any] = {}
     for mode in ("ffa", "lora"):
-        lp = lora.init(params, LoRAConfig(mode=mode, rank=spec.rank), jax.random.key(1))
-        trainable, frozen = lora.split(lp, lora.trainable_mask(lp, mode))
+        args = _client_update_args(spec, params, mode)
+        trainable = args[0]
         for private in (False, True):
             cu = jax.jit(
                 make_client_update(loss_fn, optax.sgd(0.1), private=private),
                 compiler_options=spec.compiler_options,
             )
-            dp = DpParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(spec.batch_size))
-            args = (trainable, frozen, one, dp, jax.random.key(0))
             name = f"{mode}_{'dp' if private else 'nodp'}"
             timed[name] = lambda cu=cu, args=args: cu(*args)
             t0 = time.perf_counter()
@@ -469,29 +477,24 @@ def run_bench(
         ratios["speedup_vs_torch_client_dp"] = client[1] / client[0]
         ratios["speedup_vs_torch_round_dp"] = round_[1] / round_[0]
     if fusion_ab:
-        report["cpu_library_fusion_ab"] = library_fusion_ab(spec, fusion_ab)
+        report["cpu_library_fusion_ab"] = library_fusion_ab(spec, fusion_ab, (module, params))
     if probes is not None:
         report["memory"], report["memory_budget_mb"] = probes, memory_budget_mb
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     return report
 
 
-def library_fusion_ab(spec: BenchSpec, settings: list[str]) -> dict[str, Any]:
+def library_fusion_ab(spec: BenchSpec, settings: list[str], model=None) -> dict[str, Any]:
     """The FFA DP client update compiled under each ``perf.cpu_library_fusion`` setting and
     timed round-robin (``spec.repeats`` rounds), with its XLA temp memory (MB).
 
     Returns ``{setting: {"client_update_s", "relative", "temp_mb", "compiler_options"}}``;
     ``relative`` is the median time over the first setting's. On a non-CPU backend every
-    setting compiles alike (the options are CPU-only)."""
-    module, params = _encoder(spec)
+    setting compiles alike (the options are CPU-only). ``model``: ``(module, params)`` of
+    :func:`_encoder`, when the caller has them already."""
+    module, params = model or _encoder(spec)
+    args = _client_update_args(spec, params, "ffa")
     loss_fn = classification_loss(module)
-    one = jax.tree_util.tree_map(
-        lambda x: x[0], _batches(spec, 1, MODELS[spec.model]["vocab_size"])
-    )
-    lp = lora.init(params, LoRAConfig(mode="ffa", rank=spec.rank), jax.random.key(1))
-    trainable, frozen = lora.split(lp, lora.trainable_mask(lp, "ffa"))
-    dp = DpParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(spec.batch_size))
-    args = (trainable, frozen, one, dp, jax.random.key(0))
     update = make_client_update(loss_fn, optax.sgd(0.1), private=True)
     compiled, options = {}, {}
     for setting in settings:
