@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ffa_jax import lora, xla_options
+from ffa_jax import allocator, lora, xla_options
 from ffa_jax.config import LoRAConfig, ServerConfig
 from ffa_jax.federated.client import DpParams, make_client_update
 from ffa_jax.federated.round import make_round
@@ -374,6 +374,7 @@ def run_bench(
     memory: list[tuple[int, int]] | None = None,
     memory_budget_mb: float = MEMORY_BUDGET_MB,
     fusion_ab: list[str] | None = None,
+    allocator_ab: bool = False,
 ) -> dict[str, Any]:
     """Runs every variant and returns a JSON-able report with times, memory and ratios.
 
@@ -382,7 +383,9 @@ def run_bench(
     round memory is measured, each in a fresh subprocess (see :func:`run_memory_probes`;
     those above ``memory_budget_mb`` MB of XLA buffers are compiled, not run).
     ``fusion_ab``: ``perf.cpu_library_fusion`` settings whose FFA DP client updates are timed
-    against each other (:func:`library_fusion_ab`).
+    against each other (:func:`library_fusion_ab`). ``allocator_ab``: time the FFA DP client
+    update on the system malloc against tcmalloc, in two worker processes
+    (:func:`ffa_jax.bench_allocator.allocator_ab`).
     """
     # The probes go first, while this process holds no model, so that its resident set and
     # a probe's never add up beyond the probe's own.
@@ -478,6 +481,10 @@ def run_bench(
         ratios["speedup_vs_torch_round_dp"] = round_[1] / round_[0]
     if fusion_ab:
         report["cpu_library_fusion_ab"] = library_fusion_ab(spec, fusion_ab, (module, params))
+    if allocator_ab:
+        from ffa_jax.bench_allocator import allocator_ab as run_allocator_ab
+
+        report["allocator_ab"] = run_allocator_ab(spec)
     if probes is not None:
         report["memory"], report["memory_budget_mb"] = probes, memory_budget_mb
     report["machine"]["loadavg_end"] = list(os.getloadavg())
@@ -541,6 +548,7 @@ def machine_info() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "devices": len(jax.devices()),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "allocator": allocator.active(),
         "loadavg_start": list(os.getloadavg()),
     }
 
@@ -707,7 +715,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{s['local_steps']} local steps, r={s['rank']}, {s.get('dtype', 'float32')}",
         "",
         f"Machine: {m['platform']}, {m['cpus']} CPUs ({m['usable_cores']} usable), "
-        f"JAX {m['jax']} ({m['backend']}, {m['devices']} devices). "
+        f"JAX {m['jax']} ({m['backend']}, {m['devices']} devices), "
+        f"host allocator {m.get('allocator', 'system')}. "
         f"Median of {s['repeats']} runs after compile; peak RSS {report['peak_rss_mb']:.0f} MB. "
         f"Load average at start: {load} (1/5/15 min).",
     ]
@@ -718,6 +727,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += ["", *_reference_md(report["reference"], m)]
     if report.get("cpu_library_fusion_ab"):
         lines += ["", *_fusion_md(report["cpu_library_fusion_ab"])]
+    if report.get("allocator_ab"):
+        from ffa_jax.bench_allocator import to_markdown as allocator_md
+
+        lines += ["", *allocator_md(report["allocator_ab"])]
     if report.get("memory"):
         lines += ["", *_memory_md(report["memory"], rb, rl, report.get("memory_budget_mb"))]
     lines += ["", "| ratio | value |", "|---|---|"]

@@ -145,6 +145,7 @@ def cmd_privacy(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from ffa_jax import allocator
     from ffa_jax.bench import MEMORY_BUDGET_MB, BenchSpec, run_bench, to_markdown, write_report
     from ffa_jax.bench_torch import torch_available
 
@@ -178,6 +179,11 @@ def cmd_bench(args) -> int:
             raise ConfigError(
                 f"bench --fusion-ab: {setting!r} is not one of {CPU_LIBRARY_FUSIONS}."
             )
+    if args.allocator_ab and (allocator.find_tcmalloc() is None or sys.platform != "linux"):
+        raise ConfigError(
+            f"bench --allocator-ab needs tcmalloc on Linux; {allocator.INSTALL_HINT}, "
+            "or drop --allocator-ab."
+        )
     if args.reference == "torch" and not torch_available():
         raise ConfigError(
             "bench --reference torch needs torch, peft and opacus: "
@@ -194,6 +200,7 @@ def cmd_bench(args) -> int:
             MEMORY_BUDGET_MB if args.memory_budget_mb is None else args.memory_budget_mb
         ),
         fusion_ab=fusion_ab,
+        allocator_ab=args.allocator_ab,
     )
     report["command"] = "ffa-jax " + " ".join(args.argv)
     report["commit"] = _git_commit()
@@ -490,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated perf.cpu_library_fusion settings (e.g. jax,dots,off) whose FFA DP "
         "client updates are timed against each other in this process",
     )
+    p.add_argument(
+        "--allocator-ab",
+        action="store_true",
+        help="also time the FFA DP client update on the system malloc against tcmalloc, one "
+        "worker process each, alternately (needs tcmalloc; see FFA_JAX_ALLOCATOR)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, small batch, 2 repeats (CI)")
     p.add_argument("--out", type=Path, default=Path("experiments/results/bench"))
     p.set_defaults(func=cmd_bench)
@@ -621,5 +634,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``ffa-jax`` command: first moves the process onto tcmalloc when the machine has it
+    (:mod:`ffa_jax.allocator`; a re-exec, so only here, never in :func:`main`), then runs it."""
+    from ffa_jax import allocator
+
+    try:
+        allocator.reexec_with_tcmalloc()
+    except FfaJaxError as e:
+        print(f"ffa-jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ffa_jax import allocator, distributed, lora, workloads, xla_options
 from ffa_jax import checkpoint as ckpt_lib
-from ffa_jax import distributed, lora, workloads, xla_options
 from ffa_jax.config import RunConfig, load_config
 from ffa_jax.data import batching, partition
 from ffa_jax.data.clients import partition_clients
@@ -537,6 +537,7 @@ def train(
     _check_budget(prep, restored)
     log(prep.partition_table)
     log(_privacy_line(prep))
+    log(allocator.describe(jax.default_backend()))
     if cfg.perf.model_devices > 1:
         log(_frozen_line(prep))
     if resume:

@@ -3,10 +3,11 @@
 import dataclasses
 import json
 import math
+import sys
 
 import pytest
 
-from ffa_jax import cli
+from ffa_jax import allocator, cli
 from ffa_jax.bench import (
     TINY,
     BenchSpec,
@@ -145,4 +146,29 @@ def test_bench_fusion_ab(tmp_path, capsys):
     argv = ["bench", "--quick", "--reference", "none", "--out", str(tmp_path)]
     assert cli.main(argv + ["--fusion-ab", "jax,fast"]) == 2  # bad input, before any compute
     assert "--fusion-ab: 'fast' is not one of" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(
+    allocator.find_tcmalloc() is None or not sys.platform.startswith("linux"),
+    reason="no tcmalloc on this machine (apt-get install libtcmalloc-minimal4)",
+)
+def test_bench_allocator_ab_runs_each_worker_on_its_allocator():
+    from ffa_jax.bench_allocator import allocator_ab
+    from ffa_jax.bench_allocator import to_markdown as allocator_md
+
+    spec = BenchSpec(model="tiny", batch_size=4, seq_len=16, local_steps=1, repeats=2)
+    ab = allocator_ab(spec)
+    assert ab["system"]["allocator"] == "system"
+    assert ab["tcmalloc"]["allocator"] == "tcmalloc"
+    assert ab["system"]["relative"] == 1.0 and ab["tcmalloc"]["client_update_s"] > 0
+    assert ab["tcmalloc"]["minor_faults_per_update"] >= 0
+    assert "| tcmalloc (tcmalloc) |" in "\n".join(allocator_md(ab))
+
+
+def test_bench_allocator_ab_without_tcmalloc_is_bad_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
+    argv = ["bench", "--quick", "--reference", "none", "--out", str(tmp_path), "--allocator-ab"]
+    assert cli.main(argv) == 2  # before any compute
+    assert "libtcmalloc-minimal4" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
