@@ -4,10 +4,11 @@ Why: XLA:CPU allocates each executable's temporary buffer anew on every call (65
 MiniLM FFA DP step at 32 x 128 tokens). glibc's malloc serves a block that size with a fresh
 ``mmap`` and returns it with ``munmap`` on free, so every step page-faults all of it in again
 (168k minor faults and ~0.5 s of kernel time per 2-s step on 2 cores). tcmalloc keeps freed
-memory and hands it back on the next call. Measured side by side
-(``experiments/allocator_ab.py``, results in ``experiments/results/bench/allocator_ab.md``).
-The allocator cannot be changed inside a running process, so the console entry point
-``ffa-jax`` re-executes itself once with ``LD_PRELOAD`` set, before JAX is imported.
+memory and hands it back on the next call: the step takes 0.85x the time, with 3 faults
+instead of 168k (``ffa-jax bench --allocator-ab``, one worker process per allocator timed
+alternately; the committed run is ``experiments/results/bench/idle/``). The allocator cannot
+be changed inside a running process, so the console entry point ``ffa-jax`` re-executes
+itself once with ``LD_PRELOAD`` set, before JAX is imported.
 
 Choice (environment variable, read only by the ``ffa-jax`` command, never by the library):
 
