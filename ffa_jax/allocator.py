@@ -141,12 +141,15 @@ def reexec_with_tcmalloc(argv: Sequence[str] | None = None) -> None:
     covers both the ``ffa-jax`` script and ``python -m ffa_jax.cli``).
     """
     env = preload_environ(os.environ)
-    if env is None:
+    if env is None or not sys.executable:
         return
     args = list(sys.orig_argv if argv is None else argv)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *args[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *args[1:]], env)
+    except OSError:
+        return  # cannot re-execute (e.g. a sandbox forbids exec): run on the system malloc
 
 
 def describe(backend: str, environ: Mapping[str, str] = os.environ) -> str:

@@ -56,6 +56,19 @@ def test_missing_tcmalloc(monkeypatch):
         allocator.preload_environ({allocator.ENV_CHOICE: "tcmalloc"}, platform="linux")
 
 
+def test_a_failed_exec_runs_on_as_is(monkeypatch):
+    calls = []
+
+    def refuse(path, args, env):
+        calls.append((path, args, env["LD_PRELOAD"]))
+        raise PermissionError("exec not allowed here")
+
+    monkeypatch.setattr(allocator, "preload_environ", lambda environ: {"LD_PRELOAD": LIB})
+    monkeypatch.setattr(allocator.os, "execve", refuse)
+    allocator.reexec_with_tcmalloc(["python", "-m", "ffa_jax.cli", "train"])
+    assert calls == [(sys.executable, [sys.executable, "-m", "ffa_jax.cli", "train"], LIB)]
+
+
 def test_bad_choice_names_the_variable_and_the_values():
     with pytest.raises(ConfigError, match=r"FFA_JAX_ALLOCATOR='jemalloc'.*auto, tcmalloc, system"):
         allocator.preload_environ({allocator.ENV_CHOICE: "jemalloc"}, platform="linux")
