@@ -40,6 +40,16 @@ def _worker_env(setting: str) -> dict[str, str]:
     return env
 
 
+def require_tcmalloc() -> None:
+    """Raises ConfigError unless this is Linux with a tcmalloc to preload (checked by the CLI
+    before any compute, and again here for library callers)."""
+    if allocator.find_tcmalloc() is None or not sys.platform.startswith("linux"):
+        raise ConfigError(
+            f"bench --allocator-ab needs tcmalloc on Linux; {allocator.INSTALL_HINT}, "
+            "or drop --allocator-ab."
+        )
+
+
 def allocator_ab(spec, timeout_s: float = 1800.0) -> dict[str, Any]:
     """Median seconds of the FFA DP client update (``spec``'s batch, local steps and
     ``cpu_library_fusion``) per allocator, alternating between one worker process each.
@@ -51,11 +61,7 @@ def allocator_ab(spec, timeout_s: float = 1800.0) -> dict[str, Any]:
     Raises:
         ConfigError: no tcmalloc on this machine (the A/B would compare the system with itself).
     """
-    if allocator.find_tcmalloc() is None or not sys.platform.startswith("linux"):
-        raise ConfigError(
-            f"bench --allocator-ab needs tcmalloc on Linux; {allocator.INSTALL_HINT}, "
-            "or drop --allocator-ab."
-        )
+    require_tcmalloc()
     spec_json = json.dumps(dataclasses.asdict(spec))
     workers = {
         s: subprocess.Popen(

@@ -145,8 +145,8 @@ def cmd_privacy(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ffa_jax import allocator
     from ffa_jax.bench import MEMORY_BUDGET_MB, BenchSpec, run_bench, to_markdown, write_report
+    from ffa_jax.bench_allocator import require_tcmalloc
     from ffa_jax.bench_torch import torch_available
 
     if args.quick:
@@ -179,11 +179,8 @@ def cmd_bench(args) -> int:
             raise ConfigError(
                 f"bench --fusion-ab: {setting!r} is not one of {CPU_LIBRARY_FUSIONS}."
             )
-    if args.allocator_ab and (allocator.find_tcmalloc() is None or sys.platform != "linux"):
-        raise ConfigError(
-            f"bench --allocator-ab needs tcmalloc on Linux; {allocator.INSTALL_HINT}, "
-            "or drop --allocator-ab."
-        )
+    if args.allocator_ab:
+        require_tcmalloc()
     if args.reference == "torch" and not torch_available():
         raise ConfigError(
             "bench --reference torch needs torch, peft and opacus: "
