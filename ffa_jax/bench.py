@@ -136,7 +136,9 @@ def _client_update_args(spec: BenchSpec, params, mode: str) -> tuple:
 
 
 def _round_robin(fns: dict[str, Any], repeats: int) -> dict[str, float]:
-    """Median seconds of each (warm) callable, timed in turn ``repeats`` rounds over all."""
+    """Median seconds of each (warm) callable, timed in turn ``repeats`` rounds over all, so
+    that a change of machine load hits all alike. Non-JAX results (torch tensors, None) are
+    fine: ``jax.block_until_ready`` leaves them as they are."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -144,20 +146,6 @@ def _round_robin(fns: dict[str, Any], repeats: int) -> dict[str, float]:
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _paired(jax_fn, other_fn, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``jax_fn`` and ``other_fn`` (both warm), timed alternately
-    ``repeats`` times each, so that a change of machine load hits both alike."""
-    a, b = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(jax_fn())
-        a.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        other_fn()
-        b.append(time.perf_counter() - t0)
-    return statistics.median(a), statistics.median(b)
 
 
 def compiled_memory(jitted, *args) -> dict[str, float] | None:
@@ -468,17 +456,17 @@ def run_bench(
             threads=threads or default_threads(),
         )
         # Interleaved (ffa_jax, torch, ffa_jax, torch, ...) so that both see the same load.
-        client = _paired(timed["ffa_dp"], torch_client, spec.repeats)
-        round_ = _paired(round_call, torch_round, spec.repeats)
+        client = _round_robin({"jax": timed["ffa_dp"], "torch": torch_client}, spec.repeats)
+        round_ = _round_robin({"jax": round_call, "torch": torch_round}, spec.repeats)
         report["reference"] = {
             **info,
-            "ffa_dp": {"client_update_s": client[1], "ffa_jax_s": client[0]},
-            "round_ffa_dp": {"clients": k, "round_s": round_[1], "ffa_jax_s": round_[0]},
+            "ffa_dp": {"client_update_s": client["torch"], "ffa_jax_s": client["jax"]},
+            "round_ffa_dp": {"clients": k, "round_s": round_["torch"], "ffa_jax_s": round_["jax"]},
             "paired_repeats": spec.repeats,
         }
         # Speed-ups: reference time / ffa_jax time (> 1 means ffa_jax is faster).
-        ratios["speedup_vs_torch_client_dp"] = client[1] / client[0]
-        ratios["speedup_vs_torch_round_dp"] = round_[1] / round_[0]
+        ratios["speedup_vs_torch_client_dp"] = client["torch"] / client["jax"]
+        ratios["speedup_vs_torch_round_dp"] = round_["torch"] / round_["jax"]
     if fusion_ab:
         report["cpu_library_fusion_ab"] = library_fusion_ab(spec, fusion_ab, (module, params))
     if allocator_ab:
