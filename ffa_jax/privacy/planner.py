@@ -17,6 +17,7 @@ from ffa_jax.config import RunConfig
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated import participation as participation_lib
 from ffa_jax.privacy import accounting, client_level
+from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.ledger import PrivacyLedger
 
 
@@ -32,7 +33,8 @@ class PrivacyPlan:
       client_sizes: ``[K]`` n_k.
       max_batch_size: B_max, the fixed physical batch (Poisson batches are padded to it).
       local_steps: local steps per participating client per round.
-      participation: ``[rounds, K]`` bool, who takes part in each round (drawn from the seed).
+      participation: ``[rounds, K]`` bool, who takes part in each round (drawn from the run's
+        secret, see :func:`make_plan`).
       sampling: the client sampling (M of N, poisson/fixed, P slots).
       client_noise_multiplier: z, the server's noise multiplier under ``client`` (else 0).
       curves: accountant -> ``[rounds]`` epsilon spent after each round (max over units), or
@@ -204,7 +206,7 @@ def sample_level_plan(
       With these sigma_k, client k's local training over its ``c_k x local_steps`` DP-SGD
       steps is (epsilon_k, delta)-DP with respect to adding or removing one of its examples;
       rounds it sits out release nothing about its data (participants are drawn from the
-      seed, independently of the data); the reported epsilon is ``max_k epsilon_k``.
+      run's secret, independently of the data); the reported epsilon is ``max_k epsilon_k``.
     """
     sizes = np.asarray(client_sizes, dtype=np.int64)
     k = len(sizes)
@@ -358,14 +360,29 @@ def make_plan(
     max_batch_size: int,
     *,
     ledger: PrivacyLedger | None = None,
+    secret: int | None = None,
 ) -> PrivacyPlan:
     """The privacy plan of the run ``cfg`` (what ``ffa-jax privacy`` prints, what ``train``
     uses). With ``ledger`` (a resumed run) the noise multipliers are the ledger's, and the
-    epsilon of those is accounted instead of calibrating new ones."""
+    epsilon of those is accounted instead of calibrating new ones.
+
+    ``secret``: the run's secret (:mod:`ffa_jax.privacy.secret`), from which the participants
+    of every round are drawn; None: ``privacy.noise_seed`` when set, else a fresh draw (then,
+    under partial participation, the plan shows one possible schedule, not the run's).
+
+    What the epsilon depends on: under ``client`` the accounting is of the sampling *rate*
+    (M / N over T rounds), the same for every draw, so the reported epsilon reveals nothing
+    about the secret schedule. Under ``sample`` each client is accounted for the rounds it
+    actually takes part in (its realised count c_k, exact for the realised schedule). That
+    count is a function of the secret alone, independent of the data, and sample-level DP
+    does not rely on it staying hidden (no amplification by client sampling is claimed), so
+    the sigma_k and epsilon curve that reveal c_k leak nothing about any example."""
     fed, priv = cfg.federated, cfg.privacy
     sampling = client_sampling(cfg)
+    if secret is None:
+        secret = secret_lib.resolve(priv.noise_seed)
     participation = participation_lib.schedule(
-        cfg.seed, fed.rounds, fed.clients, sampling.clients_per_round, fed.client_sampling
+        secret, fed.rounds, fed.clients, sampling.clients_per_round, fed.client_sampling
     )
     common = dict(
         client_sizes=list(client_sizes),
