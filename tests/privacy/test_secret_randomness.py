@@ -294,3 +294,16 @@ def test_resuming_a_default_run_twice_from_its_checkpoint_is_bit_identical(env):
     for n in reference:
         np.testing.assert_array_equal(results[0][n], results[1][n])
         np.testing.assert_array_equal(results[0][n], reference[n])
+
+
+def test_send_diagnostics_is_refused_with_client_level_dp():
+    with pytest.raises(ConfigError, match=r"flower\.send_diagnostics.*privacy\.unit=client"):
+        load_config(None, ["flower.send_diagnostics=true", "privacy.unit=client"])
+    with pytest.raises(ConfigError, match=r"flower\.send_diagnostics"):
+        load_config(None, ["flower.send_diagnostics=yes"])
+    # Sample-level (or a non-private run): allowed, each node must still consent to it.
+    assert load_config(None, ["flower.send_diagnostics=true"]).flower.send_diagnostics
+    ok = load_config(
+        None, ["flower.send_diagnostics=true", "privacy.unit=client", "privacy.epsilon=inf"]
+    )
+    assert ok.flower.send_diagnostics
