@@ -300,7 +300,7 @@ def test_send_diagnostics_is_refused_with_client_level_dp():
     with pytest.raises(ConfigError, match=r"flower\.send_diagnostics.*privacy\.unit=client"):
         load_config(None, ["flower.send_diagnostics=true", "privacy.unit=client"])
     with pytest.raises(ConfigError, match=r"flower\.send_diagnostics"):
-        load_config(None, ["flower.send_diagnostics=yes"])
+        load_config(None, ["flower.send_diagnostics=3"])
     # Sample-level (or a non-private run): allowed, each node must still consent to it.
     assert load_config(None, ["flower.send_diagnostics=true"]).flower.send_diagnostics
     ok = load_config(
