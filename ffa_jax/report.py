@@ -106,13 +106,13 @@ def _privacy_details(cfg, prep, summary) -> str:
     p = cfg.privacy
     if p.unit == "client":
         return (
-            f", delta {p.delta:g}, **client-level** (DP-FedAvg: neighbours differ in one whole "
+            f", delta {summary['delta']:.3g}, **client-level** (DP-FedAvg: neighbours differ in one whole "
             f"client; the server is trusted), client clip norm S {p.client_clip_norm:g}, "
             f"server noise multiplier z {prep.plan.client_noise_multiplier:.4f}, accountant "
             f"{p.accountant}{who}"
         )
     return (
-        f", delta {p.delta:g}, **sample-level** per client (neighbours differ in one example of "
+        f", delta {summary['delta']:.3g}, **sample-level** per client (neighbours differ in one example of "
         f"one client), clip norm {p.clip_norm:g}, accountant {p.accountant}, noise multipliers "
         f"{[round(float(s), 4) for s in prep.noise_multipliers]}{who}"
     )

@@ -808,7 +808,9 @@ def _round_record(prep: Prepared, r: int, inp: RoundInputs, m, loss, per_client_
         "epsilon": float(plan.epsilon_curve[r]),
         "epsilon_pld": plan.epsilon_after(r + 1, "pld") if private else None,
         "epsilon_rdp": plan.epsilon_after(r + 1, "rdp") if private else None,
-        "delta": cfg.privacy.delta if private else 0.0,
+        # The delta that really holds with "epsilon" (RDP: with the truncation's term).
+        "delta": plan.delta_after(r + 1) if private else 0.0,
+        "delta_rdp": plan.delta_after(r + 1, "rdp") if private else None,
         "uplink_bytes_per_client": per_client_bytes,
         # The averaged update is the noised release (post-processing of it).
         "update_norm": float(m.update_norm),
@@ -862,7 +864,8 @@ def _privacy_line(prep: Prepared) -> str:
     if not cfg.privacy.enabled:
         return f"no DP (epsilon = inf); {who}"
     eps = (
-        f"epsilon={plan.epsilon:.3f} at delta={cfg.privacy.delta:g} ({cfg.privacy.accountant}; "
+        f"epsilon={plan.epsilon:.3f} at delta={plan.delta_after(plan.rounds):.3g} "
+        f"({cfg.privacy.accountant}; "
         + ", ".join(
             f"{a}: {'n/a' if plan.epsilon_after(plan.rounds, a) is None else f'{plan.epsilon_after(plan.rounds, a):.3f}'}"
             for a in ("pld", "rdp")

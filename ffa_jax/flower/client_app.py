@@ -70,6 +70,7 @@ def _privacy_from_state(context: Context) -> ClientPrivacy | None:
         noise_multiplier=float(rec["noise-multiplier"]),
         sampling_rate=float(rec["sampling-rate"]),
         epsilon_curve=tuple(float(e) for e in rec["epsilon-curve"]),
+        delta_curve=tuple(float(d) for d in rec.get("delta-curve", [])),
     )
 
 
@@ -79,6 +80,7 @@ def _privacy_to_state(context: Context, p: ClientPrivacy) -> None:
             "noise-multiplier": p.noise_multiplier,
             "sampling-rate": p.sampling_rate,
             "epsilon-curve": list(p.epsilon_curve),
+            "delta-curve": list(p.delta_curve),
         }
     )
 

@@ -71,6 +71,7 @@ PUBLIC_METRICS = (
     "rounds_trained",
     "num-examples",
     "epsilon",
+    "delta",
     "noise_multiplier",
     "uplink_payload_bytes",
     "uplink_serialized_bytes",
@@ -90,11 +91,14 @@ class ClientPrivacy:
       sampling_rate: q_k = client.batch_size / n_k.
       epsilon_curve: ``[rounds]`` epsilon this client has spent after each round (inf
         without DP).
+      delta_curve: ``[rounds]`` the delta that holds with it (RDP: the target plus the
+        truncation's term; empty: the target).
     """
 
     noise_multiplier: float
     sampling_rate: float
     epsilon_curve: tuple[float, ...]
+    delta_curve: tuple[float, ...] = ()
 
 
 def plan_client_privacy(prep: Prepared, client_id: int) -> ClientPrivacy:
@@ -125,6 +129,9 @@ def plan_client_privacy(prep: Prepared, client_id: int) -> ClientPrivacy:
         noise_multiplier=float(plan.noise_multipliers[0]),
         sampling_rate=float(plan.sampling_rates[0]),
         epsilon_curve=tuple(float(e) for e in plan.epsilon_curve),
+        delta_curve=tuple(
+            float(plan.delta_after(r + 1) or cfg.privacy.delta) for r in range(plan.rounds)
+        ),
     )
 
 
@@ -268,6 +275,11 @@ class ClientNode:
             # The configured expected count, never the realised Poisson one (which leaks).
             "num-examples": float(self.cfg.client.batch_size * self.cfg.federated.local_steps),
             "epsilon": eps if math.isfinite(eps) else -1.0,  # -1: not private
+            "delta": (
+                self.privacy.delta_curve[rounds_done]
+                if self.privacy.delta_curve
+                else self.cfg.privacy.delta
+            ),
             "noise_multiplier": self.privacy.noise_multiplier,
         }
         diagnostics = {
@@ -348,7 +360,7 @@ class ServerRun:
         record: dict[str, Any] = {
             "round": round_idx + 1,
             "epsilon": max(eps) if cfg.privacy.enabled else math.inf,
-            "delta": cfg.privacy.delta if cfg.privacy.enabled else 0.0,
+            "delta": max(m["delta"] for m in client_metrics) if cfg.privacy.enabled else 0.0,
             "update_norm": float(update_norm),
             "noise_multipliers": [m["noise_multiplier"] for m in client_metrics],
             "noise": noise_note(cfg),
