@@ -510,3 +510,27 @@ def attach(module: Any, params: PyTree, spec: LoRAConfig, key: jax.Array, *args,
         return LoRAWeight(w0=leaf, a=a, b=b, scale=spec.scale)
 
     return jax.tree_util.tree_map_with_path(wrap, params)
+
+
+__all__ = [
+    "LINEN_LAYERS",
+    "MODES",
+    "LoRAWeight",
+    "apply_fn_with_lora",
+    "attach",
+    "combine",
+    "dense",
+    "init",
+    "intercept",
+    "is_lora",
+    "linen_apply",
+    "linen_kernels",
+    "lora_nodes",
+    "merge",
+    "merge_sharded",
+    "path_str",
+    "split",
+    "target_paths",
+    "trainable_mask",
+    "tree_bytes",
+]
