@@ -67,9 +67,7 @@ def make_config(config: RunConfig | str | Path | Mapping[str, Any] | None = None
     elif isinstance(config, Mapping):
         data = dict(config)
     else:
-        raise ConfigError(
-            f"config={config!r} must be a RunConfig, a YAML path, a dict or None."
-        )
+        raise ConfigError(f"config={config!r} must be a RunConfig, a YAML path, a dict or None.")
     return config_lib.from_dict(RunConfig, _merge_sections(data, sections))
 
 

@@ -452,9 +452,7 @@ def linen_kernels(module: Any, params: PyTree, *args, **kwargs) -> dict[str, int
             return module.apply({"params": p}, *args, **kwargs)
 
     jax.eval_shape(run, params)
-    return {
-        path: _kernel_in_axes(kind, m, a, k, path) for path, (kind, m, a, k) in found.items()
-    }
+    return {path: _kernel_in_axes(kind, m, a, k, path) for path, (kind, m, a, k) in found.items()}
 
 
 def attach(module: Any, params: PyTree, spec: LoRAConfig, key: jax.Array, *args, **kwargs):
