@@ -411,9 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         "uninterrupted run)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group(
-        "multi-host (one process per host; see README 'Running on Cloud TPU VMs and GPU clusters')"
-    )
+    g = p.add_argument_group("multi-host (one process per host; see docs/accelerators.md)")
     g.add_argument(
         "--distributed",
         action="store_true",
