@@ -27,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ffa_jax import __version__
 from ffa_jax.config import CPU_LIBRARY_FUSIONS
 from ffa_jax.errors import ConfigError, FederationError, FfaJaxError
 
@@ -393,6 +394,7 @@ def cmd_flower_local(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffa-jax", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"ffa-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run federated (FFA-)LoRA fine-tuning")
@@ -411,9 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         "uninterrupted run)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group(
-        "multi-host (one process per host; see README 'Running on Cloud TPU VMs and GPU clusters')"
-    )
+    g = p.add_argument_group("multi-host (one process per host; see docs/accelerators.md)")
     g.add_argument(
         "--distributed",
         action="store_true",
