@@ -322,6 +322,7 @@ def cmd_export_peft(args) -> int:
             absolute_base_path=args.absolute_base_path,
             merged=not args.no_merged,
             overwrite=args.overwrite,
+            vit_layout=args.vit_layout,
         )
     for w in res.warnings:
         print(f"ffa-jax: warning: {w}", file=sys.stderr)
@@ -664,6 +665,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--absolute-base-path",
         action="store_true",
         help="record the local base model's absolute path (the adapter then loads only here)",
+    )
+    p.add_argument(
+        "--vit-layout",
+        choices=("auto", "v4", "v5"),
+        default="auto",
+        help="ViT module names: v4 (vit.encoder.layer.N.attention.attention.query, transformers "
+        "4), v5 (vit.layers.N.attention.q_proj, transformers 5); auto: the installed one's",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     p.set_defaults(func=cmd_export_peft)

@@ -167,7 +167,81 @@ def family_of_config(config: Any) -> str:
     )
 
 
-def hf_module_name(path: Sequence[str], family: str) -> str:
+# transformers 5 renamed ViT's modules (its checkpoint conversion maps the stored names):
+# ``vit.encoder.layer.0.attention.attention.query`` -> ``vit.layers.0.attention.q_proj``. PEFT
+# targets the live module names, so a ViT adapter must use the layout of the transformers that
+# loads it (PEFT 0.21 does not rename a v4 ViT adapter's keys or target_modules).
+VIT_LAYOUTS = ("auto", "v4", "v5")
+_VIT_V4_TO_V5 = (
+    (r"^vit\.encoder\.layer\.(\d+)\.", r"vit.layers.\1."),
+    (r"\.attention\.attention\.query$", ".attention.q_proj"),
+    (r"\.attention\.attention\.key$", ".attention.k_proj"),
+    (r"\.attention\.attention\.value$", ".attention.v_proj"),
+    (r"\.attention\.output\.dense$", ".attention.o_proj"),
+    (r"\.intermediate\.dense$", ".mlp.fc1"),
+    (r"\.output\.dense$", ".mlp.fc2"),
+)
+_VIT_V5_TO_V4 = (
+    (r"^vit\.layers\.(\d+)\.", r"vit.encoder.layer.\1."),
+    (r"\.attention\.q_proj$", ".attention.attention.query"),
+    (r"\.attention\.k_proj$", ".attention.attention.key"),
+    (r"\.attention\.v_proj$", ".attention.attention.value"),
+    (r"\.attention\.o_proj$", ".attention.output.dense"),
+    (r"\.mlp\.fc1$", ".intermediate.dense"),
+    (r"\.mlp\.fc2$", ".output.dense"),
+)
+
+
+def _renamed(module: str, table) -> str:
+    for pattern, repl in table:
+        module = re.sub(pattern, repl, module)
+    return module
+
+
+def vit_v4_module(module: str) -> str:
+    """A ViT module name in transformers 4's layout (``vit.encoder.layer.0.attention.attention
+    .query``) whichever layout it is in; other names unchanged."""
+    if not module.startswith("vit.layers."):
+        return module
+    return _renamed(module, _VIT_V5_TO_V4)
+
+
+def installed_vit_layout() -> str:
+    """``"v5"`` when the installed transformers names ViT's attention ``q_proj`` (its
+    ``modeling_vit.py`` is read, not imported: no torch needed), else ``"v4"``."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("transformers.models.vit.modeling_vit")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return "v4"
+    try:
+        text = pathlib.Path(spec.origin).read_text()
+    except OSError:
+        return "v4"
+    return "v5" if "q_proj" in text else "v4"
+
+
+def resolve_layout(layout: str, family: str) -> str:
+    """The module-name layout of an export: ``"v4"`` for every family but ViT; for ViT
+    ``layout``, with ``"auto"`` meaning :func:`installed_vit_layout`.
+
+    Raises:
+      ConfigError: ``layout`` is not one of :data:`VIT_LAYOUTS`.
+    """
+    if layout not in VIT_LAYOUTS:
+        raise ConfigError(
+            f"vit_layout={layout!r} is unknown; use one of {VIT_LAYOUTS} (v4: transformers 4's "
+            "vit.encoder.layer.N.attention.attention.query, v5: vit.layers.N.attention.q_proj)."
+        )
+    if family != "vit":
+        return "v4"
+    return installed_vit_layout() if layout == "auto" else layout
+
+
+def hf_module_name(path: Sequence[str], family: str, layout: str = "v4") -> str:
     """The HF module name of a parameter-tree module path.
 
     ``("encoder", "layer_0", "attention", "self", "query")`` ->
@@ -175,14 +249,18 @@ def hf_module_name(path: Sequence[str], family: str) -> str:
     ``"model.layers.1.self_attn.q_proj"`` (LLaMA); heads have no family prefix
     (``"classifier"``, ``"classifier.out_proj"``, ``"lm_head"``). Agrees with the key tables
     :func:`ffa_jax.models.weights.key_table`, :func:`~ffa_jax.models.llama_weights.llama_key_table`
-    and :func:`~ffa_jax.models.vit_weights.vit_key_table` (tested).
+    and :func:`~ffa_jax.models.vit_weights.vit_key_table` (tested). ``layout="v5"`` gives
+    transformers 5's ViT names (``vit.layers.0.attention.q_proj``, see :data:`VIT_LAYOUTS`).
     """
     parts: list[str] = []
     for p in path:
         m = re.fullmatch(r"(layers?)_(\d+)", p)
         parts += [m.group(1), m.group(2)] if m else [p]
     name = ".".join(parts)
-    return name if path[0] in UNPREFIXED else FAMILY_PREFIX[family] + name
+    name = name if path[0] in UNPREFIXED else FAMILY_PREFIX[family] + name
+    if family == "vit" and layout == "v5":
+        name = _renamed(name, _VIT_V4_TO_V5)
+    return name
 
 
 # Parameter leaf name -> HF tensor suffix, and whether the HF tensor is the transpose.
@@ -197,7 +275,7 @@ def _flat(params: PyTree) -> dict[tuple[str, ...], Any]:
     return out
 
 
-def _hf_tensor_name(path: tuple[str, ...], family: str) -> tuple[str, bool]:
+def _hf_tensor_name(path: tuple[str, ...], family: str, layout: str = "v4") -> tuple[str, bool]:
     leaf = path[-1]
     if leaf not in _LEAF_TO_HF:
         raise WeightsError(
@@ -210,7 +288,7 @@ def _hf_tensor_name(path: tuple[str, ...], family: str) -> tuple[str, bool]:
             "[H, C, P, P] in HF; it cannot be a modules_to_save entry."
         )
     suffix, transpose = _LEAF_TO_HF[leaf]
-    return f"{hf_module_name(path[:-1], family)}.{suffix}", transpose
+    return f"{hf_module_name(path[:-1], family, layout)}.{suffix}", transpose
 
 
 def _uniform(nodes: Mapping[str, lora.LoRAWeight], what: str) -> tuple[int, float]:
@@ -253,6 +331,7 @@ def peft_state_dict(
     family: str,
     *,
     modules_to_save: Sequence[str] = DEFAULT_MODULES_TO_SAVE,
+    layout: str = "v4",
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The PEFT tensors and ``adapter_config`` fields of a tree with LoRA nodes.
 
@@ -262,6 +341,7 @@ def peft_state_dict(
       family: ``"bert"``, ``"roberta"``, ``"llama"`` or ``"vit"`` (:func:`family_of`).
       modules_to_save: HF module names (or ``.``-suffixes, as PEFT matches them) whose full
         weights are saved, e.g. ``("classifier",)`` or ``("classifier", "pooler")``.
+      layout: ViT module names, ``"v4"`` or ``"v5"`` (:data:`VIT_LAYOUTS`).
 
     Returns:
       ``(tensors, fields)``: ``{PEFT key: float32 [out, in] array}`` and ``{"r", "lora_alpha",
@@ -279,20 +359,20 @@ def peft_state_dict(
             "before exporting a PEFT adapter."
         )
     rank, scale = _uniform({"/".join(p): n for p, n in nodes.items()}, "export")
-    linear = [hf_module_name(p[:-1], family) for p in flat if p[-1] == "kernel"]
+    linear = [hf_module_name(p[:-1], family, layout) for p in flat if p[-1] == "kernel"]
     tensors: dict[str, np.ndarray] = {}
     adapted = []
     for path, node in nodes.items():
         if path[-1] != "kernel":
             raise WeightsError(f"LoRA node at {'/'.join(path)} is not a Dense kernel.")
-        module = hf_module_name(path[:-1], family)
+        module = hf_module_name(path[:-1], family, layout)
         adapted.append(module)
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = np.asarray(node.a, np.float32).T
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = np.asarray(node.b, np.float32).T
     for name in modules_to_save:
         hits = 0
         for path, leaf in flat.items():
-            module = hf_module_name(path[:-1], family)
+            module = hf_module_name(path[:-1], family, layout)
             if not _saved_by(module, name):
                 continue
             if lora.is_lora(leaf):
@@ -300,7 +380,7 @@ def peft_state_dict(
                     f"modules_to_save entry {name!r} contains the LoRA-adapted module {module!r}; "
                     "a module is either adapted or saved whole, not both."
                 )
-            hf, transpose = _hf_tensor_name(path, family)
+            hf, transpose = _hf_tensor_name(path, family, layout)
             value = np.asarray(leaf, np.float32)
             tensors[PEFT_PREFIX + hf] = np.ascontiguousarray(value.T if transpose else value)
             hits += 1
@@ -411,8 +491,8 @@ def portable_base_model(
         return str(pathlib.Path(model_dir or local).resolve()), None
     short = local.resolve().name
     return short, (
-        f"the base model is the local {'folder' if local.is_dir() else 'file'} {str(local)!r}; "
-        f"the adapter records only its name {short!r} (a path on this machine means nothing "
+        f"the base model is a local {'folder' if local.is_dir() else 'file'}: the adapter "
+        f"records only its name {short!r} (a path on this machine means nothing "
         "elsewhere). Pass its hub id (ffa-jax export-peft --base-model NAME, or "
         "base_model=NAME), or ask for the absolute path with --absolute-base-path."
     )
@@ -497,6 +577,30 @@ def default_modules_to_save(config: Any, model_dir: str | os.PathLike | None = N
     return out
 
 
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """A float32 safetensors file, deterministically: the header lists the metadata and the
+    tensors in sorted key order (the ``safetensors`` writer keeps metadata in a hash map, whose
+    order changes between processes), so equal adapters give equal bytes.
+
+    Layout (the safetensors format): 8-byte little-endian header length, the JSON header
+    padded with spaces to a multiple of 8, then every tensor's little-endian bytes in header
+    order."""
+    header: dict[str, Any] = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        data = np.ascontiguousarray(tensors[name], dtype="<f4")
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(data.shape),
+            "data_offsets": [offset, offset + data.nbytes],
+        }
+        chunks.append(data.tobytes())
+        offset += data.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + b"".join(chunks)
+
+
 def save_peft(
     params: PyTree,
     config: Any,
@@ -506,6 +610,7 @@ def save_peft(
     modules_to_save: Sequence[str] | None = None,
     label_names: Sequence[str] | None = None,
     notes: Sequence[str] = (),
+    vit_layout: str = "auto",
 ) -> pathlib.Path:
     """Writes the PEFT adapter of ``params`` (``adapter_config.json``,
     ``adapter_model.safetensors``, ``README.md``) to ``out_dir``, each file atomically; the
@@ -514,17 +619,31 @@ def save_peft(
     Args:
       config: the tree's EncoderConfig, LlamaConfig or ViTConfig.
       modules_to_save: default :func:`default_modules_to_save` (without a model folder).
+      vit_layout: ViT module names: ``"auto"`` (the installed transformers'), ``"v4"`` or
+        ``"v5"`` (:data:`VIT_LAYOUTS`); ignored for other families.
     """
-    from safetensors.numpy import save_file
-
     family = family_of_config(config)
+    layout = resolve_layout(vit_layout, family)
     if modules_to_save is None:
         modules_to_save = default_modules_to_save(config)
-    tensors, fields = peft_state_dict(params, family, modules_to_save=modules_to_save)
+    tensors, fields = peft_state_dict(
+        params, family, modules_to_save=modules_to_save, layout=layout
+    )
+    if family == "vit":
+        notes = [
+            *notes,
+            f"module names in transformers {layout}'s ViT layout ("
+            + (
+                "vit.layers.N.attention.q_proj; for transformers 4 export with --vit-layout v4)"
+                if layout == "v5"
+                else "vit.encoder.layer.N.attention.attention.query; for transformers 5 export "
+                "with --vit-layout v5)"
+            ),
+        ]
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata=_metadata(config))
+    tmp.write_bytes(safetensors_bytes(tensors, _metadata(config)))
     os.replace(tmp, out / ADAPTER_WEIGHTS)
     _write_json(out / ADAPTER_CONFIG, adapter_config(fields, base_model, TASK_TYPE[family]))
     readme = out / "README.md"
@@ -603,6 +722,7 @@ def export_peft(
     merged: bool = True,
     label_names: Sequence[str] | None = None,
     overwrite: bool = False,
+    vit_layout: str = "auto",
 ) -> ExportResult:
     """Exports a run (or a parameter tree) as a PEFT LoRA adapter plus a merged HF checkpoint.
 
@@ -629,6 +749,10 @@ def export_peft(
       merged: also write ``merged/``.
       label_names: names for ``id2label`` (a run directory supplies its own).
       overwrite: replace an existing non-empty ``out_dir``.
+      vit_layout: ViT module names (``"auto"``: those of the installed transformers; ``"v4"``:
+        ``vit.encoder.layer.N.attention.attention.query``; ``"v5"``:
+        ``vit.layers.N.attention.q_proj``). PEFT needs the layout of the transformers that
+        loads the adapter.
 
     Returns:
       An :class:`ExportResult`; its ``warnings`` (also issued with :func:`warnings.warn`)
@@ -691,6 +815,7 @@ def export_peft(
         modules_to_save=modules_to_save,
         label_names=label_names,
         notes=notes,
+        vit_layout=vit_layout,
     )
     merged_dir = None
     if merged:
@@ -801,7 +926,7 @@ def read_lora_config(adapter_dir: str | os.PathLike, mode: str = "ffa") -> LoRAC
 def _module_path_regex(module: str) -> str:
     """``bert.encoder.layer.0.attention.self.query`` -> ``encoder/layer_0/attention/self/query``
     (escaped); ``model.layers.0.self_attn.q_proj`` -> ``layers_0/self_attn/q_proj``."""
-    parts = module.split(".")
+    parts = vit_v4_module(module).split(".")
     if parts[0] + "." in FAMILY_PREFIX.values():
         parts = parts[1:]
     out: list[str] = []
@@ -913,6 +1038,13 @@ def import_peft(
             continue
         name = key.removeprefix(PEFT_PREFIX)
         m = _LORA_KEY.fullmatch(name)
+        if family == "vit":  # either transformers layout of ViT's names
+            module, _, suffix = name.rpartition(".")
+            name = f"{vit_v4_module(module)}.{suffix}"
+            if m:
+                m = _LORA_KEY.fullmatch(
+                    f"{vit_v4_module(m.group('module'))}.lora_{m.group('which')}.weight"
+                )
         if m:
             module, which = m.group("module"), m.group("which")
             if module not in kernels:
@@ -1027,10 +1159,14 @@ __all__ = [
     "hf_module_name",
     "import_peft",
     "init_from_adapter",
+    "installed_vit_layout",
     "peft_state_dict",
     "portable_base_model",
     "read_adapter_config",
     "read_lora_config",
+    "resolve_layout",
+    "safetensors_bytes",
     "save_merged",
     "save_peft",
+    "vit_v4_module",
 ]
