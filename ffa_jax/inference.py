@@ -292,13 +292,15 @@ def evaluate(run: LoadedRun, split: str = "test") -> dict[str, Any]:
 # --------------------------------------------------------------------------- generate
 
 
-def prompt_ids(run: LoadedRun, prompts: Sequence[str], fmt: str = "task") -> list[list[int]]:
+def prompt_ids(
+    run: LoadedRun, prompts: Sequence[str], fmt: str = "task", tokenizer: Any = None
+) -> list[list[int]]:
     """Token ids of each prompt.
 
     ``fmt``: ``"task"`` -- the run's training format: its chat template around the prompt
     followed by the task's instruction (:func:`ffa_jax.data.gsm.format_prompt`); ``"chat"`` --
     the chat template around the prompt alone; ``"raw"`` -- the text as given (the tokenizer's
-    special tokens added, e.g. a BOS).
+    special tokens added, e.g. a BOS). ``tokenizer``: the run's (default: loaded).
 
     Raises:
       ConfigError: unknown ``fmt``, or an empty prompt.
@@ -310,7 +312,7 @@ def prompt_ids(run: LoadedRun, prompts: Sequence[str], fmt: str = "task") -> lis
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
             raise ConfigError(f"prompt {i} is {p!r}; every prompt must be non-empty text.")
-    tok = run.tokenizer()
+    tok = tokenizer if tokenizer is not None else run.tokenizer()
     if fmt == "raw":
         return [list(x) for x in tok(list(prompts), add_special_tokens=True)["input_ids"]]
     instruction = gsm_lib.DEFAULT_INSTRUCTION if fmt == "task" else None
@@ -355,7 +357,8 @@ def generate(
     new = cfg.eval.max_new_tokens if max_new_tokens is None else max_new_tokens
     if not isinstance(new, int) or isinstance(new, bool) or new <= 0:
         raise ConfigError(f"max_new_tokens={new!r} must be a positive integer.")
-    ids = prompt_ids(run, prompts, fmt)
+    tok = run.tokenizer()
+    ids = prompt_ids(run, prompts, fmt, tok)
     context = config.max_position_embeddings
     too_long = [(i, len(p)) for i, p in enumerate(ids) if len(p) + new > context]
     if too_long:
@@ -367,7 +370,6 @@ def generate(
         )
     longest = max(len(p) for p in ids)
     slots = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, context - new)
-    tok = run.tokenizer()
     eos = tuple(dict.fromkeys([int(tok.eos_token_id), *config.eos_token_ids]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     gen = make_generate(
