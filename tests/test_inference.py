@@ -484,3 +484,32 @@ def test_load_run_keeps_lora_nodes_unmerged(loaded):
         inference.apply_adapter(
             run.params, {**stored, "extra": np.zeros(1)}, head_trained=False, source="x"
         )
+
+
+@pytest.mark.parametrize("layout", ["v4", "v5"])
+def test_vit_layouts_read_back_without_a_config(layout, tmp_path):
+    """``read_lora_config`` + ``import_peft`` recover a ViT adapter in either module layout,
+    MLP and attention-output projections included."""
+    from ffa_jax.config import LoRAConfig
+    from ffa_jax.models.vit_weights import load_vit
+
+    config, base = load_vit(FIXTURES / "vit_tiny_gray", 4, head_key=jax.random.key(0))
+    spec = LoRAConfig(rank=4, alpha=8, targets=".*(query|value|dense)/kernel")
+    params = lora.init(base, spec, jax.random.key(1))
+    with pytest.warns(UserWarning, match="records only its name"):
+        out = peft_lib.export_peft(
+            params,
+            tmp_path,
+            config=config,
+            base_model=FIXTURES / "vit_tiny_gray",
+            vit_layout=layout,
+            merged=False,
+            overwrite=True,
+        ).out_dir
+    names = {"v4": ["dense", "query", "value"], "v5": ["fc1", "fc2", "o_proj", "q_proj", "v_proj"]}
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == names[layout]
+    back = peft_lib.import_peft(out, base, peft_lib.read_lora_config(out))
+    for x, y in zip(
+        jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
