@@ -150,6 +150,12 @@ class LoRAConfig:
       targets: regular expression fullmatched against ``/``-joined parameter paths.
       a_init: ``uniform`` (PEFT default, ``U(-1/sqrt(d_in), 1/sqrt(d_in))``), ``gaussian``,
         ``orthogonal``.
+      init_from: a PEFT LoRA adapter folder (``adapter_config.json`` +
+        ``adapter_model.safetensors``, e.g. trained elsewhere or by ``ffa-jax export-peft``) to
+        start from instead of ``a_init`` and B = 0: its A, B and saved head are loaded
+        (:func:`ffa_jax.models.peft.init_from_adapter`); ``rank``, ``alpha`` and ``targets``
+        must match the adapter's ``r``, ``lora_alpha`` and adapted modules. The adapter is
+        treated as public, like the pretrained weights. null: start fresh.
     """
 
     mode: str = "ffa"
@@ -157,6 +163,7 @@ class LoRAConfig:
     alpha: float = 8.0
     targets: str = DEFAULT_TARGETS
     a_init: str = "uniform"
+    init_from: str | None = None
 
     def __post_init__(self):
         _require(self.mode in LORA_MODES, "lora.mode", self.mode, f"use one of {LORA_MODES}.")
@@ -168,6 +175,12 @@ class LoRAConfig:
             "must be a positive finite number, e.g. 8.",
         )
         _require(self.a_init in A_INITS, "lora.a_init", self.a_init, f"use one of {A_INITS}.")
+        _require(
+            self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
+            "lora.init_from",
+            self.init_from,
+            "must be a PEFT adapter folder (a path) or null.",
+        )
         try:
             re.compile(self.targets)
         except (re.error, TypeError) as e:

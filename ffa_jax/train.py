@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -145,7 +146,7 @@ def prepare(
     sizes = np.array([len(p) for p in parts])
     table = partition.partition_table(wl.train_labels, parts, wl.label_names)
 
-    params = lora.init(wl.base_params, cfg.lora, jax.random.fold_in(key, KEY_LORA_A))
+    params = initial_params(cfg, wl.base_params)
     mask = lora.trainable_mask(params, cfg.lora.mode, extra=wl.head_pattern)
     trainable, frozen = lora.split(params, mask)
 
@@ -181,6 +182,18 @@ def prepare(
         target_paths=lora.target_paths(wl.base_params, cfg.lora.targets),
         secret=secret,
     )
+
+
+def initial_params(cfg: RunConfig, base_params: PyTree) -> PyTree:
+    """The run's starting tree: LoRA nodes at ``lora.targets`` with A from the public seed and
+    B = 0 (:func:`ffa_jax.lora.init`), or, with ``lora.init_from``, A, B and the saved head of
+    that PEFT adapter (:func:`ffa_jax.models.peft.init_from_adapter`)."""
+    params = lora.init(base_params, cfg.lora, jax.random.fold_in(root_key(cfg), KEY_LORA_A))
+    if cfg.lora.init_from is not None:
+        from ffa_jax.models.peft import init_from_adapter
+
+        params = init_from_adapter(params, cfg.lora)
+    return params
 
 
 def privacy_plan(
@@ -657,7 +670,7 @@ def train(
 
     final_params = lora.combine(state.trainable, prep.frozen)
     if primary:
-        save_adapter(out / "adapter.safetensors", final_params, cfg)
+        save_adapter(out / "adapter.safetensors", final_params, cfg, head_pattern=wl.head_pattern)
     summary = {
         "run_dir": str(out),
         **wl.summary_fields(history),
@@ -947,15 +960,24 @@ def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
     return {k: safe(v) for k, v in d.items()}
 
 
-def save_adapter(path: Path, params: PyTree, cfg: RunConfig) -> None:
-    """Writes every LoRA node's ``a`` ``[d_in, r]`` and ``b`` ``[r, d_out]`` (and trained head
-    leaves) to one safetensors file, atomically. A is included so the file is self-contained."""
+def save_adapter(
+    path: Path, params: PyTree, cfg: RunConfig, *, head_pattern: str | None = None
+) -> None:
+    """Writes every LoRA node's ``a`` ``[d_in, r]`` and ``b`` ``[r, d_out]`` (``<path>/a``,
+    ``<path>/b``) and the trained head leaves (non-LoRA leaves whose path fullmatches
+    ``head_pattern``, under their path, e.g. ``classifier/kernel``) to one safetensors file,
+    atomically. A is included so the file is self-contained."""
     from safetensors.numpy import save_file
 
     tensors = {}
     for p, node in lora.lora_nodes(params).items():
         tensors[f"{p}/a"] = np.asarray(node.a)
         tensors[f"{p}/b"] = np.asarray(node.b)
+    if head_pattern is not None:
+        for kp, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=lora.is_lora):
+            p = lora.path_str(kp)
+            if not lora.is_lora(leaf) and re.fullmatch(head_pattern, p):
+                tensors[p] = np.asarray(leaf, np.float32)
     meta = {"lora": json.dumps(dataclasses.asdict(cfg.lora)), "model": cfg.model.name}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -969,6 +991,8 @@ __all__ = [
     "Prepared",
     "prepare",
     "privacy_plan",
+    "initial_params",
+    "save_adapter",
     "build_client_update",
     "build_round",
     "client_batches",
