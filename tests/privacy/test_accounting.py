@@ -255,9 +255,8 @@ def test_the_plan_and_ledger_report_the_delta_that_holds():
     assert f"at delta = {rdp.delta_after(5):.3g}" in text and "added to delta" in text
     assert "added to delta" not in planner.format_plan(pld, [])
     # Client-level: truncation of the Poisson client sample to its slots, under RDP.
-    from ffa_jax.privacy import client_level
-
     from ffa_jax.federated.participation import slot_count
+    from ffa_jax.privacy import client_level
 
     smp = client_level.ClientSampling(100, 10, "poisson", slot_count(100, 10, "poisson"))
     curve = client_level.epsilon_curve(2.0, smp, 20, 1e-5, "rdp")
