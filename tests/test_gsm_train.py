@@ -75,14 +75,15 @@ def test_cli_run_trains_b_only_reports_epsilon_and_exact_match(env, cli_run):
     rows = _metrics(cli_run)
     # The config asks for a baseline: round 0 is the pretrained model, then rounds 1 and 2.
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert "train_loss" not in rows[0] and "eval_samples" not in rows[0]
+    assert "diagnostics" not in rows[0] and "eval_samples" not in rows[0]
     for r in (rows[0], rows[2]):
         assert 0.0 <= r["eval_exact_match"] <= 1.0 and r["eval_examples"] == 4
         assert 0.0 <= r["eval_exact_match_lenient"] <= 1.0
     assert "eval_exact_match" not in rows[1]  # eval.every = 0: only after the last round
     assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"]
     assert rows[2]["epsilon"] == pytest.approx(6.0, rel=0.01)
-    assert all(np.isfinite(r["train_loss"]) and r["examples"] > 0 for r in rows[1:])
+    d = [r["diagnostics"] for r in rows[1:]]
+    assert all(np.isfinite(x["train_loss"]) and x["examples"] > 0 for x in d)
 
     # FFA: A is bit-identical to the shared-seed init, B moved; only B is uploaded.
     _, base = load_llama(env["model"])

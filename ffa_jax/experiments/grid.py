@@ -399,6 +399,9 @@ def _overrides(grid: Grid, axes: Mapping[str, Any], tuned, seed: int) -> tuple[s
     if tuned is not None:
         out.append(override(*tuned))
     out.append(f"seed={seed}")
+    # Research grids are reproducible by design: the noise is regenerable from the cell's seed
+    # (the runs say so); none of them is a private release.
+    out.append(f"privacy.noise_seed={seed}")
     return tuple(out)
 
 
