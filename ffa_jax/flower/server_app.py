@@ -216,7 +216,10 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
             + f" uplink {payloads} B ({record['seconds']:.1f} s)"
         )
     save_adapter(
-        out / "adapter.safetensors", lora.combine(server.state.trainable, server.prep.frozen), cfg
+        out / "adapter.safetensors",
+        lora.combine(server.state.trainable, server.prep.frozen),
+        cfg,
+        head_pattern=wl.head_pattern,  # a train_head run keeps its trained head
     )
     last = history[-1]
     summary = _json_safe(
