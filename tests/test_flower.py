@@ -129,14 +129,15 @@ def test_app_pyproject_carries_the_config_exactly(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override, field",
+    "overrides, field",
     [
-        ("privacy.unit=client", "privacy.unit"),
-        ("federated.clients_per_round=2", "federated.clients_per_round"),
+        (["federated.clients_per_round=2"], "federated.clients_per_round"),
     ],
 )
-def test_simulation_only_settings_are_refused_before_writing(tmp_path, override, field):
-    cfg = load_config(None, [override])
+def test_simulation_only_settings_are_refused_before_writing(tmp_path, overrides, field):
+    # Sample-level DP with partial participation: a client cannot calibrate its noise to
+    # the server's secret schedule.
+    cfg = load_config(None, overrides)
     with pytest.raises(ConfigError, match=field):
         app_lib.write_app(cfg, tmp_path / "app")
     assert not (tmp_path / "app").exists()

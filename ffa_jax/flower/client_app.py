@@ -34,19 +34,28 @@ clipped updates of B and public counts. Not covered: the diagnostics when sent, 
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from pathlib import Path
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ffa_jax.errors import FederationError
 from ffa_jax.flower import wire
-from ffa_jax.flower.app import CONFIG_KEY, config_from_run_config
+from ffa_jax.flower.app import config_digest, config_from_run_config
 from ffa_jax.flower.core import ClientNode, ClientPrivacy, check_partition
 from ffa_jax.flower.records import from_record, serialized_bytes, to_record
 from ffa_jax.privacy import secret as secret_lib
 
 PRIVACY_STATE = "ffa-client-privacy"  # the client's own privacy plan, in Context.state
 SECRET_STATE = "ffa-client-secret"  # the client's own secret (never sent)
-ROUNDS_STATE = "ffa-client-rounds"  # rounds this client has trained
+ROUNDS_STATE = "ffa-client-rounds"  # rounds this client has trained, and the last one
+#: Node-config key: a folder where the node keeps its secret and the rounds it trained
+#: across Flower runs of the same config (a resumed ServerApp starts a new Flower run, whose
+#: ``Context.state`` is empty). Without it they live in the Flower run's node state only.
+STATE_DIR = "state-dir"
 #: Node-config key by which a node's operator consents to a non-private run
 #: (``privacy.noise_seed`` or ``flower.send_diagnostics`` chosen by the server).
 ALLOW_NON_PRIVATE = "allow-non-private"
@@ -88,9 +97,7 @@ def _privacy_to_state(context: Context, p: ClientPrivacy) -> None:
 def _consents(context: Context) -> bool:
     allow = context.node_config.get(ALLOW_NON_PRIVATE, False)
     if not isinstance(allow, bool):
-        raise FederationError(
-            f"node config {ALLOW_NON_PRIVATE}={allow!r} must be true or false."
-        )
+        raise FederationError(f"node config {ALLOW_NON_PRIVATE}={allow!r} must be true or false.")
     return allow
 
 
@@ -133,6 +140,61 @@ def rounds_done(context: Context) -> int:
     return 0 if rec is None else int(rec["done"])
 
 
+def last_round(context: Context) -> int:
+    """The index of the last round this node trained (-1: none), from its node state."""
+    rec = context.state.get(ROUNDS_STATE)
+    if rec is None:
+        return -1
+    return int(rec["last"]) if "last" in rec else int(rec["done"]) - 1
+
+
+def state_file(cfg, cid: int, context: Context) -> Path | None:
+    """This node's state file under the node config's ``state-dir`` (None without one):
+    ``<state-dir>/<config digest>-partition-<k>.json``."""
+    where = context.node_config.get(STATE_DIR)
+    if where is None:
+        return None
+    if not isinstance(where, str) or not where:
+        raise FederationError(f"node config {STATE_DIR}={where!r} must be a folder path.")
+    return Path(where).expanduser() / f"{config_digest(cfg)[:24]}-partition-{cid}.json"
+
+
+def load_node_state(path: Path | None, context: Context) -> None:
+    """Fills the node state (secret, rounds trained) from ``path`` when the Flower node state
+    has none (a new Flower run of the same config: a resumed ServerApp)."""
+    if path is None or not path.is_file() or SECRET_STATE in context.state:
+        return
+    try:
+        data = json.loads(path.read_text())
+        secret, done, last = str(data["secret"]), int(data["done"]), int(data["last"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FederationError(
+            f"node state file {str(path)!r} is unreadable ({e}); it records this client's "
+            "secret and the rounds it trained. Restore it, or delete it to start over (its "
+            "privacy budget for this config is then no longer tracked)."
+        ) from e
+    context.state[SECRET_STATE] = ConfigRecord({"secret": secret})
+    context.state[ROUNDS_STATE] = ConfigRecord({"done": done, "last": last})
+
+
+def save_node_state(path: Path | None, context: Context) -> None:
+    """Writes the node's secret and rounds trained to ``path`` (owner-only, atomic)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "secret": str(context.state[SECRET_STATE]["secret"]),
+        "done": rounds_done(context),
+        "last": last_round(context),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:  # mkstemp: mode 0600
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def client_node(context: Context) -> ClientNode:
     """This node's :class:`ClientNode` for the run in ``context`` (prepared once per process)."""
     cfg = config_from_run_config(context.run_config)
@@ -140,8 +202,11 @@ def client_node(context: Context) -> ClientNode:
         cfg, context.node_config.get("partition-id"), context.node_config.get("num-partitions")
     )
     check_consent(cfg, context)
+    store = state_file(cfg, cid, context)
+    load_node_state(store, context)
     secret = node_secret(cfg, context)
-    key = (str(context.run_config[CONFIG_KEY]), cid, secret)
+    save_node_state(store, context)
+    key = (config_digest(cfg), cid, secret)
     if key not in _NODES:
         while len(_NODES) >= _MAX_NODES:
             _NODES.pop(next(iter(_NODES)))
@@ -174,9 +239,10 @@ def train(msg: Message, context: Context) -> Message:
     received = from_record(content.array_records["trainable"], sender="the server")
     trainable = wire.arrays_to_tree(received, node.prep.trainable, sender="the server")
     done = rounds_done(context)
-    delta, public, diagnostics = node.train_round(trainable, round_idx, done)
+    delta, public, diagnostics = node.train_round(trainable, round_idx, done, last_round(context))
     # Recorded before the reply leaves: this round can never be trained again.
-    context.state[ROUNDS_STATE] = ConfigRecord({"done": done + 1})
+    context.state[ROUNDS_STATE] = ConfigRecord({"done": done + 1, "last": round_idx})
+    save_node_state(state_file(node.cfg, node.client_id, context), context)
     arrays = wire.tree_to_arrays(delta)
     record = to_record(arrays)
     public["uplink_payload_bytes"] = wire.payload_bytes(arrays)
@@ -186,3 +252,20 @@ def train(msg: Message, context: Context) -> Message:
     if node.cfg.flower.send_diagnostics:
         reply["diagnostics"] = MetricRecord(diagnostics)
     return Message(RecordDict(reply), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The server asks for this node's partition id (public), to send each round to the
+    clients it sampled (partial participation). Nothing else is answered."""
+    cfg = config_from_run_config(context.run_config)
+    cid = check_partition(
+        cfg, context.node_config.get("partition-id"), context.node_config.get("num-partitions")
+    )
+    config = msg.content.config_records.get("config")
+    if config is None or dict(config) != {"ask": "partition-id"}:
+        raise FederationError(
+            "the server's query asks for something other than the partition id; a client "
+            "answers only {'ask': 'partition-id'}."
+        )
+    return Message(RecordDict({"partition": MetricRecord({"partition_id": cid})}), reply_to=msg)
