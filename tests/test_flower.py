@@ -469,6 +469,18 @@ def test_non_private_settings_of_the_server_need_the_nodes_consent(tiny, setting
     assert not (base / "runs" / "consent").exists()
 
 
+def test_a_train_head_run_keeps_its_head(tiny):
+    base, model = tiny
+    cfg = _tiny_cfg(base, model, "head", "model.train_head=true", "federated.rounds=1")
+    grid = LoopGrid(app_lib.run_config(cfg), _nodes())
+    server_app.run_server(grid, grid.run_config, log=lambda *a: None)
+    saved = load_file(str(base / "runs" / "head" / "adapter.safetensors"))
+    heads = [n for n in saved if n.startswith("classifier/")]
+    assert heads, sorted(saved)
+    trained = train_lib.prepare(cfg, plan_privacy=False, log=lambda *a: None).trainable
+    assert set(heads) <= set(wire.tree_to_arrays(trained))  # the trained, uploaded head
+
+
 CLIENT_LEVEL = [
     "data.partition=iid",
     "federated.clients=4",

@@ -286,6 +286,13 @@ class ClientNode:
                 f"trained {rounds_done} round(s), the last one round index {last}, and trains "
                 f"only round index {nxt} next. A repeated round would reuse its noise and "
                 "batches."
+                + (
+                    " If the ServerApp was resumed (a new Flower run, whose node state is "
+                    "empty), start the SuperNodes with --node-config \"... state-dir=<folder>\" "
+                    "so that they keep their secret and rounds across Flower runs."
+                    if round_idx > last
+                    else ""
+                )
             )
         batches = client_batches(self.prep, round_idx, slots=[self.client_id])
         batches.pop("_dropped")
