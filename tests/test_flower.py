@@ -481,6 +481,44 @@ def test_a_train_head_run_keeps_its_head(tiny):
     assert set(heads) <= set(wire.tree_to_arrays(trained))  # the trained, uploaded head
 
 
+def test_keep_model_trains_every_round_in_one_node_worker(tiny, tmp_path, capfd):
+    """keep-model=true: each node's rounds run in one long-lived worker process (the model
+    stays loaded), with the numbers of the simulation."""
+    import os
+    import re
+    import signal
+
+    base, model = tiny
+    cfg = _tiny_cfg(base, model, "kept")
+    nodes = [
+        {**nc, client_app.STATE_DIR: str(tmp_path / f"n{i}"), client_app.KEEP_MODEL: True}
+        for i, nc in enumerate(_nodes())
+    ]
+    grid = LoopGrid(app_lib.run_config(cfg), nodes)
+    pids: set[int] = set()
+    try:
+        server_app.run_server(grid, grid.run_config, log=lambda *a: None)
+        out = capfd.readouterr().out
+        served = re.findall(
+            r"ffa_jax client (\d): round (\d) in node worker pid (\d+) \(its round (\d)\)", out
+        )
+        pids = {int(p) for _, _, p, _ in served}
+        assert len(served) == 3 * cfg.federated.rounds
+        assert len(pids) == 3  # one worker per node, for every round
+        assert {(c, r, n) for c, r, _, n in served} == {
+            (str(c), str(r), str(r)) for c in range(3) for r in range(1, 4)
+        }
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+    sim = _tiny_cfg(base, model, "kept-sim")
+    train_lib.train(sim, progress=False, log=lambda *a: None)
+    a = load_file(str(base / "runs" / "kept" / "adapter.safetensors"))
+    b = load_file(str(base / "runs" / "kept-sim" / "adapter.safetensors"))
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
 CLIENT_LEVEL = [
     "data.partition=iid",
     "federated.clients=4",

@@ -34,18 +34,22 @@ clipped updates of B and public counts. Not covered: the diagnostics when sent, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import psutil
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ffa_jax.config import RunConfig
 from ffa_jax.errors import FederationError
-from ffa_jax.flower import wire
+from ffa_jax.flower import wire, worker
 from ffa_jax.flower.app import config_digest, config_from_run_config
-from ffa_jax.flower.core import ClientNode, ClientPrivacy, check_partition
+from ffa_jax.flower.core import ClientNode, ClientPrivacy, check_partition, privacy_from_json
 from ffa_jax.flower.records import from_record, serialized_bytes, to_record
 from ffa_jax.privacy import secret as secret_lib
 
@@ -56,6 +60,10 @@ ROUNDS_STATE = "ffa-client-rounds"  # rounds this client has trained, and the la
 #: across Flower runs of the same config (a resumed ServerApp starts a new Flower run, whose
 #: ``Context.state`` is empty). Without it they live in the Flower run's node state only.
 STATE_DIR = "state-dir"
+#: Node-config key: ``true`` keeps the model loaded between rounds in a node worker
+#: (:mod:`ffa_jax.flower.worker`, its socket in ``state-dir``) instead of reloading it in
+#: every round's fresh ClientApp process.
+KEEP_MODEL = "keep-model"
 #: Node-config key by which a node's operator consents to a non-private run
 #: (``privacy.noise_seed`` or ``flower.send_diagnostics`` chosen by the server).
 ALLOW_NON_PRIVATE = "allow-non-private"
@@ -195,8 +203,9 @@ def save_node_state(path: Path | None, context: Context) -> None:
     os.replace(tmp, path)
 
 
-def client_node(context: Context) -> ClientNode:
-    """This node's :class:`ClientNode` for the run in ``context`` (prepared once per process)."""
+def node_identity(context: Context) -> tuple[RunConfig, int, int]:
+    """``(config, partition id, secret)`` of this node for the run in ``context``: checks the
+    partition and the operator's consent, and restores (``state-dir``) or draws its secret."""
     cfg = config_from_run_config(context.run_config)
     cid = check_partition(
         cfg, context.node_config.get("partition-id"), context.node_config.get("num-partitions")
@@ -206,6 +215,12 @@ def client_node(context: Context) -> ClientNode:
     load_node_state(store, context)
     secret = node_secret(cfg, context)
     save_node_state(store, context)
+    return cfg, cid, secret
+
+
+def client_node(context: Context) -> ClientNode:
+    """This node's :class:`ClientNode` for the run in ``context`` (prepared once per process)."""
+    cfg, cid, secret = node_identity(context)
     key = (config_digest(cfg), cid, secret)
     if key not in _NODES:
         while len(_NODES) >= _MAX_NODES:
@@ -216,10 +231,59 @@ def client_node(context: Context) -> ClientNode:
     return node
 
 
+def keep_model(context: Context) -> Path | None:
+    """The node's ``state-dir`` when the node config sets ``keep-model=true`` (the model
+    stays loaded in a node worker, :mod:`ffa_jax.flower.worker`), else None."""
+    keep = context.node_config.get(KEEP_MODEL, False)
+    if not isinstance(keep, bool):
+        raise FederationError(f"node config {KEEP_MODEL}={keep!r} must be true or false.")
+    if not keep:
+        return None
+    where = context.node_config.get(STATE_DIR)
+    if not isinstance(where, str) or not where:
+        raise FederationError(
+            f"node config {KEEP_MODEL}=true needs {STATE_DIR}=<folder> (the node worker's "
+            "socket lives there)."
+        )
+    return Path(where).expanduser()
+
+
+def _train_in_worker(
+    context: Context, state_dir: Path, received, round_idx: int
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float], RunConfig, int]:
+    """One round on this node's worker, which keeps the model loaded between rounds."""
+    cfg, cid, secret = node_identity(context)
+    prior = _privacy_from_state(context)
+    header = {
+        "config": cfg.to_yaml(),
+        "client_id": cid,
+        "secret": secret_lib.to_hex(secret),
+        "privacy": None if prior is None else dataclasses.asdict(prior),
+        "round_idx": round_idx,
+        "rounds_done": rounds_done(context),
+        "last_round": last_round(context),
+    }
+    path = worker.socket_path(state_dir, config_digest(cfg), cid)
+    sock = worker.connect_or_start(
+        path, idle_timeout=worker.DEFAULT_IDLE_TIMEOUT, parent_pid=os.getppid()
+    )
+    reply, delta = worker.train_remote(sock, header, received)
+    _privacy_to_state(context, privacy_from_json(reply["privacy"]))
+    print(
+        f"ffa_jax client {cid}: round {round_idx + 1} in node worker pid {reply['worker_pid']} "
+        f"(its round {reply['worker_rounds']}), worker RSS "
+        f"{reply['worker_rss_bytes'] / 2**20:.1f} MiB, ClientApp RSS "
+        f"{psutil.Process().memory_info().rss / 2**20:.1f} MiB",
+        flush=True,
+    )
+    return delta, reply["public"], reply["diagnostics"], cfg, cid
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; see the module docstring."""
-    node = client_node(context)
+    state_dir = keep_model(context)
+    node = None if state_dir is not None else client_node(context)
     content = msg.content
     if "trainable" not in content.array_records or "config" not in content.config_records:
         raise FederationError(
@@ -237,19 +301,26 @@ def train(msg: Message, context: Context) -> Message:
     if isinstance(round_idx, bool) or not isinstance(round_idx, int):
         raise FederationError(f"the server sent round-index={round_idx!r}; expected an int.")
     received = from_record(content.array_records["trainable"], sender="the server")
-    trainable = wire.arrays_to_tree(received, node.prep.trainable, sender="the server")
     done = rounds_done(context)
-    delta, public, diagnostics = node.train_round(trainable, round_idx, done, last_round(context))
+    if node is None:
+        arrays, public, diagnostics, cfg, cid = _train_in_worker(
+            context, state_dir, received, round_idx
+        )
+    else:
+        trainable = wire.arrays_to_tree(received, node.prep.trainable, sender="the server")
+        delta, public, diagnostics = node.train_round(
+            trainable, round_idx, done, last_round(context)
+        )
+        arrays, cfg, cid = wire.tree_to_arrays(delta), node.cfg, node.client_id
     # Recorded before the reply leaves: this round can never be trained again.
     context.state[ROUNDS_STATE] = ConfigRecord({"done": done + 1, "last": round_idx})
-    save_node_state(state_file(node.cfg, node.client_id, context), context)
-    arrays = wire.tree_to_arrays(delta)
+    save_node_state(state_file(cfg, cid, context), context)
     record = to_record(arrays)
     public["uplink_payload_bytes"] = wire.payload_bytes(arrays)
     public["uplink_serialized_bytes"] = serialized_bytes(record)
     public["downlink_payload_bytes"] = wire.payload_bytes(received)
     reply = {"delta": record, "metrics": MetricRecord(public)}
-    if node.cfg.flower.send_diagnostics:
+    if cfg.flower.send_diagnostics:
         reply["diagnostics"] = MetricRecord(diagnostics)
     return Message(RecordDict(reply), reply_to=msg)
 

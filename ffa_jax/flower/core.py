@@ -103,6 +103,16 @@ class ClientPrivacy:
     delta_curve: tuple[float, ...] = ()
 
 
+def privacy_from_json(data: dict[str, Any]) -> ClientPrivacy:
+    """A :class:`ClientPrivacy` from its ``dataclasses.asdict`` (JSON) form."""
+    return ClientPrivacy(
+        noise_multiplier=float(data["noise_multiplier"]),
+        sampling_rate=float(data["sampling_rate"]),
+        epsilon_curve=tuple(float(e) for e in data["epsilon_curve"]),
+        delta_curve=tuple(float(d) for d in data.get("delta_curve", ())),
+    )
+
+
 def plan_client_privacy(prep: Prepared, client_id: int) -> ClientPrivacy:
     """Client ``client_id``'s own privacy plan: sigma_k calibrated to ``privacy.epsilon``.
 
@@ -288,7 +298,7 @@ class ClientNode:
                 "batches."
                 + (
                     " If the ServerApp was resumed (a new Flower run, whose node state is "
-                    "empty), start the SuperNodes with --node-config \"... state-dir=<folder>\" "
+                    'empty), start the SuperNodes with --node-config "... state-dir=<folder>" '
                     "so that they keep their secret and rounds across Flower runs."
                     if round_idx > last
                     else ""
