@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import tempfile
 from pathlib import Path
 
@@ -312,6 +313,12 @@ def train(msg: Message, context: Context) -> Message:
             trainable, round_idx, done, last_round(context)
         )
         arrays, cfg, cid = wire.tree_to_arrays(delta), node.cfg, node.client_id
+        print(
+            f"ffa_jax client {cid}: round {round_idx + 1} in the ClientApp process, RSS "
+            f"{psutil.Process().memory_info().rss / 2**20:.1f} MiB (peak "
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.1f} MiB)",
+            flush=True,
+        )
     # Recorded before the reply leaves: this round can never be trained again.
     context.state[ROUNDS_STATE] = ConfigRecord({"done": done + 1, "last": round_idx})
     save_node_state(state_file(cfg, cid, context), context)

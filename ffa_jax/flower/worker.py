@@ -92,7 +92,7 @@ def recv_message(sock: socket.socket) -> tuple[dict[str, Any], dict[str, np.ndar
 
 def socket_path(state_dir: Path, digest: str, client_id: int) -> Path:
     """The worker's socket for one config and partition, in the node's ``state-dir``."""
-    path = Path(state_dir).absolute() / f"w-{digest[:12]}-p{client_id}.sock"
+    path = Path(state_dir).absolute() / f"w{digest[:8]}-{client_id}.sock"
     if len(str(path)) > MAX_SOCKET_PATH:
         raise FederationError(
             f"node config state-dir={str(state_dir)!r} is too long for the node worker's Unix "
