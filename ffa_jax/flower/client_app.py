@@ -1,35 +1,47 @@
 """The ffa_jax Flower ``ClientApp`` (``ffa_jax.flower.client_app:app``).
 
 Each SuperNode is one client. It is started with its partition,
-``flower-supernode --node-config "partition-id=k num-partitions=K"``, and on every ``train``
-message it
+``flower-supernode --node-config "partition-id=k num-partitions=K"`` (optionally
+``state-dir=<folder>`` and ``keep-model=true``), and on every ``train`` message it
 
-1. reads the run's ffa_jax config from the Flower run config (``ffa-config``) and checks its
+1. reads the run's ffa_jax config from the Flower run config (``ffa-config`` and the
+   run-config keys, :func:`ffa_jax.flower.app.config_from_run_config`) and checks its
    partition against ``federated.clients``;
 2. draws its own 256-bit secret from its operating system on its first message and keeps it
-   in its node state (``Context.state``, :data:`SECRET_STATE`); the server never learns it
-   and never sends a noise seed. A config with ``privacy.noise_seed`` or
-   ``flower.send_diagnostics`` set (which the server chooses) is refused unless the node's
-   own operator consents with ``--node-config "... allow-non-private=true"``;
+   in its node state (``Context.state``, :data:`SECRET_STATE`, and with a ``state-dir`` in an
+   owner-only file there, so that it survives into a new Flower run of the same config, e.g.
+   a resumed ServerApp); the server never learns it and never sends a noise seed. A config
+   with ``privacy.noise_seed`` or ``flower.send_diagnostics`` set (which the server chooses)
+   is refused unless the node's own operator consents with
+   ``--node-config "... allow-non-private=true"``;
 3. loads the model and its data partition (:func:`ffa_jax.train.prepare`), regenerating the
-   shared frozen A from the public config seed;
-4. calibrates its own noise multiplier on the first round (kept in its node state);
-5. checks the message: only the next round is trained (a repeated, past or skipped-ahead
-   round index is refused by name, :data:`ROUNDS_STATE` records what was trained), the
-   received tree must match the trainable tree's names, shapes and dtypes, and the config
-   record may hold nothing but ``round-index``;
+   shared frozen A from the public config seed: in this process, or, with
+   ``keep-model=true``, once in the node worker (:mod:`ffa_jax.flower.worker`) that keeps it
+   loaded between rounds;
+4. calibrates its own noise multiplier on the first round (kept in its node state; zero
+   under client-level DP, where the server adds the noise);
+5. checks the message: a round at or before the last one it trained is refused by name (a
+   replay), and so is a skipped-ahead round when every client takes part in every round
+   (:data:`ROUNDS_STATE` records the rounds trained and the last one); the received tree
+   must match the trainable tree's names, shapes and dtypes, and the config record may hold
+   nothing but ``round-index``;
 6. runs its local DP-SGD steps (:class:`ffa_jax.flower.core.ClientNode`);
-7. replies with the noised delta of the trainable tree (an ``ArrayRecord``, ``"delta"``) and
-   public numbers only (a ``MetricRecord``, ``"metrics"``, keys
+7. replies with the delta of the trainable tree (an ``ArrayRecord``, ``"delta"``; noised
+   under sample-level DP) and public numbers only (a ``MetricRecord``, ``"metrics"``, keys
    :data:`ffa_jax.flower.core.PUBLIC_METRICS`). Its diagnostics (loss, realised batch size,
    clipped fraction, gradient norm) stay here unless ``flower.send_diagnostics`` is set (and
    consented to), then in a separate ``"diagnostics"`` MetricRecord.
 
-Formal guarantee: sample-level (epsilon, delta)-DP of this client's data over every round it
-trains, with the noise added here, on the client, from a secret only this node holds (see
-:func:`ffa_jax.flower.core.plan_client_privacy`); the server only ever receives noised,
-clipped updates of B and public counts. Not covered: the diagnostics when sent, and timing
-(see docs/threat_model.md).
+A ``query`` message may ask its partition id (public; for partial participation), nothing
+else.
+
+Formal guarantee: under ``privacy.unit: sample``, sample-level (epsilon, delta)-DP of this
+client's data over every round it trains, with the noise added here, on the client, from a
+secret only this node holds (see :func:`ffa_jax.flower.core.plan_client_privacy`); the
+server only ever receives noised, clipped updates of B and public counts. Under
+``privacy.unit: client`` the client sends its un-noised update and the (trusted) server
+clips and noises it: client-level DP of what the server releases, not of the uplink. Not
+covered: the diagnostics when sent, and timing (see docs/threat_model.md).
 """
 
 from __future__ import annotations

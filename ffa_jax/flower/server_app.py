@@ -1,18 +1,30 @@
 """The ffa_jax Flower ``ServerApp`` (``ffa_jax.flower.server_app:app``).
 
 It runs the rounds of :func:`ffa_jax.train.train` over Flower's Grid: wait for
-``federated.clients`` SuperNodes, then every round send the global trainable tree (B under
-FFA-LoRA, an ``ArrayRecord`` ``"trainable"``) and the round index to every node, collect each
-node's delta and metrics, aggregate in client order and take the Optax server step
-(:class:`ffa_jax.flower.core.ServerRun`), evaluate on eval rounds, and write the run
-directory ``<output_dir>/<name>/``: ``config.yaml``, ``metrics.jsonl`` (the simulation's keys
-plus the measured bytes of every client), ``adapter.safetensors`` and ``summary.json``.
-A relative ``output_dir`` is relative to the directory ``flower-superlink`` was started in.
+``federated.clients`` SuperNodes; with partial participation (``federated.clients_per_round``)
+ask each node its partition id (a ``query`` message, the only thing asked); then every round
+send the global trainable tree (B under FFA-LoRA, an ``ArrayRecord`` ``"trainable"``) and the
+round index to the round's participants (every node, or the clients drawn from the server's
+own secret, the simulation's schedule), collect each one's delta and public metrics,
+aggregate in client order and take the Optax server step
+(:class:`ffa_jax.flower.core.ServerRun`; under client-level DP the server clips every update
+and adds the noise, from its secret, with the simulation's DP-FedAvg function), evaluate on
+eval rounds, and write the run directory ``<output_dir>/<name>/``: ``config.yaml``,
+``metrics.jsonl`` (the simulation's keys plus the measured bytes of every client),
+``checkpoints/`` (``checkpoint.every``; the state, the privacy ledger and the server's
+secret, owner-only, :mod:`ffa_jax.checkpoint`), ``adapter.safetensors`` (with the trained
+head under ``model.train_head``) and ``summary.json``. A relative ``output_dir`` is relative
+to the directory ``flower-superlink`` was started in.
 
-Nothing here sees client data: only the clients' noised deltas and public numbers (their
-diagnostics only with ``flower.send_diagnostics``, which each client must consent to). The
-server sends no noise seed and cannot choose a client's noise. Every round's metrics line
-records the names of the records and metrics the clients actually sent (``received``).
+A killed ServerApp resumes with ``flwr run APP --run-config "resume=true"``: the new run
+continues from the newest checkpoint, with its secret (the same participants and noise) and
+ledger; the SuperNodes restore their own secret and rounds from their ``state-dir``.
+
+Nothing here sees client data: only the clients' (under sample-level DP noised) deltas and
+public numbers (their diagnostics only with ``flower.send_diagnostics``, which each client
+must consent to). The server sends no noise seed and cannot choose a client's noise. Every
+round's metrics line records the names of the records and metrics the clients actually sent
+(``received``).
 """
 
 from __future__ import annotations
