@@ -83,6 +83,10 @@ def cmd_train(args) -> int:
         cfg = resume_config(args.resume, args.overrides)
     else:
         cfg = _load(args)
+    from ffa_jax import xla_options
+
+    # Before the first compilation: a rerun of the same shapes loads its executables.
+    xla_options.enable_compilation_cache(cfg.perf.compilation_cache)
     summary = train(
         cfg,
         overwrite=args.overwrite,

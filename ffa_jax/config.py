@@ -570,6 +570,11 @@ class PerfConfig:
         (:mod:`ffa_jax.xla_options`): ``auto`` (measured best per model family), ``jax``
         (XLA's default: YNNPACK with fused elementwise ops), ``dots`` (YNNPACK, matmuls
         only) or ``off`` (XLA's own kernels). CPU only; same results to float rounding.
+      compilation_cache: ``ffa-jax train`` keeps compiled executables in JAX's persistent
+        cache (``$XDG_CACHE_HOME/ffa_jax/jax_cache``, see
+        :func:`ffa_jax.xla_options.enable_compilation_cache`), so a rerun of the same shapes
+        does not compile again. ``FFA_JAX_COMPILATION_CACHE=0`` also turns it off. Library
+        calls of ``train()`` leave JAX's settings alone.
 
     With ``clients_per_chunk: 1`` and a small ``microbatch_size`` the padded slots of a
     Poisson batch cost nothing (empty micro-batches are skipped), so a step costs about the
@@ -582,6 +587,7 @@ class PerfConfig:
     model_devices: int = 1
     remat: bool = False
     cpu_library_fusion: str = "auto"
+    compilation_cache: bool = True
 
     def __post_init__(self):
         _require(
@@ -610,6 +616,12 @@ class PerfConfig:
             )
         _positive_int("perf.model_devices", self.model_devices)
         _require(isinstance(self.remat, bool), "perf.remat", self.remat, "must be true or false.")
+        _require(
+            isinstance(self.compilation_cache, bool),
+            "perf.compilation_cache",
+            self.compilation_cache,
+            "must be true or false.",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
