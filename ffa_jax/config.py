@@ -513,7 +513,10 @@ class EvalConfig:
       every: evaluate every this many rounds (0: only after the last round).
       max_examples: evaluate on the first this many test examples (None: all; GSM tasks keep
         a seeded random subset of this size).
-      batch_size: evaluation batch size.
+      batch_size: evaluation batch size (at most; the batches are balanced so that the last
+        one is barely padded). ``auto`` (default): the training batch capacity B_max, which a
+        forward pass alone fits wherever a training step of that batch fits
+        (:func:`ffa_jax.perf.resolve`).
       baseline: also evaluate the pretrained model (LoRA B = 0) before the first round; it is
         logged as round 0 in ``metrics.jsonl`` and shown in ``summary.md``.
       max_new_tokens: decoders: greedy generation stops at EOS or after this many tokens.
@@ -521,7 +524,7 @@ class EvalConfig:
 
     every: int = 5
     max_examples: int | None = None
-    batch_size: int = 64
+    batch_size: int | str = AUTO
     baseline: bool = False
     max_new_tokens: int = 256
 
@@ -534,7 +537,8 @@ class EvalConfig:
         )
         if self.max_examples is not None:
             _positive_int("eval.max_examples", self.max_examples)
-        _positive_int("eval.batch_size", self.batch_size)
+        if self.batch_size != AUTO:
+            _positive_int("eval.batch_size", self.batch_size)
         _positive_int("eval.max_new_tokens", self.max_new_tokens)
 
 

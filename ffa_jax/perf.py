@@ -64,6 +64,7 @@ class ResolvedPerf:
         ``microbatch_size`` when that is > 0).
       base_max_batch_size: B_max before padding to the micro-batch (the Poisson tail bound).
       backend: the JAX backend it was resolved for (``cpu``, ``gpu``, ``tpu``).
+      eval_batch_size: ``eval.batch_size`` (the largest evaluation batch): B_max for ``auto``.
     """
 
     microbatch_size: int
@@ -71,6 +72,7 @@ class ResolvedPerf:
     max_batch_size: int
     base_max_batch_size: int
     backend: str
+    eval_batch_size: int
 
     def describe(self) -> str:
         """One log line, e.g. ``perf (cpu): perf.microbatch_size=16 ...``."""
@@ -83,7 +85,7 @@ class ResolvedPerf:
         )
         return (
             f"perf ({self.backend}): perf.microbatch_size={mb}, perf.clients_per_chunk={chunk}, "
-            f"B_max={self.max_batch_size}{pad}"
+            f"B_max={self.max_batch_size}{pad}, eval.batch_size<={self.eval_batch_size}"
         )
 
     def as_dict(self) -> dict[str, int | str]:
@@ -117,6 +119,7 @@ def resolve(
     expected_batch_size: float,
     backend: str,
     num_processes: int = 1,
+    eval_batch_size: int | str = AUTO,
 ) -> ResolvedPerf:
     """The concrete ``microbatch_size`` / ``clients_per_chunk`` / B_max of a run.
 
@@ -129,6 +132,8 @@ def resolve(
       backend: ``jax.default_backend()`` (``cpu``, ``gpu``, ``tpu``, ...).
       num_processes: ``jax.process_count()``; a multi-process round's clients mesh must
         span the processes, so ``auto`` keeps all clients in one chunk there.
+      eval_batch_size: ``eval.batch_size``; ``auto`` becomes B_max (a forward pass of the
+        training batch capacity: it fits wherever a training step of that batch does).
 
     Raises:
       ConfigError: an explicit ``perf.clients_per_chunk`` that ``perf.devices`` does not
@@ -162,14 +167,17 @@ def resolve(
         max_batch_size=b_max,
         base_max_batch_size=base,
         backend=backend,
+        eval_batch_size=b_max if eval_batch_size == AUTO else eval_batch_size,
     )
 
 
 def resolved_config(cfg: RunConfig, resolved: ResolvedPerf) -> RunConfig:
-    """``cfg`` with the resolved integers in place of ``auto`` (what the run computes with)."""
+    """``cfg`` with the resolved integers in place of ``auto`` (``perf.microbatch_size``,
+    ``perf.clients_per_chunk``, ``eval.batch_size``): what the run computes with."""
     perf = dataclasses.replace(
         cfg.perf,
         microbatch_size=resolved.microbatch_size,
         clients_per_chunk=resolved.clients_per_chunk,
     )
-    return dataclasses.replace(cfg, perf=perf)
+    evaluation = dataclasses.replace(cfg.eval, batch_size=resolved.eval_batch_size)
+    return dataclasses.replace(cfg, perf=perf, eval=evaluation)

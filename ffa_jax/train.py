@@ -136,6 +136,7 @@ def prepare(
         expected_batch_size=cfg.client.batch_size,
         backend=jax.default_backend(),
         num_processes=jax.process_count(),
+        eval_batch_size=cfg.eval.batch_size,
     )
     cfg = perf_lib.resolved_config(cfg, resolved)
     key = root_key(cfg)
@@ -676,7 +677,7 @@ def _resolved_perf_comment(prep: Prepared) -> str:
     return (
         f"# resolved for this run ({r.backend}, ffa_jax.perf): perf.microbatch_size: "
         f"{r.microbatch_size}, perf.clients_per_chunk: {r.clients_per_chunk}, "
-        f"B_max: {r.max_batch_size}\n"
+        f"B_max: {r.max_batch_size}, eval.batch_size: {r.eval_batch_size}\n"
     )
 
 

@@ -3,6 +3,7 @@ B_max padded up to a multiple of the micro-batch, bad values named before any co
 same training result as the explicit whole-batch setting (up to float summation order)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -144,3 +145,60 @@ def test_auto_equals_the_explicit_whole_batch_round(tmp_path):
     for a, e in zip(jax.tree.leaves(auto), jax.tree.leaves(expl), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(ma.loss), float(me.loss), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+@pytest.mark.parametrize(
+    ("n", "cap", "size"), [(1209, 112, 110), (1209, 64, 64), (32, 32, 32), (23, 10, 8), (5, 64, 5)]
+)
+def test_eval_batches_are_balanced(n, cap, size):
+    from ffa_jax.workloads import balanced_eval_batch
+
+    b = balanced_eval_batch(n, cap)
+    assert b == size and b <= cap
+    # As few batches as the cap allows, and less than one row of padding per batch.
+    assert -(-n // b) == -(-n // cap)
+    assert -(-n // b) * b - n < -(-n // b)
+
+
+def test_eval_batch_auto_is_b_max_and_explicit_stays():
+    cfg = load_config(None)
+    assert cfg.eval.batch_size == "auto"
+    r = perf.resolve(cfg.perf, expected_batch_size=64, backend="cpu")
+    assert r.eval_batch_size == r.max_batch_size == 112
+    assert perf.resolved_config(cfg, r).eval.batch_size == 112
+    r = perf.resolve(cfg.perf, expected_batch_size=64, backend="gpu", eval_batch_size=8)
+    assert r.eval_batch_size == 8
+    with pytest.raises(ConfigError, match="eval.batch_size"):
+        load_config(None, ["eval.batch_size=0"])
+
+
+def test_evaluation_compiles_once_for_every_call_and_the_padded_last_batch():
+    from ffa_jax import xla_options
+    from ffa_jax.workloads import classification_evaluator
+
+    traces = []
+
+    @jax.jit
+    def eval_fn(params, batch, mask):
+        traces.append(batch["x"].shape)  # runs only when jax traces (compiles) anew
+        pred = batch["x"] * params["w"] > 0
+        correct = (pred == batch["label"].astype(bool)) & mask
+        loss = jnp.where(mask, jnp.abs(batch["x"] * params["w"]), 0.0)
+        return {"correct": jnp.sum(correct), "loss_sum": jnp.sum(loss), "count": jnp.sum(mask)}
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(23).astype(np.float32)
+    label = (rng.random(23) > 0.5).astype(np.int32)
+    ev = classification_evaluator(
+        eval_fn, {"x": x, "label": label}, 10, xla_options.compiler_options("off", "encoder")
+    )
+    for w in (1.0, -2.0, 0.5):
+        got = ev({"w": np.float32(w)})
+        want = float(np.mean((x * w > 0) == label.astype(bool)))
+        assert got["eval_accuracy"] == pytest.approx(want)
+        assert got["eval_loss"] == pytest.approx(float(np.mean(np.abs(x * w))), rel=1e-6)
+    # 3 batches of 8 (the last padded by one), 3 calls: one shape, one compilation.
+    assert traces == [(8,)]
