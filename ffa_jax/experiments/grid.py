@@ -149,6 +149,19 @@ def fmt_value(v: Any) -> str:
     return str(v)
 
 
+# Display names of the ``lora.mode`` axis values (tables and plot legends).
+METHOD = {"ffa": "FFA-LoRA", "lora": "LoRA"}
+
+
+def axis_order(grid, axes: dict[str, str]) -> tuple[int, ...]:
+    """Sort key of a cell's ``axes``: the position of each axis value in the grid file."""
+    order = []
+    for a, values in grid.axes.items():
+        names = [fmt_value(v) for v in values]
+        order.append(names.index(axes[a]) if axes.get(a) in names else len(names))
+    return tuple(order)
+
+
 def _as_value(v: Any) -> Any:
     # YAML reads `inf` as a string; overrides parse it back, here it must compare as a float.
     if isinstance(v, str) and v.strip().lower() in ("inf", "+inf", "infinity"):

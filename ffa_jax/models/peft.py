@@ -74,6 +74,7 @@ import numpy as np
 from ffa_jax import lora
 from ffa_jax.config import LoRAConfig
 from ffa_jax.errors import ConfigError, WeightsError
+from ffa_jax.models import convert, sources
 from ffa_jax.models import weights as weights_lib
 from ffa_jax.models.encoder import EncoderConfig
 
@@ -128,7 +129,7 @@ AUTO_CLASS = {
 }
 # The hub checkpoints of the offline model packages (``model.name`` shorthands).
 HUB_IDS = {
-    weights_lib.MINILM: "sentence-transformers/all-MiniLM-L6-v2",
+    sources.MINILM: "sentence-transformers/all-MiniLM-L6-v2",
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
@@ -682,7 +683,7 @@ def save_merged(
     out = pathlib.Path(out_dir)
     src = pathlib.Path(model_dir) if model_dir is not None else None
     src = src if src is not None and src.is_dir() else None
-    hf_base = weights_lib.read_hf_config(src) if src is not None else {}
+    hf_base = sources.read_hf_config(src) if src is not None else {}
     if family == "llama":
         llama_weights.save_llama(params, config, out)
     elif family == "vit":
@@ -840,8 +841,8 @@ def export_peft(
 
 
 def _has_pooler(model_dir: pathlib.Path) -> bool:
-    raw, _ = weights_lib.read_safetensors(model_dir)
-    return any(k.removeprefix("bert.").startswith("pooler.") for k in raw)
+    names = convert.safetensors_index(model_dir)
+    return any(k.removeprefix("bert.").startswith("pooler.") for k in names)
 
 
 def init_from_adapter(params: PyTree, lora_cfg: LoRAConfig) -> PyTree:
