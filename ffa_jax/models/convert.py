@@ -33,7 +33,7 @@ import logging
 import os
 import pathlib
 import re
-import tempfile
+import secrets
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -491,16 +491,15 @@ def export_state_dict(
 
 
 def atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
-    """Runs ``write(tmp)`` on a temporary file next to ``path``, then renames it to ``path``
-    (readers never see a partial file; a failed write leaves no temporary)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """Runs ``write(tmp)``, which creates a temporary file next to ``path``, then renames it to
+    ``path``: readers never see a partial file, a failed write leaves no temporary, and the
+    file gets the process umask's permissions (as a plain ``open`` would)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
