@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -202,3 +203,37 @@ def test_export_errors_name_the_path():
     assert "parameter enc/proj/bias expected (2,), got (5,)" in msg
     assert "missing parameter enc/norm/scale" in msg
     assert "unexpected parameter x" in msg
+
+
+def test_family_tables_are_bijections():
+    """Every family's table maps distinct HF names, export names and paths (and GGUF names)."""
+    from ffa_jax.models.encoder import EncoderConfig
+    from ffa_jax.models.llama import LlamaConfig
+    from ffa_jax.models.llama_weights import llama_key_table
+    from ffa_jax.models.vit import ViTConfig
+    from ffa_jax.models.vit_weights import vit_key_table
+    from ffa_jax.models.weights import key_table
+
+    fixtures = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
+    tables = []
+    for name in ("encoder_tiny_bert", "encoder_tiny_roberta"):
+        hf = json.loads((fixtures / name / "config.json").read_text())
+        tables.append(key_table(EncoderConfig.from_hf(hf, 3)))
+    for name in ("vit_tiny", "vit_tiny_gray"):
+        hf = json.loads((fixtures / name / "config.json").read_text())
+        tables.append(vit_key_table(ViTConfig.from_hf(hf, 3)))
+    for tied in (False, True):
+        cfg = LlamaConfig(
+            vocab_size=16,
+            hidden_size=8,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=8,
+            tie_word_embeddings=tied,
+            attention_bias=True,
+        )
+        table = llama_key_table(cfg)
+        assert len({e.gguf for e in table}) == len(table)
+        tables.append(table)
+    for table in tables:
+        convert.check_table(table)
