@@ -112,7 +112,7 @@ def choose(grid, tune_cells: list[dict[str, Any]]) -> dict[tuple, Any] | None:
     chosen = {}
     for g, per_value in scores.items():
         best = max(per_value, key=lambda v: (np.mean(per_value[v]), -list(per_value).index(v)))
-        chosen[g] = grid_lib._as_value(_number(best))
+        chosen[g] = grid_lib.as_value(_number(best))
     return chosen
 
 
