@@ -217,13 +217,12 @@ def apply_adapter(
 
 
 def _model_dir(cfg: RunConfig, family: str) -> pathlib.Path | None:
-    from ffa_jax.models import llama_weights
-    from ffa_jax.models import weights as weights_lib
+    from ffa_jax.models import sources
 
     if family == "llama":
-        src = llama_weights.resolve_llama_source(cfg.model.name)
+        src = sources.resolve_llama_source(cfg.model.name)
         return src.path if src.path.is_dir() else None
-    return pathlib.Path(weights_lib.resolve_model_dir(cfg.model.name))
+    return pathlib.Path(sources.resolve_model_dir(cfg.model.name))
 
 
 def load_run(
