@@ -100,6 +100,8 @@ def main() -> None:
                         *([] if private else args.nonprivate_overrides),
                         f"name={name}",
                         f"seed={seed}",
+                        # A research sweep: reproducible noise (not a private release).
+                        f"privacy.noise_seed={seed}",
                         f"lora.mode={mode}",
                         f"privacy.epsilon={eps}",
                         f"data.partition={partition}",

@@ -12,11 +12,16 @@ A checkpoint is one orbax step folder ``<run_dir>/checkpoints/<round>/`` with tw
   frozen A matrices (regenerated from the seed), of the client data and of every saved array,
   and the path, shape and dtype of every leaf.
 
-What is *not* saved because it is a pure function of ``(seed, round)``: the DP noise keys
-(``fold_in(fold_in(key(seed), KEY_TRAIN), round)``), the host-side Poisson sampler
-(``numpy.random.default_rng([seed, SAMPLER_PURPOSE, round])``), the frozen A and the data
-partition, the participants of every round (``participation``). Epsilon is a stateless
-function of the ledger's parameters and counts, so the ledger stores those and the value spent.
+The run's **secret** (:mod:`ffa_jax.privacy.secret`, ``meta["noise_secret"]``): the noise
+keys, the host-side Poisson sampler and the participants of every round are pure functions of
+``(secret, round)``, so the checkpoint stores the secret and a resumed run regenerates them
+bit-identically. The secret is the operator's private state: whoever reads it can regenerate
+every noise draw and subtract it. So the ``checkpoints/`` folder is created owner-only
+(``0700``) and every file of a step is made ``0600`` before the step is finalised; never
+publish or share checkpoints. It is never written anywhere else (``config.yaml``,
+``metrics.jsonl``, ``summary.md``, the adapter). The frozen A and the data partition are
+functions of the public ``seed``. Epsilon is a stateless function of the ledger's parameters
+and counts, so the ledger stores those and the value spent.
 
 Atomicity: orbax writes a step into ``<round>.orbax-checkpoint-tmp-<time>/`` and renames it
 to ``<round>/`` only when every file is written, so a crash during a save leaves the previous
@@ -38,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,12 +56,13 @@ import numpy as np
 from ffa_jax import lora
 from ffa_jax.config import RunConfig, from_dict
 from ffa_jax.errors import CheckpointError, ConfigError
+from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.ledger import PrivacyLedger
 
 PyTree = Any
 
 CHECKPOINTS = "checkpoints"
-FORMAT = "ffa_jax.checkpoint/1"
+FORMAT = "ffa_jax.checkpoint/2"  # 2: holds the run's secret (noise_secret)
 ITEMS = ("state", "meta")
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax: "<step>.orbax-checkpoint-tmp-<time>"
 
@@ -233,6 +240,9 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int):
         ocp = _orbax()
         self.directory = Path(directory)
+        # Owner-only: the checkpoints hold the run's secret (see the module docstring).
+        self.directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
         # The run is the only writer of its checkpoints, so every tmp folder is garbage from a
         # crash. Deleted here, synchronously (orbax's own cleanup runs in the background).
         for p in unfinalized(self.directory):
@@ -264,8 +274,10 @@ class Checkpointer:
         ledger: PrivacyLedger,
         a_hash: str,
         data_fingerprint: str,
+        secret: int,
     ) -> Path:
-        """Saves the state after ``round_done`` completed rounds as step ``round_done``."""
+        """Saves the state after ``round_done`` completed rounds as step ``round_done``,
+        with the run's ``secret`` (owner-only files, see the module docstring)."""
         ocp = _orbax()
         arrays, table = _flat_state(state)
         meta = {
@@ -279,7 +291,20 @@ class Checkpointer:
             "privacy": ledger.to_json(),
             "history": history_to_json(history),
             "versions": _versions(),
+            "noise_secret": secret_lib.to_hex(secret),
         }
+        # Files created by orbax while this process's umask is 077 are owner-only from the
+        # start (the folder is 0700 already); restored right after.
+        old_umask = os.umask(0o077)
+        try:
+            self._save(round_done, arrays, meta, ocp)
+        finally:
+            os.umask(old_umask)
+        step_dir = self.directory / str(int(round_done))
+        owner_only(step_dir)
+        return step_dir
+
+    def _save(self, round_done, arrays, meta, ocp) -> None:
         self._mgr.save(
             int(round_done),
             args=ocp.args.Composite(
@@ -288,7 +313,6 @@ class Checkpointer:
             force=True,
         )
         self._mgr.wait_until_finished()
-        return self.directory / str(int(round_done))
 
     def close(self) -> None:
         self._mgr.close()
@@ -312,6 +336,16 @@ class NoCheckpointer:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+def owner_only(path: Path) -> None:
+    """``chmod`` a checkpoint step: folders ``0700``, files ``0600`` (it holds the secret)."""
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o700)
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o700)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o600)
 
 
 def _versions() -> dict[str, str]:
@@ -364,6 +398,7 @@ class Restored:
     leaves: list[dict[str, Any]]
     ledger: PrivacyLedger
     history: list[dict[str, Any]]
+    secret: int = dataclasses.field(repr=False, compare=False)
 
 
 def _read_json_item(path: Path) -> Any:
@@ -426,7 +461,23 @@ def read_latest(directory: str | Path, cfg: RunConfig) -> Restored | None:
             steps,
         ) from e
     where = repr(str(step_dir))
-    needed = ("format", "round", "seed", "config", "a_hash", "data_hash", "leaves", "privacy")
+    needed = (
+        "format",
+        "round",
+        "seed",
+        "config",
+        "a_hash",
+        "data_hash",
+        "leaves",
+        "privacy",
+        "noise_secret",
+    )
+    if isinstance(meta, dict) and meta.get("format") == "ffa_jax.checkpoint/1":
+        raise CheckpointError(
+            f"checkpoint {str(step_dir)!r} was written by an older ffa_jax whose noise came from "
+            "the public seed (format ffa_jax.checkpoint/1, no secret): its run cannot be resumed "
+            "as a private run. Start a new run (--overwrite or --set name=<new-name>)."
+        )
     if not isinstance(meta, dict) or any(k not in meta for k in needed):
         raise _damaged(step_dir, f"{str(meta_file)!r} lacks the fields {list(needed)}", steps)
     if meta["format"] != FORMAT:
@@ -460,7 +511,15 @@ def read_latest(directory: str | Path, cfg: RunConfig) -> Restored | None:
         leaves=list(meta["leaves"]),
         ledger=ledger,
         history=history,
+        secret=_read_secret(meta["noise_secret"], step_dir, steps),
     )
+
+
+def _read_secret(text: Any, step_dir: Path, steps: Sequence[int]) -> int:
+    try:
+        return secret_lib.from_hex(text)
+    except (TypeError, ValueError) as e:
+        raise _damaged(step_dir, "its noise_secret is not a hex integer", steps) from e
 
 
 def check_leaves(restored: Restored, like: PyTree) -> None:

@@ -8,7 +8,10 @@ ffa-jax config [--config ...] [--set ...]      # print the resolved, validated c
 ffa-jax audit [--config ...] [--set ...] [--canaries M] [--guesses R] [--confidence 0.95]
               [--client K] [--out DIR] [--json]  # one-run empirical privacy audit of the run
 ffa-jax pretrain [--config configs/vision_pretrain_mnist.yaml] [--set ...]  # central ViT
-ffa-jax export-peft RUN_DIR OUT_DIR            # the run's adapter in HF PEFT format
+ffa-jax export-peft RUN_DIR OUT_DIR [--base-model HUB_ID]  # the run's adapter in HF PEFT format
+ffa-jax generate RUN_DIR --prompt TEXT | --input FILE.jsonl [--output FILE]  # decoder runs
+ffa-jax predict RUN_DIR --input FILE [--output FILE]  # classifier runs: .jsonl texts, .npy images
+ffa-jax eval RUN_DIR [--split test] [--json]   # re-evaluate the run's adapter, its metrics
 ffa-jax flower app OUT_DIR [--config ...] [--set ...]   # a Flower App folder for `flwr run`
 ffa-jax flower local [--config ...] [--set ...]  # SuperLink + SuperNodes on 127.0.0.1, flwr run
 ffa-jax experiment NAME [--quick] [--seeds ...]  # run experiments/grids/NAME.yaml (resumes)
@@ -27,6 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ffa_jax import __version__
 from ffa_jax.config import CPU_LIBRARY_FUSIONS
 from ffa_jax.errors import ConfigError, FederationError, FfaJaxError
 
@@ -319,15 +323,92 @@ def cmd_export_peft(args) -> int:
         res = export_peft(
             args.run_dir,
             args.out_dir,
+            base_model=args.base_model,
+            absolute_base_path=args.absolute_base_path,
             merged=not args.no_merged,
-            num_labels=args.num_labels,
             overwrite=args.overwrite,
+            vit_layout=args.vit_layout,
         )
     for w in res.warnings:
         print(f"ffa-jax: warning: {w}", file=sys.stderr)
-    print(f"PEFT adapter: {res.out_dir} (base model {res.base_model}, num_labels={res.num_labels})")
+    labels = "" if res.num_labels is None else f", num_labels={res.num_labels}"
+    print(f"PEFT adapter: {res.out_dir} ({res.family}, base model {res.base_model}{labels})")
     if res.merged_dir is not None:
         print(f"merged HF checkpoint: {res.merged_dir}")
+    return 0
+
+
+def _write_jsonl(rows, output: Path | None) -> None:
+    """One JSON object per line to ``output`` (atomically) or stdout."""
+    import tempfile
+
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, output)
+        print(f"written: {output} ({len(rows)} lines)", file=sys.stderr)
+
+
+def cmd_generate(args) -> int:
+    from ffa_jax import inference
+
+    cfg, family = inference.read_run_config(args.run_dir)
+    if (args.prompt is None) == (args.input is None):
+        raise ConfigError(
+            "give the prompts with either --prompt TEXT (repeatable) or --input FILE."
+        )
+    # Checked before the model is loaded: the run's kind, then the input file.
+    inference.check_family(args.run_dir, family, inference.DECODER_FAMILIES, "generate")
+    prompts = args.prompt or inference.read_inputs(cfg, family, args.input)
+    run = inference.load_run(args.run_dir, families=inference.DECODER_FAMILIES, purpose="generate")
+    rows = inference.generate(
+        run,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        fmt=args.format,
+        batch_size=args.batch_size,
+    )
+    _write_jsonl(rows, args.output)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from ffa_jax import inference
+
+    cfg, family = inference.read_run_config(args.run_dir)
+    inference.check_family(args.run_dir, family, inference.CLASSIFIER_FAMILIES, "predict")
+    inputs = inference.read_inputs(cfg, family, args.input)
+    run = inference.load_run(
+        args.run_dir, families=inference.CLASSIFIER_FAMILIES, purpose="predict"
+    )
+    rows = inference.predict(run, inputs, batch_size=args.batch_size)
+    _write_jsonl(rows, args.output)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ffa_jax import inference
+
+    run = inference.load_run(args.run_dir)
+    metrics = inference.evaluate(run, args.split)
+    samples = metrics.pop("eval_samples", None)
+    recorded = run.recorded_eval()
+    if args.json:
+        print(json.dumps({"split": args.split, "metrics": metrics, "recorded": recorded}))
+        return 0
+    print(f"{run.run_dir} ({run.family}, {args.split} split):")
+    for k, v in metrics.items():
+        was = ""
+        if recorded and k in recorded:
+            was = f"  (recorded after round {recorded['round']}: {recorded[k]:.6g})"
+        print(f"  {k} = {v:.6g}{was}" if isinstance(v, float) else f"  {k} = {v}{was}")
+    for s in samples or []:
+        print(f"  sample: {json.dumps(s)}")
     return 0
 
 
@@ -397,6 +478,7 @@ def cmd_flower_local(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffa-jax", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"ffa-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run federated (FFA-)LoRA fine-tuning")
@@ -415,9 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         "uninterrupted run)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group(
-        "multi-host (one process per host; see README 'Running on Cloud TPU VMs and GPU clusters')"
-    )
+    g = p.add_argument_group("multi-host (one process per host; see docs/accelerators.md)")
     g.add_argument(
         "--distributed",
         action="store_true",
@@ -578,9 +658,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="a finished run directory, e.g. runs/quickstart")
     p.add_argument("out_dir", type=Path, help="the adapter folder to write")
     p.add_argument("--no-merged", action="store_true", help="skip the merged checkpoint (merged/)")
-    p.add_argument("--num-labels", type=int, default=None, help="if the run cannot tell")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        metavar="NAME",
+        help="base_model_name_or_path to record, e.g. the hub id (default: the run's model.name "
+        "if it is a hub id; a local model folder is recorded by its name only)",
+    )
+    p.add_argument(
+        "--absolute-base-path",
+        action="store_true",
+        help="record the local base model's absolute path (the adapter then loads only here)",
+    )
+    p.add_argument(
+        "--vit-layout",
+        choices=("auto", "v4", "v5"),
+        default="auto",
+        help="ViT module names: v4 (vit.encoder.layer.N.attention.attention.query, transformers "
+        "4), v5 (vit.layers.N.attention.q_proj, transformers 5); auto: the installed one's",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     p.set_defaults(func=cmd_export_peft)
+
+    p = sub.add_parser("generate", help="greedy generation from a decoder run's adapter")
+    p.add_argument("run_dir", type=Path, help="a finished decoder run directory")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
+    p.add_argument(
+        "--input", type=Path, default=None, help='JSON lines with "prompt" (or "question"/"text")'
+    )
+    p.add_argument(
+        "--format",
+        choices=("task", "chat", "raw"),
+        default="task",
+        help="task: the run's chat template + task instruction, as in training (default); "
+        "chat: the chat template only; raw: the text as given",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: eval.max_new_tokens")
+    p.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
+    p.add_argument("--output", type=Path, default=None, help="JSON lines file (default: stdout)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("predict", help="class predictions of a classifier run's adapter")
+    p.add_argument("run_dir", type=Path, help="a finished classifier run directory")
+    p.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help='text runs: JSON lines with "text"; image runs: .npy [N, H, W(, C)] or .npz '
+        "with 'images'",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
+    p.add_argument("--output", type=Path, default=None, help="JSON lines file (default: stdout)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="re-evaluate a run's adapter with the run's metrics")
+    p.add_argument("run_dir", type=Path, help="a finished run directory")
+    p.add_argument("--split", default="test", help="the split to evaluate (test)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
         "flower", help="run on Flower's deployment runtime (needs pip install 'ffa_jax[flower]')"

@@ -152,6 +152,12 @@ class LoRAConfig:
       targets: regular expression fullmatched against ``/``-joined parameter paths.
       a_init: ``uniform`` (PEFT default, ``U(-1/sqrt(d_in), 1/sqrt(d_in))``), ``gaussian``,
         ``orthogonal``.
+      init_from: a PEFT LoRA adapter folder (``adapter_config.json`` +
+        ``adapter_model.safetensors``, e.g. trained elsewhere or by ``ffa-jax export-peft``) to
+        start from instead of ``a_init`` and B = 0: its A, B and saved head are loaded
+        (:func:`ffa_jax.models.peft.init_from_adapter`); ``rank``, ``alpha`` and ``targets``
+        must match the adapter's ``r``, ``lora_alpha`` and adapted modules. The adapter is
+        treated as public, like the pretrained weights. null: start fresh.
     """
 
     mode: str = "ffa"
@@ -159,6 +165,7 @@ class LoRAConfig:
     alpha: float = 8.0
     targets: str = DEFAULT_TARGETS
     a_init: str = "uniform"
+    init_from: str | None = None
 
     def __post_init__(self):
         _require(self.mode in LORA_MODES, "lora.mode", self.mode, f"use one of {LORA_MODES}.")
@@ -170,6 +177,12 @@ class LoRAConfig:
             "must be a positive finite number, e.g. 8.",
         )
         _require(self.a_init in A_INITS, "lora.a_init", self.a_init, f"use one of {A_INITS}.")
+        _require(
+            self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
+            "lora.init_from",
+            self.init_from,
+            "must be a PEFT adapter folder (a path) or null.",
+        )
         try:
             re.compile(self.targets)
         except (re.error, TypeError) as e:
@@ -420,6 +433,11 @@ class PrivacyConfig:
       max_epsilon: optional hard cap on the epsilon the run may spend (with ``accountant``): a
         run (or a resumed run) that would spend more refuses to start. null = no cap beyond
         ``epsilon``.
+      noise_seed: null (default): the noise, the Poisson batches and the client sampling come
+        from a 256-bit secret drawn from the operating system when the run starts and kept
+        only in its checkpoints (see :mod:`ffa_jax.privacy.secret`). An integer >= 0 makes
+        them reproducible from it, for research: the run is then NOT a private release unless
+        this seed stays secret (its outputs say so). ``seed`` never decides the noise.
     """
 
     epsilon: float = 6.0
@@ -430,8 +448,19 @@ class PrivacyConfig:
     unit: str = "sample"
     client_clip_norm: float = 5.0
     max_epsilon: float | None = None
+    noise_seed: int | None = None
 
     def __post_init__(self):
+        if self.noise_seed is not None:
+            _require(
+                isinstance(self.noise_seed, int)
+                and not isinstance(self.noise_seed, bool)
+                and self.noise_seed >= 0,
+                "privacy.noise_seed",
+                self.noise_seed,
+                "must be an integer >= 0 (a reproducible, NOT private run), or null (the "
+                "default: a secret drawn from the operating system).",
+            )
         _require(
             _is_number(self.epsilon) and self.epsilon > 0 and not math.isnan(self.epsilon),
             "privacy.epsilon",
@@ -629,6 +658,29 @@ class PerfConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class FlowerConfig:
+    """The Flower deployment (``ffa-jax flower``); ignored by the in-process simulation.
+
+    Attributes:
+      send_diagnostics: false (default): a client replies with its noised delta and public
+        counts only. true: it also sends its training loss, mean gradient norm, clipped
+        fraction and realised batch size, which epsilon does NOT cover (they are computed
+        from its private data without noise); a client's node must also consent with
+        ``--node-config "allow-non-private=true"``. Refused with client-level DP.
+    """
+
+    send_diagnostics: bool = False
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.send_diagnostics, bool),
+            "flower.send_diagnostics",
+            self.send_diagnostics,
+            "must be true or false.",
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     """Checkpoints of the whole run state in ``<output_dir>/<name>/checkpoints/`` (orbax).
 
@@ -670,9 +722,21 @@ class RunConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     perf: PerfConfig = dataclasses.field(default_factory=PerfConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    flower: FlowerConfig = dataclasses.field(default_factory=FlowerConfig)
 
     def __post_init__(self):
         _check_name_and_seed(self.name, self.seed, "run")
+        _require(
+            not (
+                self.flower.send_diagnostics
+                and self.privacy.enabled
+                and self.privacy.unit == "client"
+            ),
+            "flower.send_diagnostics",
+            self.flower.send_diagnostics,
+            "is refused with privacy.unit=client: per-client diagnostics (loss, update norms) "
+            "are exactly what client-level DP hides. Set it to false.",
+        )
         if self.data.partition == "label_mix":
             rows = len(self.data.label_mix)
             _require(

@@ -70,8 +70,12 @@ class LoRAWeight:
         return int(self.a.shape[-1])
 
     def merged(self) -> jax.Array:
-        """The plain kernel ``w0 + scale * a @ b``, ``[d_in, d_out]``."""
-        return self.w0 + self.scale * (self.a @ self.b).astype(self.w0.dtype)
+        """The plain kernel ``w0 + scale * a @ b``, ``[d_in, d_out]``.
+
+        For an N-D kernel attached by :func:`attach` (``a`` ``[*in_shape, r]``, ``b``
+        ``[r, *out_shape]``) the product is ``tensordot(a, b, 1)``, shaped like ``w0``; for
+        2-D factors that is exactly ``a @ b``."""
+        return self.w0 + self.scale * jnp.tensordot(self.a, self.b, axes=1).astype(self.w0.dtype)
 
 
 def is_lora(x: Any) -> bool:
@@ -281,3 +285,250 @@ def apply_fn_with_lora(apply_fn: Callable, mode: str) -> Callable:
         return apply_fn(params, *args, **kwargs)
 
     return wrapped
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on a stock flax.linen model, without rewriting it: ``attach`` + ``intercept``.
+#
+# The project's own models call :func:`dense` on kernels that may be LoRA nodes. A stock Flax
+# model calls ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` instead, which cannot take a
+# LoRA node. ``flax.linen.intercept_methods`` lets us take over those calls from the outside:
+# when a layer's ``kernel`` is a :class:`LoRAWeight`, the interceptor runs the stock layer on
+# ``w0`` (its own dtype promotion, bias, precision) and adds the unmerged low-rank branch
+# ``scale * ((x . a) . b)``, so per-example gradients of ``b`` stay ``r x d_out``.
+
+LINEN_LAYERS = ("Dense", "DenseGeneral", "Einsum")
+
+
+def _linen_layer_kind(module: Any) -> str | None:
+    import flax.linen as nn
+
+    for name in LINEN_LAYERS:
+        if isinstance(module, getattr(nn, name)):
+            return name
+    return None
+
+
+def _einsum_str(module: Any, args: tuple, kwargs: dict) -> str:
+    eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
+    return eq.replace(" ", "")
+
+
+def _einsum_split(eq: str, path: str) -> tuple[str, str, str, str]:
+    """``(lhs, out, in_letters, out_letters)`` of a stock ``nn.Einsum`` equation whose kernel
+    subscripts are contracted input axes followed by output axes (e.g. ``...d,dhk->...hk``).
+
+    Raises:
+      ConfigError: another kernel layout (a kernel axis that is both in the input and the
+        output, or contracted axes not leading): LoRA cannot be factorised over it.
+    """
+    lhs, rest = eq.split(",")
+    rhs, out = rest.split("->")
+    n_in = 0
+    while n_in < len(rhs) and rhs[n_in] in lhs and rhs[n_in] not in out:
+        n_in += 1
+    in_letters, out_letters = rhs[:n_in], rhs[n_in:]
+    if not in_letters or any(c in lhs or c not in out for c in out_letters):
+        raise ConfigError(
+            f"lora.targets matches {path}, an nn.Einsum with equation {eq!r}, whose kernel axes "
+            "are not (contracted input axes, then output axes); LoRA cannot be attached to it. "
+            "Narrow lora.targets so that it does not match this kernel."
+        )
+    return lhs, out, in_letters, out_letters
+
+
+def _kernel_in_axes(kind: str, module: Any, args: tuple, kwargs: dict, path: str) -> int:
+    """How many leading axes of the layer's kernel are contracted with the input."""
+    if kind == "Dense":
+        return 1
+    if kind == "DenseGeneral":
+        if module.batch_dims:
+            raise ConfigError(
+                f"lora.targets matches {path}, an nn.DenseGeneral with batch_dims="
+                f"{module.batch_dims}; LoRA supports DenseGeneral without batch_dims only. "
+                "Narrow lora.targets so that it does not match this kernel."
+            )
+        axis = module.axis
+        return len(axis) if isinstance(axis, Sequence) else 1
+    return len(_einsum_split(_einsum_str(module, args, kwargs), path)[2])
+
+
+def _low_rank(kind: str, module: Any, x: jax.Array, node: LoRAWeight, args, kwargs) -> jax.Array:
+    """``(x . a) . b`` for the layer's contraction, never forming ``a @ b``."""
+    a, b = node.a.astype(x.dtype), node.b.astype(x.dtype)
+    if kind == "Dense":
+        return (x @ a) @ b
+    if kind == "DenseGeneral":
+        axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+        axis = tuple(ax % x.ndim for ax in axis)
+        low = jax.lax.dot_general(x, a, ((axis, tuple(range(len(axis)))), ((), ())))
+        return jnp.tensordot(low, b, axes=1)  # [..., r] . [r, *features]
+    path = "/".join(module.path)
+    lhs, out, in_letters, out_letters = _einsum_split(_einsum_str(module, args, kwargs), path)
+    rank_letter = next(c for c in "rRzZqQ" if c not in lhs + out + in_letters)
+    kept = lhs.replace("...", ".")
+    mid = "".join(c for c in kept if c not in in_letters).replace(".", "...") + rank_letter
+    low = jnp.einsum(f"{lhs},{in_letters}{rank_letter}->{mid}", x, a)
+    return jnp.einsum(f"{mid},{rank_letter}{out_letters}->{out}", low, b)
+
+
+def _lora_interceptor(mode: str):
+    if mode not in MODES:
+        raise ConfigError(f"lora.mode={mode!r} is not one of {MODES}.")
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        kind = _linen_layer_kind(module) if context.method_name == "__call__" else None
+        if kind is None or not module.has_variable("params", "kernel"):
+            return next_fun(*args, **kwargs)
+        node = module.get_variable("params", "kernel")
+        if not is_lora(node):
+            return next_fun(*args, **kwargs)
+        if mode == "ffa":
+            node = node.replace(a=jax.lax.stop_gradient(node.a))
+        # The stock layer on w0: Flax's own dtype promotion, bias and precision. It is a
+        # fresh top-level copy, so this interceptor passes it through (its kernel is plain).
+        own = dict(module.variables["params"])
+        own["kernel"] = node.w0
+        base = module.clone(parent=None).apply({"params": own}, *args, **kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        low = _low_rank(kind, module, x.astype(base.dtype), node, args, kwargs)
+        return base + node.scale * low.astype(base.dtype)
+
+    return interceptor
+
+
+def intercept(mode: str = "ffa"):
+    """Context manager: inside it, stock ``flax.linen`` ``Dense`` / ``DenseGeneral`` /
+    ``Einsum`` layers whose ``kernel`` parameter is a :class:`LoRAWeight` (from
+    :func:`attach`) compute ``layer(x; w0) + scale * ((x . a) . b)``; other layers and plain
+    kernels are untouched. ``mode="ffa"`` stop-gradients ``a`` (a guard: the trainable tree
+    of :func:`split` holds only ``b`` anyway).
+
+    Example::
+
+        with lora.intercept("ffa"):
+            y = model.apply({"params": lora_params}, x)
+    """
+    import flax.linen as nn
+
+    return nn.intercept_methods(_lora_interceptor(mode))
+
+
+def linen_apply(module: Any, mode: str = "ffa", method: str | None = None) -> Callable:
+    """``apply(params, *args, **kwargs) -> module.apply({"params": params}, *args, **kwargs)``
+    under :func:`intercept`: a pure function of a parameter tree holding LoRA nodes (from
+    :func:`attach`), jittable and differentiable with respect to ``b`` (and ``a``)."""
+    interceptor = _lora_interceptor(mode)
+
+    def apply(params, *args, **kwargs):
+        import flax.linen as nn
+
+        with nn.intercept_methods(interceptor):
+            return module.apply({"params": params}, *args, method=method, **kwargs)
+
+    return apply
+
+
+def linen_kernels(module: Any, params: PyTree, *args, **kwargs) -> dict[str, int]:
+    """``{kernel path: number of input axes}`` of every stock ``Dense`` / ``DenseGeneral`` /
+    ``Einsum`` call that ``module.apply({"params": params}, *args, **kwargs)`` makes (traced
+    with ``jax.eval_shape``: no compute). Paths are ``/``-joined like :func:`path_str` of
+    ``params`` (e.g. ``"MultiHeadDotProductAttention_0/query/kernel"``)."""
+    import flax.linen as nn
+
+    found: dict[str, int] = {}
+
+    def record(next_fun, f_args, f_kwargs, context):
+        module_ = context.module
+        kind = _linen_layer_kind(module_) if context.method_name == "__call__" else None
+        if kind is not None and module_.has_variable("params", "kernel"):
+            path = "/".join([*module_.path, "kernel"])
+            found[path] = (kind, module_, f_args, f_kwargs)
+        return next_fun(*f_args, **f_kwargs)
+
+    def run(p):
+        with nn.intercept_methods(record):
+            return module.apply({"params": p}, *args, **kwargs)
+
+    jax.eval_shape(run, params)
+    return {path: _kernel_in_axes(kind, m, a, k, path) for path, (kind, m, a, k) in found.items()}
+
+
+def attach(module: Any, params: PyTree, spec: LoRAConfig, key: jax.Array, *args, **kwargs):
+    """LoRA nodes on the stock Flax layers of ``module`` whose kernel path ``spec.targets``
+    fullmatches: the ``flax.linen`` counterpart of :func:`init`, for a model that calls
+    ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` (not :func:`dense`).
+
+    ``args``/``kwargs`` are sample inputs of ``module.apply`` (e.g. one example): the calls
+    are traced (shapes only) to learn which axes of each kernel are contracted with the input.
+    A kernel ``[*in_shape, *out_shape]`` gets ``a`` ``[*in_shape, r]`` (drawn exactly as
+    :func:`init` draws it, from ``key`` and the path) and ``b = 0`` ``[r, *out_shape]``; for a
+    2-D kernel the node is bit-identical to :func:`init`'s. The result is an ordinary LoRA
+    tree: :func:`trainable_mask`, :func:`split`, :func:`combine`, :func:`merge`, clipping, the
+    federated round and the DP machinery work on it unchanged. Run the model with
+    :func:`linen_apply` (or inside :func:`intercept`).
+
+    Args:
+      module: a ``flax.linen.Module``.
+      params: its ``"params"`` collection (plain arrays).
+      spec: the ``lora`` config section (``targets``, ``rank``, ``alpha``, ``a_init``).
+      key: the shared LoRA key (same on every client).
+
+    Raises:
+      ConfigError: ``spec.targets`` matches no stock layer kernel (the message lists them),
+        the rank exceeds a target's dimensions, or a matched layer cannot be factorised.
+    """
+    kernels = linen_kernels(module, params, *args, **kwargs)
+    pattern = re.compile(spec.targets)
+    wanted = {p: n for p, n in kernels.items() if pattern.fullmatch(p)}
+    if not wanted:
+        raise ConfigError(
+            f"lora.targets={spec.targets!r} matches no Dense/DenseGeneral/Einsum kernel of the "
+            f"model. Its kernels are: {sorted(kernels)[:8]}; pass a regular expression that "
+            "fullmatches some of them, e.g. '.*(query|value)/kernel'."
+        )
+
+    def wrap(path, leaf):
+        p = path_str(path)
+        if p not in wanted:
+            return leaf
+        n_in = wanted[p]
+        in_shape, out_shape = tuple(leaf.shape[:n_in]), tuple(leaf.shape[n_in:])
+        d_in, d_out = int(np.prod(in_shape)), int(np.prod(out_shape))
+        if spec.rank > min(d_in, d_out):
+            raise ConfigError(
+                f"lora.rank={spec.rank} exceeds the dimensions {leaf.shape} (in {d_in}, out "
+                f"{d_out}) of target {p}; use a smaller rank."
+            )
+        leaf_key = jax.random.fold_in(key, zlib.crc32(p.encode()) & 0x7FFFFFFF)
+        a = _init_a(leaf_key, d_in, spec.rank, spec.a_init, jnp.float32)
+        a = a.reshape(*in_shape, spec.rank)
+        b = jnp.zeros((spec.rank, *out_shape), jnp.float32)
+        return LoRAWeight(w0=leaf, a=a, b=b, scale=spec.scale)
+
+    return jax.tree_util.tree_map_with_path(wrap, params)
+
+
+__all__ = [
+    "LINEN_LAYERS",
+    "MODES",
+    "LoRAWeight",
+    "apply_fn_with_lora",
+    "attach",
+    "combine",
+    "dense",
+    "init",
+    "intercept",
+    "is_lora",
+    "linen_apply",
+    "linen_kernels",
+    "lora_nodes",
+    "merge",
+    "merge_sharded",
+    "path_str",
+    "split",
+    "target_paths",
+    "trainable_mask",
+    "tree_bytes",
+]

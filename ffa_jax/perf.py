@@ -113,6 +113,13 @@ def max_batch_size(perf: PerfConfig, expected_batch_size: float) -> int:
     return padded_batch_size(base, m)
 
 
+def eval_batch_size(cfg: RunConfig) -> int:
+    """``cfg.eval.batch_size`` as a number: B_max (:func:`max_batch_size`) for ``auto``."""
+    if cfg.eval.batch_size == AUTO:
+        return max_batch_size(cfg.perf, cfg.client.batch_size)
+    return cfg.eval.batch_size
+
+
 def resolve(
     perf: PerfConfig,
     *,

@@ -1,10 +1,31 @@
-"""Run outputs meant for people: plots and a short markdown summary."""
+"""Run outputs meant for people: plots and a short markdown summary.
+
+A metrics record keeps release-safe values at its top level and the values computed from
+private data without noise (training loss, gradient norms, realised batch sizes...) in its
+``diagnostics`` object; :func:`metric_value` reads either.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 from typing import Any
+
+#: What summary.md says epsilon covers.
+COVERAGE = (
+    "Epsilon covers the trained adapter (every released update) and the numbers derived from "
+    "it: the evaluation metrics on the held-out split and the norm of the averaged update. It "
+    "does NOT cover the diagnostics (training loss, gradient norms, clipped fractions, "
+    "realised batch sizes, pre-noise client update norms): they are computed from the "
+    "clients' private data without noise; keep them with the operator."
+)
+
+
+def metric_value(record: dict[str, Any], name: str, default: Any = None) -> Any:
+    """``record[name]``, or ``record["diagnostics"][name]`` for a diagnostic."""
+    if name in record:
+        return record[name]
+    return (record.get("diagnostics") or {}).get(name, default)
 
 
 def write_plots(
@@ -22,12 +43,19 @@ def write_plots(
     import matplotlib.pyplot as plt
 
     plot_dir.mkdir(parents=True, exist_ok=True)
-    trained = [h for h in history if "train_loss" in h]
+    trained = [h for h in history if metric_value(h, "train_loss") is not None]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(
-        [h["round"] for h in trained], [h["train_loss"] for h in trained], marker="o", ms=3
+        [h["round"] for h in trained],
+        [metric_value(h, "train_loss") for h in trained],
+        marker="o",
+        ms=3,
     )
-    axes[0].set(title="training loss (mean over clients)", xlabel="round", ylabel="cross-entropy")
+    axes[0].set(
+        title="training loss (diagnostic, not covered by epsilon)",
+        xlabel="round",
+        ylabel="cross-entropy",
+    )
     ev = [(h["round"], h[metric]) for h in history if metric in h]
     if ev:
         axes[1].plot(*zip(*ev, strict=True), marker="o", ms=4, color="tab:green")
@@ -58,6 +86,10 @@ def _fmt_eps(e: float) -> str:
     return "inf (non-private)" if not math.isfinite(e) else f"{e:.3f}"
 
 
+def _fmt_num(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 def _fmt_opt(e) -> str:
     return "n/a" if e is None else _fmt_eps(e)
 
@@ -74,13 +106,13 @@ def _privacy_details(cfg, prep, summary) -> str:
     p = cfg.privacy
     if p.unit == "client":
         return (
-            f", delta {p.delta:g}, **client-level** (DP-FedAvg: neighbours differ in one whole "
+            f", delta {summary['delta']:.3g}, **client-level** (DP-FedAvg: neighbours differ in one whole "
             f"client; the server is trusted), client clip norm S {p.client_clip_norm:g}, "
             f"server noise multiplier z {prep.plan.client_noise_multiplier:.4f}, accountant "
             f"{p.accountant}{who}"
         )
     return (
-        f", delta {p.delta:g}, **sample-level** per client (neighbours differ in one example of "
+        f", delta {summary['delta']:.3g}, **sample-level** per client (neighbours differ in one example of "
         f"one client), clip norm {p.clip_norm:g}, accountant {p.accountant}, noise multipliers "
         f"{[round(float(s), 4) for s in prep.noise_multipliers]}{who}"
     )
@@ -108,13 +140,23 @@ def write_summary(
         "| metric | value |",
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in prep.workload.result_rows(summary, history)),
-        f"| final training loss | {last['train_loss']:.4f} |",
         f"| epsilon spent | {_fmt_eps(summary['epsilon'])} |",
         f"| epsilon (PLD / RDP) | {_fmt_opt(summary.get('epsilon_pld'))} / "
         f"{_fmt_opt(summary.get('epsilon_rdp'))} |",
         f"| uplink per client per round | {summary['uplink_bytes_per_client_per_round']:,} bytes |",
         f"| uplink total | {summary['uplink_bytes_total']:,} bytes |",
         f"| wall time | {summary['wall_seconds']:.1f} s |",
+        "",
+        "## Privacy",
+        "",
+        f"- {COVERAGE}",
+        f"- noise: {summary.get('noise', 'n/a')}",
+        "",
+        "## Diagnostics (not covered by epsilon)",
+        "",
+        "| diagnostic | value |",
+        "|---|---|",
+        f"| final training loss | {_fmt_num(metric_value(last, 'train_loss'))} |",
         "",
         "## Clients",
         "",

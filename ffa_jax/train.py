@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -46,18 +47,22 @@ from ffa_jax.federated.round import (
 )
 from ffa_jax.federated.server import ServerDpParams, make_server_optimizer, server_init
 from ffa_jax.privacy import planner
+from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.ledger import PrivacyLedger
+from ffa_jax.report import metric_value
 
 PyTree = Any
 
-# Purposes folded into the root key; one per use so that no randomness is shared.
-KEY_LORA_A = 0  # the shared A (identical on every client)
-KEY_HEAD = 1  # a randomly initialised classification head
+# Purposes; one per use so that no randomness is shared. Public ones are folded into the key
+# of the public ``seed`` (root_key); secret ones derive from the run's secret
+# (ffa_jax.privacy.secret), never from ``seed``.
+KEY_LORA_A = 0  # public: the shared A (identical on every client)
+KEY_HEAD = 1  # public: a randomly initialised classification head
 # Evaluation outputs kept in the history (checkpointed, shown in summary.md) but not in
 # metrics.jsonl: they are not scalars.
 NON_METRIC_KEYS = ("eval_samples",)
-KEY_TRAIN = 2  # DP noise (round, client and step are folded in by the round)
-SAMPLER_PURPOSE = 3  # host-side Poisson sampling
+KEY_TRAIN = 2  # secret: DP noise (round, client and step are folded in by the round)
+SAMPLER_PURPOSE = 3  # secret: host-side Poisson sampling
 # participation.PARTICIPATION_PURPOSE = 4: host-side draw of each round's clients
 # privacy.audit_run.AUDIT_PURPOSE = 5: the privacy audit's canaries (ffa-jax audit)
 
@@ -96,11 +101,15 @@ class Prepared:
     max_batch_size: int
     partition_table: str
     target_paths: list[str]
+    # The run's secret (ffa_jax.privacy.secret): noise, Poisson batches, participants. Kept
+    # out of repr so that no log or traceback prints it; saved only in checkpoints.
+    secret: int = dataclasses.field(repr=False, compare=False)
     # What perf.* "auto" resolved to (``cfg`` above already holds these integers).
     perf: perf_lib.ResolvedPerf | None = None
 
 
 def root_key(cfg: RunConfig) -> jax.Array:
+    """The key of the public ``seed``: public things only (frozen A, head init)."""
     return jax.random.key(cfg.seed)
 
 
@@ -110,11 +119,14 @@ def prepare(
     log=print,
     ledger: PrivacyLedger | None = None,
     plan_privacy: bool = True,
+    secret: int | None = None,
 ) -> Prepared:
     """Loads model, tokenizer and data, partitions, builds the LoRA tree and calibrates noise.
 
     Args:
       cfg: the run config.
+      secret: the run's secret (:mod:`ffa_jax.privacy.secret`; a resumed run's, from its
+        checkpoint). None: ``privacy.noise_seed`` when set, else a fresh draw from the OS.
       ledger: a resumed run's privacy ledger: its noise multipliers (sigma_k, or the server's
         z) are used instead of calibrating new ones, and their epsilon is accounted.
       plan_privacy: calibrate the noise and account epsilon (seconds of host work). False
@@ -147,15 +159,17 @@ def prepare(
     sizes = np.array([len(p) for p in parts])
     table = partition.partition_table(wl.train_labels, parts, wl.label_names)
 
-    params = lora.init(wl.base_params, cfg.lora, jax.random.fold_in(key, KEY_LORA_A))
+    params = initial_params(cfg, wl.base_params)
     mask = lora.trainable_mask(params, cfg.lora.mode, extra=wl.head_pattern)
     trainable, frozen = lora.split(params, mask)
 
     # B_max: the Poisson bound padded to a multiple of the micro-batch; the planner accounts
     # for this final value (truncated Poisson sampling at B_max).
     max_batch = resolved.max_batch_size
+    if secret is None:
+        secret = secret_lib.resolve(cfg.privacy.noise_seed)
     if plan_privacy:
-        plan = privacy_plan(cfg, sizes, max_batch, ledger)
+        plan = privacy_plan(cfg, sizes, max_batch, ledger, secret=secret)
         q, sigmas, eps_curve = plan.sampling_rates, plan.noise_multipliers, plan.epsilon_curve
     else:
         plan = None
@@ -181,8 +195,21 @@ def prepare(
         max_batch_size=max_batch,
         partition_table=table,
         target_paths=lora.target_paths(wl.base_params, cfg.lora.targets),
+        secret=secret,
         perf=resolved,
     )
+
+
+def initial_params(cfg: RunConfig, base_params: PyTree) -> PyTree:
+    """The run's starting tree: LoRA nodes at ``lora.targets`` with A from the public seed and
+    B = 0 (:func:`ffa_jax.lora.init`), or, with ``lora.init_from``, A, B and the saved head of
+    that PEFT adapter (:func:`ffa_jax.models.peft.init_from_adapter`)."""
+    params = lora.init(base_params, cfg.lora, jax.random.fold_in(root_key(cfg), KEY_LORA_A))
+    if cfg.lora.init_from is not None:
+        from ffa_jax.models.peft import init_from_adapter
+
+        params = init_from_adapter(params, cfg.lora)
+    return params
 
 
 def privacy_plan(
@@ -190,13 +217,20 @@ def privacy_plan(
     client_sizes: np.ndarray,
     max_batch_size: int,
     ledger: PrivacyLedger | None = None,
+    *,
+    secret: int | None = None,
 ) -> planner.PrivacyPlan:
     """The run's :class:`~ffa_jax.privacy.planner.PrivacyPlan` (what ``ffa-jax privacy``
     prints). With a resumed run's ``ledger``, the same accounting of the ledger's noise
     multipliers, so the curve of a resumed run equals the uninterrupted run's entry for entry.
+    ``secret``: the run's secret (participants), see :func:`ffa_jax.privacy.planner.make_plan`.
     """
     return planner.make_plan(
-        cfg, np.asarray(client_sizes, np.int64).tolist(), max_batch_size, ledger=ledger
+        cfg,
+        np.asarray(client_sizes, np.int64).tolist(),
+        max_batch_size,
+        ledger=ledger,
+        secret=secret,
     )
 
 
@@ -219,10 +253,11 @@ def train_compiler_options(prep: Prepared) -> dict[str, str] | None:
     return xla_options.compiler_options(prep.cfg.perf.cpu_library_fusion, prep.workload.family)
 
 
-def train_key(cfg: RunConfig) -> jax.Array:
-    """The run's training key: rounds, clients and local steps are folded into it
-    (:func:`ffa_jax.federated.round.client_key`)."""
-    return jax.random.fold_in(root_key(cfg), KEY_TRAIN)
+def train_key(prep: Prepared) -> jax.Array:
+    """The run's secret training (noise) key: rounds, clients and local steps are folded into
+    it (:func:`ffa_jax.federated.round.client_key`). Derived from ``prep.secret``, never from
+    the public ``seed``."""
+    return secret_lib.jax_key(prep.secret, KEY_TRAIN)
 
 
 def client_weights(cfg: RunConfig, client_sizes) -> np.ndarray:
@@ -294,7 +329,8 @@ def client_batches(
 ) -> dict[str, np.ndarray]:
     """Host-side Poisson sampling of the clients' batches for one round: ``[K, S, B_max, ...]``.
 
-    Deterministic in ``(seed, round)``, so a resumed run draws the same batches. The draw is
+    Deterministic in ``(secret, round)`` (the run's secret, ``prep.secret``, never the public
+    seed), so a resumed run, which reads the secret from its checkpoint, draws the same batches. The draw is
     made for all K clients, so client k's batches do not depend on who else takes part or is
     gathered (a Flower client gathers only its own, ``slots=[k]``). With ``slots`` (``[P]``
     client of each slot, -1 = dummy; see :func:`round_inputs`) only those batches are
@@ -302,7 +338,7 @@ def client_batches(
     the sampled examples that did not fit B_max over all K clients.
     """
     cfg = prep.cfg
-    rng = np.random.default_rng([cfg.seed, SAMPLER_PURPOSE, round_idx])
+    rng = secret_lib.numpy_rng(prep.secret, SAMPLER_PURPOSE, round_idx)
     local_idx, mask, dropped = batching.poisson_batch_indices(
         rng,
         [len(p) for p in prep.client_indices],
@@ -540,7 +576,12 @@ def train(
     # Before loading anything: the model axis must fit each process's devices (the same
     # check, on the same device list, fails on every process alike).
     model_groups(jax.devices(), cfg.perf.model_devices)
-    prep = prepare(cfg, log=log, ledger=restored.ledger if restored is not None else None)
+    prep = prepare(
+        cfg,
+        log=log,
+        ledger=restored.ledger if restored is not None else None,
+        secret=run_secret(cfg, restored),
+    )
     a_hash = ckpt_lib.a_matrices_hash(prep.params)
     d_hash = ckpt_lib.data_hash([prep.train_arrays, prep.test_arrays], prep.client_indices)
     round_fn, server_opt = build_round(prep)
@@ -554,6 +595,7 @@ def train(
     _check_budget(prep, restored)
     log(prep.partition_table)
     log(_privacy_line(prep))
+    log(noise_line(cfg))
     log(allocator.describe(jax.default_backend()))
     log(prep.perf.describe())
     if cfg.perf.model_devices > 1:
@@ -575,7 +617,7 @@ def train(
         # checkpoint, or a torn line from a crash) are dropped and recomputed.
         _atomic_write(metrics_path, "".join(_metric_line(h) for h in history))
 
-    key = train_key(cfg)
+    key = train_key(prep)
     per_client_bytes = _bytes_of_one_client(prep.trainable)
     wl = prep.workload
     if cfg.eval.baseline and not any(h["round"] == 0 for h in history):
@@ -633,6 +675,7 @@ def train(
                     ledger=prep.plan.ledger(r + 1),
                     a_hash=a_hash,
                     data_fingerprint=d_hash,
+                    secret=prep.secret,
                 )
                 last_saved = r + 1
             if bar is not None:
@@ -645,7 +688,7 @@ def train(
 
     final_params = lora.combine(state.trainable, prep.frozen)
     if primary:
-        save_adapter(out / "adapter.safetensors", final_params, cfg)
+        save_adapter(out / "adapter.safetensors", final_params, cfg, head_pattern=wl.head_pattern)
     summary = {
         "run_dir": str(out),
         **wl.summary_fields(history),
@@ -654,10 +697,11 @@ def train(
         "epsilon_rdp": history[-1].get("epsilon_rdp"),
         "delta": history[-1]["delta"],
         "privacy_unit": _unit(cfg) or "none",
-        "uplink_bytes_total": sum(h.get("uplink_bytes", 0) for h in history),
+        "uplink_bytes_total": sum(metric_value(h, "uplink_bytes", 0) for h in history),
         "uplink_bytes_per_client_per_round": per_client_bytes,
         "wall_seconds": time.time() - t_start,
         "rounds": cfg.federated.rounds,
+        "noise": noise_note(cfg),
         # What perf.* "auto" became on this machine (speed only; see ffa_jax.perf).
         "perf_resolved": prep.perf.as_dict(),
     }
@@ -679,6 +723,44 @@ def _resolved_perf_comment(prep: Prepared) -> str:
         f"{r.microbatch_size}, perf.clients_per_chunk: {r.clients_per_chunk}, "
         f"B_max: {r.max_batch_size}, eval.batch_size: {r.eval_batch_size}\n"
     )
+
+
+def run_secret(cfg: RunConfig, restored: ckpt_lib.Restored | None) -> int:
+    """The secret of this run (:mod:`ffa_jax.privacy.secret`): a resumed run's from its
+    checkpoint; else ``privacy.noise_seed`` when set; else a fresh draw from the OS.
+
+    In a multi-process run every process must use the same secret: process 0 draws it and
+    broadcasts it (a collective, on every process) over the processes' own channel, the
+    jax.distributed coordination service; it is never written outside the checkpoints.
+    """
+    if restored is not None:
+        return restored.secret
+    if cfg.privacy.noise_seed is not None:
+        return int(cfg.privacy.noise_seed)
+    drawn = secret_lib.draw()
+    if distributed.is_distributed():
+        # 16-bit words fit gather_ints' int32; every process takes process 0's.
+        words = [(drawn >> (16 * i)) & 0xFFFF for i in range(secret_lib.SECRET_BITS // 16)]
+        rows = distributed.gather_ints(*words)
+        drawn = sum(int(w) << (16 * i) for i, w in enumerate(rows[0]))
+    return drawn
+
+
+def noise_note(cfg: RunConfig) -> str:
+    """What every output of the run says about where its noise comes from."""
+    if cfg.privacy.noise_seed is None:
+        return secret_lib.SECRET_NOTE
+    return secret_lib.REPRODUCIBLE_WARNING
+
+
+def noise_line(cfg: RunConfig) -> str:
+    """The log line about the noise's source (a warning when ``privacy.noise_seed`` is set)."""
+    if cfg.privacy.noise_seed is None:
+        return (
+            "noise, Poisson batches and client sampling: a 256-bit secret drawn from the OS, "
+            "kept only in checkpoints/ (owner-only files; protect them like the data)"
+        )
+    return "WARNING: " + secret_lib.REPRODUCIBLE_WARNING
 
 
 def silent(*args, **kwargs) -> None:
@@ -747,7 +829,16 @@ def _metric_line(record: dict[str, Any]) -> str:
 
 
 def _round_record(prep: Prepared, r: int, inp: RoundInputs, m, loss, per_client_bytes) -> dict:
-    """One metrics line of round ``r`` (0-based): averages over the round's participants."""
+    """One metrics line of round ``r`` (0-based): averages over the round's participants.
+
+    Top-level keys are release-safe: epsilon and delta, the norm of the averaged (noised)
+    update, byte counts, evaluation on the held-out split, and the note on the noise's source
+    (``noise``). Everything computed from the clients' private data *without* noise --
+    training loss, gradient norms, clipped fractions, realised (Poisson) batch sizes, the
+    pre-noise ``client_update_norm`` -- sits in the ``diagnostics`` object, which epsilon does
+    NOT cover (see docs/threat_model.md). Under client-level DP with partial participation the
+    realised number of participants (and the bytes that count it) is a diagnostic too.
+    """
     cfg, plan = prep.cfg, prep.plan
     real = inp.slots >= 0
     n_part = int(real.sum())
@@ -759,29 +850,40 @@ def _round_record(prep: Prepared, r: int, inp: RoundInputs, m, loss, per_client_
     private = cfg.privacy.enabled
     record: dict[str, Any] = {
         "round": r + 1,
-        "train_loss": loss,
         "epsilon": float(plan.epsilon_curve[r]),
         "epsilon_pld": plan.epsilon_after(r + 1, "pld") if private else None,
         "epsilon_rdp": plan.epsilon_after(r + 1, "rdp") if private else None,
-        "delta": cfg.privacy.delta if private else 0.0,
-        "participants": n_part,
-        "uplink_bytes": per_client_bytes * n_part,
-        "downlink_bytes": per_client_bytes * n_part,
+        # The delta that really holds with "epsilon" (RDP: with the truncation's term).
+        "delta": plan.delta_after(r + 1) if private else 0.0,
+        "delta_rdp": plan.delta_after(r + 1, "rdp") if private else None,
         "uplink_bytes_per_client": per_client_bytes,
+        # The averaged update is the noised release (post-processing of it).
+        "update_norm": float(m.update_norm),
+        "noise": noise_note(cfg),
+    }
+    diag: dict[str, Any] = {
+        "train_loss": loss,
         "clipped_fraction": part_mean(c.clipped_fraction),
         # Per-example norms are only computed under sample-level DP (clipping needs them).
         "grad_norm": part_mean(c.grad_norm) if _unit(cfg) == "sample" else None,
-        "update_norm": float(m.update_norm),
         "examples": int(np.sum(c.num_examples)),
         "dropped_examples": inp.dropped,
+        # L2 norm of the participants' updates before any client-level clipping (to choose S).
+        "client_update_norm": part_mean(c.delta_norm),
     }
-    # L2 norm of the participants' updates before any client-level clipping (to choose S).
-    record["client_update_norm"] = part_mean(c.delta_norm)
+    counts = {
+        "participants": n_part,
+        "uplink_bytes": per_client_bytes * n_part,
+        "downlink_bytes": per_client_bytes * n_part,
+    }
     if _unit(cfg) == "client":
         norms = np.asarray(c.delta_norm)[real]
-        record["client_clipped_fraction"] = (
+        diag["client_clipped_fraction"] = (
             float(np.mean(norms > cfg.privacy.client_clip_norm)) if n_part else 0.0
         )
+    # Client-level DP hides who took part; the realised count would reveal it.
+    (diag if _unit(cfg) == "client" and not plan.sampling.full else record).update(counts)
+    record["diagnostics"] = diag
     return record
 
 
@@ -807,7 +909,8 @@ def _privacy_line(prep: Prepared) -> str:
     if not cfg.privacy.enabled:
         return f"no DP (epsilon = inf); {who}"
     eps = (
-        f"epsilon={plan.epsilon:.3f} at delta={cfg.privacy.delta:g} ({cfg.privacy.accountant}; "
+        f"epsilon={plan.epsilon:.3f} at delta={plan.delta_after(plan.rounds):.3g} "
+        f"({cfg.privacy.accountant}; "
         + ", ".join(
             f"{a}: {'n/a' if plan.epsilon_after(plan.rounds, a) is None else f'{plan.epsilon_after(plan.rounds, a):.3f}'}"
             for a in ("pld", "rdp")
@@ -881,18 +984,32 @@ def _check_finite(r, loss, update_norm, trainable, ckpt_dir: Path, last_saved) -
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
     # Strict JSON has no infinity: a non-private run's epsilon is written as null.
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+    def safe(v):
+        if isinstance(v, dict):
+            return {k: safe(x) for k, x in v.items()}
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    return {k: safe(v) for k, v in d.items()}
 
 
-def save_adapter(path: Path, params: PyTree, cfg: RunConfig) -> None:
-    """Writes every LoRA node's ``a`` ``[d_in, r]`` and ``b`` ``[r, d_out]`` (and trained head
-    leaves) to one safetensors file, atomically. A is included so the file is self-contained."""
+def save_adapter(
+    path: Path, params: PyTree, cfg: RunConfig, *, head_pattern: str | None = None
+) -> None:
+    """Writes every LoRA node's ``a`` ``[d_in, r]`` and ``b`` ``[r, d_out]`` (``<path>/a``,
+    ``<path>/b``) and the trained head leaves (non-LoRA leaves whose path fullmatches
+    ``head_pattern``, under their path, e.g. ``classifier/kernel``) to one safetensors file,
+    atomically. A is included so the file is self-contained."""
     from safetensors.numpy import save_file
 
     tensors = {}
     for p, node in lora.lora_nodes(params).items():
         tensors[f"{p}/a"] = np.asarray(node.a)
         tensors[f"{p}/b"] = np.asarray(node.b)
+    if head_pattern is not None:
+        for kp, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=lora.is_lora):
+            p = lora.path_str(kp)
+            if not lora.is_lora(leaf) and re.fullmatch(head_pattern, p):
+                tensors[p] = np.asarray(leaf, np.float32)
     meta = {"lora": json.dumps(dataclasses.asdict(cfg.lora)), "model": cfg.model.name}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -906,6 +1023,8 @@ __all__ = [
     "Prepared",
     "prepare",
     "privacy_plan",
+    "initial_params",
+    "save_adapter",
     "build_client_update",
     "build_round",
     "client_batches",
@@ -913,6 +1032,9 @@ __all__ = [
     "round_inputs",
     "run_round",
     "train_key",
+    "run_secret",
+    "metric_value",
+    "noise_note",
     "evaluate",
     "resume_config",
     "train",

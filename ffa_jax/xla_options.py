@@ -8,7 +8,7 @@ live at once, so memory stops scaling linearly with the batch
 (``experiments/results/bench/round_memory_overshoot.md``). For a LLaMA decoder, YNNPACK
 matmuls without their elementwise neighbours are best. FFA DP client update, each setting
 compiled in one process and timed round-robin on the same inputs (the MiniLM column: two runs
-of ``ffa-jax bench --fusion-ab jax,dots,off``, README "Benchmarks"; the others: one scratch
+of ``ffa-jax bench --fusion-ab jax,dots,off``, docs/benchmarks.md; the others: one scratch
 A/B run each):
 
 =========================  ==================  =================  ==========================

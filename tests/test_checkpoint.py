@@ -20,6 +20,7 @@ from ffa_jax.errors import CheckpointError
 from ffa_jax.federated.server import make_server_optimizer, server_init, server_update
 
 CFG = replace(RunConfig(), ["lora.mode=lora", "server.optimizer=adam", "lora.rank=4"])
+SECRET = 2**255 + 12345  # a 256-bit secret
 
 
 def _state(rank: int = 4, seed: int = 0, steps: int = 2):
@@ -77,6 +78,7 @@ def _save(directory: Path, rounds: int, state, *, keep: int = 3, cfg=CFG) -> Non
             ledger=_ledger(rounds),
             a_hash="a" * 64,
             data_fingerprint="d" * 64,
+            secret=SECRET,
         )
 
 
@@ -120,6 +122,7 @@ def test_keeps_the_last_k_and_never_lists_unfinalised_saves(tmp_path):
                 ledger=_ledger(r),
                 a_hash="a" * 64,
                 data_fingerprint="d" * 64,
+                secret=SECRET,
             )
     assert ckpt_lib.finalized_steps(tmp_path) == [4, 5]
     # What a crash during the save of round 6 leaves behind: a tmp folder with files in it.

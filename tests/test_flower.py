@@ -27,6 +27,7 @@ from ffa_jax import train as train_lib
 from ffa_jax.config import load_config
 from ffa_jax.errors import ConfigError, FederationError
 from ffa_jax.flower import wire
+from ffa_jax.privacy import secret as secret_lib
 from tests._tiny import compilation_cache, tiny_model_dir, tiny_overrides
 
 pytest.importorskip(
@@ -40,6 +41,7 @@ from flwr.serverapp import Grid  # noqa: E402
 
 from ffa_jax.flower import app as app_lib  # noqa: E402
 from ffa_jax.flower import client_app, server_app  # noqa: E402
+from ffa_jax.flower.core import PUBLIC_METRICS, ClientNode, ClientPrivacy  # noqa: E402
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -151,6 +153,8 @@ class LoopGrid(Grid):
         self.nodes = {1000 + i: (nc, RecordDict()) for i, nc in enumerate(node_configs)}
         self.tamper = tamper
         self.uplink: list[list[int]] = []
+        self.sent: list[Message] = []  # what the server sent, as delivered
+        self.replies: list[Message] = []  # what the clients sent back, before any tampering
 
     def create_message(self, *args, **kwargs):  # pragma: no cover - unused by the ServerApp
         raise NotImplementedError
@@ -184,10 +188,13 @@ class LoopGrid(Grid):
                 state=state,
                 run_config=self.run_config,
             )
+            self.sent.append(m)
             try:
                 reply = client_app.app(m, ctx)
             except Exception as e:  # Flower turns a ClientApp exception into an error reply
                 reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=m)
+            if not reply.has_error():
+                self.replies.append(reply)
             if self.tamper is not None and not reply.has_error():
                 self.tamper(node, reply)
             replies.append(reply)
@@ -216,17 +223,21 @@ def _tiny_cfg(base, model, name, *extra):
     )
 
 
-def _nodes(k=3, ids=None):
+def _nodes(k=3, ids=None, consent=True):
+    """Node configs; ``consent``: the operators accept a non-private research run (the tiny
+    configs set privacy.noise_seed so that Flower and the simulation can be compared)."""
     ids = range(k) if ids is None else ids
-    return [{"partition-id": i, "num-partitions": k} for i in ids]
+    extra = {client_app.ALLOW_NON_PRIVATE: True} if consent else {}
+    return [{"partition-id": i, "num-partitions": k, **extra} for i in ids]
 
 
 def test_apps_in_process_equal_the_simulation(tiny):
     base, model = tiny
-    cfg = _tiny_cfg(base, model, "loop")
+    diag = "flower.send_diagnostics=true"
+    cfg = _tiny_cfg(base, model, "loop", diag)
     grid = LoopGrid(app_lib.run_config(cfg), _nodes())
     summary = server_app.run_server(grid, grid.run_config, log=lambda *a: None)
-    sim_cfg = _tiny_cfg(base, model, "loop-sim")
+    sim_cfg = _tiny_cfg(base, model, "loop-sim", diag)
     sim = train_lib.train(sim_cfg, progress=False, log=lambda *a: None)
 
     fl_rows, sim_rows = _rows(base / "runs" / "loop"), _rows(base / "runs" / "loop-sim")
@@ -237,8 +248,9 @@ def test_apps_in_process_equal_the_simulation(tiny):
         assert f["client_reported_uplink_bytes"] == [per_client] * 3
         assert f["uplink_bytes"] == s["uplink_bytes"]
         assert f["epsilon"] == pytest.approx(s["epsilon"], rel=1e-12)
-        assert f["train_loss"] == pytest.approx(s["train_loss"], rel=1e-5)
-        assert f["examples"] == s["examples"]
+        fd, sd = f["diagnostics"], s["diagnostics"]  # sent: flower.send_diagnostics + consent
+        assert fd["train_loss"] == pytest.approx(sd["train_loss"], rel=1e-5)
+        assert fd["examples"] == sd["examples"]
         assert ("eval_accuracy" in f) == ("eval_accuracy" in s)
     assert summary["test_accuracy"] == pytest.approx(sim["test_accuracy"], abs=1e-9)
     fl = load_file(str(base / "runs" / "loop" / "adapter.safetensors"))
@@ -249,9 +261,11 @@ def test_apps_in_process_equal_the_simulation(tiny):
             np.testing.assert_array_equal(fl[name], sm[name])  # A regenerated from the seed
         else:
             np.testing.assert_allclose(fl[name], sm[name], rtol=1e-4, atol=1e-5)
-    # The clients kept their privacy plan in their node state after the first round.
+    # The clients kept their privacy plan, secret and rounds in their node state.
     for _, state in grid.nodes.values():
         assert client_app.PRIVACY_STATE in state.config_records
+        assert client_app.SECRET_STATE in state.config_records
+        assert state.config_records[client_app.ROUNDS_STATE]["done"] == cfg.federated.rounds
 
 
 @pytest.mark.parametrize(
@@ -298,6 +312,125 @@ def test_too_few_nodes_times_out_with_the_fix(tiny):
         server_app.run_server(grid, grid.run_config, log=lambda *a: None)
 
 
+# ------------------------------------------------- privacy of the client (issue 16)
+
+
+def test_a_client_sends_only_its_noised_delta_and_public_counts(tiny):
+    base, model = tiny
+    cfg = _tiny_cfg(base, model, "private", "privacy.noise_seed=null", "federated.rounds=1")
+    grid = LoopGrid(app_lib.run_config(cfg), _nodes(consent=False))
+    server_app.run_server(grid, grid.run_config, log=lambda *a: None)
+    # The server sent the tree and the round index only: never a noise seed.
+    for m in grid.sent:
+        assert set(m.content.config_records) == {"config"}
+        assert dict(m.content.config_records["config"]) == {"round-index": 0}
+    trainable0 = train_lib.prepare(cfg, plan_privacy=False, log=lambda *a: None).trainable
+    names = set(wire.tree_to_arrays(trainable0))
+    assert len(grid.replies) == 3
+    for reply, (nc, state) in zip(grid.replies, grid.nodes.values(), strict=True):
+        c = reply.content
+        assert set(c.array_records) == {"delta"} and set(c.metric_records) == {"metrics"}
+        assert not c.config_records
+        metrics = dict(c.metric_records["metrics"])
+        assert set(metrics) == set(PUBLIC_METRICS)
+        # The configured expected count, not the realised Poisson one.
+        assert metrics["num-examples"] == cfg.client.batch_size * cfg.federated.local_steps
+        delta = {k: a.numpy() for k, a in c.array_records["delta"].items()}
+        assert set(delta) == names
+        # The delta is noised: the same client, same secret and batches, without noise,
+        # uploads something else (by about lr / B * sigma * C per entry).
+        cid = nc["partition-id"]
+        secret = int(str(state.config_records[client_app.SECRET_STATE]["secret"]), 16)
+        quiet = ClientNode(
+            cfg, cid, privacy=ClientPrivacy(0.0, 0.0, (1.0,)), secret=secret
+        ).train_round(trainable0, 0)[0]
+        plain = wire.tree_to_arrays(quiet)
+        gap = max(float(np.max(np.abs(delta[k] - plain[k]))) for k in names)
+        assert gap > 0.05, gap
+    rows = _rows(base / "runs" / "private")
+    assert rows[0]["received"]["records"] == ["delta", "metrics"]
+    assert "diagnostics" not in rows[0] and "train_loss" not in rows[0]
+    assert rows[0]["noise"] == secret_lib.SECRET_NOTE
+
+
+def _train_message(trainable_arrays, round_idx, **extra_config):
+    from flwr.app import ConfigRecord, MessageType
+
+    from ffa_jax.flower.records import to_record
+
+    msg = Message(
+        RecordDict(
+            {
+                "trainable": to_record(trainable_arrays),
+                "config": ConfigRecord({"round-index": round_idx, **extra_config}),
+            }
+        ),
+        dst_node_id=1000,
+        message_type=MessageType.TRAIN,
+        group_id=str(round_idx + 1),
+    )
+    msg.metadata.__dict__["_message_id"] = f"m{round_idx}"
+    return msg
+
+
+def test_replayed_past_skipped_and_malformed_messages_are_refused_by_name(tiny):
+    base, model = tiny
+    cfg = _tiny_cfg(base, model, "replay", "privacy.noise_seed=null", "federated.rounds=3")
+    ctx = Context(
+        run_id=1,
+        node_id=1000,
+        node_config=_nodes(consent=False)[0],
+        state=RecordDict(),
+        run_config=app_lib.run_config(cfg),
+    )
+    tree = wire.tree_to_arrays(
+        train_lib.prepare(cfg, plan_privacy=False, log=lambda *a: None).trainable
+    )
+
+    def send(r, arrays=tree, **extra):
+        return client_app.app(_train_message(arrays, r, **extra), ctx)
+
+    first = send(0)
+    assert dict(first.content.metric_records["metrics"])["rounds_trained"] == 1
+    with pytest.raises(FederationError, match=r"refuses round index 0: a replay"):
+        send(0)  # the same round again: same key and batches
+    with pytest.raises(FederationError, match=r"refuses round index 2: out of order"):
+        send(2)  # skips round 1
+    eps1 = dict(send(1).content.metric_records["metrics"])["epsilon"]
+    assert eps1 > dict(first.content.metric_records["metrics"])["epsilon"]  # 2 rounds counted
+    with pytest.raises(FederationError, match=r"refuses round index 0: a replay"):
+        send(0)  # a round from the past
+    name = next(iter(tree))
+    bad = {**tree, name: np.zeros((1, 1), np.float32)}
+    with pytest.raises(FederationError, match=rf"the server sent array '{name}' with shape"):
+        send(2, bad)
+    bad = {**tree, name: tree[name].astype(np.float64)}
+    with pytest.raises(FederationError, match=rf"'{name}' .* dtype float64"):
+        send(2, bad)
+    with pytest.raises(FederationError, match=r"missing"):
+        send(2, {k: v for k, v in tree.items() if k != name})
+    with pytest.raises(FederationError, match=r"config keys \['noise-seed'\]"):
+        send(2, **{"noise-seed": 7})
+    # The refusals trained nothing: round 2 is still the next one.
+    assert dict(send(2).content.metric_records["metrics"])["rounds_trained"] == 3
+
+
+@pytest.mark.parametrize(
+    "setting, field",
+    [
+        ("privacy.noise_seed=5", "privacy.noise_seed"),
+        ("flower.send_diagnostics=true", "flower.send_diagnostics"),
+    ],
+)
+def test_non_private_settings_of_the_server_need_the_nodes_consent(tiny, setting, field):
+    base, model = tiny
+    cfg = _tiny_cfg(base, model, "consent", "privacy.noise_seed=null", setting)
+    grid = LoopGrid(app_lib.run_config(cfg), _nodes(consent=False))
+    with pytest.raises(FederationError, match=rf"refuses the run: .*{field}.*allow-non-private"):
+        server_app.run_server(grid, grid.run_config, log=lambda *a: None)
+    assert not (base / "runs" / "consent").exists()
+
+
 # ----------------------------------------------------------- a real deployment on loopback
 
 E2E = [
@@ -312,6 +445,9 @@ E2E = [
     "privacy.accountant=rdp",
     "eval.max_examples=64",
     "eval.every=1",
+    # Reproducible, so that the deployment can be compared with the simulation: the nodes
+    # consent to this non-private research run with allow-non-private=true.
+    "privacy.noise_seed=0",
 ]
 
 
@@ -338,7 +474,7 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
         )
         == 0
     )
-    fed = LocalFederation(tmp_path / "work", 3)
+    fed = LocalFederation(tmp_path / "work", 3, node_config="allow-non-private=true")
     with fed:
         run_id = fed.submit(tmp_path / "app")
         try:
@@ -370,8 +506,12 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
         assert all(0 < o <= 12 * 128 for o in overhead), overhead
         assert f["noise_multipliers"] == pytest.approx(prep.noise_multipliers.tolist(), rel=1e-12)
         assert f["epsilon"] == pytest.approx(s["epsilon"], rel=1e-12)
-        assert f["train_loss"] == pytest.approx(s["train_loss"], rel=1e-5)
         assert f["eval_loss"] == pytest.approx(s["eval_loss"], rel=1e-4)
+        # What the clients' messages held, as the server received them over the network:
+        # the noised delta and public numbers, nothing else (no loss, no realised batch).
+        assert f["received"]["records"] == ["delta", "metrics"]
+        assert f["received"]["metric_keys"] == sorted(f"metrics/{k}" for k in PUBLIC_METRICS)
+        assert "diagnostics" not in f and "train_loss" not in f
         assert abs(f["eval_accuracy"] - s["eval_accuracy"]) <= 1 / 64  # at most one example
     summary = json.loads((out / "flower" / "summary.json").read_text())
     assert summary["runtime"] == "flower" and len(summary["nodes"]) == 3

@@ -79,12 +79,15 @@ def test_client_level_dp_with_partial_participation(env, tmp_path):
     prep = train_lib.prepare(cfg, log=_quiet, ledger=led)
     # Participants: the plan's Poisson draw (about half of 6), averaged over them only.
     counts = prep.plan.participation.sum(axis=1)
-    assert [r["participants"] for r in rows] == counts.tolist()
+    # Client-level DP hides who took part: the realised count is a diagnostic, not released.
+    assert all("participants" not in r and "uplink_bytes" not in r for r in rows)
+    d = [r["diagnostics"] for r in rows]
+    assert [x["participants"] for x in d] == counts.tolist()
     assert len(set(counts.tolist())) > 1  # Poisson: the count varies, the shapes do not
     per_client = rows[0]["uplink_bytes_per_client"]
-    assert all(r["uplink_bytes"] == per_client * r["participants"] for r in rows)
-    assert all(0.0 <= r["client_clipped_fraction"] <= 1.0 for r in rows)
-    assert all(r["grad_norm"] is None for r in rows)  # clients run plain SGD
+    assert all(x["uplink_bytes"] == per_client * x["participants"] for x in d)
+    assert all(0.0 <= x["client_clipped_fraction"] <= 1.0 for x in d)
+    assert all(x["grad_norm"] is None for x in d)  # clients run plain SGD
     # Client-level ledger: one event, q = M / N over T rounds, calibrated to epsilon = 6.
     assert led.unit == "client" and led.rounds_done == 4 and len(led.events()) == 1
     assert led.noise_multipliers == (0.0,) * 6
@@ -137,7 +140,7 @@ def test_no_two_round_client_step_triples_share_a_noise_key(env, tmp_path):
         None, tiny_overrides(env["model"], tmp_path, "keys", *CLIENT_LEVEL, "federated.rounds=5")
     )
     prep = train_lib.prepare(cfg, log=_quiet)
-    key = jax.random.fold_in(train_lib.root_key(cfg), train_lib.KEY_TRAIN)
+    key = train_lib.train_key(prep)
     seen: dict[tuple, tuple] = {}
 
     def add(k, who):

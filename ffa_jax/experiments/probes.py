@@ -18,20 +18,20 @@ from ffa_jax import lora
 from ffa_jax.config import RunConfig, replace
 from ffa_jax.federated.round import RoundMetrics
 from ffa_jax.federated.server import ServerState, server_init
+from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.noise import privatize_grad_sum
 from ffa_jax.train import (
     Prepared,
     build_round,
     evaluate,
     prepare,
-    root_key,
     round_inputs,
     run_round,
     train_key,
 )
 
 PyTree = Any
-PROBE_PURPOSE = 99  # folded into the root key: probe noise never reuses a training key
+PROBE_PURPOSE = 99  # from a secret derived for the probe: never reuses a training key
 
 
 def iterate_rounds(prep: Prepared) -> Iterator[tuple[int, ServerState, RoundMetrics]]:
@@ -40,7 +40,7 @@ def iterate_rounds(prep: Prepared) -> Iterator[tuple[int, ServerState, RoundMetr
     weights, DP parameters and keys)."""
     round_fn, server_opt = build_round(prep)
     state = jax.device_get(server_init(prep.trainable, server_opt))
-    key = train_key(prep.cfg)
+    key = train_key(prep)
     for r in range(prep.cfg.federated.rounds):
         state, m = run_round(round_fn, prep, state, round_inputs(prep, r), key)
         state = jax.device_get(state)
@@ -116,7 +116,7 @@ def noise_amplification(cfg: RunConfig, *, log=print) -> dict[str, Any]:
     """
     t0 = time.time()
     prep = prepare(cfg, log=log)
-    probe_key = jax.random.fold_in(root_key(cfg), PROBE_PURPOSE)
+    probe_key = secret_lib.jax_key(secret_lib.derive(prep.secret, "probe"), PROBE_PURPOSE)
     history = []
     trainable = prep.trainable
     before = merged_targets(trainable, prep.frozen)
@@ -167,8 +167,10 @@ def theorem1(cfg: RunConfig, *, reference_alpha: float, log=print) -> dict[str, 
     t0 = time.time()
     ref_cfg, scaled_cfg = theorem1_configs(cfg, reference_alpha)
     trajectories = []
+    # Both runs draw the same noise and batches (one secret), so only alpha differs.
+    secret = secret_lib.resolve(cfg.privacy.noise_seed)
     for c in (ref_cfg, scaled_cfg):
-        prep = prepare(c, log=log)
+        prep = prepare(c, log=log, secret=secret)
         w0 = {p: np.asarray(n.w0) for p, n in lora.lora_nodes(prep.params).items()}
         trajectories.append(
             [merged_targets(s.trainable, prep.frozen) for _, s, _ in iterate_rounds(prep)]

@@ -31,6 +31,7 @@ import ffa_jax
 from ffa_jax.errors import ConfigError, DataError
 from ffa_jax.experiments import grid as grid_lib
 from ffa_jax.experiments import results as results_lib
+from ffa_jax.report import metric_value
 from ffa_jax.train import NonFiniteError, _atomic_write, train
 
 RESULTS_DIR = Path("experiments/results")
@@ -79,11 +80,12 @@ def full_model_bytes(cfg) -> int:
 
     from ffa_jax import lora
     from ffa_jax.data.clients import load_clients
+    from ffa_jax.models import sources
     from ffa_jax.models import weights as weights_lib
 
     data, _ = load_clients(cfg)
     _, params = weights_lib.load_encoder(
-        str(weights_lib.resolve_model_dir(cfg.model.name)),
+        str(sources.resolve_model_dir(cfg.model.name)),
         data.num_labels,
         head_key=jax.random.key(0),
         pooling=cfg.model.pooling,
@@ -109,7 +111,7 @@ def _history(run_dir: Path) -> list[dict[str, Any]]:
     out = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out.append({k: rec[k] for k in keep if k in rec})
+        out.append({k: metric_value(rec, k) for k in keep if metric_value(rec, k) is not None})
     return out
 
 
@@ -127,7 +129,7 @@ def run_cell(grid, cell, extra, scratch: Path, log) -> dict[str, Any]:
             summary = train(cfg, overwrite=True, progress=False, log=quiet)
             rec.update(summary)
             rec["history"] = _history(Path(summary["run_dir"]))
-            rec["final_train_loss"] = rec["history"][-1]["train_loss"]
+            rec["final_train_loss"] = rec["history"][-1].get("train_loss")
         elif grid.kind == "noise_amplification":
             rec.update(probes.noise_amplification(cfg, log=quiet))
         else:

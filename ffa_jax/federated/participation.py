@@ -1,10 +1,12 @@
 """Which clients take part in each round (partial participation), drawn on the host.
 
-The draw of round ``r`` is a pure function of ``(seed, r)`` (NumPy generator seeded with
-``[seed, PARTICIPATION_PURPOSE, r]``) and never looks at the data, so the whole schedule is
-known before training: the accountant composes exactly what will happen, and a resumed run
-draws the same participants. Client-level DP's amplification by sampling assumes the draw is
-not revealed: keep the seed secret.
+The draw of round ``r`` is a pure function of ``(secret, r)`` (NumPy generator seeded with
+``[secret, PARTICIPATION_PURPOSE, r]``, :func:`ffa_jax.privacy.secret.numpy_rng`) and never
+looks at the data, so the whole schedule is known before training: the accountant composes
+exactly what will happen, and a resumed run (which reads the secret from its checkpoint)
+draws the same participants. ``secret`` is the run's secret (:mod:`ffa_jax.privacy.secret`),
+never the public ``seed``: client-level DP's amplification by sampling assumes the draw is
+not revealed.
 
 Shapes stay fixed so the round never recompiles: the round's client axis has
 :func:`slot_count` slots (P); the participants fill the first slots and the rest are masked
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.accounting import overflow_probability as _binomial_tail
 
 # Host-side randomness purposes of train.py are 0..3; participation has its own.
@@ -49,13 +52,14 @@ def slot_count(
 
 
 def participants(
-    seed: int, round_idx: int, num_clients: int, clients_per_round: int, sampling: str
+    secret: int, round_idx: int, num_clients: int, clients_per_round: int, sampling: str
 ) -> np.ndarray:
-    """Sorted int array of the clients taking part in round ``round_idx`` (0-based)."""
+    """Sorted int array of the clients taking part in round ``round_idx`` (0-based), drawn
+    from the run's ``secret``."""
     n, m = int(num_clients), int(clients_per_round)
     if m >= n:
         return np.arange(n)
-    rng = np.random.default_rng([int(seed), PARTICIPATION_PURPOSE, int(round_idx)])
+    rng = secret_lib.numpy_rng(secret, PARTICIPATION_PURPOSE, round_idx)
     if sampling == "fixed":
         chosen = rng.choice(n, size=m, replace=False)
     else:
@@ -67,12 +71,12 @@ def participants(
 
 
 def schedule(
-    seed: int, rounds: int, num_clients: int, clients_per_round: int, sampling: str
+    secret: int, rounds: int, num_clients: int, clients_per_round: int, sampling: str
 ) -> np.ndarray:
     """``[rounds, N]`` bool: entry (r, k) is True when client k takes part in round r."""
     out = np.zeros((int(rounds), int(num_clients)), dtype=bool)
     for r in range(int(rounds)):
-        out[r, participants(seed, r, num_clients, clients_per_round, sampling)] = True
+        out[r, participants(secret, r, num_clients, clients_per_round, sampling)] = True
     return out
 
 

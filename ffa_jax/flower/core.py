@@ -7,15 +7,19 @@ batches (:func:`ffa_jax.train.client_batches`), client update
 (:func:`ffa_jax.federated.client.make_client_update`), PRNG keys
 (:func:`ffa_jax.federated.round.client_key`), aggregation
 (:func:`ffa_jax.federated.server.weighted_mean`) and Optax server step
-(:func:`ffa_jax.federated.server.server_update`). With the same config and seed, a
-distributed run computes what :func:`ffa_jax.train.train` computes, up to float32 rounding
-(one client is ``jit``-compiled on its own instead of ``vmap``-ped with the others).
+(:func:`ffa_jax.federated.server.server_update`). With the same config and
+``privacy.noise_seed`` (a reproducible research run, not a private one), a distributed run
+computes what :func:`ffa_jax.train.train` computes, up to float32 rounding (one client is
+``jit``-compiled on its own instead of ``vmap``-ped with the others).
 
-Client k regenerates the shared frozen A from the config seed, draws its Poisson batches
-from ``(seed, round)`` exactly as the simulation draws client k's, and calibrates its own
-noise multiplier sigma_k from its own sampling rate (the simulation calibrates each client
-independently, so the numbers are identical). Only the trainable tree (B under FFA-LoRA)
-travels: the server sends it, each client returns its delta.
+Client k regenerates the shared frozen A from the public config seed, and draws its noise and
+Poisson batches from **its own secret**: a 256-bit draw from its operating system, kept in its
+node state, never sent (with ``privacy.noise_seed`` set and the node's consent, that seed, as
+in the simulation). It calibrates its own noise multiplier sigma_k from its own sampling rate
+(the simulation calibrates each client independently, so the numbers are identical). Only the
+trainable tree (B under FFA-LoRA) travels: the server sends it, each client returns its
+noised delta and public counts (:data:`PUBLIC_METRICS`); its diagnostics
+(:data:`DIAGNOSTICS`) stay on the client unless ``flower.send_diagnostics`` is set.
 
 This module does not import flwr; :mod:`ffa_jax.flower.client_app` and
 :mod:`ffa_jax.flower.server_app` wrap it in a Flower ``ClientApp`` and ``ServerApp``.
@@ -50,6 +54,7 @@ from ffa_jax.train import (
     client_batches,
     client_weights,
     evaluate,
+    noise_note,
     prepare,
     silent,
     train_compiler_options,
@@ -57,6 +62,24 @@ from ffa_jax.train import (
 )
 
 PyTree = Any
+
+#: What a client's ``metrics`` MetricRecord holds: public numbers only (the configured
+#: expected example count, never the realised Poisson one; epsilon; sigma_k; byte counts).
+PUBLIC_METRICS = (
+    "partition_id",
+    "round",
+    "rounds_trained",
+    "num-examples",
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "uplink_payload_bytes",
+    "uplink_serialized_bytes",
+    "downlink_payload_bytes",
+)
+#: Computed from the client's private data without noise: NOT covered by epsilon. Sent (as a
+#: separate ``diagnostics`` MetricRecord) only with ``flower.send_diagnostics: true``.
+DIAGNOSTICS = ("loss", "realised_examples", "clipped_fraction", "grad_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +91,14 @@ class ClientPrivacy:
       sampling_rate: q_k = client.batch_size / n_k.
       epsilon_curve: ``[rounds]`` epsilon this client has spent after each round (inf
         without DP).
+      delta_curve: ``[rounds]`` the delta that holds with it (RDP: the target plus the
+        truncation's term; empty: the target).
     """
 
     noise_multiplier: float
     sampling_rate: float
     epsilon_curve: tuple[float, ...]
+    delta_curve: tuple[float, ...] = ()
 
 
 def plan_client_privacy(prep: Prepared, client_id: int) -> ClientPrivacy:
@@ -103,6 +129,9 @@ def plan_client_privacy(prep: Prepared, client_id: int) -> ClientPrivacy:
         noise_multiplier=float(plan.noise_multipliers[0]),
         sampling_rate=float(plan.sampling_rates[0]),
         epsilon_curve=tuple(float(e) for e in plan.epsilon_curve),
+        delta_curve=tuple(
+            float(plan.delta_after(r + 1) or cfg.privacy.delta) for r in range(plan.rounds)
+        ),
     )
 
 
@@ -168,17 +197,20 @@ class ClientNode:
         *,
         privacy: ClientPrivacy | None = None,
         prep: Prepared | None = None,
+        secret: int | None = None,
     ):
         self.cfg = cfg
         self.client_id = check_partition(cfg, client_id, None)
-        self.prep = _frozen_on_device(
-            prep if prep is not None else prepare(cfg, plan_privacy=False, log=silent)
-        )
+        if prep is None:
+            prep = prepare(cfg, plan_privacy=False, log=silent, secret=secret)
+        elif secret is not None:
+            prep = dataclasses.replace(prep, secret=secret)
+        self.prep = _frozen_on_device(prep)
         self.privacy = privacy or plan_client_privacy(self.prep, client_id)
         self._update = jax.jit(
             build_client_update(self.prep), compiler_options=train_compiler_options(self.prep)
         )
-        self._key = train_key(cfg)
+        self._key = train_key(self.prep)
         self.dp = DpParams(
             clip_norm=jnp.float32(cfg.privacy.clip_norm),
             noise_multiplier=jnp.float32(self.privacy.noise_multiplier),
@@ -189,13 +221,24 @@ class ClientNode:
     def num_examples(self) -> int:
         return len(self.prep.client_indices[self.client_id])
 
-    def train_round(self, trainable: PyTree, round_idx: int) -> tuple[PyTree, dict[str, float]]:
+    def train_round(
+        self, trainable: PyTree, round_idx: int, rounds_done: int = 0
+    ) -> tuple[PyTree, dict[str, float], dict[str, float]]:
         """Runs this client's local steps of round ``round_idx`` (0-based) from ``trainable``.
 
+        ``rounds_done``: rounds this client has already trained (its node state). Only the
+        next round, ``round_idx == rounds_done``, is trained: a repeated round (same key and
+        batches: two uploads would differ by a noise-free amount), a round from the past or
+        one that skips ahead is refused, so every step taken is a step accounted.
+
         Returns:
-          ``(delta, metrics)``: the delta of the trainable tree (numpy leaves) and this
-          client's metrics (loss, examples, clipped fraction, gradient and delta norms,
-          epsilon spent after this round, sigma_k).
+          ``(delta, public, diagnostics)``: the noised delta of the trainable tree (numpy
+          leaves); public metrics (:data:`PUBLIC_METRICS` without the byte counts: epsilon
+          spent over the ``rounds_done + 1`` rounds trained, sigma_k, the configured expected
+          number of examples); diagnostics (:data:`DIAGNOSTICS`, not covered by epsilon).
+
+        Raises:
+          FederationError: the round is not the next one (naming it).
 
         Formal guarantee: see :func:`plan_client_privacy`; the delta is post-processing of
         this client's DP-SGD steps.
@@ -206,24 +249,46 @@ class ClientNode:
                 f"the server asked for round index {round_idx}, outside [0, {rounds - 1}] "
                 f"(federated.rounds={rounds}); server and clients must run the same config."
             )
+        if round_idx != rounds_done:
+            what = (
+                "a replay of a round it has already trained"
+                if round_idx < rounds_done
+                else "out of order (it skips ahead)"
+            )
+            raise FederationError(
+                f"client {self.client_id} refuses round index {round_idx}: {what}; it has "
+                f"trained rounds 0..{rounds_done - 1} and trains only round index "
+                f"{rounds_done} next. A repeated round would reuse its noise and batches."
+            )
         batches = client_batches(self.prep, round_idx, slots=[self.client_id])
         batches.pop("_dropped")
         batches = {k: v[0] for k, v in batches.items()}
         key = client_key(self._key, round_idx, self.client_id)
         delta, m = self._update(trainable, self.prep.frozen, batches, self.dp, key)
         delta = jax.device_get(delta)
-        eps = self.privacy.epsilon_curve[round_idx]
-        metrics = {
+        # Accounted: every round this client has trained, this one included.
+        eps = self.privacy.epsilon_curve[rounds_done]
+        public = {
+            "partition_id": float(self.client_id),
+            "round": float(round_idx),
+            "rounds_trained": float(rounds_done + 1),
+            # The configured expected count, never the realised Poisson one (which leaks).
+            "num-examples": float(self.cfg.client.batch_size * self.cfg.federated.local_steps),
+            "epsilon": eps if math.isfinite(eps) else -1.0,  # -1: not private
+            "delta": (
+                self.privacy.delta_curve[rounds_done]
+                if self.privacy.delta_curve
+                else self.cfg.privacy.delta
+            ),
+            "noise_multiplier": self.privacy.noise_multiplier,
+        }
+        diagnostics = {
             "loss": float(m.loss),
-            "num_examples": float(m.num_examples),
+            "realised_examples": float(m.num_examples),
             "clipped_fraction": float(m.clipped_fraction),
             "grad_norm": float(m.grad_norm),
-            "delta_norm": float(m.delta_norm),
-            "epsilon": eps if math.isfinite(eps) else -1.0,  # -1: not private
-            "noise_multiplier": self.privacy.noise_multiplier,
-            "partition_id": float(self.client_id),
         }
-        return delta, metrics
+        return delta, public, diagnostics
 
 
 class ServerRun:
@@ -261,12 +326,21 @@ class ServerRun:
         return wire.arrays_to_tree(arrays, self.state.trainable, sender=sender)
 
     def apply_round(
-        self, round_idx: int, deltas: list[PyTree], client_metrics: list[dict[str, float]]
+        self,
+        round_idx: int,
+        deltas: list[PyTree],
+        client_metrics: list[dict[str, float]],
+        client_diagnostics: list[dict[str, float]] | None = None,
     ) -> dict[str, Any]:
         """Aggregates the K clients' deltas (index k = client k) and takes the server step.
 
-        Returns the round's metrics record (the keys of ``metrics.jsonl`` of
-        :func:`ffa_jax.train.train`), with the workload's ``eval_*`` metrics on eval rounds.
+        The aggregation weights are the server's own (public partition sizes,
+        ``federated.weighting``), never a count a client reports.
+
+        Returns the round's metrics record (the release-safe keys of ``metrics.jsonl`` of
+        :func:`ffa_jax.train.train`), with the workload's ``eval_*`` metrics on eval rounds
+        and, when the clients sent them (``flower.send_diagnostics``), a ``diagnostics``
+        object (training loss, clipped fraction, gradient norm, realised examples).
         """
         cfg = self.cfg
         k = cfg.federated.clients
@@ -282,23 +356,25 @@ class ServerRun:
         new_state, update_norm = self._aggregate(self.state, stacked, self.weights)
         self.state = jax.device_get(new_state)
         w = self.weights / max(float(self.weights.sum()), 1e-12)
-        losses = np.array([m["loss"] for m in client_metrics])
         eps = [m["epsilon"] for m in client_metrics]
         record: dict[str, Any] = {
             "round": round_idx + 1,
-            "train_loss": float(np.sum(w * losses)),
             "epsilon": max(eps) if cfg.privacy.enabled else math.inf,
-            "delta": cfg.privacy.delta if cfg.privacy.enabled else 0.0,
-            "clipped_fraction": float(np.mean([m["clipped_fraction"] for m in client_metrics])),
-            "grad_norm": (
-                float(np.mean([m["grad_norm"] for m in client_metrics]))
-                if cfg.privacy.enabled
-                else None
-            ),
+            "delta": max(m["delta"] for m in client_metrics) if cfg.privacy.enabled else 0.0,
             "update_norm": float(update_norm),
-            "examples": int(sum(m["num_examples"] for m in client_metrics)),
             "noise_multipliers": [m["noise_multiplier"] for m in client_metrics],
+            "noise": noise_note(cfg),
         }
+        if client_diagnostics:
+            d = client_diagnostics
+            record["diagnostics"] = {
+                "train_loss": float(np.sum(w * np.array([m["loss"] for m in d]))),
+                "clipped_fraction": float(np.mean([m["clipped_fraction"] for m in d])),
+                "grad_norm": (
+                    float(np.mean([m["grad_norm"] for m in d])) if cfg.privacy.enabled else None
+                ),
+                "examples": int(sum(m["realised_examples"] for m in d)),
+            }
         is_last = round_idx + 1 == cfg.federated.rounds
         if is_last or (cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0):
             params = lora.combine(self.state.trainable, self.prep.frozen)

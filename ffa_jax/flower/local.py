@@ -86,6 +86,9 @@ class LocalFederation:
         "partition-id=k num-partitions=num_nodes"``.
       env: extra environment variables for every process.
       start_timeout: seconds to wait for the SuperLink to listen.
+      node_config: extra ``key=value`` pairs (space-separated) for every node's
+        ``--node-config``, e.g. ``"allow-non-private=true"`` for a reproducible research run
+        (see :mod:`ffa_jax.flower.client_app`).
 
     Attributes (after ``__enter__``):
       superlink_port, node_ports: the TCP ports in use (all on 127.0.0.1).
@@ -104,12 +107,14 @@ class LocalFederation:
         *,
         env: dict[str, str] | None = None,
         start_timeout: float = 60.0,
+        node_config: str = "",
     ):
         if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
             raise FederationError(f"num_nodes={num_nodes!r} must be a positive integer.")
         self.work_dir = Path(work_dir).absolute()
         self.num_nodes = num_nodes
         self.start_timeout = start_timeout
+        self.node_config = node_config.strip()
         self.home = self.work_dir / "flwr-home"
         self.log_dir = self.work_dir / "logs"
         self.env = dict(os.environ)
@@ -225,7 +230,7 @@ class LocalFederation:
                         "--port",
                         str(port),
                         "--node-config",
-                        f"partition-id={k} num-partitions={self.num_nodes}",
+                        f"partition-id={k} num-partitions={self.num_nodes} {self.node_config}".strip(),
                     ],
                 )
         except BaseException:

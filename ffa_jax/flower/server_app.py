@@ -9,7 +9,10 @@ directory ``<output_dir>/<name>/``: ``config.yaml``, ``metrics.jsonl`` (the simu
 plus the measured bytes of every client), ``adapter.safetensors`` and ``summary.json``.
 A relative ``output_dir`` is relative to the directory ``flower-superlink`` was started in.
 
-Nothing here sees client data: only the clients' noised deltas and metrics.
+Nothing here sees client data: only the clients' noised deltas and public numbers (their
+diagnostics only with ``flower.send_diagnostics``, which each client must consent to). The
+server sends no noise seed and cannot choose a client's noise. Every round's metrics line
+records the names of the records and metrics the clients actually sent (``received``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,15 @@ from ffa_jax.flower.app import (
 )
 from ffa_jax.flower.core import ServerRun
 from ffa_jax.flower.records import from_record, serialized_bytes, to_record
-from ffa_jax.train import _atomic_write, _json_safe, _metric_line, run_dir, save_adapter
+from ffa_jax.report import metric_value
+from ffa_jax.train import (
+    _atomic_write,
+    _json_safe,
+    _metric_line,
+    noise_note,
+    run_dir,
+    save_adapter,
+)
 
 app = ServerApp()
 
@@ -70,10 +81,11 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float, log=print) -> list[in
 
 def _decode_replies(
     server: ServerRun, replies: list[Message], nodes: list[int], round_idx: int
-) -> tuple[list[Any], list[dict[str, float]], list[dict[str, int]]]:
-    """Client-ordered deltas, metrics and measured bytes from one round's replies."""
+) -> tuple[list[Any], list[dict[str, float]], list[dict[str, int]], list[dict[str, float]]]:
+    """Client-ordered deltas, public metrics, measured bytes and diagnostics (empty dicts
+    unless sent) from one round's replies."""
     k = server.cfg.federated.clients
-    by_client: dict[int, tuple[Any, dict[str, float], dict[str, int]]] = {}
+    by_client: dict[int, tuple[Any, dict[str, float], dict[str, int], dict[str, float]]] = {}
     answered = set()
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -103,8 +115,15 @@ def _decode_replies(
         measured = {
             "payload": wire.payload_bytes(arrays),
             "serialized": serialized_bytes(record),
+            "records": sorted(
+                [*content.array_records, *content.metric_records, *content.config_records]
+            ),
+            "metric_keys": sorted(
+                f"{name}/{key}" for name, mr in content.metric_records.items() for key in mr
+            ),
         }
-        by_client[cid] = (delta, metrics, measured)
+        diag = content.metric_records.get("diagnostics")
+        by_client[cid] = (delta, metrics, measured, dict(diag.items()) if diag else {})
     if len(by_client) != k:
         silent = sorted(set(nodes) - answered)
         raise FederationError(
@@ -112,7 +131,12 @@ def _decode_replies(
             f"SuperNodes {silent}) within {ROUND_TIMEOUT_KEY}; check their logs or raise it."
         )
     ordered = [by_client[c] for c in range(k)]
-    return [o[0] for o in ordered], [o[1] for o in ordered], [o[2] for o in ordered]
+    return (
+        [o[0] for o in ordered],
+        [o[1] for o in ordered],
+        [o[2] for o in ordered],
+        [o[3] for o in ordered],
+    )
 
 
 def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, Any]:
@@ -155,8 +179,8 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
             for node in nodes
         ]
         replies = list(grid.send_and_receive(messages, timeout=round_timeout))
-        deltas, metrics, measured = _decode_replies(server, replies, nodes, r)
-        record = server.apply_round(r, deltas, metrics)
+        deltas, metrics, measured, diags = _decode_replies(server, replies, nodes, r)
+        record = server.apply_round(r, deltas, metrics, diags if all(diags) else None)
         payloads = [m["payload"] for m in measured]
         record.update(
             uplink_bytes=int(sum(payloads)),
@@ -165,6 +189,11 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
             uplink_payload_bytes=payloads,
             uplink_serialized_bytes=[m["serialized"] for m in measured],
             client_reported_uplink_bytes=[int(m["uplink_payload_bytes"]) for m in metrics],
+            # What the clients' messages held, as received: record names and metric keys.
+            received={
+                "records": sorted({n for m in measured for n in m["records"]}),
+                "metric_keys": sorted({n for m in measured for n in m["metric_keys"]}),
+            },
             seconds=time.time() - t0,
         )
         history.append(record)
@@ -178,9 +207,11 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
         with open(out / "metrics.jsonl", "w" if r == 0 else "a") as mf:
             mf.write(_metric_line(record))
         score = record.get(wl.metric)
+        loss = metric_value(record, "train_loss")
         log(
-            f"ffa_jax server: round {r + 1}/{cfg.federated.rounds} loss "
-            f"{record['train_loss']:.4f} eps {record['epsilon']:.3f}"
+            f"ffa_jax server: round {r + 1}/{cfg.federated.rounds}"
+            + ("" if loss is None else f" loss {loss:.4f}")
+            + f" eps {record['epsilon']:.3f}"
             + ("" if score is None else f" {wl.metric_short} {score:.4f}")
             + f" uplink {payloads} B ({record['seconds']:.1f} s)"
         )
@@ -199,6 +230,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
             "uplink_bytes_per_client_per_round": per_client,
             "rounds": cfg.federated.rounds,
             "nodes": [int(n) for n in nodes],
+            "noise": noise_note(cfg),
             "wall_seconds": time.time() - t_start,
         }
     )

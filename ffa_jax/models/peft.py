@@ -1,25 +1,40 @@
-"""Hugging Face PEFT LoRA adapters in and out of the ffa_jax parameter tree.
+"""Hugging Face PEFT LoRA adapters in and out of the ffa_jax parameter tree, for every family.
 
 An ffa_jax LoRA node ``LoRAWeight(w0 [d_in, d_out], a [d_in, r], b [r, d_out], scale)`` is PEFT's
 ``lora.Linear`` with ``lora_A.weight = a.T`` (``[r, d_in]``), ``lora_B.weight = b.T``
 (``[d_out, r]``) and ``scale = lora_alpha / r``, so both compute
 ``x W0 + scale * (x A^T) B^T``. A PEFT adapter folder holds:
 
-* ``adapter_config.json``: ``peft_type: LORA``, ``task_type: SEQ_CLS``, ``r``, ``lora_alpha``,
+* ``adapter_config.json``: ``peft_type: LORA``, ``task_type`` (``SEQ_CLS`` for BERT/RoBERTa,
+  ``CAUSAL_LM`` for LLaMA-family decoders, none for ViT), ``r``, ``lora_alpha``,
   ``target_modules``, ``lora_dropout: 0``, ``bias: none``, ``modules_to_save`` and
   ``base_model_name_or_path``;
 * ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` /
-  ``lora_B.weight`` for every adapted module (e.g.
-  ``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight``) -- the frozen A
-  included, so the adapter is self-contained -- and ``base_model.model.<module>.weight`` /
-  ``.bias`` of every module in ``modules_to_save``.
+  ``lora_B.weight`` for every adapted module -- the frozen A included, so the adapter is
+  self-contained -- and ``base_model.model.<module>.weight`` / ``.bias`` of every module in
+  ``modules_to_save``.
+
+Module names are HF's (:func:`hf_module_name`, tested against each family's key table):
+
+* BERT/RoBERTa: ``bert.encoder.layer.0.attention.self.query`` (``*ForSequenceClassification``);
+* LLaMA: ``model.layers.0.self_attn.q_proj`` (``LlamaForCausalLM``);
+* ViT: ``vit.encoder.layer.0.attention.attention.query`` (``ViTForImageClassification``).
 
 **The classification head.** PEFT's ``SEQ_CLS`` task saves the head (``modules_to_save:
-["classifier", "score"]``) with every adapter, and ffa_jax does the same: its head is either
-trained (``model.train_head: true``) or a random init drawn from the run's seed, and in both
-cases HF cannot reproduce it from the base checkpoint, so the exported adapter carries it
-(``classifier``; plus BERT's ``pooler`` when the base checkpoint has none). That is what makes
-``PeftModel.from_pretrained`` give ffa_jax's logits.
+["classifier", "score"]``) with every adapter, and ffa_jax does the same for its classifiers
+(BERT/RoBERTa and ViT): the head is either trained (``model.train_head: true``) or a random init
+drawn from the run's seed, and in both cases HF cannot reproduce it from the base checkpoint, so
+the exported adapter carries it (``classifier``; plus BERT's ``pooler`` when the base checkpoint
+has none). That is what makes ``PeftModel.from_pretrained`` give ffa_jax's logits. Decoders
+save no module whole (the LM head is tied to, or is, a frozen pretrained matrix).
+
+**The base model's name.** ``base_model_name_or_path`` must let someone else load the base model,
+so it is never a path on this machine unless asked for (``absolute_base_path=True``,
+``--absolute-base-path``): hub ids are kept, the offline ``minilm`` / ``smollm2`` packages
+become their hub ids (:data:`HUB_IDS`), and a local folder becomes its folder name with a
+warning to pass ``base_model`` (``--base-model NAME``). ``smollm2`` is a Q4_1 GGUF dequantised
+to float32; the hub's float checkpoint differs from it by the quantisation error, so logits on
+the hub model are close to, not equal to, ffa_jax's.
 
 **Pooling.** HF ``BertForSequenceClassification`` / ``RobertaForSequenceClassification`` read
 the first token (BERT through its pooler). ffa_jax runs on sentence-transformers checkpoints
@@ -32,10 +47,12 @@ Python API::
 
     export_peft(run_dir_or_params, out_dir, ...)   # adapter files + merged/ HF checkpoint
     import_peft(adapter_dir, base_params, lora_cfg) # PEFT adapter -> tree with LoRA nodes
+    init_from_adapter(params, lora_cfg)             # lora.init_from: a run starts from an adapter
     read_lora_config(adapter_dir, mode="ffa")       # the adapter's LoRAConfig
-    load_run(run_dir)                               # a finished run's params and configs
 
-Command line: ``ffa-jax export-peft RUN_DIR OUT_DIR``.
+A run directory is rebuilt by :func:`ffa_jax.inference.load_run`. Command line:
+``ffa-jax export-peft RUN_DIR OUT_DIR [--base-model NAME]``; a run starts from an adapter
+trained elsewhere with ``lora.init_from: ADAPTER_DIR``.
 """
 
 from __future__ import annotations
@@ -57,6 +74,7 @@ import numpy as np
 from ffa_jax import lora
 from ffa_jax.config import LoRAConfig
 from ffa_jax.errors import ConfigError, WeightsError
+from ffa_jax.models import convert, sources
 from ffa_jax.models import weights as weights_lib
 from ffa_jax.models.encoder import EncoderConfig
 
@@ -96,26 +114,154 @@ _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^
 # --------------------------------------------------------------------------- names
 
 
+# The HF model's prefix of every non-head module (``bert.encoder...``, ``model.layers...``).
+FAMILY_PREFIX = {"bert": "bert.", "roberta": "roberta.", "llama": "model.", "vit": "vit."}
+# Top-level modules that the HF task models hold outside the base model: no prefix.
+UNPREFIXED = ("classifier", "lm_head")
+# PEFT task_type per family: the PeftModel subclass ``from_pretrained`` builds.
+TASK_TYPE = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "llama": "CAUSAL_LM", "vit": None}
+# transformers Auto* class that loads the base model of each family.
+AUTO_CLASS = {
+    "bert": "AutoModelForSequenceClassification",
+    "roberta": "AutoModelForSequenceClassification",
+    "llama": "AutoModelForCausalLM",
+    "vit": "AutoModelForImageClassification",
+}
+# The hub checkpoints of the offline model packages (``model.name`` shorthands).
+HUB_IDS = {
+    sources.MINILM: "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
 def family_of(params: PyTree) -> str:
-    """``"roberta"`` if the tree has RoBERTa's ``classifier/out_proj`` head, else ``"bert"``."""
-    head = params.get("classifier", {}) if isinstance(params, Mapping) else {}
+    """The HF family of a parameter tree: ``"llama"`` (``embed_tokens``), ``"vit"``
+    (``embeddings/patch_embeddings``), ``"roberta"`` (RoBERTa's ``classifier/out_proj`` head)
+    or ``"bert"``."""
+    if not isinstance(params, Mapping):
+        return "bert"
+    if "embed_tokens" in params:
+        return "llama"
+    emb = params.get("embeddings", {})
+    if isinstance(emb, Mapping) and "patch_embeddings" in emb:
+        return "vit"
+    head = params.get("classifier", {})
     return "roberta" if isinstance(head, Mapping) and "out_proj" in head else "bert"
 
 
-def hf_module_name(path: Sequence[str], family: str) -> str:
+def family_of_config(config: Any) -> str:
+    """The family of a model config: an :class:`EncoderConfig`'s ``family``, ``"llama"`` for a
+    :class:`~ffa_jax.models.llama.LlamaConfig`, ``"vit"`` for a
+    :class:`~ffa_jax.models.vit.ViTConfig`."""
+    from ffa_jax.models.llama import LlamaConfig
+    from ffa_jax.models.vit import ViTConfig
+
+    if isinstance(config, EncoderConfig):
+        return config.family
+    if isinstance(config, LlamaConfig):
+        return "llama"
+    if isinstance(config, ViTConfig):
+        return "vit"
+    raise ConfigError(
+        f"config={type(config).__name__} is not a model config; pass the EncoderConfig, "
+        "LlamaConfig or ViTConfig of the parameter tree."
+    )
+
+
+# transformers 5 renamed ViT's modules (its checkpoint conversion maps the stored names):
+# ``vit.encoder.layer.0.attention.attention.query`` -> ``vit.layers.0.attention.q_proj``. PEFT
+# targets the live module names, so a ViT adapter must use the layout of the transformers that
+# loads it (PEFT 0.21 does not rename a v4 ViT adapter's keys or target_modules).
+VIT_LAYOUTS = ("auto", "v4", "v5")
+_VIT_V4_TO_V5 = (
+    (r"^vit\.encoder\.layer\.(\d+)\.", r"vit.layers.\1."),
+    (r"\.attention\.attention\.query$", ".attention.q_proj"),
+    (r"\.attention\.attention\.key$", ".attention.k_proj"),
+    (r"\.attention\.attention\.value$", ".attention.v_proj"),
+    (r"\.attention\.output\.dense$", ".attention.o_proj"),
+    (r"\.intermediate\.dense$", ".mlp.fc1"),
+    (r"\.output\.dense$", ".mlp.fc2"),
+)
+_VIT_V5_TO_V4 = (
+    (r"^vit\.layers\.(\d+)\.", r"vit.encoder.layer.\1."),
+    (r"\.attention\.q_proj$", ".attention.attention.query"),
+    (r"\.attention\.k_proj$", ".attention.attention.key"),
+    (r"\.attention\.v_proj$", ".attention.attention.value"),
+    (r"\.attention\.o_proj$", ".attention.output.dense"),
+    (r"\.mlp\.fc1$", ".intermediate.dense"),
+    (r"\.mlp\.fc2$", ".output.dense"),
+)
+
+
+def _renamed(module: str, table) -> str:
+    for pattern, repl in table:
+        module = re.sub(pattern, repl, module)
+    return module
+
+
+def vit_v4_module(module: str) -> str:
+    """A ViT module name in transformers 4's layout (``vit.encoder.layer.0.attention.attention
+    .query``) whichever layout it is in; other names unchanged."""
+    if not module.startswith("vit.layers."):
+        return module
+    return _renamed(module, _VIT_V5_TO_V4)
+
+
+def installed_vit_layout() -> str:
+    """``"v5"`` when the installed transformers names ViT's attention ``q_proj`` (its
+    ``modeling_vit.py`` is read, not imported: no torch needed), else ``"v4"``."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("transformers.models.vit.modeling_vit")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return "v4"
+    try:
+        text = pathlib.Path(spec.origin).read_text()
+    except OSError:
+        return "v4"
+    return "v5" if "q_proj" in text else "v4"
+
+
+def resolve_layout(layout: str, family: str) -> str:
+    """The module-name layout of an export: ``"v4"`` for every family but ViT; for ViT
+    ``layout``, with ``"auto"`` meaning :func:`installed_vit_layout`.
+
+    Raises:
+      ConfigError: ``layout`` is not one of :data:`VIT_LAYOUTS`.
+    """
+    if layout not in VIT_LAYOUTS:
+        raise ConfigError(
+            f"vit_layout={layout!r} is unknown; use one of {VIT_LAYOUTS} (v4: transformers 4's "
+            "vit.encoder.layer.N.attention.attention.query, v5: vit.layers.N.attention.q_proj)."
+        )
+    if family != "vit":
+        return "v4"
+    return installed_vit_layout() if layout == "auto" else layout
+
+
+def hf_module_name(path: Sequence[str], family: str, layout: str = "v4") -> str:
     """The HF module name of a parameter-tree module path.
 
     ``("encoder", "layer_0", "attention", "self", "query")`` ->
-    ``"bert.encoder.layer.0.attention.self.query"``; the classifier has no family prefix in
-    ``*ForSequenceClassification`` (``"classifier"``, ``"classifier.out_proj"``). Agrees with
-    :func:`ffa_jax.models.weights.key_table` (tested).
+    ``"bert.encoder.layer.0.attention.self.query"``; ``("layers_1", "self_attn", "q_proj")`` ->
+    ``"model.layers.1.self_attn.q_proj"`` (LLaMA); heads have no family prefix
+    (``"classifier"``, ``"classifier.out_proj"``, ``"lm_head"``). Agrees with the key tables
+    :func:`ffa_jax.models.weights.key_table`, :func:`~ffa_jax.models.llama_weights.llama_key_table`
+    and :func:`~ffa_jax.models.vit_weights.vit_key_table` (tested). ``layout="v5"`` gives
+    transformers 5's ViT names (``vit.layers.0.attention.q_proj``, see :data:`VIT_LAYOUTS`).
     """
     parts: list[str] = []
     for p in path:
-        m = re.fullmatch(r"layer_(\d+)", p)
-        parts += ["layer", m.group(1)] if m else [p]
+        m = re.fullmatch(r"(layers?)_(\d+)", p)
+        parts += [m.group(1), m.group(2)] if m else [p]
     name = ".".join(parts)
-    return name if path[0] == "classifier" else weights_lib.PREFIX[family] + name
+    name = name if path[0] in UNPREFIXED else FAMILY_PREFIX[family] + name
+    if family == "vit" and layout == "v5":
+        name = _renamed(name, _VIT_V4_TO_V5)
+    return name
 
 
 # Parameter leaf name -> HF tensor suffix, and whether the HF tensor is the transpose.
@@ -130,15 +276,27 @@ def _flat(params: PyTree) -> dict[tuple[str, ...], Any]:
     return out
 
 
-def _hf_tensor_name(path: tuple[str, ...], family: str) -> tuple[str, bool]:
+def _hf_entry(
+    path: tuple[str, ...], shape: tuple[int, ...], family: str, layout: str = "v4"
+) -> convert.KeyEntry:
+    """The key-table row of a Dense/LayerNorm leaf of a ``family`` tree (derived from its path,
+    without a model config): ``kernel`` <-> ``.weight`` transposed, ``bias``/``scale`` plain."""
     leaf = path[-1]
     if leaf not in _LEAF_TO_HF:
         raise WeightsError(
             f"parameter {'/'.join(path)} has no HF name (leaf {leaf!r}); modules_to_save can "
             "only hold Dense and LayerNorm modules."
         )
+    if "patch_embeddings" in path:
+        raise WeightsError(
+            f"parameter {'/'.join(path)} is ViT's patch convolution, stored [C*P*P, H] here and "
+            "[H, C, P, P] in HF; it cannot be a modules_to_save entry."
+        )
     suffix, transpose = _LEAF_TO_HF[leaf]
-    return f"{hf_module_name(path[:-1], family)}.{suffix}", transpose
+    name = f"{hf_module_name(path[:-1], family, layout)}.{suffix}"
+    if transpose:
+        return convert.KeyEntry(name, path, shape, shape[::-1], "linear")
+    return convert.plain(name, path, shape)
 
 
 def _uniform(nodes: Mapping[str, lora.LoRAWeight], what: str) -> tuple[int, float]:
@@ -181,15 +339,17 @@ def peft_state_dict(
     family: str,
     *,
     modules_to_save: Sequence[str] = DEFAULT_MODULES_TO_SAVE,
+    layout: str = "v4",
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The PEFT tensors and ``adapter_config`` fields of a tree with LoRA nodes.
 
     Args:
       params: a parameter tree with :class:`ffa_jax.lora.LoRAWeight` nodes (all of one rank and
         scale).
-      family: ``"bert"`` or ``"roberta"``.
+      family: ``"bert"``, ``"roberta"``, ``"llama"`` or ``"vit"`` (:func:`family_of`).
       modules_to_save: HF module names (or ``.``-suffixes, as PEFT matches them) whose full
         weights are saved, e.g. ``("classifier",)`` or ``("classifier", "pooler")``.
+      layout: ViT module names, ``"v4"`` or ``"v5"`` (:data:`VIT_LAYOUTS`).
 
     Returns:
       ``(tensors, fields)``: ``{PEFT key: float32 [out, in] array}`` and ``{"r", "lora_alpha",
@@ -207,20 +367,20 @@ def peft_state_dict(
             "before exporting a PEFT adapter."
         )
     rank, scale = _uniform({"/".join(p): n for p, n in nodes.items()}, "export")
-    linear = [hf_module_name(p[:-1], family) for p in flat if p[-1] == "kernel"]
+    linear = [hf_module_name(p[:-1], family, layout) for p in flat if p[-1] == "kernel"]
     tensors: dict[str, np.ndarray] = {}
     adapted = []
     for path, node in nodes.items():
         if path[-1] != "kernel":
             raise WeightsError(f"LoRA node at {'/'.join(path)} is not a Dense kernel.")
-        module = hf_module_name(path[:-1], family)
+        module = hf_module_name(path[:-1], family, layout)
         adapted.append(module)
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = np.asarray(node.a, np.float32).T
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = np.asarray(node.b, np.float32).T
     for name in modules_to_save:
         hits = 0
         for path, leaf in flat.items():
-            module = hf_module_name(path[:-1], family)
+            module = hf_module_name(path[:-1], family, layout)
             if not _saved_by(module, name):
                 continue
             if lora.is_lora(leaf):
@@ -228,9 +388,9 @@ def peft_state_dict(
                     f"modules_to_save entry {name!r} contains the LoRA-adapted module {module!r}; "
                     "a module is either adapted or saved whole, not both."
                 )
-            hf, transpose = _hf_tensor_name(path, family)
+            e = _hf_entry(path, tuple(np.shape(leaf)), family, layout)
             value = np.asarray(leaf, np.float32)
-            tensors[PEFT_PREFIX + hf] = np.ascontiguousarray(value.T if transpose else value)
+            tensors[PEFT_PREFIX + e.hf] = np.ascontiguousarray(e.to_hf(value))
             hits += 1
         if not hits:
             raise WeightsError(
@@ -248,12 +408,18 @@ def peft_state_dict(
 
 
 def adapter_config(
-    fields: Mapping[str, Any], base_model_name_or_path: str | None
+    fields: Mapping[str, Any],
+    base_model_name_or_path: str | None,
+    task_type: str | None = "SEQ_CLS",
 ) -> dict[str, Any]:
-    """A complete PEFT ``adapter_config.json`` dict (the fields PEFT itself writes)."""
+    """A complete PEFT ``adapter_config.json`` dict (the fields PEFT itself writes).
+
+    ``task_type`` selects the ``PeftModel`` subclass: ``"SEQ_CLS"`` (encoders),
+    ``"CAUSAL_LM"`` (decoders) or ``None`` (ViT: the plain ``PeftModel``), see
+    :data:`TASK_TYPE`."""
     return {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS",
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
@@ -284,21 +450,25 @@ class ExportResult:
       out_dir: the adapter folder (``adapter_config.json``, ``adapter_model.safetensors``,
         ``README.md``); ``PeftModel.from_pretrained(base, out_dir)`` loads it.
       merged_dir: the merged full HF checkpoint (``config.json``, ``model.safetensors`` and the
-        base model's tokenizer files), or ``None``.
+        base model's tokenizer or image-processor files), or ``None``.
       base_model: ``base_model_name_or_path`` written into the adapter config.
-      num_labels: classifier outputs (load the base model with this ``num_labels``).
-      warnings: human-readable caveats (e.g. mean pooling), also in ``README.md``.
+      num_labels: classifier outputs (load the base model with this ``num_labels``); ``None``
+        for decoders.
+      warnings: human-readable caveats (e.g. mean pooling, a local base model), also in
+        ``README.md``.
+      family: ``"bert"``, ``"roberta"``, ``"llama"`` or ``"vit"``.
     """
 
     out_dir: pathlib.Path
     merged_dir: pathlib.Path | None
     base_model: str | None
-    num_labels: int
+    num_labels: int | None
     warnings: tuple[str, ...]
+    family: str = "bert"
 
 
-def _pooling_warning(config: EncoderConfig) -> str | None:
-    if config.pooling != "mean":
+def _pooling_warning(config: Any) -> str | None:
+    if not isinstance(config, EncoderConfig) or config.pooling != "mean":
         return None
     return (
         "this model was trained with mean pooling (a sentence-transformers checkpoint), but "
@@ -310,73 +480,185 @@ def _pooling_warning(config: EncoderConfig) -> str | None:
     )
 
 
-def _readme(result_base: str | None, config: EncoderConfig, fields, notes, label_names) -> str:
-    arch = f"{'Bert' if config.family == 'bert' else 'Roberta'}ForSequenceClassification"
+def portable_base_model(
+    name: str, *, absolute: bool = False, model_dir: str | os.PathLike | None = None
+) -> tuple[str, str | None]:
+    """``(base_model_name_or_path, caveat or None)`` for a run's ``model.name``.
+
+    Hub ids are kept and the offline packages become their hub ids (:data:`HUB_IDS`). A local
+    folder or file becomes its name only -- a path on this machine means nothing elsewhere --
+    with a caveat saying to pass the hub id (``--base-model``), unless ``absolute`` asks for
+    the resolved path (``model_dir`` when given, else ``name``).
+    """
+    if name in HUB_IDS:
+        return HUB_IDS[name], None
+    local = pathlib.Path(name).expanduser()
+    if not local.exists():
+        return name, None  # a hub id
+    if absolute:
+        return str(pathlib.Path(model_dir or local).resolve()), None
+    short = local.resolve().name
+    return short, (
+        f"the base model is a local {'folder' if local.is_dir() else 'file'}: the adapter "
+        f"records only its name {short!r} (a path on this machine means nothing "
+        "elsewhere). Pass its hub id (ffa-jax export-peft --base-model NAME, or "
+        "base_model=NAME), or ask for the absolute path with --absolute-base-path."
+    )
+
+
+def _loader_lines(family: str, base: str | None, num_labels: int | None) -> list[str]:
+    auto = AUTO_CLASS[family]
+    labels = "" if num_labels is None else f", num_labels={num_labels}"
+    return [
+        "```python",
+        "from peft import PeftModel",
+        f"from transformers import {auto}",
+        "",
+        f"base = {auto}.from_pretrained({base!r}{labels})",
+        'model = PeftModel.from_pretrained(base, "<this folder>").eval()',
+        "```",
+    ]
+
+
+def _readme(base: str | None, config: Any, fields, notes, label_names) -> str:
+    family = family_of_config(config)
+    arch = {
+        "bert": "BertForSequenceClassification",
+        "roberta": "RobertaForSequenceClassification",
+        "llama": "LlamaForCausalLM",
+        "vit": "ViTForImageClassification",
+    }[family]
+    num_labels = getattr(config, "num_labels", None)
     lines = [
         "---",
         "library_name: peft",
-        f"base_model: {result_base}",
+        f"base_model: {base}",
         "---",
         "",
         "# FFA-LoRA adapter exported by ffa_jax",
         "",
-        f"- base model: `{result_base}` ({config.family}, {arch})",
+        f"- base model: `{base}` ({family}, {arch})",
         f"- LoRA: r={fields['r']}, lora_alpha={fields['lora_alpha']}, "
         f"target_modules={fields['target_modules']}; the frozen A is included",
-        f"- head: modules_to_save={fields['modules_to_save']}, num_labels={config.num_labels}"
-        + (f", labels {list(label_names)}" if label_names else ""),
-        f"- pooling used in training: {config.pooling}",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForSequenceClassification",
-        "",
-        f"base = AutoModelForSequenceClassification.from_pretrained({result_base!r}, "
-        f"num_labels={config.num_labels})",
-        'model = PeftModel.from_pretrained(base, "<this folder>").eval()',
-        "```",
-        "",
-        "The merged full checkpoint (no PEFT needed) is in `merged/` when it was exported.",
     ]
+    if num_labels is not None:
+        lines.append(
+            f"- head: modules_to_save={fields['modules_to_save']}, num_labels={num_labels}"
+            + (f", labels {list(label_names)}" if label_names else "")
+        )
+    if isinstance(config, EncoderConfig):
+        lines.append(f"- pooling used in training: {config.pooling}")
+    lines += ["", *_loader_lines(family, base, num_labels), ""]
+    lines.append(
+        "The merged full checkpoint (no PEFT needed) is in `merged/` when it was exported."
+    )
     if notes:
         lines += ["", "## Caveats", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
+def _write_text(path: pathlib.Path, data: str | bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+
+    convert.atomic_write(path, write)
+
+
 def _write_json(path: pathlib.Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    _write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _metadata(config: Any) -> dict[str, str]:
+    family = family_of_config(config)
+    info: dict[str, Any] = {"family": family}
+    if isinstance(config, EncoderConfig):
+        info = {"family": family, "pooling": config.pooling, "num_labels": config.num_labels}
+    elif family == "vit":
+        info["num_labels"] = config.num_labels
+    return {"format": "pt", "ffa_jax": json.dumps(info)}
+
+
+def default_modules_to_save(config: Any, model_dir: str | os.PathLike | None = None) -> list[str]:
+    """What the adapter saves whole: the classifier of encoders and ViTs (plus BERT's pooler
+    when the base checkpoint in ``model_dir`` has none), nothing for decoders."""
+    family = family_of_config(config)
+    if family == "llama":
+        return []
+    out = list(DEFAULT_MODULES_TO_SAVE)
+    if family == "bert" and model_dir is not None and not _has_pooler(pathlib.Path(model_dir)):
+        out.append("pooler")
+    return out
+
+
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """A float32 safetensors file, deterministically: the header lists the metadata and the
+    tensors in sorted key order (the ``safetensors`` writer keeps metadata in a hash map, whose
+    order changes between processes), so equal adapters give equal bytes.
+
+    Layout (the safetensors format): 8-byte little-endian header length, the JSON header
+    padded with spaces to a multiple of 8, then every tensor's little-endian bytes in header
+    order."""
+    header: dict[str, Any] = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        data = np.ascontiguousarray(tensors[name], dtype="<f4")
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(data.shape),
+            "data_offsets": [offset, offset + data.nbytes],
+        }
+        chunks.append(data.tobytes())
+        offset += data.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + b"".join(chunks)
 
 
 def save_peft(
     params: PyTree,
-    config: EncoderConfig,
+    config: Any,
     out_dir: str | os.PathLike,
     *,
     base_model: str | None,
-    modules_to_save: Sequence[str] = DEFAULT_MODULES_TO_SAVE,
+    modules_to_save: Sequence[str] | None = None,
     label_names: Sequence[str] | None = None,
     notes: Sequence[str] = (),
+    vit_layout: str = "auto",
 ) -> pathlib.Path:
     """Writes the PEFT adapter of ``params`` (``adapter_config.json``,
-    ``adapter_model.safetensors``, ``README.md``) to ``out_dir``. See :func:`export_peft`."""
-    from safetensors.numpy import save_file
+    ``adapter_model.safetensors``, ``README.md``) to ``out_dir``, each file atomically; the
+    bytes depend only on the adapter's values and these arguments. See :func:`export_peft`.
 
-    tensors, fields = peft_state_dict(params, config.family, modules_to_save=modules_to_save)
+    Args:
+      config: the tree's EncoderConfig, LlamaConfig or ViTConfig.
+      modules_to_save: default :func:`default_modules_to_save` (without a model folder).
+      vit_layout: ViT module names: ``"auto"`` (the installed transformers'), ``"v4"`` or
+        ``"v5"`` (:data:`VIT_LAYOUTS`); ignored for other families.
+    """
+    family = family_of_config(config)
+    layout = resolve_layout(vit_layout, family)
+    if modules_to_save is None:
+        modules_to_save = default_modules_to_save(config)
+    tensors, fields = peft_state_dict(
+        params, family, modules_to_save=modules_to_save, layout=layout
+    )
+    if family == "vit":
+        notes = [
+            *notes,
+            f"module names in transformers {layout}'s ViT layout ("
+            + (
+                "vit.layers.N.attention.q_proj; for transformers 4 export with --vit-layout v4)"
+                if layout == "v5"
+                else "vit.encoder.layer.N.attention.attention.query; for transformers 5 export "
+                "with --vit-layout v5)"
+            ),
+        ]
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": "pt",
-        "ffa_jax": json.dumps(
-            {"family": config.family, "pooling": config.pooling, "num_labels": config.num_labels}
-        ),
-    }
-    tmp = out / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out / ADAPTER_WEIGHTS)
-    _write_json(out / ADAPTER_CONFIG, adapter_config(fields, base_model))
-    (out / "README.md").write_text(_readme(base_model, config, fields, notes, label_names))
+    _write_text(out / ADAPTER_WEIGHTS, safetensors_bytes(tensors, _metadata(config)))
+    _write_json(out / ADAPTER_CONFIG, adapter_config(fields, base_model, TASK_TYPE[family]))
+    _write_text(out / "README.md", _readme(base_model, config, fields, notes, label_names))
     return out
 
 
@@ -389,48 +671,106 @@ def _copy_model_files(src: pathlib.Path, dst: pathlib.Path) -> None:
             shutil.copy2(s, dst / name)
 
 
+def save_merged(
+    params: PyTree,
+    config: Any,
+    out_dir: str | os.PathLike,
+    *,
+    model_dir: str | os.PathLike | None = None,
+    label_names: Sequence[str] | None = None,
+    tokenizer: Any = None,
+) -> pathlib.Path:
+    """Writes the merged full HF checkpoint of ``params`` (``W0 + scale * A B`` folded in) to
+    ``out_dir``: ``config.json`` + ``model.safetensors`` in the family's HF layout, plus the
+    tokenizer / image-processor files of ``model_dir`` (a local folder) or ``tokenizer``
+    (``save_pretrained``). It loads with the family's ``AutoModelFor*`` and as an ffa_jax
+    ``model.name``."""
+    from ffa_jax.models import llama_weights, vit_weights
+
+    family = family_of_config(config)
+    out = pathlib.Path(out_dir)
+    src = pathlib.Path(model_dir) if model_dir is not None else None
+    src = src if src is not None and src.is_dir() else None
+    hf_base = sources.read_hf_config(src) if src is not None else {}
+    if family == "llama":
+        llama_weights.save_llama(params, config, out)
+    elif family == "vit":
+        mean = std = None
+        if src is not None:
+            mean, std = vit_weights.read_image_processor(src, config.num_channels)
+        vit_weights.save_vit(
+            params,
+            config,
+            out,
+            image_mean=mean,
+            image_std=std,
+            label_names=(
+                label_names if label_names and len(label_names) == config.num_labels else None
+            ),
+            base_hf_config=hf_base,
+        )
+    else:
+        if label_names is not None and len(label_names) == config.num_labels:
+            hf_base["id2label"] = {str(i): str(n) for i, n in enumerate(label_names)}
+        weights_lib.save_encoder(params, config, out, base_hf_config=hf_base)
+    if src is not None:
+        _copy_model_files(src, out)
+    elif tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
 def export_peft(
     source: str | os.PathLike | PyTree,
     out_dir: str | os.PathLike,
     *,
-    config: EncoderConfig | None = None,
+    config: Any = None,
     base_model: str | os.PathLike | None = None,
+    absolute_base_path: bool = False,
     modules_to_save: Sequence[str] | None = None,
     merged: bool = True,
-    num_labels: int | None = None,
     label_names: Sequence[str] | None = None,
     overwrite: bool = False,
+    vit_layout: str = "auto",
 ) -> ExportResult:
     """Exports a run (or a parameter tree) as a PEFT LoRA adapter plus a merged HF checkpoint.
 
     Writes to ``out_dir``: ``adapter_config.json``, ``adapter_model.safetensors`` (PEFT key
     names, PyTorch ``[out, in]`` layout, A included), ``README.md``, and with ``merged``
-    ``merged/`` (``config.json`` + ``model.safetensors`` with ``W0 + scale * A B`` folded in,
-    plus the base model's tokenizer files): it loads with
-    ``AutoModelForSequenceClassification.from_pretrained`` and as an ffa_jax ``model.name``.
+    ``merged/`` (see :func:`save_merged`). Works for BERT/RoBERTa, LLaMA-family and ViT models.
 
     Args:
-      source: a run directory (``config.yaml`` + ``adapter.safetensors``, see :func:`load_run`)
-        or a parameter tree with LoRA nodes (then ``config`` is required).
+      source: a run directory (``config.yaml`` + ``adapter.safetensors``, rebuilt by
+        :func:`ffa_jax.inference.load_run`) or a parameter tree with LoRA nodes (then
+        ``config`` is required).
       out_dir: the adapter folder; must be empty or absent unless ``overwrite``.
-      config: the tree's :class:`EncoderConfig` (ignored for a run directory).
-      base_model: ``base_model_name_or_path`` to record. For a run directory it defaults to
-        the run's ``model.name`` (a hub id is kept; ``minilm`` and local folders become
-        absolute folder paths); for a tree it is also the folder whose tokenizer files and
-        ``config.json`` fields are copied into ``merged/`` when it is a local folder.
-      modules_to_save: modules saved whole with the adapter. Default: ``("classifier",)``, and
-        BERT's ``"pooler"`` too when the base checkpoint has none (ffa_jax initialised it).
+      config: the tree's EncoderConfig / LlamaConfig / ViTConfig (ignored for a run directory).
+      base_model: ``base_model_name_or_path`` to record. For a run directory it defaults to a
+        portable name for the run's ``model.name`` (:func:`portable_base_model`: hub ids as
+        they are, ``minilm``/``smollm2`` as their hub ids, a local folder by its name only),
+        and a given value is recorded as given. For a tree it may be a local folder: its
+        tokenizer files and ``config.json`` fields go into ``merged/`` and its name (not its
+        path) is recorded.
+      absolute_base_path: record the base model's absolute local path instead (the adapter
+        then loads only on this machine).
+      modules_to_save: modules saved whole with the adapter (default
+        :func:`default_modules_to_save`).
       merged: also write ``merged/``.
-      num_labels: for a run directory, the label count if it cannot be read from the run.
       label_names: names for ``id2label`` (a run directory supplies its own).
       overwrite: replace an existing non-empty ``out_dir``.
+      vit_layout: ViT module names (``"auto"``: those of the installed transformers; ``"v4"``:
+        ``vit.encoder.layer.N.attention.attention.query``; ``"v5"``:
+        ``vit.layers.N.attention.q_proj``). PEFT needs the layout of the transformers that
+        loads the adapter.
 
     Returns:
       An :class:`ExportResult`; its ``warnings`` (also issued with :func:`warnings.warn`)
-      explain when HF logits will differ from ffa_jax's (mean pooling).
+      explain when HF logits will differ from ffa_jax's (mean pooling) and when the base model
+      is recorded by its local name only.
 
     Raises:
-      ConfigError: ``out_dir`` exists and is not empty, or ``config`` is missing for a tree.
+      ConfigError: ``out_dir`` exists and is not empty, ``config`` is missing for a tree, or
+        the run directory is invalid.
       WeightsError: the run or tree cannot be exported (see :func:`peft_state_dict`).
     """
     out = pathlib.Path(out_dir)
@@ -440,28 +780,40 @@ def export_peft(
             "(overwrite=True) or choose another folder."
         )
     model_dir: pathlib.Path | None = None
+    tokenizer = None
+    notes: list[str] = []
     if isinstance(source, (str, os.PathLike)):
-        run = load_run(source, num_labels=num_labels)
-        params, config = run.params, run.encoder_config
+        # The run layer rebuilds runs; imported here so that ffa_jax.models does not need it.
+        from ffa_jax.inference import load_run
+
+        run = load_run(source)
+        params, config = run.params, run.model_config
         model_dir = run.model_dir
         label_names = label_names or run.label_names
-        base = str(base_model) if base_model is not None else run.base_model
+        if run.family == "llama" and (model_dir is None or not model_dir.is_dir()):
+            tokenizer = run.tokenizer()
+        if base_model is not None:
+            base = os.fspath(base_model)
+        else:
+            base, note = portable_base_model(
+                run.config.model.name, absolute=absolute_base_path, model_dir=model_dir
+            )
+            notes += [note] if note else []
     else:
         if config is None:
             raise ConfigError(
-                "export_peft(params, ...) needs config=<the EncoderConfig of params>; or pass a "
-                "run directory."
+                "export_peft(params, ...) needs config=<the EncoderConfig, LlamaConfig or "
+                "ViTConfig of params>; or pass a run directory."
             )
         params = source
         base = None if base_model is None else os.fspath(base_model)
         if base is not None and pathlib.Path(base).expanduser().is_dir():
             model_dir = pathlib.Path(base).expanduser().resolve()
-            base = str(model_dir)
+            base, note = portable_base_model(base, absolute=absolute_base_path)
+            notes += [note] if note else []
     if modules_to_save is None:
-        modules_to_save = list(DEFAULT_MODULES_TO_SAVE)
-        if config.family == "bert" and model_dir is not None and not _has_pooler(model_dir):
-            modules_to_save.append("pooler")
-    notes = [w for w in (_pooling_warning(config),) if w]
+        modules_to_save = default_modules_to_save(config, model_dir)
+    notes = [w for w in (_pooling_warning(config),) if w] + notes
     if overwrite and out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     save_peft(
@@ -472,180 +824,55 @@ def export_peft(
         modules_to_save=modules_to_save,
         label_names=label_names,
         notes=notes,
+        vit_layout=vit_layout,
     )
     merged_dir = None
     if merged:
-        hf_base = weights_lib.read_hf_config(model_dir) if model_dir is not None else {}
-        if label_names is not None and len(label_names) == config.num_labels:
-            hf_base["id2label"] = {str(i): str(n) for i, n in enumerate(label_names)}
-        merged_dir = weights_lib.save_encoder(
-            params, config, out / MERGED_DIR, base_hf_config=hf_base
+        merged_dir = save_merged(
+            params,
+            config,
+            out / MERGED_DIR,
+            model_dir=model_dir,
+            label_names=label_names,
+            tokenizer=tokenizer,
         )
-        if model_dir is not None:
-            _copy_model_files(model_dir, merged_dir)
     for n in notes:
         warnings.warn(n, stacklevel=2)
     return ExportResult(
         out_dir=out,
         merged_dir=merged_dir,
         base_model=base,
-        num_labels=config.num_labels,
+        num_labels=getattr(config, "num_labels", None),
         warnings=tuple(notes),
+        family=family_of_config(config),
     )
 
 
 def _has_pooler(model_dir: pathlib.Path) -> bool:
-    raw, _ = weights_lib.read_safetensors(model_dir)
-    return any(k.removeprefix("bert.").startswith("pooler.") for k in raw)
+    names = convert.safetensors_index(model_dir)
+    return any(k.removeprefix("bert.").startswith("pooler.") for k in names)
 
 
-# --------------------------------------------------------------------------- runs
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """A finished run rebuilt from its directory (see :func:`load_run`)."""
-
-    run_config: Any  # ffa_jax.config.RunConfig
-    encoder_config: EncoderConfig
-    params: PyTree
-    model_dir: pathlib.Path
-    base_model: str
-    label_names: tuple[str, ...] | None
-
-
-def _base_model_name(name: str, model_dir: pathlib.Path) -> str:
-    """Hub ids stay hub ids; ``minilm`` and local folders become absolute folder paths."""
-    if name == weights_lib.MINILM or pathlib.Path(name).expanduser().exists():
-        return str(pathlib.Path(model_dir).resolve())
-    return name
-
-
-def load_run(run_dir: str | os.PathLike, *, num_labels: int | None = None) -> Run:
-    """Rebuilds a finished run's parameter tree from ``config.yaml`` + ``adapter.safetensors``.
-
-    The base weights come from the run's ``model.name``; the head is the checkpoint's or, as in
-    training, a random init from the run's seed (``train.KEY_HEAD``); every LoRA node's ``a``
-    and ``b`` come from ``adapter.safetensors``, as do trained head leaves when the file holds
-    them (keys that are parameter paths, e.g. ``classifier/kernel``).
-
-    The label count is read from the file's metadata (``num_labels`` / ``label_names``), or
-    the head's shape, or ``num_labels``, or else by loading the run's task (as training did).
+def init_from_adapter(params: PyTree, lora_cfg: LoRAConfig) -> PyTree:
+    """``lora.init_from``: the run's LoRA tree (from :func:`ffa_jax.lora.init`) with every
+    LoRA node's ``a``/``b`` and every saved module (the head) taken from the PEFT adapter
+    folder ``lora_cfg.init_from`` (:func:`import_peft`). The adapter is treated as public,
+    like the pretrained weights: its values are not covered by the run's privacy guarantee,
+    only the updates that training adds to them.
 
     Raises:
-      ConfigError: the directory or its config is missing or invalid.
-      WeightsError: the adapter file is missing, does not match the model (the message names
-        the key), or the run trained its head but the file does not hold it.
+      ConfigError: ``lora.init_from`` is not a PEFT adapter folder.
+      WeightsError: the adapter does not fit the model or ``lora.rank`` / ``lora.alpha`` /
+        ``lora.targets`` (the message names the key and the setting to change).
     """
-    from safetensors import safe_open
-
-    from ffa_jax.config import load_config
-    from ffa_jax.train import KEY_HEAD, KEY_LORA_A
-
-    run = pathlib.Path(run_dir)
-    cfg_path, adapter_path = run / "config.yaml", run / "adapter.safetensors"
-    if not cfg_path.is_file():
+    path = pathlib.Path(os.path.expanduser(lora_cfg.init_from))
+    if not (path / ADAPTER_CONFIG).is_file():
         raise ConfigError(
-            f"{str(run)!r} is not a run directory: {cfg_path.name} is missing. Pass the folder "
-            "`ffa-jax train` wrote (runs/<name>)."
+            f"lora.init_from={lora_cfg.init_from!r}: {str(path / ADAPTER_CONFIG)!r} does not "
+            "exist; give a PEFT adapter folder (what ffa-jax export-peft or "
+            "PeftModel.save_pretrained writes)."
         )
-    cfg = load_config(cfg_path)
-    from ffa_jax.workloads import resolve_family
-
-    if resolve_family(cfg) != "encoder":
-        raise ConfigError(
-            f"{str(run)!r} is a {resolve_family(cfg)} (decoder) run: PEFT export supports encoder "
-            "runs only so far. Its LoRA factors are in adapter.safetensors ('<path>/a' [d_in, r], "
-            "'<path>/b' [r, d_out] per adapted kernel, e.g. layers_0/self_attn/q_proj/kernel/b)."
-        )
-    if not adapter_path.is_file():
-        raise WeightsError(
-            f"{str(adapter_path)!r} is missing: the run did not finish (train writes it after "
-            "the last round)."
-        )
-    with safe_open(str(adapter_path), framework="numpy") as f:
-        meta = f.metadata() or {}
-        stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
-    label_names = None
-    if "label_names" in meta:
-        label_names = tuple(json.loads(meta["label_names"]))
-    n = num_labels or (len(label_names) if label_names else None)
-    if n is None and "num_labels" in meta:
-        n = int(meta["num_labels"])
-    if n is None:
-        for k in ("classifier/kernel", "classifier/out_proj/kernel"):
-            if k in stored:
-                n = int(stored[k].shape[-1])
-    if n is None:
-        from ffa_jax.data import tasks
-
-        data = tasks.load_text_classification(
-            cfg.data.task,
-            test_fraction=cfg.data.test_fraction,
-            seed=cfg.seed,
-            text_field=cfg.data.text_field,
-            label_field=cfg.data.label_field,
-        )
-        label_names, n = data.label_names, data.num_labels
-
-    key = jax.random.key(cfg.seed)
-    model_dir = weights_lib.resolve_model_dir(cfg.model.name)
-    enc_cfg, base = weights_lib.load_encoder(
-        str(model_dir), n, head_key=jax.random.fold_in(key, KEY_HEAD), pooling=cfg.model.pooling
-    )
-    params = lora.init(base, cfg.lora, jax.random.fold_in(key, KEY_LORA_A))
-    flat = _flat(params)
-    by_path = {"/".join(p): leaf for p, leaf in flat.items()}
-    errors, used = [], set()
-    new_leaves = {}
-    for p, leaf in by_path.items():
-        if lora.is_lora(leaf):
-            parts = {}
-            for which, shape in (("a", leaf.a.shape), ("b", leaf.b.shape)):
-                k = f"{p}/{which}"
-                if k not in stored:
-                    errors.append(f"missing key {k!r} (shape {tuple(shape)})")
-                elif tuple(stored[k].shape) != tuple(shape):
-                    errors.append(
-                        f"shape mismatch: {k!r} expected {tuple(shape)}, got {stored[k].shape}"
-                    )
-                else:
-                    parts[which] = jnp.asarray(stored[k], jnp.float32)
-                    used.add(k)
-            if len(parts) == 2:
-                new_leaves[p] = leaf.replace(**parts)
-        elif p in stored:
-            if tuple(stored[p].shape) != tuple(leaf.shape):
-                errors.append(
-                    f"shape mismatch: {p!r} expected {tuple(leaf.shape)}, got {stored[p].shape}"
-                )
-            else:
-                new_leaves[p] = jnp.asarray(stored[p], jnp.float32)
-                used.add(p)
-    errors += [f"unmapped key {k!r}" for k in sorted(set(stored) - used)]
-    if cfg.model.train_head and not any(k.startswith("classifier/") for k in used):
-        errors.append(
-            "the run trained its head (model.train_head=true) but adapter.safetensors holds no "
-            "classifier/* weights, so the trained head cannot be exported"
-        )
-    if errors:
-        raise WeightsError(
-            f"cannot rebuild the run {str(run)!r} from {adapter_path.name} ({len(errors)} "
-            "problem(s)):\n  " + "\n  ".join(errors)
-        )
-
-    def pick(path, leaf):
-        return new_leaves.get(lora.path_str(path), leaf)
-
-    params = jax.tree_util.tree_map_with_path(pick, params, is_leaf=lora.is_lora)
-    return Run(
-        run_config=cfg,
-        encoder_config=enc_cfg,
-        params=params,
-        model_dir=pathlib.Path(model_dir),
-        base_model=_base_model_name(cfg.model.name, pathlib.Path(model_dir)),
-        label_names=label_names,
-    )
+    return import_peft(path, params, lora_cfg)
 
 
 # --------------------------------------------------------------------------- import
@@ -707,15 +934,15 @@ def read_lora_config(adapter_dir: str | os.PathLike, mode: str = "ffa") -> LoRAC
 
 def _module_path_regex(module: str) -> str:
     """``bert.encoder.layer.0.attention.self.query`` -> ``encoder/layer_0/attention/self/query``
-    (escaped)."""
-    parts = module.split(".")
-    if parts[0] in ("bert", "roberta"):
+    (escaped); ``model.layers.0.self_attn.q_proj`` -> ``layers_0/self_attn/q_proj``."""
+    parts = vit_v4_module(module).split(".")
+    if parts[0] + "." in FAMILY_PREFIX.values():
         parts = parts[1:]
     out: list[str] = []
     i = 0
     while i < len(parts):
-        if parts[i] == "layer" and i + 1 < len(parts) and parts[i + 1].isdigit():
-            out.append(f"layer_{parts[i + 1]}")
+        if parts[i] in ("layer", "layers") and i + 1 < len(parts) and parts[i + 1].isdigit():
+            out.append(f"{parts[i]}_{parts[i + 1]}")
             i += 2
         else:
             out.append(parts[i])
@@ -803,10 +1030,11 @@ def import_peft(
     flat = _flat(base_params)
     base_w = {p: (leaf.w0 if lora.is_lora(leaf) else leaf) for p, leaf in flat.items()}
     kernels = {hf_module_name(p[:-1], family): p for p in base_w if p[-1] == "kernel"}
-    tensor_of = {}
-    for p in base_w:
-        if p[-1] in _LEAF_TO_HF:
-            tensor_of[_hf_tensor_name(p, family)[0]] = p
+    entry_of: dict[str, convert.KeyEntry] = {}
+    for p, w in base_w.items():
+        if p[-1] in _LEAF_TO_HF and "patch_embeddings" not in p:
+            e = _hf_entry(p, tuple(np.shape(w)), family)
+            entry_of[e.hf] = e
     wanted = {
         hf_module_name(p[:-1], family)
         for p in (tuple(s.split("/")) for s in lora.target_paths(_plain(base_w), lora_cfg.targets))
@@ -820,13 +1048,27 @@ def import_peft(
             continue
         name = key.removeprefix(PEFT_PREFIX)
         m = _LORA_KEY.fullmatch(name)
+        if family == "vit":  # either transformers layout of ViT's names
+            module, _, suffix = name.rpartition(".")
+            name = f"{vit_v4_module(module)}.{suffix}"
+            if m:
+                m = _LORA_KEY.fullmatch(
+                    f"{vit_v4_module(m.group('module'))}.lora_{m.group('which')}.weight"
+                )
         if m:
             module, which = m.group("module"), m.group("which")
             if module not in kernels:
-                other = "roberta" if family == "bert" else "bert"
+                other = next(
+                    (
+                        f
+                        for f, pre in FAMILY_PREFIX.items()
+                        if f != family and module.startswith(pre)
+                    ),
+                    None,
+                )
                 why = (
                     f"it is a {other} module name but the base model is {family}"
-                    if module.startswith(other + ".")
+                    if other is not None
                     else f"the {family} base model has no such Dense layer"
                 )
                 errors.append(
@@ -836,24 +1078,20 @@ def import_peft(
                 continue
             factors.setdefault(module, {})[which] = value
             continue
-        path = tensor_of.get(name)
-        if path is None:
+        e = entry_of.get(name)
+        if e is None:
             errors.append(
                 f"adapter key {key!r} matches no parameter of the {family} base model "
                 "(a LoRA factor must end in .lora_A.weight/.lora_B.weight; a saved module must "
                 "be a Dense/LayerNorm of the model)"
             )
             continue
-        expect = tuple(np.shape(base_w[path]))
-        transpose = _LEAF_TO_HF[path[-1]][1]
-        got = tuple(value.shape[::-1]) if transpose else tuple(value.shape)
-        if got != expect:
+        if tuple(value.shape) != e.hf_shape:
             errors.append(
-                f"shape mismatch: {key!r} expected {expect[::-1] if transpose else expect}, "
-                f"got {tuple(value.shape)}"
+                f"shape mismatch: {key!r} expected {e.hf_shape}, got {tuple(value.shape)}"
             )
             continue
-        replaced[path] = value.T if transpose else value
+        replaced[e.path] = e.to_tree(value)
 
     nodes: dict[tuple[str, ...], lora.LoRAWeight] = {}
     for module, ab in sorted(factors.items()):
@@ -908,10 +1146,7 @@ def import_peft(
 def _plain(base_w: Mapping[tuple[str, ...], Any]) -> dict:
     tree: dict = {}
     for path, leaf in base_w.items():
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = leaf
+        convert.set_path(tree, path, leaf)
     return tree
 
 
@@ -919,15 +1154,22 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "ExportResult",
-    "Run",
     "adapter_config",
+    "default_modules_to_save",
     "export_peft",
     "family_of",
+    "family_of_config",
     "hf_module_name",
     "import_peft",
-    "load_run",
+    "init_from_adapter",
+    "installed_vit_layout",
     "peft_state_dict",
+    "portable_base_model",
     "read_adapter_config",
     "read_lora_config",
+    "resolve_layout",
+    "safetensors_bytes",
+    "save_merged",
     "save_peft",
+    "vit_v4_module",
 ]

@@ -12,7 +12,17 @@ examples. Pass ``truncation=Truncation(dataset_size=n_k, max_batch_size=B_max)``
 for exactly that mechanism: with the PLD accountant the event is
 ``TruncatedSubsampledGaussianDpEvent(n_k, q, B_max, sigma)`` (truncated Poisson sampling,
 arXiv:2508.15089). The RDP accountant does not support it; there the untruncated Poisson event
-is used and :func:`overflow_probability` reports the chance that truncation ever happened.
+is composed and the truncation is accounted in delta instead (:func:`rdp_delta_curve`): the
+truncated and the untruncated mechanisms coincide unless some step overflows, so if the
+untruncated one is (epsilon, delta)-DP, the truncated one is (epsilon, delta')-DP with
+
+    delta' = delta + (1 + e^epsilon) * P_overflow,
+
+where P_overflow bounds the probability that any of the composed steps overflows on either
+neighbouring dataset (:func:`total_overflow`; the larger neighbour, n + 1 examples). (Coupling
+argument: P[M(D) in S] <= P[M'(D) in S] + P_D <= e^eps P[M'(D') in S] + delta + P_D <=
+e^eps P[M(D') in S] + e^eps P_D' + delta + P_D.) The plan, the ledger and every metrics line
+report this delta' next to the RDP epsilon: the delta that really holds.
 
 Because the composition is always over *all* steps taken so far (rounds x local steps), a run
 cannot forget earlier rounds (the bug of re-creating a privacy engine every round), and a
@@ -192,6 +202,62 @@ def overflow_probability(dataset_size: int, sampling_rate: float, max_batch_size
     return float(min(1.0, np.exp(logpmf).sum()))
 
 
+def total_overflow(truncation: Truncation, sampling_rate: float, steps: int) -> float:
+    """P(at least one of ``steps`` independent Poisson draws at rate q overflows B_max), for
+    the larger of two add/remove neighbours (``dataset_size + 1`` examples): the probability
+    that the truncated mechanism departs from the untruncated one at all."""
+    n, b = truncation
+    p = overflow_probability(int(n) + 1, float(sampling_rate), int(b))
+    if steps <= 0 or p == 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    return float(-math.expm1(int(steps) * math.log1p(-p)))
+
+
+def truncation_delta(epsilon: float, overflow: float) -> float:
+    """The delta the truncation adds to an (epsilon, delta) guarantee of the untruncated
+    mechanism: ``(1 + e^epsilon) * overflow`` (capped at 1; see the module docstring)."""
+    if overflow <= 0.0:
+        return 0.0
+    if not math.isfinite(epsilon) or epsilon > 700:
+        return 1.0
+    return float(min(1.0, (1.0 + math.exp(epsilon)) * overflow))
+
+
+def rdp_delta_curve(
+    epsilon_curve: np.ndarray,
+    sampling_rate: float,
+    steps_per_round: int,
+    delta: float,
+    truncation: Truncation | None,
+) -> np.ndarray:
+    """``[rounds]`` delta that really holds with the RDP ``epsilon_curve`` (from
+    :func:`epsilon_curve` with ``accountant="rdp"``) when batches are truncated:
+    ``delta + (1 + e^eps_r) * total_overflow(steps after round r)``. Without truncation,
+    ``delta`` every round.
+
+    Formal guarantee: after round r, the truncated mechanism is
+    ``(epsilon_curve[r], result[r])``-DP (add/remove one example, or one client when
+    ``truncation`` describes client sampling).
+    """
+    eps = np.asarray(epsilon_curve, np.float64)
+    if truncation is None:
+        return np.full(len(eps), float(delta))
+    trunc = _check_truncation(truncation, sampling_rate)
+    out = [
+        min(
+            1.0,
+            float(delta)
+            + truncation_delta(
+                float(e), total_overflow(trunc, sampling_rate, steps_per_round * (r + 1))
+            ),
+        )
+        for r, e in enumerate(eps)
+    ]
+    return np.maximum.accumulate(np.asarray(out, np.float64))
+
+
 def _step_event(sigma: float, q: float, truncation: Truncation | None, accountant: str):
     if truncation is not None and accountant == "pld":
         return dp_accounting.TruncatedSubsampledGaussianDpEvent(
@@ -294,7 +360,9 @@ def epsilon_spent(
         delta: target delta, in (0, 1).
         accountant: one of ``ACCOUNTANTS``.
         truncation: the fixed physical batch size, when batches are padded/truncated (see
-            the module docstring); PLD accounts for it exactly, RDP ignores it.
+            the module docstring); PLD accounts for it exactly in epsilon; with RDP the
+            epsilon is the untruncated event's and the truncation goes into delta
+            (:func:`rdp_delta_curve` gives the delta that then holds).
 
     Returns:
         epsilon as a Python float: 0.0 if ``steps == 0``; ``math.inf`` if sigma is 0 and

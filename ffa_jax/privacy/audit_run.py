@@ -1,8 +1,10 @@
 """``ffa-jax audit``: a one-run empirical privacy audit of the real federated training run.
 
 :func:`audit_run` trains the run of a config exactly as ``ffa-jax train`` does (the same
-:func:`ffa_jax.train.prepare`, Poisson batches, jitted round, noise keys and server step; no
-files are written) with m **gradient canaries** inserted, then applies the one-run test of
+:func:`ffa_jax.train.prepare`, Poisson batches, jitted round and server step; no files are
+written) with m **gradient canaries** inserted, but with its own fresh secret
+(:func:`audit_secret`): its noise keys, batches, participants and canaries are independent of
+any training run's, then applies the one-run test of
 Steinke, Nasr and Jagielski (NeurIPS 2023; :mod:`ffa_jax.privacy.audit`).
 
 What is audited (``privacy.unit: sample``, the paper's setting):
@@ -63,10 +65,11 @@ from ffa_jax import train as train_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated.server import server_init
+from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.audit import canary_directions, epsilon_lower_bound, guess_and_count
 
-# Folded into the run's root key (ffa_jax.train uses 0-4): the canaries' randomness is
-# independent of everything the run draws.
+# The canaries' key purpose, under the audit's own secret (audit_secret): independent of
+# everything the audited run and any training run draw.
 AUDIT_PURPOSE = 5
 # Sub-purposes of the audit key.
 _INCLUSION, _DIRECTIONS, _PARTICIPATION = 0, 1, 2
@@ -184,6 +187,15 @@ def _scores(dirs: jax.Array, released: jax.Array) -> jax.Array:
     return dirs @ released
 
 
+def audit_secret(cfg: RunConfig) -> int:
+    """The audit run's own secret: a fresh draw from the OS; with ``privacy.noise_seed`` set
+    (reproducible research), ``SHA-256(noise_seed || "audit")``, which shares no draw with
+    the training run of that seed (whose secret is ``noise_seed`` itself)."""
+    if cfg.privacy.noise_seed is None:
+        return secret_lib.draw()
+    return secret_lib.derive(cfg.privacy.noise_seed, "audit")
+
+
 def audit_run(
     cfg: RunConfig,
     *,
@@ -229,7 +241,11 @@ def audit_run(
     if client is not None and not (isinstance(client, int) and 0 <= client < k_num):
         raise ConfigError(f"audit client={client!r} must be in [0, {k_num}) (federated.clients).")
 
-    prep = train_lib.prepare(cfg, log=log)
+    # Fresh keys, independent of any training run's: the audit's noise, batches, participants
+    # and canaries never repeat a training run's draws, so the artefacts of a training run and
+    # of its audit together cannot cancel either's noise (see audit_secret).
+    a_secret = audit_secret(cfg)
+    prep = train_lib.prepare(cfg, log=log, secret=a_secret)
     train_lib._check_budget(prep, None)
     log(train_lib._privacy_line(prep))
     plan = prep.plan
@@ -249,7 +265,7 @@ def audit_run(
         norm = cfg.privacy.client_clip_norm
 
     flat0, unravel = ravel_pytree(prep.trainable)
-    key = jax.random.fold_in(train_lib.root_key(cfg), AUDIT_PURPOSE)
+    key = secret_lib.jax_key(a_secret, AUDIT_PURPOSE)
     included = np.asarray(
         jax.random.bernoulli(jax.random.fold_in(key, _INCLUSION), 0.5, (canaries,))
     )
@@ -260,7 +276,7 @@ def audit_run(
 
     round_fn, server_opt = train_lib.build_round(prep, return_deltas=True)
     state = jax.device_get(server_init(prep.trainable, server_opt))
-    run_key = train_lib.train_key(cfg)
+    run_key = train_lib.train_key(prep)
     scores = np.zeros(canaries, np.float64)
     rounds_released = 0
     rounds = range(cfg.federated.rounds)

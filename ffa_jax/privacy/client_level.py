@@ -1,7 +1,7 @@
 """Host-side accounting of client-level DP (DP-FedAvg): one event per round, composed over rounds.
 
-Each round the server draws the participating clients (from the seed, independently of the
-data), clips every participant's whole update to L2 norm S, adds ``N(0, (z S)^2 I)`` to the sum
+Each round the server draws the participating clients (from the run's secret, independently
+of the data), clips every participant's whole update to L2 norm S, adds ``N(0, (z S)^2 I)`` to the sum
 and divides by the fixed expected number of participants. The round's DpEvent depends on how
 the clients are drawn (``federated.client_sampling``):
 
@@ -10,8 +10,9 @@ the clients are drawn (``federated.client_sampling``):
   ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``; add/remove one client. When the round's
   client axis holds fewer than N slots (``max_clients`` P, padded with masked dummies), an
   overflowing sample is cut to a uniformly random subset of P clients, and the PLD accountant
-  accounts for exactly that with ``TruncatedSubsampledGaussianDpEvent(N, q, P, z)`` (RDP uses
-  the untruncated event, as for sample-level DP).
+  accounts for exactly that with ``TruncatedSubsampledGaussianDpEvent(N, q, P, z)``. RDP
+  composes the untruncated event and the truncation is added to delta (:func:`delta_curve`),
+  as for sample-level DP.
 * ``fixed`` (exactly M of N uniformly without replacement):
   ``SampledWithoutReplacementDpEvent(N, M, GaussianDpEvent(z / 2))`` under the *replace-one*
   relation (N is public; one client's data is replaced by another's). Replacing one clipped
@@ -185,6 +186,26 @@ def epsilon_curve(
     out = np.maximum.accumulate(np.asarray(eps, np.float64))
     out.flags.writeable = False
     return out
+
+
+def delta_curve(
+    epsilon_curve: np.ndarray, s: ClientSampling, delta: float, accountant: str = "pld"
+) -> np.ndarray:
+    """``[rounds]`` delta that really holds with ``epsilon_curve`` (from
+    :func:`epsilon_curve` with the same accountant). PLD accounts the truncation of the
+    Poisson client sample to P slots exactly (the target ``delta``); RDP composes the
+    untruncated event, so the truncation's term is added to delta
+    (:func:`ffa_jax.privacy.accounting.rdp_delta_curve`, one draw per round, N + 1 clients).
+    Full participation and fixed-size sampling never truncate.
+
+    Formal guarantee: after round r the released aggregates are
+    ``(epsilon_curve[r], result[r])``-DP under ``s.relation``.
+    """
+    s = check_sampling(s)
+    trunc = None
+    if accountant == "rdp" and s.sampling == "poisson" and s.max_clients < s.num_clients:
+        trunc = accounting.Truncation(s.num_clients, s.max_clients)
+    return accounting.rdp_delta_curve(epsilon_curve, s.rate, 1, delta, trunc)
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,8 +8,8 @@ rebuilds one composed DpEvent per privacy unit from it:
   which k actually took part: ``SelfComposedDpEvent(step_k, rounds_participated[k] x S)`` with
   ``step_k = PoissonSampledDpEvent(q_k, GaussianDpEvent(sigma_k))`` (under PLD the exact
   truncated-Poisson event of the fixed physical batch, see :mod:`accounting`). Rounds a
-  client sat out cost it nothing: the participants are drawn from the seed, independently of
-  the data.
+  client sat out cost it nothing: the participants are drawn from the run's secret,
+  independently of the data.
 * ``unit="client"``: one event for "any client",
   ``SelfComposedDpEvent(round_event, rounds_done)`` with the round event of
   :mod:`client_level` (Poisson / fixed-size / full participation).
@@ -56,6 +56,10 @@ class PrivacyLedger:
         ``accountant`` (inf if not private).
       epsilon_pld, epsilon_rdp: the same with each accountant (None: not private, or not
         available for these events).
+      delta_spent, delta_rdp: the delta that really holds with ``epsilon_spent`` and with
+        ``epsilon_rdp`` (RDP adds the truncation of Poisson samples to delta, see
+        :func:`ffa_jax.privacy.accounting.rdp_delta_curve`; PLD accounts it in epsilon, so
+        its delta is the target). None: not private, or written by an older ffa_jax.
     """
 
     private: bool
@@ -76,6 +80,8 @@ class PrivacyLedger:
     client_noise_multiplier: float = 0.0
     epsilon_pld: float | None = None
     epsilon_rdp: float | None = None
+    delta_spent: float | None = None
+    delta_rdp: float | None = None
 
     @property
     def num_clients(self) -> int:

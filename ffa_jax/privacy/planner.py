@@ -17,6 +17,7 @@ from ffa_jax.config import RunConfig
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated import participation as participation_lib
 from ffa_jax.privacy import accounting, client_level
+from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.ledger import PrivacyLedger
 
 
@@ -32,14 +33,19 @@ class PrivacyPlan:
       client_sizes: ``[K]`` n_k.
       max_batch_size: B_max, the fixed physical batch (Poisson batches are padded to it).
       local_steps: local steps per participating client per round.
-      participation: ``[rounds, K]`` bool, who takes part in each round (drawn from the seed).
+      participation: ``[rounds, K]`` bool, who takes part in each round (drawn from the run's
+        secret, see :func:`make_plan`).
       sampling: the client sampling (M of N, poisson/fixed, P slots).
       client_noise_multiplier: z, the server's noise multiplier under ``client`` (else 0).
       curves: accountant -> ``[rounds]`` epsilon spent after each round (max over units), or
         None where dp-accounting has no such accountant for the events.
       client_epsilon: ``[K]`` final epsilon of each client (all equal under ``client``).
       overflow_probability: ``[K]`` per-step probability that a Poisson batch exceeds B_max.
-      delta, accountant: as configured.
+      delta, accountant: as configured (``delta`` is the target).
+      deltas: accountant -> ``[rounds]`` delta that really holds with that accountant's
+        epsilon after each round (max over units): the target under PLD, which accounts the
+        truncation of Poisson batches (or of the client sample) exactly; under RDP the target
+        plus the truncation's term (:func:`ffa_jax.privacy.accounting.rdp_delta_curve`).
     """
 
     unit: str
@@ -57,6 +63,7 @@ class PrivacyPlan:
     delta: float
     accountant: str
     private: bool
+    deltas: dict[str, np.ndarray | None] = dataclasses.field(default_factory=dict)
 
     @property
     def epsilon_curve(self) -> np.ndarray:
@@ -91,6 +98,17 @@ class PrivacyPlan:
             return None
         return 0.0 if rounds_done == 0 else float(curve[rounds_done - 1])
 
+    def delta_after(self, rounds_done: int, accountant: str | None = None) -> float | None:
+        """The delta that holds with :meth:`epsilon_after` (the target before any round; None:
+        accountant n/a)."""
+        acc = accountant or self.accountant
+        if self.curves.get(acc) is None:
+            return None
+        curve = self.deltas.get(acc)
+        if curve is None or rounds_done == 0:
+            return float(self.delta)
+        return float(curve[rounds_done - 1])
+
     def ledger(self, rounds_done: int) -> PrivacyLedger:
         """The ledger after ``rounds_done`` rounds of this plan."""
 
@@ -117,6 +135,8 @@ class PrivacyPlan:
             epsilon_spent=(self.epsilon_after(rounds_done) if self.private else math.inf),
             epsilon_pld=eps("pld"),
             epsilon_rdp=eps("rdp"),
+            delta_spent=self.delta_after(rounds_done) if self.private else None,
+            delta_rdp=self.delta_after(rounds_done, "rdp") if self.private else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -132,6 +152,10 @@ class PrivacyPlan:
             "epsilon": num(self.epsilon),
             "epsilon_pld": num(self.epsilon_after(self.rounds, "pld")) if self.private else None,
             "epsilon_rdp": num(self.epsilon_after(self.rounds, "rdp")) if self.private else None,
+            # The delta that really holds with each epsilon (RDP: truncation added).
+            "delta_spent": self.delta_after(self.rounds) if self.private else None,
+            "delta_pld": self.delta_after(self.rounds, "pld") if self.private else None,
+            "delta_rdp": self.delta_after(self.rounds, "rdp") if self.private else None,
             "steps": self.steps,
             "rounds": self.rounds,
             "clients": int(self.sampling.num_clients),
@@ -169,11 +193,11 @@ def _full_sampling(k: int) -> client_level.ClientSampling:
     return client_level.ClientSampling(k, k, "poisson", k)
 
 
-def _lookup(curve: np.ndarray, participation: np.ndarray) -> np.ndarray:
-    """Per-round epsilon of a client from its curve over its own rounds (``curve[c - 1]``
-    after its c-th participation; 0 before the first)."""
+def _lookup(curve: np.ndarray, participation: np.ndarray, before: float = 0.0) -> np.ndarray:
+    """Per-round value of a client from its curve over its own rounds (``curve[c - 1]``
+    after its c-th participation; ``before`` before the first)."""
     cum = np.cumsum(participation.astype(np.int64))
-    return np.where(cum > 0, np.asarray(curve)[np.maximum(cum - 1, 0)], 0.0)
+    return np.where(cum > 0, np.asarray(curve)[np.maximum(cum - 1, 0)], before)
 
 
 def sample_level_plan(
@@ -204,7 +228,7 @@ def sample_level_plan(
       With these sigma_k, client k's local training over its ``c_k x local_steps`` DP-SGD
       steps is (epsilon_k, delta)-DP with respect to adding or removing one of its examples;
       rounds it sits out release nothing about its data (participants are drawn from the
-      seed, independently of the data); the reported epsilon is ``max_k epsilon_k``.
+      run's secret, independently of the data); the reported epsilon is ``max_k epsilon_k``.
     """
     sizes = np.asarray(client_sizes, dtype=np.int64)
     k = len(sizes)
@@ -259,20 +283,24 @@ def sample_level_plan(
                 for qk, c, t in zip(q, counts, truncs, strict=True)
             ]
         )
-    curves = {}
+    curves, deltas = {}, {}
     for acc in accounting.ACCOUNTANTS:
-        per_client = np.stack(
-            [
-                _lookup(
-                    accounting.epsilon_curve(
-                        float(s), float(qk), local_steps, int(c), delta, acc, truncation=t
-                    ),
-                    participation[:, i],
-                )
-                for i, (s, qk, c, t) in enumerate(zip(sigmas, q, counts, truncs, strict=True))
-            ]
-        )
+        eps_rows, delta_rows = [], []
+        for i, (s, qk, c, t) in enumerate(zip(sigmas, q, counts, truncs, strict=True)):
+            own = accounting.epsilon_curve(
+                float(s), float(qk), local_steps, int(c), delta, acc, truncation=t
+            )
+            # PLD accounts the truncation in epsilon; RDP in delta.
+            own_delta = (
+                accounting.rdp_delta_curve(own, float(qk), local_steps, delta, t)
+                if acc == "rdp"
+                else np.full(len(own), float(delta))
+            )
+            eps_rows.append(_lookup(own, participation[:, i]))
+            delta_rows.append(_lookup(own_delta, participation[:, i], before=delta))
+        per_client = np.stack(eps_rows)
         curves[acc] = per_client.max(axis=0)
+        deltas[acc] = np.stack(delta_rows).max(axis=0)
         if acc == accountant:
             client_eps = per_client[:, -1]
     return PrivacyPlan(
@@ -280,6 +308,7 @@ def sample_level_plan(
         curves=curves,
         client_epsilon=client_eps,
         private=True,
+        deltas=deltas,
         **common,
     )
 
@@ -316,11 +345,15 @@ def client_level_plan(
     else:
         z = client_level.calibrate(epsilon, delta, sampling, rounds, accountant)
     curves: dict[str, np.ndarray | None] = {}
+    deltas: dict[str, np.ndarray | None] = {}
     for acc in accounting.ACCOUNTANTS:
         try:
             curves[acc] = client_level.epsilon_curve(z, sampling, rounds, delta, acc)
         except ConfigError:
             curves[acc] = None  # PLD with fixed-size sampling: no such event
+            deltas[acc] = None
+            continue
+        deltas[acc] = client_level.delta_curve(curves[acc], sampling, delta, acc)
     return PrivacyPlan(
         unit="client",
         noise_multipliers=np.zeros(k),
@@ -337,6 +370,7 @@ def client_level_plan(
         delta=delta,
         accountant=accountant,
         private=True,
+        deltas=deltas,
     )
 
 
@@ -358,14 +392,29 @@ def make_plan(
     max_batch_size: int,
     *,
     ledger: PrivacyLedger | None = None,
+    secret: int | None = None,
 ) -> PrivacyPlan:
     """The privacy plan of the run ``cfg`` (what ``ffa-jax privacy`` prints, what ``train``
     uses). With ``ledger`` (a resumed run) the noise multipliers are the ledger's, and the
-    epsilon of those is accounted instead of calibrating new ones."""
+    epsilon of those is accounted instead of calibrating new ones.
+
+    ``secret``: the run's secret (:mod:`ffa_jax.privacy.secret`), from which the participants
+    of every round are drawn; None: ``privacy.noise_seed`` when set, else a fresh draw (then,
+    under partial participation, the plan shows one possible schedule, not the run's).
+
+    What the epsilon depends on: under ``client`` the accounting is of the sampling *rate*
+    (M / N over T rounds), the same for every draw, so the reported epsilon reveals nothing
+    about the secret schedule. Under ``sample`` each client is accounted for the rounds it
+    actually takes part in (its realised count c_k, exact for the realised schedule). That
+    count is a function of the secret alone, independent of the data, and sample-level DP
+    does not rely on it staying hidden (no amplification by client sampling is claimed), so
+    the sigma_k and epsilon curve that reveal c_k leak nothing about any example."""
     fed, priv = cfg.federated, cfg.privacy
     sampling = client_sampling(cfg)
+    if secret is None:
+        secret = secret_lib.resolve(priv.noise_seed)
     participation = participation_lib.schedule(
-        cfg.seed, fed.rounds, fed.clients, sampling.clients_per_round, fed.client_sampling
+        secret, fed.rounds, fed.clients, sampling.clients_per_round, fed.client_sampling
     )
     common = dict(
         client_sizes=list(client_sizes),
@@ -497,6 +546,9 @@ def format_plan(plan: PrivacyPlan, alt: list[dict[str, Any]], every: int | None 
     other = "rdp" if plan.accountant == "pld" else "pld"
     other_eps = plan.epsilon_after(plan.rounds, other)
     other_txt = f"{other_eps:.4f}" if other_eps is not None else "n/a for this sampling"
+    if other_eps is not None:
+        other_txt += f" at delta={plan.delta_after(plan.rounds, other):.3g}"
+    holds = plan.delta_after(plan.rounds)
     if plan.unit == "client":
         lines = [
             f"Client-level DP (DP-FedAvg; neighbours: {smp.relation_text}), "
@@ -504,13 +556,15 @@ def format_plan(plan: PrivacyPlan, alt: list[dict[str, Any]], every: int | None 
             f"{who}, {plan.rounds} rounds",
             f"server noise multiplier z = {plan.client_noise_multiplier:.4f} (noise std z x "
             "privacy.client_clip_norm on the sum of clipped updates)",
-            f"epsilon = {plan.epsilon:.4f} ({plan.accountant}); {other}: {other_txt}",
+            f"epsilon = {plan.epsilon:.4f} at delta = {holds:.3g} ({plan.accountant}); "
+            f"{other}: {other_txt}",
         ]
     else:
         lines = [
             f"Sample-level DP per client ({plan.accountant.upper()} accountant, delta={plan.delta:g}), "
             f"{who}, physical batch B_max={plan.max_batch_size}",
-            f"epsilon = {plan.epsilon:.4f} ({plan.accountant}); {other}: {other_txt}",
+            f"epsilon = {plan.epsilon:.4f} at delta = {holds:.3g} ({plan.accountant}); "
+            f"{other}: {other_txt}",
             "",
             "client      n   rounds   sampling rate q   noise multiplier   overflow/step   final epsilon",
         ]
@@ -521,6 +575,13 @@ def format_plan(plan: PrivacyPlan, alt: list[dict[str, Any]], every: int | None 
                 f" {plan.noise_multipliers[i]:18.4f} {plan.overflow_probability[i]:15.2e}"
                 f" {plan.client_epsilon[i]:15.4f}"
             )
+    if holds is not None and holds > plan.delta * (1 + 1e-9):
+        lines += [
+            "",
+            f"note: RDP does not account the truncation of Poisson samples at their fixed size; "
+            f"it is added to delta: the guarantee that holds is (epsilon, {holds:.3g}), not "
+            f"delta={plan.delta:g}. privacy.accountant=pld accounts it exactly in epsilon.",
+        ]
     rounds = plan.rounds
     every = every or max(1, rounds // 10)
     unit = "max over clients" if plan.unit == "sample" else "client-level"

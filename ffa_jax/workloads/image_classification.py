@@ -20,8 +20,8 @@ import numpy as np
 from ffa_jax import xla_options
 from ffa_jax.config import RunConfig
 from ffa_jax.data import images
-from ffa_jax.models import weights as weights_lib
 from ffa_jax.models.layers import cast_frozen_weights
+from ffa_jax.models.sources import read_hf_config, resolve_model_dir
 from ffa_jax.models.vit import (
     ViTClassifier,
     ViTConfig,
@@ -46,9 +46,9 @@ def check(cfg: RunConfig) -> None:
 def _load_task(cfg: RunConfig) -> tuple[Any, images.ImageClassificationData]:
     """``(model folder, images resized to the model's input size)``; reads the model's
     config.json but no weights."""
-    model_dir = weights_lib.resolve_model_dir(cfg.model.name)  # fails fast on missing files
+    model_dir = resolve_model_dir(cfg.model.name)  # fails fast on missing files
     # The architecture first: the data are resized to its input size.
-    arch = ViTConfig.from_hf(weights_lib.read_hf_config(model_dir), 1)
+    arch = ViTConfig.from_hf(read_hf_config(model_dir), 1)
     data = images.load_image_classification(
         cfg.data.task,
         image_size=arch.image_size,

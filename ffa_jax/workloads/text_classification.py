@@ -21,6 +21,7 @@ from ffa_jax.models import encoder as encoder_lib
 from ffa_jax.models import weights as weights_lib
 from ffa_jax.models.layers import cast_frozen_weights
 from ffa_jax.models.objectives import classification_eval, classification_loss
+from ffa_jax.models.sources import resolve_model_dir
 from ffa_jax.workloads import (
     Workload,
     classification_evaluator,
@@ -58,7 +59,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     Raises:
       ConfigError / DataError / WeightsError: bad input, before any training compute.
     """
-    model_dir = weights_lib.resolve_model_dir(cfg.model.name)  # fails fast on missing files
+    model_dir = resolve_model_dir(cfg.model.name)  # fails fast on missing files
     data = _load_task(cfg)
     enc_cfg, base_params = weights_lib.load_encoder(
         str(model_dir),

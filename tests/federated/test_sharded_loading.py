@@ -68,7 +68,7 @@ def _round_and_eval(prep):
     round_fn, opt = train_lib.build_round(prep)
     state = jax.device_get(server_init(prep.trainable, opt))
     inp = train_lib.round_inputs(prep, 0)
-    new, m = train_lib.run_round(round_fn, prep, state, inp, train_lib.train_key(prep.cfg))
+    new, m = train_lib.run_round(round_fn, prep, state, inp, train_lib.train_key(prep))
     state = jax.device_get(new)
     ev = train_lib.evaluate(prep, lora.combine(state.trainable, prep.frozen))
     return state.trainable, float(m.loss), ev

@@ -111,7 +111,7 @@ def test_bf16_encoder_dp_round_uploads_float32(tmp_path):
     assert embedding.addressable_shards[0].data.shape == (30522 // 2, 32)
     state = server_init(prep.trainable, opt)
     inp = train_lib.round_inputs(prep, 0)
-    new, m = train_lib.run_round(round_fn, prep, state, inp, train_lib.train_key(cfg))
+    new, m = train_lib.run_round(round_fn, prep, state, inp, train_lib.train_key(prep))
     assert cfg.privacy.enabled and np.isfinite(float(m.loss))
     delta = jax.tree_util.tree_map(lambda a, b: a - b, new.trainable, state.trainable)
     assert _dtypes(delta) == {"float32"}  # what a client uploads

@@ -187,3 +187,81 @@ def test_overflow_probability_matches_monte_carlo():
         assert acc_mod.overflow_probability(n, q, b) == pytest.approx(np.mean(draws > b), abs=3e-3)
     assert acc_mod.overflow_probability(n, q, n) == 0.0
     assert acc_mod.overflow_probability(1011, 64 / 1011, 105) < 1e-6
+
+
+# Issue 16: RDP composes the untruncated event, so the truncation goes into delta.
+TRUNC_CASES = [
+    # (sigma, n, expected batch, B_max, steps); B_max as ffa_jax pads (overflow <= 1e-6 a
+    # step) or smaller (larger overflow terms).
+    (1.0, 80, 8, 25, 60),
+    (1.2, 400, 16, 36, 200),
+    (2.0, 1000, 64, 100, 500),
+    (0.9, 50, 10, 26, 30),
+]
+
+
+@pytest.mark.parametrize("sigma, n, b, b_max, steps", TRUNC_CASES)
+def test_rdp_with_truncation_matches_a_direct_computation_with_the_overflow_term(
+    sigma, n, b, b_max, steps
+):
+    from scipy import stats
+
+    q, delta = b / n, 1e-5
+    trunc = acc_mod.Truncation(n, b_max)
+    eps = acc_mod.epsilon_curve(sigma, q, 1, steps, delta, "rdp", truncation=trunc)
+    holds = acc_mod.rdp_delta_curve(eps, q, 1, delta, trunc)
+    # Direct: dp-accounting's RDP of the untruncated event, and the overflow term from scipy's
+    # binomial tail (larger neighbour: n + 1 examples) over all steps.
+    p_step = float(stats.binom.sf(b_max, n + 1, q))
+    p_total = 1.0 - (1.0 - p_step) ** steps
+    term = (1.0 + math.exp(eps[-1])) * p_total
+    assert holds[-1] == pytest.approx(delta + term, rel=1e-6)
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    )
+    direct = dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(holds[-1] - term)
+    rel = abs(eps[-1] - direct) / direct
+    print(
+        f"\nrdp+truncation sigma={sigma} n={n} B_max={b_max} T={steps}: eps {eps[-1]:.4f} "
+        f"direct {direct:.4f} (rel {rel:.2e}), delta {delta:g} -> {holds[-1]:.3e}"
+    )
+    assert rel < 0.01
+    # The exact accountant of the truncated mechanism (PLD) agrees that (eps, delta') holds.
+    pld = acc_mod.epsilon_spent(sigma, q, steps, holds[-1], "pld", truncation=trunc)
+    assert pld <= eps[-1] * 1.001
+
+
+def test_the_plan_and_ledger_report_the_delta_that_holds():
+    from ffa_jax.privacy import planner
+
+    common = dict(
+        client_sizes=[80, 120],
+        batch_size=8,
+        max_batch_size=18,
+        rounds=5,
+        local_steps=4,
+        epsilon=math.inf,
+        delta=1e-5,
+        noise_multiplier=1.0,
+    )
+    rdp = planner.sample_level_plan(accountant="rdp", **common)
+    pld = planner.sample_level_plan(accountant="pld", **common)
+    assert rdp.delta_after(5) > 1e-5  # the truncation's term
+    assert pld.delta_after(5) == 1e-5  # exact in epsilon
+    assert rdp.delta_after(5, "rdp") == pld.delta_after(5, "rdp")
+    assert rdp.ledger(5).delta_spent == rdp.delta_after(5) == rdp.ledger(5).delta_rdp
+    assert rdp.to_json()["delta_spent"] == rdp.delta_after(5)
+    text = planner.format_plan(rdp, [])
+    assert f"at delta = {rdp.delta_after(5):.3g}" in text and "added to delta" in text
+    assert "added to delta" not in planner.format_plan(pld, [])
+    # Client-level: truncation of the Poisson client sample to its slots, under RDP.
+    from ffa_jax.federated.participation import slot_count
+    from ffa_jax.privacy import client_level
+
+    smp = client_level.ClientSampling(100, 10, "poisson", slot_count(100, 10, "poisson"))
+    curve = client_level.epsilon_curve(2.0, smp, 20, 1e-5, "rdp")
+    d = client_level.delta_curve(curve, smp, 1e-5, "rdp")
+    p = acc_mod.total_overflow(acc_mod.Truncation(100, smp.max_clients), 0.1, 20)
+    assert 0 < p and 1e-5 < d[-1] < 1
+    assert d[-1] == pytest.approx(1e-5 + (1 + math.exp(curve[-1])) * p, rel=1e-9)
+    assert np.all(client_level.delta_curve(curve, smp, 1e-5, "pld") == 1e-5)
