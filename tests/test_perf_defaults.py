@@ -113,6 +113,7 @@ def _one_round(model_dir, out, *extra):
             "p",
             # A fixed sigma: the noise does not depend on B_max (calibration would, by 1e-4).
             "privacy.noise_multiplier=1.0",
+            "privacy.noise_seed=0",  # the same noise and Poisson draws in both runs
             "privacy.accountant=rdp",
             "perf.devices=1",
             *extra,
@@ -122,7 +123,7 @@ def _one_round(model_dir, out, *extra):
     round_fn, opt = train_lib.build_round(prep)
     state = jax.device_get(server_init(prep.trainable, opt))
     inp = train_lib.round_inputs(prep, 0)
-    new, m = train_lib.run_round(round_fn, prep, state, inp, train_lib.train_key(cfg))
+    new, m = train_lib.run_round(round_fn, prep, state, inp, train_lib.train_key(prep))
     return prep, jax.device_get(new.trainable), m
 
 
