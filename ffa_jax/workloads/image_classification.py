@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ffa_jax import xla_options
 from ffa_jax.config import RunConfig
 from ffa_jax.data import images
 from ffa_jax.models.layers import cast_frozen_weights
@@ -104,7 +105,12 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
 
     eval_fn = image_classification_eval(module, mean, std)
 
-    evaluate = classification_evaluator(eval_fn, test_arrays, cfg.eval.batch_size)
+    evaluate = classification_evaluator(
+        eval_fn,
+        test_arrays,
+        cfg.eval.batch_size,
+        xla_options.compiler_options(cfg.perf.cpu_library_fusion, "vit"),
+    )
 
     majority = float(np.bincount(test_y).max() / max(len(test_y), 1))
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ffa_jax import xla_options
 from ffa_jax.config import RunConfig
 from ffa_jax.data import batching, tasks
 from ffa_jax.errors import ConfigError
@@ -93,7 +94,12 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
 
     eval_fn = classification_eval(module)
 
-    evaluate = classification_evaluator(eval_fn, test_arrays, cfg.eval.batch_size)
+    evaluate = classification_evaluator(
+        eval_fn,
+        test_arrays,
+        cfg.eval.batch_size,
+        xla_options.compiler_options(cfg.perf.cpu_library_fusion, "encoder"),
+    )
 
     majority = float(np.bincount(test_arrays["label"]).max() / max(len(test_arrays["label"]), 1))
 
