@@ -112,7 +112,9 @@ def enable_compilation_cache(enabled: bool = True, path: str | Path | None = Non
     The directory is, in order: ``path``; ``FFA_JAX_COMPILATION_CACHE`` when it names one;
     JAX's own ``JAX_COMPILATION_CACHE_DIR`` / ``jax_compilation_cache_dir`` when already set
     (left as the user configured it, thresholds included); :func:`default_cache_dir`. A
-    directory that cannot be created leaves the cache off.
+    directory that cannot be created leaves the cache off. Programs that took at least
+    :data:`CACHE_MIN_COMPILE_SECS` to compile are cached, unless
+    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` is set (then JAX's reading of it stands).
     """
     env = os.environ.get(CACHE_ENV, "").strip()
     if not enabled or env.lower() in _OFF:
@@ -127,6 +129,7 @@ def enable_compilation_cache(enabled: bool = True, path: str | Path | None = Non
     except OSError:
         return None
     jax.config.update("jax_compilation_cache_dir", str(target))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # a user's value wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return target

@@ -41,6 +41,7 @@ def test_env_switch_turns_it_off(monkeypatch, off, restore_jax_cache_flags):
 
 
 def test_config_switch_and_env_dir(monkeypatch, tmp_path, restore_jax_cache_flags):
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
     monkeypatch.setenv(xla_options.CACHE_ENV, "1")
     assert xla_options.enable_compilation_cache(False) is None
     monkeypatch.setenv(xla_options.CACHE_ENV, str(tmp_path / "c"))
@@ -64,6 +65,9 @@ def _train(model: Path, out: Path, name: str, cache: Path) -> None:
     env = dict(os.environ)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env[xla_options.CACHE_ENV] = str(cache)
+    # Every compilation is cached: a program whose compile time straddles the 0.1 s threshold
+    # would otherwise be written by one run and not the other (load-dependent).
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     sets = tiny_overrides(model, out, name, "federated.rounds=2", "eval.every=1")
     args = [sys.executable, "-m", "ffa_jax.cli", "train", "--no-progress"]
     for s in sets:
@@ -77,8 +81,9 @@ def test_second_identical_cli_run_compiles_nothing_new(tmp_path):
     cache = tmp_path / "cache"
     _train(model, tmp_path / "runs", "first", cache)
     first = sorted(p.name for p in cache.iterdir())
-    # The round (and evaluation) executables were written ...
-    assert first
+    # The round and evaluation executables were written ...
+    assert any(n.startswith("jit_round_fn") for n in first), first
+    assert any(n.startswith("jit_eval_fn") for n in first), first
     _train(model, tmp_path / "runs", "second", cache)
     # ... and the second run found every executable it needed: nothing new was compiled
     # above the cache's threshold (a miss would have added an entry).
