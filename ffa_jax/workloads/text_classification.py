@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ffa_jax import perf as perf_lib
 from ffa_jax import xla_options
 from ffa_jax.config import RunConfig
 from ffa_jax.data import batching, tasks
@@ -97,7 +98,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     evaluate = classification_evaluator(
         eval_fn,
         test_arrays,
-        cfg.eval.batch_size,
+        perf_lib.eval_batch_size(cfg),  # "auto" too: inference loads unresolved configs
         xla_options.compiler_options(cfg.perf.cpu_library_fusion, "encoder"),
     )
 
