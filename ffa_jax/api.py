@@ -27,6 +27,7 @@ import numpy as np
 
 from ffa_jax import config as config_lib
 from ffa_jax import lora
+from ffa_jax import perf as perf_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import ConfigError, DataError
 
@@ -274,7 +275,14 @@ def finetune_model(
         out = apply(lora.combine(tr, fr), example[inputs][None])
         return loss(jax.tree_util.tree_map(lambda o: o[0], out), example)
 
-    max_batch = batching.physical_batch_size(cfg.client.batch_size)
+    # perf.* "auto" -> concrete values; B_max padded to a multiple of the micro-batch.
+    speed = perf_lib.resolve(
+        cfg.perf,
+        expected_batch_size=cfg.client.batch_size,
+        backend=jax.default_backend(),
+        num_processes=jax.process_count(),
+    )
+    max_batch = speed.max_batch_size
     rounds, steps = cfg.federated.rounds, cfg.federated.local_steps
     plan = planner.sample_level_plan(
         client_sizes=sizes.tolist(),
@@ -291,10 +299,10 @@ def finetune_model(
         loss_fn,
         make_client_optimizer(cfg.client),
         private=plan.private,
-        microbatch_size=cfg.perf.microbatch_size or None,
+        microbatch_size=speed.microbatch_size or None,
     )
     server_opt = make_server_optimizer(cfg.server)
-    round_fn = make_round(client_update, server_opt)
+    round_fn = make_round(client_update, server_opt, clients_per_chunk=speed.clients_per_chunk)
     state = server_init(trainable, server_opt)
 
     # Secret: the noise key and the Poisson sampler, from the OS unless a seed is given.

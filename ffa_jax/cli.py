@@ -87,6 +87,10 @@ def cmd_train(args) -> int:
         cfg = resume_config(args.resume, args.overrides)
     else:
         cfg = _load(args)
+    from ffa_jax import xla_options
+
+    # Before the first compilation: a rerun of the same shapes loads its executables.
+    xla_options.enable_compilation_cache(cfg.perf.compilation_cache)
     summary = train(
         cfg,
         overwrite=args.overwrite,
@@ -111,16 +115,16 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_privacy(args) -> int:
-    from ffa_jax import workloads
-    from ffa_jax.data.batching import physical_batch_size
+    from ffa_jax import perf, workloads
     from ffa_jax.data.clients import partition_clients
     from ffa_jax.privacy import planner
 
     cfg = _load(args)
     labels, names = workloads.train_labels(cfg)
     parts = partition_clients(cfg, labels, len(names))
+    # The B_max that ffa-jax train accounts for (padded to the micro-batch; backend-free).
     plan = planner.make_plan(
-        cfg, [len(p) for p in parts], physical_batch_size(cfg.client.batch_size)
+        cfg, [len(p) for p in parts], perf.max_batch_size(cfg.perf, cfg.client.batch_size)
     )
     alt = planner.alternatives(
         plan,

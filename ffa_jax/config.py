@@ -43,6 +43,8 @@ CLIENT_SAMPLINGS = ("poisson", "fixed")
 PAPER_LABEL_MIX_2 = ((0.1, 0.9), (0.9, 0.1), (0.5, 0.5))
 
 
+# perf.microbatch_size / perf.clients_per_chunk: chosen per run by ffa_jax.perf.resolve.
+AUTO = "auto"
 # perf.cpu_library_fusion values (see ffa_jax.xla_options).
 CPU_LIBRARY_FUSIONS = ("auto", "jax", "dots", "off")
 
@@ -540,7 +542,10 @@ class EvalConfig:
       every: evaluate every this many rounds (0: only after the last round).
       max_examples: evaluate on the first this many test examples (None: all; GSM tasks keep
         a seeded random subset of this size).
-      batch_size: evaluation batch size.
+      batch_size: evaluation batch size (at most; the batches are balanced so that the last
+        one is barely padded). ``auto`` (default): the training batch capacity B_max, which a
+        forward pass alone fits wherever a training step of that batch fits
+        (:func:`ffa_jax.perf.resolve`).
       baseline: also evaluate the pretrained model (LoRA B = 0) before the first round; it is
         logged as round 0 in ``metrics.jsonl`` and shown in ``summary.md``.
       max_new_tokens: decoders: greedy generation stops at EOS or after this many tokens.
@@ -548,7 +553,7 @@ class EvalConfig:
 
     every: int = 5
     max_examples: int | None = None
-    batch_size: int = 64
+    batch_size: int | str = AUTO
     baseline: bool = False
     max_new_tokens: int = 256
 
@@ -561,7 +566,8 @@ class EvalConfig:
         )
         if self.max_examples is not None:
             _positive_int("eval.max_examples", self.max_examples)
-        _positive_int("eval.batch_size", self.batch_size)
+        if self.batch_size != AUTO:
+            _positive_int("eval.batch_size", self.batch_size)
         _positive_int("eval.max_new_tokens", self.max_new_tokens)
 
 
@@ -571,8 +577,13 @@ class PerfConfig:
 
     Attributes:
       clients_per_chunk: clients run in parallel (vmapped) at once; the rest are scanned.
-        0 = all clients at once. Memory grows linearly with it.
-      microbatch_size: per-example gradients in chunks of this many examples (0 = whole batch).
+        0 = all clients at once. Memory grows linearly with it. ``auto`` (default): 1 on a
+        single CPU process (so skipped padding stays skipped), all clients on GPU / TPU
+        (:func:`ffa_jax.perf.resolve`).
+      microbatch_size: per-example gradients in chunks of this many examples (0 = whole
+        batch); chunks without a real example are skipped. The padded batch B_max is rounded
+        up to a multiple of it. ``auto`` (default): 16 on a single CPU process, the whole
+        batch on GPU / TPU (B_max is a multiple of 16 either way, see :mod:`ffa_jax.perf`).
       devices: devices on the ``clients`` mesh axis (0 = the largest count that divides the
         chunk size and fits next to the model axis).
       model_devices: devices on the ``model`` mesh axis, over which the frozen base weights
@@ -592,18 +603,24 @@ class PerfConfig:
         (:mod:`ffa_jax.xla_options`): ``auto`` (measured best per model family), ``jax``
         (XLA's default: YNNPACK with fused elementwise ops), ``dots`` (YNNPACK, matmuls
         only) or ``off`` (XLA's own kernels). CPU only; same results to float rounding.
+      compilation_cache: ``ffa-jax train`` keeps compiled executables in JAX's persistent
+        cache (``$XDG_CACHE_HOME/ffa_jax/jax_cache``, see
+        :func:`ffa_jax.xla_options.enable_compilation_cache`), so a rerun of the same shapes
+        does not compile again. ``FFA_JAX_COMPILATION_CACHE=0`` also turns it off. Library
+        calls of ``train()`` leave JAX's settings alone.
 
-    With ``clients_per_chunk: 1`` and ``microbatch_size: 1`` the padded slots of a Poisson
-    batch cost nothing (empty micro-batches are skipped), so a step costs the sampled batch
-    size, not its fixed capacity B_max: the fastest setting for large models on CPU.
+    With ``clients_per_chunk: 1`` and a small ``microbatch_size`` the padded slots of a
+    Poisson batch cost nothing (empty micro-batches are skipped), so a step costs about the
+    sampled batch size, not its fixed capacity B_max: what ``auto`` picks on CPU.
     """
 
-    clients_per_chunk: int = 0
-    microbatch_size: int = 0
+    clients_per_chunk: int | str = AUTO
+    microbatch_size: int | str = AUTO
     devices: int = 0
     model_devices: int = 1
     remat: bool = False
     cpu_library_fusion: str = "auto"
+    compilation_cache: bool = True
 
     def __post_init__(self):
         _require(
@@ -612,7 +629,17 @@ class PerfConfig:
             self.cpu_library_fusion,
             f"must be one of {CPU_LIBRARY_FUSIONS}.",
         )
-        for f in ("clients_per_chunk", "microbatch_size", "devices"):
+        for f in ("clients_per_chunk", "microbatch_size"):
+            v = getattr(self, f)
+            _require(
+                v == AUTO or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                f"perf.{f}",
+                v,
+                f"must be '{AUTO}' (the default: chosen for the backend, see ffa_jax.perf) or "
+                "an integer >= 0 (0 = "
+                + ("all clients at once)." if f == "clients_per_chunk" else "the whole batch)."),
+            )
+        for f in ("devices",):
             v = getattr(self, f)
             _require(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0,
@@ -622,6 +649,12 @@ class PerfConfig:
             )
         _positive_int("perf.model_devices", self.model_devices)
         _require(isinstance(self.remat, bool), "perf.remat", self.remat, "must be true or false.")
+        _require(
+            isinstance(self.compilation_cache, bool),
+            "perf.compilation_cache",
+            self.compilation_cache,
+            "must be true or false.",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -734,7 +767,7 @@ class RunConfig:
                 "privacy.accountant=rdp, or federated.client_sampling=poisson.",
             )
         chunk = self.perf.clients_per_chunk
-        if chunk and self.perf.devices:
+        if chunk != AUTO and chunk and self.perf.devices:
             _require(
                 chunk % self.perf.devices == 0,
                 "perf.devices",

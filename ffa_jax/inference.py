@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ffa_jax import lora, workloads
+from ffa_jax import perf as perf_lib
 from ffa_jax.config import RunConfig, load_config
 from ffa_jax.errors import ConfigError, DataError, WeightsError
 
@@ -217,13 +218,12 @@ def apply_adapter(
 
 
 def _model_dir(cfg: RunConfig, family: str) -> pathlib.Path | None:
-    from ffa_jax.models import llama_weights
-    from ffa_jax.models import weights as weights_lib
+    from ffa_jax.models import sources
 
     if family == "llama":
-        src = llama_weights.resolve_llama_source(cfg.model.name)
+        src = sources.resolve_llama_source(cfg.model.name)
         return src.path if src.path.is_dir() else None
-    return pathlib.Path(weights_lib.resolve_model_dir(cfg.model.name))
+    return pathlib.Path(sources.resolve_model_dir(cfg.model.name))
 
 
 def load_run(
@@ -381,7 +381,7 @@ def generate(
         dtype=workloads.compute_dtype(cfg),
     )
     params = run.merged()
-    B = min(batch_size or cfg.eval.batch_size, len(ids))
+    B = min(batch_size or perf_lib.eval_batch_size(cfg), len(ids))
     out: list[dict[str, Any]] = []
     for start in range(0, len(ids), B):
         chunk = ids[start : start + B]
@@ -478,7 +478,7 @@ def predict(run: LoadedRun, inputs: Any, *, batch_size: int | None = None) -> li
     logits_fn = _logits_fn(run)
     params = run.merged()
     names = run.label_names or tuple(str(i) for i in range(run.model_config.num_labels))
-    B = batch_size or run.config.eval.batch_size
+    B = batch_size or perf_lib.eval_batch_size(run.config)
     out: list[dict[str, Any]] = []
     for batch, mask in batching.eval_batches(arrays, B):
         probs = np.asarray(jax.nn.softmax(logits_fn(params, batch), axis=-1))

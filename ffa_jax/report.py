@@ -133,6 +133,7 @@ def write_summary(
         f"expected batch {cfg.client.batch_size}, client {cfg.client.optimizer} lr {cfg.client.learning_rate:g}, "
         f"server {cfg.server.optimizer} lr {cfg.server.learning_rate:g}",
         f"- privacy: epsilon {_fmt_eps(summary['epsilon'])}" + _privacy_details(cfg, prep, summary),
+        *([f"- speed settings: {prep.perf.describe()}"] if getattr(prep, "perf", None) else []),
         "",
         "## Result",
         "",

@@ -31,6 +31,7 @@ import numpy as np
 
 from ffa_jax import allocator, distributed, lora, workloads, xla_options
 from ffa_jax import checkpoint as ckpt_lib
+from ffa_jax import perf as perf_lib
 from ffa_jax.config import RunConfig, load_config
 from ffa_jax.data import batching, partition
 from ffa_jax.data.clients import partition_clients
@@ -103,6 +104,8 @@ class Prepared:
     # The run's secret (ffa_jax.privacy.secret): noise, Poisson batches, participants. Kept
     # out of repr so that no log or traceback prints it; saved only in checkpoints.
     secret: int = dataclasses.field(repr=False, compare=False)
+    # What perf.* "auto" resolved to (``cfg`` above already holds these integers).
+    perf: perf_lib.ResolvedPerf | None = None
 
 
 def root_key(cfg: RunConfig) -> jax.Array:
@@ -138,6 +141,16 @@ def prepare(
     Raises:
       ConfigError / DataError / WeightsError: bad input, before any training compute.
     """
+    # perf.* "auto" -> concrete values, before anything is loaded (a bad combination is a
+    # ConfigError here); from here on the run computes with ``prep.cfg`` (the resolved config).
+    resolved = perf_lib.resolve(
+        cfg.perf,
+        expected_batch_size=cfg.client.batch_size,
+        backend=jax.default_backend(),
+        num_processes=jax.process_count(),
+        eval_batch_size=cfg.eval.batch_size,
+    )
+    cfg = perf_lib.resolved_config(cfg, resolved)
     key = root_key(cfg)
     wl = workloads.load(cfg, head_key=jax.random.fold_in(key, KEY_HEAD))
     for note in wl.notes:
@@ -150,7 +163,9 @@ def prepare(
     mask = lora.trainable_mask(params, cfg.lora.mode, extra=wl.head_pattern)
     trainable, frozen = lora.split(params, mask)
 
-    max_batch = batching.physical_batch_size(cfg.client.batch_size)
+    # B_max: the Poisson bound padded to a multiple of the micro-batch; the planner accounts
+    # for this final value (truncated Poisson sampling at B_max).
+    max_batch = resolved.max_batch_size
     if secret is None:
         secret = secret_lib.resolve(cfg.privacy.noise_seed)
     if plan_privacy:
@@ -181,6 +196,7 @@ def prepare(
         partition_table=table,
         target_paths=lora.target_paths(wl.base_params, cfg.lora.targets),
         secret=secret,
+        perf=resolved,
     )
 
 
@@ -468,8 +484,9 @@ def _check_restored(
         raise CheckpointError(
             f"checkpoint {where}: the clients now hold {list(sizes)} examples (B_max "
             f"{prep.max_batch_size}), the checkpoint's clients held {list(led.client_sizes)} "
-            f"(B_max {led.max_batch_size}): data.task's data changed. Restore the original data "
-            "or start a new run."
+            f"(B_max {led.max_batch_size}): data.task's data changed, or perf.microbatch_size "
+            "did (B_max is padded to a multiple of it). Restore the original data and "
+            "perf.microbatch_size, or start a new run."
         )
     if restored.data_hash != d_hash:
         raise CheckpointError(
@@ -580,6 +597,7 @@ def train(
     log(_privacy_line(prep))
     log(noise_line(cfg))
     log(allocator.describe(jax.default_backend()))
+    log(prep.perf.describe())
     if cfg.perf.model_devices > 1:
         log(_frozen_line(prep))
     if resume:
@@ -594,7 +612,7 @@ def train(
         if overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "config.yaml", cfg.to_yaml())
+        _atomic_write(out / "config.yaml", cfg.to_yaml() + _resolved_perf_comment(prep))
         # The checkpoint's history is the truth: later lines (rounds done after the last
         # checkpoint, or a torn line from a crash) are dropped and recomputed.
         _atomic_write(metrics_path, "".join(_metric_line(h) for h in history))
@@ -684,6 +702,8 @@ def train(
         "wall_seconds": time.time() - t_start,
         "rounds": cfg.federated.rounds,
         "noise": noise_note(cfg),
+        # What perf.* "auto" became on this machine (speed only; see ffa_jax.perf).
+        "perf_resolved": prep.perf.as_dict(),
     }
     if primary:
         from ffa_jax.report import write_plots, write_summary
@@ -691,6 +711,18 @@ def train(
         write_plots(out / "plots", history)
         write_summary(out / "summary.md", cfg, prep, history, summary)
     return _json_safe(summary)
+
+
+def _resolved_perf_comment(prep: Prepared) -> str:
+    """YAML comment lines recording what ``perf.*: auto`` resolved to in this run. The config
+    keeps ``auto`` (a rerun elsewhere resolves for its own backend); B_max does not depend on
+    the backend, so a resume on another machine accounts the same privacy."""
+    r = prep.perf
+    return (
+        f"# resolved for this run ({r.backend}, ffa_jax.perf): perf.microbatch_size: "
+        f"{r.microbatch_size}, perf.clients_per_chunk: {r.clients_per_chunk}, "
+        f"B_max: {r.max_batch_size}, eval.batch_size: {r.eval_batch_size}\n"
+    )
 
 
 def run_secret(cfg: RunConfig, restored: ckpt_lib.Restored | None) -> int:

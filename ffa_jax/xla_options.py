@@ -25,12 +25,19 @@ identical up to float rounding (the same math, other kernels); the setting never
 privacy. It applies only when the jits compile for CPU; GPU and TPU ignore it. An explicit
 ``--xla_cpu_experimental_ynn_fusion_type`` in ``XLA_FLAGS`` wins over it, and a jaxlib
 without that option (older or newer than the ones measured) compiles with its defaults.
+
+Also here: JAX's persistent compilation cache (:func:`enable_compilation_cache`), which
+``ffa-jax train`` turns on by default (``perf.compilation_cache``) so that a second run of the
+same shapes loads the round's and the evaluation's executables from disk instead of compiling
+them again. It changes no result: a cache entry is keyed by the program, the compile options,
+the backend and the jax/jaxlib versions.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import jax
 
@@ -75,3 +82,54 @@ def compiler_options(setting: str = "auto", family: str = "encoder") -> dict[str
     if not _option_supported():
         return None
     return {_OPTION: _VALUES[concrete]}
+
+
+# ----------------------------------------------------------------------------- compilation cache
+
+# Environment switch: 0 / false / off / no disables the cache; any other value except 1 / true /
+# on / yes is the cache directory.
+CACHE_ENV = "FFA_JAX_COMPILATION_CACHE"
+# Executables that took at least this long to compile are cached. The round and evaluation
+# jits take seconds; 0.1 s leaves out the many tiny eager-dispatch programs, whose disk round
+# trip would cost about what compiling them does.
+CACHE_MIN_COMPILE_SECS = 0.1
+_OFF = ("0", "false", "off", "no")
+_ON = ("", "1", "true", "on", "yes")
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/ffa_jax/jax_cache`` (``~/.cache/ffa_jax/jax_cache`` without it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ffa_jax" / "jax_cache"
+
+
+def enable_compilation_cache(enabled: bool = True, path: str | Path | None = None) -> Path | None:
+    """Turns on JAX's persistent compilation cache; returns its directory (None: off).
+
+    Call it before the first compilation of the process (``ffa-jax train`` does, with
+    ``perf.compilation_cache``); a library user may call it the same way. Off when ``enabled``
+    is false or the environment variable ``FFA_JAX_COMPILATION_CACHE`` is ``0`` / ``off``.
+    The directory is, in order: ``path``; ``FFA_JAX_COMPILATION_CACHE`` when it names one;
+    JAX's own ``JAX_COMPILATION_CACHE_DIR`` / ``jax_compilation_cache_dir`` when already set
+    (left as the user configured it, thresholds included); :func:`default_cache_dir`. A
+    directory that cannot be created leaves the cache off. Programs that took at least
+    :data:`CACHE_MIN_COMPILE_SECS` to compile are cached, unless
+    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` is set (then JAX's reading of it stands).
+    """
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if not enabled or env.lower() in _OFF:
+        return None
+    if path is None and env.lower() not in _ON:
+        path = env
+    if path is None and jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    target = Path(path) if path is not None else default_cache_dir()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(target))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # a user's value wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return target

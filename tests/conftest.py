@@ -9,3 +9,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# ffa-jax train subprocesses must not fill the user's ~/.cache (tests that want the persistent
+# compilation cache point JAX_COMPILATION_CACHE_DIR or this variable at a tmp folder).
+os.environ.setdefault("FFA_JAX_COMPILATION_CACHE", "0")

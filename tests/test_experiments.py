@@ -77,9 +77,7 @@ def test_quick_privacy_sweep_end_to_end_and_resume(env, monkeypatch):
     table = (out / "table.md").read_text()
     assert "## Results" in table and "## Learning-rate tuning" in table
     for mode in ("FFA-LoRA", "LoRA"):
-        accs = [
-            float(r["test_accuracy"]) for r in main if results_lib.METHOD[r["lora.mode"]] == mode
-        ]
+        accs = [float(r["test_accuracy"]) for r in main if grid_lib.METHOD[r["lora.mode"]] == mode]
         mean, half = results_lib.mean_ci(accs)
         assert results_lib.fmt_ci(mean, half) in table
     for png in ("accuracy.png", "tuning.png", "train_loss.png"):

@@ -126,7 +126,7 @@ def test_llama_and_vit_module_names_agree_with_the_key_tables():
     from ffa_jax.models.llama import LlamaConfig
     from ffa_jax.models.llama_weights import llama_key_table
     from ffa_jax.models.vit import ViTConfig
-    from ffa_jax.models.vit_weights import PREFIX, vit_key_table
+    from ffa_jax.models.vit_weights import vit_key_table
 
     llama = LlamaConfig(
         vocab_size=16, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=8
@@ -137,7 +137,7 @@ def test_llama_and_vit_module_names_agree_with_the_key_tables():
     vit = ViTConfig.from_hf(json.loads((FIXTURES / "vit_tiny_gray" / "config.json").read_text()), 4)
     for e in vit_key_table(vit):
         if e.kind == "linear":
-            want = (e.hf if e.head else PREFIX + e.hf).removesuffix(".weight")
+            want = e.export_name.removesuffix(".weight")
             assert peft_lib.hf_module_name(e.path[:-1], "vit") == want
 
 

@@ -310,7 +310,7 @@ def format_prompt(
     """The prompt text for ``question``: the chat template with one user message when the
     tokenizer has one (``chat=None`` or ``True``), else the Alpaca-style prompt
     :data:`ALPACA_PROMPT`. ``instruction`` is appended to the question (``None``: nothing)."""
-    from ffa_jax.models.llama_weights import render_chat
+    from ffa_jax.models.chat_template import render_chat
 
     content = question if not instruction else f"{question}\n{instruction}"
     if chat is not False:

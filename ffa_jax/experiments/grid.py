@@ -149,8 +149,22 @@ def fmt_value(v: Any) -> str:
     return str(v)
 
 
-def _as_value(v: Any) -> Any:
-    # YAML reads `inf` as a string; overrides parse it back, here it must compare as a float.
+# Display names of the ``lora.mode`` axis values (tables and plot legends).
+METHOD = {"ffa": "FFA-LoRA", "lora": "LoRA"}
+
+
+def axis_order(grid, axes: dict[str, str]) -> tuple[int, ...]:
+    """Sort key of a cell's ``axes``: the position of each axis value in the grid file."""
+    order = []
+    for a, values in grid.axes.items():
+        names = [fmt_value(v) for v in values]
+        order.append(names.index(axes[a]) if axes.get(a) in names else len(names))
+    return tuple(order)
+
+
+def as_value(v: Any) -> Any:
+    """An axis value as compared in a grid: ``"inf"`` (how YAML reads it) as ``math.inf``."""
+    # Overrides parse the string back; here it must compare as a float.
     if isinstance(v, str) and v.strip().lower() in ("inf", "+inf", "infinity"):
         return math.inf
     return v
@@ -197,7 +211,7 @@ def _axes(x: Any, where: str, variants: dict | None = None) -> dict[str, tuple[A
             f"{where}.{k}",
             "each axis is section.field: [one or more values], or name: {label: [overrides]}.",
         )
-        out[k] = tuple(_as_value(e) for e in v)
+        out[k] = tuple(as_value(e) for e in v)
     return out
 
 
@@ -265,7 +279,7 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
         )
         _need(isinstance(table, dict), f"{path.name}: per.{ax}", "give {value: [overrides]}.")
         per[ax] = {
-            "+".join(fmt_value(_as_value(p)) for p in str(v).split("+")): _str_list(
+            "+".join(fmt_value(as_value(p)) for p in str(v).split("+")): _str_list(
                 o, f"{path.name}: per.{ax}.{v}"
             )
             for v, o in table.items()
@@ -313,7 +327,7 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
             "give {key-axis value: [candidate values]} (or a list without tune.key).",
         )
         cands = {
-            "+".join(fmt_value(_as_value(p)) for p in str(k).split("+")): tuple(v)
+            "+".join(fmt_value(as_value(p)) for p in str(k).split("+")): tuple(v)
             for k, v in cands.items()
         }
         shared = tuple(tune_raw.get("shared_over") or ())
@@ -335,13 +349,13 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
             )
             known = {fmt_value(v): v for v in axes[ax]}
             for v, w in table.items():
-                w = _as_value(w)
-                if fmt_value(_as_value(v)) in known and fmt_value(w) not in known:
+                w = as_value(w)
+                if fmt_value(as_value(v)) in known and fmt_value(w) not in known:
                     raise ConfigError(
                         f"{path.name}: tune.same_as.{ax}.{v}={w!r} is not a value of axis {ax} "
                         f"({list(known)})."
                     )
-                same.setdefault(ax, {})[fmt_value(_as_value(v))] = w
+                same.setdefault(ax, {})[fmt_value(as_value(v))] = w
         tune = Tune(
             field=str(tune_raw.get("field", "client.learning_rate")),
             key=key,
@@ -423,7 +437,7 @@ def tune_cells(grid: Grid) -> list[Cell]:
             continue
         seen.add(g)
         for value in grid.tune.candidates_for(point):
-            tuned = (grid.tune.field, _as_value(value))
+            tuned = (grid.tune.field, as_value(value))
             for seed in grid.tune.seeds:
                 cells.append(
                     Cell(
@@ -446,7 +460,7 @@ def main_cells(grid: Grid, chosen: Mapping[tuple, Any] | None) -> list[Cell]:
         if grid.tune is not None:
             g = tune_group(grid, point)
             value = chosen[g] if chosen is not None else grid.tune.candidates_for(point)[0]
-            tuned = (grid.tune.field, _as_value(value))
+            tuned = (grid.tune.field, as_value(value))
         for seed in grid.seeds:
             cells.append(
                 Cell(

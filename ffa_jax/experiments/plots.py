@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from ffa_jax.experiments import grid as grid_lib
-from ffa_jax.experiments.results import METHOD
 
 LABELS = {
     "privacy.epsilon": "privacy budget ε (δ = 1e-5; inf = non-private)",
@@ -32,9 +31,7 @@ def _plt():
 
 
 def _ordered(grid, cells):
-    from ffa_jax.experiments.results import axis_order
-
-    return sorted(cells, key=lambda c: axis_order(grid, c["axes"]))
+    return sorted(cells, key=lambda c: grid_lib.axis_order(grid, c["axes"]))
 
 
 def _integer_x(ax) -> None:
@@ -63,7 +60,7 @@ def _x_axis(grid) -> str | None:
 
 def _label(field: str | None, value: str) -> str:
     if field == "lora.mode":
-        return METHOD.get(value, value)
+        return grid_lib.METHOD.get(value, value)
     return f"{grid_lib.short(field)}={value}" if field else value
 
 

@@ -20,7 +20,6 @@ import numpy as np
 
 from ffa_jax.experiments import grid as grid_lib
 
-METHOD = {"ffa": "FFA-LoRA", "lora": "LoRA"}
 CSV_FIELDS = (
     "stage",
     "cell_id",
@@ -113,7 +112,7 @@ def choose(grid, tune_cells: list[dict[str, Any]]) -> dict[tuple, Any] | None:
     chosen = {}
     for g, per_value in scores.items():
         best = max(per_value, key=lambda v: (np.mean(per_value[v]), -list(per_value).index(v)))
-        chosen[g] = grid_lib._as_value(_number(best))
+        chosen[g] = grid_lib.as_value(_number(best))
     return chosen
 
 
@@ -183,16 +182,7 @@ def summarize(grid, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if k in members[0]:
                 row[k] = max(float(c.get(k) or 0.0) for c in members)
         rows.append(row)
-    return sorted(rows, key=lambda r: axis_order(grid, r["axes"]))
-
-
-def axis_order(grid, axes: dict[str, str]) -> tuple[int, ...]:
-    """Sort key: the position of each axis value in the grid file."""
-    order = []
-    for a, values in grid.axes.items():
-        names = [grid_lib.fmt_value(v) for v in values]
-        order.append(names.index(axes[a]) if axes.get(a) in names else len(names))
-    return tuple(order)
+    return sorted(rows, key=lambda r: grid_lib.axis_order(grid, r["axes"]))
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -203,7 +193,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _axis_label(field: str, value: str) -> str:
     if field == "lora.mode":
-        return METHOD.get(value, value)
+        return grid_lib.METHOD.get(value, value)
     return value
 
 
@@ -238,7 +228,7 @@ def tune_table(grid, cells: list[dict[str, Any]]) -> str:
         return ""
     chosen = choose(grid, cells) or {}
     groups: dict[tuple, dict[str, list[float | None]]] = {}
-    for c in sorted(cells, key=lambda c: axis_order(grid, c["axes"])):
+    for c in sorted(cells, key=lambda c: grid_lib.axis_order(grid, c["axes"])):
         g = tuple(c["axes"].items())
         groups.setdefault(g, {}).setdefault(grid_lib.fmt_value(c["tuned"][1]), []).append(_acc(c))
     header = [grid_lib.short(a) for a in grid.axes] + ["candidate", "test accuracy", "chosen"]
@@ -257,7 +247,7 @@ def communication_table(grid, cells: list[dict[str, Any]], target: float, full_b
     (evaluated every round), per cell group (mean over seeds that reached it)."""
     rows = []
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for c in sorted(cells, key=lambda c: axis_order(grid, c["axes"])):
+    for c in sorted(cells, key=lambda c: grid_lib.axis_order(grid, c["axes"])):
         if c.get("status") == "ok":
             groups.setdefault(_group_key(grid, c), []).append(c)
     for key, members in groups.items():
@@ -297,7 +287,7 @@ def communication_table(grid, cells: list[dict[str, Any]], target: float, full_b
 
 def noise_table(grid, cells: list[dict[str, Any]]) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for c in sorted(cells, key=lambda c: axis_order(grid, c["axes"])):
+    for c in sorted(cells, key=lambda c: grid_lib.axis_order(grid, c["axes"])):
         if c.get("status") == "ok":
             groups.setdefault(_group_key(grid, c), []).append(c)
     header = [grid_lib.short(a) for a in grid.axes] + [

@@ -80,11 +80,12 @@ def full_model_bytes(cfg) -> int:
 
     from ffa_jax import lora
     from ffa_jax.data.clients import load_clients
+    from ffa_jax.models import sources
     from ffa_jax.models import weights as weights_lib
 
     data, _ = load_clients(cfg)
     _, params = weights_lib.load_encoder(
-        str(weights_lib.resolve_model_dir(cfg.model.name)),
+        str(sources.resolve_model_dir(cfg.model.name)),
         data.num_labels,
         head_key=jax.random.key(0),
         pooling=cfg.model.pooling,

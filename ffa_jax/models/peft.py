@@ -74,6 +74,7 @@ import numpy as np
 from ffa_jax import lora
 from ffa_jax.config import LoRAConfig
 from ffa_jax.errors import ConfigError, WeightsError
+from ffa_jax.models import convert, sources
 from ffa_jax.models import weights as weights_lib
 from ffa_jax.models.encoder import EncoderConfig
 
@@ -128,7 +129,7 @@ AUTO_CLASS = {
 }
 # The hub checkpoints of the offline model packages (``model.name`` shorthands).
 HUB_IDS = {
-    weights_lib.MINILM: "sentence-transformers/all-MiniLM-L6-v2",
+    sources.MINILM: "sentence-transformers/all-MiniLM-L6-v2",
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
@@ -275,7 +276,11 @@ def _flat(params: PyTree) -> dict[tuple[str, ...], Any]:
     return out
 
 
-def _hf_tensor_name(path: tuple[str, ...], family: str, layout: str = "v4") -> tuple[str, bool]:
+def _hf_entry(
+    path: tuple[str, ...], shape: tuple[int, ...], family: str, layout: str = "v4"
+) -> convert.KeyEntry:
+    """The key-table row of a Dense/LayerNorm leaf of a ``family`` tree (derived from its path,
+    without a model config): ``kernel`` <-> ``.weight`` transposed, ``bias``/``scale`` plain."""
     leaf = path[-1]
     if leaf not in _LEAF_TO_HF:
         raise WeightsError(
@@ -288,7 +293,10 @@ def _hf_tensor_name(path: tuple[str, ...], family: str, layout: str = "v4") -> t
             "[H, C, P, P] in HF; it cannot be a modules_to_save entry."
         )
     suffix, transpose = _LEAF_TO_HF[leaf]
-    return f"{hf_module_name(path[:-1], family, layout)}.{suffix}", transpose
+    name = f"{hf_module_name(path[:-1], family, layout)}.{suffix}"
+    if transpose:
+        return convert.KeyEntry(name, path, shape, shape[::-1], "linear")
+    return convert.plain(name, path, shape)
 
 
 def _uniform(nodes: Mapping[str, lora.LoRAWeight], what: str) -> tuple[int, float]:
@@ -380,9 +388,9 @@ def peft_state_dict(
                     f"modules_to_save entry {name!r} contains the LoRA-adapted module {module!r}; "
                     "a module is either adapted or saved whole, not both."
                 )
-            hf, transpose = _hf_tensor_name(path, family, layout)
+            e = _hf_entry(path, tuple(np.shape(leaf)), family, layout)
             value = np.asarray(leaf, np.float32)
-            tensors[PEFT_PREFIX + hf] = np.ascontiguousarray(value.T if transpose else value)
+            tensors[PEFT_PREFIX + e.hf] = np.ascontiguousarray(e.to_hf(value))
             hits += 1
         if not hits:
             raise WeightsError(
@@ -549,10 +557,16 @@ def _readme(base: str | None, config: Any, fields, notes, label_names) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_text(path: pathlib.Path, data: str | bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+
+    convert.atomic_write(path, write)
+
+
 def _write_json(path: pathlib.Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    _write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _metadata(config: Any) -> dict[str, str]:
@@ -642,14 +656,9 @@ def save_peft(
         ]
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{ADAPTER_WEIGHTS}.tmp"
-    tmp.write_bytes(safetensors_bytes(tensors, _metadata(config)))
-    os.replace(tmp, out / ADAPTER_WEIGHTS)
+    _write_text(out / ADAPTER_WEIGHTS, safetensors_bytes(tensors, _metadata(config)))
     _write_json(out / ADAPTER_CONFIG, adapter_config(fields, base_model, TASK_TYPE[family]))
-    readme = out / "README.md"
-    tmp_readme = out / ".README.md.tmp"
-    tmp_readme.write_text(_readme(base_model, config, fields, notes, label_names))
-    os.replace(tmp_readme, readme)
+    _write_text(out / "README.md", _readme(base_model, config, fields, notes, label_names))
     return out
 
 
@@ -682,7 +691,7 @@ def save_merged(
     out = pathlib.Path(out_dir)
     src = pathlib.Path(model_dir) if model_dir is not None else None
     src = src if src is not None and src.is_dir() else None
-    hf_base = weights_lib.read_hf_config(src) if src is not None else {}
+    hf_base = sources.read_hf_config(src) if src is not None else {}
     if family == "llama":
         llama_weights.save_llama(params, config, out)
     elif family == "vit":
@@ -840,8 +849,8 @@ def export_peft(
 
 
 def _has_pooler(model_dir: pathlib.Path) -> bool:
-    raw, _ = weights_lib.read_safetensors(model_dir)
-    return any(k.removeprefix("bert.").startswith("pooler.") for k in raw)
+    names = convert.safetensors_index(model_dir)
+    return any(k.removeprefix("bert.").startswith("pooler.") for k in names)
 
 
 def init_from_adapter(params: PyTree, lora_cfg: LoRAConfig) -> PyTree:
@@ -1021,10 +1030,11 @@ def import_peft(
     flat = _flat(base_params)
     base_w = {p: (leaf.w0 if lora.is_lora(leaf) else leaf) for p, leaf in flat.items()}
     kernels = {hf_module_name(p[:-1], family): p for p in base_w if p[-1] == "kernel"}
-    tensor_of = {}
-    for p in base_w:
+    entry_of: dict[str, convert.KeyEntry] = {}
+    for p, w in base_w.items():
         if p[-1] in _LEAF_TO_HF and "patch_embeddings" not in p:
-            tensor_of[_hf_tensor_name(p, family)[0]] = p
+            e = _hf_entry(p, tuple(np.shape(w)), family)
+            entry_of[e.hf] = e
     wanted = {
         hf_module_name(p[:-1], family)
         for p in (tuple(s.split("/")) for s in lora.target_paths(_plain(base_w), lora_cfg.targets))
@@ -1068,24 +1078,20 @@ def import_peft(
                 continue
             factors.setdefault(module, {})[which] = value
             continue
-        path = tensor_of.get(name)
-        if path is None:
+        e = entry_of.get(name)
+        if e is None:
             errors.append(
                 f"adapter key {key!r} matches no parameter of the {family} base model "
                 "(a LoRA factor must end in .lora_A.weight/.lora_B.weight; a saved module must "
                 "be a Dense/LayerNorm of the model)"
             )
             continue
-        expect = tuple(np.shape(base_w[path]))
-        transpose = _LEAF_TO_HF[path[-1]][1]
-        got = tuple(value.shape[::-1]) if transpose else tuple(value.shape)
-        if got != expect:
+        if tuple(value.shape) != e.hf_shape:
             errors.append(
-                f"shape mismatch: {key!r} expected {expect[::-1] if transpose else expect}, "
-                f"got {tuple(value.shape)}"
+                f"shape mismatch: {key!r} expected {e.hf_shape}, got {tuple(value.shape)}"
             )
             continue
-        replaced[path] = value.T if transpose else value
+        replaced[e.path] = e.to_tree(value)
 
     nodes: dict[tuple[str, ...], lora.LoRAWeight] = {}
     for module, ab in sorted(factors.items()):
@@ -1140,10 +1146,7 @@ def import_peft(
 def _plain(base_w: Mapping[tuple[str, ...], Any]) -> dict:
     tree: dict = {}
     for path, leaf in base_w.items():
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = leaf
+        convert.set_path(tree, path, leaf)
     return tree
 
 

@@ -101,7 +101,8 @@ def _num_chunks(batch_size: int, microbatch_size: int | None) -> int:
         divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
         raise ConfigError(
             f"microbatch_size={microbatch_size} does not divide the padded batch size "
-            f"B_max={batch_size}; choose one of {divisors} (or None)."
+            f"B_max={batch_size}; choose one of {divisors} (or None). (ffa-jax train pads B_max "
+            "to a multiple of perf.microbatch_size itself; direct callers pad the batch.)"
         )
     return batch_size // microbatch_size
 

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ffa_jax import perf as perf_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.data import gsm as gsm_lib
 from ffa_jax.errors import ConfigError, DataError
@@ -140,7 +141,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         tokenizer,
         max_prompt_length=L,
         max_new_tokens=cfg.eval.max_new_tokens,
-        batch_size=min(cfg.eval.batch_size, len(data.test)),
+        batch_size=min(perf_lib.eval_batch_size(cfg), len(data.test)),
         dtype=dtype,
     )
 

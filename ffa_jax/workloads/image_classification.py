@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ffa_jax import perf as perf_lib
+from ffa_jax import xla_options
 from ffa_jax.config import RunConfig
 from ffa_jax.data import images
-from ffa_jax.models import weights as weights_lib
 from ffa_jax.models.layers import cast_frozen_weights
+from ffa_jax.models.sources import read_hf_config, resolve_model_dir
 from ffa_jax.models.vit import (
     ViTClassifier,
     ViTConfig,
@@ -45,9 +47,9 @@ def check(cfg: RunConfig) -> None:
 def _load_task(cfg: RunConfig) -> tuple[Any, images.ImageClassificationData]:
     """``(model folder, images resized to the model's input size)``; reads the model's
     config.json but no weights."""
-    model_dir = weights_lib.resolve_model_dir(cfg.model.name)  # fails fast on missing files
+    model_dir = resolve_model_dir(cfg.model.name)  # fails fast on missing files
     # The architecture first: the data are resized to its input size.
-    arch = ViTConfig.from_hf(weights_lib.read_hf_config(model_dir), 1)
+    arch = ViTConfig.from_hf(read_hf_config(model_dir), 1)
     data = images.load_image_classification(
         cfg.data.task,
         image_size=arch.image_size,
@@ -104,7 +106,12 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
 
     eval_fn = image_classification_eval(module, mean, std)
 
-    evaluate = classification_evaluator(eval_fn, test_arrays, cfg.eval.batch_size)
+    evaluate = classification_evaluator(
+        eval_fn,
+        test_arrays,
+        perf_lib.eval_batch_size(cfg),  # "auto" too: inference loads unresolved configs
+        xla_options.compiler_options(cfg.perf.cpu_library_fusion, "vit"),
+    )
 
     majority = float(np.bincount(test_y).max() / max(len(test_y), 1))
 

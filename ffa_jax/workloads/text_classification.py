@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ffa_jax import perf as perf_lib
+from ffa_jax import xla_options
 from ffa_jax.config import RunConfig
 from ffa_jax.data import batching, tasks
 from ffa_jax.errors import ConfigError
@@ -20,6 +22,7 @@ from ffa_jax.models import encoder as encoder_lib
 from ffa_jax.models import weights as weights_lib
 from ffa_jax.models.layers import cast_frozen_weights
 from ffa_jax.models.objectives import classification_eval, classification_loss
+from ffa_jax.models.sources import resolve_model_dir
 from ffa_jax.workloads import (
     Workload,
     classification_evaluator,
@@ -57,7 +60,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     Raises:
       ConfigError / DataError / WeightsError: bad input, before any training compute.
     """
-    model_dir = weights_lib.resolve_model_dir(cfg.model.name)  # fails fast on missing files
+    model_dir = resolve_model_dir(cfg.model.name)  # fails fast on missing files
     data = _load_task(cfg)
     enc_cfg, base_params = weights_lib.load_encoder(
         str(model_dir),
@@ -92,7 +95,12 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
 
     eval_fn = classification_eval(module)
 
-    evaluate = classification_evaluator(eval_fn, test_arrays, cfg.eval.batch_size)
+    evaluate = classification_evaluator(
+        eval_fn,
+        test_arrays,
+        perf_lib.eval_batch_size(cfg),  # "auto" too: inference loads unresolved configs
+        xla_options.compiler_options(cfg.perf.cpu_library_fusion, "encoder"),
+    )
 
     majority = float(np.bincount(test_arrays["label"]).max() / max(len(test_arrays["label"]), 1))
 

@@ -19,8 +19,10 @@ from safetensors.numpy import load_file, save_file
 from ffa_jax import lora
 from ffa_jax.config import LoRAConfig
 from ffa_jax.errors import ConfigError, WeightsError
-from ffa_jax.models import llama_weights
+from ffa_jax.models import chat_template, llama_weights
+from ffa_jax.models.chat_template import chatml, render_chat
 from ffa_jax.models.generate import make_generate
+from ffa_jax.models.gguf import permute_gguf, unpermute_gguf
 from ffa_jax.models.llama import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -31,17 +33,13 @@ from ffa_jax.models.llama import (
     token_log_likelihoods,
 )
 from ffa_jax.models.llama_weights import (
-    chatml,
     check_vocab,
     load_llama,
     load_llama_pretrained,
     load_llama_tokenizer,
-    permute_gguf,
-    render_chat,
     save_llama,
-    smollm2_available,
-    unpermute_gguf,
 )
+from ffa_jax.models.sources import smollm2_available
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 PARITY = FIXTURES / "llama_parity.npz"
@@ -440,7 +438,7 @@ def test_chatml_fallback_without_jinja(tmp_path, monkeypatch):
     tok = load_llama_tokenizer(_write_gguf(tmp_path / "t.gguf", "tied", tokens=tokens, types=types))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     with_jinja = render_chat(tok, messages)
-    monkeypatch.setattr(llama_weights, "_jinja2_available", lambda: False)
+    monkeypatch.setattr(chat_template, "_jinja2_available", lambda: False)
     assert render_chat(tok, messages) == with_jinja
     assert render_chat(tok, messages[1:]) == chatml(
         messages[1:],

@@ -24,7 +24,6 @@ from ffa_jax.errors import ConfigError, WeightsError
 from ffa_jax.inference import load_run
 from ffa_jax.models import EncoderClassifier, key_table, load_encoder
 from ffa_jax.models import peft as peft_lib
-from ffa_jax.models.weights import PREFIX
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 FAMILIES = ("bert", "roberta")
@@ -74,7 +73,7 @@ def test_module_names_agree_with_key_table(family):
     config, base = _base(family)
     for e in key_table(config):
         if e.path[-1] == "kernel":
-            want = (PREFIX[family] if e.prefixed else "") + e.hf.removesuffix(".weight")
+            want = e.export_name.removesuffix(".weight")
             assert peft_lib.hf_module_name(e.path[:-1], family) == want
     assert peft_lib.family_of(base) == family
 

@@ -139,7 +139,7 @@ def test_save_load_round_trip_merges_lora(tmp_path, ref):
 def test_key_table_matches_the_hf_checkpoint_exactly():
     config, _ = load_vit(FIXTURES / "vit_tiny", 3, head_key=jax.random.key(0))
     hf = load_file(FIXTURES / "vit_tiny" / "model.safetensors")
-    table = {("" if e.head else "vit.") + e.hf: e.hf_shape for e in vit_key_table(config)}
+    table = {e.export_name: e.hf_shape for e in vit_key_table(config)}
     assert table == {k: v.shape for k, v in hf.items()}
 
 

