@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax import lora
 from ffa_jax import train as train_lib
 from ffa_jax.config import load_config
@@ -129,17 +130,54 @@ def test_app_pyproject_carries_the_config_exactly(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override, field",
+    "overrides, field",
     [
-        ("privacy.unit=client", "privacy.unit"),
-        ("federated.clients_per_round=2", "federated.clients_per_round"),
+        (["federated.clients_per_round=2"], "federated.clients_per_round"),
     ],
 )
-def test_simulation_only_settings_are_refused_before_writing(tmp_path, override, field):
-    cfg = load_config(None, [override])
+def test_simulation_only_settings_are_refused_before_writing(tmp_path, overrides, field):
+    # Sample-level DP with partial participation: a client cannot calibrate its noise to
+    # the server's secret schedule.
+    cfg = load_config(None, overrides)
     with pytest.raises(ConfigError, match=field):
         app_lib.write_app(cfg, tmp_path / "app")
     assert not (tmp_path / "app").exists()
+
+
+def test_run_config_keys_override_the_config_as_flwr_run_does(tmp_path):
+    from flwr.common.config import fuse_dicts, get_fused_config_from_dir, parse_config_args
+
+    cfg = load_config(None, ["name=keys", "privacy.accountant=rdp"])
+    out = app_lib.write_app(cfg, tmp_path / "app")
+    # What `flwr run APP --run-config "..."` hands the apps: pyproject's config + overrides.
+    overrides = parse_config_args(
+        [
+            "num-server-rounds=5 epsilon=4 clip-norm=0.5 learning-rate=20.0 local-steps=3 "
+            'mode="lora" clients-per-round=2 privacy-unit="client"'
+        ]
+    )
+    fused = get_fused_config_from_dir(out, overrides)
+    got = app_lib.config_from_run_config(fused)
+    assert (got.federated.rounds, got.privacy.epsilon, got.privacy.clip_norm) == (5, 4.0, 0.5)
+    assert (got.client.learning_rate, got.federated.local_steps, got.lora.mode) == (20.0, 3, "lora")
+    assert (got.federated.clients_per_round, got.privacy.unit) == (2, "client")
+    assert got.name == "keys" and got.privacy.accountant == "rdp"  # the rest: ffa-config
+    # Every key maps to a field, and writing then reading gives the config back.
+    assert app_lib.config_from_run_config(get_fused_config_from_dir(out, {})) == cfg
+    with pytest.raises(ValueError, match="lr"):  # Flower refuses a key the app lacks
+        fuse_dicts(get_fused_config_from_dir(out, {}), {"lr": 1.0})
+    # A hand-edited config with an unknown key, or a bad value, is refused by name.
+    with pytest.raises(ConfigError, match=r"unknown Flower run-config key\(s\) \['lr'\]"):
+        app_lib.config_from_run_config({**fused, "lr": 1.0})
+    with pytest.raises(ConfigError, match=r"'local-steps'.*federated.local_steps=0"):
+        app_lib.config_from_run_config({**fused, "local-steps": 0})
+    # clients-per-round = 0: every client (TOML has no null).
+    assert (
+        app_lib.config_from_run_config(
+            {**fused, "clients-per-round": 0}
+        ).federated.clients_per_round
+        is None
+    )
 
 
 # ------------------------------------------------------------------- the apps, in process
@@ -431,6 +469,175 @@ def test_non_private_settings_of_the_server_need_the_nodes_consent(tiny, setting
     assert not (base / "runs" / "consent").exists()
 
 
+def test_a_train_head_run_keeps_its_head(tiny):
+    base, model = tiny
+    cfg = _tiny_cfg(base, model, "head", "model.train_head=true", "federated.rounds=1")
+    grid = LoopGrid(app_lib.run_config(cfg), _nodes())
+    server_app.run_server(grid, grid.run_config, log=lambda *a: None)
+    saved = load_file(str(base / "runs" / "head" / "adapter.safetensors"))
+    heads = [n for n in saved if n.startswith("classifier/")]
+    assert heads, sorted(saved)
+    trained = train_lib.prepare(cfg, plan_privacy=False, log=lambda *a: None).trainable
+    assert set(heads) <= set(wire.tree_to_arrays(trained))  # the trained, uploaded head
+
+
+def test_keep_model_trains_every_round_in_one_node_worker(tiny, tmp_path, capfd):
+    """keep-model=true: each node's rounds run in one long-lived worker process (the model
+    stays loaded), with the numbers of the simulation."""
+    import os
+    import re
+    import signal
+
+    base, model = tiny
+    cfg = _tiny_cfg(base, model, "kept")
+    nodes = [
+        {**nc, client_app.STATE_DIR: str(tmp_path / f"n{i}"), client_app.KEEP_MODEL: True}
+        for i, nc in enumerate(_nodes())
+    ]
+    grid = LoopGrid(app_lib.run_config(cfg), nodes)
+    pids: set[int] = set()
+    try:
+        server_app.run_server(grid, grid.run_config, log=lambda *a: None)
+        out = capfd.readouterr().out
+        served = re.findall(
+            r"ffa_jax client (\d): round (\d) in node worker pid (\d+) \(its round (\d)\)", out
+        )
+        pids = {int(p) for _, _, p, _ in served}
+        assert len(served) == 3 * cfg.federated.rounds
+        assert len(pids) == 3  # one worker per node, for every round
+        assert {(c, r, n) for c, r, _, n in served} == {
+            (str(c), str(r), str(r)) for c in range(3) for r in range(1, 4)
+        }
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+    sim = _tiny_cfg(base, model, "kept-sim")
+    train_lib.train(sim, progress=False, log=lambda *a: None)
+    a = load_file(str(base / "runs" / "kept" / "adapter.safetensors"))
+    b = load_file(str(base / "runs" / "kept-sim" / "adapter.safetensors"))
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+CLIENT_LEVEL = [
+    "data.partition=iid",
+    "federated.clients=4",
+    "federated.clients_per_round=2",
+    "federated.client_sampling=fixed",
+    "privacy.unit=client",
+    "privacy.noise_multiplier=0.5",
+    "privacy.client_clip_norm=0.05",
+]
+
+
+def test_partial_participation_and_client_level_dp_equal_the_simulation(tiny):
+    """4 clients, 2 sampled per round from the server's secret, the server clips and noises:
+    the simulation's numbers for the same secret seeds (privacy.noise_seed)."""
+    base, model = tiny
+    cfg = _tiny_cfg(base, model, "client-dp", *CLIENT_LEVEL)
+    grid = LoopGrid(app_lib.run_config(cfg), _nodes(k=4))
+    summary = server_app.run_server(grid, grid.run_config, log=lambda *a: None)
+    sim_cfg = _tiny_cfg(base, model, "client-dp-sim", *CLIENT_LEVEL)
+    sim = train_lib.train(sim_cfg, progress=False, log=lambda *a: None)
+
+    # Who got a train message in each round: the simulation's participants, 2 of 4.
+    plan = train_lib.prepare(sim_cfg, log=lambda *a: None).plan
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    for r in range(cfg.federated.rounds):
+        got = sorted(
+            m.metadata.dst_node_id - 1000
+            for m in train_msgs
+            if m.content.config_records["config"]["round-index"] == r
+        )
+        assert got == sorted(np.flatnonzero(plan.participation[r]).tolist())
+        assert len(got) == 2
+    # The server asked each node its partition id and nothing else; it sent no seed.
+    for m in grid.sent:
+        if m.metadata.message_type != "train":
+            assert dict(m.content.config_records["config"]) == {"ask": "partition-id"}
+        else:
+            assert set(m.content.config_records["config"]) == {"round-index"}
+    fl_rows, sim_rows = _rows(base / "runs" / "client-dp"), _rows(base / "runs" / "client-dp-sim")
+    for f, s in zip(fl_rows, sim_rows, strict=True):
+        assert f["round"] == s["round"]
+        assert f["epsilon"] == pytest.approx(s["epsilon"], rel=1e-12)
+        assert f["delta"] == pytest.approx(s["delta"], rel=1e-12)
+        assert f["update_norm"] == pytest.approx(s["update_norm"], rel=1e-4)
+        # The realised number of participants is hidden (a diagnostic), as in the simulation.
+        assert "participants" not in f and f["diagnostics"]["participants"] == 2
+        fd, sd = f["diagnostics"], s["diagnostics"]
+        assert fd["client_update_norm"] == pytest.approx(sd["client_update_norm"], rel=1e-4)
+        assert fd["client_clipped_fraction"] == sd["client_clipped_fraction"]
+        for key in ("eval_accuracy", "eval_loss"):
+            assert (key in f) == (key in s)
+            if key in f:
+                assert f[key] == pytest.approx(s[key], abs=1e-5)
+    assert summary["epsilon"] == pytest.approx(sim["epsilon"], rel=1e-12)
+    assert summary["privacy_unit"] == "client"
+    fl = load_file(str(base / "runs" / "client-dp" / "adapter.safetensors"))
+    sm = load_file(str(base / "runs" / "client-dp-sim" / "adapter.safetensors"))
+    assert fl.keys() == sm.keys()
+    for name in fl:
+        np.testing.assert_allclose(fl[name], sm[name], rtol=1e-4, atol=1e-6)
+    # The server's noise matters: a noise-free aggregate lands elsewhere.
+    assert any(float(np.max(np.abs(sm[n]))) > 0 for n in sm if n.endswith("/b"))
+
+
+class KilledGrid(LoopGrid):
+    """A LoopGrid whose ServerApp dies (SystemExit) when it sends round ``kill_at``."""
+
+    def __init__(self, *args, kill_at, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kill_at = kill_at
+
+    def send_and_receive(self, messages, *, timeout=None):
+        for m in messages:
+            if m.content.config_records["config"].get("round-index") == self.kill_at:
+                raise SystemExit("ServerApp killed")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_killed_server_app_resumes_with_its_ledger(tiny, tmp_path):
+    """The ServerApp dies before round 3; a new Flower run (fresh Context.state on every
+    node, as Flower gives a new run) with resume=true finishes it from the round-2
+    checkpoint; the nodes restore their secret and rounds from their state-dir. The result
+    equals an uninterrupted run."""
+    base, model = tiny
+    cfg = _tiny_cfg(base, model, "resumed", "federated.rounds=3", "checkpoint.every=1")
+    nodes = [
+        {**nc, client_app.STATE_DIR: str(tmp_path / f"node-{i}")} for i, nc in enumerate(_nodes())
+    ]
+    killed = KilledGrid(app_lib.run_config(cfg), nodes, kill_at=2)
+    with pytest.raises(SystemExit):
+        server_app.run_server(killed, killed.run_config, log=lambda *a: None)
+    run = base / "runs" / "resumed"
+    assert len(_rows(run)) == 2 and not (run / "adapter.safetensors").exists()
+    # Without resume the directory is protected; with it the run continues.
+    with pytest.raises(ConfigError, match="resume=true"):
+        server_app.run_server(LoopGrid(app_lib.run_config(cfg), nodes), app_lib.run_config(cfg))
+    rc = app_lib.run_config(cfg, resume=True)
+    fresh = LoopGrid(rc, nodes)  # new Flower run: empty node states
+    summary = server_app.run_server(fresh, rc, log=lambda *a: None)
+    assert summary["resumed_at"] == 2
+    # Only round 3 was trained after the resume, and each node counted 3 rounds in all.
+    assert {m.content.config_records["config"]["round-index"] for m in fresh.sent} == {2}
+    for _, state in fresh.nodes.values():
+        assert state.config_records[client_app.ROUNDS_STATE]["done"] == 3
+    whole_cfg = _tiny_cfg(base, model, "whole", "federated.rounds=3")
+    whole = LoopGrid(app_lib.run_config(whole_cfg), _nodes())
+    server_app.run_server(whole, whole.run_config, log=lambda *a: None)
+    rows, ref = _rows(run), _rows(base / "runs" / "whole")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for f, s in zip(rows, ref, strict=True):
+        assert f["epsilon"] == s["epsilon"]  # the ledger continued
+        assert f["update_norm"] == pytest.approx(s["update_norm"], rel=1e-5)
+    a = load_file(str(run / "adapter.safetensors"))
+    b = load_file(str(base / "runs" / "whole" / "adapter.safetensors"))
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7)
+    assert ckpt_lib.finalized_steps(run / "checkpoints")[-1] == 3  # the final checkpoint
+
+
 # ----------------------------------------------------------- a real deployment on loopback
 
 E2E = [
@@ -531,3 +738,83 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
 
 def _sets(overrides):
     return [x for o in overrides for x in ("--set", o)]
+
+
+E2E_CLIENT_LEVEL = [
+    *E2E,
+    "federated.rounds=6",
+    "eval.every=3",
+    "data.partition=iid",
+    "federated.clients=4",
+    "federated.clients_per_round=2",
+    "federated.client_sampling=fixed",
+    "privacy.unit=client",
+    "privacy.noise_multiplier=0.5",
+    "privacy.client_clip_norm=0.05",
+]
+
+
+@pytest.mark.slow
+def test_flower_deployment_client_level_dp_2_of_4_equals_the_simulation(tmp_path):
+    """SuperLink + 4 SuperNodes on 127.0.0.1, 2 sampled per round by the server, client-level
+    DP noised on the server, 6 rounds, models kept loaded in node workers: the simulation's
+    numbers, and every worker's memory flat from round to round (measured)."""
+    import re
+
+    from ffa_jax import cli
+    from ffa_jax.flower.local import LocalFederation
+
+    out = tmp_path / "runs"
+    app = [str(tmp_path / "app"), *_sets(E2E_CLIENT_LEVEL)]
+    assert cli.main(["flower", "app", *app, "--set", f"output_dir={out}", "--set", "name=fl"]) == 0
+    t0 = time.monotonic()
+    fed = LocalFederation(tmp_path / "w", 4, node_config="allow-non-private=true")
+    with fed:
+        run_id = fed.submit(tmp_path / "app")
+        try:
+            status = fed.wait(run_id, timeout=900)
+        except FederationError as e:
+            pytest.fail(f"{e}\n{fed.logs(run_id)}")
+        server_log = fed.logs(run_id)
+    wall = time.monotonic() - t0
+    assert status == "finished:completed", server_log
+    assert fed.alive() == [] and fed.non_loopback == []
+
+    cfg = load_config(None, [*E2E_CLIENT_LEVEL, f"output_dir={out}", "name=sim"])
+    train_lib.train(cfg, progress=False, log=lambda *a: None)
+    plan = train_lib.prepare(cfg, log=lambda *a: None).plan
+    fl_rows, sim_rows = _rows(out / "fl"), _rows(out / "sim")
+    assert len(fl_rows) == len(sim_rows) == 6
+    for f, s in zip(fl_rows, sim_rows, strict=True):
+        assert f["epsilon"] == pytest.approx(s["epsilon"], rel=1e-12)
+        assert f["update_norm"] == pytest.approx(s["update_norm"], rel=1e-4)
+        assert f["diagnostics"]["participants"] == 2
+        if "eval_loss" in s:
+            assert f["eval_loss"] == pytest.approx(s["eval_loss"], rel=1e-4)
+    fl = load_file(str(out / "fl" / "adapter.safetensors"))
+    sm = load_file(str(out / "sim" / "adapter.safetensors"))
+    for name in sm:
+        np.testing.assert_allclose(fl[name], sm[name], rtol=1e-4, atol=1e-6)
+
+    # Each node's rounds: the ones the server's secret sampled it for, all in one worker.
+    line = re.compile(
+        r"ffa_jax client (\d): round (\d+) in node worker pid (\d+) \(its round (\d+)\), "
+        r"worker RSS ([\d.]+) MiB, ClientApp RSS ([\d.]+) MiB"
+    )
+    rss: dict[int, list[tuple[int, float, float]]] = {}
+    for k in range(4):
+        text = (fed.log_dir / f"supernode-{k}.log").read_text(errors="replace")
+        rows = [m.groups() for m in line.finditer(text)]
+        expected = [r + 1 for r in range(6) if plan.participation[r, k]]
+        assert [int(r[1]) for r in rows] == expected, text[-3000:]
+        assert len({r[2] for r in rows}) == (1 if rows else 0)  # one worker per node
+        rss[k] = [(int(r[1]), float(r[4]), float(r[5])) for r in rows]
+    for rows in rss.values():
+        after_first = [w for _, w, _ in rows[1:]]
+        # Flat: the model is loaded once; later rounds add at most allocator slack (measured
+        # +2..+6% over a worker's first round, then level), never another copy of the model.
+        if after_first:
+            assert max(after_first) <= 1.10 * rows[0][1], rss
+    print(f"\nflower client-level e2e: {wall:.0f} s wall; per-node (round, worker MiB, app MiB):")
+    for k, rows in rss.items():
+        print(f"  node {k}: {rows}")

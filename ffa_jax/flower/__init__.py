@@ -7,6 +7,8 @@
   (``ffa_jax.flower.client_app:app``, ``ffa_jax.flower.server_app:app``).
 - :mod:`ffa_jax.flower.app`: writes a Flower App folder (``pyproject.toml``) for a run config.
 - :mod:`ffa_jax.flower.local`: SuperLink + SuperNodes + ``flwr run`` on 127.0.0.1.
+- :mod:`ffa_jax.flower.worker`: the node worker that keeps a client's model loaded between
+  rounds (node config ``keep-model=true``).
 
 The Flower parts need the optional extra: ``pip install -e ".[flower]"``.
 """

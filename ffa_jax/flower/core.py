@@ -39,8 +39,10 @@ from ffa_jax import lora
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import FederationError
 from ffa_jax.federated.client import DpParams
-from ffa_jax.federated.round import client_key
+from ffa_jax.federated.round import client_key, server_noise_key
 from ffa_jax.federated.server import (
+    ServerDpParams,
+    dp_fedavg_aggregate,
     make_server_optimizer,
     server_init,
     server_update,
@@ -101,8 +103,21 @@ class ClientPrivacy:
     delta_curve: tuple[float, ...] = ()
 
 
+def privacy_from_json(data: dict[str, Any]) -> ClientPrivacy:
+    """A :class:`ClientPrivacy` from its ``dataclasses.asdict`` (JSON) form."""
+    return ClientPrivacy(
+        noise_multiplier=float(data["noise_multiplier"]),
+        sampling_rate=float(data["sampling_rate"]),
+        epsilon_curve=tuple(float(e) for e in data["epsilon_curve"]),
+        delta_curve=tuple(float(d) for d in data.get("delta_curve", ())),
+    )
+
+
 def plan_client_privacy(prep: Prepared, client_id: int) -> ClientPrivacy:
     """Client ``client_id``'s own privacy plan: sigma_k calibrated to ``privacy.epsilon``.
+
+    Under client-level DP (``privacy.unit: client``) the client adds no noise (sigma_k = 0,
+    infinite own epsilon): the server clips and noises the updates, see :class:`ServerRun`.
 
     This is :func:`ffa_jax.privacy.planner.sample_level_plan` on this client's size alone;
     the simulation calibrates every client the same way, one at a time, so sigma_k and the
@@ -114,6 +129,15 @@ def plan_client_privacy(prep: Prepared, client_id: int) -> ClientPrivacy:
     the server does.
     """
     cfg = prep.cfg
+    if cfg.privacy.enabled and cfg.privacy.unit == "client":
+        # Client-level DP: the server clips and noises whole updates; the client runs plain
+        # SGD and its own epsilon is not a sample-level one (the server reports the run's).
+        n = len(prep.client_indices[client_id])
+        return ClientPrivacy(
+            noise_multiplier=0.0,
+            sampling_rate=cfg.client.batch_size / n,
+            epsilon_curve=(math.inf,) * cfg.federated.rounds,
+        )
     plan = planner.sample_level_plan(
         client_sizes=[len(prep.client_indices[client_id])],
         batch_size=cfg.client.batch_size,
@@ -222,14 +246,22 @@ class ClientNode:
         return len(self.prep.client_indices[self.client_id])
 
     def train_round(
-        self, trainable: PyTree, round_idx: int, rounds_done: int = 0
+        self,
+        trainable: PyTree,
+        round_idx: int,
+        rounds_done: int = 0,
+        last_round: int | None = None,
     ) -> tuple[PyTree, dict[str, float], dict[str, float]]:
         """Runs this client's local steps of round ``round_idx`` (0-based) from ``trainable``.
 
-        ``rounds_done``: rounds this client has already trained (its node state). Only the
-        next round, ``round_idx == rounds_done``, is trained: a repeated round (same key and
-        batches: two uploads would differ by a noise-free amount), a round from the past or
-        one that skips ahead is refused, so every step taken is a step accounted.
+        ``rounds_done``: rounds this client has already trained; ``last_round``: the index of
+        the last one (None: ``rounds_done - 1``), both from its node state. A round at or
+        before the last one trained is refused (a repeated round reuses the key and batches:
+        two uploads would differ by a noise-free amount), so every step taken is a step
+        accounted. With every client in every round, only the next round is trained
+        (``round_idx == rounds_done``); under partial participation
+        (``federated.clients_per_round``) a client skips the rounds it is not sampled for,
+        which only the server knows.
 
         Returns:
           ``(delta, public, diagnostics)``: the noised delta of the trainable tree (numpy
@@ -238,7 +270,8 @@ class ClientNode:
           number of examples); diagnostics (:data:`DIAGNOSTICS`, not covered by epsilon).
 
         Raises:
-          FederationError: the round is not the next one (naming it).
+          FederationError: the round is a replay, from the past, or skips ahead with every
+            client in every round (naming it).
 
         Formal guarantee: see :func:`plan_client_privacy`; the delta is post-processing of
         this client's DP-SGD steps.
@@ -249,16 +282,27 @@ class ClientNode:
                 f"the server asked for round index {round_idx}, outside [0, {rounds - 1}] "
                 f"(federated.rounds={rounds}); server and clients must run the same config."
             )
-        if round_idx != rounds_done:
+        last = rounds_done - 1 if last_round is None else last_round
+        partial = self.cfg.federated.partial
+        if round_idx <= last or (not partial and round_idx != rounds_done):
             what = (
-                "a replay of a round it has already trained"
-                if round_idx < rounds_done
+                "a replay (a round at or before the last one it trained)"
+                if round_idx <= last
                 else "out of order (it skips ahead)"
             )
+            nxt = f"{last + 1} or later" if partial else f"{rounds_done}"
             raise FederationError(
                 f"client {self.client_id} refuses round index {round_idx}: {what}; it has "
-                f"trained rounds 0..{rounds_done - 1} and trains only round index "
-                f"{rounds_done} next. A repeated round would reuse its noise and batches."
+                f"trained {rounds_done} round(s), the last one round index {last}, and trains "
+                f"only round index {nxt} next. A repeated round would reuse its noise and "
+                "batches."
+                + (
+                    " If the ServerApp was resumed (a new Flower run, whose node state is "
+                    'empty), start the SuperNodes with --node-config "... state-dir=<folder>" '
+                    "so that they keep their secret and rounds across Flower runs."
+                    if round_idx > last
+                    else ""
+                )
             )
         batches = client_batches(self.prep, round_idx, slots=[self.client_id])
         batches.pop("_dropped")
@@ -292,34 +336,85 @@ class ClientNode:
 
 
 class ServerRun:
-    """The server of a federation: global trainable tree, Optax server optimiser, evaluation.
+    """The server of a federation: global trainable tree, Optax server optimiser, the
+    participants of every round, client-level DP, evaluation.
 
     It holds the test split for evaluation (``prepare`` loads the task); it never sees the
     clients' batches, only their deltas. Aggregation weights come from the partition sizes
     (``federated.weighting``), as in the simulation.
+
+    The server has its own secret (``secret``; drawn from the OS, or ``privacy.noise_seed``
+    for a reproducible research run, or a resumed run's from its checkpoint), from which it
+    draws the participants of every round (:attr:`participants`, the simulation's schedule,
+    :func:`ffa_jax.privacy.planner.make_plan`) and, under client-level DP, its noise. The
+    secret is never sent: a client learns only that it was sampled, in the round it is.
+
+    Under client-level DP (``privacy.unit: client``) each round is the simulation's
+    DP-FedAvg step, :func:`ffa_jax.federated.server.dp_fedavg_aggregate` (the same function
+    the simulation's round calls): clip each participant's whole update to
+    ``privacy.client_clip_norm`` S, add ``N(0, (z S)^2 I)`` to their sum with the server's
+    noise key of the round (:func:`ffa_jax.federated.round.server_noise_key`), divide by the
+    expected number of participants; then the Optax server step. The epsilon, delta and the
+    ledger (checkpoints) are the server's plan's, as in the simulation.
+
+    Args:
+      cfg: the run config.
+      prep: an already prepared run (its secret is replaced by ``secret`` when given).
+      secret: the server's secret; None: ``privacy.noise_seed`` when set, else a fresh draw.
+      ledger: a resumed run's privacy ledger (its noise multipliers are kept).
     """
 
-    def __init__(self, cfg: RunConfig, *, prep: Prepared | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        prep: Prepared | None = None,
+        secret: int | None = None,
+        ledger=None,
+    ):
         self.cfg = cfg
-        self.prep = _frozen_on_device(
-            prep if prep is not None else prepare(cfg, plan_privacy=False, log=silent)
-        )
+        if prep is None:
+            prep = prepare(cfg, log=silent, secret=secret, ledger=ledger)
+        elif secret is not None:
+            prep = dataclasses.replace(prep, secret=secret)
+        self.prep = _frozen_on_device(prep)
+        self.plan = self.prep.plan
         self.server_opt = make_server_optimizer(cfg.server)
         self.state = jax.device_get(server_init(self.prep.trainable, self.server_opt))
         self.weights = client_weights(cfg, [len(p) for p in self.prep.client_indices])
+        self.client_level = cfg.privacy.enabled and cfg.privacy.unit == "client"
+        self._key = train_key(self.prep)
         opt = self.server_opt
 
         def aggregate(state, stacked, weights):
             mean_delta = weighted_mean(stacked, weights)
-            norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(mean_delta)))
-            return server_update(state, mean_delta, opt), norm
+            return server_update(state, mean_delta, opt), _norm(mean_delta), jnp.zeros(0)
 
-        self._aggregate = jax.jit(aggregate)
+        def aggregate_dp(state, stacked, weights, dp, key):
+            mean_delta, norms = dp_fedavg_aggregate(stacked, weights, dp, key)
+            return server_update(state, mean_delta, opt), _norm(mean_delta), norms
+
+        self._aggregate = jax.jit(aggregate_dp if self.client_level else aggregate)
+
+    @property
+    def secret(self) -> int:
+        """The server's secret (participants, client-level noise); never sent."""
+        return self.prep.secret
 
     @property
     def trainable_bytes(self) -> int:
         """Analytic bytes of one copy of the trainable tree (one client's uplink per round)."""
         return lora.tree_bytes(self.prep.trainable)
+
+    def participants(self, round_idx: int) -> list[int]:
+        """The client ids sampled for round ``round_idx`` (0-based), ascending: the
+        simulation's schedule from the server's secret (every client without
+        ``federated.clients_per_round``)."""
+        return [int(c) for c in np.flatnonzero(self.plan.participation[round_idx])]
+
+    def ledger(self, rounds_done: int):
+        """The privacy ledger after ``rounds_done`` rounds (for checkpoints)."""
+        return self.plan.ledger(rounds_done)
 
     def decode(self, arrays, sender: str) -> PyTree:
         """A client's delta from its named arrays (checked, see :func:`wire.arrays_to_tree`)."""
@@ -332,51 +427,89 @@ class ServerRun:
         client_metrics: list[dict[str, float]],
         client_diagnostics: list[dict[str, float]] | None = None,
     ) -> dict[str, Any]:
-        """Aggregates the K clients' deltas (index k = client k) and takes the server step.
+        """Aggregates the round's participants' deltas (in :meth:`participants` order) and
+        takes the server step.
 
         The aggregation weights are the server's own (public partition sizes,
-        ``federated.weighting``), never a count a client reports.
+        ``federated.weighting``), never a count a client reports. Under client-level DP the
+        updates are clipped and the server adds the noise (see the class docstring).
 
         Returns the round's metrics record (the release-safe keys of ``metrics.jsonl`` of
         :func:`ffa_jax.train.train`), with the workload's ``eval_*`` metrics on eval rounds
         and, when the clients sent them (``flower.send_diagnostics``), a ``diagnostics``
-        object (training loss, clipped fraction, gradient norm, realised examples).
+        object (training loss, clipped fraction, gradient norm, realised examples). Under
+        client-level DP the ``diagnostics`` hold the participants' pre-clipping update
+        norms' mean and the clipped fraction (and, with partial participation, the realised
+        number of participants, which the noise does not hide).
         """
         cfg = self.cfg
-        k = cfg.federated.clients
-        if len(deltas) != k or len(client_metrics) != k:
+        members = self.participants(round_idx)
+        if len(deltas) != len(members) or len(client_metrics) != len(members):
             raise FederationError(
-                f"round {round_idx + 1}: {len(deltas)} client deltas for federated.clients={k}."
+                f"round {round_idx + 1}: {len(deltas)} client deltas for the "
+                f"{len(members)} participants {members}."
             )
         if int(self.state.round) != round_idx:
             raise FederationError(
                 f"round index {round_idx} but the server has done {int(self.state.round)} rounds."
             )
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *deltas)
-        new_state, update_norm = self._aggregate(self.state, stacked, self.weights)
+        weights = self.weights[np.asarray(members, np.int64)]
+        if self.client_level:
+            dp = ServerDpParams(
+                clip_norm=np.float32(cfg.privacy.client_clip_norm),
+                noise_multiplier=np.float32(self.plan.client_noise_multiplier),
+                # Noise the sum, then divide by the FIXED expected number of participants.
+                expected_clients=np.float32(self.plan.sampling.clients_per_round),
+            )
+            key = server_noise_key(self._key, round_idx)
+            new_state, update_norm, norms = self._aggregate(self.state, stacked, weights, dp, key)
+        else:
+            new_state, update_norm, norms = self._aggregate(self.state, stacked, weights)
         self.state = jax.device_get(new_state)
-        w = self.weights / max(float(self.weights.sum()), 1e-12)
-        eps = [m["epsilon"] for m in client_metrics]
-        record: dict[str, Any] = {
-            "round": round_idx + 1,
-            "epsilon": max(eps) if cfg.privacy.enabled else math.inf,
-            "delta": max(m["delta"] for m in client_metrics) if cfg.privacy.enabled else 0.0,
-            "update_norm": float(update_norm),
-            "noise_multipliers": [m["noise_multiplier"] for m in client_metrics],
-            "noise": noise_note(cfg),
-        }
+        w = weights / max(float(weights.sum()), 1e-12)
+        record: dict[str, Any] = {"round": round_idx + 1}
+        if self.client_level or not cfg.privacy.enabled:
+            record["epsilon"] = float(self.plan.epsilon_curve[round_idx])
+            record["delta"] = (
+                float(self.plan.delta_after(round_idx + 1)) if cfg.privacy.enabled else 0.0
+            )
+        else:
+            record["epsilon"] = max(m["epsilon"] for m in client_metrics)
+            record["delta"] = max(m["delta"] for m in client_metrics)
+        record.update(
+            update_norm=float(update_norm),
+            noise_multipliers=[m["noise_multiplier"] for m in client_metrics],
+            noise=noise_note(cfg),
+        )
+        if self.client_level:
+            record["client_noise_multiplier"] = float(self.plan.client_noise_multiplier)
+        diag: dict[str, Any] = {}
         if client_diagnostics:
             d = client_diagnostics
-            record["diagnostics"] = {
-                "train_loss": float(np.sum(w * np.array([m["loss"] for m in d]))),
-                "clipped_fraction": float(np.mean([m["clipped_fraction"] for m in d])),
-                "grad_norm": (
+            diag.update(
+                train_loss=float(np.sum(w * np.array([m["loss"] for m in d]))),
+                clipped_fraction=float(np.mean([m["clipped_fraction"] for m in d])),
+                grad_norm=(
                     float(np.mean([m["grad_norm"] for m in d])) if cfg.privacy.enabled else None
                 ),
-                "examples": int(sum(m["realised_examples"] for m in d)),
-            }
+                examples=int(sum(m["realised_examples"] for m in d)),
+            )
+        if self.client_level:
+            norms = np.asarray(norms)
+            diag["client_update_norm"] = float(np.mean(norms))
+            diag["client_clipped_fraction"] = float(np.mean(norms > cfg.privacy.client_clip_norm))
+        counts = {"participants": len(members)}
+        # Client-level DP hides who took part; the realised count would reveal it.
+        (diag if self.client_level and cfg.federated.partial else record).update(counts)
+        if diag:
+            record["diagnostics"] = diag
         is_last = round_idx + 1 == cfg.federated.rounds
         if is_last or (cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0):
             params = lora.combine(self.state.trainable, self.prep.frozen)
             record.update(evaluate(self.prep, params))
         return record
+
+
+def _norm(tree: PyTree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))

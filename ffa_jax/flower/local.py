@@ -89,6 +89,9 @@ class LocalFederation:
       node_config: extra ``key=value`` pairs (space-separated) for every node's
         ``--node-config``, e.g. ``"allow-non-private=true"`` for a reproducible research run
         (see :mod:`ffa_jax.flower.client_app`).
+      keep_model: every node keeps its model loaded between rounds in a node worker
+        (``keep-model=true``, :mod:`ffa_jax.flower.worker`); False: every round's fresh
+        ClientApp process reloads it. Every node has a ``state-dir`` (:meth:`node_dir`).
 
     Attributes (after ``__enter__``):
       superlink_port, node_ports: the TCP ports in use (all on 127.0.0.1).
@@ -108,6 +111,7 @@ class LocalFederation:
         env: dict[str, str] | None = None,
         start_timeout: float = 60.0,
         node_config: str = "",
+        keep_model: bool = True,
     ):
         if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
             raise FederationError(f"num_nodes={num_nodes!r} must be a positive integer.")
@@ -115,6 +119,7 @@ class LocalFederation:
         self.num_nodes = num_nodes
         self.start_timeout = start_timeout
         self.node_config = node_config.strip()
+        self.keep_model = bool(keep_model)
         self.home = self.work_dir / "flwr-home"
         self.log_dir = self.work_dir / "logs"
         self.env = dict(os.environ)
@@ -230,7 +235,7 @@ class LocalFederation:
                         "--port",
                         str(port),
                         "--node-config",
-                        f"partition-id={k} num-partitions={self.num_nodes} {self.node_config}".strip(),
+                        self.node_config_of(k),
                     ],
                 )
         except BaseException:
@@ -240,6 +245,20 @@ class LocalFederation:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def node_dir(self, k: int) -> Path:
+        """Node k's ``state-dir``: its secret and rounds across Flower runs of a config (a
+        resumed ServerApp) and its node worker's socket (``keep-model``)."""
+        return self.work_dir / "nodes" / str(k)
+
+    def node_config_of(self, k: int) -> str:
+        """Node k's ``--node-config``: its partition, its ``state-dir``, ``keep-model``
+        (unless ``keep_model=False``) and the extra ``node_config``."""
+        parts = [f"partition-id={k}", f"num-partitions={self.num_nodes}"]
+        parts.append(f'state-dir="{self.node_dir(k)}"')
+        if self.keep_model:
+            parts.append("keep-model=true")
+        return " ".join([*parts, self.node_config]).strip()
 
     def close(self, grace: float = 10.0) -> None:
         """Stops every process started here and every descendant seen (idempotent)."""

@@ -1,18 +1,30 @@
 """The ffa_jax Flower ``ServerApp`` (``ffa_jax.flower.server_app:app``).
 
 It runs the rounds of :func:`ffa_jax.train.train` over Flower's Grid: wait for
-``federated.clients`` SuperNodes, then every round send the global trainable tree (B under
-FFA-LoRA, an ``ArrayRecord`` ``"trainable"``) and the round index to every node, collect each
-node's delta and metrics, aggregate in client order and take the Optax server step
-(:class:`ffa_jax.flower.core.ServerRun`), evaluate on eval rounds, and write the run
-directory ``<output_dir>/<name>/``: ``config.yaml``, ``metrics.jsonl`` (the simulation's keys
-plus the measured bytes of every client), ``adapter.safetensors`` and ``summary.json``.
-A relative ``output_dir`` is relative to the directory ``flower-superlink`` was started in.
+``federated.clients`` SuperNodes; with partial participation (``federated.clients_per_round``)
+ask each node its partition id (a ``query`` message, the only thing asked); then every round
+send the global trainable tree (B under FFA-LoRA, an ``ArrayRecord`` ``"trainable"``) and the
+round index to the round's participants (every node, or the clients drawn from the server's
+own secret, the simulation's schedule), collect each one's delta and public metrics,
+aggregate in client order and take the Optax server step
+(:class:`ffa_jax.flower.core.ServerRun`; under client-level DP the server clips every update
+and adds the noise, from its secret, with the simulation's DP-FedAvg function), evaluate on
+eval rounds, and write the run directory ``<output_dir>/<name>/``: ``config.yaml``,
+``metrics.jsonl`` (the simulation's keys plus the measured bytes of every client),
+``checkpoints/`` (``checkpoint.every``; the state, the privacy ledger and the server's
+secret, owner-only, :mod:`ffa_jax.checkpoint`), ``adapter.safetensors`` (with the trained
+head under ``model.train_head``) and ``summary.json``. A relative ``output_dir`` is relative
+to the directory ``flower-superlink`` was started in.
 
-Nothing here sees client data: only the clients' noised deltas and public numbers (their
-diagnostics only with ``flower.send_diagnostics``, which each client must consent to). The
-server sends no noise seed and cannot choose a client's noise. Every round's metrics line
-records the names of the records and metrics the clients actually sent (``received``).
+A killed ServerApp resumes with ``flwr run APP --run-config "resume=true"``: the new run
+continues from the newest checkpoint, with its secret (the same participants and noise) and
+ledger; the SuperNodes restore their own secret and rounds from their ``state-dir``.
+
+Nothing here sees client data: only the clients' (under sample-level DP noised) deltas and
+public numbers (their diagnostics only with ``flower.send_diagnostics``, which each client
+must consent to). The server sends no noise seed and cannot choose a client's noise. Every
+round's metrics line records the names of the records and metrics the clients actually sent
+(``received``).
 """
 
 from __future__ import annotations
@@ -25,12 +37,14 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax import lora
-from ffa_jax.errors import ConfigError, FederationError
+from ffa_jax.errors import CheckpointError, ConfigError, FederationError
 from ffa_jax.flower import wire
 from ffa_jax.flower.app import (
     NODE_TIMEOUT_KEY,
     OVERWRITE_KEY,
+    RESUME_KEY,
     ROUND_TIMEOUT_KEY,
     config_from_run_config,
     positive_seconds,
@@ -79,11 +93,57 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float, log=print) -> list[in
         time.sleep(0.5)
 
 
+def discover_partitions(grid: Grid, nodes: list[int], k: int, timeout: float) -> dict[int, int]:
+    """``{partition id: node id}`` of the connected SuperNodes, asked with a ``query``
+    message (needed under partial participation, where the server sends each round to its
+    sampled clients only). The partition id is public; nothing else is asked.
+
+    Raises:
+      FederationError: a node failed (e.g. a bad node config, named by the client) or two
+        nodes report the same partition id.
+    """
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord({"ask": "partition-id"})}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+            group_id="partitions",
+        )
+        for node in nodes
+    ]
+    by_partition: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise FederationError(
+                f"SuperNode {node} failed to report its partition: {reply.error.reason}; see "
+                "that SuperNode's log."
+            )
+        rec = reply.content.metric_records.get("partition")
+        cid = int(rec["partition_id"]) if rec is not None and "partition_id" in rec else -1
+        if not 0 <= cid < k or cid in by_partition:
+            raise FederationError(
+                f"SuperNode {node} reports partition-id {cid}; each of the {k} SuperNodes "
+                f"needs a distinct partition-id in [0, {k - 1}]."
+            )
+        by_partition[cid] = node
+    if len(by_partition) != k:
+        raise FederationError(
+            f"{len(by_partition)} of {k} SuperNodes reported their partition within "
+            f"{ROUND_TIMEOUT_KEY}; check their logs."
+        )
+    return by_partition
+
+
 def _decode_replies(
-    server: ServerRun, replies: list[Message], nodes: list[int], round_idx: int
+    server: ServerRun,
+    replies: list[Message],
+    nodes: list[int],
+    round_idx: int,
+    members: list[int],
 ) -> tuple[list[Any], list[dict[str, float]], list[dict[str, int]], list[dict[str, float]]]:
-    """Client-ordered deltas, public metrics, measured bytes and diagnostics (empty dicts
-    unless sent) from one round's replies."""
+    """Deltas, public metrics, measured bytes and diagnostics (empty dicts unless sent) of
+    the round's participants ``members`` (client ids, ascending), in that order."""
     k = server.cfg.federated.clients
     by_client: dict[int, tuple[Any, dict[str, float], dict[str, int], dict[str, float]]] = {}
     answered = set()
@@ -109,6 +169,11 @@ def _decode_replies(
                 f"round {round_idx + 1}: {sender} reports partition-id {cid}; each of the "
                 f"{k} SuperNodes needs a distinct partition-id in [0, {k - 1}]."
             )
+        if cid not in members:
+            raise FederationError(
+                f"round {round_idx + 1}: {sender} replied but was not sampled for this round "
+                f"(participants {members})."
+            )
         record = content.array_records["delta"]
         arrays = from_record(record, sender=sender)
         delta = server.decode(arrays, sender)
@@ -124,13 +189,14 @@ def _decode_replies(
         }
         diag = content.metric_records.get("diagnostics")
         by_client[cid] = (delta, metrics, measured, dict(diag.items()) if diag else {})
-    if len(by_client) != k:
+    if len(by_client) != len(members):
         silent = sorted(set(nodes) - answered)
         raise FederationError(
-            f"round {round_idx + 1}: {len(by_client)} of {k} clients replied (no reply from "
-            f"SuperNodes {silent}) within {ROUND_TIMEOUT_KEY}; check their logs or raise it."
+            f"round {round_idx + 1}: {len(by_client)} of {len(members)} clients replied (no "
+            f"reply from SuperNodes {silent}) within {ROUND_TIMEOUT_KEY}; check their logs or "
+            "raise it."
         )
-    ordered = [by_client[c] for c in range(k)]
+    ordered = [by_client[c] for c in members]
     return (
         [o[0] for o in ordered],
         [o[1] for o in ordered],
@@ -139,84 +205,190 @@ def _decode_replies(
     )
 
 
+def check_restored(restored: ckpt_lib.Restored, server: ServerRun) -> None:
+    """A ServerApp checkpoint must belong to this model, data and seed, and its ledger to
+    its rounds. Raises CheckpointError naming what differs."""
+    where = repr(str(restored.step_dir))
+    ckpt_lib.check_leaves(restored, server.state)
+    prep = server.prep
+    if restored.a_hash != ckpt_lib.a_matrices_hash(prep.params):
+        raise CheckpointError(
+            f"checkpoint {where}: the frozen A matrices regenerated from seed={server.cfg.seed} "
+            "differ from the ones the run was trained with; resume with the seed and the "
+            "ffa_jax/jax versions that wrote it, or start a new run."
+        )
+    d_hash = ckpt_lib.data_hash([prep.train_arrays, prep.test_arrays], prep.client_indices)
+    if restored.data_hash != d_hash:
+        raise CheckpointError(
+            f"checkpoint {where}: the tokenised data or the client partition differ from the "
+            "run's: the data file or the tokenizer changed. Restore them, or start a new run."
+        )
+    if restored.ledger.rounds_done != restored.round:
+        raise CheckpointError(
+            f"checkpoint {where}: its privacy ledger has {restored.ledger.rounds_done} rounds "
+            f"but the checkpoint {restored.round}; it is inconsistent. Start a new run."
+        )
+
+
+def _open_run(cfg, run_config: dict[str, Any]) -> ckpt_lib.Restored | None:
+    """Checks the run directory before anything is computed (``overwrite`` / ``resume``);
+    the checkpoint to resume from. Raises ConfigError / CheckpointError."""
+    flags = {}
+    for key in (OVERWRITE_KEY, RESUME_KEY):
+        flags[key] = run_config.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise ConfigError(f"Flower run config {key}={flags[key]!r} must be true/false.")
+    out = run_dir(cfg)
+    if flags[RESUME_KEY]:
+        if flags[OVERWRITE_KEY]:
+            raise ConfigError(
+                f"Flower run config {RESUME_KEY}=true and {OVERWRITE_KEY}=true exclude each "
+                "other; pass one of them."
+            )
+        if not (out / "config.yaml").is_file():
+            raise CheckpointError(
+                f"cannot resume {str(out)!r}: not a run directory (no config.yaml); start the "
+                f"run without {RESUME_KEY}=true."
+            )
+        restored = ckpt_lib.read_latest(ckpt_lib.checkpoint_dir(out), cfg)
+        if restored is not None and cfg.federated.rounds < restored.round:
+            raise ConfigError(
+                f"federated.rounds={cfg.federated.rounds} is below the {restored.round} rounds "
+                f"the checkpoint {str(restored.step_dir)!r} has done."
+            )
+        return restored
+    if out.exists() and any(out.iterdir()) and not flags[OVERWRITE_KEY]:
+        raise ConfigError(
+            f"run directory {str(out)!r} already exists; choose another name "
+            f"(flwr run ... --run-config '{OVERWRITE_KEY}=true' replaces it, "
+            f"'{RESUME_KEY}=true' continues it from its last checkpoint)."
+        )
+    return None
+
+
 def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, Any]:
     """The whole server side of a run (see the module docstring); returns the summary."""
     t_start = time.time()
     cfg = config_from_run_config(run_config)
     round_timeout = positive_seconds(run_config, ROUND_TIMEOUT_KEY, 1800.0)
     node_timeout = positive_seconds(run_config, NODE_TIMEOUT_KEY, 300.0)
-    overwrite = run_config.get(OVERWRITE_KEY, False)
-    if not isinstance(overwrite, bool):
-        raise ConfigError(f"Flower run config {OVERWRITE_KEY}={overwrite!r} must be true/false.")
+    overwrite = bool(run_config.get(OVERWRITE_KEY, False))
+    restored = _open_run(cfg, run_config)
     out = run_dir(cfg)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"run directory {str(out)!r} already exists; choose another name "
-            f"(flwr run ... --run-config '{OVERWRITE_KEY}=true' replaces it)."
-        )
-    server = ServerRun(cfg)
+    server = ServerRun(
+        cfg,
+        secret=restored.secret if restored is not None else None,
+        ledger=restored.ledger if restored is not None else None,
+    )
+    history: list[dict[str, Any]] = []
+    start = 0
+    if restored is not None:
+        check_restored(restored, server)
+        server.state = ckpt_lib.restore_state(restored, server.state)
+        history, start = restored.history, restored.round
+        # The checkpoint's history is the truth: later lines are dropped and recomputed.
+        _atomic_write(out / "metrics.jsonl", "".join(_metric_line(h) for h in history))
+        log(f"ffa_jax server: resuming {out} at round {start} of {cfg.federated.rounds}")
     wl = server.prep.workload
     k = cfg.federated.clients
     per_client = server.trainable_bytes
     log(
-        f"ffa_jax server: {cfg.name}, {k} clients x {cfg.federated.rounds} rounds, "
-        f"{lora.tree_bytes(server.prep.trainable)} trainable bytes per client per round"
+        f"ffa_jax server: {cfg.name}, {cfg.federated.participants} of {k} clients x "
+        f"{cfg.federated.rounds} rounds, {lora.tree_bytes(server.prep.trainable)} trainable "
+        "bytes per client per round"
     )
     nodes = wait_for_nodes(grid, k, node_timeout, log=log)
-    history: list[dict[str, Any]] = []
-    for r in range(cfg.federated.rounds):
-        t0 = time.time()
-        down = wire.tree_to_arrays(server.state.trainable)
-        messages = [
-            Message(
-                RecordDict(
-                    {"trainable": to_record(down), "config": ConfigRecord({"round-index": r})}
-                ),
-                dst_node_id=node,
-                message_type=MessageType.TRAIN,
-                group_id=str(r + 1),
+    partitions = (
+        discover_partitions(grid, nodes, k, round_timeout) if cfg.federated.partial else None
+    )
+    a_hash = ckpt_lib.a_matrices_hash(server.prep.params)
+    d_hash = ckpt_lib.data_hash(
+        [server.prep.train_arrays, server.prep.test_arrays], server.prep.client_indices
+    )
+    ckpt = None
+    try:
+        for r in range(start, cfg.federated.rounds):
+            t0 = time.time()
+            members = server.participants(r)
+            targets = nodes if partitions is None else [partitions[c] for c in members]
+            down = wire.tree_to_arrays(server.state.trainable)
+            messages = [
+                Message(
+                    RecordDict(
+                        {"trainable": to_record(down), "config": ConfigRecord({"round-index": r})}
+                    ),
+                    dst_node_id=node,
+                    message_type=MessageType.TRAIN,
+                    group_id=str(r + 1),
+                )
+                for node in targets
+            ]
+            replies = list(grid.send_and_receive(messages, timeout=round_timeout))
+            deltas, metrics, measured, diags = _decode_replies(server, replies, targets, r, members)
+            record = server.apply_round(r, deltas, metrics, diags if all(diags) else None)
+            payloads = [m["payload"] for m in measured]
+            counts = dict(
+                uplink_bytes=int(sum(payloads)),
+                downlink_bytes=wire.payload_bytes(down) * len(targets),
+                uplink_payload_bytes=payloads,
+                uplink_serialized_bytes=[m["serialized"] for m in measured],
+                client_reported_uplink_bytes=[int(m["uplink_payload_bytes"]) for m in metrics],
             )
-            for node in nodes
-        ]
-        replies = list(grid.send_and_receive(messages, timeout=round_timeout))
-        deltas, metrics, measured, diags = _decode_replies(server, replies, nodes, r)
-        record = server.apply_round(r, deltas, metrics, diags if all(diags) else None)
-        payloads = [m["payload"] for m in measured]
-        record.update(
-            uplink_bytes=int(sum(payloads)),
-            downlink_bytes=wire.payload_bytes(down) * k,
-            uplink_bytes_per_client=per_client,
-            uplink_payload_bytes=payloads,
-            uplink_serialized_bytes=[m["serialized"] for m in measured],
-            client_reported_uplink_bytes=[int(m["uplink_payload_bytes"]) for m in metrics],
-            # What the clients' messages held, as received: record names and metric keys.
-            received={
-                "records": sorted({n for m in measured for n in m["records"]}),
-                "metric_keys": sorted({n for m in measured for n in m["metric_keys"]}),
-            },
-            seconds=time.time() - t0,
-        )
-        history.append(record)
-        if r == 0:
-            # Every node answered the first round correctly: from here on the run directory
-            # is written (a federation that fails in round 1 leaves nothing behind).
-            if overwrite and out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
-            _atomic_write(out / "config.yaml", cfg.to_yaml())
-        with open(out / "metrics.jsonl", "w" if r == 0 else "a") as mf:
-            mf.write(_metric_line(record))
-        score = record.get(wl.metric)
-        loss = metric_value(record, "train_loss")
-        log(
-            f"ffa_jax server: round {r + 1}/{cfg.federated.rounds}"
-            + ("" if loss is None else f" loss {loss:.4f}")
-            + f" eps {record['epsilon']:.3f}"
-            + ("" if score is None else f" {wl.metric_short} {score:.4f}")
-            + f" uplink {payloads} B ({record['seconds']:.1f} s)"
-        )
+            # Client-level DP with partial participation hides who took part: what counts
+            # the participants is a diagnostic, as in the simulation.
+            hidden = server.client_level and cfg.federated.partial
+            (record.setdefault("diagnostics", {}) if hidden else record).update(counts)
+            record.update(
+                uplink_bytes_per_client=per_client,
+                # What the clients' messages held, as received: record names and metric keys.
+                received={
+                    "records": sorted({n for m in measured for n in m["records"]}),
+                    "metric_keys": sorted({n for m in measured for n in m["metric_keys"]}),
+                },
+                seconds=time.time() - t0,
+            )
+            history.append(record)
+            if ckpt is None:
+                if restored is None:
+                    # Every node answered the first round correctly: from here on the run
+                    # directory is written (a federation that fails in round 1 leaves
+                    # nothing behind).
+                    if overwrite and out.exists():
+                        shutil.rmtree(out)
+                    out.mkdir(parents=True, exist_ok=True)
+                    _atomic_write(out / "config.yaml", cfg.to_yaml())
+                ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(out), keep=cfg.checkpoint.keep)
+            with open(out / "metrics.jsonl", "w" if r == 0 else "a") as mf:
+                mf.write(_metric_line(record))
+            is_last = r + 1 == cfg.federated.rounds
+            if is_last or (cfg.checkpoint.every and (r + 1) % cfg.checkpoint.every == 0):
+                ckpt.save(
+                    r + 1,
+                    server.state,
+                    cfg=cfg,
+                    history=history,
+                    ledger=server.ledger(r + 1),
+                    a_hash=a_hash,
+                    data_fingerprint=d_hash,
+                    secret=server.secret,
+                )
+            score = record.get(wl.metric)
+            loss = metric_value(record, "train_loss")
+            log(
+                f"ffa_jax server: round {r + 1}/{cfg.federated.rounds}"
+                + ("" if loss is None else f" loss {loss:.4f}")
+                + f" eps {record['epsilon']:.3f}"
+                + ("" if score is None else f" {wl.metric_short} {score:.4f}")
+                + f" uplink {payloads} B ({record['seconds']:.1f} s)"
+            )
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     save_adapter(
-        out / "adapter.safetensors", lora.combine(server.state.trainable, server.prep.frozen), cfg
+        out / "adapter.safetensors",
+        lora.combine(server.state.trainable, server.prep.frozen),
+        cfg,
+        head_pattern=wl.head_pattern,  # a train_head run keeps its trained head
     )
     last = history[-1]
     summary = _json_safe(
@@ -226,9 +398,11 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
             **wl.summary_fields(history),
             "epsilon": last["epsilon"],
             "delta": last["delta"],
-            "uplink_bytes_total": int(sum(h["uplink_bytes"] for h in history)),
+            "privacy_unit": cfg.privacy.unit if cfg.privacy.enabled else "none",
+            "uplink_bytes_total": int(sum(metric_value(h, "uplink_bytes", 0) for h in history)),
             "uplink_bytes_per_client_per_round": per_client,
             "rounds": cfg.federated.rounds,
+            "resumed_at": start if restored is not None else None,
             "nodes": [int(n) for n in nodes],
             "noise": noise_note(cfg),
             "wall_seconds": time.time() - t_start,
@@ -245,4 +419,4 @@ def main(grid: Grid, context: Context) -> None:
     print(json.dumps(summary, indent=2), flush=True)
 
 
-__all__ = ["app", "run_server", "wait_for_nodes"]
+__all__ = ["app", "check_restored", "discover_partitions", "run_server", "wait_for_nodes"]
