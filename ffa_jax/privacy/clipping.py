@@ -253,8 +253,7 @@ def clipped_grad(
             loss_sum=jnp.sum(jnp.where(real, losses, 0.0)),
             num_examples=num,
             grad_norms=norms,
-            clipped_fraction=jnp.sum(real & (norms > c), dtype=jnp.float32)
-            / jnp.maximum(num, 1.0),
+            clipped_fraction=jnp.sum(real & (norms > c), dtype=jnp.float32) / jnp.maximum(num, 1.0),
         )
         grad_sum = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, trainable)
         return grad_sum, stats
