@@ -166,6 +166,17 @@ def _overflow_guard(grad: PyTree, max_abs_bound: float) -> PyTree:
     return jax.tree.map(lambda g: jnp.where(finite, g.astype(jnp.float32), 0.0) * scale, grad)
 
 
+def _interleave(rows: int, cols: int) -> Callable[[jax.Array], jax.Array]:
+    """``x[B, ...] -> x.reshape(rows, cols, ...).swapaxes(0, 1).reshape(B, ...)``, B = rows
+    x cols: position ``r cols + c`` moves to ``c rows + r``. ``_interleave(cols, rows)``
+    undoes ``_interleave(rows, cols)``."""
+
+    def f(x):
+        return x.reshape((rows, cols) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+
+    return f
+
+
 def clipped_grad(
     loss_fn: LossFn,
     clip_norm: float | jax.Array,
@@ -236,16 +247,26 @@ def clipped_grad(
         b = _batch_size(batch, mask)
         n_chunks = _num_chunks(b, microbatch_size)
         real = mask.astype(bool)
+        m = b // n_chunks
         clip = jax_privacy.clipping.clipped_fun(
             per_example,
             has_aux=True,
             batch_argnums=2,
             keep_batch_dim=False,
             l2_clip_norm=jnp.asarray(clip_norm, jnp.float32),
-            microbatch_size=None if n_chunks == 1 else b // n_chunks,
+            microbatch_size=None if n_chunks == 1 else m,
             dtype=jnp.float32,
         )
-        grad_sum, (losses, norms) = clip(trainable, frozen, batch, is_padding_example=~real)
+        # optax forms micro-batch j from the examples j, j + n, j + 2n, ... (a column-major
+        # reshape, n = number of micro-batches), so its early stop after the last real
+        # micro-batch would skip nothing on a real-first batch. Interleaving the batch first
+        # makes micro-batch j the contiguous slice [j m, (j + 1) m): the all-padding tail is
+        # skipped, as the cost model of perf.microbatch_size assumes.
+        to_mb, from_mb = _interleave(n_chunks, m), _interleave(m, n_chunks)
+        grad_sum, (losses, norms) = clip(
+            trainable, frozen, jax.tree.map(to_mb, batch), is_padding_example=to_mb(~real)
+        )
+        losses, norms = from_mb(losses), from_mb(norms)
         norms = jnp.where(real, norms, 0.0)
         c = jnp.asarray(clip_norm, jnp.float32)
         num = jnp.sum(real, dtype=jnp.float32)
