@@ -116,7 +116,7 @@ def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
     return v.reshape(v.shape + (1,) * (x.ndim - 1))
 
 
-def _per_example_norms(grads: PyTree) -> jax.Array:
+def per_example_norms(grads: PyTree) -> jax.Array:
     """Global L2 norm of each example's gradient, in float32, without overflow.
 
     Squaring float32 overflows for entries above ~1.8e19, which huge inputs do reach; scaling
@@ -145,7 +145,13 @@ def _scan_chunks(chunk_fn, init, chunked_batch, chunked_mask):
 # ----------------------------------------------------------------------------- DP
 
 
-def _overflow_guard(grad: PyTree, max_abs_bound: float) -> PyTree:
+def overflow_bound(tree: PyTree) -> float:
+    """Largest max-abs entry for which ``optax.global_norm(tree)`` cannot overflow float32:
+    ``n x bound^2 <= 1e37`` (float32 overflows at ~3.4e38), n = number of entries."""
+    return math.sqrt(1e37 / max(sum(x.size for x in jax.tree.leaves(tree)), 1))
+
+
+def overflow_guard(grad: PyTree, max_abs_bound: float) -> PyTree:
     """Prepares one example's gradient for ``jax_privacy.clip_pytree`` (no clipping here).
 
     A gradient with a non-finite entry becomes all zeros (the example then contributes
@@ -192,7 +198,7 @@ def clipped_grad(
     clipped gradients summed in float32. ffa_jax adds two things before the library's clip:
     a real example whose gradient is not finite contributes zero (its norm is still reported
     in ``GradStats.grad_norms``), and huge finite gradients are rescaled so that the norm
-    cannot overflow (see ``_overflow_guard``); neither affects the sensitivity bound.
+    cannot overflow (see ``overflow_guard``); neither affects the sensitivity bound.
 
     Args:
         loss_fn: ``loss_fn(trainable, frozen, example) -> scalar`` for ONE example.
@@ -236,11 +242,9 @@ def clipped_grad(
 
     def per_example(trainable, frozen, example):
         loss, grad = value_and_grad(trainable, frozen, example)
-        norm = _per_example_norms(jax.tree.map(lambda g: g[None], grad))[0]
+        norm = per_example_norms(jax.tree.map(lambda g: g[None], grad))[0]
         # float32 sums of squares overflow at ~3.4e38: keep n * bound^2 well below it.
-        size = sum(g.size for g in jax.tree.leaves(grad))
-        bound = math.sqrt(1e37 / max(size, 1))
-        return _overflow_guard(grad, bound), (loss.astype(jnp.float32), norm)
+        return overflow_guard(grad, overflow_bound(grad)), (loss.astype(jnp.float32), norm)
 
     def f(trainable, frozen, batch, mask):
         mask = jnp.asarray(mask)

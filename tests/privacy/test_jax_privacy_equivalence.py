@@ -161,3 +161,43 @@ def test_calibrated_sigma_agrees_with_jax_privacy_calibration(acct):
     # Both return a sigma whose epsilon is within their tolerances below the target.
     assert ours == pytest.approx(theirs, rel=2e-3)
     assert _jp_epsilon(ours, batch, n, steps, delta, acct) <= eps * (1 + 1e-9)
+
+
+def _old_clip_updates(stacked, clip_norm):
+    """The former hand-written client-level clipping of ffa_jax.federated.server."""
+    leaves = jax.tree.leaves(stacked)
+    sq = sum(jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1) for x in leaves)
+    norms = jnp.sqrt(sq)
+    factor = jnp.where(
+        jnp.isfinite(norms), jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30)), 0.0
+    )
+
+    def scale(x):
+        f = factor.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(f > 0, x * f, 0)
+
+    return jax.tree.map(scale, stacked), norms
+
+
+@pytest.mark.parametrize("clip", [0.3, 2.0, 50.0])
+def test_client_level_clipping_and_aggregate_are_unchanged(clip):
+    from ffa_jax.federated.server import ServerDpParams
+    from ffa_jax.privacy.aggregation import clip_updates, dp_fedavg_aggregate
+
+    rng = np.random.default_rng(7)
+    stacked = {
+        "b": jnp.asarray(rng.normal(size=(5, 6, 4)), jnp.float32),
+        "c": jnp.asarray(rng.normal(size=(5, 3)) * 3, jnp.float32),
+    }
+    stacked["b"] = stacked["b"].at[3, 0, 0].set(jnp.nan)  # a broken client: dropped
+    new, new_norms = clip_updates(stacked, jnp.float32(clip))
+    old, old_norms = _old_clip_updates(stacked, jnp.float32(clip))
+    for k in stacked:
+        np.testing.assert_allclose(new[k], old[k], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(new_norms, old_norms, rtol=1e-6)
+    participation = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0])
+    noiseless = ServerDpParams(jnp.float32(clip), jnp.float32(0.0), jnp.float32(4.0))
+    agg, _ = dp_fedavg_aggregate(stacked, participation, noiseless, jax.random.key(0))
+    for k in stacked:
+        ref = np.tensordot(np.asarray(participation), np.asarray(old[k]), axes=1) / 4
+        np.testing.assert_allclose(agg[k], ref, rtol=1e-5, atol=1e-6)
