@@ -19,6 +19,9 @@ import optax
 
 from ffa_jax.config import ServerConfig
 
+# Client-level DP aggregation lives in ffa_jax.privacy; re-exported for existing callers.
+from ffa_jax.privacy.aggregation import clip_updates, dp_fedavg_aggregate  # noqa: F401
+
 PyTree = Any
 
 
@@ -88,71 +91,3 @@ class ServerDpParams(NamedTuple):
     clip_norm: jax.Array
     noise_multiplier: jax.Array
     expected_clients: jax.Array
-
-
-def clip_updates(stacked: PyTree, clip_norm: jax.Array) -> tuple[PyTree, jax.Array]:
-    """Scales each client's update (leading axis K) to global L2 norm <= ``clip_norm``.
-
-    Returns the clipped stack and the norms before clipping ``[K]``. A non-finite update is
-    replaced by zeros (it would otherwise break the sensitivity bound).
-    """
-    leaves = jax.tree_util.tree_leaves(stacked)
-    sq = sum(
-        jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1) for x in leaves
-    )
-    norms = jnp.sqrt(sq)
-    finite = jnp.isfinite(norms)
-    factor = jnp.where(finite, jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30)), 0.0)
-
-    def scale(x):
-        f = factor.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-        return jnp.where(f > 0, x * f, 0)
-
-    return jax.tree_util.tree_map(scale, stacked), norms
-
-
-def dp_fedavg_aggregate(
-    stacked: PyTree,
-    participation: jax.Array,
-    dp: ServerDpParams,
-    key: jax.Array,
-    extra_sum: PyTree | None = None,
-) -> tuple[PyTree, jax.Array]:
-    """Client-level DP aggregation (DP-FedAvg, McMahan et al., ICLR 2018).
-
-    ``(sum_k p_k clip_S(delta_k) + N(0, (z S)^2 I)) / expected_clients`` with ``p_k`` in {0, 1}.
-
-    Args:
-      stacked: client updates, leaves ``[K, ...]``.
-      participation: ``[K]`` 1 for clients that took part, 0 for dummies / non-sampled.
-      dp: :class:`ServerDpParams`.
-      key: the server's noise key for this round (never used for anything else).
-      extra_sum: optional tree like one client's update (no client axis), added to the sum of
-        clipped updates before the noise: the privacy audit's canary client updates (each of
-        norm S), see :mod:`ffa_jax.privacy.audit_run`. None leaves the computation unchanged.
-
-    Returns:
-      (noisy mean update, norms before clipping ``[K]``).
-
-    Formal guarantee:
-      Adding or removing all the data of one client changes the clipped sum by at most S in
-      L2 norm, so with noise std ``z S`` each round is the Gaussian mechanism with sensitivity
-      S; with Poisson client sampling at rate q it is the sampled Gaussian mechanism, composed
-      over rounds by :mod:`ffa_jax.privacy.accounting` (client-level (epsilon, delta)-DP).
-      The server is trusted to add the noise (it sees the clipped updates).
-    """
-    from ffa_jax.privacy.noise import gaussian_noise_like
-
-    clipped, norms = clip_updates(stacked, dp.clip_norm)
-    p = participation.astype(jnp.float32)
-
-    def total(x):
-        w = p.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-        return jnp.sum(jnp.where(w > 0, x * w, 0), axis=0)
-
-    summed = jax.tree_util.tree_map(total, clipped)
-    if extra_sum is not None:
-        summed = jax.tree_util.tree_map(jnp.add, summed, extra_sum)
-    noise = gaussian_noise_like(summed, dp.noise_multiplier * dp.clip_norm, key)
-    noisy = jax.tree_util.tree_map(lambda s, n: (s + n) / dp.expected_clients, summed, noise)
-    return noisy, norms

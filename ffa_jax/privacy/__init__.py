@@ -28,7 +28,6 @@ from ffa_jax.privacy.accounting import (
 )
 from ffa_jax.privacy.clipping import GradStats, clipped_grad, mean_grad
 from ffa_jax.privacy.noise import (
-    PrivatizerState,
     gaussian_noise_like,
     gaussian_privatizer,
     privatize_grad_sum,
@@ -40,7 +39,6 @@ __all__ = [
     "PLD_VALUE_DISCRETIZATION",
     "RDP_ORDERS",
     "GradStats",
-    "PrivatizerState",
     "calibrate_noise_multiplier",
     "clipped_grad",
     "dp_sgd_event",

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax_privacy.clipping
 
 from ffa_jax.errors import ConfigError
 
@@ -116,7 +117,7 @@ def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
     return v.reshape(v.shape + (1,) * (x.ndim - 1))
 
 
-def _per_example_norms(grads: PyTree) -> jax.Array:
+def per_example_norms(grads: PyTree) -> jax.Array:
     """Global L2 norm of each example's gradient, in float32, without overflow.
 
     Squaring float32 overflows for entries above ~1.8e19, which huge inputs do reach; scaling
@@ -145,6 +146,44 @@ def _scan_chunks(chunk_fn, init, chunked_batch, chunked_mask):
 # ----------------------------------------------------------------------------- DP
 
 
+def overflow_bound(tree: PyTree) -> float:
+    """Largest max-abs entry for which ``optax.global_norm(tree)`` cannot overflow float32:
+    ``n x bound^2 <= 1e37`` (float32 overflows at ~3.4e38), n = number of entries."""
+    return math.sqrt(1e37 / max(sum(x.size for x in jax.tree.leaves(tree)), 1))
+
+
+def overflow_guard(grad: PyTree, max_abs_bound: float) -> PyTree:
+    """Prepares one example's gradient for ``jax_privacy.clip_pytree`` (no clipping here).
+
+    A gradient with a non-finite entry becomes all zeros (the example then contributes
+    nothing, rather than its finite part). A finite gradient whose largest entry exceeds
+    ``max_abs_bound`` is rescaled to max-abs ``max_abs_bound``: same direction, norm still
+    above any sane clip norm, and its sum of squares cannot overflow float32 in
+    ``optax.global_norm`` (which would otherwise give an infinite norm and drop the example).
+    The result is then clipped to ``C``, which is exactly ``C * g / ||g||`` as before.
+    """
+    leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(grad)]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
+    max_abs = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in leaves]))
+    scale = jnp.where(
+        finite,
+        jnp.where(max_abs > max_abs_bound, max_abs_bound / jnp.where(finite, max_abs, 1.0), 1.0),
+        0.0,
+    )
+    return jax.tree.map(lambda g: jnp.where(finite, g.astype(jnp.float32), 0.0) * scale, grad)
+
+
+def _interleave(rows: int, cols: int) -> Callable[[jax.Array], jax.Array]:
+    """``x[B, ...] -> x.reshape(rows, cols, ...).swapaxes(0, 1).reshape(B, ...)``, B = rows
+    x cols: position ``r cols + c`` moves to ``c rows + r``. ``_interleave(cols, rows)``
+    undoes ``_interleave(rows, cols)``."""
+
+    def f(x):
+        return x.reshape((rows, cols) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+
+    return f
+
+
 def clipped_grad(
     loss_fn: LossFn,
     clip_norm: float | jax.Array,
@@ -153,11 +192,14 @@ def clipped_grad(
 ) -> GradFn:
     """Sum of per-example gradients, each clipped to global L2 norm ``clip_norm``.
 
-    Per-example gradients come from ``jax.vmap(jax.value_and_grad(loss_fn))`` over the
-    leading batch axis; each is scaled by ``min(1, C / (||g|| + tiny))`` with the norm taken
-    over the whole trainable tree, and the scaled gradients of real examples are summed.
-    A real example whose gradient is not finite contributes zero (its norm is reported in
-    ``GradStats.grad_norms``) so that one example can never turn the release into NaN.
+    Built on ``jax_privacy.clipping.clipped_fun`` (jax-privacy 2.0): per-example gradients
+    of ``loss_fn`` w.r.t. ``trainable`` only (the frozen tree is never differentiated), each
+    clipped by ``jax_privacy.clipping.clip_pytree`` to ``min(1, C / ||g||) g`` with the norm
+    over the whole trainable tree, padding examples zeroed by ``is_padding_example`` and the
+    clipped gradients summed in float32. ffa_jax adds two things before the library's clip:
+    a real example whose gradient is not finite contributes zero (its norm is still reported
+    in ``GradStats.grad_norms``), and huge finite gradients are rescaled so that the norm
+    cannot overflow (see ``overflow_guard``); neither affects the sensitivity bound.
 
     Args:
         loss_fn: ``loss_fn(trainable, frozen, example) -> scalar`` for ONE example.
@@ -165,12 +207,15 @@ def clipped_grad(
             called inside the same trace (so C can change without recompiling; a traced C
             is not validated).
         microbatch_size: if set and smaller than B_max, the batch is processed in
-            ``B_max / microbatch_size`` chunks with ``lax.scan``, so at most
-            ``microbatch_size`` per-example gradients are alive at once. Must divide B_max.
-            The result equals the unchunked one up to float summation order. Chunks without
-            a real example are skipped (``lax.cond``), so with small micro-batches the cost
-            follows the sampled batch size rather than B_max (unless the caller ``vmap``s
-            over a batched mask, which turns the ``cond`` into a select).
+            ``B_max / microbatch_size`` micro-batches (``optax.microbatching.micro_vmap``),
+            so at most ``microbatch_size`` per-example gradients are alive at once. Must
+            divide B_max. The result equals the unchunked one up to float summation order.
+            The loop stops after the last micro-batch holding a real example
+            (jax-privacy's ``num_real_microbatches``); ``data.batching`` puts the real
+            examples of a padded Poisson batch first, so every all-padding micro-batch is
+            skipped and the cost follows the sampled batch size rather than B_max (unless
+            the caller ``vmap``s over a batched mask: the loop then runs to the largest
+            client's bound).
 
     Returns:
         ``f(trainable, frozen, batch, mask) -> (grad_sum, stats)``:
@@ -185,66 +230,56 @@ def clipped_grad(
 
     Formal guarantee:
         Adding or removing one example of the client changes ``grad_sum`` by a vector of L2
-        norm at most ``clip_norm`` (the add/remove sensitivity is C), whatever the model,
-        the data or the padding. Adding N(0, (sigma C)^2 I) to ``grad_sum`` (see
-        ``ffa_jax.privacy.noise``) then gives the Gaussian mechanism that
-        ``ffa_jax.privacy.accounting`` accounts for: sample-level DP per client, neighbouring
-        datasets differing in one example of one client. ``GradStats`` are not private.
+        norm at most ``clip_norm`` (the add/remove sensitivity is C; jax-privacy's
+        ``BoundedSensitivityCallable.sensitivity``), whatever the model, the data or the
+        padding. Adding N(0, (sigma C)^2 I) to ``grad_sum`` (see ``ffa_jax.privacy.noise``)
+        then gives the Gaussian mechanism that ``ffa_jax.privacy.accounting`` accounts for:
+        sample-level DP per client, neighbouring datasets differing in one example of one
+        client. ``GradStats`` are not private.
     """
     _check_clip_norm(clip_norm)
     _check_microbatch_size(microbatch_size)
-    per_example = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, None, 0))
+    value_and_grad = jax.value_and_grad(loss_fn)
 
-    def chunk(trainable, frozen, batch, real):
-        losses, grads = per_example(trainable, frozen, batch)
-        norms = _per_example_norms(grads)
-        c = jnp.asarray(clip_norm, jnp.float32)
-        factor = jnp.minimum(1.0, c / (norms + jnp.finfo(jnp.float32).tiny))
-        keep = real & jnp.isfinite(norms)
-        grad_sum = jax.tree.map(
-            lambda g: jnp.sum(
-                jnp.where(_bcast(keep, g), g.astype(jnp.float32) * _bcast(factor, g), 0.0),
-                axis=0,
-            ),
-            grads,
-        )
-        loss_sum = jnp.sum(jnp.where(real, losses.astype(jnp.float32), 0.0))
-        num_clipped = jnp.sum(real & (norms > c), dtype=jnp.float32)
-        return grad_sum, loss_sum, num_clipped, jnp.where(real, norms, 0.0)
+    def per_example(trainable, frozen, example):
+        loss, grad = value_and_grad(trainable, frozen, example)
+        norm = per_example_norms(jax.tree.map(lambda g: g[None], grad))[0]
+        # float32 sums of squares overflow at ~3.4e38: keep n * bound^2 well below it.
+        return overflow_guard(grad, overflow_bound(grad)), (loss.astype(jnp.float32), norm)
 
     def f(trainable, frozen, batch, mask):
         mask = jnp.asarray(mask)
         b = _batch_size(batch, mask)
         n_chunks = _num_chunks(b, microbatch_size)
         real = mask.astype(bool)
-        if n_chunks == 1:
-            grad_sum, loss_sum, num_clipped, norms = chunk(trainable, frozen, batch, real)
-        else:
-            m = b // n_chunks
-
-            def skipped(_batch, _real):
-                return _zeros_f32(trainable), jnp.float32(0), jnp.float32(0), jnp.zeros(m)
-
-            def body(carry, xs):
-                g_acc, loss_acc, c_acc = carry
-                # A chunk without real examples contributes exactly zero: skip its compute
-                # (Poisson batches put the real examples first, so most chunks are empty).
-                g, loss, c, n = jax.lax.cond(
-                    jnp.any(xs[1]), functools.partial(chunk, trainable, frozen), skipped, *xs
-                )
-                return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, c_acc + c), n
-
-            init = (_zeros_f32(trainable), jnp.float32(0), jnp.float32(0))
-            (grad_sum, loss_sum, num_clipped), norms = _scan_chunks(
-                body, init, _chunked(batch, n_chunks), _chunked(real, n_chunks)
-            )
-            norms = norms.reshape(b)
+        m = b // n_chunks
+        clip = jax_privacy.clipping.clipped_fun(
+            per_example,
+            has_aux=True,
+            batch_argnums=2,
+            keep_batch_dim=False,
+            l2_clip_norm=jnp.asarray(clip_norm, jnp.float32),
+            microbatch_size=None if n_chunks == 1 else m,
+            dtype=jnp.float32,
+        )
+        # optax forms micro-batch j from the examples j, j + n, j + 2n, ... (a column-major
+        # reshape, n = number of micro-batches), so its early stop after the last real
+        # micro-batch would skip nothing on a real-first batch. Interleaving the batch first
+        # makes micro-batch j the contiguous slice [j m, (j + 1) m): the all-padding tail is
+        # skipped, as the cost model of perf.microbatch_size assumes.
+        to_mb, from_mb = _interleave(n_chunks, m), _interleave(m, n_chunks)
+        grad_sum, (losses, norms) = clip(
+            trainable, frozen, jax.tree.map(to_mb, batch), is_padding_example=to_mb(~real)
+        )
+        losses, norms = from_mb(losses), from_mb(norms)
+        norms = jnp.where(real, norms, 0.0)
+        c = jnp.asarray(clip_norm, jnp.float32)
         num = jnp.sum(real, dtype=jnp.float32)
         stats = GradStats(
-            loss_sum=loss_sum,
+            loss_sum=jnp.sum(jnp.where(real, losses, 0.0)),
             num_examples=num,
             grad_norms=norms,
-            clipped_fraction=num_clipped / jnp.maximum(num, 1.0),
+            clipped_fraction=jnp.sum(real & (norms > c), dtype=jnp.float32) / jnp.maximum(num, 1.0),
         )
         grad_sum = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, trainable)
         return grad_sum, stats

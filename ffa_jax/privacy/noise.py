@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jax_privacy.noise_addition
 import optax
 
 from ffa_jax.errors import ConfigError
@@ -45,17 +46,42 @@ def _check_args(clip_norm: Any, noise_multiplier: Any, expected_batch_size: Any)
     )
 
 
+def _jax_privacy_gaussian(stddev: float | jax.Array, key: jax.Array):
+    """jax-privacy's Gaussian privatizer (``jax_privacy.noise_addition.gaussian_privatizer``,
+    the identity-matrix case of its matrix-factorization privatizer), drawing in float32."""
+    return jax_privacy.noise_addition.gaussian_privatizer(
+        stddev=jnp.asarray(stddev, jnp.float32), prng_key=key, dtype=jnp.float32
+    )
+
+
+def _check_floating(tree: PyTree) -> None:
+    for x in jax.tree.leaves(tree):
+        if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+            raise TypeError(
+                f"gaussian_noise_like needs floating leaves; got dtype {jnp.asarray(x).dtype}."
+            )
+
+
+def _add_noise(tree: PyTree, stddev: float | jax.Array, key: jax.Array) -> PyTree:
+    """``tree + N(0, stddev^2 I)`` by one update of jax-privacy's Gaussian privatizer with
+    initial key ``key`` (it splits the key and draws one independent stream per leaf)."""
+    tx = _jax_privacy_gaussian(stddev, key)
+    noisy, _ = tx.update(tree, tx.init(tree))
+    return noisy
+
+
 def gaussian_noise_like(tree: PyTree, stddev: float | jax.Array, key: jax.Array) -> PyTree:
     """I.i.d. N(0, stddev^2) noise with the structure, shapes and dtypes of ``tree``.
 
-    Each leaf gets its own key from ``jax.random.split(key, num_leaves)``, so leaves are
-    independent. Samples are drawn in float32 and cast, so low-precision leaves still get a
-    correctly scaled Gaussian.
+    Drawn by jax-privacy's Gaussian privatizer applied to a zero tree: leaves get
+    independent streams (``optax.tree.random_like``). Samples are drawn in float32 and cast,
+    so low-precision leaves still get a correctly scaled Gaussian.
 
     Args:
         tree: pytree of floating arrays (any shapes).
         stddev: scalar, Python float or traced; >= 0.
-        key: a JAX PRNG key (raw uint32[2] or typed). The same key gives the same noise.
+        key: a JAX PRNG key (raw uint32[2] or typed). The same key gives the same noise,
+            and the same noise as ``privatize_grad_sum`` with this key.
 
     Returns:
         A pytree like ``tree`` of noise arrays.
@@ -63,21 +89,10 @@ def gaussian_noise_like(tree: PyTree, stddev: float | jax.Array, key: jax.Array)
     Raises:
         TypeError: if a leaf is not floating point.
     """
-    leaves, treedef = jax.tree.flatten(tree)
-    if not leaves:
+    if not jax.tree.leaves(tree):
         return tree
-    for x in leaves:
-        if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
-            raise TypeError(
-                f"gaussian_noise_like needs floating leaves; got dtype {jnp.asarray(x).dtype}."
-            )
-    keys = jax.random.split(key, len(leaves))
-    std = jnp.asarray(stddev, jnp.float32)
-    noise = [
-        (std * jax.random.normal(k, jnp.shape(x), jnp.float32)).astype(jnp.asarray(x).dtype)
-        for k, x in zip(keys, leaves, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, noise)
+    _check_floating(tree)
+    return _add_noise(jax.tree.map(jnp.zeros_like, tree), stddev, key)
 
 
 def privatize_grad_sum(
@@ -112,20 +127,13 @@ def privatize_grad_sum(
         in one example of one client); the server adds no noise.
     """
     _check_args(clip_norm, noise_multiplier, expected_batch_size)
+    if not jax.tree.leaves(grad_sum):
+        return grad_sum
+    _check_floating(grad_sum)
     stddev = jnp.asarray(noise_multiplier, jnp.float32) * jnp.asarray(clip_norm, jnp.float32)
-    noise = gaussian_noise_like(grad_sum, stddev, key)
+    noisy = _add_noise(jax.tree.map(lambda g: g.astype(jnp.float32), grad_sum), stddev, key)
     denom = jnp.asarray(expected_batch_size, jnp.float32)
-    return jax.tree.map(
-        lambda g, z: ((g.astype(jnp.float32) + z.astype(jnp.float32)) / denom).astype(g.dtype),
-        grad_sum,
-        noise,
-    )
-
-
-class PrivatizerState(NamedTuple):
-    """State of ``gaussian_privatizer``: the PRNG key of the next step."""
-
-    key: jax.Array
+    return jax.tree.map(lambda z, g: (z / denom).astype(g.dtype), noisy, grad_sum)
 
 
 def gaussian_privatizer(
@@ -135,17 +143,20 @@ def gaussian_privatizer(
     expected_batch_size: float | jax.Array,
     key: jax.Array,
 ) -> optax.GradientTransformation:
-    """``privatize_grad_sum`` as an optax transformation whose state is a PRNG key.
+    """``privatize_grad_sum`` as an optax transformation: jax-privacy's stateful Gaussian
+    privatizer (std ``noise_multiplier * clip_norm``) chained with ``optax.scale(1 / B)``.
 
     Chain an optimiser after it (``optax.chain(gaussian_privatizer(...), optax.sgd(lr))``):
     everything after the noise is post-processing. Feed it the clipped SUM, not a mean.
 
     Args:
         clip_norm, noise_multiplier, expected_batch_size: as in ``privatize_grad_sum``.
-        key: the initial key; each update splits it, uses one half, and stores the other.
+        key: the initial key; jax-privacy's state splits it at every update, so the first
+            update equals ``privatize_grad_sum(..., key=key)`` and no key is used twice.
 
     Returns:
-        An ``optax.GradientTransformation`` with state ``PrivatizerState``.
+        An ``optax.GradientTransformation`` (state: jax-privacy's privatizer state, then
+        ``optax.scale``'s empty state).
 
     Raises:
         ConfigError: if a Python-number argument is out of range.
@@ -155,21 +166,8 @@ def gaussian_privatizer(
         repeats a key, so noise of different steps is independent.
     """
     _check_args(clip_norm, noise_multiplier, expected_batch_size)
-
-    def init(params):
-        del params
-        return PrivatizerState(key=key)
-
-    def update(updates, state, params=None):
-        del params
-        next_key, step_key = jax.random.split(state.key)
-        out = privatize_grad_sum(
-            updates,
-            clip_norm=clip_norm,
-            noise_multiplier=noise_multiplier,
-            expected_batch_size=expected_batch_size,
-            key=step_key,
-        )
-        return out, PrivatizerState(key=next_key)
-
-    return optax.GradientTransformation(init, update)
+    stddev = jnp.asarray(noise_multiplier, jnp.float32) * jnp.asarray(clip_norm, jnp.float32)
+    return optax.chain(
+        _jax_privacy_gaussian(stddev, key),
+        optax.scale(1.0 / jnp.asarray(expected_batch_size, jnp.float32)),
+    )

@@ -1,0 +1,95 @@
+"""Client-level DP aggregation at the server (DP-FedAvg): per-client clipping of whole
+updates with ``jax_privacy.clipping.clip_pytree`` and Gaussian noise on their sum from
+jax-privacy's Gaussian privatizer (via :mod:`ffa_jax.privacy.noise`).
+
+:mod:`ffa_jax.federated.server` and :mod:`ffa_jax.federated.round` call these; the
+accounting of the released sums is :mod:`ffa_jax.privacy.client_level`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax_privacy.clipping
+
+from ffa_jax.privacy.clipping import overflow_bound, overflow_guard, per_example_norms
+from ffa_jax.privacy.noise import gaussian_noise_like
+
+PyTree = Any
+
+
+def clip_updates(stacked: PyTree, clip_norm: jax.Array) -> tuple[PyTree, jax.Array]:
+    """Scales each client's update (leading axis K) to global L2 norm <= ``clip_norm``.
+
+    Each update goes through ``jax_privacy.clipping.clip_pytree`` (vmapped over K) after
+    :func:`ffa_jax.privacy.clipping.overflow_guard`: an update with a non-finite entry
+    becomes zeros (it would otherwise break the sensitivity bound) and a huge finite one is
+    rescaled so that its norm cannot overflow before it is clipped.
+
+    Args:
+      stacked: client updates, leaves ``[K, ...]``.
+      clip_norm: S > 0 (scalar, Python or traced).
+
+    Returns:
+      The clipped stack (same shapes and dtypes) and the norms before clipping ``[K]``
+      (float32; inf/nan for a non-finite update).
+    """
+    norms = per_example_norms(stacked)
+    one = jax.tree_util.tree_map(lambda x: x[0], stacked)
+    bound = overflow_bound(one)
+
+    def clip_one(update):
+        clipped, _ = jax_privacy.clipping.clip_pytree(
+            overflow_guard(update, bound), jnp.asarray(clip_norm, jnp.float32)
+        )
+        return jax.tree_util.tree_map(lambda c, u: c.astype(u.dtype), clipped, update)
+
+    return jax.vmap(clip_one)(stacked), norms
+
+
+def dp_fedavg_aggregate(
+    stacked: PyTree,
+    participation: jax.Array,
+    dp: Any,
+    key: jax.Array,
+    extra_sum: PyTree | None = None,
+) -> tuple[PyTree, jax.Array]:
+    """Client-level DP aggregation (DP-FedAvg, McMahan et al., ICLR 2018).
+
+    ``(sum_k p_k clip_S(delta_k) + N(0, (z S)^2 I)) / expected_clients`` with ``p_k`` in {0, 1}.
+
+    Args:
+      stacked: client updates, leaves ``[K, ...]``.
+      participation: ``[K]`` 1 for clients that took part, 0 for dummies / non-sampled.
+      dp: a :class:`ffa_jax.federated.server.ServerDpParams` (clip_norm S, noise_multiplier z,
+        expected_clients).
+      key: the server's noise key for this round (never used for anything else).
+      extra_sum: optional tree like one client's update (no client axis), added to the sum of
+        clipped updates before the noise: the privacy audit's canary client updates (each of
+        norm S), see :mod:`ffa_jax.privacy.audit_run`. None leaves the computation unchanged.
+
+    Returns:
+      (noisy mean update, norms before clipping ``[K]``).
+
+    Formal guarantee:
+      Adding or removing all the data of one client changes the clipped sum by at most S in
+      L2 norm, so with noise std ``z S`` each round is the Gaussian mechanism with sensitivity
+      S; with Poisson client sampling at rate q it is the sampled Gaussian mechanism, composed
+      over rounds by :mod:`ffa_jax.privacy.accounting` (client-level (epsilon, delta)-DP).
+      The server is trusted to add the noise (it sees the clipped updates).
+    """
+    clipped, norms = clip_updates(stacked, dp.clip_norm)
+    p = participation.astype(jnp.float32)
+
+    def total(x):
+        w = p.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+        return jnp.sum(jnp.where(w > 0, x * w, 0), axis=0)
+
+    summed = jax.tree_util.tree_map(total, clipped)
+    if extra_sum is not None:
+        summed = jax.tree_util.tree_map(jnp.add, summed, extra_sum)
+    noise = gaussian_noise_like(summed, dp.noise_multiplier * dp.clip_norm, key)
+    noisy = jax.tree_util.tree_map(lambda s, n: (s + n) / dp.expected_clients, summed, noise)
+    return noisy, norms
