@@ -31,8 +31,9 @@ import ffa_jax
 from ffa_jax.errors import ConfigError, DataError
 from ffa_jax.experiments import grid as grid_lib
 from ffa_jax.experiments import results as results_lib
-from ffa_jax.report import metric_value
-from ffa_jax.train import NonFiniteError, _atomic_write, train
+from ffa_jax.fileio import atomic_write_text
+from ffa_jax.run import NonFiniteError, train
+from ffa_jax.run.report import metric_value
 
 RESULTS_DIR = Path("experiments/results")
 SCRATCH_DIR = Path("runs/experiments")
@@ -266,7 +267,7 @@ def run_experiment(
                 ffa_jax_version=ffa_jax.__version__,
                 **code,
             )
-            _atomic_write(path, json.dumps(_clean(rec), indent=1, default=_json_default))
+            atomic_write_text(path, json.dumps(_clean(rec), indent=1, default=_json_default))
             ran += 1
             seconds_run += rec["wall_seconds"]
             acc = rec.get("test_accuracy")
@@ -306,5 +307,5 @@ def _write(grid, out: Path, info: dict, old_meta: dict) -> None:
     meta["commits"] = sorted({str(c.get("commit")) for c in cells})
     meta["started"] = old_meta.get("started") or info["started"]
     meta["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    _atomic_write(out / "meta.json", json.dumps(meta, indent=1))
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
     results_lib.write_all(grid, out, cells, meta)
