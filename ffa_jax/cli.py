@@ -30,10 +30,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ffa_jax import __version__
 from ffa_jax.config import CPU_LIBRARY_FUSIONS
 from ffa_jax.errors import ConfigError, FederationError, FfaJaxError
 from ffa_jax.fileio import atomic_write_text
+from ffa_jax.version import __version__, git_state
 
 
 def default_config_path() -> Path | None:
@@ -235,26 +235,9 @@ def memory_settings(clients: str, chunks: str) -> list[tuple[int, int]]:
 
 
 def _git_commit() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip() + ("-dirty" if dirty else "")
+    """The short commit of ffa_jax's checkout, ``-dirty`` with uncommitted tracked changes."""
+    sha, dirty = git_state(Path(__file__).resolve().parent, short=True, untracked=False)
+    return "unknown" if sha is None else sha + ("-dirty" if dirty else "")
 
 
 def cmd_experiment(args) -> int:

@@ -40,11 +40,9 @@ from ffa_jax import lora, workloads
 from ffa_jax import perf as perf_lib
 from ffa_jax.config import RunConfig, load_config
 from ffa_jax.errors import ConfigError, DataError, WeightsError
+from ffa_jax.run.rundir import ADAPTER_FILE, CONFIG_FILE, METRICS_FILE
 from ffa_jax.types import PyTree
 
-CONFIG_FILE = "config.yaml"
-ADAPTER_FILE = "adapter.safetensors"
-METRICS_FILE = "metrics.jsonl"
 CLASSIFIER_FAMILIES = ("encoder", "vit")
 DECODER_FAMILIES = ("llama",)
 SPLITS = ("test",)
@@ -564,23 +562,6 @@ def read_inputs(run_config: RunConfig, family: str, path: str | os.PathLike) -> 
     return read_jsonl_field(path, tuple(dict.fromkeys(("text", run_config.data.text_field))))
 
 
-__all__ = [
-    "LoadedRun",
-    "apply_adapter",
-    "check_family",
-    "classifier_inputs",
-    "evaluate",
-    "generate",
-    "load_run",
-    "predict",
-    "prompt_ids",
-    "read_images",
-    "read_inputs",
-    "read_jsonl_field",
-    "read_run_config",
-]
-
-
 def export_run_peft(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -641,3 +622,21 @@ def export_run_peft(
         tokenizer=tokenizer,
         notes=notes,
     )
+
+
+__all__ = [
+    "export_run_peft",
+    "LoadedRun",
+    "apply_adapter",
+    "check_family",
+    "classifier_inputs",
+    "evaluate",
+    "generate",
+    "load_run",
+    "predict",
+    "prompt_ids",
+    "read_images",
+    "read_inputs",
+    "read_jsonl_field",
+    "read_run_config",
+]

@@ -15,8 +15,6 @@ or checkpoint leaves no run directory behind, and a rejected resume changes noth
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,25 +26,26 @@ from ffa_jax import allocator, distributed, lora
 from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import FfaJaxError
-from ffa_jax.federated.round import (
-    model_groups,
-)
+from ffa_jax.federated.round import model_groups
 from ffa_jax.federated.server import server_init
-from ffa_jax.fileio import atomic_write_text, json_safe
+from ffa_jax.fileio import json_safe
 from ffa_jax.run.inputs import round_inputs, run_round
 from ffa_jax.run.report import metric_value
 from ffa_jax.run.resume import agree_on_start, check_budget, check_restored
 from ffa_jax.run.rundir import (
+    ADAPTER_FILE,
     bytes_of_one_client,
     frozen_line,
     metric_line,
+    metrics_path,
     noise_line,
     open_run_dir,
     privacy_line,
-    resolved_perf_comment,
     round_record,
     run_dir,
     save_adapter,
+    start_run_dir,
+    write_reports,
 )
 from ffa_jax.run.setup import (
     build_round,
@@ -148,15 +147,9 @@ def train(
         )
 
     # Every input is valid: from here on the run directory is written (by process 0).
-    metrics_path = out / "metrics.jsonl" if primary else Path(os.devnull)
+    metrics = metrics_path(out, primary)
     if primary:
-        if overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", cfg.to_yaml() + resolved_perf_comment(prep))
-        # The checkpoint's history is the truth: later lines (rounds done after the last
-        # checkpoint, or a torn line from a crash) are dropped and recomputed.
-        atomic_write_text(metrics_path, "".join(metric_line(h) for h in history))
+        start_run_dir(out, cfg, prep, history, overwrite=overwrite)
 
     key = train_key(prep)
     per_client_bytes = bytes_of_one_client(prep.trainable)
@@ -166,7 +159,7 @@ def train(
         t0 = time.time()
         record = {"round": 0, **evaluate(prep, prep.params), "seconds": time.time() - t0}
         history.append(record)
-        with open(metrics_path, "a") as mf:
+        with open(metrics, "a") as mf:
             mf.write(metric_line(record))
         log(f"round 0 (pretrained model): {wl.metric_title} {record[wl.metric]:.4f}")
 
@@ -188,7 +181,7 @@ def train(
         ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
         if primary
         else ckpt_lib.NoCheckpointer() as ckpt,
-        open(metrics_path, "a") as mf,
+        open(metrics, "a") as mf,
     ):
         for r in rounds:
             t0 = time.time()
@@ -229,7 +222,7 @@ def train(
 
     final_params = lora.combine(state.trainable, prep.frozen)
     if primary:
-        save_adapter(out / "adapter.safetensors", final_params, cfg, head_pattern=wl.head_pattern)
+        save_adapter(out / ADAPTER_FILE, final_params, cfg, head_pattern=wl.head_pattern)
     summary = {
         "run_dir": str(out),
         **wl.summary_fields(history),
@@ -247,10 +240,7 @@ def train(
         "perf_resolved": prep.perf.as_dict(),
     }
     if primary:
-        from ffa_jax.run.report import write_plots, write_summary
-
-        write_plots(out / "plots", history)
-        write_summary(out / "summary.md", cfg, prep, history, summary)
+        write_reports(out, cfg, prep, history, summary)
     return json_safe(summary)
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax import distributed, lora
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import CheckpointError, ConfigError
-from ffa_jax.fileio import atomic_write, json_safe
+from ffa_jax.fileio import atomic_write, atomic_write_text, json_safe
 from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.run.inputs import RoundInputs
 from ffa_jax.run.setup import Prepared, noise_note, unit
@@ -26,6 +28,45 @@ from ffa_jax.types import PyTree
 # Evaluation outputs kept in the history (checkpointed, shown in summary.md) but not in
 # metrics.jsonl: they are not scalars.
 NON_METRIC_KEYS = ("eval_samples",)
+
+# The run directory's files; this module is their one writer (checkpoints/ belongs to
+# ffa_jax.checkpoint, which this module's callers hand the folder).
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+ADAPTER_FILE = "adapter.safetensors"
+SUMMARY_FILE = "summary.md"
+PLOTS_DIR = "plots"
+
+
+def metrics_path(out: Path, primary: bool) -> Path:
+    """Where this process appends metric lines: ``out/metrics.jsonl`` on process 0, the null
+    device elsewhere (only process 0 owns the run directory)."""
+    return out / METRICS_FILE if primary else Path(os.devnull)
+
+
+def start_run_dir(
+    out: Path, cfg: RunConfig, prep: Prepared, history: list[dict], *, overwrite: bool
+) -> None:
+    """Process 0, once every input is valid: (re)creates ``out`` and writes ``config.yaml``
+    (with what ``perf.*`` "auto" became as a comment) and ``metrics.jsonl`` (the lines of
+    ``history``), atomically."""
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CONFIG_FILE, cfg.to_yaml() + resolved_perf_comment(prep))
+    # The checkpoint's history is the truth: later lines (rounds done after the last
+    # checkpoint, or a torn line from a crash) are dropped and recomputed.
+    atomic_write_text(out / METRICS_FILE, "".join(metric_line(h) for h in history))
+
+
+def write_reports(
+    out: Path, cfg: RunConfig, prep: Prepared, history: list[dict], summary: dict[str, Any]
+) -> None:
+    """Process 0, at the end: ``plots/metrics.png`` and ``summary.md``."""
+    from ffa_jax.run.report import write_plots, write_summary
+
+    write_plots(out / PLOTS_DIR, history)
+    write_summary(out / SUMMARY_FILE, cfg, prep, history, summary)
 
 
 def run_dir(cfg: RunConfig) -> Path:

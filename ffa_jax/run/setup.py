@@ -43,6 +43,8 @@ KEY_TRAIN = 2  # secret: DP noise (round, client and step are folded in by the r
 
 
 SAMPLER_PURPOSE = 3  # secret: host-side Poisson sampling
+# participation.PARTICIPATION_PURPOSE = 4: host-side draw of each round's clients
+# run.audit.AUDIT_PURPOSE = 5: the privacy audit's canaries (ffa-jax audit)
 
 
 @dataclasses.dataclass
