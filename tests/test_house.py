@@ -18,7 +18,8 @@ PKG = Path(__file__).resolve().parents[1] / "ffa_jax"
 
 # Bottom to top. A module's layer is that of the longest prefix listed (``ffa_jax.run.loop`` ->
 # ``ffa_jax.run``); ``ffa_jax`` itself (the package __init__) matches only itself, so that a new
-# top-level module must be placed here. Modules of one layer may import each other (cycles are checked apart).
+# top-level module must be placed here. Modules of one layer may import each other (cycles are
+# checked apart).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "ground",

@@ -70,10 +70,12 @@ def write_reports(
 
 
 def run_dir(cfg: RunConfig) -> Path:
+    """The run directory of ``cfg``: ``<output_dir>/<name>``."""
     return Path(cfg.output_dir) / cfg.name
 
 
 def bytes_of_one_client(tree: PyTree) -> int:
+    """Bytes one client uploads per round: the trainable tree (``float32`` B, and a head)."""
     return lora.tree_bytes(tree)
 
 
@@ -133,6 +135,8 @@ def open_run_dir(
 
 
 def metric_line(record: dict[str, Any]) -> str:
+    """One ``metrics.jsonl`` line of ``record``: its scalars (not :data:`NON_METRIC_KEYS`),
+    strict JSON (a non-finite epsilon becomes ``null``), newline-terminated."""
     scalars = {k: v for k, v in record.items() if k not in NON_METRIC_KEYS}
     return json.dumps(json_safe(scalars)) + "\n"
 
@@ -208,6 +212,7 @@ def frozen_line(prep: Prepared) -> str:
 
 
 def privacy_line(prep: Prepared) -> str:
+    """The log line of the run's privacy plan: unit, noise, sampling and epsilon."""
     cfg, plan = prep.cfg, prep.plan
     smp = plan.sampling
     who = (

@@ -1,9 +1,9 @@
 """Workloads: what a run needs from a model family and its task.
 
-``ffa_jax.train`` is family-agnostic: it partitions the training set, builds the LoRA tree,
-calibrates the noise, runs DP-SGD + FedAvg rounds, checkpoints and reports. Everything that
-depends on the model family and its task comes from a :class:`Workload`, built by the
-family's ``load(cfg, head_key=...)`` after the pure config checks of its ``check(cfg)``:
+The run layer (:mod:`ffa_jax.run`) is family-agnostic: it partitions the training set, builds
+the LoRA tree, calibrates the noise, runs DP-SGD + FedAvg rounds, checkpoints and reports.
+Everything that depends on the model family and its task comes from a :class:`Workload`, built
+by the family's ``load(cfg, head_key=...)`` after the pure config checks of its ``check(cfg)``:
 
 * ``encoder`` (:mod:`ffa_jax.workloads.text_classification`): BERT/RoBERTa text
   classification (SpamAssassin, GLUE, local files); metric ``eval_accuracy``.
