@@ -11,12 +11,12 @@ from ffa_jax import allocator, cli
 from ffa_jax.bench import (
     TINY,
     BenchSpec,
-    _fusion_md,
     chunk_bound,
     library_fusion_ab,
     memory_probe,
     to_markdown,
 )
+from ffa_jax.bench.core import _fusion_md
 from ffa_jax.errors import ConfigError
 
 
