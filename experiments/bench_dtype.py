@@ -21,19 +21,19 @@ import jax.numpy as jnp
 import optax
 
 from ffa_jax import lora
-from ffa_jax.bench import MODELS, BenchSpec, _batches, _encoder, machine_info
+from ffa_jax.bench import MODELS, BenchSpec, machine_info, random_batches, random_encoder
 from ffa_jax.config import LoRAConfig
 from ffa_jax.federated.client import DpParams, make_client_update
 from ffa_jax.models.objectives import classification_loss
 
 
 def _client_update(spec: BenchSpec):
-    module, params = _encoder(spec)
+    module, params = random_encoder(spec)
     lp = lora.init(params, LoRAConfig(mode="ffa", rank=spec.rank), jax.random.key(1))
     trainable, frozen = lora.split(lp, lora.trainable_mask(lp, "ffa"))
     cu = jax.jit(make_client_update(classification_loss(module), optax.sgd(0.1), private=True))
     one = jax.tree_util.tree_map(
-        lambda x: x[0], _batches(spec, 1, MODELS[spec.model]["vocab_size"])
+        lambda x: x[0], random_batches(spec, 1, MODELS[spec.model]["vocab_size"])
     )
     dp = DpParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(spec.batch_size))
     return lambda: cu(trainable, frozen, one, dp, jax.random.key(0))

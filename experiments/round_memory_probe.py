@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ffa_jax.bench import BenchSpec, _encoder, _round_setup
+from ffa_jax.bench import BenchSpec, random_encoder, round_setup
 from ffa_jax.models.objectives import classification_loss
 
 OPTS = {
@@ -30,8 +30,8 @@ def main() -> None:
     p.add_argument("--rl", type=int, default=64)
     a = p.parse_args()
     spec = BenchSpec(model=a.model, local_steps=1, round_batch_size=a.rb, round_seq_len=a.rl)
-    module, params = _encoder(spec)
-    _, round_fn, args = _round_setup(
+    module, params = random_encoder(spec)
+    _, round_fn, args = round_setup(
         spec, module, params, classification_loss(module), a.clients, a.chunk
     )
     m = round_fn.lower(*args).compile(compiler_options=OPTS[a.fusion]).memory_analysis()

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ffa_jax.config import load_config, load_pretrain_config
-from ffa_jax.pretrain import pretrain
-from ffa_jax.train import train
+from ffa_jax.run import train
+from ffa_jax.run.pretraining import pretrain
 
 
 def _fmt(values: list[float]) -> str:

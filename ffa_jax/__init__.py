@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ffa_jax.version import __version__
 
 # name -> module that defines it; resolved on first attribute access (PEP 562).
 _API = {

@@ -30,8 +30,7 @@ from ffa_jax import lora
 from ffa_jax import perf as perf_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import ConfigError, DataError
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 # Purpose folded into the public seed for the shared LoRA A (finetune_model); the secret
 # randomness (noise, Poisson batches) never comes from the public seed.
@@ -120,7 +119,7 @@ def finetune(
     """
     from safetensors.numpy import load_file
 
-    from ffa_jax import train as train_lib
+    from ffa_jax import run as train_lib
 
     cfg = make_config(config, **sections)
     summary = train_lib.train(
@@ -203,7 +202,7 @@ def finetune_model(
     and Gaussian noise; the server averages the clients' B deltas (FedAvg with
     ``server.*``). sigma_k is calibrated by the dp-accounting accountant so that every client
     spends ``privacy.epsilon`` (at ``privacy.delta``) over the run, exactly as ``ffa-jax
-    train`` calibrates it (:func:`ffa_jax.privacy.planner.sample_level_plan`).
+    train`` calibrates it (:func:`ffa_jax.run.planner.sample_level_plan`).
 
     Args:
       model: a ``flax.linen.Module``; it is applied to ONE example with a leading batch axis
@@ -237,12 +236,12 @@ def finetune_model(
       seed stays secret and the model's loss depends on one example only (no batch
       statistics such as BatchNorm in training mode).
     """
-    from ffa_jax import train as train_lib
+    from ffa_jax import run as train_lib
     from ffa_jax.data import batching
     from ffa_jax.federated.client import DpParams, make_client_optimizer, make_client_update
     from ffa_jax.federated.round import make_round
     from ffa_jax.federated.server import make_server_optimizer, server_init
-    from ffa_jax.privacy import planner
+    from ffa_jax.run import planner
 
     cfg = make_config(config, **sections)
     if cfg.privacy.unit != "sample":

@@ -58,8 +58,7 @@ from ffa_jax.config import RunConfig, from_dict
 from ffa_jax.errors import CheckpointError, ConfigError
 from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.ledger import PrivacyLedger
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 CHECKPOINTS = "checkpoints"
 FORMAT = "ffa_jax.checkpoint/2"  # 2: holds the run's secret (noise_secret)

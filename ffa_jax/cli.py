@@ -30,9 +30,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ffa_jax import __version__
 from ffa_jax.config import CPU_LIBRARY_FUSIONS
 from ffa_jax.errors import ConfigError, FederationError, FfaJaxError
+from ffa_jax.fileio import atomic_write_text
+from ffa_jax.version import __version__, git_state
 
 
 def default_config_path() -> Path | None:
@@ -76,7 +77,7 @@ def cmd_train(args) -> int:
             "--coordinator / --num-processes / --process-id need --distributed (a multi-process "
             "run); drop them for a single-process run."
         )
-    from ffa_jax.train import resume_config, train
+    from ffa_jax.run import resume_config, train
 
     if args.resume is not None:
         if args.config is not None:
@@ -106,7 +107,7 @@ def cmd_train(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from ffa_jax.config import load_pretrain_config
-    from ffa_jax.pretrain import pretrain
+    from ffa_jax.run.pretraining import pretrain
 
     cfg = load_pretrain_config(args.config, args.overrides)
     summary = pretrain(cfg, overwrite=args.overwrite, progress=not args.no_progress)
@@ -117,7 +118,7 @@ def cmd_pretrain(args) -> int:
 def cmd_privacy(args) -> int:
     from ffa_jax import perf, workloads
     from ffa_jax.data.clients import partition_clients
-    from ffa_jax.privacy import planner
+    from ffa_jax.run import planner
 
     cfg = _load(args)
     labels, names = workloads.train_labels(cfg)
@@ -154,8 +155,8 @@ def cmd_privacy(args) -> int:
 
 def cmd_bench(args) -> int:
     from ffa_jax.bench import MEMORY_BUDGET_MB, BenchSpec, run_bench, to_markdown, write_report
-    from ffa_jax.bench_allocator import require_tcmalloc
-    from ffa_jax.bench_torch import torch_available
+    from ffa_jax.bench.allocator_ab import require_tcmalloc
+    from ffa_jax.bench.torch_ref import torch_available
 
     if args.quick:
         spec = BenchSpec(
@@ -234,26 +235,9 @@ def memory_settings(clients: str, chunks: str) -> list[tuple[int, int]]:
 
 
 def _git_commit() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip() + ("-dirty" if dirty else "")
+    """The short commit of ffa_jax's checkout, ``-dirty`` with uncommitted tracked changes."""
+    sha, dirty = git_state(Path(__file__).resolve().parent, short=True, untracked=False)
+    return "unknown" if sha is None else sha + ("-dirty" if dirty else "")
 
 
 def cmd_experiment(args) -> int:
@@ -279,8 +263,9 @@ EXIT_PRIVACY_VIOLATION = 3
 
 
 def cmd_audit(args) -> int:
-    from ffa_jax.privacy.audit_run import audit_run, check_audit_args, check_audit_config
-    from ffa_jax.train import _atomic_write, run_dir
+    from ffa_jax.fileio import atomic_write_text
+    from ffa_jax.run import run_dir
+    from ffa_jax.run.audit import audit_run, check_audit_args, check_audit_config
 
     # Every input is checked before the (minutes of) training compute.
     check_audit_args(args.canaries, args.guesses, args.confidence)
@@ -299,7 +284,7 @@ def cmd_audit(args) -> int:
         log=(lambda *a: None) if args.json else print,
     )
     record = {**res.to_json(), "command": "ffa-jax " + " ".join(args.argv), "config": cfg.to_dict()}
-    _atomic_write(out / "audit.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out / "audit.json", json.dumps(record, indent=2) + "\n")
     if args.json:
         print(json.dumps(record))
     else:
@@ -316,11 +301,11 @@ def cmd_config(args) -> int:
 def cmd_export_peft(args) -> int:
     import warnings
 
-    from ffa_jax.models.peft import export_peft
+    from ffa_jax.run.inference import export_run_peft
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the caveats are printed below
-        res = export_peft(
+        res = export_run_peft(
             args.run_dir,
             args.out_dir,
             base_model=args.base_model,
@@ -340,22 +325,16 @@ def cmd_export_peft(args) -> int:
 
 def _write_jsonl(rows, output: Path | None) -> None:
     """One JSON object per line to ``output`` (atomically) or stdout."""
-    import tempfile
-
     text = "".join(json.dumps(r) + "\n" for r in rows)
     if output is None:
         sys.stdout.write(text)
     else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, output)
+        atomic_write_text(output, text)
         print(f"written: {output} ({len(rows)} lines)", file=sys.stderr)
 
 
 def cmd_generate(args) -> int:
-    from ffa_jax import inference
+    from ffa_jax.run import inference
 
     cfg, family = inference.read_run_config(args.run_dir)
     if (args.prompt is None) == (args.input is None):
@@ -378,7 +357,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from ffa_jax import inference
+    from ffa_jax.run import inference
 
     cfg, family = inference.read_run_config(args.run_dir)
     inference.check_family(args.run_dir, family, inference.CLASSIFIER_FAMILIES, "predict")
@@ -392,7 +371,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ffa_jax import inference
+    from ffa_jax.run import inference
 
     run = inference.load_run(args.run_dir)
     metrics = inference.evaluate(run, args.split)
@@ -439,7 +418,7 @@ def cmd_flower_app(args) -> int:
 def cmd_flower_local(args) -> int:
     from ffa_jax.flower.app import write_app
     from ffa_jax.flower.local import LocalFederation
-    from ffa_jax.train import run_dir
+    from ffa_jax.run import run_dir
 
     cfg = _absolute_output(_load(args))
     out = run_dir(cfg)

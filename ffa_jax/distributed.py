@@ -47,8 +47,6 @@ from jax.sharding import PartitionSpec as P
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated.round import CLIENTS_AXIS, MODEL_AXIS, frozen_shardings, model_groups
 
-PyTree = Any
-
 
 def initialize(
     coordinator_address: str | None = None,
@@ -204,7 +202,7 @@ def global_round(
     has one of size > 1, with ``min_sharded_elements`` as in ``make_round``; else
     replicated). The server state (trainable tree, optimizer state) is replicated.
     ``compiler_options`` go to the outer ``jax.jit`` (the one that is compiled; pass the
-    round's own, see :func:`ffa_jax.train.train_compiler_options`).
+    round's own, see :func:`ffa_jax.run.train_compiler_options`).
     """
     check_mesh(mesh)
     replicated = NamedSharding(mesh, P())

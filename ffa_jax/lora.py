@@ -37,8 +37,7 @@ from flax import struct
 
 from ffa_jax.config import LORA_MODES, LoRAConfig
 from ffa_jax.errors import ConfigError
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 MODES = LORA_MODES
 

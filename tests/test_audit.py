@@ -27,7 +27,7 @@ from ffa_jax.config import load_config
 from ffa_jax.federated.client import DpParams, make_client_update
 from ffa_jax.federated.round import make_round
 from ffa_jax.federated.server import ServerDpParams, server_init
-from ffa_jax.privacy import audit_run as audit_lib
+from ffa_jax.run import audit as audit_lib
 from tests._tiny import compilation_cache, tiny_model_dir, tiny_overrides
 
 # ------------------------------------------------------------------ the hooks (toy model, fast)

@@ -22,9 +22,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from ffa_jax import cli
-from ffa_jax import train as train_lib
+from ffa_jax import run as train_lib
 from ffa_jax.config import load_config
 from ffa_jax.errors import CheckpointError, ConfigError, DataError, WeightsError
+from ffa_jax.run import setup as setup_lib
 from tests._tiny import compilation_cache, tiny_model_dir, tiny_overrides, tree_of_files
 
 pytest.importorskip(
@@ -210,7 +211,7 @@ def _change_data(ctx: Ctx, run: Path):
 
 
 def _change_a(ctx: Ctx, run: Path):
-    ctx.monkeypatch.setattr(train_lib, "KEY_LORA_A", 99)
+    ctx.monkeypatch.setattr(setup_lib, "KEY_LORA_A", 99)
 
 
 def _not_a_run_dir(ctx: Ctx):

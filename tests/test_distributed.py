@@ -30,8 +30,8 @@ from ffa_jax import cli, distributed
 from ffa_jax.config import load_config
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated.round import model_groups
-from ffa_jax.report import metric_value
-from ffa_jax.train import train
+from ffa_jax.run import train
+from ffa_jax.run.report import metric_value
 from tests._tiny import tiny_model_dir
 
 pytest.importorskip(
@@ -200,7 +200,7 @@ def test_model_groups_stay_within_a_process():
 def test_model_devices_not_dividing_a_process_is_rejected_before_loading(tmp_path, monkeypatch):
     import jax
 
-    from ffa_jax import train as train_lib
+    from ffa_jax.run import loop as train_lib
 
     def no_prepare(*a, **k):
         raise AssertionError("prepare must not run")

@@ -17,7 +17,7 @@ from ffa_jax.errors import ConfigError
 from ffa_jax.experiments import grid as grid_lib
 from ffa_jax.experiments import results as results_lib
 from ffa_jax.experiments.runner import run_experiment
-from ffa_jax.train import prepare
+from ffa_jax.run import prepare
 from tests._tiny import compilation_cache, tiny_model_dir
 
 pytest.importorskip(

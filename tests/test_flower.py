@@ -2,7 +2,7 @@
 
 - The wire format round-trips the trainable tree and rejects arrays that do not fit it.
 - The ClientApp and ServerApp run in this process through a loop-back Grid (tiny BERT, ~s):
-  the result equals :func:`ffa_jax.train.train`; bad node configs and tampered replies fail
+  the result equals :func:`ffa_jax.run.train`; bad node configs and tampered replies fail
   with errors naming the node, the key and the fix.
 - End to end: ``flower-superlink`` and three ``flower-supernode`` processes on 127.0.0.1,
   ``flwr run`` of the app written by ``ffa-jax flower app`` on the real MiniLM and
@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 
 from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax import lora
-from ffa_jax import train as train_lib
+from ffa_jax import run as train_lib
 from ffa_jax.config import load_config
 from ffa_jax.errors import ConfigError, FederationError
 from ffa_jax.flower import wire

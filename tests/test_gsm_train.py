@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax import cli, lora, workloads
-from ffa_jax import train as train_lib
+from ffa_jax import run as train_lib
 from ffa_jax.config import load_config
 from ffa_jax.errors import ConfigError, DataError, WeightsError
 from ffa_jax.models.llama_weights import load_llama

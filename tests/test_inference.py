@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ffa_jax import cli, inference, lora
-from ffa_jax import train as train_lib
+from ffa_jax import cli, lora
+from ffa_jax import run as train_lib
 from ffa_jax.config import load_config, replace
 from ffa_jax.errors import ConfigError, DataError, WeightsError
 from ffa_jax.models import peft as peft_lib
 from ffa_jax.models.llama import LlamaForCausalLM
+from ffa_jax.run import inference
 from tests._tiny import (
     compilation_cache,
     tiny_gsm_jsonl,
@@ -116,7 +117,7 @@ def loaded(runs):
 def exported(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapters")
     with pytest.warns(UserWarning, match="records only its name"):
-        return {k: peft_lib.export_peft(runs[k], out / k) for k in ("llama", "vit", "bert")}
+        return {k: inference.export_run_peft(runs[k], out / k) for k in ("llama", "vit", "bert")}
 
 
 # --------------------------------------------------------------------------- names

@@ -102,7 +102,7 @@ def test_auto_is_the_default_and_round_trips_through_yaml():
 
 
 def _one_round(model_dir, out, *extra):
-    from ffa_jax import train as train_lib
+    from ffa_jax import run as train_lib
     from ffa_jax.federated.server import server_init
 
     cfg = load_config(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ffa_jax import checkpoint as ckpt_lib
-from ffa_jax import train as train_lib
+from ffa_jax import run as train_lib
 from ffa_jax.config import load_config
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated.client import step_noise_key

@@ -22,8 +22,8 @@ from safetensors.numpy import load_file
 
 from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax import cli
-from ffa_jax import train as train_lib
 from ffa_jax.config import load_config
+from ffa_jax.run import loop as train_lib
 from tests._tiny import (
     compilation_cache,
     subprocess_env,
@@ -251,10 +251,10 @@ def test_non_finite_round_stops_with_the_last_good_checkpoint(env, tmp_path, mon
 
 def test_non_finite_update_is_detected():
     with pytest.raises(train_lib.NonFiniteError, match="averaged update's norm is nan"):
-        train_lib._check_finite(4, 0.5, float("nan"), {"b": np.zeros(2)}, Path("c"), None)
+        train_lib.check_finite(4, 0.5, float("nan"), {"b": np.zeros(2)}, Path("c"), None)
     with pytest.raises(train_lib.NonFiniteError, match="trainable tree has non-finite"):
-        train_lib._check_finite(4, 0.5, 1.0, {"b": np.array([0.0, np.inf])}, Path("c"), 4)
-    train_lib._check_finite(4, 0.5, 1.0, {"b": np.zeros(2)}, Path("c"), 4)
+        train_lib.check_finite(4, 0.5, 1.0, {"b": np.array([0.0, np.inf])}, Path("c"), 4)
+    train_lib.check_finite(4, 0.5, 1.0, {"b": np.zeros(2)}, Path("c"), 4)
 
 
 # --------------------------------------------------------------------------- SIGKILL
@@ -286,7 +286,7 @@ DRIVER = textwrap.dedent(
 
         atomicity.AtomicRenameTemporaryPath.finalize = finalize
     else:
-        import ffa_jax.train as t
+        import ffa_jax.run.inputs as t
 
         batches = t.client_batches
 

@@ -11,7 +11,7 @@ from ffa_jax import cli, lora
 from ffa_jax.config import load_config
 from ffa_jax.models import weights as weights_lib
 from ffa_jax.privacy import accounting
-from ffa_jax.train import KEY_LORA_A, root_key, train
+from ffa_jax.run import KEY_LORA_A, root_key, train
 from tests._tiny import TINY
 
 pytest.importorskip(

@@ -17,8 +17,8 @@ from ffa_jax.cli import main as cli_main
 from ffa_jax.config import load_config, load_pretrain_config
 from ffa_jax.errors import ConfigError, DataError
 from ffa_jax.models.vit_weights import load_vit
-from ffa_jax.pretrain import pretrain
-from ffa_jax.train import prepare, train
+from ffa_jax.run import prepare, train
+from ffa_jax.run.pretraining import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from ffa_jax import lora, xla_options
-from ffa_jax.bench import TINY, BenchSpec, _batches, _encoder
+from ffa_jax.bench import TINY, BenchSpec, random_batches, random_encoder
 from ffa_jax.config import LoRAConfig, PerfConfig
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated.client import DpParams, make_client_update
@@ -45,10 +45,10 @@ def test_every_setting_compiles_to_the_same_update():
         pytest.skip(f"this jaxlib has no {OPTION}")
     assert xla_options.compiler_options("off", "encoder") == {OPTION: ""}
     spec = BenchSpec(model="tiny", batch_size=4, seq_len=16, local_steps=2)
-    module, params = _encoder(spec)
+    module, params = random_encoder(spec)
     lp = lora.init(params, LoRAConfig(mode="ffa", rank=4), jax.random.key(1))
     trainable, frozen = lora.split(lp, lora.trainable_mask(lp, "ffa"))
-    one = jax.tree_util.tree_map(lambda x: x[0], _batches(spec, 1, TINY["vocab_size"]))
+    one = jax.tree_util.tree_map(lambda x: x[0], random_batches(spec, 1, TINY["vocab_size"]))
     dp = DpParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(4))
     update = make_client_update(classification_loss(module), optax.sgd(0.5), private=True)
     outs = {}

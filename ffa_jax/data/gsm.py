@@ -20,8 +20,9 @@ for GSM8K), the target is the answer followed by the end-of-sequence token. Arra
 exactly on the answer tokens (and the final EOS): the causal-LM loss
 (:func:`ffa_jax.models.llama.causal_lm_loss`) is taken on the answer only.
 
-Evaluation (:func:`make_gsm_evaluator`): greedy generation from the prompt, then exact match
-of the number after the last ``####`` (:func:`extract_answer`) against the reference's.
+Evaluation (:func:`ffa_jax.workloads.gsm.make_gsm_evaluator`, which owns the generator):
+greedy generation from the prompt, then exact match of the number after the last ``####``
+(:func:`extract_answer`) against the reference's.
 A lenient variant (last number in the text when there is no ``####``) is reported alongside,
 since an untuned model rarely follows the ``####`` convention.
 """
@@ -310,7 +311,7 @@ def format_prompt(
     """The prompt text for ``question``: the chat template with one user message when the
     tokenizer has one (``chat=None`` or ``True``), else the Alpaca-style prompt
     :data:`ALPACA_PROMPT`. ``instruction`` is appended to the question (``None``: nothing)."""
-    from ffa_jax.models.chat_template import render_chat
+    from ffa_jax.data.chat_template import render_chat
 
     content = question if not instruction else f"{question}\n{instruction}"
     if chat is not False:
@@ -328,7 +329,7 @@ def uses_chat_template(tokenizer: Any, chat: bool | None = None) -> bool:
     return chat is not False and bool(getattr(tokenizer, "chat_template", None))
 
 
-def _eos_id(tokenizer: Any) -> int:
+def eos_id(tokenizer: Any) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise DataError(
@@ -393,7 +394,7 @@ def encode_gsm(
         raise DataError(f"overflow={overflow!r} is not one of {OVERFLOW}.")
     if not isinstance(max_length, int) or max_length < 2:
         raise DataError(f"max_length={max_length!r} must be an integer >= 2.")
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     pad = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
     pad = eos if pad is None else int(pad)
     prompts = tokenize_prompts(
@@ -483,127 +484,3 @@ class GSMEvalResult:
             "eval_finished_rate": self.finished_rate,
             "eval_examples": self.count,
         }
-
-
-class GSMEvaluator:
-    """Greedy-decoding exact-match evaluator; build with :func:`make_gsm_evaluator`.
-
-    ``evaluator(params, examples) -> GSMEvalResult``. ``params`` may hold LoRA nodes (they
-    are merged once per call, each merged kernel sharded as its ``w0``:
-    :func:`ffa_jax.lora.merge_sharded`). Batches are padded to ``batch_size`` with dummy rows, so the
-    generator compiles once for the whole evaluation (and across calls).
-    """
-
-    def __init__(self, generator, tokenizer, *, batch_size, instruction, chat, num_samples):
-        self.generator = generator
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.instruction = instruction
-        self.chat = chat
-        self.num_samples = num_samples
-
-    def generate_text(self, params: Any, questions: Sequence[str]) -> tuple[list[str], np.ndarray]:
-        """Greedy generations (decoded, special tokens skipped) and ``finished`` flags."""
-        from ffa_jax import lora
-
-        # Sharded frozen kernels (perf.model_devices > 1) stay sharded once merged.
-        params = lora.merge_sharded(params)
-        prompts = tokenize_prompts(
-            self.tokenizer, questions, instruction=self.instruction, chat=self.chat
-        )
-        P = self.generator.max_prompt_length
-        too_long = [(i, len(p)) for i, p in enumerate(prompts) if len(p) > P]
-        if too_long:
-            raise DataError(
-                f"{len(too_long)} GSM prompts are longer than the {P} prompt tokens of the "
-                f"evaluator (e.g. question {too_long[0][0]}: {too_long[0][1]} tokens); raise "
-                "max_prompt_length."
-            )
-        texts, finished = [], []
-        B = self.batch_size
-        for start in range(0, len(prompts), B):
-            chunk = prompts[start : start + B]
-            real = len(chunk)
-            chunk = chunk + [chunk[0]] * (B - real)  # dummy rows keep the batch shape fixed
-            out = self.generator(params, chunk)
-            toks, lens, fin = (np.asarray(x) for x in (out.tokens, out.lengths, out.finished))
-            for r in range(real):
-                texts.append(self.tokenizer.decode(toks[r, : lens[r]], skip_special_tokens=True))
-                finished.append(bool(fin[r]))
-        return texts, np.asarray(finished, bool)
-
-    def __call__(self, params: Any, examples: Sequence[GSMExample]) -> GSMEvalResult:
-        if not examples:
-            raise DataError("no GSM examples to evaluate.")
-        texts, finished = self.generate_text(params, [e.question for e in examples])
-        refs = [e.answer for e in examples]
-        strict = exact_match(texts, refs)
-        lenient = exact_match(texts, refs, lenient=True)
-        preds = tuple(extract_answer(t) for t in texts)
-        samples = tuple(
-            {
-                "id": e.id,
-                "question": e.question,
-                "reference": e.final_answer,
-                "generation": t,
-                "predicted": p,
-                "correct": bool(c),
-            }
-            for e, t, p, c in list(zip(examples, texts, preds, strict, strict=True))[
-                : self.num_samples
-            ]
-        )
-        return GSMEvalResult(
-            exact_match=float(strict.mean()),
-            exact_match_lenient=float(lenient.mean()),
-            format_rate=float(np.mean(["####" in t for t in texts])),
-            count=len(examples),
-            finished_rate=float(finished.mean()),
-            samples=samples,
-            predictions=preds,
-        )
-
-
-def make_gsm_evaluator(
-    config: Any,
-    tokenizer: Any,
-    *,
-    max_prompt_length: int = 256,
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
-    instruction: str | None = DEFAULT_INSTRUCTION,
-    chat: bool | None = None,
-    num_samples: int = 3,
-    dtype: Any = None,
-) -> GSMEvaluator:
-    """Builds a :class:`GSMEvaluator` for a :class:`ffa_jax.models.llama.LlamaConfig` model.
-
-    Generation stops at the tokenizer's EOS (and the config's ``eos_token_ids``); the KV
-    cache has ``max_prompt_length + max_new_tokens`` slots; one compilation per evaluator.
-
-    Raises:
-      ConfigError: the lengths are invalid or exceed the model's context.
-      DataError: the tokenizer has no EOS token.
-    """
-    import jax.numpy as jnp
-
-    from ffa_jax.models.generate import make_generate
-
-    eos = tuple(dict.fromkeys([_eos_id(tokenizer), *config.eos_token_ids]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    gen = make_generate(
-        config,
-        max_length=max_prompt_length + max_new_tokens,
-        max_new_tokens=max_new_tokens,
-        eos_token_ids=eos,
-        pad_token_id=int(pad),
-        dtype=dtype or jnp.float32,
-    )
-    return GSMEvaluator(
-        gen,
-        tokenizer,
-        batch_size=batch_size,
-        instruction=instruction,
-        chat=chat,
-        num_samples=num_samples,
-    )

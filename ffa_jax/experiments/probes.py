@@ -1,6 +1,6 @@
 """Measurements inside a run that ``ffa-jax train`` does not log: the paper's Figure 1 noise
 terms and Theorem 1's trajectory equivalence. Both drive the same prepared run, jitted round
-and per-round inputs as :func:`ffa_jax.train.train` (so the trained model is the one ``train``
+and per-round inputs as :func:`ffa_jax.run.train` (so the trained model is the one ``train``
 would produce for the same config) and only *read* the state between rounds.
 """
 
@@ -20,7 +20,7 @@ from ffa_jax.federated.round import RoundMetrics
 from ffa_jax.federated.server import ServerState, server_init
 from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.noise import privatize_grad_sum
-from ffa_jax.train import (
+from ffa_jax.run import (
     Prepared,
     build_round,
     evaluate,
@@ -29,14 +29,14 @@ from ffa_jax.train import (
     run_round,
     train_key,
 )
+from ffa_jax.types import PyTree
 
-PyTree = Any
 PROBE_PURPOSE = 99  # from a secret derived for the probe: never reuses a training key
 
 
 def iterate_rounds(prep: Prepared) -> Iterator[tuple[int, ServerState, RoundMetrics]]:
     """Yields ``(round (1-based), server state after it, metrics)`` for every round, computed
-    exactly as :func:`ffa_jax.train.train` computes them (same round function, batches,
+    exactly as :func:`ffa_jax.run.train` computes them (same round function, batches,
     weights, DP parameters and keys)."""
     round_fn, server_opt = build_round(prep)
     state = jax.device_get(server_init(prep.trainable, server_opt))

@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -27,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
-import ffa_jax
 from ffa_jax.errors import ConfigError, DataError
 from ffa_jax.experiments import grid as grid_lib
 from ffa_jax.experiments import results as results_lib
-from ffa_jax.report import metric_value
-from ffa_jax.train import NonFiniteError, _atomic_write, train
+from ffa_jax.fileio import atomic_write_text
+from ffa_jax.run import NonFiniteError, train
+from ffa_jax.run.report import metric_value
+from ffa_jax.version import __version__, git_state
 
 RESULTS_DIR = Path("experiments/results")
 SCRATCH_DIR = Path("runs/experiments")
@@ -41,24 +41,11 @@ SCRATCH_DIR = Path("runs/experiments")
 def git_commit(root: Path | None = None, grid_file: Path | None = None) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool}`` of the repository holding ffa_jax; dirty
     means uncommitted changes to ffa_jax/, configs/ or the grid file itself."""
-    root = root or Path(ffa_jax.__file__).resolve().parents[1]
     paths = ["ffa_jax", "configs"]
     if grid_file is not None:
         paths.append(str(Path(grid_file).resolve()))
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", *paths],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return {"commit": sha, "dirty": bool(dirty)}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+    sha, dirty = git_state(root, paths=paths)
+    return {"commit": sha, "dirty": dirty}
 
 
 def enable_compilation_cache(path: Path) -> None:
@@ -225,7 +212,7 @@ def run_experiment(
         "description": grid.description,
         "grid_file": str(grid.path),
         "command": command or f"ffa-jax experiment {name}" + (" --quick" if quick else ""),
-        "ffa_jax_version": ffa_jax.__version__,
+        "ffa_jax_version": __version__,
         **code,
         "python": sys.version.split()[0],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
@@ -263,10 +250,10 @@ def run_experiment(
                 tuned=None if cell.tuned is None else [cell.tuned[0], cell.tuned[1]],
                 overrides=list(cell.overrides) + list(overrides),
                 command=cell_command(grid, cell, overrides, where),
-                ffa_jax_version=ffa_jax.__version__,
+                ffa_jax_version=__version__,
                 **code,
             )
-            _atomic_write(path, json.dumps(_clean(rec), indent=1, default=_json_default))
+            atomic_write_text(path, json.dumps(_clean(rec), indent=1, default=_json_default))
             ran += 1
             seconds_run += rec["wall_seconds"]
             acc = rec.get("test_accuracy")
@@ -306,5 +293,5 @@ def _write(grid, out: Path, info: dict, old_meta: dict) -> None:
     meta["commits"] = sorted({str(c.get("commit")) for c in cells})
     meta["started"] = old_meta.get("started") or info["started"]
     meta["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    _atomic_write(out / "meta.json", json.dumps(meta, indent=1))
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
     results_lib.write_all(grid, out, cells, meta)

@@ -47,8 +47,8 @@ from ffa_jax.federated.server import (
     server_update,
     weighted_mean,
 )
+from ffa_jax.types import PyTree
 
-PyTree = Any
 CLIENTS_AXIS = "clients"
 MODEL_AXIS = "model"
 # Frozen leaves below this many elements (1 MiB in float32) stay replicated on the model axis.

@@ -209,7 +209,7 @@ def write_app(cfg: RunConfig, out_dir: str | Path, **kwargs: Any) -> Path:
     ``kwargs`` go to :func:`app_pyproject`. An existing ``pyproject.toml`` is replaced
     (atomically); nothing else in ``out_dir`` is touched.
     """
-    from ffa_jax.train import _atomic_write
+    from ffa_jax.fileio import atomic_write_text as _atomic_write
 
     check_supported(cfg)
     out = Path(out_dir)

@@ -49,14 +49,14 @@ from ffa_jax.federated.server import (
     weighted_mean,
 )
 from ffa_jax.flower import wire
-from ffa_jax.privacy import planner
-from ffa_jax.train import (
+from ffa_jax.run import (
     Prepared,
     build_client_update,
     client_batches,
     client_weights,
     evaluate,
     noise_note,
+    planner,
     prepare,
     silent,
     train_compiler_options,

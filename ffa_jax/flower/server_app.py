@@ -40,6 +40,8 @@ from flwr.serverapp import Grid, ServerApp
 from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax import lora
 from ffa_jax.errors import CheckpointError, ConfigError, FederationError
+from ffa_jax.fileio import atomic_write_text as _atomic_write
+from ffa_jax.fileio import json_safe as _json_safe
 from ffa_jax.flower import wire
 from ffa_jax.flower.app import (
     NODE_TIMEOUT_KEY,
@@ -51,15 +53,13 @@ from ffa_jax.flower.app import (
 )
 from ffa_jax.flower.core import ServerRun
 from ffa_jax.flower.records import from_record, serialized_bytes, to_record
-from ffa_jax.report import metric_value
-from ffa_jax.train import (
-    _atomic_write,
-    _json_safe,
-    _metric_line,
+from ffa_jax.run import metric_line as _metric_line
+from ffa_jax.run import (
     noise_note,
     run_dir,
     save_adapter,
 )
+from ffa_jax.run.report import metric_value
 
 app = ServerApp()
 

@@ -33,7 +33,6 @@ import logging
 import os
 import pathlib
 import re
-import secrets
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -43,10 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ffa_jax.errors import WeightsError
+from ffa_jax.fileio import atomic_write
+from ffa_jax.types import PyTree
 
 log = logging.getLogger(__name__)
 
-PyTree = Any
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -488,19 +488,6 @@ def export_state_dict(
         what = f"{what} " if what else ""
         raise WeightsError(f"cannot export the {what}parameters:\n  " + "\n  ".join(errors))
     return out
-
-
-def atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
-    """Runs ``write(tmp)``, which creates a temporary file next to ``path``, then renames it to
-    ``path``: readers never see a partial file, a failed write leaves no temporary, and the
-    file gets the process umask's permissions (as a plain ``open`` would)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_hf_folder(

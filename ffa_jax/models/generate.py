@@ -34,8 +34,7 @@ import numpy as np
 
 from ffa_jax.errors import ConfigError
 from ffa_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_cache
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 
 class Generation(NamedTuple):

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ffa_jax import lora
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 
 class Dense(nn.Module):

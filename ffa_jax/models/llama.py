@@ -58,8 +58,7 @@ import optax
 from ffa_jax import lora
 from ffa_jax.errors import ConfigError, WeightsError
 from ffa_jax.models.layers import Dense
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 # HF ``model_type`` values with LLaMA's architecture and weight names.
 MODEL_TYPES = ("llama", "mistral")

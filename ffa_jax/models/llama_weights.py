@@ -27,8 +27,7 @@ from ffa_jax.models import convert
 from ffa_jax.models import gguf as gguf_lib
 from ffa_jax.models.llama import LlamaConfig
 from ffa_jax.models.sources import load_hf_tokenizer, read_hf_config, resolve_llama_source
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 # HF tensors that carry no weights (old checkpoints saved RoPE's inverse frequencies).
 IGNORED_HF = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)

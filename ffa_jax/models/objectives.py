@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -11,8 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from ffa_jax import lora
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 
 def classification_loss(

@@ -45,12 +45,13 @@ adapter's ``README.md``. Runs with ``model.pooling: cls`` give identical logits.
 
 Python API::
 
-    export_peft(run_dir_or_params, out_dir, ...)   # adapter files + merged/ HF checkpoint
+    export_peft(params, out_dir, config=...)       # adapter files + merged/ HF checkpoint
     import_peft(adapter_dir, base_params, lora_cfg) # PEFT adapter -> tree with LoRA nodes
     init_from_adapter(params, lora_cfg)             # lora.init_from: a run starts from an adapter
     read_lora_config(adapter_dir, mode="ffa")       # the adapter's LoRAConfig
 
-A run directory is rebuilt by :func:`ffa_jax.inference.load_run`. Command line:
+A run directory is exported by :func:`ffa_jax.run.export_run_peft` (the run layer rebuilds
+the run with :func:`ffa_jax.run.load_run` and calls :func:`export_peft`). Command line:
 ``ffa-jax export-peft RUN_DIR OUT_DIR [--base-model NAME]``; a run starts from an adapter
 trained elsewhere with ``lora.init_from: ADAPTER_DIR``.
 """
@@ -74,11 +75,11 @@ import numpy as np
 from ffa_jax import lora
 from ffa_jax.config import LoRAConfig
 from ffa_jax.errors import ConfigError, WeightsError
+from ffa_jax.fileio import atomic_write_bytes
 from ffa_jax.models import convert, sources
 from ffa_jax.models import weights as weights_lib
 from ffa_jax.models.encoder import EncoderConfig
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -558,11 +559,7 @@ def _readme(base: str | None, config: Any, fields, notes, label_names) -> str:
 
 
 def _write_text(path: pathlib.Path, data: str | bytes) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-
-    convert.atomic_write(path, write)
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
@@ -720,8 +717,20 @@ def save_merged(
     return out
 
 
+def check_export_folder(out_dir: str | os.PathLike, overwrite: bool) -> pathlib.Path:
+    """``out_dir`` as a path; raises ConfigError if it exists, is not empty and not
+    ``overwrite`` (checked before any export work)."""
+    out = pathlib.Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(
+            f"output folder {str(out)!r} already exists and is not empty; pass --overwrite "
+            "(overwrite=True) or choose another folder."
+        )
+    return out
+
+
 def export_peft(
-    source: str | os.PathLike | PyTree,
+    params: PyTree,
     out_dir: str | os.PathLike,
     *,
     config: Any = None,
@@ -732,25 +741,26 @@ def export_peft(
     label_names: Sequence[str] | None = None,
     overwrite: bool = False,
     vit_layout: str = "auto",
+    model_dir: str | os.PathLike | None = None,
+    tokenizer: Any = None,
+    notes: Sequence[str] = (),
 ) -> ExportResult:
-    """Exports a run (or a parameter tree) as a PEFT LoRA adapter plus a merged HF checkpoint.
+    """Exports a parameter tree as a PEFT LoRA adapter plus a merged HF checkpoint.
+
+    A run directory is exported by :func:`ffa_jax.run.export_run_peft`, which rebuilds the run
+    and calls this function (the model layer does not know about runs).
 
     Writes to ``out_dir``: ``adapter_config.json``, ``adapter_model.safetensors`` (PEFT key
     names, PyTorch ``[out, in]`` layout, A included), ``README.md``, and with ``merged``
     ``merged/`` (see :func:`save_merged`). Works for BERT/RoBERTa, LLaMA-family and ViT models.
 
     Args:
-      source: a run directory (``config.yaml`` + ``adapter.safetensors``, rebuilt by
-        :func:`ffa_jax.inference.load_run`) or a parameter tree with LoRA nodes (then
-        ``config`` is required).
+      params: a parameter tree with LoRA nodes.
       out_dir: the adapter folder; must be empty or absent unless ``overwrite``.
-      config: the tree's EncoderConfig / LlamaConfig / ViTConfig (ignored for a run directory).
-      base_model: ``base_model_name_or_path`` to record. For a run directory it defaults to a
-        portable name for the run's ``model.name`` (:func:`portable_base_model`: hub ids as
-        they are, ``minilm``/``smollm2`` as their hub ids, a local folder by its name only),
-        and a given value is recorded as given. For a tree it may be a local folder: its
-        tokenizer files and ``config.json`` fields go into ``merged/`` and its name (not its
-        path) is recorded.
+      config: the tree's EncoderConfig / LlamaConfig / ViTConfig (required).
+      base_model: ``base_model_name_or_path`` to record. Without ``model_dir`` it may be a
+        local folder: its tokenizer files and ``config.json`` fields go into ``merged/`` and
+        its name (not its path) is recorded. With ``model_dir`` it is recorded as given.
       absolute_base_path: record the base model's absolute local path instead (the adapter
         then loads only on this machine).
       modules_to_save: modules saved whole with the adapter (default
@@ -762,6 +772,12 @@ def export_peft(
         ``vit.encoder.layer.N.attention.attention.query``; ``"v5"``:
         ``vit.layers.N.attention.q_proj``). PEFT needs the layout of the transformers that
         loads the adapter.
+      model_dir: the base model's local folder (tokenizer files and ``config.json`` fields
+        for ``merged/``), when the caller already resolved it (a run); ``base_model`` is then
+        recorded as given.
+      tokenizer: a tokenizer to save into ``merged/`` (a LLaMA run without a local folder).
+      notes: caveats the caller found (e.g. a base model recorded by its local name only);
+        they go into the README and ``warnings``.
 
     Returns:
       An :class:`ExportResult`; its ``warnings`` (also issued with :func:`warnings.warn`)
@@ -769,48 +785,23 @@ def export_peft(
       is recorded by its local name only.
 
     Raises:
-      ConfigError: ``out_dir`` exists and is not empty, ``config`` is missing for a tree, or
-        the run directory is invalid.
+      ConfigError: ``out_dir`` exists and is not empty, or ``config`` is missing.
       WeightsError: the run or tree cannot be exported (see :func:`peft_state_dict`).
     """
-    out = pathlib.Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    out = check_export_folder(out_dir, overwrite)
+    if config is None:
         raise ConfigError(
-            f"output folder {str(out)!r} already exists and is not empty; pass --overwrite "
-            "(overwrite=True) or choose another folder."
+            "export_peft(params, ...) needs config=<the EncoderConfig, LlamaConfig or "
+            "ViTConfig of params>; to export a run directory use ffa_jax.run.export_run_peft."
         )
-    model_dir: pathlib.Path | None = None
-    tokenizer = None
-    notes: list[str] = []
-    if isinstance(source, (str, os.PathLike)):
-        # The run layer rebuilds runs; imported here so that ffa_jax.models does not need it.
-        from ffa_jax.inference import load_run
-
-        run = load_run(source)
-        params, config = run.params, run.model_config
-        model_dir = run.model_dir
-        label_names = label_names or run.label_names
-        if run.family == "llama" and (model_dir is None or not model_dir.is_dir()):
-            tokenizer = run.tokenizer()
-        if base_model is not None:
-            base = os.fspath(base_model)
-        else:
-            base, note = portable_base_model(
-                run.config.model.name, absolute=absolute_base_path, model_dir=model_dir
-            )
-            notes += [note] if note else []
-    else:
-        if config is None:
-            raise ConfigError(
-                "export_peft(params, ...) needs config=<the EncoderConfig, LlamaConfig or "
-                "ViTConfig of params>; or pass a run directory."
-            )
-        params = source
-        base = None if base_model is None else os.fspath(base_model)
-        if base is not None and pathlib.Path(base).expanduser().is_dir():
-            model_dir = pathlib.Path(base).expanduser().resolve()
-            base, note = portable_base_model(base, absolute=absolute_base_path)
-            notes += [note] if note else []
+    notes = list(notes)
+    base = None if base_model is None else os.fspath(base_model)
+    if model_dir is not None:
+        model_dir = pathlib.Path(model_dir)
+    elif base is not None and pathlib.Path(base).expanduser().is_dir():
+        model_dir = pathlib.Path(base).expanduser().resolve()
+        base, note = portable_base_model(base, absolute=absolute_base_path)
+        notes += [note] if note else []
     if modules_to_save is None:
         modules_to_save = default_modules_to_save(config, model_dir)
     notes = [w for w in (_pooling_warning(config),) if w] + notes

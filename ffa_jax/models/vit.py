@@ -55,12 +55,11 @@ import optax
 from ffa_jax import lora
 from ffa_jax.errors import ConfigError, DataError, WeightsError
 from ffa_jax.models.layers import ACTIVATIONS, Dense, activation, layer_norm
+from ffa_jax.types import PyTree
 
 # ViTImageProcessor defaults: pixels rescaled to [0, 1], then (x - 0.5) / 0.5.
 DEFAULT_IMAGE_MEAN = 0.5
 DEFAULT_IMAGE_STD = 0.5
-
-PyTree = Any
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -39,6 +39,7 @@ from ffa_jax.models import convert
 from ffa_jax.models.convert import KeyEntry
 from ffa_jax.models.sources import read_hf_config, resolve_model_dir
 from ffa_jax.models.vit import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD, ViTConfig
+from ffa_jax.types import PyTree
 
 PREFIX = "vit."
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -46,7 +47,6 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 # ViTModel's pooler (unused by ViTForImageClassification), the masked-image-modeling token and
 # decoder.
 IGNORED = (r"pooler\..*", r"embeddings\.mask_token", r"decoder\..*")
-PyTree = Any
 
 
 def vit_key_table(config: ViTConfig) -> tuple[KeyEntry, ...]:

@@ -27,6 +27,7 @@ from ffa_jax.models import convert
 from ffa_jax.models.convert import KeyEntry
 from ffa_jax.models.encoder import MODEL_TYPES, EncoderConfig
 from ffa_jax.models.sources import load_hf_tokenizer, read_hf_config, resolve_model_dir
+from ffa_jax.types import PyTree
 
 # HF base-model prefix of each family's task models (``bert.encoder...``); stripped on load.
 PREFIX = {"bert": "bert.", "roberta": "roberta."}
@@ -46,7 +47,6 @@ IGNORED = {
 }
 # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
 _LEGACY = ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias"))
-PyTree = Any
 
 
 def key_table(config: EncoderConfig) -> tuple[KeyEntry, ...]:

@@ -1,9 +1,9 @@
 """Workloads: what a run needs from a model family and its task.
 
-``ffa_jax.train`` is family-agnostic: it partitions the training set, builds the LoRA tree,
-calibrates the noise, runs DP-SGD + FedAvg rounds, checkpoints and reports. Everything that
-depends on the model family and its task comes from a :class:`Workload`, built by the
-family's ``load(cfg, head_key=...)`` after the pure config checks of its ``check(cfg)``:
+The run layer (:mod:`ffa_jax.run`) is family-agnostic: it partitions the training set, builds
+the LoRA tree, calibrates the noise, runs DP-SGD + FedAvg rounds, checkpoints and reports.
+Everything that depends on the model family and its task comes from a :class:`Workload`, built
+by the family's ``load(cfg, head_key=...)`` after the pure config checks of its ``check(cfg)``:
 
 * ``encoder`` (:mod:`ffa_jax.workloads.text_classification`): BERT/RoBERTa text
   classification (SpamAssassin, GLUE, local files); metric ``eval_accuracy``.
@@ -34,8 +34,7 @@ import numpy as np
 
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import WeightsError
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 # family -> module implementing check(cfg) and load(cfg, *, head_key) -> Workload
 FAMILIES = {
@@ -55,7 +54,7 @@ class Workload:
       base_params: the pretrained parameter tree, without LoRA nodes: ``jax.Array`` leaves
         on the default device, or with ``perf.model_devices > 1`` (:func:`host_weights`)
         numpy leaves in host memory, so that no device ever holds the whole tree (the frozen
-        leaves reach the devices only as shards, in :func:`ffa_jax.train.build_round`).
+        leaves reach the devices only as shards, in :func:`ffa_jax.run.build_round`).
       head_pattern: regex of non-LoRA leaves trained as well (a classification head with
         ``model.train_head``), or ``None``.
       loss_fn: per-example loss ``loss_fn(trainable, frozen, example) -> scalar`` (``example``

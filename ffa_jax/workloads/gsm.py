@@ -10,7 +10,7 @@ Training examples are ``prompt (chat template + question + instruction) + answer
 (counted in the summary), answers are never truncated. The per-example loss is the mean NLL
 of the answer tokens (:func:`ffa_jax.models.llama.causal_lm_loss`). Evaluation: greedy
 decoding of at most ``eval.max_new_tokens`` tokens from every test prompt and exact match of
-the number after ``####`` (:func:`ffa_jax.data.gsm.make_gsm_evaluator`); every test prompt
+the number after ``####`` (:func:`make_gsm_evaluator`); every test prompt
 must fit in ``model.max_length`` tokens (checked before training).
 """
 
@@ -35,6 +35,133 @@ log = logging.getLogger(__name__)
 
 LABEL_NAMES = ("problems",)  # GSM has no classes: one column in the partition table
 TRAIN_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+class GSMEvaluator:
+    """Greedy-decoding exact-match evaluator; build with :func:`make_gsm_evaluator`.
+
+    ``evaluator(params, examples) -> GSMEvalResult`` (:mod:`ffa_jax.data.gsm`). ``params`` may
+    hold LoRA nodes (they
+    are merged once per call, each merged kernel sharded as its ``w0``:
+    :func:`ffa_jax.lora.merge_sharded`). Batches are padded to ``batch_size`` with dummy rows, so the
+    generator compiles once for the whole evaluation (and across calls).
+    """
+
+    def __init__(self, generator, tokenizer, *, batch_size, instruction, chat, num_samples):
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.instruction = instruction
+        self.chat = chat
+        self.num_samples = num_samples
+
+    def generate_text(self, params: Any, questions: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """Greedy generations (decoded, special tokens skipped) and ``finished`` flags."""
+        from ffa_jax import lora
+
+        # Sharded frozen kernels (perf.model_devices > 1) stay sharded once merged.
+        params = lora.merge_sharded(params)
+        prompts = gsm_lib.tokenize_prompts(
+            self.tokenizer, questions, instruction=self.instruction, chat=self.chat
+        )
+        P = self.generator.max_prompt_length
+        too_long = [(i, len(p)) for i, p in enumerate(prompts) if len(p) > P]
+        if too_long:
+            raise DataError(
+                f"{len(too_long)} GSM prompts are longer than the {P} prompt tokens of the "
+                f"evaluator (e.g. question {too_long[0][0]}: {too_long[0][1]} tokens); raise "
+                "max_prompt_length."
+            )
+        texts, finished = [], []
+        B = self.batch_size
+        for start in range(0, len(prompts), B):
+            chunk = prompts[start : start + B]
+            real = len(chunk)
+            chunk = chunk + [chunk[0]] * (B - real)  # dummy rows keep the batch shape fixed
+            out = self.generator(params, chunk)
+            toks, lens, fin = (np.asarray(x) for x in (out.tokens, out.lengths, out.finished))
+            for r in range(real):
+                texts.append(self.tokenizer.decode(toks[r, : lens[r]], skip_special_tokens=True))
+                finished.append(bool(fin[r]))
+        return texts, np.asarray(finished, bool)
+
+    def __call__(
+        self, params: Any, examples: Sequence[gsm_lib.GSMExample]
+    ) -> gsm_lib.GSMEvalResult:
+        if not examples:
+            raise DataError("no GSM examples to evaluate.")
+        texts, finished = self.generate_text(params, [e.question for e in examples])
+        refs = [e.answer for e in examples]
+        strict = gsm_lib.exact_match(texts, refs)
+        lenient = gsm_lib.exact_match(texts, refs, lenient=True)
+        preds = tuple(gsm_lib.extract_answer(t) for t in texts)
+        samples = tuple(
+            {
+                "id": e.id,
+                "question": e.question,
+                "reference": e.final_answer,
+                "generation": t,
+                "predicted": p,
+                "correct": bool(c),
+            }
+            for e, t, p, c in list(zip(examples, texts, preds, strict, strict=True))[
+                : self.num_samples
+            ]
+        )
+        return gsm_lib.GSMEvalResult(
+            exact_match=float(strict.mean()),
+            exact_match_lenient=float(lenient.mean()),
+            format_rate=float(np.mean(["####" in t for t in texts])),
+            count=len(examples),
+            finished_rate=float(finished.mean()),
+            samples=samples,
+            predictions=preds,
+        )
+
+
+def make_gsm_evaluator(
+    config: Any,
+    tokenizer: Any,
+    *,
+    max_prompt_length: int = 256,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    instruction: str | None = gsm_lib.DEFAULT_INSTRUCTION,
+    chat: bool | None = None,
+    num_samples: int = 3,
+    dtype: Any = None,
+) -> GSMEvaluator:
+    """Builds a :class:`GSMEvaluator` for a :class:`ffa_jax.models.llama.LlamaConfig` model.
+
+    Generation stops at the tokenizer's EOS (and the config's ``eos_token_ids``); the KV
+    cache has ``max_prompt_length + max_new_tokens`` slots; one compilation per evaluator.
+
+    Raises:
+      ConfigError: the lengths are invalid or exceed the model's context.
+      DataError: the tokenizer has no EOS token.
+    """
+    import jax.numpy as jnp
+
+    from ffa_jax.models.generate import make_generate
+
+    eos = tuple(dict.fromkeys([gsm_lib.eos_id(tokenizer), *config.eos_token_ids]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    gen = make_generate(
+        config,
+        max_length=max_prompt_length + max_new_tokens,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=eos,
+        pad_token_id=int(pad),
+        dtype=dtype or jnp.float32,
+    )
+    return GSMEvaluator(
+        gen,
+        tokenizer,
+        batch_size=batch_size,
+        instruction=instruction,
+        chat=chat,
+        num_samples=num_samples,
+    )
 
 
 def check(cfg: RunConfig) -> None:
@@ -136,7 +263,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     test_arrays = _prompt_arrays(prompts, L, int(pad))
 
     module = llama_lib.LlamaForCausalLM(config, dtype=dtype, remat=cfg.perf.remat)
-    evaluator = gsm_lib.make_gsm_evaluator(
+    evaluator = make_gsm_evaluator(
         config,
         tokenizer,
         max_prompt_length=L,

@@ -155,7 +155,7 @@ def _tiny_model(family: str, dst: pathlib.Path) -> pathlib.Path:
 @pytest.mark.parametrize("family", ["roberta", "bert"])
 def test_glue_pairs_through_prepare_and_the_model(family, tmp_path):
     """configs/glue/qnli.yaml on local QNLI files and a tiny local model: data, pairs, model."""
-    from ffa_jax.train import prepare
+    from ffa_jax.run import prepare
 
     model_dir = _tiny_model(family, tmp_path / "model")
     folder = _write(tmp_path / "qnli", "qnli", n_train=60, n_eval=10)

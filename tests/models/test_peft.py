@@ -21,9 +21,9 @@ from safetensors.numpy import load_file, save_file
 from ffa_jax import lora
 from ffa_jax.config import LoRAConfig, load_config
 from ffa_jax.errors import ConfigError, WeightsError
-from ffa_jax.inference import load_run
 from ffa_jax.models import EncoderClassifier, key_table, load_encoder
 from ffa_jax.models import peft as peft_lib
+from ffa_jax.run.inference import export_run_peft, load_run
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 FAMILIES = ("bert", "roberta")
@@ -270,7 +270,7 @@ def test_missing_adapter_folder(tmp_path):
 
 def _fake_run(tmp_path, *, num_labels=2, train_head=False, save_head=False):
     """A run directory exactly as train.py leaves it (config.yaml + adapter.safetensors)."""
-    from ffa_jax.train import KEY_HEAD, KEY_LORA_A, save_adapter
+    from ffa_jax.run import KEY_HEAD, KEY_LORA_A, save_adapter
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "data.jsonl"
@@ -318,7 +318,7 @@ def _fake_run(tmp_path, *, num_labels=2, train_head=False, save_head=False):
 
 def test_export_from_run_dir_reproduces_the_seeded_head(tmp_path):
     run, config, params = _fake_run(tmp_path)  # 2 labels: the head is a seeded random init
-    res = peft_lib.export_peft(run, tmp_path / "out")
+    res = export_run_peft(run, tmp_path / "out")
     assert res.num_labels == 2 and res.base_model == "encoder_tiny_bert"
     _, base = _base("bert", num_labels=2, key=99)  # a different head init
     back = peft_lib.import_peft(res.out_dir, base)
@@ -340,7 +340,7 @@ def test_run_dir_with_trained_head(tmp_path):
 
 def test_run_dir_errors(tmp_path):
     with pytest.raises(ConfigError, match="config.yaml"):
-        peft_lib.export_peft(tmp_path, tmp_path / "out")
+        export_run_peft(tmp_path, tmp_path / "out")
     run, _, _ = _fake_run(tmp_path)
     t = load_file(run / "adapter.safetensors")
     del t["encoder/layer_0/attention/self/query/kernel/b"]

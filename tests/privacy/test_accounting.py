@@ -232,7 +232,7 @@ def test_rdp_with_truncation_matches_a_direct_computation_with_the_overflow_term
 
 
 def test_the_plan_and_ledger_report_the_delta_that_holds():
-    from ffa_jax.privacy import planner
+    from ffa_jax.run import planner
 
     common = dict(
         client_sizes=[80, 120],

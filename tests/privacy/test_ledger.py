@@ -13,7 +13,8 @@ import pytest
 
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated import participation
-from ffa_jax.privacy import client_level, ledger, planner
+from ffa_jax.privacy import client_level, ledger
+from ffa_jax.run import planner
 
 DELTA = 1e-5
 NR = dp_accounting.NeighboringRelation

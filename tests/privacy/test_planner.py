@@ -6,7 +6,8 @@ import dp_accounting
 import pytest
 
 from ffa_jax import cli
-from ffa_jax.privacy import accounting, planner
+from ffa_jax.privacy import accounting
+from ffa_jax.run import planner
 
 FAST = ["--set", "privacy.accountant=rdp", "--set", "federated.rounds=4"]
 

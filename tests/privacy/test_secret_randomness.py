@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 
 from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax import distributed, lora
-from ffa_jax import train as train_lib
+from ffa_jax import run as train_lib
 from ffa_jax.config import PrivacyConfig, load_config
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated.client import step_noise_key
@@ -99,7 +99,7 @@ def test_multi_process_runs_take_process_0s_secret(monkeypatch):
 
 
 def test_audit_keys_are_fresh_and_independent_of_training(monkeypatch):
-    from ffa_jax.privacy import audit_run as audit_lib
+    from ffa_jax.run import audit as audit_lib
 
     def data(s):
         return np.asarray(jax.random.key_data(secret_lib.jax_key(s, train_lib.KEY_TRAIN)))
@@ -218,7 +218,9 @@ def test_the_noise_cannot_be_rebuilt_from_a_default_runs_files(env):
     default = _train(env, "default", *ONE_STEP, "privacy.noise_seed=null")
     # Noise per entry of the upload: lr / B * sigma * C = 50 / 8 * 0.1 = 0.625 (std).
     err_seeded, err_default = _attack(seeded), _attack(default)
-    print(f"\nattack: max |rebuilt - noise-free| seeded {err_seeded:.2e}, default {err_default:.3f}")
+    print(
+        f"\nattack: max |rebuilt - noise-free| seeded {err_seeded:.2e}, default {err_default:.3f}"
+    )
     assert err_seeded < 1e-4  # the attack works when the noise is regenerable ...
     assert err_default > 0.1  # ... and fails when it comes from the secret
 
@@ -258,13 +260,15 @@ def test_default_runs_differ_and_seeded_runs_are_bit_identical(env):
         _train(env, "default", *ONE_STEP, "privacy.noise_seed=null")
     again = _train(env, "seeded-again", *ONE_STEP, "privacy.noise_seed=1234")
     other = _train(env, "default-again", *ONE_STEP, "privacy.noise_seed=null")
-    s1, s2 = _b(load_file(str(runs / "seeded" / "adapter.safetensors"))), _b(
-        load_file(str(again / "adapter.safetensors"))
+    s1, s2 = (
+        _b(load_file(str(runs / "seeded" / "adapter.safetensors"))),
+        _b(load_file(str(again / "adapter.safetensors"))),
     )
     for n in s1:
         np.testing.assert_array_equal(s1[n], s2[n])
-    d1, d2 = _b(load_file(str(runs / "default" / "adapter.safetensors"))), _b(
-        load_file(str(other / "adapter.safetensors"))
+    d1, d2 = (
+        _b(load_file(str(runs / "default" / "adapter.safetensors"))),
+        _b(load_file(str(other / "adapter.safetensors"))),
     )
     assert all(not np.array_equal(d1[n], d2[n]) for n in d1)
 

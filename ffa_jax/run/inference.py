@@ -5,7 +5,7 @@ is done, ``adapter.safetensors`` (every LoRA node's ``<path>/a`` ``[d_in, r]`` a
 ``<path>/b`` ``[r, d_out]``, plus the trained head's leaves under their paths).
 :func:`load_run` rebuilds exactly the tree the run ended with: the run's workload (model, task,
 tokenizer) is loaded as training loaded it, the starting tree is built as training built it
-(:func:`ffa_jax.train.initial_params`: the seeded A and head, or ``lora.init_from``), and the
+(:func:`ffa_jax.run.initial_params`: the seeded A and head, or ``lora.init_from``), and the
 adapter file's values replace the LoRA factors and the trained head. Every key is checked.
 
 * :func:`generate` -- decoder runs (``llama``): greedy KV-cache generation
@@ -40,12 +40,9 @@ from ffa_jax import lora, workloads
 from ffa_jax import perf as perf_lib
 from ffa_jax.config import RunConfig, load_config
 from ffa_jax.errors import ConfigError, DataError, WeightsError
+from ffa_jax.run.rundir import ADAPTER_FILE, CONFIG_FILE, METRICS_FILE
+from ffa_jax.types import PyTree
 
-PyTree = Any
-
-CONFIG_FILE = "config.yaml"
-ADAPTER_FILE = "adapter.safetensors"
-METRICS_FILE = "metrics.jsonl"
 CLASSIFIER_FAMILIES = ("encoder", "vit")
 DECODER_FAMILIES = ("llama",)
 SPLITS = ("test",)
@@ -165,7 +162,7 @@ def apply_adapter(
 ) -> PyTree:
     """``params`` with every LoRA node's ``a``/``b`` and every other stored leaf (a trained
     head) replaced by ``stored`` (the ``adapter.safetensors`` layout, see
-    :func:`ffa_jax.train.save_adapter`).
+    :func:`ffa_jax.run.save_adapter`).
 
     Raises:
       WeightsError: a missing LoRA factor, a shape mismatch, a key that matches nothing, or
@@ -245,7 +242,7 @@ def load_run(
       WeightsError: ``adapter.safetensors`` is missing or does not match the model.
       DataError: the run's task can no longer be loaded.
     """
-    from ffa_jax.train import KEY_HEAD, initial_params, root_key
+    from ffa_jax.run.setup import KEY_HEAD, initial_params, root_key
 
     run = pathlib.Path(run_dir)
     cfg, family = read_run_config(run)
@@ -565,7 +562,70 @@ def read_inputs(run_config: RunConfig, family: str, path: str | os.PathLike) -> 
     return read_jsonl_field(path, tuple(dict.fromkeys(("text", run_config.data.text_field))))
 
 
+def export_run_peft(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    base_model: str | os.PathLike | None = None,
+    absolute_base_path: bool = False,
+    modules_to_save: Sequence[str] | None = None,
+    merged: bool = True,
+    label_names: Sequence[str] | None = None,
+    overwrite: bool = False,
+    vit_layout: str = "auto",
+):
+    """Exports a run directory as a PEFT LoRA adapter plus a merged HF checkpoint: rebuilds the
+    run (:func:`load_run`: ``config.yaml`` + ``adapter.safetensors``) and calls
+    :func:`ffa_jax.models.peft.export_peft` on its parameter tree.
+
+    ``base_model`` (``base_model_name_or_path`` to record) defaults to a portable name for the
+    run's ``model.name`` (:func:`ffa_jax.models.peft.portable_base_model`: hub ids as they
+    are, ``minilm``/``smollm2`` as their hub ids, a local folder by its name only, or its
+    absolute path with ``absolute_base_path``); a given value is recorded as given.
+    ``label_names`` default to the run's own. The other arguments are those of ``export_peft``.
+
+    Returns:
+      The :class:`~ffa_jax.models.peft.ExportResult`.
+
+    Raises:
+      ConfigError: ``out_dir`` exists and is not empty (checked first), or the run directory
+        is invalid.
+      WeightsError: the run cannot be exported (see :func:`ffa_jax.models.peft.peft_state_dict`).
+    """
+    from ffa_jax.models import peft
+
+    peft.check_export_folder(out_dir, overwrite)
+    run = load_run(run_dir)
+    model_dir = run.model_dir
+    tokenizer = None
+    if run.family == "llama" and (model_dir is None or not model_dir.is_dir()):
+        tokenizer = run.tokenizer()
+    notes: list[str] = []
+    if base_model is not None:
+        base = os.fspath(base_model)
+    else:
+        base, note = peft.portable_base_model(
+            run.config.model.name, absolute=absolute_base_path, model_dir=model_dir
+        )
+        notes += [note] if note else []
+    return peft.export_peft(
+        run.params,
+        out_dir,
+        config=run.model_config,
+        base_model=base,
+        modules_to_save=modules_to_save,
+        merged=merged,
+        label_names=label_names or run.label_names,
+        overwrite=overwrite,
+        vit_layout=vit_layout,
+        model_dir=model_dir,
+        tokenizer=tokenizer,
+        notes=notes,
+    )
+
+
 __all__ = [
+    "export_run_peft",
     "LoadedRun",
     "apply_adapter",
     "check_family",

@@ -68,7 +68,7 @@ def allocator_ab(spec, timeout_s: float = 1800.0) -> dict[str, Any]:
             [
                 sys.executable,
                 "-c",
-                "import sys; from ffa_jax.bench_allocator import worker; worker(sys.argv[1])",
+                "import sys; from ffa_jax.bench.allocator_ab import worker; worker(sys.argv[1])",
                 spec_json,
             ],
             env=_worker_env(s),
@@ -124,13 +124,13 @@ def worker(spec_json: str) -> None:
     import jax
     import optax
 
-    from ffa_jax.bench import BenchSpec, _client_update_args, _encoder
+    from ffa_jax.bench.spec import BenchSpec, client_update_args, random_encoder
     from ffa_jax.federated.client import make_client_update
     from ffa_jax.models.objectives import classification_loss
 
     spec = BenchSpec(**json.loads(spec_json))
-    module, params = _encoder(spec)
-    args = _client_update_args(spec, params, "ffa")
+    module, params = random_encoder(spec)
+    args = client_update_args(spec, params, "ffa")
     update = jax.jit(
         make_client_update(classification_loss(module), optax.sgd(0.1), private=True),
         compiler_options=spec.compiler_options,

@@ -38,8 +38,8 @@ from ffa_jax.models.vit import (
     image_classification_loss,
 )
 from ffa_jax.models.vit_weights import save_vit
+from ffa_jax.types import PyTree
 
-PyTree = Any
 KEY_INIT = 0
 KEY_AUGMENT = 1
 

@@ -28,87 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 from ffa_jax import allocator, lora, xla_options
-from ffa_jax.config import LoRAConfig, ServerConfig
-from ffa_jax.federated.client import DpParams, make_client_update
-from ffa_jax.federated.round import make_round
-from ffa_jax.federated.server import make_server_optimizer, server_init
-from ffa_jax.models.encoder import EncoderClassifier, EncoderConfig
-from ffa_jax.models.layers import cast_frozen_weights
-from ffa_jax.models.objectives import classification_loss
-
-TINY = dict(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
-MINILM = dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536)
-ROBERTA_BASE = dict(
-    vocab_size=50265, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072
+from ffa_jax.bench.spec import (
+    MODELS,
+    BenchSpec,
+    client_update_args,
+    random_encoder,
+    round_setup,
 )
-MODELS = {"tiny": TINY, "minilm": MINILM, "roberta-base": ROBERTA_BASE}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class BenchSpec:
-    model: str = "minilm"  # random weights of that shape (timings do not depend on values)
-    batch_size: int = 32
-    seq_len: int = 64
-    local_steps: int = 2
-    clients: int = 3
-    rank: int = 8
-    repeats: int = 5
-    # The K-client round's per-client batch (0 = batch_size / seq_len): cross-device FL uses
-    # small client batches, where vmapping clients pays on CPU.
-    round_batch_size: int = 0
-    round_seq_len: int = 0
-    clients_per_chunk: int = 0  # of the timed round (0 = all K clients vmapped at once)
-    # model.dtype: "bfloat16" stores the frozen trunk and computes in bf16 (LoRA stays float32).
-    dtype: str = "float32"
-    # perf.cpu_library_fusion of the timed jits (ffa_jax.xla_options; "auto" = the encoder's).
-    cpu_library_fusion: str = "auto"
-
-    @property
-    def compiler_options(self) -> dict[str, str] | None:
-        return xla_options.compiler_options(self.cpu_library_fusion, "encoder")
-
-    @property
-    def round_batch(self) -> tuple[int, int]:
-        return (self.round_batch_size or self.batch_size, self.round_seq_len or self.seq_len)
-
-
-def _encoder(spec: BenchSpec):
-    family = "roberta" if spec.model.startswith("roberta") else "bert"
-    cfg = EncoderConfig(
-        family=family,
-        max_position_embeddings=max(512, spec.seq_len + 2),
-        type_vocab_size=2 if family == "bert" else 1,
-        layer_norm_eps=1e-12,
-        pad_token_id=1 if family == "roberta" else 0,
-        num_labels=2,
-        **MODELS[spec.model],
-    )
-    dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
-    module = EncoderClassifier(cfg, dtype=dtype)
-    ids = jnp.ones((1, spec.seq_len), jnp.int32)
-    params = module.init(jax.random.key(0), ids, ids)["params"]
-    if dtype != jnp.float32:
-        params = cast_frozen_weights(params, dtype)
-    return module, params
-
-
-def _batches(
-    spec: BenchSpec, k: int, vocab: int, batch: tuple[int, int] | None = None
-) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    batch_size, seq_len = batch or (spec.batch_size, spec.seq_len)
-    shape = (k, spec.local_steps, batch_size)
-    return {
-        "input_ids": rng.integers(2, vocab, size=shape + (seq_len,)).astype(np.int32),
-        "attention_mask": np.ones(shape + (seq_len,), np.int32),
-        "label": rng.integers(0, 2, size=shape).astype(np.int32),
-        "mask": np.ones(shape, bool),
-    }
+from ffa_jax.config import LoRAConfig
+from ffa_jax.federated.client import make_client_update
+from ffa_jax.models.objectives import classification_loss
 
 
 def _time(fn, repeats: int) -> tuple[float, float]:
@@ -121,18 +53,6 @@ def _time(fn, repeats: int) -> tuple[float, float]:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return compile_s, statistics.median(times)
-
-
-def _client_update_args(spec: BenchSpec, params, mode: str) -> tuple:
-    """``(trainable, frozen, batch, dp, key)`` of one client update of ``mode`` (``ffa`` or
-    ``lora``) on the bench's first client's batch: what every timed client update gets."""
-    lp = lora.init(params, LoRAConfig(mode=mode, rank=spec.rank), jax.random.key(1))
-    trainable, frozen = lora.split(lp, lora.trainable_mask(lp, mode))
-    one = jax.tree_util.tree_map(
-        lambda x: x[0], _batches(spec, 1, MODELS[spec.model]["vocab_size"])
-    )
-    dp = DpParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(spec.batch_size))
-    return trainable, frozen, one, dp, jax.random.key(0)
 
 
 def _round_robin(fns: dict[str, Any], repeats: int) -> dict[str, float]:
@@ -171,21 +91,6 @@ def compiled_memory(jitted, *args) -> dict[str, float] | None:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _round_setup(spec: BenchSpec, module, params, loss_fn, k: int, chunk: int):
-    """A jitted FFA DP round over ``k`` clients at the round batch; returns
-    ``(call, round_fn, args)``: ``call()`` runs ``round_fn(*args)``."""
-    lp = lora.init(params, LoRAConfig(mode="ffa", rank=spec.rank), jax.random.key(1))
-    trainable, frozen = lora.split(lp, lora.trainable_mask(lp, "ffa"))
-    cu = make_client_update(loss_fn, optax.sgd(0.1), private=True)
-    opt = make_server_optimizer(ServerConfig())
-    round_fn = make_round(cu, opt, clients_per_chunk=chunk, compiler_options=spec.compiler_options)
-    batches = _batches(spec, k, MODELS[spec.model]["vocab_size"], spec.round_batch)
-    dpk = DpParams(jnp.ones(k), jnp.ones(k), jnp.full((k,), float(spec.round_batch[0])))
-    state = server_init(trainable, opt)
-    args = (state, frozen, batches, jnp.ones(k), jnp.arange(k), dpk, jax.random.key(0))
-    return (lambda: round_fn(*args)[0].trainable), round_fn, args
 
 
 def _current_rss_mb() -> float:
@@ -248,8 +153,8 @@ def memory_probe(
     ``run_extra_mb``, that minus the resident set just before the rounds; ``max_rss_mb``, the
     process's max RSS including compilation; ``round_s``, one round's wall time.
     """
-    module, params = _encoder(spec)
-    call, round_fn, args = _round_setup(
+    module, params = random_encoder(spec)
+    call, round_fn, args = round_setup(
         spec, module, params, classification_loss(module), clients, chunk
     )
     state, frozen, batches = args[:3]
@@ -288,7 +193,7 @@ def _probe_subprocess(spec: BenchSpec, clients: int, chunk: int, budget_mb: floa
     """:func:`memory_probe` in a fresh interpreter (a clean max RSS); a failure (say, killed
     for memory) is returned as ``{"error": ...}`` so the other settings still get measured."""
     code = (
-        "import json, sys; from ffa_jax.bench import BenchSpec, memory_probe; "
+        "import json, sys; from ffa_jax.bench.core import BenchSpec, memory_probe; "
         "s = BenchSpec(**json.loads(sys.argv[1])); "
         "print(json.dumps(memory_probe(s, int(sys.argv[2]), int(sys.argv[3]), "
         "float(sys.argv[4]))))"
@@ -366,24 +271,24 @@ def run_bench(
 ) -> dict[str, Any]:
     """Runs every variant and returns a JSON-able report with times, memory and ratios.
 
-    ``reference``: also time the PyTorch Opacus+PEFT reference (:mod:`ffa_jax.bench_torch`)
+    ``reference``: also time the PyTorch Opacus+PEFT reference (:mod:`ffa_jax.bench.torch_ref`)
     on the same shapes with ``threads`` torch threads. ``memory``: ``(K, k)`` settings whose
     round memory is measured, each in a fresh subprocess (see :func:`run_memory_probes`;
     those above ``memory_budget_mb`` MB of XLA buffers are compiled, not run).
     ``fusion_ab``: ``perf.cpu_library_fusion`` settings whose FFA DP client updates are timed
     against each other (:func:`library_fusion_ab`). ``allocator_ab``: time the FFA DP client
     update on the system malloc against tcmalloc, in two worker processes
-    (:func:`ffa_jax.bench_allocator.allocator_ab`).
+    (:func:`ffa_jax.bench.allocator_ab.allocator_ab`).
     """
     # The probes go first, while this process holds no model, so that its resident set and
     # a probe's never add up beyond the probe's own.
     probes = run_memory_probes(spec, memory, memory_budget_mb) if memory else None
-    module, params = _encoder(spec)
+    module, params = random_encoder(spec)
     loss_fn = classification_loss(module)
     results: dict[str, Any] = {}
     timed: dict[str, Any] = {}
     for mode in ("ffa", "lora"):
-        args = _client_update_args(spec, params, mode)
+        args = client_update_args(spec, params, mode)
         trainable = args[0]
         for private in (False, True):
             cu = jax.jit(
@@ -408,7 +313,7 @@ def run_bench(
         )
     # One round with K clients (FFA, DP) in one jit, clients vmapped in chunks.
     k = spec.clients
-    round_call, round_fn, round_args = _round_setup(
+    round_call, round_fn, round_args = round_setup(
         spec, module, params, loss_fn, k, spec.clients_per_chunk
     )
     compile_s, median = _time(round_call, spec.repeats)
@@ -441,7 +346,7 @@ def run_bench(
         "peak_rss_mb": _peak_rss_mb(),
     }
     if reference:
-        from ffa_jax.bench_torch import default_threads, make_reference
+        from ffa_jax.bench.torch_ref import default_threads, make_reference
 
         info, torch_client, torch_round = make_reference(
             shape=MODELS[spec.model],
@@ -470,7 +375,7 @@ def run_bench(
     if fusion_ab:
         report["cpu_library_fusion_ab"] = library_fusion_ab(spec, fusion_ab, (module, params))
     if allocator_ab:
-        from ffa_jax.bench_allocator import allocator_ab as run_allocator_ab
+        from ffa_jax.bench.allocator_ab import allocator_ab as run_allocator_ab
 
         report["allocator_ab"] = run_allocator_ab(spec)
     if probes is not None:
@@ -486,9 +391,9 @@ def library_fusion_ab(spec: BenchSpec, settings: list[str], model=None) -> dict[
     Returns ``{setting: {"client_update_s", "relative", "temp_mb", "compiler_options"}}``;
     ``relative`` is the median time over the first setting's. On a non-CPU backend every
     setting compiles alike (the options are CPU-only). ``model``: ``(module, params)`` of
-    :func:`_encoder`, when the caller has them already."""
-    module, params = model or _encoder(spec)
-    args = _client_update_args(spec, params, "ffa")
+    :func:`encoder`, when the caller has them already."""
+    module, params = model or random_encoder(spec)
+    args = client_update_args(spec, params, "ffa")
     loss_fn = classification_loss(module)
     update = make_client_update(loss_fn, optax.sgd(0.1), private=True)
     compiled, options = {}, {}
@@ -716,7 +621,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     if report.get("cpu_library_fusion_ab"):
         lines += ["", *_fusion_md(report["cpu_library_fusion_ab"])]
     if report.get("allocator_ab"):
-        from ffa_jax.bench_allocator import to_markdown as allocator_md
+        from ffa_jax.bench.allocator_ab import to_markdown as allocator_md
 
         lines += ["", *allocator_md(report["allocator_ab"])]
     if report.get("memory"):

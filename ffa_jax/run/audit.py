@@ -1,7 +1,7 @@
 """``ffa-jax audit``: a one-run empirical privacy audit of the real federated training run.
 
 :func:`audit_run` trains the run of a config exactly as ``ffa-jax train`` does (the same
-:func:`ffa_jax.train.prepare`, Poisson batches, jitted round and server step; no files are
+:func:`ffa_jax.run.prepare`, Poisson batches, jitted round and server step; no files are
 written) with m **gradient canaries** inserted, but with its own fresh secret
 (:func:`audit_secret`): its noise keys, batches, participants and canaries are independent of
 any training run's, then applies the one-run test of
@@ -61,12 +61,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ffa_jax import train as train_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated.server import server_init
 from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.audit import canary_directions, epsilon_lower_bound, guess_and_count
+from ffa_jax.run.inputs import round_inputs, run_round
+from ffa_jax.run.loop import check_finite
+from ffa_jax.run.resume import check_budget
+from ffa_jax.run.rundir import privacy_line
+from ffa_jax.run.setup import build_round, prepare, train_key
 
 # The canaries' key purpose, under the audit's own secret (audit_secret): independent of
 # everything the audited run and any training run draw.
@@ -226,7 +230,7 @@ def audit_run(
     Raises:
       ConfigError: bad audit arguments or a config that cannot be audited (non-private,
         fixed-size client sampling under ``client``), before any compute; or as
-        :func:`ffa_jax.train.prepare` (bad config, data or model files).
+        :func:`ffa_jax.run.prepare` (bad config, data or model files).
       NonFiniteError: the run produced a non-finite update (no score can be computed).
     """
     r = check_audit_args(canaries, guesses, confidence)
@@ -245,9 +249,9 @@ def audit_run(
     # and canaries never repeat a training run's draws, so the artefacts of a training run and
     # of its audit together cannot cancel either's noise (see audit_secret).
     a_secret = audit_secret(cfg)
-    prep = train_lib.prepare(cfg, log=log, secret=a_secret)
-    train_lib._check_budget(prep, None)
-    log(train_lib._privacy_line(prep))
+    prep = prepare(cfg, log=log, secret=a_secret)
+    check_budget(prep, None)
+    log(privacy_line(prep))
     plan = prep.plan
     if unit == "sample":
         if client is None:
@@ -274,9 +278,9 @@ def audit_run(
     per_round_key = jax.random.fold_in(key, _PARTICIPATION)
     steps = cfg.federated.local_steps
 
-    round_fn, server_opt = train_lib.build_round(prep, return_deltas=True)
+    round_fn, server_opt = build_round(prep, return_deltas=True)
     state = jax.device_get(server_init(prep.trainable, server_opt))
-    run_key = train_lib.train_key(prep)
+    run_key = train_key(prep)
     scores = np.zeros(canaries, np.float64)
     rounds_released = 0
     rounds = range(cfg.federated.rounds)
@@ -286,7 +290,7 @@ def audit_run(
         rounds = tqdm(rounds, desc=f"audit {cfg.name}", unit="round")
     t0 = time.time()
     for rnd in rounds:
-        inp = train_lib.round_inputs(prep, rnd)
+        inp = round_inputs(prep, rnd)
         rkey = jax.random.fold_in(per_round_key, rnd)
         if unit == "sample":
             inp = inp._replace(
@@ -311,14 +315,10 @@ def audit_run(
             rate = plan.sampling.rate
             sampled = jax.random.bernoulli(rkey, rate, (canaries,)) & incl
             extra = {"extra_update_sum": unravel(_canary_sum(sampled, dirs))}
-        new_state, metrics, released = train_lib.run_round(
-            round_fn, prep, state, inp, run_key, **extra
-        )
+        new_state, metrics, released = run_round(round_fn, prep, state, inp, run_key, **extra)
         loss = float(metrics.loss)
         # No checkpoint is written, so none is named in the error.
-        train_lib._check_finite(
-            rnd, loss, float(metrics.update_norm), new_state.trainable, Path(), None
-        )
+        check_finite(rnd, loss, float(metrics.update_norm), new_state.trainable, Path(), None)
         state = jax.device_get(new_state)
         if unit == "sample":
             if slot is None:

@@ -1,0 +1,122 @@
+"""The bench's workload: model shapes, :class:`BenchSpec`, the random-weight encoder, the
+random batches and the jitted client update / round arguments every timed variant gets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ffa_jax import lora, xla_options
+from ffa_jax.config import LoRAConfig, ServerConfig
+from ffa_jax.federated.client import DpParams, make_client_update
+from ffa_jax.federated.round import make_round
+from ffa_jax.federated.server import make_server_optimizer, server_init
+from ffa_jax.models.encoder import EncoderClassifier, EncoderConfig
+from ffa_jax.models.layers import cast_frozen_weights
+
+TINY = dict(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+
+
+MINILM = dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536)
+
+
+ROBERTA_BASE = dict(
+    vocab_size=50265, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072
+)
+
+
+MODELS = {"tiny": TINY, "minilm": MINILM, "roberta-base": ROBERTA_BASE}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchSpec:
+    model: str = "minilm"  # random weights of that shape (timings do not depend on values)
+    batch_size: int = 32
+    seq_len: int = 64
+    local_steps: int = 2
+    clients: int = 3
+    rank: int = 8
+    repeats: int = 5
+    # The K-client round's per-client batch (0 = batch_size / seq_len): cross-device FL uses
+    # small client batches, where vmapping clients pays on CPU.
+    round_batch_size: int = 0
+    round_seq_len: int = 0
+    clients_per_chunk: int = 0  # of the timed round (0 = all K clients vmapped at once)
+    # model.dtype: "bfloat16" stores the frozen trunk and computes in bf16 (LoRA stays float32).
+    dtype: str = "float32"
+    # perf.cpu_library_fusion of the timed jits (ffa_jax.xla_options; "auto" = the encoder's).
+    cpu_library_fusion: str = "auto"
+
+    @property
+    def compiler_options(self) -> dict[str, str] | None:
+        return xla_options.compiler_options(self.cpu_library_fusion, "encoder")
+
+    @property
+    def round_batch(self) -> tuple[int, int]:
+        return (self.round_batch_size or self.batch_size, self.round_seq_len or self.seq_len)
+
+
+def random_encoder(spec: BenchSpec):
+    family = "roberta" if spec.model.startswith("roberta") else "bert"
+    cfg = EncoderConfig(
+        family=family,
+        max_position_embeddings=max(512, spec.seq_len + 2),
+        type_vocab_size=2 if family == "bert" else 1,
+        layer_norm_eps=1e-12,
+        pad_token_id=1 if family == "roberta" else 0,
+        num_labels=2,
+        **MODELS[spec.model],
+    )
+    dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
+    module = EncoderClassifier(cfg, dtype=dtype)
+    ids = jnp.ones((1, spec.seq_len), jnp.int32)
+    params = module.init(jax.random.key(0), ids, ids)["params"]
+    if dtype != jnp.float32:
+        params = cast_frozen_weights(params, dtype)
+    return module, params
+
+
+def random_batches(
+    spec: BenchSpec, k: int, vocab: int, batch: tuple[int, int] | None = None
+) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    batch_size, seq_len = batch or (spec.batch_size, spec.seq_len)
+    shape = (k, spec.local_steps, batch_size)
+    return {
+        "input_ids": rng.integers(2, vocab, size=shape + (seq_len,)).astype(np.int32),
+        "attention_mask": np.ones(shape + (seq_len,), np.int32),
+        "label": rng.integers(0, 2, size=shape).astype(np.int32),
+        "mask": np.ones(shape, bool),
+    }
+
+
+def client_update_args(spec: BenchSpec, params, mode: str) -> tuple:
+    """``(trainable, frozen, batch, dp, key)`` of one client update of ``mode`` (``ffa`` or
+    ``lora``) on the bench's first client's batch: what every timed client update gets."""
+    lp = lora.init(params, LoRAConfig(mode=mode, rank=spec.rank), jax.random.key(1))
+    trainable, frozen = lora.split(lp, lora.trainable_mask(lp, mode))
+    one = jax.tree_util.tree_map(
+        lambda x: x[0], random_batches(spec, 1, MODELS[spec.model]["vocab_size"])
+    )
+    dp = DpParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(spec.batch_size))
+    return trainable, frozen, one, dp, jax.random.key(0)
+
+
+def round_setup(spec: BenchSpec, module, params, loss_fn, k: int, chunk: int):
+    """A jitted FFA DP round over ``k`` clients at the round batch; returns
+    ``(call, round_fn, args)``: ``call()`` runs ``round_fn(*args)``."""
+    lp = lora.init(params, LoRAConfig(mode="ffa", rank=spec.rank), jax.random.key(1))
+    trainable, frozen = lora.split(lp, lora.trainable_mask(lp, "ffa"))
+    cu = make_client_update(loss_fn, optax.sgd(0.1), private=True)
+    opt = make_server_optimizer(ServerConfig())
+    round_fn = make_round(cu, opt, clients_per_chunk=chunk, compiler_options=spec.compiler_options)
+    batches = random_batches(spec, k, MODELS[spec.model]["vocab_size"], spec.round_batch)
+    dpk = DpParams(jnp.ones(k), jnp.ones(k), jnp.full((k,), float(spec.round_batch[0])))
+    state = server_init(trainable, opt)
+    args = (state, frozen, batches, jnp.ones(k), jnp.arange(k), dpk, jax.random.key(0))
+    return (lambda: round_fn(*args)[0].trainable), round_fn, args

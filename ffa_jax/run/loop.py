@@ -1,0 +1,275 @@
+"""The run loop: prepare everything (validating all input first), then rounds, eval, outputs.
+
+``prepare(cfg)`` loads and checks the model files, the data (through the model family's
+:class:`ffa_jax.workloads.Workload`: encoder text classification or LLaMA on GSM), the
+partition and the privacy calibration before any training compute; ``train(cfg)`` runs the rounds and writes
+``<output_dir>/<name>/`` (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
+``adapter.safetensors``, ``plots/metrics.png``, ``summary.md``). ``train(cfg, resume=True)``
+(``ffa-jax train --resume RUN_DIR``) continues from the newest checkpoint, bit-identically to
+an uninterrupted run (see :mod:`ffa_jax.checkpoint`).
+
+Nothing is written before every input has been validated: a rejected config, data set, model
+or checkpoint leaves no run directory behind, and a rejected resume changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ffa_jax import allocator, distributed, lora
+from ffa_jax import checkpoint as ckpt_lib
+from ffa_jax.config import RunConfig
+from ffa_jax.errors import FfaJaxError
+from ffa_jax.federated.round import model_groups
+from ffa_jax.federated.server import server_init
+from ffa_jax.fileio import json_safe
+from ffa_jax.run.inputs import round_inputs, run_round
+from ffa_jax.run.report import metric_value
+from ffa_jax.run.resume import agree_on_start, check_budget, check_restored
+from ffa_jax.run.rundir import (
+    ADAPTER_FILE,
+    bytes_of_one_client,
+    frozen_line,
+    metric_line,
+    metrics_path,
+    noise_line,
+    open_run_dir,
+    privacy_line,
+    round_record,
+    run_dir,
+    save_adapter,
+    start_run_dir,
+    write_reports,
+)
+from ffa_jax.run.setup import (
+    build_round,
+    evaluate,
+    noise_note,
+    prepare,
+    run_secret,
+    train_key,
+    unit,
+)
+
+
+class NonFiniteError(FfaJaxError, FloatingPointError):
+    """A round produced a non-finite training loss, update or model; the run stopped before
+    writing that round, so the metrics and the last checkpoint describe the last good round."""
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict[str, Any]:
+    """Runs a whole federated fine-tuning job and writes its run directory.
+
+    Args:
+      cfg: the run config; the run directory is ``cfg.output_dir/cfg.name``.
+      overwrite: replace an existing run directory.
+      resume: continue the run in that directory from its newest checkpoint (from round 0 if
+        it has none), bit-identically to an uninterrupted run; ``cfg`` must equal the
+        checkpoint's config except for :data:`ffa_jax.checkpoint.RESUMABLE_FIELDS`. Metrics
+        lines after the checkpoint's round are dropped and recomputed. A resumed run that is
+        already complete only rewrites the final outputs.
+      progress: show a progress bar.
+
+    In a multi-process run (after :func:`ffa_jax.distributed.initialize`) every process calls
+    ``train`` with the same arguments and computes the same run; process 0 alone writes the
+    run directory, logs and shows progress. All return the same summary.
+
+    Returns:
+      The final summary (test accuracy, epsilon, bytes, wall time, run directory).
+
+    Raises:
+      ConfigError / DataError / WeightsError / CheckpointError: bad input; nothing written.
+      NonFiniteError: a round produced a non-finite loss or update; the metrics and
+        checkpoints written so far (up to the last good round) are left intact.
+    """
+    t_start = time.time()
+    out = run_dir(cfg)
+    ckpt_dir = ckpt_lib.checkpoint_dir(out)
+    # Multi-process runs (ffa_jax.distributed): every process computes everything, process 0
+    # alone writes files and reports.
+    primary = distributed.is_primary()
+    if not primary:
+        progress, log = False, silent
+    restored = None
+    failure = None
+    try:
+        restored = open_run_dir(cfg, out, ckpt_dir, overwrite=overwrite, resume=resume)
+    except FfaJaxError as e:
+        failure = e
+    if distributed.is_distributed():
+        agree_on_start(out, failure, restored)
+    if failure is not None:
+        raise failure
+    # Before loading anything: the model axis must fit each process's devices (the same
+    # check, on the same device list, fails on every process alike).
+    model_groups(jax.devices(), cfg.perf.model_devices)
+    prep = prepare(
+        cfg,
+        log=log,
+        ledger=restored.ledger if restored is not None else None,
+        secret=run_secret(cfg, restored),
+    )
+    a_hash = ckpt_lib.a_matrices_hash(prep.params)
+    d_hash = ckpt_lib.data_hash([prep.train_arrays, prep.test_arrays], prep.client_indices)
+    round_fn, server_opt = build_round(prep)
+    state = jax.device_get(server_init(prep.trainable, server_opt))
+    history: list[dict[str, Any]] = []
+    start = 0
+    if restored is not None:
+        check_restored(restored, prep, state, a_hash, d_hash)
+        state = ckpt_lib.restore_state(restored, state)
+        history, start = restored.history, restored.round
+    check_budget(prep, restored)
+    log(prep.partition_table)
+    log(privacy_line(prep))
+    log(noise_line(cfg))
+    log(allocator.describe(jax.default_backend()))
+    log(prep.perf.describe())
+    if cfg.perf.model_devices > 1:
+        log(frozen_line(prep))
+    if resume:
+        log(
+            f"resuming {out} at round {start} of {cfg.federated.rounds}"
+            + ("" if restored else " (no checkpoint yet)")
+        )
+
+    # Every input is valid: from here on the run directory is written (by process 0).
+    metrics = metrics_path(out, primary)
+    if primary:
+        start_run_dir(out, cfg, prep, history, overwrite=overwrite)
+
+    key = train_key(prep)
+    per_client_bytes = bytes_of_one_client(prep.trainable)
+    wl = prep.workload
+    if cfg.eval.baseline and not any(h["round"] == 0 for h in history):
+        # The pretrained model (B = 0, so the LoRA tree computes the base model), as round 0.
+        t0 = time.time()
+        record = {"round": 0, **evaluate(prep, prep.params), "seconds": time.time() - t0}
+        history.append(record)
+        with open(metrics, "a") as mf:
+            mf.write(metric_line(record))
+        log(f"round 0 (pretrained model): {wl.metric_title} {record[wl.metric]:.4f}")
+
+    rounds = range(start, cfg.federated.rounds)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            rounds,
+            desc=f"{cfg.name} ({cfg.lora.mode})",
+            unit="round",
+            initial=start,
+            total=cfg.federated.rounds,
+        )
+        rounds = bar
+    last_saved = start if restored is not None else None
+    with (
+        ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
+        if primary
+        else ckpt_lib.NoCheckpointer() as ckpt,
+        open(metrics, "a") as mf,
+    ):
+        for r in rounds:
+            t0 = time.time()
+            inp = round_inputs(prep, r)
+            new_state, m = run_round(round_fn, prep, state, inp, key)
+            loss = float(m.loss)
+            check_finite(r, loss, float(m.update_norm), new_state.trainable, ckpt_dir, last_saved)
+            # The state lives on the host between rounds, as after a restore: every round
+            # (fresh or resumed) calls the same executable with the same input placement.
+            state = jax.device_get(new_state)
+            record = round_record(prep, r, inp, m, loss, per_client_bytes)
+            is_last = r + 1 == cfg.federated.rounds
+            if is_last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
+                record.update(evaluate(prep, lora.combine(state.trainable, prep.frozen)))
+            record["seconds"] = time.time() - t0
+            history.append(record)
+            mf.write(metric_line(record))
+            mf.flush()
+            if is_last or (cfg.checkpoint.every and (r + 1) % cfg.checkpoint.every == 0):
+                ckpt.save(
+                    r + 1,
+                    state,
+                    cfg=cfg,
+                    history=history,
+                    ledger=prep.plan.ledger(r + 1),
+                    a_hash=a_hash,
+                    data_fingerprint=d_hash,
+                    secret=prep.secret,
+                )
+                last_saved = r + 1
+            if bar is not None:
+                post = {"loss": f"{loss:.4f}", "eps": f"{record['epsilon']:.2f}"}
+                if wl.metric in record:
+                    post[wl.metric_short] = f"{record[wl.metric]:.3f}"
+                bar.set_postfix(post)
+    if bar is not None:
+        bar.close()
+
+    final_params = lora.combine(state.trainable, prep.frozen)
+    if primary:
+        save_adapter(out / ADAPTER_FILE, final_params, cfg, head_pattern=wl.head_pattern)
+    summary = {
+        "run_dir": str(out),
+        **wl.summary_fields(history),
+        "epsilon": history[-1]["epsilon"],
+        "epsilon_pld": history[-1].get("epsilon_pld"),
+        "epsilon_rdp": history[-1].get("epsilon_rdp"),
+        "delta": history[-1]["delta"],
+        "privacy_unit": unit(cfg) or "none",
+        "uplink_bytes_total": sum(metric_value(h, "uplink_bytes", 0) for h in history),
+        "uplink_bytes_per_client_per_round": per_client_bytes,
+        "wall_seconds": time.time() - t_start,
+        "rounds": cfg.federated.rounds,
+        "noise": noise_note(cfg),
+        # What perf.* "auto" became on this machine (speed only; see ffa_jax.perf).
+        "perf_resolved": prep.perf.as_dict(),
+    }
+    if primary:
+        write_reports(out, cfg, prep, history, summary)
+    return json_safe(summary)
+
+
+def silent(*args, **kwargs) -> None:
+    """A ``log`` that prints nothing: processes other than 0 of a multi-process run (process
+    0 reports), and Flower's per-message prepares."""
+
+
+def check_finite(r, loss, update_norm, trainable, ckpt_dir: Path, last_saved) -> None:
+    """Raises :class:`NonFiniteError` if round ``r`` (0-based) went non-finite."""
+    finite_tree = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(trainable))
+    bad = [
+        name
+        for name, ok in (
+            (f"the training loss is {loss}", math.isfinite(loss)),
+            (f"the averaged update's norm is {update_norm}", math.isfinite(update_norm)),
+            ("the updated trainable tree has non-finite entries", finite_tree),
+        )
+        if not ok
+    ]
+    if not bad:
+        return
+    where = (
+        f"the last good checkpoint is {str(ckpt_dir / str(last_saved))!r} (round {last_saved})"
+        if last_saved
+        else "no checkpoint had been saved yet"
+    )
+    raise NonFiniteError(
+        f"round {r + 1}: {'; '.join(bad)}. The run stopped before writing round {r + 1}; {where}, "
+        "and metrics.jsonl ends at the last good round. Lower client.learning_rate (or "
+        "server.learning_rate), or check the data, and start a new run."
+    )
