@@ -121,7 +121,7 @@ def test_audit_keys_are_fresh_and_independent_of_training(monkeypatch):
         got["secret"] = secret
         raise Stop
 
-    monkeypatch.setattr(audit_lib.train_lib, "prepare", fake_prepare)
+    monkeypatch.setattr(audit_lib, "prepare", fake_prepare)
     with pytest.raises(Stop):
         audit_lib.audit_run(seeded, canaries=4, guesses=2, log=_quiet, progress=False)
     assert got["secret"] == a
