@@ -25,7 +25,6 @@ from __future__ import annotations
 import numpy as np
 
 from ffa_jax.privacy import secret as secret_lib
-from ffa_jax.privacy.accounting import overflow_probability as _binomial_tail
 
 # Host-side randomness purposes of train.py are 0..3; participation has its own.
 PARTICIPATION_PURPOSE = 4
@@ -46,7 +45,7 @@ def slot_count(
         return m
     q = m / n
     for b in range(m, n):
-        if _binomial_tail(n, q, b) <= overflow_probability:
+        if overflow_probability(n, q, b) <= overflow_probability:
             return b
     return n
 

@@ -209,13 +209,13 @@ def write_app(cfg: RunConfig, out_dir: str | Path, **kwargs: Any) -> Path:
     ``kwargs`` go to :func:`app_pyproject`. An existing ``pyproject.toml`` is replaced
     (atomically); nothing else in ``out_dir`` is touched.
     """
-    from ffa_jax.fileio import atomic_write_text as _atomic_write
+    from ffa_jax.fileio import atomic_write_text
 
     check_supported(cfg)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{str(out)!r} is a file; pass a folder for the Flower App.")
-    _atomic_write(out / "pyproject.toml", app_pyproject(cfg, **kwargs))
+    atomic_write_text(out / "pyproject.toml", app_pyproject(cfg, **kwargs))
     return out
 
 

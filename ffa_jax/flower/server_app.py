@@ -40,7 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax import lora
 from ffa_jax.errors import CheckpointError, ConfigError, FederationError
-from ffa_jax.fileio import atomic_write_text as _atomic_write
+from ffa_jax.fileio import atomic_write_text
 from ffa_jax.fileio import json_safe as _json_safe
 from ffa_jax.flower import wire
 from ffa_jax.flower.app import (
@@ -287,7 +287,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
         server.state = ckpt_lib.restore_state(restored, server.state)
         history, start = restored.history, restored.round
         # The checkpoint's history is the truth: later lines are dropped and recomputed.
-        _atomic_write(out / "metrics.jsonl", "".join(_metric_line(h) for h in history))
+        atomic_write_text(out / "metrics.jsonl", "".join(_metric_line(h) for h in history))
         log(f"ffa_jax server: resuming {out} at round {start} of {cfg.federated.rounds}")
     wl = server.prep.workload
     k = cfg.federated.clients
@@ -356,7 +356,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
                     if overwrite and out.exists():
                         shutil.rmtree(out)
                     out.mkdir(parents=True, exist_ok=True)
-                    _atomic_write(out / "config.yaml", cfg.to_yaml())
+                    atomic_write_text(out / "config.yaml", cfg.to_yaml())
                 ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(out), keep=cfg.checkpoint.keep)
             with open(out / "metrics.jsonl", "w" if r == 0 else "a") as mf:
                 mf.write(_metric_line(record))
@@ -408,7 +408,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
             "wall_seconds": time.time() - t_start,
         }
     )
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
