@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ffa_jax.privacy import accounting
 from ffa_jax.privacy import secret as secret_lib
 
 # Host-side randomness purposes of train.py are 0..3; participation has its own.
@@ -45,7 +46,7 @@ def slot_count(
         return m
     q = m / n
     for b in range(m, n):
-        if overflow_probability(n, q, b) <= overflow_probability:
+        if accounting.overflow_probability(n, q, b) <= overflow_probability:
             return b
     return n
 
