@@ -129,8 +129,9 @@ class BandedNoise(NamedTuple):
     ``matrix_factorization_privatizer`` driven by C^{-1} (:func:`strategy`) as a streaming
     matrix. Hashable and static (close over it in a jitted function); its state is a pytree.
 
-    State (:meth:`init`): ``(key uint32[2], (index int32, buffers))`` with ``buffers`` like the
-    noised tree with a leading axis of size ``bands``: memory ``bands x |tree|``. It must be
+    State (:meth:`init`): ``(key uint32[2], tree)`` where each leaf of the noised tree becomes
+    ``(index int32, buffers)``, ``buffers`` the leaf with a leading axis of size ``bands``:
+    memory ``bands x |tree|``. It must be
     threaded through every round and saved in checkpoints (a resumed run continues the same
     noise stream bit for bit).
     """

@@ -415,7 +415,12 @@ def noise_comparison(
             sampling.num_clients, sampling.clients_per_round, sampling.sampling
         ),
     )
-    z_gauss = client_level.calibrate(epsilon, delta, plain, rounds, accountant)
+    # bands = 1 is the Gaussian mechanism itself: the same z, not a second calibration.
+    z_gauss = (
+        z_banded
+        if sampling.cycle_length == 1
+        else client_level.calibrate(epsilon, delta, plain, rounds, accountant)
+    )
     out = {}
     for name, z, b in (
         ("gaussian", z_gauss, 1),
