@@ -280,3 +280,33 @@ def test_banded_noise_keys_come_from_the_run_secret_not_the_seed():
     train = secret_lib.jax_key(1234, KEY_TRAIN)
     for r in range(4):
         assert not np.array_equal(jax.random.key_data(server_noise_key(train, r)), key)
+
+
+def test_ledger_recomputes_the_cyclic_epsilon_from_its_events():
+    from ffa_jax.privacy.ledger import PrivacyLedger, account
+
+    s = _sampling(40, 2, 4)
+    z, done = 1.1, 10
+    curve = client_level.epsilon_curve(z, s, 12, DELTA, "rdp")
+    ledger = PrivacyLedger(
+        private=True,
+        unit="client",
+        accountant="rdp",
+        delta=DELTA,
+        noise_multipliers=(0.0,) * 40,
+        sampling_rates=(0.1,) * 40,
+        client_sizes=(10,) * 40,
+        max_batch_size=4,
+        steps_per_round=1,
+        rounds_done=done,
+        rounds_participated=(0,) * 40,
+        epsilon_spent=float(curve[done - 1]),
+        clients_per_round=2,
+        client_sampling="poisson",
+        max_clients_per_round=s.max_clients,
+        client_noise_multiplier=z,
+        cycle_length=4,
+    )
+    assert ledger.sampling == s
+    assert account(ledger, "rdp") == pytest.approx(float(curve[done - 1]), rel=1e-9)
+    assert PrivacyLedger.from_json(ledger.to_json()) == ledger
