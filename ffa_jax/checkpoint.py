@@ -168,6 +168,14 @@ def check_config(saved: Mapping[str, Any], cfg: RunConfig, where: str) -> RunCon
         for k in sorted(set(a) | set(b))
         if a.get(k) != b.get(k) and not _resumable(k)
     ]
+    if old.privacy.mechanism == "banded_mf" and old.federated.rounds != cfg.federated.rounds:
+        raise ConfigError(
+            f"federated.rounds={cfg.federated.rounds} is invalid: checkpoint {where} ran "
+            "privacy.mechanism=banded_mf, whose strategy matrix (and correlated noise state) "
+            f"was optimised for federated.rounds={old.federated.rounds}; a banded_mf run "
+            f"resumes only with federated.rounds={old.federated.rounds}. Start a new run to "
+            "train longer."
+        )
     if diffs:
         raise CheckpointError(
             f"checkpoint {where} was written with another config; these fields differ and would "

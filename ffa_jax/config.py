@@ -40,6 +40,7 @@ WEIGHTINGS = ("uniform", "examples")
 ACCOUNTANTS = ("pld", "rdp")
 PRIVACY_UNITS = ("sample", "client")
 CLIENT_SAMPLINGS = ("poisson", "fixed")
+NOISE_MECHANISMS = ("gaussian", "banded_mf")
 PAPER_LABEL_MIX_2 = ((0.1, 0.9), (0.9, 0.1), (0.5, 0.5))
 
 
@@ -438,6 +439,17 @@ class PrivacyConfig:
         only in its checkpoints (see :mod:`ffa_jax.privacy.secret`). An integer >= 0 makes
         them reproducible from it, for research: the run is then NOT a private release unless
         this seed stays secret (its outputs say so). ``seed`` never decides the noise.
+      mechanism: ``gaussian`` (default): independent Gaussian noise every round/step.
+        ``banded_mf``: correlated noise from a banded matrix factorization (BandMF,
+        Choquette-Choo et al., NeurIPS 2023) through jax-privacy's matrix-factorization
+        privatizer, for ``unit=client`` only (DP-FedAvg over rounds): the same (epsilon,
+        delta) with less error on the sum of the updates over many rounds. Needs
+        ``federated.client_sampling=poisson`` with ``clients_per_round x bands <=
+        clients`` (cyclic Poisson: the clients are split into ``bands`` fixed groups and
+        round t samples from group t mod bands). Sample-level BandMF is planned.
+      bands: b, the number of bands of the BandMF strategy matrix (and the cycle length of
+        the client sampling); 1 <= b <= federated.rounds. ``bands=1`` is independent
+        Gaussian noise. Must stay 1 with ``mechanism=gaussian``.
     """
 
     epsilon: float = 6.0
@@ -449,8 +461,24 @@ class PrivacyConfig:
     client_clip_norm: float = 5.0
     max_epsilon: float | None = None
     noise_seed: int | None = None
+    mechanism: str = "gaussian"
+    bands: int = 1
 
     def __post_init__(self):
+        _require(
+            self.mechanism in NOISE_MECHANISMS,
+            "privacy.mechanism",
+            self.mechanism,
+            f"use one of {NOISE_MECHANISMS}.",
+        )
+        _positive_int("privacy.bands", self.bands)
+        _require(
+            self.mechanism == "banded_mf" or self.bands == 1,
+            "privacy.bands",
+            self.bands,
+            "bands only apply to privacy.mechanism=banded_mf; set privacy.mechanism=banded_mf "
+            "or leave privacy.bands at 1.",
+        )
         if self.noise_seed is not None:
             _require(
                 isinstance(self.noise_seed, int)
@@ -766,6 +794,8 @@ class RunConfig:
                 "without replacement): dp-accounting's PLD accountant has no such event. Use "
                 "privacy.accountant=rdp, or federated.client_sampling=poisson.",
             )
+        if self.privacy.mechanism == "banded_mf":
+            _check_banded_mf(self.privacy, self.federated)
         chunk = self.perf.clients_per_chunk
         if chunk != AUTO and chunk and self.perf.devices:
             _require(
@@ -784,6 +814,45 @@ class RunConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Loading and overrides
+
+
+def _check_banded_mf(priv: PrivacyConfig, fed: FederatedConfig) -> None:
+    """The cross-section checks of ``privacy.mechanism=banded_mf`` (before any compute)."""
+    _require(
+        priv.enabled and priv.unit == "client",
+        "privacy.mechanism",
+        priv.mechanism,
+        "banded_mf is implemented for privacy.unit=client (DP-FedAvg over rounds) only. "
+        "Sample-level BandMF (correlated noise over each client's local steps x rounds with "
+        "cyclic Poisson batches) is planned; it needs the cyclic batch schedule and noise state "
+        "inside every client, which ffa_jax does not have yet. Use privacy.unit=client, or "
+        "privacy.mechanism=gaussian."
+        if priv.enabled
+        else "banded_mf needs a private run (privacy.epsilon or privacy.noise_multiplier).",
+    )
+    _require(
+        priv.bands <= fed.rounds,
+        "privacy.bands",
+        priv.bands,
+        f"must be <= federated.rounds={fed.rounds} (the strategy matrix is rounds x rounds).",
+    )
+    _require(
+        fed.client_sampling == "poisson",
+        "federated.client_sampling",
+        fed.client_sampling,
+        "banded_mf needs poisson (cyclic Poisson) client sampling: its amplified accounting "
+        "(jax-privacy's BandMF reduction) does not cover fixed-size sampling.",
+    )
+    _require(
+        fed.participants * priv.bands <= fed.clients,
+        "privacy.bands",
+        priv.bands,
+        f"banded_mf samples each round's clients from one of bands={priv.bands} fixed groups "
+        f"of federated.clients // bands = {fed.clients // priv.bands} clients, so "
+        f"federated.clients_per_round ({fed.participants}) x bands must be <= "
+        f"federated.clients ({fed.clients}); lower bands or clients_per_round (bands=1 allows "
+        "full participation).",
+    )
 
 
 def _is_number(x: Any) -> bool:

@@ -57,6 +57,16 @@ CASES = {
         "federated.clients_per_round=3",
         "privacy.accountant=rdp",
     ],
+    # Client-level DP with correlated BandMF noise (2 bands, cyclic Poisson over 2 groups of
+    # 3): the noise state is threaded through the round and restored from the checkpoint.
+    "client-banded-mf": [
+        "privacy.unit=client",
+        "federated.clients=6",
+        "federated.clients_per_round=1",
+        "privacy.mechanism=banded_mf",
+        "privacy.bands=2",
+        "privacy.accountant=rdp",
+    ],
     # Sample-level DP, exactly 2 of 6 clients per round: per-client ledger of rounds taken part.
     "ffa-dp-fixed-partial": [
         "federated.clients=6",

@@ -7,6 +7,18 @@
   overflow is negligible.
 - :func:`gather_client_batches` turns the indices into ``[K, S, B, ...]`` arrays.
 - :func:`eval_batches` walks a set in fixed-size, masked batches.
+
+Why this module keeps its own truncated Poisson sampler instead of jax-privacy's
+``jax_privacy.batch_selection.CyclicPoissonSampling`` (decision of issue 17): that sampler
+draws the Binomial batch size and truncates it to ``truncated_batch_size`` *before* it draws
+the indices, so the number of sampled-then-dropped examples is never materialised. ffa_jax
+needs that count: the ledger reports it (``dropped_examples``) and the RDP accountant adds the
+truncation's probability to delta from it (:func:`ffa_jax.privacy.accounting.rdp_delta_curve`),
+while the PLD accountant accounts the truncated mechanism exactly (the same
+``TruncatedSubsampledGaussianDpEvent`` jax-privacy's accountant uses). There is one
+implementation of truncated Poisson selection in ffa_jax, this one; no second copy. Client-level
+cyclic Poisson sampling (``privacy.mechanism=banded_mf``) is drawn in
+:mod:`ffa_jax.federated.participation` on the same pattern.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ dummy clients (weight 0, every example masked).
   An overflowing draw keeps a uniformly random subset of P clients (truncated Poisson
   sampling, which the PLD accountant accounts for exactly).
 * all clients (M = N): every client, in order, every round; P = N.
+* cyclic Poisson (``cycle_length`` b > 1, ``privacy.mechanism=banded_mf``): client k belongs
+  to the public group k mod b (the last N mod b clients to none); round r draws ``poisson``
+  with q = M / (N // b) from group r mod b only, with P from a Binomial(N // b, q) count
+  (see :mod:`ffa_jax.privacy.client_level`).
 """
 
 from __future__ import annotations
@@ -51,11 +55,29 @@ def slot_count(
     return n
 
 
+def cyclic_group(num_clients: int, cycle_length: int, round_idx: int) -> np.ndarray:
+    """The clients of the (public) group that round ``round_idx`` samples from under cyclic
+    Poisson sampling: ``k`` with ``k mod b == round_idx mod b``, ``k < b (N // b)``."""
+    b = int(cycle_length)
+    size = int(num_clients) // b
+    return (round_idx % b) + b * np.arange(size, dtype=np.int64)
+
+
 def participants(
-    secret: int, round_idx: int, num_clients: int, clients_per_round: int, sampling: str
+    secret: int,
+    round_idx: int,
+    num_clients: int,
+    clients_per_round: int,
+    sampling: str,
+    cycle_length: int = 1,
 ) -> np.ndarray:
     """Sorted int array of the clients taking part in round ``round_idx`` (0-based), drawn
-    from the run's ``secret``."""
+    from the run's ``secret``. ``cycle_length`` b > 1: cyclic Poisson sampling from the group
+    :func:`cyclic_group` (``sampling`` must be ``poisson``)."""
+    if cycle_length > 1:
+        group = cyclic_group(num_clients, cycle_length, round_idx)
+        local = participants(secret, round_idx, len(group), clients_per_round, sampling)
+        return group[local]
     n, m = int(num_clients), int(clients_per_round)
     if m >= n:
         return np.arange(n)
@@ -71,12 +93,20 @@ def participants(
 
 
 def schedule(
-    secret: int, rounds: int, num_clients: int, clients_per_round: int, sampling: str
+    secret: int,
+    rounds: int,
+    num_clients: int,
+    clients_per_round: int,
+    sampling: str,
+    cycle_length: int = 1,
 ) -> np.ndarray:
     """``[rounds, N]`` bool: entry (r, k) is True when client k takes part in round r."""
     out = np.zeros((int(rounds), int(num_clients)), dtype=bool)
     for r in range(int(rounds)):
-        out[r, participants(secret, r, num_clients, clients_per_round, sampling)] = True
+        out[
+            r,
+            participants(secret, r, num_clients, clients_per_round, sampling, cycle_length),
+        ] = True
     return out
 
 

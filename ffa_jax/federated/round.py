@@ -43,6 +43,7 @@ from ffa_jax.federated.client import ClientMetrics, DpParams
 from ffa_jax.federated.server import (
     ServerDpParams,
     ServerState,
+    banded_mf_aggregate,
     dp_fedavg_aggregate,
     server_update,
     weighted_mean,
@@ -213,6 +214,13 @@ def server_noise_key(key: jax.Array, round_idx: jax.Array | int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(key, round_idx), SERVER_KEY_ID)
 
 
+def banded_noise_key(key: jax.Array) -> jax.Array:
+    """The initial key of the server's correlated (BandMF) noise stream of a run with training
+    key ``key``. SERVER_KEY_ID is never a round index, so it shares no key with
+    :func:`server_noise_key` or :func:`client_key`."""
+    return jax.random.fold_in(jax.random.fold_in(key, SERVER_KEY_ID), SERVER_KEY_ID)
+
+
 def client_key(key: jax.Array, round_idx: jax.Array | int, client_id: jax.Array | int) -> jax.Array:
     """Client ``client_id``'s key in round ``round_idx`` (0-based) of a run with training key ``key``."""
     return jax.random.fold_in(jax.random.fold_in(key, round_idx), client_id)
@@ -254,6 +262,7 @@ def make_round(
     return_deltas: bool = False,
     min_sharded_elements: int | None = None,
     compiler_options: dict[str, str] | None = None,
+    banded_noise: Any = None,
 ) -> Callable[..., tuple[ServerState, RoundMetrics]]:
     """Builds the jitted ``round_fn``.
 
@@ -286,7 +295,9 @@ def make_round(
     ``clients_per_chunk`` (0 = all K at once) and ``mesh`` (from :func:`client_mesh`) change
     memory and speed only; ``min_sharded_elements`` is the size threshold of
     :func:`frozen_partition_spec`. ``compiler_options`` go to ``jax.jit`` (e.g.
-    :func:`ffa_jax.xla_options.compiler_options`; speed only).
+    :func:`ffa_jax.xla_options.compiler_options`; speed only). ``banded_noise`` (a
+    :class:`ffa_jax.privacy.correlated.BandedNoise`, with ``client_level_dp``): the server's
+    noise is correlated over rounds (BandMF) and its state is ``state.noise``.
     """
 
     def round_fn(
@@ -362,14 +373,25 @@ def make_round(
         if client_level_dp:
             if server_dp is None:
                 raise ValueError("client_level_dp=True needs server_dp=ServerDpParams(...).")
-            mean_delta, _ = dp_fedavg_aggregate(
-                deltas, weights_p, server_dp, server_noise_key(key, state.round), extra_update_sum
-            )
+            if banded_noise is not None:
+                mean_delta, _, noise_state = banded_mf_aggregate(
+                    deltas, weights_p, server_dp, banded_noise, state.noise, extra_update_sum
+                )
+            else:
+                mean_delta, _ = dp_fedavg_aggregate(
+                    deltas,
+                    weights_p,
+                    server_dp,
+                    server_noise_key(key, state.round),
+                    extra_update_sum,
+                )
         else:
             if extra_update_sum is not None:
                 raise ValueError("extra_update_sum needs client_level_dp=True.")
             mean_delta = weighted_mean(deltas, weights_p)
         new_state = server_update(state, mean_delta, server_optimizer)
+        if client_level_dp and banded_noise is not None:
+            new_state = new_state._replace(noise=noise_state)
         metrics = jax.tree_util.tree_map(lambda x: x[:num_clients], metrics)
         w = weights / jnp.maximum(jnp.sum(weights), 1e-12)
         update_norm = jnp.sqrt(

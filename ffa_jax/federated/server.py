@@ -20,17 +20,24 @@ import optax
 from ffa_jax.config import ServerConfig
 
 # Client-level DP aggregation lives in ffa_jax.privacy; re-exported for existing callers.
-from ffa_jax.privacy.aggregation import clip_updates, dp_fedavg_aggregate  # noqa: F401
+from ffa_jax.privacy.aggregation import (  # noqa: F401
+    banded_mf_aggregate,
+    clip_updates,
+    dp_fedavg_aggregate,
+)
 
 PyTree = Any
 
 
 class ServerState(NamedTuple):
-    """The global model's trainable tree, the server optimiser state and the round counter."""
+    """The global model's trainable tree, the server optimiser state, the round counter and
+    the state of correlated server noise (``privacy.mechanism=banded_mf``: the
+    :class:`ffa_jax.privacy.correlated.BandedNoise` state; ``()``, no leaves, otherwise)."""
 
     trainable: PyTree
     opt_state: optax.OptState
     round: jax.Array  # int32 scalar: rounds completed
+    noise: PyTree = ()
 
 
 def make_server_optimizer(cfg: ServerConfig) -> optax.GradientTransformation:
@@ -43,9 +50,15 @@ def make_server_optimizer(cfg: ServerConfig) -> optax.GradientTransformation:
     return optax.yogi(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
 
 
-def server_init(trainable: PyTree, optimizer: optax.GradientTransformation) -> ServerState:
+def server_init(
+    trainable: PyTree, optimizer: optax.GradientTransformation, noise: PyTree = ()
+) -> ServerState:
+    """The state before round 0; ``noise``: the initial correlated-noise state, if any."""
     return ServerState(
-        trainable=trainable, opt_state=optimizer.init(trainable), round=jnp.zeros((), jnp.int32)
+        trainable=trainable,
+        opt_state=optimizer.init(trainable),
+        round=jnp.zeros((), jnp.int32),
+        noise=noise,
     )
 
 
@@ -72,7 +85,7 @@ def server_update(
     """Applies the server optimiser to the pseudo-gradient ``-mean_delta``."""
     pseudo_grad = jax.tree_util.tree_map(jnp.negative, mean_delta)
     updates, opt_state = optimizer.update(pseudo_grad, state.opt_state, state.trainable)
-    return ServerState(
+    return state._replace(
         trainable=optax.apply_updates(state.trainable, updates),
         opt_state=opt_state,
         round=state.round + 1,

@@ -37,7 +37,7 @@ import numpy as np
 
 from ffa_jax import lora
 from ffa_jax.config import RunConfig
-from ffa_jax.errors import FederationError
+from ffa_jax.errors import ConfigError, FederationError
 from ffa_jax.federated.client import DpParams
 from ffa_jax.federated.round import client_key, server_noise_key
 from ffa_jax.federated.server import (
@@ -373,6 +373,12 @@ class ServerRun:
         ledger=None,
     ):
         self.cfg = cfg
+        if cfg.privacy.mechanism == "banded_mf":
+            raise ConfigError(
+                "privacy.mechanism=banded_mf is not available in the Flower server yet (its "
+                "correlated noise state would have to live in the ServerApp's checkpoints); "
+                "run it with ffa-jax train, or use privacy.mechanism=gaussian with Flower."
+            )
         if prep is None:
             prep = prepare(cfg, log=silent, secret=secret, ledger=ledger)
         elif secret is not None:

@@ -1,6 +1,8 @@
 """Client-level DP aggregation at the server (DP-FedAvg): per-client clipping of whole
-updates with ``jax_privacy.clipping.clip_pytree`` and Gaussian noise on their sum from
-jax-privacy's Gaussian privatizer (via :mod:`ffa_jax.privacy.noise`).
+updates with ``jax_privacy.clipping.clip_pytree`` and noise on their sum: independent
+Gaussian from jax-privacy's Gaussian privatizer (via :mod:`ffa_jax.privacy.noise`), or
+correlated BandMF noise from its matrix-factorization privatizer
+(:mod:`ffa_jax.privacy.correlated`).
 
 :mod:`ffa_jax.federated.server` and :mod:`ffa_jax.federated.round` call these; the
 accounting of the released sums is :mod:`ffa_jax.privacy.client_level`.
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import jax_privacy.clipping
 
 from ffa_jax.privacy.clipping import overflow_bound, overflow_guard, per_example_norms
+from ffa_jax.privacy.correlated import BandedNoise
 from ffa_jax.privacy.noise import gaussian_noise_like
 
 PyTree = Any
@@ -80,7 +83,24 @@ def dp_fedavg_aggregate(
       over rounds by :mod:`ffa_jax.privacy.accounting` (client-level (epsilon, delta)-DP).
       The server is trusted to add the noise (it sees the clipped updates).
     """
-    clipped, norms = clip_updates(stacked, dp.clip_norm)
+    summed, norms = clipped_sum(stacked, participation, dp.clip_norm, extra_sum)
+    noise = gaussian_noise_like(summed, dp.noise_multiplier * dp.clip_norm, key)
+    noisy = jax.tree_util.tree_map(lambda s, n: (s + n) / dp.expected_clients, summed, noise)
+    return noisy, norms
+
+
+def clipped_sum(
+    stacked: PyTree,
+    participation: jax.Array,
+    clip_norm: jax.Array,
+    extra_sum: PyTree | None = None,
+) -> tuple[PyTree, jax.Array]:
+    """``sum_k p_k clip_S(delta_k)`` (+ ``extra_sum``) and the norms before clipping ``[K]``.
+
+    Not private by itself: the server noises it (:func:`dp_fedavg_aggregate`,
+    :func:`banded_mf_aggregate`). Leaves like one client's update (client axis summed out).
+    """
+    clipped, norms = clip_updates(stacked, clip_norm)
     p = participation.astype(jnp.float32)
 
     def total(x):
@@ -90,6 +110,42 @@ def dp_fedavg_aggregate(
     summed = jax.tree_util.tree_map(total, clipped)
     if extra_sum is not None:
         summed = jax.tree_util.tree_map(jnp.add, summed, extra_sum)
-    noise = gaussian_noise_like(summed, dp.noise_multiplier * dp.clip_norm, key)
-    noisy = jax.tree_util.tree_map(lambda s, n: (s + n) / dp.expected_clients, summed, noise)
-    return noisy, norms
+    return summed, norms
+
+
+def banded_mf_aggregate(
+    stacked: PyTree,
+    participation: jax.Array,
+    dp: Any,
+    noise: BandedNoise,
+    noise_state: PyTree,
+    extra_sum: PyTree | None = None,
+) -> tuple[PyTree, jax.Array, PyTree]:
+    """Client-level DP aggregation with correlated (BandMF) noise: DP-FedAvg whose server
+    noise is round t's row of ``z S C^{-1} W`` (:mod:`ffa_jax.privacy.correlated`).
+
+    ``(sum_k p_k clip_S(delta_k) + z S (C^{-1} W)_t) / expected_clients``.
+
+    Args:
+      stacked, participation, dp, extra_sum: as in :func:`dp_fedavg_aggregate`.
+      noise: the run's :class:`ffa_jax.privacy.correlated.BandedNoise` (static).
+      noise_state: its state before this round (from the server state).
+
+    Returns:
+      (noisy mean update, norms before clipping ``[K]``, the next noise state).
+
+    Formal guarantee:
+      With cyclic Poisson client sampling of cycle length ``noise.bands`` (accounted by
+      :mod:`ffa_jax.privacy.client_level` with ``cycle_length = bands``), the released
+      sequence of noisy sums is the amplified BandMF mechanism: client-level
+      (epsilon, delta)-DP under add/remove of one client, the server trusted with the
+      clipped updates (see :mod:`ffa_jax.privacy.correlated`).
+    """
+    summed, norms = clipped_sum(stacked, participation, dp.clip_norm, extra_sum)
+    corr, noise_state = noise.next(summed, dp.noise_multiplier * dp.clip_norm, noise_state)
+    noisy = jax.tree_util.tree_map(
+        lambda s, n: ((s.astype(jnp.float32) + n) / dp.expected_clients).astype(s.dtype),
+        summed,
+        corr,
+    )
+    return noisy, norms, noise_state

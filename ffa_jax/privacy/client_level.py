@@ -22,6 +22,17 @@ the clients are drawn (``federated.client_sampling``):
 
 The run's event is ``SelfComposedDpEvent(round_event, T)``. Like :mod:`accounting`, nothing
 here runs under jit; functions take and return Python numbers / NumPy arrays.
+
+**Cyclic Poisson sampling** (``cycle_length`` b > 1, used by ``privacy.mechanism=banded_mf``):
+the clients are split into b fixed, public groups (client k is in group k mod b; the last
+``N mod b`` clients are left out) and round t samples each client of group t mod b with
+probability q = M / (N // b). A client can then take part only every b-th round, so a
+column-normalised b-banded strategy matrix has sensitivity 1 per participation, and the
+amplified BandMF analysis (Choquette-Choo et al., "(Amplified) Banded Matrix Factorization",
+NeurIPS 2023, Theorem 4; implemented by ``jax_privacy.accounting.DpsgdTrainingAccountant``
+with ``cycle_length``) reduces the run to ``ceil(T / b)`` compositions of the Poisson(q)
+sampled Gaussian on one group of N // b clients. Every function here applies that
+reduction when ``cycle_length > 1``; with b = 1 nothing changes.
 """
 
 from __future__ import annotations
@@ -43,21 +54,32 @@ NeighborRel = dp_accounting.NeighboringRelation
 
 class ClientSampling(NamedTuple):
     """How the participants of a round are drawn: M of N clients, ``poisson`` or ``fixed``,
-    in a client axis of ``max_clients`` slots (P; = N when no truncation can happen)."""
+    in a client axis of ``max_clients`` slots (P; = the group size when no truncation can
+    happen), from one of ``cycle_length`` groups (cyclic Poisson; 1 = all clients)."""
 
     num_clients: int
     clients_per_round: int
     sampling: str
     max_clients: int
+    cycle_length: int = 1
+
+    @property
+    def group_size(self) -> int:
+        """N // b: the clients a round samples from (N when ``cycle_length`` is 1)."""
+        return self.num_clients // self.cycle_length
 
     @property
     def rate(self) -> float:
-        """q = M / N."""
-        return self.clients_per_round / self.num_clients
+        """q = M / (N // b)."""
+        return self.clients_per_round / self.group_size
 
     @property
     def full(self) -> bool:
-        return self.clients_per_round == self.num_clients
+        return self.clients_per_round == self.group_size
+
+    def compositions(self, rounds: int) -> int:
+        """How many times a client's group is sampled in ``rounds`` rounds: ceil(T / b)."""
+        return -(-int(rounds) // self.cycle_length)
 
     @property
     def relation(self) -> NeighborRel:
@@ -74,9 +96,19 @@ class ClientSampling(NamedTuple):
 
 
 def check_sampling(s: ClientSampling) -> ClientSampling:
-    n, m, p = s.num_clients, s.clients_per_round, s.max_clients
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (n, m, p)):
+    n, m, p, b = s.num_clients, s.clients_per_round, s.max_clients, s.cycle_length
+    if not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (n, m, p, b)
+    ):
         raise ConfigError(f"client sampling {s!r}: counts must be integers.")
+    if b != 1:
+        if b < 1 or s.sampling != "poisson" or m * b > n:
+            raise ConfigError(
+                f"privacy.bands={b}: cyclic Poisson client sampling needs bands >= 1, "
+                f"federated.client_sampling=poisson (got {s.sampling!r}) and "
+                f"federated.clients_per_round x bands <= federated.clients ({m} x {b} vs {n})."
+            )
+        n = n // b
     if not 1 <= m <= n:
         raise ConfigError(
             f"federated.clients_per_round={m} must be in [1, federated.clients={n}]: client-level "
@@ -88,7 +120,7 @@ def check_sampling(s: ClientSampling) -> ClientSampling:
         )
     if not (min(m, n) <= p <= n):
         raise ConfigError(f"max_clients={p} must be in [{m}, {n}].")
-    return ClientSampling(int(n), int(m), s.sampling, int(p))
+    return ClientSampling(int(s.num_clients), int(m), s.sampling, int(p), int(b))
 
 
 def _check_supported(s: ClientSampling, accountant: str) -> None:
@@ -117,9 +149,9 @@ def round_event(z: float, s: ClientSampling, accountant: str = "pld") -> dp_acco
         return dp_accounting.SampledWithoutReplacementDpEvent(
             s.num_clients, s.clients_per_round, dp_accounting.GaussianDpEvent(z / 2.0)
         )
-    if accountant == "pld" and s.max_clients < s.num_clients:
+    if accountant == "pld" and s.max_clients < s.group_size:
         return dp_accounting.TruncatedSubsampledGaussianDpEvent(
-            dataset_size=s.num_clients,
+            dataset_size=s.group_size,
             sampling_probability=s.rate,
             truncated_batch_size=s.max_clients,
             noise_multiplier=z,
@@ -128,14 +160,33 @@ def round_event(z: float, s: ClientSampling, accountant: str = "pld") -> dp_acco
 
 
 def run_event(z: float, s: ClientSampling, rounds: int, accountant: str = "pld"):
-    """``SelfComposedDpEvent(round_event(z, s), rounds)``: the run's client-level event."""
-    return dp_accounting.SelfComposedDpEvent(round_event(z, s, accountant), int(rounds))
+    """``SelfComposedDpEvent(round_event(z, s), ceil(rounds / b))``: the run's client-level
+    event (b = ``s.cycle_length``; b = 1: one composition per round)."""
+    return dp_accounting.SelfComposedDpEvent(
+        round_event(z, s, accountant), s.compositions(rounds)
+    )
 
 
 def _truncation(s: ClientSampling, accountant: str) -> accounting.Truncation | None:
-    if accountant == "pld" and s.max_clients < s.num_clients:
-        return accounting.Truncation(s.num_clients, s.max_clients)
+    if accountant == "pld" and s.max_clients < s.group_size:
+        return accounting.Truncation(s.group_size, s.max_clients)
     return None
+
+
+def _expand(curve: np.ndarray, s: ClientSampling, rounds: int) -> np.ndarray:
+    """A curve over ``ceil(rounds / b)`` compositions as a ``[rounds]`` per-round curve
+    (round r, 0-based, has had ``ceil((r + 1) / b)`` compositions)."""
+    if s.cycle_length == 1:
+        return curve
+    idx = (np.arange(int(rounds)) // s.cycle_length).astype(np.int64)
+    out = np.asarray(curve)[idx]
+    out.flags.writeable = False
+    return out
+
+
+def _compress(curve: np.ndarray, s: ClientSampling) -> np.ndarray:
+    """Inverse of :func:`_expand`: the value after each composition."""
+    return np.asarray(curve)[:: s.cycle_length] if s.cycle_length > 1 else curve
 
 
 def epsilon_spent(z: float, s: ClientSampling, rounds: int, delta: float, accountant="pld"):
@@ -167,6 +218,10 @@ def epsilon_curve(
     _check_supported(s, accountant)
     if z == 0:
         return np.full(rounds, np.inf)
+    if s.cycle_length > 1:
+        group = s._replace(cycle_length=1, num_clients=s.group_size)
+        compressed = epsilon_curve(z, group, s.compositions(rounds), delta, accountant)
+        return _expand(compressed, s, rounds)
     if s.relation == NeighborRel.ADD_OR_REMOVE_ONE:
         # One round is one step of the Poisson (q = M/N) subsampled Gaussian: the DP-SGD curve.
         return accounting.epsilon_curve(
@@ -202,6 +257,10 @@ def delta_curve(
     ``(epsilon_curve[r], result[r])``-DP under ``s.relation``.
     """
     s = check_sampling(s)
+    if s.cycle_length > 1:
+        group = s._replace(cycle_length=1, num_clients=s.group_size)
+        compressed = delta_curve(_compress(epsilon_curve, s), group, delta, accountant)
+        return _expand(compressed, s, len(epsilon_curve))
     trunc = None
     if accountant == "rdp" and s.sampling == "poisson" and s.max_clients < s.num_clients:
         trunc = accounting.Truncation(s.num_clients, s.max_clients)
@@ -223,7 +282,12 @@ def calibrate(
     _check_supported(s, accountant)
     if s.relation == NeighborRel.ADD_OR_REMOVE_ONE:
         return accounting.calibrate_noise_multiplier(
-            target_epsilon, delta, s.rate, int(rounds), accountant, _truncation(s, accountant)
+            target_epsilon,
+            delta,
+            s.rate,
+            s.compositions(rounds),
+            accountant,
+            _truncation(s, accountant),
         )
     eps = accounting._check_epsilon(target_epsilon)
     lo, hi = 0.0, 1.0

@@ -52,6 +52,9 @@ class PrivacyLedger:
       clients_per_round, client_sampling, max_clients_per_round: M, ``poisson``/``fixed``
         and the slot count P of the round's client axis.
       client_noise_multiplier: z of the server's noise (``client``; 0 under ``sample``).
+      cycle_length: b of cyclic Poisson client sampling (``privacy.mechanism=banded_mf`` with
+        ``privacy.bands`` = b; 1 otherwise): each client's group is sampled once every b
+        rounds and the amplified BandMF accounting composes ceil(rounds / b) events.
       epsilon_spent: max over units of epsilon after ``rounds_done`` rounds, with
         ``accountant`` (inf if not private).
       epsilon_pld, epsilon_rdp: the same with each accountant (None: not private, or not
@@ -78,6 +81,7 @@ class PrivacyLedger:
     client_sampling: str = "poisson"
     max_clients_per_round: int = 0
     client_noise_multiplier: float = 0.0
+    cycle_length: int = 1
     epsilon_pld: float | None = None
     epsilon_rdp: float | None = None
     delta_spent: float | None = None
@@ -91,7 +95,11 @@ class PrivacyLedger:
     def sampling(self) -> client_level.ClientSampling:
         m = self.clients_per_round or self.num_clients
         return client_level.ClientSampling(
-            self.num_clients, m, self.client_sampling, self.max_clients_per_round or m
+            self.num_clients,
+            m,
+            self.client_sampling,
+            self.max_clients_per_round or m,
+            self.cycle_length,
         )
 
     @property

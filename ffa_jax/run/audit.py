@@ -63,14 +63,13 @@ from jax.flatten_util import ravel_pytree
 
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import ConfigError
-from ffa_jax.federated.server import server_init
 from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.audit import canary_directions, epsilon_lower_bound, guess_and_count
 from ffa_jax.run.inputs import round_inputs, run_round
 from ffa_jax.run.loop import check_finite
 from ffa_jax.run.resume import check_budget
 from ffa_jax.run.rundir import privacy_line
-from ffa_jax.run.setup import build_round, prepare, train_key
+from ffa_jax.run.setup import build_round, init_server_state, prepare, train_key
 
 # The canaries' key purpose, under the audit's own secret (audit_secret): independent of
 # everything the audited run and any training run draw.
@@ -178,6 +177,12 @@ def check_audit_config(cfg: RunConfig) -> None:
             "client, which the audit's add/remove canaries do not test; audit with "
             "federated.client_sampling=poisson (or full participation)."
         )
+    if cfg.privacy.mechanism == "banded_mf":
+        raise ConfigError(
+            "privacy.mechanism=banded_mf: the audit's canary scoring assumes independent noise "
+            "in every round; auditing correlated BandMF noise (which needs the canaries' "
+            "scores decorrelated by C) is planned. Audit with privacy.mechanism=gaussian."
+        )
 
 
 @jax.jit
@@ -279,7 +284,7 @@ def audit_run(
     steps = cfg.federated.local_steps
 
     round_fn, server_opt = build_round(prep, return_deltas=True)
-    state = jax.device_get(server_init(prep.trainable, server_opt))
+    state = jax.device_get(init_server_state(prep, server_opt))
     run_key = train_key(prep)
     scores = np.zeros(canaries, np.float64)
     rounds_released = 0

@@ -27,7 +27,6 @@ from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import FfaJaxError
 from ffa_jax.federated.round import model_groups
-from ffa_jax.federated.server import server_init
 from ffa_jax.fileio import json_safe
 from ffa_jax.run.inputs import round_inputs, run_round
 from ffa_jax.run.report import metric_value
@@ -50,6 +49,7 @@ from ffa_jax.run.rundir import (
 from ffa_jax.run.setup import (
     build_round,
     evaluate,
+    init_server_state,
     noise_note,
     prepare,
     run_secret,
@@ -125,7 +125,7 @@ def train(
     a_hash = ckpt_lib.a_matrices_hash(prep.params)
     d_hash = ckpt_lib.data_hash([prep.train_arrays, prep.test_arrays], prep.client_indices)
     round_fn, server_opt = build_round(prep)
-    state = jax.device_get(server_init(prep.trainable, server_opt))
+    state = init_server_state(prep, server_opt)
     history: list[dict[str, Any]] = []
     start = 0
     if restored is not None:

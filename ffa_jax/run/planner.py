@@ -16,7 +16,7 @@ import numpy as np
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated import participation as participation_lib
-from ffa_jax.privacy import accounting, client_level
+from ffa_jax.privacy import accounting, client_level, correlated
 from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.ledger import PrivacyLedger
 
@@ -46,6 +46,10 @@ class PrivacyPlan:
         epsilon after each round (max over units): the target under PLD, which accounts the
         truncation of Poisson batches (or of the client sample) exactly; under RDP the target
         plus the truncation's term (:func:`ffa_jax.privacy.accounting.rdp_delta_curve`).
+      mechanism, bands: ``privacy.mechanism`` / ``privacy.bands`` (client-level noise).
+      noise_comparison: client-level: mechanism -> noise multiplier and expected error of the
+        summed server noise (:func:`noise_comparison`), both mechanisms side by side at this
+        plan's epsilon when ``mechanism=banded_mf``; empty otherwise.
     """
 
     unit: str
@@ -64,6 +68,9 @@ class PrivacyPlan:
     accountant: str
     private: bool
     deltas: dict[str, np.ndarray | None] = dataclasses.field(default_factory=dict)
+    mechanism: str = "gaussian"
+    bands: int = 1
+    noise_comparison: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def epsilon_curve(self) -> np.ndarray:
@@ -132,6 +139,7 @@ class PrivacyPlan:
             client_sampling=self.sampling.sampling,
             max_clients_per_round=int(self.sampling.max_clients),
             client_noise_multiplier=float(self.client_noise_multiplier),
+            cycle_length=int(self.sampling.cycle_length),
             epsilon_spent=(self.epsilon_after(rounds_done) if self.private else math.inf),
             epsilon_pld=eps("pld"),
             epsilon_rdp=eps("rdp"),
@@ -172,6 +180,9 @@ class PrivacyPlan:
         if self.unit == "client":
             out["noise_multiplier"] = float(self.client_noise_multiplier)
             out["sampling_rate"] = self.sampling.rate
+            out["mechanism"] = self.mechanism
+            out["bands"] = int(self.bands)
+            out["noise_comparison"] = self.noise_comparison
         else:
             out["noise_multiplier"] = [float(s) for s in self.noise_multipliers]
             out["sampling_rate"] = [float(q) for q in self.sampling_rates]
@@ -326,6 +337,7 @@ def client_level_plan(
     participation: np.ndarray,
     sampling: client_level.ClientSampling,
     noise_multiplier: float | None = None,
+    mechanism: str = "gaussian",
 ) -> PrivacyPlan:
     """Calibrates the server's noise multiplier z of DP-FedAvg so that T = ``rounds`` rounds
     of client sampling ``sampling`` spend exactly ``epsilon`` (or reports what a fixed z
@@ -354,7 +366,15 @@ def client_level_plan(
             deltas[acc] = None
             continue
         deltas[acc] = client_level.delta_curve(curves[acc], sampling, delta, acc)
+    comparison = {}
+    if mechanism == "banded_mf":
+        comparison = noise_comparison(
+            float(curves[accountant][-1]), delta, sampling, rounds, accountant, z
+        )
     return PrivacyPlan(
+        mechanism=mechanism,
+        bands=int(sampling.cycle_length),
+        noise_comparison=comparison,
         unit="client",
         noise_multipliers=np.zeros(k),
         sampling_rates=q,
@@ -374,15 +394,61 @@ def client_level_plan(
     )
 
 
+def noise_comparison(
+    epsilon: float,
+    delta: float,
+    sampling: client_level.ClientSampling,
+    rounds: int,
+    accountant: str,
+    z_banded: float,
+) -> dict[str, dict[str, float]]:
+    """Both client-level mechanisms at the same (epsilon, delta): ``gaussian`` (independent
+    noise, Poisson sampling of M of N clients every round, z calibrated here) and
+    ``banded_mf`` (``z_banded`` with cyclic Poisson sampling of cycle ``sampling.cycle_length``).
+
+    Returns mechanism -> ``{"noise_multiplier", "bands", "summed_noise_std_final",
+    "summed_noise_std_rms", "per_round_noise_std"}``; the stds are per coordinate of the SUM
+    of clipped updates, in units of the clip norm S (:func:`correlated.summed_noise_std`)."""
+    plain = sampling._replace(
+        cycle_length=1,
+        max_clients=participation_lib.slot_count(
+            sampling.num_clients, sampling.clients_per_round, sampling.sampling
+        ),
+    )
+    # bands = 1 is the Gaussian mechanism itself: the same z, not a second calibration.
+    z_gauss = (
+        z_banded
+        if sampling.cycle_length == 1
+        else client_level.calibrate(epsilon, delta, plain, rounds, accountant)
+    )
+    out = {}
+    for name, z, b in (
+        ("gaussian", z_gauss, 1),
+        ("banded_mf", z_banded, sampling.cycle_length),
+    ):
+        err = correlated.summed_noise_std(z, rounds, b)
+        out[name] = {
+            "noise_multiplier": float(z),
+            "bands": int(b),
+            "summed_noise_std_final": err["final"],
+            "summed_noise_std_rms": err["rms"],
+            "per_round_noise_std": err["per_round"],
+        }
+    return out
+
+
 def client_sampling(cfg: RunConfig) -> client_level.ClientSampling:
-    """The run's client sampling: M of N, poisson/fixed, and the slot count P."""
+    """The run's client sampling: M of N, poisson/fixed, the slot count P, and the cycle
+    length b (``privacy.bands`` under ``privacy.mechanism=banded_mf``, else 1)."""
     fed = cfg.federated
     m = fed.participants
+    b = cfg.privacy.bands if cfg.privacy.mechanism == "banded_mf" else 1
     return client_level.ClientSampling(
         fed.clients,
         m,
         fed.client_sampling,
-        participation_lib.slot_count(fed.clients, m, fed.client_sampling),
+        participation_lib.slot_count(fed.clients // b, m, fed.client_sampling),
+        b,
     )
 
 
@@ -414,7 +480,12 @@ def make_plan(
     if secret is None:
         secret = secret_lib.resolve(priv.noise_seed)
     participation = participation_lib.schedule(
-        secret, fed.rounds, fed.clients, sampling.clients_per_round, fed.client_sampling
+        secret,
+        fed.rounds,
+        fed.clients,
+        sampling.clients_per_round,
+        fed.client_sampling,
+        sampling.cycle_length,
     )
     common = dict(
         client_sizes=list(client_sizes),
@@ -431,7 +502,7 @@ def make_plan(
     fixed = ledger is not None and ledger.private and priv.enabled
     if priv.enabled and priv.unit == "client":
         z = ledger.client_noise_multiplier if fixed else priv.noise_multiplier
-        return client_level_plan(noise_multiplier=z, **common)
+        return client_level_plan(noise_multiplier=z, mechanism=priv.mechanism, **common)
     return sample_level_plan(
         noise_multiplier=priv.noise_multiplier,
         noise_multipliers=ledger.noise_multipliers if fixed else None,
@@ -482,12 +553,16 @@ def alternatives(
     if plan.unit == "client":
         z_now = plan.client_noise_multiplier
         for name, r, s, b, mm in changes:
+            b = smp.cycle_length
             alt = client_level.ClientSampling(
                 n_clients,
                 mm,
                 smp.sampling,
-                participation_lib.slot_count(n_clients, mm, smp.sampling),
+                participation_lib.slot_count(n_clients // b, mm, smp.sampling),
+                b,
             )
+            if b > 1 and mm * b > n_clients:
+                continue  # cyclic Poisson cannot sample that many clients per round
             row = {
                 "change": name,
                 "rounds": r,
@@ -550,6 +625,12 @@ def format_plan(plan: PrivacyPlan, alt: list[dict[str, Any]], every: int | None 
         other_txt += f" at delta={plan.delta_after(plan.rounds, other):.3g}"
     holds = plan.delta_after(plan.rounds)
     if plan.unit == "client":
+        if smp.cycle_length > 1:
+            who = (
+                f"{smp.clients_per_round} clients per round by cyclic Poisson sampling from "
+                f"{smp.cycle_length} groups of {smp.group_size} (q={smp.rate:.4g}, "
+                f"{smp.max_clients} slots)"
+            )
         lines = [
             f"Client-level DP (DP-FedAvg; neighbours: {smp.relation_text}), "
             f"{plan.accountant.upper()} accountant, delta={plan.delta:g}",
@@ -559,6 +640,20 @@ def format_plan(plan: PrivacyPlan, alt: list[dict[str, Any]], every: int | None 
             f"epsilon = {plan.epsilon:.4f} at delta = {holds:.3g} ({plan.accountant}); "
             f"{other}: {other_txt}",
         ]
+        if plan.noise_comparison:
+            lines += [
+                "",
+                f"noise mechanisms at epsilon = {plan.epsilon:.4f} (std per coordinate of the "
+                "summed server noise, x privacy.client_clip_norm):",
+                "mechanism   bands   noise multiplier   one round   sum over all rounds"
+                "   RMS over prefix sums",
+            ]
+            for name, row in plan.noise_comparison.items():
+                lines.append(
+                    f"{name:<11} {row['bands']:5d} {row['noise_multiplier']:18.4f}"
+                    f" {row['per_round_noise_std']:11.3f} {row['summed_noise_std_final']:21.3f}"
+                    f" {row['summed_noise_std_rms']:22.3f}"
+                )
     else:
         lines = [
             f"Sample-level DP per client ({plan.accountant.upper()} accountant, delta={plan.delta:g}), "

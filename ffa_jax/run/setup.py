@@ -19,13 +19,15 @@ from ffa_jax.data import partition
 from ffa_jax.data.clients import partition_clients
 from ffa_jax.federated.client import make_client_optimizer, make_client_update
 from ffa_jax.federated.round import (
+    banded_noise_key,
     choose_devices,
     client_mesh,
     make_round,
     place_frozen,
 )
-from ffa_jax.federated.server import make_server_optimizer
+from ffa_jax.federated.server import ServerState, make_server_optimizer, server_init
 from ffa_jax.privacy import secret as secret_lib
+from ffa_jax.privacy.correlated import BandedNoise
 from ffa_jax.privacy.ledger import PrivacyLedger
 from ffa_jax.run import planner
 from ffa_jax.types import PyTree
@@ -287,11 +289,28 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
         client_level_dp=unit(cfg) == "client",
         return_deltas=return_deltas,
         compiler_options=None if multi else options,
+        banded_noise=banded_noise(cfg),
     )
     if multi:
         # Several processes: global inputs on the mesh spanning them, host outputs.
         round_fn = distributed.global_round(round_fn, mesh, compiler_options=options)
     return round_fn, server_opt
+
+
+def banded_noise(cfg: RunConfig) -> BandedNoise | None:
+    """The run's correlated server noise (``privacy.mechanism=banded_mf`` under client-level
+    DP: a strategy for ``federated.rounds`` rounds and ``privacy.bands`` bands), else None."""
+    if unit(cfg) == "client" and cfg.privacy.mechanism == "banded_mf":
+        return BandedNoise(cfg.federated.rounds, cfg.privacy.bands)
+    return None
+
+
+def init_server_state(prep: Prepared, server_opt) -> ServerState:
+    """The server state before round 0 (on the host). Under ``banded_mf`` it holds the
+    correlated-noise state, keyed from the run's secret (:func:`train_key`), never ``seed``."""
+    noise = banded_noise(prep.cfg)
+    state = () if noise is None else noise.init(prep.trainable, banded_noise_key(train_key(prep)))
+    return jax.device_get(server_init(prep.trainable, server_opt, state))
 
 
 def unit(cfg: RunConfig) -> str | None:
