@@ -27,8 +27,11 @@ import yaml
 
 from ffa_jax.errors import ConfigError
 
-LORA_MODES = ("ffa", "lora")
+# ffa/lora: the paper's; the rest: the federated variants that followed it
+# (ffa_jax.federated.modes).
+LORA_MODES = ("ffa", "lora", "rolora", "fedsb")
 A_INITS = ("uniform", "gaussian", "orthogonal")
+SB_INITS = ("svd", "random")
 DEFAULT_TARGETS = r".*(query|value|q_proj|v_proj)/kernel"
 POOLINGS = ("auto", "cls", "mean")
 MODEL_FAMILIES = ("auto", "encoder", "llama", "vit")
@@ -145,8 +148,11 @@ class LoRAConfig:
     """LoRA / FFA-LoRA adapters (see :mod:`ffa_jax.lora`).
 
     Attributes:
-      mode: ``"ffa"`` (A frozen at its shared random init, only B trained and sent) or
-        ``"lora"`` (A and B trained and averaged separately).
+      mode: ``"ffa"`` (A frozen at its shared random init, only B trained and sent),
+        ``"lora"`` (A and B trained and averaged separately), or one of the federated
+        variants of :mod:`ffa_jax.federated.modes` (docs/variants.md): ``"rolora"`` (rounds
+        alternate: B trained with A fixed, then A with B fixed; only the trained factor is
+        sent), ``"fedsb"`` (A and B frozen, an r x r matrix between them trained and sent).
       rank: r.
       alpha: the update is ``(alpha / r) * B A``.
       targets: regular expression fullmatched against ``/``-joined parameter paths.
@@ -158,6 +164,9 @@ class LoRAConfig:
         (:func:`ffa_jax.models.peft.init_from_adapter`); ``rank``, ``alpha`` and ``targets``
         must match the adapter's ``r``, ``lora_alpha`` and adapted modules. The adapter is
         treated as public, like the pretrained weights. null: start fresh.
+      sb_init: ``lora.mode: fedsb`` only: how the frozen A and B are drawn. ``svd``: the top-r
+        singular vectors of each (public) pretrained kernel; ``random``: A as ``a_init``, B
+        with orthonormal rows, from the public seed.
     """
 
     mode: str = "ffa"
@@ -166,6 +175,7 @@ class LoRAConfig:
     targets: str = DEFAULT_TARGETS
     a_init: str = "uniform"
     init_from: str | None = None
+    sb_init: str = "svd"
 
     def __post_init__(self):
         _require(self.mode in LORA_MODES, "lora.mode", self.mode, f"use one of {LORA_MODES}.")
@@ -177,6 +187,7 @@ class LoRAConfig:
             "must be a positive finite number, e.g. 8.",
         )
         _require(self.a_init in A_INITS, "lora.a_init", self.a_init, f"use one of {A_INITS}.")
+        _require(self.sb_init in SB_INITS, "lora.sb_init", self.sb_init, f"use one of {SB_INITS}.")
         _require(
             self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
             "lora.init_from",

@@ -26,6 +26,7 @@ from ffa_jax import allocator, distributed, lora
 from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import FfaJaxError
+from ffa_jax.federated import modes
 from ffa_jax.federated.round import model_groups
 from ffa_jax.federated.server import server_init
 from ffa_jax.fileio import json_safe
@@ -34,7 +35,6 @@ from ffa_jax.run.report import metric_value
 from ffa_jax.run.resume import agree_on_start, check_budget, check_restored
 from ffa_jax.run.rundir import (
     ADAPTER_FILE,
-    bytes_of_one_client,
     frozen_line,
     metric_line,
     metrics_path,
@@ -152,7 +152,8 @@ def train(
         start_run_dir(out, cfg, prep, history, overwrite=overwrite)
 
     key = train_key(prep)
-    per_client_bytes = bytes_of_one_client(prep.trainable)
+    # One client's upload per round (the mean over an alternating mode's cycle, e.g. RoLoRA).
+    per_client_bytes = modes.mean_uplink_bytes(cfg.lora.mode, prep.trainable)
     wl = prep.workload
     if cfg.eval.baseline and not any(h["round"] == 0 for h in history):
         # The pretrained model (B = 0, so the LoRA tree computes the base model), as round 0.
@@ -192,7 +193,15 @@ def train(
             # The state lives on the host between rounds, as after a restore: every round
             # (fresh or resumed) calls the same executable with the same input placement.
             state = jax.device_get(new_state)
-            record = round_record(prep, r, inp, m, loss, per_client_bytes)
+            record = round_record(
+                prep,
+                r,
+                inp,
+                m,
+                loss,
+                modes.uplink_bytes(cfg.lora.mode, prep.trainable, r),
+                downlink_bytes=modes.downlink_bytes(cfg.lora.mode, prep.trainable, r),
+            )
             is_last = r + 1 == cfg.federated.rounds
             if is_last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
                 record.update(evaluate(prep, lora.combine(state.trainable, prep.frozen)))
@@ -222,7 +231,10 @@ def train(
 
     final_params = lora.combine(state.trainable, prep.frozen)
     if primary:
-        save_adapter(out / ADAPTER_FILE, final_params, cfg, head_pattern=wl.head_pattern)
+        # Fed-SB's r x r matrix folded into B: a plain LoRA adapter (W0 + s B A).
+        save_adapter(
+            out / ADAPTER_FILE, lora.fold_mid(final_params), cfg, head_pattern=wl.head_pattern
+        )
     summary = {
         "run_dir": str(out),
         **wl.summary_fields(history),

@@ -17,6 +17,7 @@ from ffa_jax import perf as perf_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.data import partition
 from ffa_jax.data.clients import partition_clients
+from ffa_jax.federated import modes
 from ffa_jax.federated.client import make_client_optimizer, make_client_update
 from ffa_jax.federated.round import (
     choose_devices,
@@ -126,6 +127,7 @@ def prepare(
         eval_batch_size=cfg.eval.batch_size,
     )
     cfg = perf_lib.resolved_config(cfg, resolved)
+    modes.check_config(cfg)
     key = root_key(cfg)
     wl = workloads.load(cfg, head_key=jax.random.fold_in(key, KEY_HEAD))
     for note in wl.notes:
@@ -279,19 +281,24 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
         prep.params = lora.combine(prep.trainable, prep.frozen)  # the host leaves only in wl
     # jax takes compile options only on the outermost jit: global_round's when multi-process.
     options = train_compiler_options(prep)
-    round_fn = make_round(
-        client_update,
-        server_opt,
-        clients_per_chunk=cfg.perf.clients_per_chunk,
-        mesh=mesh,
-        client_level_dp=unit(cfg) == "client",
-        return_deltas=return_deltas,
-        compiler_options=None if multi else options,
-    )
-    if multi:
-        # Several processes: global inputs on the mesh spanning them, host outputs.
-        round_fn = distributed.global_round(round_fn, mesh, compiler_options=options)
-    return round_fn, server_opt
+
+    def make(update):
+        fn = make_round(
+            update,
+            server_opt,
+            clients_per_chunk=cfg.perf.clients_per_chunk,
+            mesh=mesh,
+            client_level_dp=unit(cfg) == "client",
+            return_deltas=return_deltas,
+            compiler_options=None if multi else options,
+        )
+        if multi:
+            # Several processes: global inputs on the mesh spanning them, host outputs.
+            fn = distributed.global_round(fn, mesh, compiler_options=options)
+        return fn
+
+    # lora.mode: which factors the clients train and send in each round (ffa_jax.federated.modes).
+    return modes.mode_round(cfg.lora.mode, prep.trainable, make, client_update), server_opt
 
 
 def unit(cfg: RunConfig) -> str | None:

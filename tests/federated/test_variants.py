@@ -1,0 +1,226 @@
+"""The federated LoRA variants (lora.mode, ffa_jax.federated.modes): each mode's defining
+invariant, exact uplink/downlink bytes against the analytic count, refusals by name."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ffa_jax import lora
+from ffa_jax.config import LoRAConfig, ServerConfig
+from ffa_jax.errors import ConfigError
+from ffa_jax.federated import modes
+from ffa_jax.federated.client import DpParams, make_client_update
+from ffa_jax.federated.round import make_round
+from ffa_jax.federated.server import ServerDpParams, make_server_optimizer, server_init
+from ffa_jax.models.layers import Dense
+
+D_IN, D_H, N_LABELS, RANK, K = 12, 16, 3, 4, 3
+
+
+class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(Dense(D_H, name="query")(x))
+        h = h + jnp.tanh(Dense(D_H, name="value")(x))
+        return Dense(N_LABELS, name="head")(h)
+
+
+def loss_fn_for(module):
+    def loss_fn(trainable, frozen, ex):
+        logits = module.apply({"params": lora.combine(trainable, frozen)}, ex["x"][None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ex["label"])
+
+    return loss_fn
+
+
+def setup(mode, **lora_kw):
+    module = Tiny()
+    params = module.init(jax.random.key(0), jnp.zeros((1, D_IN)))["params"]
+    lp = lora.init(params, LoRAConfig(mode=mode, rank=RANK, alpha=8, **lora_kw), jax.random.key(1))
+    if mode in ("lora", "rolora"):
+        # Non-zero B so that A receives a gradient.
+        lp = jax.tree_util.tree_map(
+            lambda n: n.replace(b=0.1 * jax.random.normal(jax.random.key(5), n.b.shape))
+            if lora.is_lora(n)
+            else n,
+            lp,
+            is_leaf=lora.is_lora,
+        )
+    trainable, frozen = lora.split(lp, lora.trainable_mask(lp, mode, extra="head/.*"))
+    return module, lp, trainable, frozen
+
+
+def batches(seed):
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.normal(size=(K, 2, 8, D_IN)).astype(np.float32) * 3,
+        "label": rng.integers(0, N_LABELS, size=(K, 2, 8)).astype(np.int32),
+        "mask": rng.random((K, 2, 8)) < 0.8,
+    }
+
+
+def dp(sigma=1.0):
+    return DpParams(
+        clip_norm=jnp.full((K,), 0.5),
+        noise_multiplier=jnp.full((K,), sigma),
+        expected_batch_size=jnp.full((K,), 6.0),
+    )
+
+
+SERVER_DP = ServerDpParams(
+    clip_norm=np.float32(0.3), noise_multiplier=np.float32(1.0), expected_clients=np.float32(K)
+)
+UNITS = ("none", "sample", "client")
+
+
+def build(mode, unit, trainable, module, server=None):
+    cu = make_client_update(loss_fn_for(module), optax.sgd(0.5), private=unit == "sample")
+    opt = make_server_optimizer(server or ServerConfig())
+
+    def make(update):
+        return make_round(update, opt, client_level_dp=unit == "client")
+
+    return modes.mode_round(mode, trainable, make, cu), opt
+
+
+def run_round(round_fn, state, frozen, r, unit):
+    return round_fn(
+        state,
+        frozen,
+        batches(r),
+        jnp.ones(K),
+        jnp.arange(K),
+        dp(),
+        jax.random.key(7),
+        SERVER_DP if unit == "client" else None,
+    )
+
+
+def leaves(tree):
+    return {lora.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+HEAD_BYTES = 4 * (D_H * N_LABELS + N_LABELS)
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_rolora_untrained_factor_bit_identical_and_alternates(unit):
+    module, _, trainable, frozen = setup("rolora")
+    # Momentum: a zero update would still move the held factor; the mode must keep it.
+    round_fn, opt = build("rolora", unit, trainable, module, ServerConfig(optimizer="momentum"))
+    state = server_init(trainable, opt)
+    for r in range(4):
+        before = leaves(state.trainable)
+        state, _ = run_round(round_fn, state, frozen, r, unit)
+        after = leaves(state.trainable)
+        trained = "b" if r % 2 == 0 else "a"
+        held = "a" if trained == "b" else "b"
+        for p in before:
+            if p.endswith("/" + held):
+                np.testing.assert_array_equal(after[p], before[p])  # bit-identical
+            else:
+                assert not np.array_equal(after[p], before[p]), (r, p)
+
+
+def test_rolora_bytes_are_the_trained_factor_and_head():
+    _, _, trainable, _ = setup("rolora")
+    b_bytes = 2 * 4 * RANK * D_H  # two targets, b [r, d_out]
+    a_bytes = 2 * 4 * D_IN * RANK  # a [d_in, r]
+    assert modes.uplink_bytes("rolora", trainable, 0) == b_bytes + HEAD_BYTES
+    assert modes.uplink_bytes("rolora", trainable, 1) == a_bytes + HEAD_BYTES
+    assert modes.downlink_bytes("rolora", trainable, 3) == a_bytes + HEAD_BYTES
+    assert modes.mean_uplink_bytes("rolora", trainable) == (a_bytes + b_bytes) / 2 + HEAD_BYTES
+    names = sorted(leaves(modes.sent_tree("rolora", trainable, 1)))
+    assert names == ["head/bias", "head/kernel", "query/kernel/a", "value/kernel/a"]
+
+
+def test_rolora_sample_dp_noise_only_on_the_sent_factor():
+    """The restricted client update clips and noises the sent leaves only: its delta of the
+    held factor is exactly zero (nothing about it leaves the client)."""
+    module, _, trainable, frozen = setup("rolora")
+    cu = make_client_update(loss_fn_for(module), optax.sgd(0.5), private=True)
+    mask = modes.round_mask("rolora", trainable, 0)
+    one = jax.tree_util.tree_map(lambda x: x[0], (batches(0), dp()))
+    delta, _ = jax.jit(modes.restrict_client_update(cu, mask))(
+        trainable, frozen, *one, jax.random.key(3)
+    )
+    d = leaves(delta)
+    assert all(not d[p].any() for p in d if p.endswith("/a"))
+    assert all(d[p].any() for p in d if p.endswith("/b"))
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_fedsb_only_rxr_moves(unit):
+    module, lp, trainable, frozen = setup("fedsb")
+    assert sorted(leaves(trainable)) == [
+        "head/bias",
+        "head/kernel",
+        "query/kernel/mid",
+        "value/kernel/mid",
+    ]
+    assert modes.uplink_bytes("fedsb", trainable, 0) == 2 * 4 * RANK * RANK + HEAD_BYTES
+    round_fn, opt = build("fedsb", unit, trainable, module)
+    state = server_init(trainable, opt)
+    for r in range(2):
+        state, _ = run_round(round_fn, state, frozen, r, unit)
+    for p, n in lora.lora_nodes(state.trainable).items():
+        assert n.mid.shape == (RANK, RANK) and np.abs(np.asarray(n.mid)).max() > 0, p
+    # Everything else of the LoRA nodes (w0, a, b) is in the frozen tree: untouched.
+    final = lora.combine(state.trainable, frozen)
+    for p, n in lora.lora_nodes(final).items():
+        n0 = lora.lora_nodes(lp)[p]
+        for f in ("w0", "a", "b"):
+            np.testing.assert_array_equal(np.asarray(getattr(n, f)), np.asarray(getattr(n0, f)))
+
+
+@pytest.mark.parametrize("how", ["svd", "random"])
+def test_fedsb_init_and_peft_fold(how):
+    module, lp, _, _ = setup("fedsb", sb_init=how)
+    for n in lora.lora_nodes(lp).values():
+        np.testing.assert_allclose(np.asarray(n.b @ n.b.T), np.eye(RANK), atol=1e-5)
+        if how == "svd":
+            np.testing.assert_allclose(np.asarray(n.a.T @ n.a), np.eye(RANK), atol=1e-5)
+        assert not np.asarray(n.mid).any()  # starts as the base model
+    moved = jax.tree_util.tree_map(
+        lambda n: n.replace(mid=jax.random.normal(jax.random.key(2), (RANK, RANK)))
+        if lora.is_lora(n)
+        else n,
+        lp,
+        is_leaf=lora.is_lora,
+    )
+    folded = lora.fold_mid(moved)
+    for p, n in lora.lora_nodes(folded).items():
+        assert n.mid is None
+        np.testing.assert_allclose(
+            np.asarray(n.merged()), np.asarray(lora.lora_nodes(moved)[p].merged()), atol=1e-5
+        )
+    x = jnp.ones((2, D_IN))
+    np.testing.assert_allclose(
+        np.asarray(module.apply({"params": folded}, x)),
+        np.asarray(module.apply({"params": lora.merge(moved)}, x)),
+        atol=1e-5,
+    )
+
+
+def test_fedsb_refuses_init_from_by_name():
+    from ffa_jax.config import RunConfig
+
+    cfg = RunConfig(lora=LoRAConfig(mode="fedsb", init_from="/some/adapter"))
+    with pytest.raises(ConfigError, match="lora.init_from"):
+        modes.check_config(cfg)
+
+
+def test_unknown_mode_is_refused_by_name():
+    with pytest.raises(ConfigError, match="lora.mode"):
+        LoRAConfig(mode="fedfoo")
+
+
+@pytest.mark.parametrize("mode", ["ffa", "lora"])
+def test_paper_modes_bytes_unchanged(mode):
+    _, _, trainable, _ = setup(mode)
+    assert modes.uplink_bytes(mode, trainable, 0) == lora.tree_bytes(trainable)
+    expected = 2 * 4 * RANK * (D_H + (D_IN if mode == "lora" else 0)) + HEAD_BYTES
+    assert modes.uplink_bytes(mode, trainable, 5) == expected
