@@ -29,7 +29,7 @@ from ffa_jax.errors import ConfigError
 
 # ffa/lora: the paper's; the rest: the federated variants that followed it
 # (ffa_jax.federated.modes).
-LORA_MODES = ("ffa", "lora", "rolora", "fedsb")
+LORA_MODES = ("ffa", "lora", "rolora", "fedsb", "fedex", "fedsvd", "flora")
 A_INITS = ("uniform", "gaussian", "orthogonal")
 SB_INITS = ("svd", "random")
 DEFAULT_TARGETS = r".*(query|value|q_proj|v_proj)/kernel"
@@ -152,7 +152,11 @@ class LoRAConfig:
         ``"lora"`` (A and B trained and averaged separately), or one of the federated
         variants of :mod:`ffa_jax.federated.modes` (docs/variants.md): ``"rolora"`` (rounds
         alternate: B trained with A fixed, then A with B fixed; only the trained factor is
-        sent), ``"fedsb"`` (A and B frozen, an r x r matrix between them trained and sent).
+        sent), ``"fedsb"`` (A and B frozen, an r x r matrix between them trained and sent),
+        ``"fedex"`` (A and B averaged, the residual of exact aggregation folded into the base
+        weight), ``"fedsvd"`` (B trained, the server re-factorises B A by SVD every round),
+        ``"flora"`` (the clients' products summed into the base weight, A and B
+        re-initialised every round).
       rank: r.
       alpha: the update is ``(alpha / r) * B A``.
       targets: regular expression fullmatched against ``/``-joined parameter paths.

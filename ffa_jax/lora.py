@@ -51,6 +51,9 @@ TRAINED_FACTORS: dict[str, tuple[str, ...]] = {
     "lora": ("a", "b"),
     "rolora": ("a", "b"),
     "fedsb": ("mid",),
+    "fedex": ("a", "b"),
+    "flora": ("a", "b"),
+    "fedsvd": ("b",),
 }
 
 
@@ -144,6 +147,18 @@ def _init_a(key: jax.Array, d_in: int, rank: int, how: str, dtype) -> jax.Array:
     return jax.nn.initializers.orthogonal()(key, (d_in, rank), jnp.float32).astype(dtype)
 
 
+def path_key(key: jax.Array, path: str) -> jax.Array:
+    """The key of the LoRA node at ``path``: ``key`` folded with the path's crc32 (stable
+    across processes and Python hash seeds), so a node's draw does not depend on leaf order."""
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def draw_a(key: jax.Array, path: str, d_in: int, rank: int, how: str) -> jax.Array:
+    """A fresh ``a`` ``[d_in, rank]`` (float32) for the node at ``path``, drawn as
+    :func:`init` draws it from the shared ``key`` (``how``: ``lora.a_init``)."""
+    return _init_a(path_key(key, path), d_in, rank, how, jnp.float32)
+
+
 def target_paths(params: PyTree, targets: str) -> list[str]:
     """Paths of the leaves of ``params`` that ``targets`` fullmatches (2-D leaves only)."""
     pattern = re.compile(targets)
@@ -201,8 +216,7 @@ def init(params: PyTree, spec: LoRAConfig, key: jax.Array) -> PyTree:
             raise ConfigError(
                 f"lora.rank={spec.rank} exceeds the dimensions {leaf.shape} of target {p}; use a smaller rank."
             )
-        # crc32 of the path: stable across processes and Python hash seeds.
-        leaf_key = jax.random.fold_in(key, zlib.crc32(p.encode()) & 0x7FFFFFFF)
+        leaf_key = path_key(key, p)
         if spec.mode == "fedsb":
             return fedsb_node(leaf, leaf_key, spec)
         a = _init_a(leaf_key, d_in, spec.rank, spec.a_init, jnp.float32)
@@ -597,6 +611,7 @@ __all__ = [
     "attach",
     "combine",
     "dense",
+    "draw_a",
     "factor_mask",
     "fedsb_node",
     "fold_mid",
@@ -608,6 +623,7 @@ __all__ = [
     "lora_nodes",
     "merge",
     "merge_sharded",
+    "path_key",
     "path_str",
     "split",
     "target_paths",

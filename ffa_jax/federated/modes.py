@@ -22,6 +22,27 @@ Modes (``W = W0 + s * B A`` in the papers' layout; here ``w0 + s * a @ b`` with
   :func:`ffa_jax.lora.fedsb_node`), only the ``r x r`` matrix ``mid`` between them trained and
   sent: ``w0 + s * a @ mid @ b``. The update is linear in ``mid``, so averaging is exact.
 
+Modes with a server step after the aggregation (:data:`SERVER_RULES`; the step is a pure,
+jitted function of the round's releases and the server's state, its extra state in
+``ServerState.extra`` and so in every checkpoint):
+
+* ``fedex`` (FedEx-LoRA, Singhal et al. 2025, "Exact Aggregation for Federated and Efficient
+  Fine-Tuning of Foundation Models"): clients train ``a`` and ``b``; the server averages
+  them and folds the residual ``s * (mean_k(a_k @ b_k) - mean(a) @ mean(b))`` into the
+  frozen base weight (``extra["w0_delta"]``), so the effective weight is exactly the mean
+  of the clients' effective weights (:func:`fedex_step`).
+* ``flora`` (FLoRA, Wang et al. 2024, "FLoRA: Federated Fine-Tuning Large Language Models
+  with Heterogeneous Low-Rank Adaptations"): clients train ``a`` and ``b`` from a fresh
+  start; the server stacks the clients' factors (``A_stack = [a_1 .. a_K]``,
+  ``B_stack = [w_1 b_1; ..; w_K b_K]``), merges ``s * A_stack @ B_stack = s * sum_k w_k a_k
+  @ b_k`` into the base weight and re-initialises ``a`` (a new public draw) and ``b = 0``
+  (:func:`flora_step`).
+* ``fedsvd`` (FedSVD, "FedSVD: Adaptive Orthogonalization for Private Federated Learning
+  with LoRA", 2025): clients train ``b`` with ``a`` fixed (as FFA-LoRA); after averaging the
+  server re-factorises ``a @ b`` by SVD so that ``a`` has orthonormal columns (the paper's
+  orthonormal rows of A in PyTorch layout) and broadcasts the new ``a`` and ``b``
+  (:func:`fedsvd_step`, ``extra["a"]``).
+
 A classification head matched by the workload's head pattern is trained and sent in every
 round by every mode (it is a plain leaf, averaged like FedAvg).
 
@@ -35,6 +56,15 @@ pretrained weights) or the server's previous releases. Under client-level DP the
 clipped to ``privacy.client_clip_norm`` and the server noises the sum (DP-FedAvg); noise the
 server draws for the unsent factors is discarded, which is post-processing. The accountant
 is therefore the one of FFA-LoRA for every mode, with no change.
+
+The server steps are post-processing of what the clients released: FedSVD's SVD of the
+noised mean ``b`` times the public ``a`` is post-processing under either unit. FedEx's
+residual and FLoRA's stacked sum need each client's own factors ``a_k``, ``b_k``: under
+sample-level DP each upload is already a DP release (DP-SGD inside the client), so products
+of the noised ``a_k``, ``b_k`` are post-processing; under client-level DP the individual
+uploads are not noised (only their clipped sum is), so those products are not covered by
+the guarantee and the two modes are refused with ``privacy.unit: client``
+(:func:`check_config`).
 """
 
 from __future__ import annotations
@@ -48,6 +78,7 @@ import jax.numpy as jnp
 from ffa_jax import lora
 from ffa_jax.config import LORA_MODES, RunConfig
 from ffa_jax.errors import ConfigError
+from ffa_jax.federated.server import ServerState
 from ffa_jax.types import PyTree
 
 
@@ -64,6 +95,10 @@ class ModeSpec:
       peft: whether the trained model is a PEFT LoRA adapter (``W0 + s B A``) as it stands
         (Fed-SB's ``mid`` is folded into ``b`` at export, :func:`ffa_jax.lora.fold_mid`).
       init_from: whether ``lora.init_from`` (a PEFT adapter's A and B) can start this mode.
+      server_rule: the server step after aggregation (a key of :data:`SERVER_RULES`), or
+        None (plain FedAvg / the server optimiser).
+      client_products: the server step reads each client's own upload (FedEx's residual,
+        FLoRA's stack), not only their (noised) sum: refused under client-level DP.
     """
 
     name: str
@@ -71,6 +106,8 @@ class ModeSpec:
     schedule: tuple[tuple[str, ...], ...]
     peft: bool = True
     init_from: bool = True
+    server_rule: str | None = None
+    client_products: bool = False
 
     def sent(self, round_idx: int) -> tuple[str, ...]:
         """The factors trained and sent in round ``round_idx`` (0-based)."""
@@ -86,6 +123,23 @@ SPECS: dict[str, ModeSpec] = {
     "lora": ModeSpec(name="lora", title="LoRA", schedule=(("a", "b"),)),
     "rolora": ModeSpec(name="rolora", title="RoLoRA", schedule=(("b",), ("a",))),
     "fedsb": ModeSpec(name="fedsb", title="Fed-SB", schedule=(("mid",),), init_from=False),
+    "fedex": ModeSpec(
+        name="fedex",
+        title="FedEx-LoRA",
+        schedule=(("a", "b"),),
+        peft=False,
+        server_rule="fedex",
+        client_products=True,
+    ),
+    "fedsvd": ModeSpec(name="fedsvd", title="FedSVD", schedule=(("b",),), server_rule="fedsvd"),
+    "flora": ModeSpec(
+        name="flora",
+        title="FLoRA",
+        schedule=(("a", "b"),),
+        peft=False,
+        server_rule="flora",
+        client_products=True,
+    ),
 }
 assert tuple(SPECS) == LORA_MODES, "every lora.mode needs a ModeSpec"
 
@@ -109,6 +163,34 @@ def check_config(cfg: RunConfig) -> None:
         (Fed-SB's ``mid``).
     """
     s = spec(cfg.lora.mode)
+    private_clients = cfg.privacy.enabled and cfg.privacy.unit == "client"
+    if s.client_products and private_clients:
+        raise ConfigError(
+            f"lora.mode={s.name!r} with privacy.unit='client' is refused: the {s.title} server "
+            "step multiplies each client's own uploaded A and B, but under client-level DP "
+            "only their clipped sum is noised, so those products are not covered by the "
+            "guarantee. Use privacy.unit: sample (each upload is then a DP release), or "
+            "lora.mode: fedsvd / fedsb / rolora / ffa with client-level DP."
+        )
+    if s.server_rule is not None and cfg.server.optimizer != "sgd":
+        raise ConfigError(
+            f"server.optimizer={cfg.server.optimizer!r} with lora.mode={s.name!r} is refused: "
+            f"the {s.title} server step replaces the factors after the update, so a stateful "
+            "server optimiser's moments would refer to factors that no longer exist. Use "
+            "server.optimizer: sgd."
+        )
+    if s.client_products and cfg.server.learning_rate != 1.0:
+        raise ConfigError(
+            f"server.learning_rate={cfg.server.learning_rate!r} with lora.mode={s.name!r} is "
+            f"refused: {s.title}'s aggregation is exact for the clients' mean (FedAvg, "
+            "server.learning_rate: 1) only. Set server.learning_rate: 1."
+        )
+    if s.server_rule is not None and cfg.perf.model_devices != 1:
+        raise ConfigError(
+            f"perf.model_devices={cfg.perf.model_devices!r} with lora.mode={s.name!r} is not "
+            "supported: the server step keeps per-target state next to the frozen weights, "
+            "which is implemented for unsharded frozen trees only. Set perf.model_devices: 1."
+        )
     if cfg.lora.init_from is not None and not s.init_from:
         raise ConfigError(
             f"lora.init_from={cfg.lora.init_from!r} cannot start lora.mode={s.name!r}: a PEFT "
@@ -116,6 +198,18 @@ def check_config(cfg: RunConfig) -> None:
             "factors of its own init (lora.sb_init). Set lora.init_from: null, or use "
             "lora.mode: ffa or lora."
         )
+
+
+def no_adapter_note(mode: str) -> str:
+    """Why a run of ``mode`` writes no PEFT adapter (``ModeSpec.peft`` False)."""
+    s = spec(mode)
+    return (
+        f"lora.mode={s.name!r}: {s.title} folds the clients' updates into the base weights "
+        "(a full-rank d_in x d_out delta per target, in the checkpoint's server state), which "
+        "a PEFT LoRA adapter (W0 + s B A) cannot represent: no adapter.safetensors is written "
+        "and export-peft/generate/predict/eval refuse the run. Evaluate it during training "
+        "(eval.every)."
+    )
 
 
 def round_mask(mode: str, trainable: PyTree, round_idx: int) -> PyTree:
@@ -146,10 +240,45 @@ def mean_uplink_bytes(mode: str, trainable: PyTree) -> int | float:
     return total // cycle if total % cycle == 0 else total / cycle
 
 
-def downlink_bytes(mode: str, trainable: PyTree, round_idx: int) -> int:
-    """Bytes the server sends each participant after round ``round_idx``: the leaves that the
-    round's aggregate changed, i.e. the sent leaves (the others are bit-identical)."""
-    return uplink_bytes(mode, trainable, round_idx)
+def downlink_bytes(
+    mode: str, params: PyTree, trainable: PyTree, round_idx: int, participants: int = 1
+) -> int:
+    """Bytes the server sends each participant after round ``round_idx``. ``params``: the
+    full tree (factor shapes), ``trainable``: the server's trainable tree, ``participants``:
+    how many took part (FLoRA's stack grows with it). Analytic count per LoRA target
+    ``[d_in, d_out]`` of rank r, on top of the head's bytes:
+
+    * ffa / lora / rolora / fedsb: the leaves the aggregate changed, i.e. the sent ones (the
+      others are bit-identical): as :func:`uplink_bytes`.
+    * fedex: the averaged ``a`` and ``b`` plus the residual, ``4 (r (d_in + d_out) + d_in
+      d_out)``.
+    * fedsvd: the re-factorised ``a`` and ``b``, ``4 r (d_in + d_out)``.
+    * flora: the stacked factors of all participants, ``4 P r (d_in + d_out)`` (the fresh
+      ``a`` comes from the public seed and ``b = 0``: not sent).
+    """
+    s = spec(mode)
+    sent = uplink_bytes(mode, trainable, round_idx)
+    if s.server_rule is None:
+        return sent
+    sent_factors = sum(
+        lora.tree_bytes(getattr(n, f)) for n in _nodes(trainable) for f in s.sent(round_idx)
+    )
+    total = sent - sent_factors  # the head
+    for n in lora.lora_nodes(params).values():
+        d_in, r = n.a.shape
+        d_out = n.b.shape[1]
+        per_client = 4 * r * (d_in + d_out)
+        if s.server_rule == "fedex":
+            total += per_client + 4 * d_in * d_out
+        elif s.server_rule == "flora":
+            total += participants * per_client
+        else:  # fedsvd
+            total += per_client
+    return total
+
+
+def _nodes(tree: PyTree) -> list:
+    return list(lora.lora_nodes(tree).values())
 
 
 def restrict_client_update(client_update: Callable, mask: PyTree) -> Callable:
@@ -176,37 +305,224 @@ def keep_unsent(new: PyTree, old: PyTree, mask: PyTree) -> PyTree:
     return lora.combine(lora.split(new, mask)[0], lora.split(old, mask)[1])
 
 
-def mode_round(mode: str, trainable: PyTree, make: Callable[[Callable], Callable], client_update):
-    """The round function of ``mode``: ``make(client_update) -> round_fn`` builds the jitted
-    :func:`~ffa_jax.federated.round.make_round` (same signature and outputs); for a mode whose
-    clients train all of the server's tree in every round (ffa, lora, fedsb) it is returned
-    as it is. For an alternating mode (rolora) one executable per phase of the cycle is
-    built (compiled on first use), each with the client update restricted to that phase's
-    factors, and the call dispatches on ``state.round``; the unsent factors are restored
-    bit-identically after the server step."""
+def init_state(mode: str, state: ServerState, params: PyTree) -> ServerState:
+    """``state`` (from :func:`~ffa_jax.federated.server.server_init`) with the mode's extra
+    server state (``state.extra``): ``{"w0_delta": {target path: zeros [d_in, d_out]}}`` (fedex,
+    flora: what the server has folded into each base weight, float32) or ``{"a": {target
+    path: a [d_in, r]}}`` (fedsvd: the current, re-factorised ``a``); unchanged for the
+    other modes. ``params``: the run's full starting tree."""
+    rule = spec(mode).server_rule
+    nodes = lora.lora_nodes(params)
+    if rule in ("fedex", "flora"):
+        extra = {"w0_delta": {p: jnp.zeros(n.w0.shape, jnp.float32) for p, n in nodes.items()}}
+    elif rule == "fedsvd":
+        extra = {"a": {p: jnp.asarray(n.a, jnp.float32) for p, n in nodes.items()}}
+    else:
+        return state
+    return state._replace(extra=extra)
+
+
+def client_frozen(frozen: PyTree, extra: PyTree) -> PyTree:
+    """The frozen tree the clients compute with: ``frozen`` with the server's extra state
+    applied (``w0 + w0_delta``, in ``w0``'s dtype; FedSVD's current ``a``). ``extra`` None:
+    ``frozen`` itself."""
+    if extra is None:
+        return frozen
+
+    def one(path, x):
+        if not lora.is_lora(x):
+            return x
+        p = lora.path_str(path)
+        if "w0_delta" in extra:
+            x = x.replace(w0=(x.w0 + extra["w0_delta"][p]).astype(x.w0.dtype))
+        if "a" in extra:
+            x = x.replace(a=extra["a"][p])
+        return x
+
+    return jax.tree_util.tree_map_with_path(one, frozen, is_leaf=lora.is_lora)
+
+
+def model_params(state: ServerState, frozen: PyTree) -> PyTree:
+    """The global model of ``state``: its trainable tree joined with the frozen tree as the
+    clients see it (:func:`client_frozen`). For evaluation and export."""
+    return lora.combine(state.trainable, client_frozen(frozen, state.extra))
+
+
+def _client_weights(weights: jax.Array) -> jax.Array:
+    """``[K]`` normalised aggregation weights (0 for dummies), as in ``weighted_mean``."""
+    w = jnp.where(weights > 0, weights, 0.0).astype(jnp.float32)
+    return w / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def _client_factors(old: lora.LoRAWeight, delta: lora.LoRAWeight, w: jax.Array):
+    """Each client's ``a_k`` ``[K, d_in, r]`` and ``b_k`` ``[K, r, d_out]`` (server's factors
+    plus its upload), zero for dummy clients (``w == 0``) so that they add nothing."""
+    live = (w > 0)[:, None, None]
+    a_k = jnp.where(live, old.a[None] + delta.a, 0.0)
+    b_k = jnp.where(live, old.b[None] + delta.b, 0.0)
+    return a_k, b_k
+
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def fedex_step(old_trainable, new_trainable, deltas, weights, extra):
+    """FedEx-LoRA's exact aggregation (pure). ``old_trainable``: the server's tree before the
+    round; ``new_trainable``: after averaging (FedAvg: the clients' mean ``a`` and ``b``);
+    ``deltas``: the clients' uploads, leaves ``[K, ...]``; ``weights`` ``[K]``; ``extra``:
+    ``{"w0_delta": ...}``. Returns ``(new_trainable, extra)`` with, per target,
+    ``w0_delta += s * (sum_k w_k a_k @ b_k - mean(a) @ mean(b))``: the effective weight
+    ``w0 + w0_delta + s mean(a) @ mean(b)`` equals ``sum_k w_k (w0 + w0_delta_old + s a_k @
+    b_k)`` (float32 rounding aside)."""
+    w = _client_weights(weights)
+    olds, news, ds = (lora.lora_nodes(t) for t in (old_trainable, new_trainable, deltas))
+    w0_delta = {}
+    for p, n in news.items():
+        a_k, b_k = _client_factors(olds[p], ds[p], w)
+        mean_prod = jnp.einsum("k,kir,kro->io", w, a_k, b_k, precision=HIGHEST)
+        residual = mean_prod - jnp.matmul(n.a, n.b, precision=HIGHEST)
+        w0_delta[p] = extra["w0_delta"][p] + n.scale * residual
+    return new_trainable, {"w0_delta": w0_delta}
+
+
+def flora_stack(a_k: jax.Array, b_k: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """FLoRA's stacking: ``A_stack = [a_1 .. a_K]`` ``[d_in, K r]`` and ``B_stack = [w_1 b_1;
+    ..; w_K b_K]`` ``[K r, d_out]``, so ``A_stack @ B_stack = sum_k w_k a_k @ b_k`` (the
+    clients' ranks may differ: a client of rank ``r_k < r`` has zero columns / rows there)."""
+    k, d_in, r = a_k.shape
+    a_stack = jnp.moveaxis(a_k, 0, 1).reshape(d_in, k * r)
+    b_stack = (w[:, None, None] * b_k).reshape(k * r, b_k.shape[-1])
+    return a_stack, b_stack
+
+
+def flora_step(old_trainable, new_trainable, deltas, weights, extra, fresh_key, a_init):
+    """FLoRA's server step (pure): per target ``w0_delta += s * A_stack @ B_stack``
+    (:func:`flora_stack`), then ``a`` re-drawn from ``fresh_key`` (public: the shared LoRA key
+    folded with the number of rounds done) and ``b = 0``. Plain leaves (a head) keep their
+    FedAvg value. Returns ``(new_trainable, extra)``."""
+    w = _client_weights(weights)
+    olds, ds = lora.lora_nodes(old_trainable), lora.lora_nodes(deltas)
+    w0_delta = {}
+
+    def one(path, x):
+        if not lora.is_lora(x):
+            return x
+        p = lora.path_str(path)
+        a_k, b_k = _client_factors(olds[p], ds[p], w)
+        a_stack, b_stack = flora_stack(a_k, b_k, w)
+        merged = jnp.matmul(a_stack, b_stack, precision=HIGHEST)
+        w0_delta[p] = extra["w0_delta"][p] + x.scale * merged
+        d_in, r = x.a.shape
+        return x.replace(a=lora.draw_a(fresh_key, p, d_in, r, a_init), b=jnp.zeros_like(x.b))
+
+    trainable = jax.tree_util.tree_map_with_path(one, new_trainable, is_leaf=lora.is_lora)
+    return trainable, {"w0_delta": w0_delta}
+
+
+def fedsvd_step(new_trainable, extra):
+    """FedSVD's re-factorisation (pure): per target, ``a @ b`` (the current ``a``, the averaged
+    ``b``) = ``Q R b`` (QR of ``a``) = ``Q U S V^T`` (SVD of the ``r x r``-sized ``R b``), so
+    the new ``a = Q U`` has orthonormal columns and ``b = S V^T``; ``a @ b`` is unchanged
+    (float32 rounding aside). Returns ``(new_trainable, extra)``."""
+    a_new = {}
+
+    def one(path, x):
+        if not lora.is_lora(x):
+            return x
+        p = lora.path_str(path)
+        q, rr = jnp.linalg.qr(extra["a"][p])
+        u, sv, vt = jnp.linalg.svd(jnp.matmul(rr, x.b, precision=HIGHEST), full_matrices=False)
+        a_new[p] = jnp.matmul(q, u, precision=HIGHEST)
+        return x.replace(b=sv[:, None] * vt)
+
+    trainable = jax.tree_util.tree_map_with_path(one, new_trainable, is_leaf=lora.is_lora)
+    return trainable, {"a": a_new}
+
+
+def mode_round(
+    mode: str,
+    trainable: PyTree,
+    make: Callable[[Callable, bool], Callable],
+    client_update: Callable,
+    *,
+    return_deltas: bool = False,
+    lora_key: jax.Array | None = None,
+    a_init: str = "uniform",
+):
+    """The round function of ``mode``, with the signature and outputs of
+    :func:`~ffa_jax.federated.round.make_round`'s (``return_deltas``: also the releases).
+
+    ``make(client_update, return_deltas) -> round_fn`` builds the jitted round. For ffa, lora
+    and fedsb it is returned as it is. An alternating mode (rolora) gets one executable per
+    phase of its cycle (compiled on first use), each with the client update restricted to
+    that phase's factors; the call dispatches on ``state.round`` and the unsent factors are
+    restored bit-identically after the server step. A mode with a server rule gets the
+    clients' frozen tree from the server's extra state (:func:`client_frozen`) and its
+    server step (jitted, pure) after the aggregation. ``lora_key``: the shared public LoRA key
+    (FLoRA's re-initialisation draws from it); ``a_init``: ``lora.a_init``.
+    """
     s = spec(mode)
-    if not s.alternating:
-        return make(client_update)
+    if not s.alternating and s.server_rule is None:
+        return make(client_update, return_deltas)
+    need_releases = return_deltas or s.client_products
     masks = [round_mask(mode, trainable, t) for t in range(len(s.schedule))]
-    fns = [make(restrict_client_update(client_update, m)) for m in masks]
-    def round_fn(state, *args, **kwargs):
+    if s.alternating:
+        fns = [make(restrict_client_update(client_update, m), need_releases) for m in masks]
+    else:
+        fns = [make(client_update, need_releases)]
+    if s.server_rule == "fedex":
+        step = jax.jit(fedex_step)
+    elif s.server_rule == "flora":
+        if lora_key is None:
+            raise ValueError("lora.mode='flora' needs lora_key (the shared public LoRA key).")
+        step = jax.jit(flora_step, static_argnames="a_init")
+    elif s.server_rule == "fedsvd":
+        step = jax.jit(fedsvd_step)
+
+    def round_fn(state, frozen, batches, weights, *args, **kwargs):
         phase = int(jax.device_get(state.round)) % len(fns)
-        out = fns[phase](state, *args, **kwargs)
-        new_state = out[0]
-        trainable_ = keep_unsent(new_state.trainable, state.trainable, masks[phase])
-        return (new_state._replace(trainable=trainable_), *out[1:])
+        out = fns[phase](
+            state, client_frozen(frozen, state.extra), batches, weights, *args, **kwargs
+        )
+        new = out[0]
+        trainable_, extra = new.trainable, state.extra
+        if s.alternating:
+            trainable_ = keep_unsent(trainable_, state.trainable, masks[phase])
+        if s.server_rule == "fedex":
+            trainable_, extra = step(state.trainable, trainable_, out[2].deltas, weights, extra)
+        elif s.server_rule == "flora":
+            key = jax.random.fold_in(lora_key, new.round)
+            trainable_, extra = step(
+                state.trainable, trainable_, out[2].deltas, weights, extra, key, a_init=a_init
+            )
+        elif s.server_rule == "fedsvd":
+            trainable_, extra = step(trainable_, extra)
+        new = new._replace(trainable=trainable_, extra=extra)
+        return (new, out[1], out[2]) if return_deltas else (new, out[1])
 
     return round_fn
 
 
+SERVER_RULES = {"fedex": fedex_step, "flora": flora_step, "fedsvd": fedsvd_step}
+
+
 __all__ = [
+    "SERVER_RULES",
     "SPECS",
+    "client_frozen",
+    "fedex_step",
+    "fedsvd_step",
+    "flora_stack",
+    "flora_step",
+    "init_state",
+    "model_params",
     "ModeSpec",
     "check_config",
     "downlink_bytes",
     "keep_unsent",
     "mean_uplink_bytes",
     "mode_round",
+    "no_adapter_note",
     "restrict_client_update",
     "round_mask",
     "sent_tree",

@@ -26,11 +26,16 @@ PyTree = Any
 
 
 class ServerState(NamedTuple):
-    """The global model's trainable tree, the server optimiser state and the round counter."""
+    """The global model's trainable tree, the server optimiser state and the round counter.
+
+    ``extra``: state a ``lora.mode`` keeps besides the trainable tree (None: none, no leaves,
+    the checkpoint is unchanged), e.g. FedEx-LoRA's folded base-weight deltas or FedSVD's
+    re-factorised A (see :mod:`ffa_jax.federated.modes`)."""
 
     trainable: PyTree
     opt_state: optax.OptState
     round: jax.Array  # int32 scalar: rounds completed
+    extra: PyTree = None
 
 
 def make_server_optimizer(cfg: ServerConfig) -> optax.GradientTransformation:
@@ -72,7 +77,7 @@ def server_update(
     """Applies the server optimiser to the pseudo-gradient ``-mean_delta``."""
     pseudo_grad = jax.tree_util.tree_map(jnp.negative, mean_delta)
     updates, opt_state = optimizer.update(pseudo_grad, state.opt_state, state.trainable)
-    return ServerState(
+    return state._replace(
         trainable=optax.apply_updates(state.trainable, updates),
         opt_state=opt_state,
         round=state.round + 1,

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ffa_jax import allocator, distributed, lora
 from ffa_jax import checkpoint as ckpt_lib
@@ -125,7 +126,10 @@ def train(
     a_hash = ckpt_lib.a_matrices_hash(prep.params)
     d_hash = ckpt_lib.data_hash([prep.train_arrays, prep.test_arrays], prep.client_indices)
     round_fn, server_opt = build_round(prep)
-    state = jax.device_get(server_init(prep.trainable, server_opt))
+    # lora.mode's extra server state (FedEx/FLoRA base deltas, FedSVD's A), checkpointed.
+    state = jax.device_get(
+        modes.init_state(cfg.lora.mode, server_init(prep.trainable, server_opt), prep.params)
+    )
     history: list[dict[str, Any]] = []
     start = 0
     if restored is not None:
@@ -200,11 +204,13 @@ def train(
                 m,
                 loss,
                 modes.uplink_bytes(cfg.lora.mode, prep.trainable, r),
-                downlink_bytes=modes.downlink_bytes(cfg.lora.mode, prep.trainable, r),
+                downlink_bytes=modes.downlink_bytes(
+                    cfg.lora.mode, prep.params, prep.trainable, r, int(np.sum(inp.slots >= 0))
+                ),
             )
             is_last = r + 1 == cfg.federated.rounds
             if is_last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
-                record.update(evaluate(prep, lora.combine(state.trainable, prep.frozen)))
+                record.update(evaluate(prep, modes.model_params(state, prep.frozen)))
             record["seconds"] = time.time() - t0
             history.append(record)
             mf.write(metric_line(record))
@@ -229,12 +235,14 @@ def train(
     if bar is not None:
         bar.close()
 
-    final_params = lora.combine(state.trainable, prep.frozen)
-    if primary:
+    final_params = modes.model_params(state, prep.frozen)
+    if primary and modes.spec(cfg.lora.mode).peft:
         # Fed-SB's r x r matrix folded into B: a plain LoRA adapter (W0 + s B A).
         save_adapter(
             out / ADAPTER_FILE, lora.fold_mid(final_params), cfg, head_pattern=wl.head_pattern
         )
+    elif primary:
+        log(modes.no_adapter_note(cfg.lora.mode))
     summary = {
         "run_dir": str(out),
         **wl.summary_fields(history),

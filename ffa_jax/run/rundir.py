@@ -199,8 +199,7 @@ def round_record(
     counts = {
         "participants": n_part,
         "uplink_bytes": per_client_bytes * n_part,
-        "downlink_bytes": (per_client_bytes if downlink_bytes is None else downlink_bytes)
-        * n_part,
+        "downlink_bytes": (per_client_bytes if downlink_bytes is None else downlink_bytes) * n_part,
     }
     if unit(cfg) == "client":
         norms = np.asarray(c.delta_norm)[real]

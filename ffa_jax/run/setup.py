@@ -177,11 +177,16 @@ def prepare(
     )
 
 
+def lora_key(cfg: RunConfig) -> jax.Array:
+    """The shared, public LoRA key (A's init; FLoRA's re-initialisations fold in the round)."""
+    return jax.random.fold_in(root_key(cfg), KEY_LORA_A)
+
+
 def initial_params(cfg: RunConfig, base_params: PyTree) -> PyTree:
     """The run's starting tree: LoRA nodes at ``lora.targets`` with A from the public seed and
     B = 0 (:func:`ffa_jax.lora.init`), or, with ``lora.init_from``, A, B and the saved head of
     that PEFT adapter (:func:`ffa_jax.models.peft.init_from_adapter`)."""
-    params = lora.init(base_params, cfg.lora, jax.random.fold_in(root_key(cfg), KEY_LORA_A))
+    params = lora.init(base_params, cfg.lora, lora_key(cfg))
     if cfg.lora.init_from is not None:
         from ffa_jax.models.peft import init_from_adapter
 
@@ -282,14 +287,14 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
     # jax takes compile options only on the outermost jit: global_round's when multi-process.
     options = train_compiler_options(prep)
 
-    def make(update):
+    def make(update, releases):
         fn = make_round(
             update,
             server_opt,
             clients_per_chunk=cfg.perf.clients_per_chunk,
             mesh=mesh,
             client_level_dp=unit(cfg) == "client",
-            return_deltas=return_deltas,
+            return_deltas=releases,
             compiler_options=None if multi else options,
         )
         if multi:
@@ -298,7 +303,16 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
         return fn
 
     # lora.mode: which factors the clients train and send in each round (ffa_jax.federated.modes).
-    return modes.mode_round(cfg.lora.mode, prep.trainable, make, client_update), server_opt
+    fn = modes.mode_round(
+        cfg.lora.mode,
+        prep.trainable,
+        make,
+        client_update,
+        return_deltas=return_deltas,
+        lora_key=lora_key(cfg),
+        a_init=cfg.lora.a_init,
+    )
+    return fn, server_opt
 
 
 def unit(cfg: RunConfig) -> str | None:

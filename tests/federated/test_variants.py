@@ -40,12 +40,14 @@ def setup(mode, **lora_kw):
     module = Tiny()
     params = module.init(jax.random.key(0), jnp.zeros((1, D_IN)))["params"]
     lp = lora.init(params, LoRAConfig(mode=mode, rank=RANK, alpha=8, **lora_kw), jax.random.key(1))
-    if mode in ("lora", "rolora"):
+    if mode in ("lora", "rolora", "fedex", "fedsvd"):
         # Non-zero B so that A receives a gradient.
         lp = jax.tree_util.tree_map(
-            lambda n: n.replace(b=0.1 * jax.random.normal(jax.random.key(5), n.b.shape))
-            if lora.is_lora(n)
-            else n,
+            lambda n: (
+                n.replace(b=0.1 * jax.random.normal(jax.random.key(5), n.b.shape))
+                if lora.is_lora(n)
+                else n
+            ),
             lp,
             is_leaf=lora.is_lora,
         )
@@ -76,14 +78,18 @@ SERVER_DP = ServerDpParams(
 UNITS = ("none", "sample", "client")
 
 
-def build(mode, unit, trainable, module, server=None):
+LORA_KEY = jax.random.key(1)
+
+
+def build(mode, unit, trainable, module, server=None, return_deltas=False):
     cu = make_client_update(loss_fn_for(module), optax.sgd(0.5), private=unit == "sample")
     opt = make_server_optimizer(server or ServerConfig())
 
-    def make(update):
-        return make_round(update, opt, client_level_dp=unit == "client")
+    def make(update, releases):
+        return make_round(update, opt, client_level_dp=unit == "client", return_deltas=releases)
 
-    return modes.mode_round(mode, trainable, make, cu), opt
+    fn = modes.mode_round(mode, trainable, make, cu, return_deltas=return_deltas, lora_key=LORA_KEY)
+    return fn, opt
 
 
 def run_round(round_fn, state, frozen, r, unit):
@@ -185,9 +191,11 @@ def test_fedsb_init_and_peft_fold(how):
             np.testing.assert_allclose(np.asarray(n.a.T @ n.a), np.eye(RANK), atol=1e-5)
         assert not np.asarray(n.mid).any()  # starts as the base model
     moved = jax.tree_util.tree_map(
-        lambda n: n.replace(mid=jax.random.normal(jax.random.key(2), (RANK, RANK)))
-        if lora.is_lora(n)
-        else n,
+        lambda n: (
+            n.replace(mid=jax.random.normal(jax.random.key(2), (RANK, RANK)))
+            if lora.is_lora(n)
+            else n
+        ),
         lp,
         is_leaf=lora.is_lora,
     )
@@ -224,3 +232,123 @@ def test_paper_modes_bytes_unchanged(mode):
     assert modes.uplink_bytes(mode, trainable, 0) == lora.tree_bytes(trainable)
     expected = 2 * 4 * RANK * (D_H + (D_IN if mode == "lora" else 0)) + HEAD_BYTES
     assert modes.uplink_bytes(mode, trainable, 5) == expected
+
+
+def f64(x):
+    return np.asarray(x, np.float64)
+
+
+@pytest.mark.parametrize("unit", ["none", "sample"])
+def test_fedex_effective_weight_is_the_mean_of_the_clients(unit):
+    module, lp, trainable, frozen = setup("fedex")
+    round_fn, opt = build("fedex", unit, trainable, module, return_deltas=True)
+    state = modes.init_state("fedex", server_init(trainable, opt), lp)
+    w = np.ones(K) / K
+    for r in range(2):
+        new, _, rel = run_round(round_fn, state, frozen, r, unit)
+        old_nodes = lora.lora_nodes(modes.model_params(state, frozen))
+        new_nodes = lora.lora_nodes(modes.model_params(new, frozen))
+        deltas = lora.lora_nodes(rel.deltas)
+        for p, n in new_nodes.items():
+            o, d = old_nodes[p], deltas[p]
+            clients = [
+                f64(o.w0) + o.scale * (f64(o.a) + f64(d.a[k])) @ (f64(o.b) + f64(d.b[k]))
+                for k in range(K)
+            ]
+            expected = sum(wk * c for wk, c in zip(w, clients, strict=True))
+            np.testing.assert_allclose(f64(n.merged()), expected, rtol=0, atol=2e-6)
+            # The residual really is folded in: without it the mean would not be matched.
+            assert np.abs(f64(new.extra["w0_delta"][p])).max() > 0
+        state = new
+
+
+def test_fedex_and_flora_refused_with_client_level_dp_and_stateful_server():
+    from ffa_jax.config import PrivacyConfig, RunConfig
+
+    for mode in ("fedex", "flora"):
+        cfg = RunConfig(lora=LoRAConfig(mode=mode), privacy=PrivacyConfig(unit="client"))
+        with pytest.raises(ConfigError, match="privacy.unit='client'"):
+            modes.check_config(cfg)
+        cfg = RunConfig(lora=LoRAConfig(mode=mode), server=ServerConfig(learning_rate=0.5))
+        with pytest.raises(ConfigError, match="server.learning_rate"):
+            modes.check_config(cfg)
+    for mode in ("fedex", "flora", "fedsvd"):
+        cfg = RunConfig(lora=LoRAConfig(mode=mode), server=ServerConfig(optimizer="adam"))
+        with pytest.raises(ConfigError, match="server.optimizer"):
+            modes.check_config(cfg)
+    # Client-level DP is fine where only the noised sum is post-processed.
+    for mode in ("fedsvd", "fedsb", "rolora"):
+        modes.check_config(
+            RunConfig(lora=LoRAConfig(mode=mode), privacy=PrivacyConfig(unit="client"))
+        )
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_fedsvd_a_orthonormal_after_each_round_and_product_kept(unit):
+    module, lp, trainable, frozen = setup("fedsvd")
+    assert sorted(leaves(trainable)) == [
+        "head/bias",
+        "head/kernel",
+        "query/kernel/b",
+        "value/kernel/b",
+    ]
+    round_fn, opt = build("fedsvd", unit, trainable, module, return_deltas=True)
+    state = modes.init_state("fedsvd", server_init(trainable, opt), lp)
+    for r in range(2):
+        new, _, rel = run_round(round_fn, state, frozen, r, unit)
+        for p, n in lora.lora_nodes(new.trainable).items():
+            a_old, a_new = f64(state.extra["a"][p]), f64(new.extra["a"][p])
+            np.testing.assert_allclose(a_new.T @ a_new, np.eye(RANK), atol=1e-5)
+            b_avg = f64(lora.lora_nodes(state.trainable)[p].b) + f64(
+                lora.lora_nodes(rel.mean_delta)[p].b
+            )
+            np.testing.assert_allclose(a_new @ f64(n.b), a_old @ b_avg, atol=1e-5)
+        # The clients compute with the server's current a.
+        got = lora.lora_nodes(modes.client_frozen(frozen, new.extra))
+        for p, n in got.items():
+            np.testing.assert_array_equal(np.asarray(n.a), np.asarray(new.extra["a"][p]))
+        state = new
+
+
+def test_flora_stack_product_is_the_sum_of_products():
+    rng = np.random.default_rng(0)
+    a_k = jnp.asarray(rng.normal(size=(3, 5, 2)), jnp.float32)
+    b_k = jnp.asarray(rng.normal(size=(3, 2, 7)), jnp.float32)
+    w = jnp.asarray([0.2, 0.5, 0.3], jnp.float32)
+    a_s, b_s = modes.flora_stack(a_k, b_k, w)
+    assert a_s.shape == (5, 6) and b_s.shape == (6, 7)
+    expected = sum(float(w[k]) * f64(a_k[k]) @ f64(b_k[k]) for k in range(3))
+    np.testing.assert_allclose(f64(a_s) @ f64(b_s), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("unit", ["none", "sample"])
+def test_flora_merges_the_stacked_products_and_reinitialises(unit):
+    module, lp, trainable, frozen = setup("flora")
+    round_fn, opt = build("flora", unit, trainable, module, return_deltas=True)
+    state = modes.init_state("flora", server_init(trainable, opt), lp)
+    for r in range(2):
+        new, _, rel = run_round(round_fn, state, frozen, r, unit)
+        olds, deltas = lora.lora_nodes(state.trainable), lora.lora_nodes(rel.deltas)
+        for p, n in lora.lora_nodes(new.trainable).items():
+            o, d = olds[p], deltas[p]
+            merged = sum((f64(o.a) + f64(d.a[k])) @ (f64(o.b) + f64(d.b[k])) / K for k in range(K))
+            step = f64(new.extra["w0_delta"][p]) - f64(state.extra["w0_delta"][p])
+            np.testing.assert_allclose(step, n.scale * merged, atol=2e-6)
+            assert not np.asarray(n.b).any()  # re-initialised: b = 0
+            fresh = lora.draw_a(jax.random.fold_in(LORA_KEY, r + 1), p, D_IN, RANK, "uniform")
+            np.testing.assert_array_equal(np.asarray(n.a), np.asarray(fresh))
+        state = new
+
+
+def test_server_rule_downlink_bytes_analytic():
+    targets, d_in, d_out, r = 2, D_IN, D_H, RANK
+    per = 4 * r * (d_in + d_out)
+    for mode, expected in (
+        ("fedex", targets * (per + 4 * d_in * d_out)),
+        ("fedsvd", targets * per),
+        ("flora", targets * 5 * per),
+    ):
+        _, lp, trainable, _ = setup(mode)
+        assert modes.downlink_bytes(mode, lp, trainable, 0, participants=5) == expected + HEAD_BYTES
+    _, lp, trainable, _ = setup("fedsvd")
+    assert modes.uplink_bytes("fedsvd", trainable, 0) == targets * 4 * r * d_out + HEAD_BYTES
