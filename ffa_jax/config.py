@@ -29,7 +29,7 @@ from ffa_jax.errors import ConfigError
 
 # ffa/lora: the paper's; the rest: the federated variants that followed it
 # (ffa_jax.federated.modes).
-LORA_MODES = ("ffa", "lora", "rolora", "fedsb", "fedex", "fedsvd", "flora")
+LORA_MODES = ("ffa", "lora", "fedsa", "rolora", "fedsb", "fedex", "fedsvd", "flora")
 A_INITS = ("uniform", "gaussian", "orthogonal")
 SB_INITS = ("svd", "random")
 DEFAULT_TARGETS = r".*(query|value|q_proj|v_proj)/kernel"
@@ -150,7 +150,8 @@ class LoRAConfig:
     Attributes:
       mode: ``"ffa"`` (A frozen at its shared random init, only B trained and sent),
         ``"lora"`` (A and B trained and averaged separately), or one of the federated
-        variants of :mod:`ffa_jax.federated.modes` (docs/variants.md): ``"rolora"`` (rounds
+        variants of :mod:`ffa_jax.federated.modes` (docs/variants.md): ``"fedsa"`` (A and B
+        trained, only A sent and averaged, each client keeps its own B), ``"rolora"`` (rounds
         alternate: B trained with A fixed, then A with B fixed; only the trained factor is
         sent), ``"fedsb"`` (A and B frozen, an r x r matrix between them trained and sent),
         ``"fedex"`` (A and B averaged, the residual of exact aggregation folded into the base

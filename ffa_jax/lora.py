@@ -54,6 +54,8 @@ TRAINED_FACTORS: dict[str, tuple[str, ...]] = {
     "fedex": ("a", "b"),
     "flora": ("a", "b"),
     "fedsvd": ("b",),
+    # FedSA-LoRA: the server holds (and averages) A only; each client trains A and its own B.
+    "fedsa": ("a",),
 }
 
 

@@ -12,6 +12,13 @@ Modes (``W = W0 + s * B A`` in the papers' layout; here ``w0 + s * a @ b`` with
 
 * ``ffa`` (FFA-LoRA, Sun et al. 2024): ``a`` frozen (shared seed), ``b`` trained and sent.
 * ``lora``: ``a`` and ``b`` trained and sent, averaged separately.
+* ``fedsa`` (FedSA-LoRA, Guo et al. 2025, "Selective Aggregation for Low-Rank Adaptation in
+  Federated Learning"): clients train ``a`` and ``b``; only ``a`` is sent and averaged,
+  each client keeps its own ``b`` across rounds (``ServerState.extra["client_b"]``, leaves
+  ``[N clients, r, d_out]``: in a simulation the server holds it for the clients, and
+  checkpoints it; no server computation reads it). The global model evaluated is the mean of
+  the personalised models, ``w0 + s * a @ mean_k(b_k)`` (exact: ``a`` is shared), and each
+  personalised model is evaluated too (``eval_clients``).
 * ``rolora`` (RoLoRA, Chen et al. 2024, "Robust Federated Finetuning of LLMs via Alternating
   Optimization of LoRA"): even rounds (0, 2, ...) train and send ``b`` with ``a`` fixed, odd
   rounds train and send ``a`` with ``b`` fixed. Averaging one factor while the other is the
@@ -57,6 +64,13 @@ clipped to ``privacy.client_clip_norm`` and the server noises the sum (DP-FedAvg
 server draws for the unsent factors is discarded, which is post-processing. The accountant
 is therefore the one of FFA-LoRA for every mode, with no change.
 
+FedSA-LoRA: a client's ``b`` never leaves it. Under sample-level DP every local step is
+DP-SGD on (``a``, ``b``, head) jointly, so the uploaded ``a`` and the kept ``b`` are both
+post-processing of DP releases (and so are the personalised models' evaluations). Under
+client-level DP the uploaded ``a`` would be covered, but the model the run evaluates and
+exports (the personalised models and their mean) is built from the un-noised ``b_k``, which
+the guarantee does not cover: FedSA-LoRA with ``privacy.unit: client`` is refused.
+
 The server steps are post-processing of what the clients released: FedSVD's SVD of the
 noised mean ``b`` times the public ``a`` is post-processing under either unit. FedEx's
 residual and FLoRA's stacked sum need each client's own factors ``a_k``, ``b_k``: under
@@ -99,6 +113,8 @@ class ModeSpec:
         None (plain FedAvg / the server optimiser).
       client_products: the server step reads each client's own upload (FedEx's residual,
         FLoRA's stack), not only their (noised) sum: refused under client-level DP.
+      client_state: the factor each client trains and keeps to itself across rounds (never
+        sent; FedSA-LoRA's ``"b"``), or None.
     """
 
     name: str
@@ -108,6 +124,7 @@ class ModeSpec:
     init_from: bool = True
     server_rule: str | None = None
     client_products: bool = False
+    client_state: str | None = None
 
     def sent(self, round_idx: int) -> tuple[str, ...]:
         """The factors trained and sent in round ``round_idx`` (0-based)."""
@@ -121,6 +138,9 @@ class ModeSpec:
 SPECS: dict[str, ModeSpec] = {
     "ffa": ModeSpec(name="ffa", title="FFA-LoRA", schedule=(("b",),)),
     "lora": ModeSpec(name="lora", title="LoRA", schedule=(("a", "b"),)),
+    "fedsa": ModeSpec(
+        name="fedsa", title="FedSA-LoRA", schedule=(("a",),), client_state="b", init_from=False
+    ),
     "rolora": ModeSpec(name="rolora", title="RoLoRA", schedule=(("b",), ("a",))),
     "fedsb": ModeSpec(name="fedsb", title="Fed-SB", schedule=(("mid",),), init_from=False),
     "fedex": ModeSpec(
@@ -172,6 +192,14 @@ def check_config(cfg: RunConfig) -> None:
             "guarantee. Use privacy.unit: sample (each upload is then a DP release), or "
             "lora.mode: fedsvd / fedsb / rolora / ffa with client-level DP."
         )
+    if s.client_state is not None and private_clients:
+        raise ConfigError(
+            f"lora.mode={s.name!r} with privacy.unit='client' is refused: each client keeps its "
+            f"own B, which client-level DP does not noise, and the run evaluates and exports "
+            "the personalised models (and their mean) built from those B, so its outputs "
+            "would not be covered by the guarantee. Use privacy.unit: sample (every local "
+            "step is then DP-SGD on A and B), or lora.mode: ffa / fedsvd / fedsb / rolora."
+        )
     if s.server_rule is not None and cfg.server.optimizer != "sgd":
         raise ConfigError(
             f"server.optimizer={cfg.server.optimizer!r} with lora.mode={s.name!r} is refused: "
@@ -192,11 +220,15 @@ def check_config(cfg: RunConfig) -> None:
             "which is implemented for unsharded frozen trees only. Set perf.model_devices: 1."
         )
     if cfg.lora.init_from is not None and not s.init_from:
+        why = (
+            "trains an r x r matrix between frozen factors of its own init (lora.sb_init)"
+            if s.name == "fedsb"
+            else "keeps a B per client, which one adapter's B does not give"
+        )
         raise ConfigError(
             f"lora.init_from={cfg.lora.init_from!r} cannot start lora.mode={s.name!r}: a PEFT "
-            f"adapter holds A and B, but {s.title} trains an r x r matrix between frozen "
-            "factors of its own init (lora.sb_init). Set lora.init_from: null, or use "
-            "lora.mode: ffa or lora."
+            f"adapter holds one A and B, but {s.title} {why}. Set lora.init_from: null, or "
+            "use lora.mode: ffa or lora."
         )
 
 
@@ -305,21 +337,64 @@ def keep_unsent(new: PyTree, old: PyTree, mask: PyTree) -> PyTree:
     return lora.combine(lora.split(new, mask)[0], lora.split(old, mask)[1])
 
 
-def init_state(mode: str, state: ServerState, params: PyTree) -> ServerState:
+def init_state(
+    mode: str, state: ServerState, params: PyTree, num_clients: int | None = None
+) -> ServerState:
     """``state`` (from :func:`~ffa_jax.federated.server.server_init`) with the mode's extra
     server state (``state.extra``): ``{"w0_delta": {target path: zeros [d_in, d_out]}}`` (fedex,
     flora: what the server has folded into each base weight, float32) or ``{"a": {target
-    path: a [d_in, r]}}`` (fedsvd: the current, re-factorised ``a``); unchanged for the
-    other modes. ``params``: the run's full starting tree."""
-    rule = spec(mode).server_rule
+    path: a [d_in, r]}}`` (fedsvd: the current, re-factorised ``a``) or ``{"client_b": {target
+    path: [num_clients, r, d_out]}}`` (fedsa: each client's own ``b``, :func:`client_b`);
+    unchanged for the other modes. ``params``: the run's full starting tree;
+    ``num_clients``: ``federated.clients``."""
+    s = spec(mode)
+    rule = s.server_rule
     nodes = lora.lora_nodes(params)
-    if rule in ("fedex", "flora"):
+    if s.client_state == "b":
+        if num_clients is None:
+            raise ValueError(f"lora.mode={mode!r} keeps per-client state: pass num_clients.")
+        extra = {"client_b": client_b(params, num_clients)}
+    elif rule in ("fedex", "flora"):
         extra = {"w0_delta": {p: jnp.zeros(n.w0.shape, jnp.float32) for p, n in nodes.items()}}
     elif rule == "fedsvd":
         extra = {"a": {p: jnp.asarray(n.a, jnp.float32) for p, n in nodes.items()}}
     else:
         return state
     return state._replace(extra=extra)
+
+
+def client_b(params: PyTree, num_clients: int) -> dict[str, jax.Array]:
+    """FedSA-LoRA's initial per-client B: ``{target path: [num_clients, r, d_out]}``, every
+    client starting from the run's initial ``b`` (zero unless ``lora.init_from``)."""
+    return {
+        p: jnp.broadcast_to(jnp.asarray(n.b, jnp.float32), (num_clients, *n.b.shape))
+        for p, n in lora.lora_nodes(params).items()
+    }
+
+
+def fedsa_client_update(client_update: Callable) -> Callable:
+    """FedSA-LoRA's client: ``client_update`` (of :func:`ffa_jax.federated.client.
+    make_client_update`) run on (the server's ``a`` and head, this client's own ``b``),
+    returning ``(upload, metrics, new b)``: the upload is the delta of ``a`` and the head
+    only (the server tree's structure); the new ``b`` (``{path: [r, d_out]}``) stays with the
+    client (``make_round``'s ``client_state``). Signature: ``(trainable, frozen, batches, dp,
+    key, extra_grad_sums, own_b)``."""
+
+    def update(trainable, frozen, batches, dp, key, extra_grad_sums, own_b):
+        def with_b(path, x):
+            return x.replace(b=own_b[lora.path_str(path)]) if lora.is_lora(x) else x
+
+        def without_b(x):
+            return x.replace(b=None) if lora.is_lora(x) else x
+
+        mine = jax.tree_util.tree_map_with_path(with_b, trainable, is_leaf=lora.is_lora)
+        rest = jax.tree_util.tree_map(without_b, frozen, is_leaf=lora.is_lora)
+        delta, metrics = client_update(mine, rest, batches, dp, key, extra_grad_sums)
+        new_b = {p: own_b[p] + n.b for p, n in lora.lora_nodes(delta).items()}
+        upload = jax.tree_util.tree_map(without_b, delta, is_leaf=lora.is_lora)
+        return upload, metrics, new_b
+
+    return update
 
 
 def client_frozen(frozen: PyTree, extra: PyTree) -> PyTree:
@@ -337,9 +412,18 @@ def client_frozen(frozen: PyTree, extra: PyTree) -> PyTree:
             x = x.replace(w0=(x.w0 + extra["w0_delta"][p]).astype(x.w0.dtype))
         if "a" in extra:
             x = x.replace(a=extra["a"][p])
+        if "client_b" in extra:
+            # FedSA-LoRA: the personalised models' mean (exact, a is shared).
+            x = x.replace(b=jnp.mean(extra["client_b"][p], axis=0))
         return x
 
     return jax.tree_util.tree_map_with_path(one, frozen, is_leaf=lora.is_lora)
+
+
+def personal_params(state: ServerState, frozen: PyTree, client: int) -> PyTree:
+    """FedSA-LoRA: client ``client``'s personalised model (the shared ``a``, its own ``b``)."""
+    own = {p: x[client][None] for p, x in state.extra["client_b"].items()}
+    return model_params(state._replace(extra={"client_b": own}), frozen)
 
 
 def model_params(state: ServerState, frozen: PyTree) -> PyTree:
@@ -462,9 +546,11 @@ def mode_round(
     (FLoRA's re-initialisation draws from it); ``a_init``: ``lora.a_init``.
     """
     s = spec(mode)
-    if not s.alternating and s.server_rule is None:
+    if not s.alternating and s.server_rule is None and s.client_state is None:
         return make(client_update, return_deltas)
-    need_releases = return_deltas or s.client_products
+    need_releases = return_deltas or s.client_products or s.client_state is not None
+    if s.client_state is not None:
+        client_update = fedsa_client_update(client_update)
     masks = [round_mask(mode, trainable, t) for t in range(len(s.schedule))]
     if s.alternating:
         fns = [make(restrict_client_update(client_update, m), need_releases) for m in masks]
@@ -479,13 +565,18 @@ def mode_round(
     elif s.server_rule == "fedsvd":
         step = jax.jit(fedsvd_step)
 
-    def round_fn(state, frozen, batches, weights, *args, **kwargs):
+    def round_fn(state, frozen, batches, weights, client_ids, *args, **kwargs):
         phase = int(jax.device_get(state.round)) % len(fns)
-        out = fns[phase](
-            state, client_frozen(frozen, state.extra), batches, weights, *args, **kwargs
-        )
+        view = client_frozen(frozen, state.extra)
+        if s.client_state is not None:
+            kwargs["client_state"] = gather_clients(state.extra["client_b"], client_ids)
+            view = frozen  # the clients bring their own b
+        out = fns[phase](state, view, batches, weights, client_ids, *args, **kwargs)
         new = out[0]
         trainable_, extra = new.trainable, state.extra
+        if s.client_state is not None:
+            rows = out[2].client_states
+            extra = {"client_b": scatter_clients(extra["client_b"], client_ids, rows)}
         if s.alternating:
             trainable_ = keep_unsent(trainable_, state.trainable, masks[phase])
         if s.server_rule == "fedex":
@@ -503,6 +594,21 @@ def mode_round(
     return round_fn
 
 
+def gather_clients(per_client: PyTree, client_ids) -> PyTree:
+    """Rows ``client_ids`` (``[P]``; ids >= N are dummy slots: row 0, unused) of the
+    ``[N, ...]`` leaves of ``per_client``."""
+    ids = jnp.asarray(client_ids)
+    n = jax.tree_util.tree_leaves(per_client)[0].shape[0]
+    return jax.tree_util.tree_map(lambda x: x[jnp.where(ids < n, ids, 0)], per_client)
+
+
+def scatter_clients(per_client: PyTree, client_ids, rows: PyTree) -> PyTree:
+    """``per_client`` with rows ``client_ids`` replaced by ``rows`` (``[P, ...]``); dummy slots
+    (ids >= N) write nothing."""
+    ids = jnp.asarray(client_ids)
+    return jax.tree_util.tree_map(lambda x, r: x.at[ids].set(r, mode="drop"), per_client, rows)
+
+
 SERVER_RULES = {"fedex": fedex_step, "flora": flora_step, "fedsvd": fedsvd_step}
 
 
@@ -514,6 +620,11 @@ __all__ = [
     "fedsvd_step",
     "flora_stack",
     "flora_step",
+    "fedsa_client_update",
+    "gather_clients",
+    "personal_params",
+    "scatter_clients",
+    "client_b",
     "init_state",
     "model_params",
     "ModeSpec",

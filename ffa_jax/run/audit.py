@@ -164,7 +164,7 @@ def check_audit_args(canaries: int, guesses: int | None, confidence: float) -> i
 def check_audit_config(cfg: RunConfig) -> None:
     """Refuses configs the audit cannot compare with a claim. Raises ConfigError."""
     mode = modes.spec(cfg.lora.mode)
-    if mode.alternating or mode.server_rule is not None:
+    if mode.alternating or mode.server_rule is not None or mode.client_state is not None:
         raise ConfigError(
             f"lora.mode={mode.name!r}: the audit plants canaries in the whole trainable tree of "
             f"every round, but {mode.title} sends part of it per round or transforms the "
@@ -288,7 +288,12 @@ def audit_run(
 
     round_fn, server_opt = build_round(prep, return_deltas=True)
     state = jax.device_get(
-        modes.init_state(prep.cfg.lora.mode, server_init(prep.trainable, server_opt), prep.params)
+        modes.init_state(
+            prep.cfg.lora.mode,
+            server_init(prep.trainable, server_opt),
+            prep.params,
+            num_clients=len(prep.client_indices),
+        )
     )
     run_key = train_key(prep)
     scores = np.zeros(canaries, np.float64)

@@ -128,7 +128,12 @@ def train(
     round_fn, server_opt = build_round(prep)
     # lora.mode's extra server state (FedEx/FLoRA base deltas, FedSVD's A), checkpointed.
     state = jax.device_get(
-        modes.init_state(cfg.lora.mode, server_init(prep.trainable, server_opt), prep.params)
+        modes.init_state(
+            cfg.lora.mode,
+            server_init(prep.trainable, server_opt),
+            prep.params,
+            num_clients=len(prep.client_indices),
+        )
     )
     history: list[dict[str, Any]] = []
     start = 0
@@ -211,6 +216,8 @@ def train(
             is_last = r + 1 == cfg.federated.rounds
             if is_last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
                 record.update(evaluate(prep, modes.model_params(state, prep.frozen)))
+                if modes.spec(cfg.lora.mode).client_state is not None:
+                    record["eval_clients"] = personal_metrics(prep, state)
             record["seconds"] = time.time() - t0
             history.append(record)
             mf.write(metric_line(record))
@@ -262,6 +269,16 @@ def train(
     if primary:
         write_reports(out, cfg, prep, history, summary)
     return json_safe(summary)
+
+
+def personal_metrics(prep, state) -> list[float]:
+    """FedSA-LoRA: the workload's headline metric (e.g. accuracy) of every client's
+    personalised model (the shared A, the client's own B) on the held-out split."""
+    metric = prep.workload.metric
+    return [
+        float(evaluate(prep, modes.personal_params(state, prep.frozen, k))[metric])
+        for k in range(len(prep.client_indices))
+    ]
 
 
 def silent(*args, **kwargs) -> None:

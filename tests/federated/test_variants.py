@@ -352,3 +352,57 @@ def test_server_rule_downlink_bytes_analytic():
         assert modes.downlink_bytes(mode, lp, trainable, 0, participants=5) == expected + HEAD_BYTES
     _, lp, trainable, _ = setup("fedsvd")
     assert modes.uplink_bytes("fedsvd", trainable, 0) == targets * 4 * r * d_out + HEAD_BYTES
+
+
+@pytest.mark.parametrize("unit", ["none", "sample"])
+def test_fedsa_b_never_leaves_a_client(unit):
+    module, lp, trainable, frozen = setup("fedsa")
+    assert sorted(leaves(trainable)) == [
+        "head/bias",
+        "head/kernel",
+        "query/kernel/a",
+        "value/kernel/a",
+    ]
+    a_bytes = 2 * 4 * D_IN * RANK
+    assert modes.uplink_bytes("fedsa", trainable, 0) == a_bytes + HEAD_BYTES
+    assert modes.downlink_bytes("fedsa", lp, trainable, 0, 3) == a_bytes + HEAD_BYTES
+    round_fn, opt = build("fedsa", unit, trainable, module, return_deltas=True)
+    n_clients = K + 1  # client 3 never takes part
+    state = modes.init_state("fedsa", server_init(trainable, opt), lp, num_clients=n_clients)
+    for r in range(2):
+        new, _, rel = round_fn(
+            state,
+            frozen,
+            batches(r),
+            jnp.ones(K),
+            jnp.arange(K),
+            dp(),
+            jax.random.key(7),
+        )
+        # What leaves the clients (uploads and their aggregate) holds no b at all.
+        for tree in (rel.deltas, rel.mean_delta, new.trainable):
+            assert not any(p.endswith("/b") for p in leaves(tree))
+        for p, bs in new.extra["client_b"].items():
+            old = np.asarray(state.extra["client_b"][p])
+            bs = np.asarray(bs)
+            for k in range(K):
+                assert not np.array_equal(bs[k], old[k])  # each participant trained its own b
+            assert not np.array_equal(bs[0], bs[1])  # personalised, not averaged
+            np.testing.assert_array_equal(bs[K], old[K])  # the absent client's b is untouched
+        state = new
+    # The evaluated global model is the personalised models' mean (exact: a is shared).
+    mean_model = lora.lora_nodes(modes.model_params(state, frozen))
+    for p, n in mean_model.items():
+        personal = [
+            f64(lora.lora_nodes(modes.personal_params(state, frozen, k))[p].merged())
+            for k in range(n_clients)
+        ]
+        np.testing.assert_allclose(f64(n.merged()), np.mean(personal, axis=0), atol=1e-6)
+
+
+def test_fedsa_refused_with_client_level_dp():
+    from ffa_jax.config import PrivacyConfig, RunConfig
+
+    cfg = RunConfig(lora=LoRAConfig(mode="fedsa"), privacy=PrivacyConfig(unit="client"))
+    with pytest.raises(ConfigError, match="privacy.unit='client'"):
+        modes.check_config(cfg)
