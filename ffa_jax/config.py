@@ -172,6 +172,11 @@ class LoRAConfig:
       sb_init: ``lora.mode: fedsb`` only: how the frozen A and B are drawn. ``svd``: the top-r
         singular vectors of each (public) pretrained kernel; ``random``: A as ``a_init``, B
         with orthonormal rows, from the public seed.
+      client_ranks: heterogeneous client ranks, one per client (``federated.clients`` of
+        them, each in ``1..rank``): client k trains and sends a rank-``client_ranks[k]``
+        adapter (zero-padded to ``rank`` in the jitted round). ``lora.mode: flora`` or
+        ``fedex`` only (their server rules aggregate the products exactly whatever the
+        ranks). null: every client has rank ``rank``.
     """
 
     mode: str = "ffa"
@@ -181,6 +186,7 @@ class LoRAConfig:
     a_init: str = "uniform"
     init_from: str | None = None
     sb_init: str = "svd"
+    client_ranks: tuple[int, ...] | None = None
 
     def __post_init__(self):
         _require(self.mode in LORA_MODES, "lora.mode", self.mode, f"use one of {LORA_MODES}.")
@@ -193,6 +199,19 @@ class LoRAConfig:
         )
         _require(self.a_init in A_INITS, "lora.a_init", self.a_init, f"use one of {A_INITS}.")
         _require(self.sb_init in SB_INITS, "lora.sb_init", self.sb_init, f"use one of {SB_INITS}.")
+        _require(
+            self.client_ranks is None
+            or (
+                len(self.client_ranks) > 0
+                and all(
+                    isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= self.rank
+                    for r in self.client_ranks
+                )
+            ),
+            "lora.client_ranks",
+            self.client_ranks,
+            f"give one integer rank in 1..lora.rank={self.rank} per client, or null.",
+        )
         _require(
             self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
             "lora.init_from",

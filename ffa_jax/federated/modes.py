@@ -84,7 +84,7 @@ the guarantee and the two modes are refused with ``privacy.unit: client``
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +115,7 @@ class ModeSpec:
         FLoRA's stack), not only their (noised) sum: refused under client-level DP.
       client_state: the factor each client trains and keeps to itself across rounds (never
         sent; FedSA-LoRA's ``"b"``), or None.
+      client_ranks: heterogeneous client ranks (``lora.client_ranks``) are supported.
     """
 
     name: str
@@ -125,6 +126,7 @@ class ModeSpec:
     server_rule: str | None = None
     client_products: bool = False
     client_state: str | None = None
+    client_ranks: bool = False
 
     def sent(self, round_idx: int) -> tuple[str, ...]:
         """The factors trained and sent in round ``round_idx`` (0-based)."""
@@ -159,6 +161,7 @@ SPECS: dict[str, ModeSpec] = {
         peft=False,
         server_rule="flora",
         client_products=True,
+        client_ranks=True,
     ),
 }
 assert tuple(SPECS) == LORA_MODES, "every lora.mode needs a ModeSpec"
@@ -199,6 +202,21 @@ def check_config(cfg: RunConfig) -> None:
             "the personalised models (and their mean) built from those B, so its outputs "
             "would not be covered by the guarantee. Use privacy.unit: sample (every local "
             "step is then DP-SGD on A and B), or lora.mode: ffa / fedsvd / fedsb / rolora."
+        )
+    ranks = cfg.lora.client_ranks
+    if ranks is not None and not s.client_ranks:
+        allowed = [m.name for m in SPECS.values() if m.client_ranks]
+        raise ConfigError(
+            f"lora.client_ranks={ranks!r} with lora.mode={s.name!r} is refused: {s.title} "
+            "averages the factors themselves (or a factor shared by all clients), which "
+            "zero-padded factors of different ranks would bias; heterogeneous ranks need a "
+            f"server rule that aggregates the products exactly: lora.mode one of {allowed}, "
+            "or lora.client_ranks: null."
+        )
+    if ranks is not None and len(ranks) != cfg.federated.clients:
+        raise ConfigError(
+            f"lora.client_ranks has {len(ranks)} entries but federated.clients="
+            f"{cfg.federated.clients}: give one rank per client."
         )
     if s.server_rule is not None and cfg.server.optimizer != "sgd":
         raise ConfigError(
@@ -256,12 +274,22 @@ def sent_tree(mode: str, trainable: PyTree, round_idx: int) -> PyTree:
     return lora.split(trainable, round_mask(mode, trainable, round_idx))[0]
 
 
-def uplink_bytes(mode: str, trainable: PyTree, round_idx: int) -> int:
+def uplink_bytes(mode: str, trainable: PyTree, round_idx: int, rank: int | None = None) -> int:
     """Bytes one client uploads in round ``round_idx``: its delta of the round's sent leaves
     (float32 factors and head). Analytic count per LoRA target ``[d_in, d_out]`` of rank r:
     ffa ``4 r d_out``; lora ``4 r (d_in + d_out)``; rolora ``4 r d_out`` (even rounds) /
-    ``4 r d_in`` (odd); fedsb ``4 r^2``; plus the head's bytes."""
-    return lora.tree_bytes(sent_tree(mode, trainable, round_idx))
+    ``4 r d_in`` (odd); fedsb ``4 r^2``; plus the head's bytes. ``rank``: the client's own
+    rank under ``lora.client_ranks`` (its factors' first ``rank`` components only)."""
+    sent = sent_tree(mode, trainable, round_idx)
+    total = lora.tree_bytes(sent)
+    if rank is None:
+        return total
+    for n in _nodes(sent):
+        for f in ("a", "b"):
+            x = getattr(n, f)
+            if x is not None:
+                total -= 4 * (n.b.shape[0] - rank) * (x.size // n.b.shape[0])
+    return total
 
 
 def mean_uplink_bytes(mode: str, trainable: PyTree) -> int | float:
@@ -273,11 +301,18 @@ def mean_uplink_bytes(mode: str, trainable: PyTree) -> int | float:
 
 
 def downlink_bytes(
-    mode: str, params: PyTree, trainable: PyTree, round_idx: int, participants: int = 1
+    mode: str,
+    params: PyTree,
+    trainable: PyTree,
+    round_idx: int,
+    participants: int = 1,
+    participant_ranks: Sequence[int] | None = None,
 ) -> int:
     """Bytes the server sends each participant after round ``round_idx``. ``params``: the
     full tree (factor shapes), ``trainable``: the server's trainable tree, ``participants``:
-    how many took part (FLoRA's stack grows with it). Analytic count per LoRA target
+    how many took part (FLoRA's stack grows with it); ``participant_ranks``: their ranks
+    under ``lora.client_ranks`` (FLoRA's stack has ``sum_k r_k`` components). Analytic count
+    per LoRA target
     ``[d_in, d_out]`` of rank r, on top of the head's bytes:
 
     * ffa / lora / rolora / fedsb: the leaves the aggregate changed, i.e. the sent ones (the
@@ -303,7 +338,8 @@ def downlink_bytes(
         if s.server_rule == "fedex":
             total += per_client + 4 * d_in * d_out
         elif s.server_rule == "flora":
-            total += participants * per_client
+            stacked = participants * r if participant_ranks is None else sum(participant_ranks)
+            total += 4 * stacked * (d_in + d_out)
         else:  # fedsvd
             total += per_client
     return total
@@ -393,6 +429,40 @@ def fedsa_client_update(client_update: Callable) -> Callable:
         new_b = {p: own_b[p] + n.b for p, n in lora.lora_nodes(delta).items()}
         upload = jax.tree_util.tree_map(without_b, delta, is_leaf=lora.is_lora)
         return upload, metrics, new_b
+
+    return update
+
+
+def rank_masks(client_ranks, rank: int, client_ids) -> jax.Array:
+    """``[P, rank]`` float32 masks: 1 on the first ``client_ranks[id]`` rank components of each
+    slot's client (dummy slots, ids >= N: all ones, unused)."""
+    table = jnp.asarray(client_ranks, jnp.int32)
+    ids = jnp.asarray(client_ids)
+    r = jnp.where(ids < table.shape[0], table[jnp.minimum(ids, table.shape[0] - 1)], rank)
+    return (jnp.arange(rank)[None, :] < r[:, None]).astype(jnp.float32)
+
+
+def ranked_client_update(client_update: Callable) -> Callable:
+    """A client of rank ``r_k <= r``: ``client_update`` run with the diagonal mask
+    ``diag(m_k)`` (``m_k``: ``r_k`` ones, then zeros) between its factors, as Fed-SB's ``mid``
+    in the frozen tree, so the forward is ``a @ diag(m_k) @ b`` (a rank-``r_k`` adapter, zero
+    gradient on the padded components); the upload is masked (``a`` columns, ``b`` rows), so
+    the padding (which DP noise may have touched) never leaves the client. Signature:
+    ``(trainable, frozen, batches, dp, key, extra_grad_sums, mask [r]) -> (upload, metrics,
+    mask)``."""
+
+    def update(trainable, frozen, batches, dp, key, extra_grad_sums, mask):
+        diag = jnp.diag(mask)
+
+        def with_mid(x):
+            return x.replace(mid=diag) if lora.is_lora(x) else x
+
+        def masked(x):
+            return x.replace(a=x.a * mask, b=x.b * mask[:, None]) if lora.is_lora(x) else x
+
+        frozen_k = jax.tree_util.tree_map(with_mid, frozen, is_leaf=lora.is_lora)
+        delta, metrics = client_update(trainable, frozen_k, batches, dp, key, extra_grad_sums)
+        return jax.tree_util.tree_map(masked, delta, is_leaf=lora.is_lora), metrics, mask
 
     return update
 
@@ -532,6 +602,7 @@ def mode_round(
     return_deltas: bool = False,
     lora_key: jax.Array | None = None,
     a_init: str = "uniform",
+    client_ranks: tuple[int, ...] | None = None,
 ):
     """The round function of ``mode``, with the signature and outputs of
     :func:`~ffa_jax.federated.round.make_round`'s (``return_deltas``: also the releases).
@@ -543,7 +614,8 @@ def mode_round(
     restored bit-identically after the server step. A mode with a server rule gets the
     clients' frozen tree from the server's extra state (:func:`client_frozen`) and its
     server step (jitted, pure) after the aggregation. ``lora_key``: the shared public LoRA key
-    (FLoRA's re-initialisation draws from it); ``a_init``: ``lora.a_init``.
+    (FLoRA's re-initialisation draws from it); ``a_init``: ``lora.a_init``;
+    ``client_ranks``: ``lora.client_ranks`` (:func:`ranked_client_update`).
     """
     s = spec(mode)
     if not s.alternating and s.server_rule is None and s.client_state is None:
@@ -551,6 +623,10 @@ def mode_round(
     need_releases = return_deltas or s.client_products or s.client_state is not None
     if s.client_state is not None:
         client_update = fedsa_client_update(client_update)
+    if client_ranks is not None:
+        rank = max(n.b.shape[0] for n in _nodes(trainable))
+        client_update = ranked_client_update(client_update)
+        need_releases = True
     masks = [round_mask(mode, trainable, t) for t in range(len(s.schedule))]
     if s.alternating:
         fns = [make(restrict_client_update(client_update, m), need_releases) for m in masks]
@@ -571,6 +647,8 @@ def mode_round(
         if s.client_state is not None:
             kwargs["client_state"] = gather_clients(state.extra["client_b"], client_ids)
             view = frozen  # the clients bring their own b
+        if client_ranks is not None:
+            kwargs["client_state"] = rank_masks(client_ranks, rank, client_ids)
         out = fns[phase](state, view, batches, weights, client_ids, *args, **kwargs)
         new = out[0]
         trainable_, extra = new.trainable, state.extra
@@ -633,6 +711,8 @@ __all__ = [
     "keep_unsent",
     "mean_uplink_bytes",
     "mode_round",
+    "rank_masks",
+    "ranked_client_update",
     "no_adapter_note",
     "restrict_client_update",
     "round_mask",

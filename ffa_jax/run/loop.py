@@ -209,9 +209,7 @@ def train(
                 m,
                 loss,
                 modes.uplink_bytes(cfg.lora.mode, prep.trainable, r),
-                downlink_bytes=modes.downlink_bytes(
-                    cfg.lora.mode, prep.params, prep.trainable, r, int(np.sum(inp.slots >= 0))
-                ),
+                **round_bytes(prep, r, inp.slots),
             )
             is_last = r + 1 == cfg.federated.rounds
             if is_last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
@@ -269,6 +267,28 @@ def train(
     if primary:
         write_reports(out, cfg, prep, history, summary)
     return json_safe(summary)
+
+
+def round_bytes(prep, r: int, slots) -> dict[str, int]:
+    """Round ``r``'s byte counts for :func:`ffa_jax.run.rundir.round_record`: all uploads
+    together (``uplink_total``; clients of ``lora.client_ranks`` upload their own rank) and
+    what the server sends each participant (``downlink_bytes``), by the analytic counts of
+    :mod:`ffa_jax.federated.modes` for ``lora.mode``."""
+    cfg = prep.cfg
+    mode, ranks = cfg.lora.mode, cfg.lora.client_ranks
+    members = [int(c) for c in np.asarray(slots) if c >= 0]
+    own = [None] * len(members) if ranks is None else [ranks[c] for c in members]
+    return {
+        "uplink_total": sum(modes.uplink_bytes(mode, prep.trainable, r, rank=k) for k in own),
+        "downlink_bytes": modes.downlink_bytes(
+            mode,
+            prep.params,
+            prep.trainable,
+            r,
+            len(members),
+            participant_ranks=None if ranks is None else own,
+        ),
+    }
 
 
 def personal_metrics(prep, state) -> list[float]:

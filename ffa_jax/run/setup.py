@@ -311,6 +311,7 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
         return_deltas=return_deltas,
         lora_key=lora_key(cfg),
         a_init=cfg.lora.a_init,
+        client_ranks=cfg.lora.client_ranks,
     )
     return fn, server_opt
 

@@ -81,14 +81,22 @@ UNITS = ("none", "sample", "client")
 LORA_KEY = jax.random.key(1)
 
 
-def build(mode, unit, trainable, module, server=None, return_deltas=False):
+def build(mode, unit, trainable, module, server=None, return_deltas=False, client_ranks=None):
     cu = make_client_update(loss_fn_for(module), optax.sgd(0.5), private=unit == "sample")
     opt = make_server_optimizer(server or ServerConfig())
 
     def make(update, releases):
         return make_round(update, opt, client_level_dp=unit == "client", return_deltas=releases)
 
-    fn = modes.mode_round(mode, trainable, make, cu, return_deltas=return_deltas, lora_key=LORA_KEY)
+    fn = modes.mode_round(
+        mode,
+        trainable,
+        make,
+        cu,
+        return_deltas=return_deltas,
+        lora_key=LORA_KEY,
+        client_ranks=client_ranks,
+    )
     return fn, opt
 
 
@@ -406,3 +414,47 @@ def test_fedsa_refused_with_client_level_dp():
     cfg = RunConfig(lora=LoRAConfig(mode="fedsa"), privacy=PrivacyConfig(unit="client"))
     with pytest.raises(ConfigError, match="privacy.unit='client'"):
         modes.check_config(cfg)
+
+
+@pytest.mark.parametrize("unit", ["none", "sample"])
+def test_flora_heterogeneous_ranks_stack_exactly(unit):
+    ranks = (2, 4, 3)
+    module, lp, trainable, frozen = setup("flora")
+    round_fn, opt = build("flora", unit, trainable, module, return_deltas=True, client_ranks=ranks)
+    state = modes.init_state("flora", server_init(trainable, opt), lp)
+    new, _, rel = run_round(round_fn, state, frozen, 0, unit)
+    olds, deltas = lora.lora_nodes(state.trainable), lora.lora_nodes(rel.deltas)
+    for p, n in lora.lora_nodes(new.trainable).items():
+        o, d = olds[p], deltas[p]
+        for k, r_k in enumerate(ranks):
+            # The padding never leaves the client (DP noise may have touched it locally).
+            assert not np.asarray(d.a[k][:, r_k:]).any() and not np.asarray(d.b[k][r_k:]).any()
+            assert np.asarray(d.b[k][:r_k]).any()
+        merged = sum(
+            (f64(o.a) + f64(d.a[k]))[:, :r_k] @ (f64(o.b) + f64(d.b[k]))[:r_k] / K
+            for k, r_k in enumerate(ranks)
+        )
+        step = f64(new.extra["w0_delta"][p]) - f64(state.extra["w0_delta"][p])
+        np.testing.assert_allclose(step, n.scale * merged, atol=2e-6)
+    per = 4 * (D_IN + D_H)
+    assert [modes.uplink_bytes("flora", trainable, 0, rank=r) for r in ranks] == [
+        2 * r * per + HEAD_BYTES for r in ranks
+    ]
+    down = modes.downlink_bytes("flora", lp, trainable, 0, 3, participant_ranks=ranks)
+    assert down == 2 * sum(ranks) * per + HEAD_BYTES
+
+
+def test_client_ranks_refused_by_name_where_the_method_does_not_allow_them():
+    from ffa_jax.config import FederatedConfig, RunConfig
+
+    for mode in ("ffa", "lora", "fedsa", "rolora", "fedsb", "fedex", "fedsvd"):
+        cfg = RunConfig(lora=LoRAConfig(mode=mode, client_ranks=(2, 4)))
+        with pytest.raises(ConfigError, match="lora.client_ranks"):
+            modes.check_config(cfg)
+    cfg = RunConfig(
+        lora=LoRAConfig(mode="flora", client_ranks=(2, 4)), federated=FederatedConfig(clients=3)
+    )
+    with pytest.raises(ConfigError, match="federated.clients"):
+        modes.check_config(cfg)
+    with pytest.raises(ConfigError, match="lora.client_ranks"):
+        LoRAConfig(mode="flora", rank=4, client_ranks=(2, 5))
