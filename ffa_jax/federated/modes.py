@@ -677,14 +677,16 @@ def gather_clients(per_client: PyTree, client_ids) -> PyTree:
     ``[N, ...]`` leaves of ``per_client``."""
     ids = jnp.asarray(client_ids)
     n = jax.tree_util.tree_leaves(per_client)[0].shape[0]
-    return jax.tree_util.tree_map(lambda x: x[jnp.where(ids < n, ids, 0)], per_client)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[jnp.where(ids < n, ids, 0)], per_client)
 
 
 def scatter_clients(per_client: PyTree, client_ids, rows: PyTree) -> PyTree:
     """``per_client`` with rows ``client_ids`` replaced by ``rows`` (``[P, ...]``); dummy slots
     (ids >= N) write nothing."""
     ids = jnp.asarray(client_ids)
-    return jax.tree_util.tree_map(lambda x, r: x.at[ids].set(r, mode="drop"), per_client, rows)
+    return jax.tree_util.tree_map(
+        lambda x, r: jnp.asarray(x).at[ids].set(r, mode="drop"), per_client, rows
+    )
 
 
 SERVER_RULES = {"fedex": fedex_step, "flora": flora_step, "fedsvd": fedsvd_step}
