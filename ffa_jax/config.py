@@ -174,9 +174,9 @@ class LoRAConfig:
         with orthonormal rows, from the public seed.
       client_ranks: heterogeneous client ranks, one per client (``federated.clients`` of
         them, each in ``1..rank``): client k trains and sends a rank-``client_ranks[k]``
-        adapter (zero-padded to ``rank`` in the jitted round). ``lora.mode: flora`` or
-        ``fedex`` only (their server rules aggregate the products exactly whatever the
-        ranks). null: every client has rank ``rank``.
+        adapter (zero-padded to ``rank`` in the jitted round). ``lora.mode: flora`` only
+        (its server rule stacks the products exactly whatever the ranks; the others are
+        refused by name). null: every client has rank ``rank``.
     """
 
     mode: str = "ffa"
