@@ -53,6 +53,11 @@ jitted function of the round's releases and the server's state, its extra state 
 A classification head matched by the workload's head pattern is trained and sent in every
 round by every mode (it is a plain leaf, averaged like FedAvg).
 
+Heterogeneous client ranks (``lora.client_ranks``, FLoRA only, :func:`ranked_client_update`):
+client k computes ``a @ diag(m_k) @ b`` (``m_k``: ``r_k`` ones, then zeros, in the Fed-SB
+``mid`` slot of its frozen tree) and masks its upload, so the padded components neither
+train nor leave it; the stack is then exactly ``sum_k w_k a_k[:, :r_k] @ b_k[:r_k]``.
+
 Privacy (every mode here): the formal guarantee follows from what leaves a client, and in
 these modes that is exactly the delta of the round's sent leaves. Under sample-level DP each
 local step is DP-SGD on the sent leaves only (clipped jointly over them, noised), so the
