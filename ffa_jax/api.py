@@ -244,6 +244,12 @@ def finetune_model(
     from ffa_jax.run import planner
 
     cfg = make_config(config, **sections)
+    if cfg.lora.mode not in ("ffa", "lora"):
+        raise ConfigError(
+            f"lora.mode={cfg.lora.mode!r}: finetune_model runs the paper's modes (ffa, lora) "
+            "on a stock Flax model; the federated variants (docs/variants.md) run with "
+            "ffa-jax train."
+        )
     if cfg.privacy.unit != "sample":
         raise ConfigError(
             f"privacy.unit={cfg.privacy.unit!r}: finetune_model runs sample-level DP only; "

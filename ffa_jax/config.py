@@ -27,8 +27,11 @@ import yaml
 
 from ffa_jax.errors import ConfigError
 
-LORA_MODES = ("ffa", "lora")
+# ffa/lora: the paper's; the rest: the federated variants that followed it
+# (ffa_jax.federated.modes).
+LORA_MODES = ("ffa", "lora", "fedsa", "rolora", "fedsb", "fedex", "fedsvd", "flora")
 A_INITS = ("uniform", "gaussian", "orthogonal")
+SB_INITS = ("svd", "random")
 DEFAULT_TARGETS = r".*(query|value|q_proj|v_proj)/kernel"
 POOLINGS = ("auto", "cls", "mean")
 MODEL_FAMILIES = ("auto", "encoder", "llama", "vit")
@@ -146,8 +149,16 @@ class LoRAConfig:
     """LoRA / FFA-LoRA adapters (see :mod:`ffa_jax.lora`).
 
     Attributes:
-      mode: ``"ffa"`` (A frozen at its shared random init, only B trained and sent) or
-        ``"lora"`` (A and B trained and averaged separately).
+      mode: ``"ffa"`` (A frozen at its shared random init, only B trained and sent),
+        ``"lora"`` (A and B trained and averaged separately), or one of the federated
+        variants of :mod:`ffa_jax.federated.modes` (docs/variants.md): ``"fedsa"`` (A and B
+        trained, only A sent and averaged, each client keeps its own B), ``"rolora"`` (rounds
+        alternate: B trained with A fixed, then A with B fixed; only the trained factor is
+        sent), ``"fedsb"`` (A and B frozen, an r x r matrix between them trained and sent),
+        ``"fedex"`` (A and B averaged, the residual of exact aggregation folded into the base
+        weight), ``"fedsvd"`` (B trained, the server re-factorises B A by SVD every round),
+        ``"flora"`` (the clients' products summed into the base weight, A and B
+        re-initialised every round).
       rank: r.
       alpha: the update is ``(alpha / r) * B A``.
       targets: regular expression fullmatched against ``/``-joined parameter paths.
@@ -159,6 +170,14 @@ class LoRAConfig:
         (:func:`ffa_jax.models.peft.init_from_adapter`); ``rank``, ``alpha`` and ``targets``
         must match the adapter's ``r``, ``lora_alpha`` and adapted modules. The adapter is
         treated as public, like the pretrained weights. null: start fresh.
+      sb_init: ``lora.mode: fedsb`` only: how the frozen A and B are drawn. ``svd``: the top-r
+        singular vectors of each (public) pretrained kernel; ``random``: A as ``a_init``, B
+        with orthonormal rows, from the public seed.
+      client_ranks: heterogeneous client ranks, one per client (``federated.clients`` of
+        them, each in ``1..rank``): client k trains and sends a rank-``client_ranks[k]``
+        adapter (zero-padded to ``rank`` in the jitted round). ``lora.mode: flora`` only
+        (its server rule stacks the products exactly whatever the ranks; the others are
+        refused by name). null: every client has rank ``rank``.
     """
 
     mode: str = "ffa"
@@ -167,6 +186,8 @@ class LoRAConfig:
     targets: str = DEFAULT_TARGETS
     a_init: str = "uniform"
     init_from: str | None = None
+    sb_init: str = "svd"
+    client_ranks: tuple[int, ...] | None = None
 
     def __post_init__(self):
         _require(self.mode in LORA_MODES, "lora.mode", self.mode, f"use one of {LORA_MODES}.")
@@ -178,6 +199,20 @@ class LoRAConfig:
             "must be a positive finite number, e.g. 8.",
         )
         _require(self.a_init in A_INITS, "lora.a_init", self.a_init, f"use one of {A_INITS}.")
+        _require(self.sb_init in SB_INITS, "lora.sb_init", self.sb_init, f"use one of {SB_INITS}.")
+        _require(
+            self.client_ranks is None
+            or (
+                len(self.client_ranks) > 0
+                and all(
+                    isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= self.rank
+                    for r in self.client_ranks
+                )
+            ),
+            "lora.client_ranks",
+            self.client_ranks,
+            f"give one integer rank in 1..lora.rank={self.rank} per client, or null.",
+        )
         _require(
             self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
             "lora.init_from",

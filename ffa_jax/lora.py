@@ -16,6 +16,9 @@ Modes:
   client because it is drawn from one shared seed; only ``b`` (zero at init) is trained,
   uploaded and averaged.
 * ``"lora"``: ``a`` and ``b`` are both trained and averaged separately (the paper's baseline).
+* The federated variants that followed FFA-LoRA (``rolora``, ``fedsb``, ...; see
+  :mod:`ffa_jax.federated.modes`): :data:`TRAINED_FACTORS` says which factors each trains.
+  Fed-SB adds an ``r x r`` matrix ``mid`` between the factors: ``w0 + scale * a @ mid @ b``.
 
 Trainable and frozen leaves are separated by :func:`split` into two trees of the same structure
 (``None`` where a leaf belongs to the other tree) and joined by :func:`combine`; gradients are
@@ -41,6 +44,20 @@ from ffa_jax.types import PyTree
 
 MODES = LORA_MODES
 
+# Which factors of a LoRA node the server's trainable tree holds, per mode (w0 never). A
+# mode may train only part of them in a given round (RoLoRA), see ffa_jax.federated.modes.
+TRAINED_FACTORS: dict[str, tuple[str, ...]] = {
+    "ffa": ("b",),
+    "lora": ("a", "b"),
+    "rolora": ("a", "b"),
+    "fedsb": ("mid",),
+    "fedex": ("a", "b"),
+    "flora": ("a", "b"),
+    "fedsvd": ("b",),
+    # FedSA-LoRA: the server holds (and averages) A only; each client trains A and its own B.
+    "fedsa": ("a",),
+}
+
 
 @struct.dataclass
 class LoRAWeight:
@@ -53,12 +70,15 @@ class LoRAWeight:
       a: ``[d_in, r]``; frozen under FFA-LoRA.
       b: ``[r, d_out]``; zero at init, always trainable.
       scale: ``alpha / r`` (static, part of the tree structure).
+      mid: None (plain LoRA: no leaf, the tree is unchanged), or Fed-SB's trainable
+        ``[r, r]`` matrix between frozen ``a`` and ``b``: the update is ``a @ mid @ b``.
     """
 
     w0: jax.Array
     a: jax.Array
     b: jax.Array
     scale: float = struct.field(pytree_node=False)
+    mid: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -73,8 +93,16 @@ class LoRAWeight:
 
         For an N-D kernel attached by :func:`attach` (``a`` ``[*in_shape, r]``, ``b``
         ``[r, *out_shape]``) the product is ``tensordot(a, b, 1)``, shaped like ``w0``; for
-        2-D factors that is exactly ``a @ b``."""
-        return self.w0 + self.scale * jnp.tensordot(self.a, self.b, axes=1).astype(self.w0.dtype)
+        2-D factors that is exactly ``a @ b``. With ``mid`` (Fed-SB): ``a @ mid @ b``."""
+        return self.w0 + self.scale * jnp.tensordot(self.a_eff(), self.b, axes=1).astype(
+            self.w0.dtype
+        )
+
+    def a_eff(self) -> jax.Array:
+        """``a``, or ``a @ mid`` (``[..., r]``) when the node has a Fed-SB ``mid``."""
+        if self.mid is None:
+            return self.a
+        return jnp.tensordot(self.a, self.mid.astype(self.a.dtype), axes=1)
 
 
 def is_lora(x: Any) -> bool:
@@ -88,7 +116,10 @@ def dense(x: jax.Array, kernel: jax.Array | LoRAWeight) -> jax.Array:
     ``b`` never form a ``d_in x d_out`` matrix.
     """
     if isinstance(kernel, LoRAWeight):
-        low = (x @ kernel.a.astype(x.dtype)) @ kernel.b.astype(x.dtype)
+        low = x @ kernel.a.astype(x.dtype)
+        if kernel.mid is not None:
+            low = low @ kernel.mid.astype(x.dtype)
+        low = low @ kernel.b.astype(x.dtype)
         return x @ kernel.w0.astype(x.dtype) + kernel.scale * low
     return x @ kernel.astype(x.dtype)
 
@@ -116,6 +147,18 @@ def _init_a(key: jax.Array, d_in: int, rank: int, how: str, dtype) -> jax.Array:
         return jax.random.normal(key, (d_in, rank), dtype) / np.sqrt(d_in)
     # Orthonormal unit columns: entries have variance 1/d_in, as with "gaussian".
     return jax.nn.initializers.orthogonal()(key, (d_in, rank), jnp.float32).astype(dtype)
+
+
+def path_key(key: jax.Array, path: str) -> jax.Array:
+    """The key of the LoRA node at ``path``: ``key`` folded with the path's crc32 (stable
+    across processes and Python hash seeds), so a node's draw does not depend on leaf order."""
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def draw_a(key: jax.Array, path: str, d_in: int, rank: int, how: str) -> jax.Array:
+    """A fresh ``a`` ``[d_in, rank]`` (float32) for the node at ``path``, drawn as
+    :func:`init` draws it from the shared ``key`` (``how``: ``lora.a_init``)."""
+    return _init_a(path_key(key, path), d_in, rank, how, jnp.float32)
 
 
 def target_paths(params: PyTree, targets: str) -> list[str]:
@@ -175,13 +218,51 @@ def init(params: PyTree, spec: LoRAConfig, key: jax.Array) -> PyTree:
             raise ConfigError(
                 f"lora.rank={spec.rank} exceeds the dimensions {leaf.shape} of target {p}; use a smaller rank."
             )
-        # crc32 of the path: stable across processes and Python hash seeds.
-        leaf_key = jax.random.fold_in(key, zlib.crc32(p.encode()) & 0x7FFFFFFF)
+        leaf_key = path_key(key, p)
+        if spec.mode == "fedsb":
+            return fedsb_node(leaf, leaf_key, spec)
         a = _init_a(leaf_key, d_in, spec.rank, spec.a_init, jnp.float32)
         b = jnp.zeros((spec.rank, d_out), jnp.float32)
         return LoRAWeight(w0=leaf, a=a, b=b, scale=spec.scale)
 
     return jax.tree_util.tree_map_with_path(wrap, params)
+
+
+def fedsb_node(w0: Any, key: jax.Array, spec: LoRAConfig) -> LoRAWeight:
+    """A Fed-SB node for kernel ``w0`` ``[d_in, d_out]``: frozen ``a`` ``[d_in, r]`` and ``b``
+    ``[r, d_out]``, trainable ``mid`` ``[r, r]`` = 0 (so the model starts as the base model).
+
+    ``spec.sb_init``: ``"svd"``: ``a`` = the top-r left singular vectors of ``w0`` and ``b`` =
+    the top-r right ones (transposed), both orthonormal, computed on the host in float64 from
+    the public pretrained weight; ``"random"``: ``a`` drawn as ``lora.a_init`` from ``key``
+    and ``b`` with orthonormal rows from ``fold_in(key, 1)``. Either way every client derives
+    the same ``a`` and ``b`` from public inputs: they are never communicated.
+    """
+    d_in, d_out = w0.shape
+    r = spec.rank
+    if spec.sb_init == "svd":
+        u, _, vt = np.linalg.svd(np.asarray(w0, np.float64), full_matrices=False)
+        a = jnp.asarray(u[:, :r], jnp.float32)
+        b = jnp.asarray(vt[:r, :], jnp.float32)
+    else:
+        a = _init_a(key, d_in, r, spec.a_init, jnp.float32)
+        b = jax.nn.initializers.orthogonal()(jax.random.fold_in(key, 1), (d_out, r), jnp.float32).T
+    mid = jnp.zeros((r, r), jnp.float32)
+    return LoRAWeight(w0=w0, a=a, b=b, scale=spec.scale, mid=mid)
+
+
+def fold_mid(params: PyTree) -> PyTree:
+    """Every Fed-SB node ``a @ mid @ b`` as a plain LoRA node ``a @ (mid @ b)`` (``mid``
+    folded into ``b``, ``mid`` dropped): what PEFT's ``W0 + s B A`` can represent (PEFT
+    ``lora_B = (mid @ b).T``). Other nodes are returned as they are."""
+
+    def one(x):
+        if not is_lora(x) or x.mid is None:
+            return x
+        b = jnp.tensordot(x.mid.astype(x.b.dtype), x.b, axes=1)
+        return LoRAWeight(w0=x.w0, a=x.a, b=b, scale=x.scale)
+
+    return jax.tree_util.tree_map(one, params, is_leaf=is_lora)
 
 
 def merge(params: PyTree) -> PyTree:
@@ -218,17 +299,32 @@ def merge_sharded(params: PyTree) -> PyTree:
 def trainable_mask(params: PyTree, mode: str, *, extra: str | None = None) -> PyTree:
     """Bool tree (same structure as ``params``' leaves): True for leaves that are trained.
 
-    ``b`` of every LoRA node is trainable; ``a`` too when ``mode == "lora"``; ``w0`` never.
-    ``extra`` is an optional regular expression of additional plain leaves to train (e.g. the
-    classification head, ``classifier/.*``).
+    The factors :data:`TRAINED_FACTORS` names for ``mode`` (``b`` under FFA; ``a`` and ``b``
+    under LoRA; ``mid`` under Fed-SB); ``w0`` never. ``extra`` is an optional regular
+    expression of additional plain leaves to train (e.g. the classification head,
+    ``classifier/.*``).
     """
     if mode not in MODES:
         raise ConfigError(f"lora.mode={mode!r} is not one of {MODES}.")
+    return factor_mask(params, TRAINED_FACTORS[mode], extra=extra)
+
+
+def factor_mask(
+    params: PyTree, factors: Sequence[str], *, extra: str | None = None, plain: bool | None = None
+) -> PyTree:
+    """Bool tree like :func:`trainable_mask`: True for the LoRA factors named in ``factors``
+    (of ``"a"``, ``"b"``, ``"mid"``) and for plain leaves matching ``extra`` (or, when
+    ``plain`` is given, for every plain leaf that is not None: ``True``/``False``)."""
     extra_re = re.compile(extra) if extra else None
 
     def leaf_mask(path, leaf):
         if is_lora(leaf):
-            return LoRAWeight(w0=False, a=mode == "lora", b=True, scale=leaf.scale)
+            mid = None if leaf.mid is None else "mid" in factors
+            return LoRAWeight(
+                w0=False, a="a" in factors, b="b" in factors, scale=leaf.scale, mid=mid
+            )
+        if plain is not None:
+            return plain
         return bool(extra_re and extra_re.fullmatch(path_str(path)))
 
     return jax.tree_util.tree_map_with_path(leaf_mask, params, is_leaf=is_lora)
@@ -272,7 +368,7 @@ def apply_fn_with_lora(apply_fn: Callable, mode: str) -> Callable:
     Gradients are taken only with respect to the trainable tree anyway; this guards users who
     differentiate the combined tree directly.
     """
-    if mode == "lora":
+    if "a" in TRAINED_FACTORS.get(mode, ()):
         return apply_fn
 
     def wrapped(params, *args, **kwargs):
@@ -354,7 +450,7 @@ def _kernel_in_axes(kind: str, module: Any, args: tuple, kwargs: dict, path: str
 
 def _low_rank(kind: str, module: Any, x: jax.Array, node: LoRAWeight, args, kwargs) -> jax.Array:
     """``(x . a) . b`` for the layer's contraction, never forming ``a @ b``."""
-    a, b = node.a.astype(x.dtype), node.b.astype(x.dtype)
+    a, b = node.a_eff().astype(x.dtype), node.b.astype(x.dtype)
     if kind == "Dense":
         return (x @ a) @ b
     if kind == "DenseGeneral":
@@ -383,7 +479,7 @@ def _lora_interceptor(mode: str):
         node = module.get_variable("params", "kernel")
         if not is_lora(node):
             return next_fun(*args, **kwargs)
-        if mode == "ffa":
+        if "a" not in TRAINED_FACTORS[mode]:
             node = node.replace(a=jax.lax.stop_gradient(node.a))
         # The stock layer on w0: Flax's own dtype promotion, bias and precision. It is a
         # fresh top-level copy, so this interceptor passes it through (its kernel is plain).
@@ -517,6 +613,10 @@ __all__ = [
     "attach",
     "combine",
     "dense",
+    "draw_a",
+    "factor_mask",
+    "fedsb_node",
+    "fold_mid",
     "init",
     "intercept",
     "is_lora",
@@ -525,6 +625,7 @@ __all__ = [
     "lora_nodes",
     "merge",
     "merge_sharded",
+    "path_key",
     "path_str",
     "split",
     "target_paths",

@@ -71,6 +71,9 @@ class RoundReleases(NamedTuple):
 
     deltas: PyTree
     mean_delta: PyTree
+    # Per-client state the clients keep (``client_state`` of the round; leaves ``[K, ...]``,
+    # None without): never aggregated, it stays with its client (e.g. FedSA-LoRA's own B).
+    client_states: PyTree = None
 
 
 def client_mesh(num_devices: int | None = None, model_devices: int = 1) -> Mesh:
@@ -267,7 +270,7 @@ def make_round(
     """Builds the jitted ``round_fn``.
 
     ``round_fn(state, frozen, batches, weights, client_ids, dp, key, server_dp=None,
-    extra_grad_sums=None, extra_update_sum=None) -> (state, RoundMetrics)``, or
+    extra_grad_sums=None, extra_update_sum=None, client_state=None) -> (state, RoundMetrics)``, or
     ``(state, RoundMetrics, RoundReleases)`` with ``return_deltas`` (what an adversary
     observes, for the privacy audit).
 
@@ -291,6 +294,11 @@ def make_round(
       extra_update_sum: optional tree like ``state.trainable`` (no client axis), added to the
         sum of clipped client updates before the server's noise (``client_level_dp`` only: the
         audit's canary client updates, see :func:`ffa_jax.federated.server.dp_fedavg_aggregate`).
+      client_state: optional per-client state, leaves ``[K, ...]`` (what each participant
+        keeps between rounds, e.g. FedSA-LoRA's own B, see :mod:`ffa_jax.federated.modes`):
+        passed to the client update as its last argument, whose third output (the client's
+        new state) comes back in ``RoundReleases.client_states`` (``return_deltas``). It is
+        never aggregated. None (the default) traces exactly the round without it.
 
     ``clients_per_chunk`` (0 = all K at once) and ``mesh`` (from :func:`client_mesh`) change
     memory and speed only; ``min_sharded_elements`` is the size threshold of
@@ -311,6 +319,7 @@ def make_round(
         server_dp: ServerDpParams | None = None,
         extra_grad_sums=None,
         extra_update_sum=None,
+        client_state=None,
     ):
         num_clients = weights.shape[0]
         chunk = clients_per_chunk or num_clients
@@ -322,8 +331,11 @@ def make_round(
             _pad_clients(dp, pad, 1),  # expected batch 1 keeps dummy clients finite
             _pad_clients(keys, pad),
         )
-        if extra_grad_sums is not None:
-            inputs = (*inputs, _pad_clients(extra_grad_sums, pad))
+        if extra_grad_sums is not None or client_state is not None:
+            extra = None if extra_grad_sums is None else _pad_clients(extra_grad_sums, pad)
+            inputs = (*inputs, extra)
+        if client_state is not None:
+            inputs = (*inputs, _pad_clients(client_state, pad))
         weights_p = _pad_clients(weights, pad)
         if mesh is not None:
             inputs = jax.lax.with_sharding_constraint(inputs, NamedSharding(mesh, P(CLIENTS_AXIS)))
@@ -343,7 +355,7 @@ def make_round(
         else:
             run_chunk = jax.vmap(client_update, in_axes=(None, None) + (0,) * len(inputs))
         if chunk == num_clients + pad:
-            deltas, metrics = run_chunk(state.trainable, frozen, *inputs)
+            outs = run_chunk(state.trainable, frozen, *inputs)
         else:
             chunked = _to_chunks(inputs, chunk)
             if mesh is not None:
@@ -368,7 +380,10 @@ def make_round(
                     xs,
                 )
 
-            deltas, metrics = _from_chunks(jax.lax.map(one_chunk, (chunked, chunk_weights)))
+            outs = _from_chunks(jax.lax.map(one_chunk, (chunked, chunk_weights)))
+        # (delta, metrics) or, with client_state, (delta, metrics, new client state).
+        deltas, metrics = outs[0], outs[1]
+        new_client_states = outs[2] if client_state is not None else None
 
         if client_level_dp:
             if server_dp is None:
@@ -401,8 +416,10 @@ def make_round(
             clients=metrics, loss=jnp.sum(w * metrics.loss), update_norm=update_norm
         )
         if return_deltas:
-            deltas = jax.tree_util.tree_map(lambda x: x[:num_clients], deltas)
-            return new_state, round_metrics, RoundReleases(deltas, mean_delta)
+            deltas, new_client_states = jax.tree_util.tree_map(
+                lambda x: x[:num_clients], (deltas, new_client_states)
+            )
+            return new_state, round_metrics, RoundReleases(deltas, mean_delta, new_client_states)
         return new_state, round_metrics
 
     return jax.jit(round_fn, compiler_options=compiler_options)

@@ -31,13 +31,19 @@ PyTree = Any
 
 class ServerState(NamedTuple):
     """The global model's trainable tree, the server optimiser state, the round counter and
-    the state of correlated server noise (``privacy.mechanism=banded_mf``: the
-    :class:`ffa_jax.privacy.correlated.BandedNoise` state; ``()``, no leaves, otherwise)."""
+    two optional states (no leaves when unused, so the checkpoint is unchanged):
+
+    ``noise``: the state of correlated server noise (``privacy.mechanism=banded_mf``: the
+    :class:`ffa_jax.privacy.correlated.BandedNoise` state; ``()`` otherwise).
+    ``extra``: state a ``lora.mode`` keeps besides the trainable tree (None: none), e.g.
+    FedEx-LoRA's folded base-weight deltas or FedSVD's re-factorised A (see
+    :mod:`ffa_jax.federated.modes`)."""
 
     trainable: PyTree
     opt_state: optax.OptState
     round: jax.Array  # int32 scalar: rounds completed
     noise: PyTree = ()
+    extra: PyTree = None
 
 
 def make_server_optimizer(cfg: ServerConfig) -> optax.GradientTransformation:

@@ -187,10 +187,19 @@ def check_supported(cfg: RunConfig) -> RunConfig:
     (``federated.clients_per_round``).
 
     Raises:
-      ConfigError: sample-level DP with partial participation. The simulation calibrates
-        each client's sigma_k to the number of rounds it actually takes part in, which only
-        the server's secret schedule knows; a Flower client is never told that schedule.
+      ConfigError: a ``lora.mode`` other than ffa and lora (the variants of
+        docs/variants.md run in simulation); sample-level DP with partial participation.
+        The simulation calibrates each client's sigma_k to the number of rounds it actually
+        takes part in, which only the server's secret schedule knows; a Flower client is
+        never told that schedule.
     """
+    if cfg.lora.mode not in ("ffa", "lora"):
+        raise ConfigError(
+            f"lora.mode={cfg.lora.mode!r} is not supported by the Flower deployment, whose "
+            "messages carry the whole trainable tree every round and whose server averages it "
+            "(FedAvg) into a plain LoRA adapter: use lora.mode ffa or lora, or run the variant "
+            "in simulation with `ffa-jax train` (docs/variants.md)."
+        )
     m = cfg.federated.clients_per_round
     if cfg.federated.partial and cfg.privacy.enabled and cfg.privacy.unit == "sample":
         raise ConfigError(

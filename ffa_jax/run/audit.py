@@ -63,6 +63,7 @@ from jax.flatten_util import ravel_pytree
 
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import ConfigError
+from ffa_jax.federated import modes
 from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.privacy.audit import canary_directions, epsilon_lower_bound, guess_and_count
 from ffa_jax.run.inputs import round_inputs, run_round
@@ -161,6 +162,13 @@ def check_audit_args(canaries: int, guesses: int | None, confidence: float) -> i
 
 def check_audit_config(cfg: RunConfig) -> None:
     """Refuses configs the audit cannot compare with a claim. Raises ConfigError."""
+    mode = modes.spec(cfg.lora.mode)
+    if mode.alternating or mode.server_rule is not None or mode.client_state is not None:
+        raise ConfigError(
+            f"lora.mode={mode.name!r}: the audit plants canaries in the whole trainable tree of "
+            f"every round, but {mode.title} sends part of it per round or transforms the "
+            "aggregate at the server; audit lora.mode: ffa, lora or fedsb."
+        )
     if not cfg.privacy.enabled:
         raise ConfigError(
             f"privacy.epsilon={cfg.privacy.epsilon}: a non-private run claims no epsilon, so "

@@ -40,6 +40,7 @@ from ffa_jax import lora, workloads
 from ffa_jax import perf as perf_lib
 from ffa_jax.config import RunConfig, load_config
 from ffa_jax.errors import ConfigError, DataError, WeightsError
+from ffa_jax.federated import modes
 from ffa_jax.run.rundir import ADAPTER_FILE, CONFIG_FILE, METRICS_FILE
 from ffa_jax.types import PyTree
 
@@ -248,9 +249,12 @@ def load_run(
     cfg, family = read_run_config(run)
     if families is not None:
         check_family(run, family, families, purpose)
+    if not modes.spec(cfg.lora.mode).peft:
+        raise ConfigError(f"{run}: {modes.no_adapter_note(cfg.lora.mode)}")
     stored = _read_adapter(run / ADAPTER_FILE)
     wl = workloads.load(cfg, head_key=jax.random.fold_in(root_key(cfg), KEY_HEAD))
-    params = initial_params(cfg, wl.base_params)
+    # Fed-SB's adapter holds mid folded into b: plain LoRA nodes take it.
+    params = lora.fold_mid(initial_params(cfg, wl.base_params))
     params = apply_adapter(
         params,
         stored,

@@ -21,11 +21,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ffa_jax import allocator, distributed, lora
 from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.errors import FfaJaxError
+from ffa_jax.federated import modes
 from ffa_jax.federated.round import model_groups
 from ffa_jax.fileio import json_safe
 from ffa_jax.run.inputs import round_inputs, run_round
@@ -33,7 +35,6 @@ from ffa_jax.run.report import metric_value
 from ffa_jax.run.resume import agree_on_start, check_budget, check_restored
 from ffa_jax.run.rundir import (
     ADAPTER_FILE,
-    bytes_of_one_client,
     frozen_line,
     metric_line,
     metrics_path,
@@ -152,7 +153,8 @@ def train(
         start_run_dir(out, cfg, prep, history, overwrite=overwrite)
 
     key = train_key(prep)
-    per_client_bytes = bytes_of_one_client(prep.trainable)
+    # One client's upload per round (the mean over an alternating mode's cycle, e.g. RoLoRA).
+    per_client_bytes = modes.mean_uplink_bytes(cfg.lora.mode, prep.trainable)
     wl = prep.workload
     if cfg.eval.baseline and not any(h["round"] == 0 for h in history):
         # The pretrained model (B = 0, so the LoRA tree computes the base model), as round 0.
@@ -192,10 +194,20 @@ def train(
             # The state lives on the host between rounds, as after a restore: every round
             # (fresh or resumed) calls the same executable with the same input placement.
             state = jax.device_get(new_state)
-            record = round_record(prep, r, inp, m, loss, per_client_bytes)
+            record = round_record(
+                prep,
+                r,
+                inp,
+                m,
+                loss,
+                modes.uplink_bytes(cfg.lora.mode, prep.trainable, r),
+                **round_bytes(prep, r, inp.slots),
+            )
             is_last = r + 1 == cfg.federated.rounds
             if is_last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
-                record.update(evaluate(prep, lora.combine(state.trainable, prep.frozen)))
+                record.update(evaluate(prep, modes.model_params(state, prep.frozen)))
+                if modes.spec(cfg.lora.mode).client_state is not None:
+                    record["eval_clients"] = personal_metrics(prep, state)
             record["seconds"] = time.time() - t0
             history.append(record)
             mf.write(metric_line(record))
@@ -220,9 +232,14 @@ def train(
     if bar is not None:
         bar.close()
 
-    final_params = lora.combine(state.trainable, prep.frozen)
-    if primary:
-        save_adapter(out / ADAPTER_FILE, final_params, cfg, head_pattern=wl.head_pattern)
+    final_params = modes.model_params(state, prep.frozen)
+    if primary and modes.spec(cfg.lora.mode).peft:
+        # Fed-SB's r x r matrix folded into B: a plain LoRA adapter (W0 + s B A).
+        save_adapter(
+            out / ADAPTER_FILE, lora.fold_mid(final_params), cfg, head_pattern=wl.head_pattern
+        )
+    elif primary:
+        log(modes.no_adapter_note(cfg.lora.mode))
     summary = {
         "run_dir": str(out),
         **wl.summary_fields(history),
@@ -242,6 +259,38 @@ def train(
     if primary:
         write_reports(out, cfg, prep, history, summary)
     return json_safe(summary)
+
+
+def round_bytes(prep, r: int, slots) -> dict[str, int]:
+    """Round ``r``'s byte counts for :func:`ffa_jax.run.rundir.round_record`: all uploads
+    together (``uplink_total``; clients of ``lora.client_ranks`` upload their own rank) and
+    what the server sends each participant (``downlink_bytes``), by the analytic counts of
+    :mod:`ffa_jax.federated.modes` for ``lora.mode``."""
+    cfg = prep.cfg
+    mode, ranks = cfg.lora.mode, cfg.lora.client_ranks
+    members = [int(c) for c in np.asarray(slots) if c >= 0]
+    own = [None] * len(members) if ranks is None else [ranks[c] for c in members]
+    return {
+        "uplink_total": sum(modes.uplink_bytes(mode, prep.trainable, r, rank=k) for k in own),
+        "downlink_bytes": modes.downlink_bytes(
+            mode,
+            prep.params,
+            prep.trainable,
+            r,
+            len(members),
+            participant_ranks=None if ranks is None else own,
+        ),
+    }
+
+
+def personal_metrics(prep, state) -> list[float]:
+    """FedSA-LoRA: the workload's headline metric (e.g. accuracy) of every client's
+    personalised model (the shared A, the client's own B) on the held-out split."""
+    metric = prep.workload.metric
+    return [
+        float(evaluate(prep, modes.personal_params(state, prep.frozen, k))[metric])
+        for k in range(len(prep.client_indices))
+    ]
 
 
 def silent(*args, **kwargs) -> None:

@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ffa_jax.federated import modes
+
 #: What summary.md says epsilon covers.
 COVERAGE = (
     "Epsilon covers the trained adapter (every released update) and the numbers derived from "
@@ -125,7 +127,7 @@ def write_summary(
     lines = [
         f"# Run `{cfg.name}`",
         "",
-        f"- method: **{'FFA-LoRA' if cfg.lora.mode == 'ffa' else 'LoRA'}** (r={cfg.lora.rank}, alpha={cfg.lora.alpha:g}, "
+        f"- method: **{modes.spec(cfg.lora.mode).title}** (r={cfg.lora.rank}, alpha={cfg.lora.alpha:g}, "
         f"{len(prep.target_paths)} target matrices)",
         f"- model: `{cfg.model.name}`, max_length {cfg.model.max_length}; task `{cfg.data.task}`",
         f"- federation: {cfg.federated.clients} clients, partition `{cfg.data.partition}`, "

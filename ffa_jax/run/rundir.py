@@ -141,8 +141,23 @@ def metric_line(record: dict[str, Any]) -> str:
     return json.dumps(json_safe(scalars)) + "\n"
 
 
-def round_record(prep: Prepared, r: int, inp: RoundInputs, m, loss, per_client_bytes) -> dict:
+def round_record(
+    prep: Prepared,
+    r: int,
+    inp: RoundInputs,
+    m,
+    loss,
+    per_client_bytes,
+    *,
+    downlink_bytes: int | None = None,
+    uplink_total: int | None = None,
+) -> dict:
     """One metrics line of round ``r`` (0-based): averages over the round's participants.
+
+    ``per_client_bytes``: one client's upload this round; ``downlink_bytes``: what the server
+    sends each participant (None: the same as the upload); ``uplink_total``: the round's
+    uploads together when clients upload different sizes (None: ``per_client_bytes`` times the
+    participants).
 
     Top-level keys are release-safe: epsilon and delta, the norm of the averaged (noised)
     update, byte counts, evaluation on the held-out split, and the note on the noise's source
@@ -186,8 +201,8 @@ def round_record(prep: Prepared, r: int, inp: RoundInputs, m, loss, per_client_b
     }
     counts = {
         "participants": n_part,
-        "uplink_bytes": per_client_bytes * n_part,
-        "downlink_bytes": per_client_bytes * n_part,
+        "uplink_bytes": per_client_bytes * n_part if uplink_total is None else uplink_total,
+        "downlink_bytes": (per_client_bytes if downlink_bytes is None else downlink_bytes) * n_part,
     }
     if unit(cfg) == "client":
         norms = np.asarray(c.delta_norm)[real]

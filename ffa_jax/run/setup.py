@@ -17,6 +17,7 @@ from ffa_jax import perf as perf_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.data import partition
 from ffa_jax.data.clients import partition_clients
+from ffa_jax.federated import modes
 from ffa_jax.federated.client import make_client_optimizer, make_client_update
 from ffa_jax.federated.round import (
     banded_noise_key,
@@ -128,6 +129,7 @@ def prepare(
         eval_batch_size=cfg.eval.batch_size,
     )
     cfg = perf_lib.resolved_config(cfg, resolved)
+    modes.check_config(cfg)
     key = root_key(cfg)
     wl = workloads.load(cfg, head_key=jax.random.fold_in(key, KEY_HEAD))
     for note in wl.notes:
@@ -177,11 +179,16 @@ def prepare(
     )
 
 
+def lora_key(cfg: RunConfig) -> jax.Array:
+    """The shared, public LoRA key (A's init; FLoRA's re-initialisations fold in the round)."""
+    return jax.random.fold_in(root_key(cfg), KEY_LORA_A)
+
+
 def initial_params(cfg: RunConfig, base_params: PyTree) -> PyTree:
     """The run's starting tree: LoRA nodes at ``lora.targets`` with A from the public seed and
     B = 0 (:func:`ffa_jax.lora.init`), or, with ``lora.init_from``, A, B and the saved head of
     that PEFT adapter (:func:`ffa_jax.models.peft.init_from_adapter`)."""
-    params = lora.init(base_params, cfg.lora, jax.random.fold_in(root_key(cfg), KEY_LORA_A))
+    params = lora.init(base_params, cfg.lora, lora_key(cfg))
     if cfg.lora.init_from is not None:
         from ffa_jax.models.peft import init_from_adapter
 
@@ -281,20 +288,35 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
         prep.params = lora.combine(prep.trainable, prep.frozen)  # the host leaves only in wl
     # jax takes compile options only on the outermost jit: global_round's when multi-process.
     options = train_compiler_options(prep)
-    round_fn = make_round(
+
+    def make(update, releases):
+        fn = make_round(
+            update,
+            server_opt,
+            clients_per_chunk=cfg.perf.clients_per_chunk,
+            mesh=mesh,
+            client_level_dp=unit(cfg) == "client",
+            return_deltas=releases,
+            compiler_options=None if multi else options,
+            banded_noise=banded_noise(cfg),
+        )
+        if multi:
+            # Several processes: global inputs on the mesh spanning them, host outputs.
+            fn = distributed.global_round(fn, mesh, compiler_options=options)
+        return fn
+
+    # lora.mode: which factors the clients train and send in each round (ffa_jax.federated.modes).
+    fn = modes.mode_round(
+        cfg.lora.mode,
+        prep.trainable,
+        make,
         client_update,
-        server_opt,
-        clients_per_chunk=cfg.perf.clients_per_chunk,
-        mesh=mesh,
-        client_level_dp=unit(cfg) == "client",
         return_deltas=return_deltas,
-        compiler_options=None if multi else options,
-        banded_noise=banded_noise(cfg),
+        lora_key=lora_key(cfg),
+        a_init=cfg.lora.a_init,
+        client_ranks=cfg.lora.client_ranks,
     )
-    if multi:
-        # Several processes: global inputs on the mesh spanning them, host outputs.
-        round_fn = distributed.global_round(round_fn, mesh, compiler_options=options)
-    return round_fn, server_opt
+    return fn, server_opt
 
 
 def banded_noise(cfg: RunConfig) -> BandedNoise | None:
@@ -310,7 +332,15 @@ def init_server_state(prep: Prepared, server_opt) -> ServerState:
     correlated-noise state, keyed from the run's secret (:func:`train_key`), never ``seed``."""
     noise = banded_noise(prep.cfg)
     state = () if noise is None else noise.init(prep.trainable, banded_noise_key(train_key(prep)))
-    return jax.device_get(server_init(prep.trainable, server_opt, state))
+    # lora.mode's extra server state (FedEx/FLoRA base deltas, FedSVD's A, FedSA's client B).
+    return jax.device_get(
+        modes.init_state(
+            prep.cfg.lora.mode,
+            server_init(prep.trainable, server_opt, state),
+            prep.params,
+            num_clients=len(prep.client_indices),
+        )
+    )
 
 
 def unit(cfg: RunConfig) -> str | None:
