@@ -248,7 +248,9 @@ def test_resume_that_changes_rounds_under_banded_mf_is_refused():
 
 def _noise_state(cfg, secret):
     trainable = {"b": np.zeros((2, 3), np.float32)}
-    prep = types.SimpleNamespace(cfg=cfg, trainable=trainable, secret=secret)
+    prep = types.SimpleNamespace(
+        cfg=cfg, trainable=trainable, params=trainable, client_indices=[0], secret=secret
+    )
     return init_server_state(prep, _SGD).noise
 
 
