@@ -75,7 +75,10 @@ def dp(sigma=1.0):
 SERVER_DP = ServerDpParams(
     clip_norm=np.float32(0.3), noise_multiplier=np.float32(1.0), expected_clients=np.float32(K)
 )
-UNITS = ("none", "sample", "client")
+# The DP variants of each invariant take ~20-60 s on 2 shared cores (compiles): marked slow.
+SLOW = pytest.mark.slow
+UNITS = ("none", pytest.param("sample", marks=SLOW), pytest.param("client", marks=SLOW))
+NONE_SAMPLE = ("none", pytest.param("sample", marks=SLOW))
 
 
 LORA_KEY = jax.random.key(1)
@@ -140,12 +143,13 @@ def test_rolora_untrained_factor_bit_identical_and_alternates(unit):
 
 
 def test_rolora_bytes_are_the_trained_factor_and_head():
-    _, _, trainable, _ = setup("rolora")
+    _, lp, trainable, _ = setup("rolora")
     b_bytes = 2 * 4 * RANK * D_H  # two targets, b [r, d_out]
     a_bytes = 2 * 4 * D_IN * RANK  # a [d_in, r]
     assert modes.uplink_bytes("rolora", trainable, 0) == b_bytes + HEAD_BYTES
     assert modes.uplink_bytes("rolora", trainable, 1) == a_bytes + HEAD_BYTES
-    assert modes.downlink_bytes("rolora", trainable, 3) == a_bytes + HEAD_BYTES
+    assert modes.downlink_bytes("rolora", lp, trainable, 3, 3) == a_bytes + HEAD_BYTES
+    assert modes.downlink_bytes("rolora", lp, trainable, 4, 3) == b_bytes + HEAD_BYTES
     assert modes.mean_uplink_bytes("rolora", trainable) == (a_bytes + b_bytes) / 2 + HEAD_BYTES
     names = sorted(leaves(modes.sent_tree("rolora", trainable, 1)))
     assert names == ["head/bias", "head/kernel", "query/kernel/a", "value/kernel/a"]
@@ -246,7 +250,7 @@ def f64(x):
     return np.asarray(x, np.float64)
 
 
-@pytest.mark.parametrize("unit", ["none", "sample"])
+@pytest.mark.parametrize("unit", NONE_SAMPLE)
 def test_fedex_effective_weight_is_the_mean_of_the_clients(unit):
     module, lp, trainable, frozen = setup("fedex")
     round_fn, opt = build("fedex", unit, trainable, module, return_deltas=True)
@@ -329,7 +333,7 @@ def test_flora_stack_product_is_the_sum_of_products():
     np.testing.assert_allclose(f64(a_s) @ f64(b_s), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("unit", ["none", "sample"])
+@pytest.mark.parametrize("unit", NONE_SAMPLE)
 def test_flora_merges_the_stacked_products_and_reinitialises(unit):
     module, lp, trainable, frozen = setup("flora")
     round_fn, opt = build("flora", unit, trainable, module, return_deltas=True)
@@ -362,7 +366,7 @@ def test_server_rule_downlink_bytes_analytic():
     assert modes.uplink_bytes("fedsvd", trainable, 0) == targets * 4 * r * d_out + HEAD_BYTES
 
 
-@pytest.mark.parametrize("unit", ["none", "sample"])
+@pytest.mark.parametrize("unit", NONE_SAMPLE)
 def test_fedsa_b_never_leaves_a_client(unit):
     module, lp, trainable, frozen = setup("fedsa")
     assert sorted(leaves(trainable)) == [
@@ -416,7 +420,7 @@ def test_fedsa_refused_with_client_level_dp():
         modes.check_config(cfg)
 
 
-@pytest.mark.parametrize("unit", ["none", "sample"])
+@pytest.mark.parametrize("unit", NONE_SAMPLE)
 def test_flora_heterogeneous_ranks_stack_exactly(unit):
     ranks = (2, 4, 3)
     module, lp, trainable, frozen = setup("flora")
