@@ -153,6 +153,23 @@ def cmd_privacy(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """``ffa-jax plan``: XLA's per-device memory of the config's round vs the device memory
+    (:mod:`ffa_jax.run.memplan`); exit status 1 when it does not fit."""
+    from ffa_jax.run import memplan
+
+    cfg = _load(args)
+    plan = memplan.plan_memory(
+        cfg,
+        device_memory=memplan.parse_memory(args.device_memory),
+        devices=args.devices,
+        backend=args.backend,
+        exact=args.exact,
+    )
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else memplan.describe(plan))
+    return 0 if plan.fits else 1
+
+
 def cmd_bench(args) -> int:
     from ffa_jax.bench import MEMORY_BUDGET_MB, BenchSpec, run_bench, to_markdown, write_report
     from ffa_jax.bench.allocator_ab import require_tcmalloc
@@ -540,6 +557,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--png", type=Path, default=None, help="also plot epsilon vs round to this PNG")
     p.set_defaults(func=cmd_privacy)
+
+    p = sub.add_parser(
+        "plan",
+        help="estimate a config's per-device memory (XLA, abstract shapes) and whether it fits",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--device-memory", default="32GiB", help="memory of one device, e.g. 32GiB, 16GB, 80GiB"
+    )
+    p.add_argument("--devices", type=int, default=1, help="devices of the host the run will use")
+    p.add_argument(
+        "--backend",
+        choices=["gpu", "tpu", "cpu"],
+        default="gpu",
+        help="the backend perf 'auto' values resolve for (default gpu; tpu resolves alike)",
+    )
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="compile at the model's full depth instead of extrapolating 1- and 2-layer compiles",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="time DP vs non-DP, FFA vs LoRA client updates and a round")
     p.add_argument("--model", choices=["tiny", "minilm", "roberta-base"], default="minilm")
