@@ -153,11 +153,30 @@ def cmd_privacy(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """``ffa-jax plan``: XLA's per-device memory of the config's round vs the device memory
+    (:mod:`ffa_jax.run.memplan`); exit status 1 when it does not fit."""
+    from ffa_jax.run import memplan
+
+    cfg = _load(args)
+    plan = memplan.plan_memory(
+        cfg,
+        device_memory=memplan.parse_memory(args.device_memory),
+        devices=args.devices,
+        backend=args.backend,
+        exact=args.exact,
+    )
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else memplan.describe(plan))
+    return 0 if plan.fits else 1
+
+
 def cmd_bench(args) -> int:
     from ffa_jax.bench import MEMORY_BUDGET_MB, BenchSpec, run_bench, to_markdown, write_report
     from ffa_jax.bench.allocator_ab import require_tcmalloc
     from ffa_jax.bench.torch_ref import torch_available
 
+    if args.quickstart or args.config is not None:
+        return bench_e2e(args)
     if args.quick:
         spec = BenchSpec(
             model="tiny",
@@ -213,6 +232,42 @@ def cmd_bench(args) -> int:
     write_report(report, args.out)
     print(to_markdown(report))
     return 0
+
+
+def bench_e2e(args) -> int:
+    """``ffa-jax bench --quickstart`` / ``--config X``: whole runs of a config in ffa_jax and
+    in the torch reference, alternately (:mod:`ffa_jax.bench.e2e`)."""
+    from ffa_jax.bench import e2e
+    from ffa_jax.bench.torch_ref import torch_available
+
+    if args.reference == "torch" and not torch_available():
+        raise ConfigError(
+            "bench --reference torch needs torch, peft and opacus: "
+            'pip install -e ".[torch]" (or use --reference none).'
+        )
+    config = args.config
+    if config is None:
+        config = default_config_path()
+    spec = e2e.E2ESpec(
+        config=None if config is None else str(config),
+        overrides=tuple(args.overrides),
+        pairs=args.pairs,
+        reference=args.reference == "torch" or (args.reference == "auto" and torch_available()),
+        threads=args.threads or 0,
+        allocator=args.allocator,
+    )
+    provenance = {"command": "ffa-jax " + " ".join(args.argv), "commit": _git_commit()}
+
+    def save(report):  # after every run too: a long bench keeps what it measured so far
+        e2e.write_report({**report, **provenance}, args.out)
+
+    report = e2e.run_e2e(
+        spec, workdir=args.workdir, log=lambda m: print(m, file=sys.stderr), on_run=save
+    )
+    report.update(provenance)
+    save(report)
+    print(e2e.to_markdown(report))
+    return 0 if not report["failed_runs"] else 1
 
 
 def memory_settings(clients: str, chunks: str) -> list[tuple[int, int]]:
@@ -503,6 +558,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", type=Path, default=None, help="also plot epsilon vs round to this PNG")
     p.set_defaults(func=cmd_privacy)
 
+    p = sub.add_parser(
+        "plan",
+        help="estimate a config's per-device memory (XLA, abstract shapes) and whether it fits",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--device-memory", default="32GiB", help="memory of one device, e.g. 32GiB, 16GB, 80GiB"
+    )
+    p.add_argument("--devices", type=int, default=1, help="devices of the host the run will use")
+    p.add_argument(
+        "--backend",
+        choices=["gpu", "tpu", "cpu"],
+        default="gpu",
+        help="the backend perf 'auto' values resolve for (default gpu; tpu resolves alike)",
+    )
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="compile at the model's full depth instead of extrapolating 1- and 2-layer compiles",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("bench", help="time DP vs non-DP, FFA vs LoRA client updates and a round")
     p.add_argument("--model", choices=["tiny", "minilm", "roberta-base"], default="minilm")
     p.add_argument("--batch-size", type=int, default=32)
@@ -564,6 +642,44 @@ def build_parser() -> argparse.ArgumentParser:
         "worker process each, alternately (needs tcmalloc; see FFA_JAX_ALLOCATOR)",
     )
     p.add_argument("--quick", action="store_true", help="tiny model, small batch, 2 repeats (CI)")
+    p.add_argument(
+        "--quickstart",
+        action="store_true",
+        help="whole runs of the quickstart config: ffa-jax train vs the torch reference, "
+        "alternately, each a fresh subprocess (wall, per-round time, peak RSS, accuracy)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="like --quickstart, for this run config",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="with --quickstart / --config: a config override for both sides (repeatable)",
+    )
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=2,
+        help="with --quickstart / --config: (ffa_jax, reference) pairs",
+    )
+    p.add_argument(
+        "--allocator",
+        choices=["auto", "tcmalloc", "system"],
+        default="auto",
+        help="with --quickstart / --config: FFA_JAX_ALLOCATOR of both sides",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="with --quickstart / --config: run directories and logs (default: a temp folder)",
+    )
     p.add_argument("--out", type=Path, default=Path("experiments/results/bench"))
     p.set_defaults(func=cmd_bench)
 
