@@ -23,6 +23,8 @@ privacy violation (the empirical epsilon lower bound exceeds the run's claimed e
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -58,6 +60,21 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.FIELD=VALUE",
         help="override a config field, e.g. --set lora.mode=lora --set privacy.epsilon=inf (repeatable)",
     )
+
+
+def _add_json_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help=f"machine-readable: print {what} as one JSON line on stdout; logs, warnings and "
+        "progress go to stderr",
+    )
+
+
+def _emit(args, obj) -> None:
+    """Prints ``obj`` as one JSON line on the command's real stdout (under ``--json`` every
+    other print of the command goes to stderr; see :func:`main`)."""
+    print(json.dumps(obj, default=str), file=args.stdout, flush=True)
 
 
 def _load(args):
@@ -101,7 +118,10 @@ def cmd_train(args) -> int:
     import jax
 
     if jax.process_index() == 0:  # process 0 reports a multi-process run
-        print(json.dumps(summary, indent=2, default=str))
+        if args.json:
+            _emit(args, summary)
+        else:
+            print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -111,7 +131,10 @@ def cmd_pretrain(args) -> int:
 
     cfg = load_pretrain_config(args.config, args.overrides)
     summary = pretrain(cfg, overwrite=args.overwrite, progress=not args.no_progress)
-    print(json.dumps(summary, indent=2, default=str))
+    if args.json:
+        _emit(args, summary)
+    else:
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -140,7 +163,7 @@ def cmd_privacy(args) -> int:
             raise ConfigError("--png needs a private run (privacy.epsilon is inf).")
         planner.plot_curve(plan, args.png)
     if args.json:
-        print(json.dumps({**plan.to_json(), "alternatives": alt}))
+        _emit(args, {**plan.to_json(), "alternatives": alt})
     else:
         print(planner.format_plan(plan, alt))
     cap = cfg.privacy.max_epsilon
@@ -254,7 +277,10 @@ def cmd_experiment(args) -> int:
         dry_run=args.dry_run,
         tune_only=args.tune_only,
     )
-    print(json.dumps(res, indent=2))
+    if args.json:
+        _emit(args, res)
+    else:
+        print(json.dumps(res, indent=2))
     return 0
 
 
@@ -281,12 +307,12 @@ def cmd_audit(args) -> int:
         confidence=args.confidence,
         client=args.client,
         progress=not args.no_progress and not args.json,
-        log=(lambda *a: None) if args.json else print,
+        log=print,  # on stderr under --json
     )
     record = {**res.to_json(), "command": "ffa-jax " + " ".join(args.argv), "config": cfg.to_dict()}
     atomic_write_text(out / "audit.json", json.dumps(record, indent=2) + "\n")
     if args.json:
-        print(json.dumps(record))
+        _emit(args, record)
     else:
         print(res.summary())
         print(f"written: {out / 'audit.json'}")
@@ -294,7 +320,11 @@ def cmd_audit(args) -> int:
 
 
 def cmd_config(args) -> int:
-    print(_load(args).to_yaml(), end="")
+    cfg = _load(args)
+    if args.json:
+        _emit(args, cfg.to_dict())
+    else:
+        print(cfg.to_yaml(), end="")
     return 0
 
 
@@ -316,6 +346,9 @@ def cmd_export_peft(args) -> int:
         )
     for w in res.warnings:
         print(f"ffa-jax: warning: {w}", file=sys.stderr)
+    if args.json:
+        _emit(args, dataclasses.asdict(res))  # paths as strings
+        return 0
     labels = "" if res.num_labels is None else f", num_labels={res.num_labels}"
     print(f"PEFT adapter: {res.out_dir} ({res.family}, base model {res.base_model}{labels})")
     if res.merged_dir is not None:
@@ -378,7 +411,7 @@ def cmd_eval(args) -> int:
     samples = metrics.pop("eval_samples", None)
     recorded = run.recorded_eval()
     if args.json:
-        print(json.dumps({"split": args.split, "metrics": metrics, "recorded": recorded}))
+        _emit(args, {"split": args.split, "metrics": metrics, "recorded": recorded})
         return 0
     print(f"{run.run_dir} ({run.family}, {args.split} split):")
     for k, v in metrics.items():
@@ -476,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         "uninterrupted run)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_json_arg(p, "the final summary")
     g = p.add_argument_group("multi-host (one process per host; see docs/accelerators.md)")
     g.add_argument(
         "--distributed",
@@ -495,11 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(config=None)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_json_arg(p, "the final summary")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("privacy", help="plan the privacy budget of a config without training")
     _add_config_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    _add_json_arg(p, "the plan and its alternatives (instead of tables)")
     p.add_argument("--png", type=Path, default=None, help="also plot epsilon vs round to this PNG")
     p.set_defaults(func=cmd_privacy)
 
@@ -594,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tune-only", action="store_true", help="run only the learning-rate tuning cells"
     )
+    _add_json_arg(p, "the grid's result")
     p.set_defaults(func=cmd_experiment, argv=None)
 
     p = sub.add_parser(
@@ -623,12 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder for audit.json (default <output_dir>/<name>.audit)",
     )
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _add_json_arg(p, "the result (as written to audit.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("config", help="print the resolved and validated config")
     _add_config_args(p)
+    _add_json_arg(p, "the config (instead of YAML)")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser(
@@ -657,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
         "4), v5 (vit.layers.N.attention.q_proj, transformers 5); auto: the installed one's",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    _add_json_arg(p, "the written folders, family and warnings")
     p.set_defaults(func=cmd_export_peft)
 
     p = sub.add_parser("generate", help="greedy generation from a decoder run's adapter")
@@ -693,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="re-evaluate a run's adapter with the run's metrics")
     p.add_argument("run_dir", type=Path, help="a finished run directory")
     p.add_argument("--split", default="test", help="the split to evaluate (test)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json_arg(p, "the metrics and the recorded ones")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -742,7 +780,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.stdout = sys.stdout
     try:
+        if getattr(args, "json", False):
+            # Machine-readable stdout: only the command's JSON line (see _emit); every log
+            # line, table and warning printed on the way goes to stderr.
+            with contextlib.redirect_stdout(sys.stderr):
+                return args.func(args)
         return args.func(args)
     except FfaJaxError as e:
         print(f"ffa-jax: error: {e}", file=sys.stderr)
