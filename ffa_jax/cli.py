@@ -320,6 +320,16 @@ def cmd_audit(args) -> int:
 
 
 def cmd_config(args) -> int:
+    if args.schema:
+        if args.config is not None or args.overrides:
+            raise ConfigError("--schema describes every config; drop --config and --set.")
+        from ffa_jax.config_doc import schema
+
+        if args.json:
+            _emit(args, schema())
+        else:
+            print(json.dumps(schema(), indent=2))
+        return 0
     cfg = _load(args)
     if args.json:
         _emit(args, cfg.to_dict())
@@ -666,6 +676,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved and validated config")
     _add_config_args(p)
     _add_json_arg(p, "the config (instead of YAML)")
+    p.add_argument(
+        "--schema",
+        action="store_true",
+        help="print every config field instead (JSON: type, default, choices, help; the run "
+        "config and the pretraining config)",
+    )
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser(

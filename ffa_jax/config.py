@@ -48,6 +48,24 @@ AUTO = "auto"
 # perf.cpu_library_fusion values (see ffa_jax.xla_options).
 CPU_LIBRARY_FUSIONS = ("auto", "jax", "dots", "off")
 
+# The closed sets of values, by the field that takes one (``ffa-jax config --schema`` and
+# docs/configuration.md list them; the validators check the same tuples).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.pooling": POOLINGS,
+    "model.family": MODEL_FAMILIES,
+    "model.dtype": MODEL_DTYPES,
+    "lora.mode": LORA_MODES,
+    "lora.a_init": A_INITS,
+    "data.partition": PARTITIONS,
+    "federated.weighting": WEIGHTINGS,
+    "federated.client_sampling": CLIENT_SAMPLINGS,
+    "client.optimizer": CLIENT_OPTIMIZERS,
+    "server.optimizer": SERVER_OPTIMIZERS,
+    "privacy.accountant": ACCOUNTANTS,
+    "privacy.unit": PRIVACY_UNITS,
+    "perf.cpu_library_fusion": CPU_LIBRARY_FUSIONS,
+}
+
 
 def _require(cond: bool, field: str, value: Any, fix: str) -> None:
     if not cond:

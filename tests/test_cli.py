@@ -56,3 +56,29 @@ def test_json_flag_is_offered(command, capsys):
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
     assert "--json" in capsys.readouterr().out
+
+
+def test_config_schema_lists_every_field_with_type_default_choices_and_help(capsys):
+    assert cli.main(["config", "--schema", "--json"]) == 0
+    schema = _one_json_line(capsys.readouterr().out)
+    train = schema["train"]["fields"]
+    cfg = load_config(None).to_dict()
+    flat = {
+        f"{s}.{k}" if isinstance(v, dict) else s: (x if isinstance(v, dict) else v)
+        for s, v in cfg.items()
+        for k, x in (v.items() if isinstance(v, dict) else [(None, v)])
+    }
+    assert set(train) == set(flat)
+    assert train["lora.mode"]["choices"] == ["ffa", "lora"]
+    assert train["lora.mode"]["default"] == "ffa" and train["lora.mode"]["type"] == "str"
+    assert train["privacy.epsilon"]["type"] == "float" and train["privacy.epsilon"]["help"]
+    assert all(entry["help"] for entry in train.values()), "every field has a description"
+    assert "optim.learning_rate" in schema["pretrain"]["fields"]
+    with pytest.raises(SystemExit):
+        cli.main(["config", "--help"])
+    assert "--schema" in capsys.readouterr().out
+
+
+def test_schema_refuses_a_config_it_would_ignore(capsys):
+    assert cli.main(["config", "--schema", "--set", "lora.rank=4"]) == 2
+    assert "--schema" in capsys.readouterr().err
