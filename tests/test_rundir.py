@@ -4,7 +4,10 @@ same release-safe / diagnostics split), read back; a real run's files are checke
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -53,6 +56,38 @@ def test_metrics_log_writes_lines_and_events_only_on_the_primary(tmp_path):
     with rundir.MetricsLog(other, primary=False) as log:
         log.write(RECORD)
     assert list(other.iterdir()) == []
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def assert_group_readable(run_dir: Path) -> None:
+    """Run files 0640 and folders 0750, checkpoints/ owner-only (0600/0700)."""
+    assert stat.S_IMODE(run_dir.stat().st_mode) == rundir.DIR_MODE
+    for path in run_dir.rglob("*"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        secret = "checkpoints" in path.relative_to(run_dir).parts
+        if path.is_dir():
+            assert mode == (0o700 if secret else rundir.DIR_MODE), (path, oct(mode))
+        else:
+            assert mode == (0o600 if secret else rundir.FILE_MODE), (path, oct(mode))
+
+
+@pytest.mark.parametrize("mask", [0o077, 0o000])
+def test_run_files_are_group_readable_whatever_the_umask(tmp_path, mask):
+    out = tmp_path / "run"
+    with umask(mask):
+        rundir.make_dir(out)
+        with rundir.MetricsLog(out, primary=True) as log:
+            log.write(RECORD)
+    assert sorted(p.name for p in out.iterdir())[-1] == rundir.METRICS_FILE
+    assert_group_readable(out)
 
 
 def assert_events_match_metrics(run_dir: Path) -> None:

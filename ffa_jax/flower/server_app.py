@@ -60,7 +60,7 @@ from ffa_jax.run import (
     save_adapter,
 )
 from ffa_jax.run.report import metric_value
-from ffa_jax.run.rundir import METRICS_FILE, MetricsLog
+from ffa_jax.run.rundir import FILE_MODE, METRICS_FILE, MetricsLog, make_dir
 
 app = ServerApp()
 
@@ -288,7 +288,9 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
         server.state = ckpt_lib.restore_state(restored, server.state)
         history, start = restored.history, restored.round
         # The checkpoint's history is the truth: later lines are dropped and recomputed.
-        atomic_write_text(out / "metrics.jsonl", "".join(_metric_line(h) for h in history))
+        atomic_write_text(
+            out / METRICS_FILE, "".join(_metric_line(h) for h in history), mode=FILE_MODE
+        )
         log(f"ffa_jax server: resuming {out} at round {start} of {cfg.federated.rounds}")
     wl = server.prep.workload
     k = cfg.federated.clients
@@ -358,9 +360,9 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
                     # nothing behind).
                     if overwrite and out.exists():
                         shutil.rmtree(out)
-                    out.mkdir(parents=True, exist_ok=True)
-                    atomic_write_text(out / "config.yaml", cfg.to_yaml())
-                    atomic_write_text(out / METRICS_FILE, "")  # MetricsLog appends
+                    make_dir(out)
+                    atomic_write_text(out / "config.yaml", cfg.to_yaml(), mode=FILE_MODE)
+                    atomic_write_text(out / METRICS_FILE, "", mode=FILE_MODE)  # to append
                 ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(out), keep=cfg.checkpoint.keep)
             mlog.write(record)
             is_last = r + 1 == cfg.federated.rounds
@@ -412,7 +414,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
             "wall_seconds": time.time() - t_start,
         }
     )
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n", mode=FILE_MODE)
     return summary
 
 

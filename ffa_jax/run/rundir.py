@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -39,6 +40,11 @@ METRICS_FILE = "metrics.jsonl"
 ADAPTER_FILE = "adapter.safetensors"
 SUMMARY_FILE = "summary.md"
 PLOTS_DIR = "plots"
+# Permission bits of the run directory, whatever the umask: the owner writes, the group (e.g. a
+# team sharing a machine) reads, others nothing. checkpoints/ is owner-only (0700/0600): it
+# holds the run's noise secret (ffa_jax.checkpoint).
+FILE_MODE = 0o640
+DIR_MODE = 0o750
 # TensorBoard's event files sit next to metrics.jsonl (``tensorboard --logdir <output_dir>``
 # shows every run by its name); tensorboardX names them events.out.tfevents.<time>.<host>.
 EVENTS_GLOB = "events.out.tfevents.*"
@@ -56,6 +62,18 @@ RELEASE_NOTE = (
 )
 
 
+def make_dir(path: Path) -> None:
+    """Creates the run directory ``path`` (or a folder in it) with :data:`DIR_MODE` (its
+    parents, e.g. ``output_dir``, keep the umask's)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, DIR_MODE)
+
+
+def group_readable(path: Path) -> None:
+    """``chmod`` an existing run-directory file to :data:`FILE_MODE`."""
+    os.chmod(path, FILE_MODE)
+
+
 def start_run_dir(
     out: Path, cfg: RunConfig, prep: Prepared, history: list[dict], *, overwrite: bool
 ) -> None:
@@ -64,21 +82,26 @@ def start_run_dir(
     ``history``), atomically."""
     if overwrite and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG_FILE, cfg.to_yaml() + resolved_perf_comment(prep))
+    make_dir(out)
+    atomic_write_text(
+        out / CONFIG_FILE, cfg.to_yaml() + resolved_perf_comment(prep), mode=FILE_MODE
+    )
     # The checkpoint's history is the truth: later lines (rounds done after the last
     # checkpoint, or a torn line from a crash) are dropped and recomputed.
-    atomic_write_text(out / METRICS_FILE, "".join(metric_line(h) for h in history))
+    atomic_write_text(
+        out / METRICS_FILE, "".join(metric_line(h) for h in history), mode=FILE_MODE
+    )
 
 
 def write_reports(
     out: Path, cfg: RunConfig, prep: Prepared, history: list[dict], summary: dict[str, Any]
 ) -> None:
-    """Process 0, at the end: ``plots/metrics.png`` and ``summary.md``."""
+    """Process 0, at the end: ``plots/metrics.png`` and ``summary.md`` (group-readable)."""
     from ffa_jax.run.report import write_plots, write_summary
 
-    write_plots(out / PLOTS_DIR, history)
-    write_summary(out / SUMMARY_FILE, cfg, prep, history, summary)
+    make_dir(out / PLOTS_DIR)
+    write_plots(out / PLOTS_DIR, history, mode=FILE_MODE)
+    write_summary(out / SUMMARY_FILE, cfg, prep, history, summary, mode=FILE_MODE)
 
 
 def run_dir(cfg: RunConfig) -> Path:
@@ -176,7 +199,11 @@ class MetricsLog:
             return
         if self.lines is None:
             self.lines = open(self.out / METRICS_FILE, "a", encoding="utf-8")
+            group_readable(self.out / METRICS_FILE)
             self.events = summary_writer(self.out, purge_step=self.first_step)
+            self.events.flush()  # creates the event file
+            for path in self.out.glob(EVENTS_GLOB):
+                group_readable(path)
         self.lines.write(metric_line(record))
         self.lines.flush()
         step = int(record["round"])
@@ -376,4 +403,4 @@ def save_adapter(
             if not lora.is_lora(leaf) and re.fullmatch(head_pattern, p):
                 tensors[p] = np.asarray(leaf, np.float32)
     meta = {"lora": json.dumps(dataclasses.asdict(cfg.lora)), "model": cfg.model.name}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), mode=FILE_MODE)
