@@ -45,12 +45,19 @@ def default_config_path() -> Path | None:
     return local if local.is_file() else None
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(
+    p: argparse.ArgumentParser,
+    default: str = "configs/quickstart.yaml if present, else the built-in defaults, which are "
+    "the quickstart's",
+    set_example: str = "--set lora.mode=lora --set privacy.epsilon=inf",
+) -> None:
     p.add_argument(
         "--config",
         type=Path,
         default=None,
-        help="YAML run config (default: configs/quickstart.yaml)",
+        metavar="YAML|NAME",
+        help="a YAML config file, or the name of a config shipped with ffa_jax (quickstart, "
+        f"glue/sst2, ...: `ffa-jax config --help` lists them) (default: {default})",
     )
     p.add_argument(
         "--set",
@@ -58,7 +65,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override a config field, e.g. --set lora.mode=lora --set privacy.epsilon=inf (repeatable)",
+        help=f"override a config field, e.g. {set_example} (repeatable)",
     )
 
 
@@ -498,10 +505,90 @@ def cmd_flower_local(args) -> int:
     return 0
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and appends ``(default: X)`` to an option's help when
+    it has a meaningful default (not None/False/empty) that the help does not state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (
+            "default" in text
+            or d in (None, False, "", [], argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: {d})"
+
+
+# Examples shown by `ffa-jax COMMAND --help` (the configs are those shipped in configs/).
+EXAMPLES = {
+    "train": [
+        "ffa-jax train                                     # the quickstart: FFA-LoRA, epsilon 6",
+        "ffa-jax train --config glue/sst2 --set privacy.epsilon=3",
+        "ffa-jax train --set lora.mode=lora --set name=lora --json > summary.json",
+        "ffa-jax train --resume runs/quickstart --set federated.rounds=30",
+    ],
+    "pretrain": [
+        "ffa-jax pretrain                                  # configs/vision_pretrain_mnist.yaml",
+        "ffa-jax pretrain --set optim.epochs=2 --set name=vit_small",
+    ],
+    "privacy": [
+        "ffa-jax privacy --set privacy.epsilon=3",
+        "ffa-jax privacy --config glue/sst2 --json --png eps.png",
+    ],
+    "bench": ["ffa-jax bench --quick", "ffa-jax bench --model minilm --memory 8,32 --chunks 1,K"],
+    "experiment": ["ffa-jax experiment rank_sweep --quick --dry-run"],
+    "audit": ["ffa-jax audit --set federated.rounds=2 --canaries 200 --json"],
+    "config": [
+        "ffa-jax config --config glue/sst2 --set lora.rank=4",
+        "ffa-jax config --schema | jq '.train.fields[\"lora.mode\"]'",
+    ],
+    "export-peft": [
+        "ffa-jax export-peft runs/quickstart peft/quickstart --base-model "
+        "sentence-transformers/all-MiniLM-L6-v2"
+    ],
+    "generate": ['ffa-jax generate runs/gsm_smollm2 --prompt "What is 12 * 7?"'],
+    "predict": ["ffa-jax predict runs/quickstart --input texts.jsonl --output preds.jsonl"],
+    "eval": ["ffa-jax eval runs/quickstart --json"],
+    "flower": ["ffa-jax flower local --set federated.rounds=2", "ffa-jax flower app app/"],
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ffa-jax", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="ffa-jax", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"ffa-jax {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    class Sub:
+        """``add_parser`` with the help as description and the command's examples."""
+
+        def __init__(self, actions):
+            self.actions = actions
+
+        def add_parser(self, name: str, *, help: str, **kw) -> argparse.ArgumentParser:
+            examples = EXAMPLES.get(name)
+            if name == "config":
+                from ffa_jax.config import shipped_configs
+
+                extra = "shipped configs (--config NAME): " + ", ".join(shipped_configs())
+            else:
+                extra = ""
+            epilog = "\n".join(
+                (["examples:", *(f"  {e}" for e in examples)] if examples else []) + [extra]
+            ).strip()
+            return self.actions.add_parser(
+                name,
+                help=help,
+                description=help[0].upper() + help[1:] + ".",
+                epilog=epilog or None,
+                formatter_class=HelpFormatter,
+                **kw,
+            )
+
+    sub = Sub(subparsers)
 
     p = sub.add_parser("train", help="run federated (FFA-)LoRA fine-tuning")
     _add_config_args(p)
@@ -535,7 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pretrain", help="train a small ViT centrally (non-private) on a public image task"
     )
-    _add_config_args(p)
+    _add_config_args(
+        p,
+        "the built-in defaults, which are configs/vision_pretrain_mnist.yaml's",
+        "--set optim.epochs=2 --set model.num_layers=2",
+    )
     p.set_defaults(config=None)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -549,12 +640,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_privacy)
 
     p = sub.add_parser("bench", help="time DP vs non-DP, FFA vs LoRA client updates and a round")
-    p.add_argument("--model", choices=["tiny", "minilm", "roberta-base"], default="minilm")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--local-steps", type=int, default=2)
-    p.add_argument("--clients", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--model",
+        choices=["tiny", "minilm", "roberta-base"],
+        default="minilm",
+        help="the timed encoder",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="examples per client step")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per example")
+    p.add_argument("--local-steps", type=int, default=2, help="client steps per update")
+    p.add_argument("--clients", type=int, default=3, help="clients of the timed round")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     p.add_argument("--round-batch-size", type=int, default=0, help="per-client batch of the round")
     p.add_argument("--round-seq-len", type=int, default=0, help="sequence length of the round")
     p.add_argument("--clients-per-chunk", type=int, default=0, help="of the round (0 = all)")
@@ -609,7 +705,12 @@ def build_parser() -> argparse.ArgumentParser:
         "worker process each, alternately (needs tcmalloc; see FFA_JAX_ALLOCATOR)",
     )
     p.add_argument("--quick", action="store_true", help="tiny model, small batch, 2 repeats (CI)")
-    p.add_argument("--out", type=Path, default=Path("experiments/results/bench"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("experiments/results/bench"),
+        help="folder for the report (JSON + Markdown)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
@@ -753,7 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "flower", help="run on Flower's deployment runtime (needs pip install 'ffa_jax[flower]')"
     )
-    fsub = p.add_subparsers(dest="flower_command", required=True)
+    fsub = Sub(p.add_subparsers(dest="flower_command", required=True))
     q = fsub.add_parser("app", help="write a Flower App folder (pyproject.toml) for a run config")
     q.add_argument("out_dir", type=Path, help="the folder to write (flwr run OUT_DIR ...)")
     _add_config_args(q)
