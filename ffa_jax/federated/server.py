@@ -11,7 +11,7 @@ are averaged separately (the paper's baseline), which is not exact.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +21,7 @@ from ffa_jax.config import ServerConfig
 
 # Client-level DP aggregation lives in ffa_jax.privacy; re-exported for existing callers.
 from ffa_jax.privacy.aggregation import clip_updates, dp_fedavg_aggregate  # noqa: F401
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 
 class ServerState(NamedTuple):
