@@ -51,6 +51,12 @@ def test_metrics_log_writes_lines_and_events_only_on_the_primary(tmp_path):
     events = rundir.read_events(tmp_path)
     assert events["release/epsilon"] == [(2, 1.5), (3, 2.0)]
     assert events["diagnostics/train_loss"] == [(2, 0.5), (3, 0.5)]
+    # A resumed attempt (same second, same host) adds a file; TensorBoard purges its
+    # steps >= first_step from the earlier file's view (read_events reads both files).
+    with rundir.MetricsLog(tmp_path, primary=True, first_step=3) as log:
+        log.write({**RECORD, "round": 3, "epsilon": 2.5})
+    assert len(list(tmp_path.glob(rundir.EVENTS_GLOB))) == 2
+    assert (2, 1.5) in rundir.read_events(tmp_path)["release/epsilon"]
     other = tmp_path / "other"
     other.mkdir()
     with rundir.MetricsLog(other, primary=False) as log:

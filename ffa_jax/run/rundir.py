@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import struct
 import sys
@@ -88,9 +89,7 @@ def start_run_dir(
     )
     # The checkpoint's history is the truth: later lines (rounds done after the last
     # checkpoint, or a torn line from a crash) are dropped and recomputed.
-    atomic_write_text(
-        out / METRICS_FILE, "".join(metric_line(h) for h in history), mode=FILE_MODE
-    )
+    atomic_write_text(out / METRICS_FILE, "".join(metric_line(h) for h in history), mode=FILE_MODE)
 
 
 def write_reports(
@@ -250,7 +249,14 @@ def summary_writer(logdir: Path, *, purge_step: int):
             del sys.modules["torch"]
     import tensorboardX
 
-    return tensorboardX.SummaryWriter(logdir=str(logdir), purge_step=purge_step, flush_secs=30)
+    # tensorboardX names the file by the second and the host and opens it "wb": a random
+    # suffix keeps a resume within the same second from truncating the earlier attempt's file.
+    return tensorboardX.SummaryWriter(
+        logdir=str(logdir),
+        purge_step=purge_step,
+        flush_secs=30,
+        filename_suffix=f".{secrets.token_hex(4)}",
+    )
 
 
 def read_events(out: Path) -> dict[str, list[tuple[int, float]]]:
