@@ -1,6 +1,6 @@
 """The ffa_jax Flower ``ServerApp`` (``ffa_jax.flower.server_app:app``).
 
-It runs the rounds of :func:`ffa_jax.train.train` over Flower's Grid: wait for
+It runs the rounds of :func:`ffa_jax.run.train` over Flower's Grid: wait for
 ``federated.clients`` SuperNodes; with partial participation (``federated.clients_per_round``)
 ask each node its partition id (a ``query`` message, the only thing asked); then every round
 send the global trainable tree (B under FFA-LoRA, an ``ArrayRecord`` ``"trainable"``) and the
@@ -56,6 +56,7 @@ from ffa_jax.flower.records import from_record, serialized_bytes, to_record
 from ffa_jax.run import metric_line as _metric_line
 from ffa_jax.run import (
     noise_note,
+    resume,
     run_dir,
     save_adapter,
 )
@@ -207,28 +208,17 @@ def _decode_replies(
 
 
 def check_restored(restored: ckpt_lib.Restored, server: ServerRun) -> None:
-    """A ServerApp checkpoint must belong to this model, data and seed, and its ledger to
-    its rounds. Raises CheckpointError naming what differs."""
-    where = repr(str(restored.step_dir))
-    ckpt_lib.check_leaves(restored, server.state)
+    """A ServerApp checkpoint must belong to this model, data and seed, and its ledger to this
+    run's schedule and budget: the simulation's checks (:func:`ffa_jax.run.resume.check_restored`).
+    Raises CheckpointError / ConfigError naming what differs."""
     prep = server.prep
-    if restored.a_hash != ckpt_lib.a_matrices_hash(prep.params):
-        raise CheckpointError(
-            f"checkpoint {where}: the frozen A matrices regenerated from seed={server.cfg.seed} "
-            "differ from the ones the run was trained with; resume with the seed and the "
-            "ffa_jax/jax versions that wrote it, or start a new run."
-        )
-    d_hash = ckpt_lib.data_hash([prep.train_arrays, prep.test_arrays], prep.client_indices)
-    if restored.data_hash != d_hash:
-        raise CheckpointError(
-            f"checkpoint {where}: the tokenised data or the client partition differ from the "
-            "run's: the data file or the tokenizer changed. Restore them, or start a new run."
-        )
-    if restored.ledger.rounds_done != restored.round:
-        raise CheckpointError(
-            f"checkpoint {where}: its privacy ledger has {restored.ledger.rounds_done} rounds "
-            f"but the checkpoint {restored.round}; it is inconsistent. Start a new run."
-        )
+    resume.check_restored(
+        restored,
+        prep,
+        server.state,
+        ckpt_lib.a_matrices_hash(prep.params),
+        ckpt_lib.data_hash([prep.train_arrays, prep.test_arrays], prep.client_indices),
+    )
 
 
 def _open_run(cfg, run_config: dict[str, Any]) -> ckpt_lib.Restored | None:
