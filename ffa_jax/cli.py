@@ -23,6 +23,8 @@ privacy violation (the empirical epsilon lower bound exceeds the run's claimed e
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -43,12 +45,19 @@ def default_config_path() -> Path | None:
     return local if local.is_file() else None
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(
+    p: argparse.ArgumentParser,
+    default: str = "configs/quickstart.yaml if present, else the built-in defaults, which are "
+    "the quickstart's",
+    set_example: str = "--set lora.mode=lora --set privacy.epsilon=inf",
+) -> None:
     p.add_argument(
         "--config",
         type=Path,
         default=None,
-        help="YAML run config (default: configs/quickstart.yaml)",
+        metavar="YAML|NAME",
+        help="a YAML config file, or the name of a config shipped with ffa_jax (quickstart, "
+        f"glue/sst2, ...: `ffa-jax config --help` lists them) (default: {default})",
     )
     p.add_argument(
         "--set",
@@ -56,8 +65,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override a config field, e.g. --set lora.mode=lora --set privacy.epsilon=inf (repeatable)",
+        help=f"override a config field, e.g. {set_example} (repeatable)",
     )
+
+
+def _add_json_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help=f"machine-readable: print {what} as one JSON line on stdout; logs, warnings and "
+        "progress go to stderr",
+    )
+
+
+def _emit(args, obj) -> None:
+    """Prints ``obj`` as one JSON line on the command's real stdout (under ``--json`` every
+    other print of the command goes to stderr; see :func:`main`)."""
+    print(json.dumps(obj, default=str), file=args.stdout, flush=True)
 
 
 def _load(args):
@@ -101,7 +125,10 @@ def cmd_train(args) -> int:
     import jax
 
     if jax.process_index() == 0:  # process 0 reports a multi-process run
-        print(json.dumps(summary, indent=2, default=str))
+        if args.json:
+            _emit(args, summary)
+        else:
+            print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -111,7 +138,10 @@ def cmd_pretrain(args) -> int:
 
     cfg = load_pretrain_config(args.config, args.overrides)
     summary = pretrain(cfg, overwrite=args.overwrite, progress=not args.no_progress)
-    print(json.dumps(summary, indent=2, default=str))
+    if args.json:
+        _emit(args, summary)
+    else:
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -140,7 +170,7 @@ def cmd_privacy(args) -> int:
             raise ConfigError("--png needs a private run (privacy.epsilon is inf).")
         planner.plot_curve(plan, args.png)
     if args.json:
-        print(json.dumps({**plan.to_json(), "alternatives": alt}))
+        _emit(args, {**plan.to_json(), "alternatives": alt})
     else:
         print(planner.format_plan(plan, alt))
     cap = cfg.privacy.max_epsilon
@@ -309,7 +339,10 @@ def cmd_experiment(args) -> int:
         dry_run=args.dry_run,
         tune_only=args.tune_only,
     )
-    print(json.dumps(res, indent=2))
+    if args.json:
+        _emit(args, res)
+    else:
+        print(json.dumps(res, indent=2))
     return 0
 
 
@@ -336,12 +369,12 @@ def cmd_audit(args) -> int:
         confidence=args.confidence,
         client=args.client,
         progress=not args.no_progress and not args.json,
-        log=(lambda *a: None) if args.json else print,
+        log=print,  # on stderr under --json
     )
     record = {**res.to_json(), "command": "ffa-jax " + " ".join(args.argv), "config": cfg.to_dict()}
     atomic_write_text(out / "audit.json", json.dumps(record, indent=2) + "\n")
     if args.json:
-        print(json.dumps(record))
+        _emit(args, record)
     else:
         print(res.summary())
         print(f"written: {out / 'audit.json'}")
@@ -349,7 +382,21 @@ def cmd_audit(args) -> int:
 
 
 def cmd_config(args) -> int:
-    print(_load(args).to_yaml(), end="")
+    if args.schema:
+        if args.config is not None or args.overrides:
+            raise ConfigError("--schema describes every config; drop --config and --set.")
+        from ffa_jax.config_doc import schema
+
+        if args.json:
+            _emit(args, schema())
+        else:
+            print(json.dumps(schema(), indent=2))
+        return 0
+    cfg = _load(args)
+    if args.json:
+        _emit(args, cfg.to_dict())
+    else:
+        print(cfg.to_yaml(), end="")
     return 0
 
 
@@ -371,6 +418,9 @@ def cmd_export_peft(args) -> int:
         )
     for w in res.warnings:
         print(f"ffa-jax: warning: {w}", file=sys.stderr)
+    if args.json:
+        _emit(args, dataclasses.asdict(res))  # paths as strings
+        return 0
     labels = "" if res.num_labels is None else f", num_labels={res.num_labels}"
     print(f"PEFT adapter: {res.out_dir} ({res.family}, base model {res.base_model}{labels})")
     if res.merged_dir is not None:
@@ -433,7 +483,7 @@ def cmd_eval(args) -> int:
     samples = metrics.pop("eval_samples", None)
     recorded = run.recorded_eval()
     if args.json:
-        print(json.dumps({"split": args.split, "metrics": metrics, "recorded": recorded}))
+        _emit(args, {"split": args.split, "metrics": metrics, "recorded": recorded})
         return 0
     print(f"{run.run_dir} ({run.family}, {args.split} split):")
     for k, v in metrics.items():
@@ -510,10 +560,90 @@ def cmd_flower_local(args) -> int:
     return 0
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and appends ``(default: X)`` to an option's help when
+    it has a meaningful default (not None/False/empty) that the help does not state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (
+            "default" in text
+            or d in (None, False, "", [], argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: {d})"
+
+
+# Examples shown by `ffa-jax COMMAND --help` (the configs are those shipped in configs/).
+EXAMPLES = {
+    "train": [
+        "ffa-jax train                                     # the quickstart: FFA-LoRA, epsilon 6",
+        "ffa-jax train --config glue/sst2 --set privacy.epsilon=3",
+        "ffa-jax train --set lora.mode=lora --set name=lora --json > summary.json",
+        "ffa-jax train --resume runs/quickstart --set federated.rounds=30",
+    ],
+    "pretrain": [
+        "ffa-jax pretrain                                  # configs/vision_pretrain_mnist.yaml",
+        "ffa-jax pretrain --set optim.epochs=2 --set name=vit_small",
+    ],
+    "privacy": [
+        "ffa-jax privacy --set privacy.epsilon=3",
+        "ffa-jax privacy --config glue/sst2 --json --png eps.png",
+    ],
+    "bench": ["ffa-jax bench --quick", "ffa-jax bench --model minilm --memory 8,32 --chunks 1,K"],
+    "experiment": ["ffa-jax experiment rank_sweep --quick --dry-run"],
+    "audit": ["ffa-jax audit --set federated.rounds=2 --canaries 200 --json"],
+    "config": [
+        "ffa-jax config --config glue/sst2 --set lora.rank=4",
+        "ffa-jax config --schema | jq '.train.fields[\"lora.mode\"]'",
+    ],
+    "export-peft": [
+        "ffa-jax export-peft runs/quickstart peft/quickstart --base-model "
+        "sentence-transformers/all-MiniLM-L6-v2"
+    ],
+    "generate": ['ffa-jax generate runs/gsm_smollm2 --prompt "What is 12 * 7?"'],
+    "predict": ["ffa-jax predict runs/quickstart --input texts.jsonl --output preds.jsonl"],
+    "eval": ["ffa-jax eval runs/quickstart --json"],
+    "flower": ["ffa-jax flower local --set federated.rounds=2", "ffa-jax flower app app/"],
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ffa-jax", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="ffa-jax", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"ffa-jax {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    class Sub:
+        """``add_parser`` with the help as description and the command's examples."""
+
+        def __init__(self, actions):
+            self.actions = actions
+
+        def add_parser(self, name: str, *, help: str, **kw) -> argparse.ArgumentParser:
+            examples = EXAMPLES.get(name)
+            if name == "config":
+                from ffa_jax.config import shipped_configs
+
+                extra = "shipped configs (--config NAME): " + ", ".join(shipped_configs())
+            else:
+                extra = ""
+            epilog = "\n".join(
+                (["examples:", *(f"  {e}" for e in examples)] if examples else []) + [extra]
+            ).strip()
+            return self.actions.add_parser(
+                name,
+                help=help,
+                description=help[0].upper() + help[1:] + ".",
+                epilog=epilog or None,
+                formatter_class=HelpFormatter,
+                **kw,
+            )
+
+    sub = Sub(subparsers)
 
     p = sub.add_parser("train", help="run federated (FFA-)LoRA fine-tuning")
     _add_config_args(p)
@@ -531,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
         "uninterrupted run)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_json_arg(p, "the final summary")
     g = p.add_argument_group("multi-host (one process per host; see docs/accelerators.md)")
     g.add_argument(
         "--distributed",
@@ -546,15 +677,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pretrain", help="train a small ViT centrally (non-private) on a public image task"
     )
-    _add_config_args(p)
+    _add_config_args(
+        p,
+        "the built-in defaults, which are configs/vision_pretrain_mnist.yaml's",
+        "--set optim.epochs=2 --set model.num_layers=2",
+    )
     p.set_defaults(config=None)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_json_arg(p, "the final summary")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("privacy", help="plan the privacy budget of a config without training")
     _add_config_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    _add_json_arg(p, "the plan and its alternatives (instead of tables)")
     p.add_argument("--png", type=Path, default=None, help="also plot epsilon vs round to this PNG")
     p.set_defaults(func=cmd_privacy)
 
@@ -582,12 +718,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="time DP vs non-DP, FFA vs LoRA client updates and a round")
-    p.add_argument("--model", choices=["tiny", "minilm", "roberta-base"], default="minilm")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--local-steps", type=int, default=2)
-    p.add_argument("--clients", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--model",
+        choices=["tiny", "minilm", "roberta-base"],
+        default="minilm",
+        help="the timed encoder",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="examples per client step")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per example")
+    p.add_argument("--local-steps", type=int, default=2, help="client steps per update")
+    p.add_argument("--clients", type=int, default=3, help="clients of the timed round")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     p.add_argument("--round-batch-size", type=int, default=0, help="per-client batch of the round")
     p.add_argument("--round-seq-len", type=int, default=0, help="sequence length of the round")
     p.add_argument("--clients-per-chunk", type=int, default=0, help="of the round (0 = all)")
@@ -680,7 +821,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --quickstart / --config: run directories and logs (default: a temp folder)",
     )
-    p.add_argument("--out", type=Path, default=Path("experiments/results/bench"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("experiments/results/bench"),
+        help="folder for the report (JSON + Markdown)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
@@ -710,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tune-only", action="store_true", help="run only the learning-rate tuning cells"
     )
+    _add_json_arg(p, "the grid's result")
     p.set_defaults(func=cmd_experiment, argv=None)
 
     p = sub.add_parser(
@@ -739,12 +886,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder for audit.json (default <output_dir>/<name>.audit)",
     )
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _add_json_arg(p, "the result (as written to audit.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("config", help="print the resolved and validated config")
     _add_config_args(p)
+    _add_json_arg(p, "the config (instead of YAML)")
+    p.add_argument(
+        "--schema",
+        action="store_true",
+        help="print every config field instead (JSON: type, default, choices, help; the run "
+        "config and the pretraining config)",
+    )
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser(
@@ -773,6 +927,7 @@ def build_parser() -> argparse.ArgumentParser:
         "4), v5 (vit.layers.N.attention.q_proj, transformers 5); auto: the installed one's",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    _add_json_arg(p, "the written folders, family and warnings")
     p.set_defaults(func=cmd_export_peft)
 
     p = sub.add_parser("generate", help="greedy generation from a decoder run's adapter")
@@ -809,13 +964,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="re-evaluate a run's adapter with the run's metrics")
     p.add_argument("run_dir", type=Path, help="a finished run directory")
     p.add_argument("--split", default="test", help="the split to evaluate (test)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json_arg(p, "the metrics and the recorded ones")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
         "flower", help="run on Flower's deployment runtime (needs pip install 'ffa_jax[flower]')"
     )
-    fsub = p.add_subparsers(dest="flower_command", required=True)
+    fsub = Sub(p.add_subparsers(dest="flower_command", required=True))
     q = fsub.add_parser("app", help="write a Flower App folder (pyproject.toml) for a run config")
     q.add_argument("out_dir", type=Path, help="the folder to write (flwr run OUT_DIR ...)")
     _add_config_args(q)
@@ -858,7 +1013,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.stdout = sys.stdout
     try:
+        if getattr(args, "json", False):
+            # Machine-readable stdout: only the command's JSON line (see _emit); every log
+            # line, table and warning printed on the way goes to stderr.
+            with contextlib.redirect_stdout(sys.stderr):
+                return args.func(args)
         return args.func(args)
     except FfaJaxError as e:
         print(f"ffa-jax: error: {e}", file=sys.stderr)

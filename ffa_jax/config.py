@@ -52,6 +52,24 @@ AUTO = "auto"
 # perf.cpu_library_fusion values (see ffa_jax.xla_options).
 CPU_LIBRARY_FUSIONS = ("auto", "jax", "dots", "off")
 
+# The closed sets of values, by the field that takes one (``ffa-jax config --schema`` and
+# docs/configuration.md list them; the validators check the same tuples).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.pooling": POOLINGS,
+    "model.family": MODEL_FAMILIES,
+    "model.dtype": MODEL_DTYPES,
+    "lora.mode": LORA_MODES,
+    "lora.a_init": A_INITS,
+    "data.partition": PARTITIONS,
+    "federated.weighting": WEIGHTINGS,
+    "federated.client_sampling": CLIENT_SAMPLINGS,
+    "client.optimizer": CLIENT_OPTIMIZERS,
+    "server.optimizer": SERVER_OPTIMIZERS,
+    "privacy.accountant": ACCOUNTANTS,
+    "privacy.unit": PRIVACY_UNITS,
+    "perf.cpu_library_fusion": CPU_LIBRARY_FUSIONS,
+}
+
 
 def _require(cond: bool, field: str, value: Any, fix: str) -> None:
     if not cond:
@@ -1023,19 +1041,49 @@ def _deepcopy(d: Any) -> Any:
     return d
 
 
+# The configs shipped with ffa_jax: in a checkout a link to the repository's configs/, in a
+# wheel its package data (pyproject.toml).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs, as ``--config NAME`` takes them (``quickstart``,
+    ``glue/sst2``: paths under :data:`SHIPPED_CONFIGS` without ``.yaml``)."""
+    if not SHIPPED_CONFIGS.is_dir():
+        return []
+    return sorted(
+        p.relative_to(SHIPPED_CONFIGS).with_suffix("").as_posix()
+        for p in SHIPPED_CONFIGS.rglob("*.yaml")
+    )
+
+
+def config_path(path: str | Path) -> Path:
+    """The YAML file ``path`` names: the file itself if it exists, else the shipped config of
+    that name (``quickstart``, ``quickstart.yaml``, ``configs/glue/sst2.yaml`` and
+    ``glue/sst2`` all resolve, from any working directory); ``path`` unchanged if neither
+    exists."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.as_posix().removeprefix("configs/").removesuffix(".yaml")
+    shipped = SHIPPED_CONFIGS / f"{name}.yaml"
+    return shipped if shipped.is_file() else p
+
+
 def _read_sections(path: str | Path | None, *, example: str) -> dict[str, Any]:
-    """The YAML mapping of config sections in ``path`` (``{}`` for None or an empty file).
+    """The YAML mapping of config sections in ``path`` (``{}`` for None or an empty file), a
+    file or the name of a shipped config (:func:`config_path`).
 
     Raises:
       ConfigError: the file is missing, not valid YAML, or not a mapping.
     """
     if path is None:
         return {}
-    p = Path(path)
+    p = config_path(path)
     if not p.is_file():
         raise ConfigError(
-            f"config file {str(p)!r} does not exist; pass --config with a YAML file "
-            f"such as {example}."
+            f"config file {str(p)!r} does not exist; pass --config with a YAML file such as "
+            f"{example}, or the name of a shipped config: {', '.join(shipped_configs())}."
         )
     try:
         loaded = yaml.safe_load(p.read_text())

@@ -1,6 +1,7 @@
-"""The configuration reference (``docs/configuration.md``), generated from the config
-dataclasses of :mod:`ffa_jax.config`: every section, field, type and default, and the field's
-description from its class's ``Attributes:`` docstring.
+"""The configuration reference (``docs/configuration.md``) and schema (``ffa-jax config
+--schema``), generated from the config dataclasses of :mod:`ffa_jax.config`: every section,
+field, type, choices (:data:`ffa_jax.config.CHOICES`) and default, and the field's description
+from its class's ``Attributes:`` docstring.
 
 ``python -m ffa_jax.config_doc > docs/configuration.md`` regenerates it;
 ``tests/test_config_doc.py`` checks that the committed file equals the output, so the reference
@@ -24,6 +25,8 @@ TOP_LEVEL = {
     "partition (split by purpose with ``jax.random.fold_in``).",
     "output_dir": "where run directories are written.",
 }
+
+PRETRAIN_TOP_LEVEL = {**TOP_LEVEL, "name": "the run's name; its directory is ``output_dir/name``."}
 
 # Fields whose class docstring has no ``Attributes:`` entry (yet): their meaning, from the
 # hand-written table this reference replaced. A docstring entry takes precedence.
@@ -113,17 +116,28 @@ def _cell(text: str) -> str:
     return re.sub(r"``(.+?)``", r"`\1`", text).replace("|", "\\|")
 
 
-def section_table(cls: type, prefix: str, docs: dict[str, str] | None = None) -> list[str]:
+def _choices_note(choices: tuple[str, ...] | None) -> str:
+    return "" if not choices else " One of " + ", ".join(f"``{c}``" for c in choices) + "."
+
+
+def section_table(
+    cls: type,
+    prefix: str,
+    docs: dict[str, str] | None = None,
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> list[str]:
     if docs is None:
         docs = {**FALLBACK.get(cls.__name__, {}), **attribute_docs(cls)}
+    choices = choices or {}
     hints = typing.get_type_hints(cls)
     rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             continue
+        meaning = docs.get(f.name, "") + _choices_note(choices.get(prefix + f.name))
         rows.append(
             f"| `{prefix}{f.name}` | {_cell(_type_name(hints[f.name]))} | {_cell(_default(f))} "
-            f"| {_cell(docs.get(f.name, ''))} |"
+            f"| {_cell(meaning.strip())} |"
         )
     return rows
 
@@ -134,17 +148,83 @@ def _summary(cls: type) -> str:
     return _cell(" ".join(para.split()))
 
 
-def reference(root: type, title: str, command: str, top_docs: dict[str, str]) -> list[str]:
+def reference(
+    root: type,
+    title: str,
+    command: str,
+    top_docs: dict[str, str],
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> list[str]:
     hints = typing.get_type_hints(root)
     out = [f"## {title}", "", _summary(root), "", f"Used by `{command}`.", ""]
-    out += ["### Top level", ""] + section_table(root, "", top_docs) + [""]
+    out += ["### Top level", ""] + section_table(root, "", top_docs, choices) + [""]
     for f in dataclasses.fields(root):
         cls = hints[f.name]
         if not dataclasses.is_dataclass(cls):
             continue
         out += [f"### `{f.name}`", "", _summary(cls), ""]
-        out += section_table(cls, f"{f.name}.") + [""]
+        out += section_table(cls, f"{f.name}.", None, choices) + [""]
     return out
+
+
+def _json_default(field: dataclasses.Field) -> Any:
+    """The field's default as JSON: tuples as lists, infinity as the YAML string ``"inf"``;
+    a required field has none (``MISSING``)."""
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        return dataclasses.MISSING
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    return _plain(value)
+
+
+def _help_text(text: str) -> str:
+    """A docstring entry as plain text (reST roles and ``literals`` unwrapped)."""
+    text = re.sub(r":(?:mod|func|class|data|meth):`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``(.+?)``", r"\1", text)
+
+
+def config_schema(
+    root: type, top_docs: dict[str, str], choices: dict[str, tuple[str, ...]] | None = None
+) -> dict[str, Any]:
+    """The schema of one root config class: its summary and, per field as ``--set`` names it
+    (``section.field``), ``type``, ``default`` (absent if required), ``choices`` (the closed
+    set, if any) and ``help``. The same introspection as the Markdown reference."""
+    choices = choices or {}
+    fields: dict[str, Any] = {}
+
+    def add(cls: type, prefix: str, docs: dict[str, str]) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                sub = hints[f.name]
+                add(sub, f"{f.name}.", {**FALLBACK.get(sub.__name__, {}), **attribute_docs(sub)})
+                continue
+            entry: dict[str, Any] = {"type": _type_name(hints[f.name])}
+            default = _json_default(f)
+            if default is not dataclasses.MISSING:
+                entry["default"] = default
+            if prefix + f.name in choices:
+                entry["choices"] = list(choices[prefix + f.name])
+            entry["help"] = _help_text(" ".join(docs.get(f.name, "").split()))
+            fields[prefix + f.name] = entry
+
+    add(root, "", top_docs)
+    summary = " ".join((inspect.getdoc(root) or "").split("\n\n", 1)[0].split())
+    return {"description": _help_text(summary), "fields": fields}
+
+
+def schema() -> dict[str, Any]:
+    """``ffa-jax config --schema``: ``{"train": ..., "pretrain": ...}``, each from
+    :func:`config_schema` (the run config of ``ffa-jax train``/``privacy``/``audit``/``flower``
+    and the pretraining config of ``ffa-jax pretrain``)."""
+    return {
+        "train": config_schema(config_lib.RunConfig, TOP_LEVEL, config_lib.CHOICES),
+        "pretrain": config_schema(config_lib.PretrainConfig, PRETRAIN_TOP_LEVEL),
+    }
 
 
 def render() -> str:
@@ -163,12 +243,11 @@ def render() -> str:
         "any compute with a message naming the field and the fix.",
         "",
     ]
-    lines += reference(config_lib.RunConfig, "Run config", "ffa-jax train", TOP_LEVEL)
     lines += reference(
-        config_lib.PretrainConfig,
-        "Pretraining config",
-        "ffa-jax pretrain",
-        {**TOP_LEVEL, "name": "the run's name; its directory is ``output_dir/name``."},
+        config_lib.RunConfig, "Run config", "ffa-jax train", TOP_LEVEL, config_lib.CHOICES
+    )
+    lines += reference(
+        config_lib.PretrainConfig, "Pretraining config", "ffa-jax pretrain", PRETRAIN_TOP_LEVEL
     )
     return "\n".join(lines).rstrip() + "\n"
 

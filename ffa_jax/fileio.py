@@ -16,11 +16,16 @@ from typing import Any
 
 
 def atomic_write(
-    path: str | os.PathLike, write: Callable[[str], None], *, suffix: str = ".tmp"
+    path: str | os.PathLike,
+    write: Callable[[str], None],
+    *,
+    suffix: str = ".tmp",
+    mode: int | None = None,
 ) -> None:
     """Runs ``write(tmp)``, which creates a temporary file next to ``path``, then renames it to
-    ``path``: readers never see a partial file, a failed write leaves no temporary, and the
-    file gets the process umask's permissions (as a plain ``open`` would). ``suffix`` ends the
+    ``path``: readers never see a partial file, and a failed write leaves no temporary. The
+    file gets permission bits ``mode`` (e.g. ``0o640``) before it appears, whatever the umask;
+    ``None`` keeps the process umask's (as a plain ``open`` would). ``suffix`` ends the
     temporary's name (e.g. ``".npz"`` for writers that append their own extension otherwise).
     The parent folder is created if needed."""
     path = pathlib.Path(path)
@@ -28,14 +33,17 @@ def atomic_write(
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{suffix}")
     try:
         write(str(tmp))
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` (UTF-8) to ``path`` atomically and durably (fsync before the rename)."""
+def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int | None = None) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically and durably (fsync before the rename),
+    with permission bits ``mode`` if given (see :func:`atomic_write`)."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -43,11 +51,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
 
-    atomic_write(path, write)
+    atomic_write(path, write, mode=mode)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` atomically and durably (fsync before the rename)."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:
+    """Writes ``data`` to ``path`` atomically and durably (fsync before the rename), with
+    permission bits ``mode`` if given (see :func:`atomic_write`)."""
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -55,7 +64,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
 
-    atomic_write(path, write)
+    atomic_write(path, write, mode=mode)
 
 
 def json_safe(d: dict[str, Any]) -> dict[str, Any]:

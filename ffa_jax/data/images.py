@@ -561,6 +561,27 @@ def load_image_classification(
     )
 
 
+def load_for_config(
+    data: Any, *, image_size: int, num_channels: int, seed: int
+) -> ImageClassificationData:
+    """:func:`load_image_classification` with a config's data section (``data.task``,
+    ``classes``, ``test_fraction``, ``max_train_examples``, ``image_field``, ``label_field``,
+    ``cache_dir``: a run's :class:`~ffa_jax.config.DataConfig` or pretraining's
+    ``PretrainDataConfig``), for a model of ``image_size`` x ``num_channels``."""
+    return load_image_classification(
+        data.task,
+        image_size=image_size,
+        num_channels=num_channels,
+        classes=data.classes,
+        test_fraction=data.test_fraction,
+        seed=seed,
+        max_examples=data.max_train_examples,
+        image_field=data.image_field,
+        label_field=data.label_field,
+        cache_dir=resolve_cache_dir(data.cache_dir),
+    )
+
+
 def check_image_arrays(images: Any, labels: Any, image_shape, num_labels: int, what: str) -> None:
     """Checks a batch/set against a model before any compute.
 

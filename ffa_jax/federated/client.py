@@ -9,7 +9,7 @@ argument, never part of the carry: it is shared by all clients, never copied per
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,8 @@ import optax
 from ffa_jax.config import ClientConfig
 from ffa_jax.privacy.clipping import clipped_grad, mean_grad
 from ffa_jax.privacy.noise import privatize_grad_sum
+from ffa_jax.types import PyTree
 
-PyTree = Any
 LossFn = Callable[[PyTree, PyTree, dict[str, jax.Array]], jax.Array]
 
 # Purposes folded into a client's key so that no two uses share randomness.
@@ -62,11 +62,6 @@ def make_client_optimizer(cfg: ClientConfig) -> optax.GradientTransformation:
 def step_noise_key(client_key: jax.Array, step: jax.Array | int) -> jax.Array:
     """The DP noise key of local step ``step`` of a client whose round key is ``client_key``."""
     return jax.random.fold_in(jax.random.fold_in(client_key, step), NOISE_PURPOSE)
-
-
-def tree_norm(tree: PyTree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 def make_client_update(
@@ -146,7 +141,7 @@ def make_client_update(
             num_examples=total,
             clipped_fraction=jnp.mean(clipped),
             grad_norm=jnp.mean(norms),
-            delta_norm=tree_norm(delta),
+            delta_norm=optax.tree.norm(delta),  # the trainable tree is float32
         )
         return delta, metrics
 

@@ -31,7 +31,7 @@ import numpy as np
 from ffa_jax.privacy import accounting
 from ffa_jax.privacy import secret as secret_lib
 
-# Host-side randomness purposes of train.py are 0..3; participation has its own.
+# Host-side randomness purposes of ffa_jax.run.setup are 0..3; participation has its own.
 PARTICIPATION_PURPOSE = 4
 SLOT_OVERFLOW_PROBABILITY = 1e-6
 

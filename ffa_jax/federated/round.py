@@ -409,9 +409,7 @@ def make_round(
             new_state = new_state._replace(noise=noise_state)
         metrics = jax.tree_util.tree_map(lambda x: x[:num_clients], metrics)
         w = weights / jnp.maximum(jnp.sum(weights), 1e-12)
-        update_norm = jnp.sqrt(
-            sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(mean_delta))
-        )
+        update_norm = optax.tree.norm(mean_delta)
         round_metrics = RoundMetrics(
             clients=metrics, loss=jnp.sum(w * metrics.loss), update_norm=update_norm
         )

@@ -11,7 +11,7 @@ are averaged separately (the paper's baseline), which is not exact.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,7 @@ from ffa_jax.privacy.aggregation import (  # noqa: F401
     clip_updates,
     dp_fedavg_aggregate,
 )
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 
 class ServerState(NamedTuple):

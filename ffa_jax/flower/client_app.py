@@ -14,7 +14,7 @@ Each SuperNode is one client. It is started with its partition,
    with ``privacy.noise_seed`` or ``flower.send_diagnostics`` set (which the server chooses)
    is refused unless the node's own operator consents with
    ``--node-config "... allow-non-private=true"``;
-3. loads the model and its data partition (:func:`ffa_jax.train.prepare`), regenerating the
+3. loads the model and its data partition (:func:`ffa_jax.run.prepare`), regenerating the
    shared frozen A from the public config seed: in this process, or, with
    ``keep-model=true``, once in the node worker (:mod:`ffa_jax.flower.worker`) that keeps it
    loaded between rounds;

@@ -2,14 +2,14 @@
 
 :class:`ClientNode` is what one client (one SuperNode) computes in a round; :class:`ServerRun`
 is what the server computes from the clients' deltas. They are built on the functions of the
-in-process simulation (:func:`ffa_jax.train.train`): the same :func:`ffa_jax.train.prepare`,
-batches (:func:`ffa_jax.train.client_batches`), client update
+in-process simulation (:func:`ffa_jax.run.train`): the same :func:`ffa_jax.run.prepare`,
+batches (:func:`ffa_jax.run.client_batches`), client update
 (:func:`ffa_jax.federated.client.make_client_update`), PRNG keys
 (:func:`ffa_jax.federated.round.client_key`), aggregation
 (:func:`ffa_jax.federated.server.weighted_mean`) and Optax server step
 (:func:`ffa_jax.federated.server.server_update`). With the same config and
 ``privacy.noise_seed`` (a reproducible research run, not a private one), a distributed run
-computes what :func:`ffa_jax.train.train` computes, up to float32 rounding (one client is
+computes what :func:`ffa_jax.run.train` computes, up to float32 rounding (one client is
 ``jit``-compiled on its own instead of ``vmap``-ped with the others).
 
 Client k regenerates the shared frozen A from the public config seed, and draws its noise and
@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ffa_jax import lora
 from ffa_jax.config import RunConfig
@@ -62,8 +63,7 @@ from ffa_jax.run import (
     train_compiler_options,
     train_key,
 )
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 #: What a client's ``metrics`` MetricRecord holds: public numbers only (the configured
 #: expected example count, never the realised Poisson one; epsilon; sigma_k; byte counts).
@@ -195,7 +195,7 @@ def check_partition(cfg: RunConfig, partition_id: Any, num_partitions: Any) -> i
 
 def _frozen_on_device(prep: Prepared) -> Prepared:
     """A Flower node computes on one device: host (numpy) frozen leaves, which ``prepare``
-    leaves with ``perf.model_devices > 1`` for :func:`ffa_jax.train.build_round` to shard,
+    leaves with ``perf.model_devices > 1`` for :func:`ffa_jax.run.build_round` to shard,
     are put on the default device once (Flower has no ``model`` mesh)."""
     if any(isinstance(x, np.ndarray) for x in jax.tree.leaves(prep.frozen)):
         prep.frozen = jax.device_put(prep.frozen)
@@ -394,11 +394,11 @@ class ServerRun:
 
         def aggregate(state, stacked, weights):
             mean_delta = weighted_mean(stacked, weights)
-            return server_update(state, mean_delta, opt), _norm(mean_delta), jnp.zeros(0)
+            return server_update(state, mean_delta, opt), optax.tree.norm(mean_delta), jnp.zeros(0)
 
         def aggregate_dp(state, stacked, weights, dp, key):
             mean_delta, norms = dp_fedavg_aggregate(stacked, weights, dp, key)
-            return server_update(state, mean_delta, opt), _norm(mean_delta), norms
+            return server_update(state, mean_delta, opt), optax.tree.norm(mean_delta), norms
 
         self._aggregate = jax.jit(aggregate_dp if self.client_level else aggregate)
 
@@ -441,7 +441,7 @@ class ServerRun:
         updates are clipped and the server adds the noise (see the class docstring).
 
         Returns the round's metrics record (the release-safe keys of ``metrics.jsonl`` of
-        :func:`ffa_jax.train.train`), with the workload's ``eval_*`` metrics on eval rounds
+        :func:`ffa_jax.run.train`), with the workload's ``eval_*`` metrics on eval rounds
         and, when the clients sent them (``flower.send_diagnostics``), a ``diagnostics``
         object (training loss, clipped fraction, gradient norm, realised examples). Under
         client-level DP the ``diagnostics`` hold the participants' pre-clipping update
@@ -515,7 +515,3 @@ class ServerRun:
             params = lora.combine(self.state.trainable, self.prep.frozen)
             record.update(evaluate(self.prep, params))
         return record
-
-
-def _norm(tree: PyTree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))

@@ -1,6 +1,6 @@
 """The ffa_jax Flower ``ServerApp`` (``ffa_jax.flower.server_app:app``).
 
-It runs the rounds of :func:`ffa_jax.train.train` over Flower's Grid: wait for
+It runs the rounds of :func:`ffa_jax.run.train` over Flower's Grid: wait for
 ``federated.clients`` SuperNodes; with partial participation (``federated.clients_per_round``)
 ask each node its partition id (a ``query`` message, the only thing asked); then every round
 send the global trainable tree (B under FFA-LoRA, an ``ArrayRecord`` ``"trainable"``) and the
@@ -56,10 +56,12 @@ from ffa_jax.flower.records import from_record, serialized_bytes, to_record
 from ffa_jax.run import metric_line as _metric_line
 from ffa_jax.run import (
     noise_note,
+    resume,
     run_dir,
     save_adapter,
 )
 from ffa_jax.run.report import metric_value
+from ffa_jax.run.rundir import FILE_MODE, METRICS_FILE, MetricsLog, make_dir
 
 app = ServerApp()
 
@@ -206,28 +208,17 @@ def _decode_replies(
 
 
 def check_restored(restored: ckpt_lib.Restored, server: ServerRun) -> None:
-    """A ServerApp checkpoint must belong to this model, data and seed, and its ledger to
-    its rounds. Raises CheckpointError naming what differs."""
-    where = repr(str(restored.step_dir))
-    ckpt_lib.check_leaves(restored, server.state)
+    """A ServerApp checkpoint must belong to this model, data and seed, and its ledger to this
+    run's schedule and budget: the simulation's checks (:func:`ffa_jax.run.resume.check_restored`).
+    Raises CheckpointError / ConfigError naming what differs."""
     prep = server.prep
-    if restored.a_hash != ckpt_lib.a_matrices_hash(prep.params):
-        raise CheckpointError(
-            f"checkpoint {where}: the frozen A matrices regenerated from seed={server.cfg.seed} "
-            "differ from the ones the run was trained with; resume with the seed and the "
-            "ffa_jax/jax versions that wrote it, or start a new run."
-        )
-    d_hash = ckpt_lib.data_hash([prep.train_arrays, prep.test_arrays], prep.client_indices)
-    if restored.data_hash != d_hash:
-        raise CheckpointError(
-            f"checkpoint {where}: the tokenised data or the client partition differ from the "
-            "run's: the data file or the tokenizer changed. Restore them, or start a new run."
-        )
-    if restored.ledger.rounds_done != restored.round:
-        raise CheckpointError(
-            f"checkpoint {where}: its privacy ledger has {restored.ledger.rounds_done} rounds "
-            f"but the checkpoint {restored.round}; it is inconsistent. Start a new run."
-        )
+    resume.check_restored(
+        restored,
+        prep,
+        server.state,
+        ckpt_lib.a_matrices_hash(prep.params),
+        ckpt_lib.data_hash([prep.train_arrays, prep.test_arrays], prep.client_indices),
+    )
 
 
 def _open_run(cfg, run_config: dict[str, Any]) -> ckpt_lib.Restored | None:
@@ -287,7 +278,9 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
         server.state = ckpt_lib.restore_state(restored, server.state)
         history, start = restored.history, restored.round
         # The checkpoint's history is the truth: later lines are dropped and recomputed.
-        atomic_write_text(out / "metrics.jsonl", "".join(_metric_line(h) for h in history))
+        atomic_write_text(
+            out / METRICS_FILE, "".join(_metric_line(h) for h in history), mode=FILE_MODE
+        )
         log(f"ffa_jax server: resuming {out} at round {start} of {cfg.federated.rounds}")
     wl = server.prep.workload
     k = cfg.federated.clients
@@ -306,6 +299,8 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
         [server.prep.train_arrays, server.prep.test_arrays], server.prep.client_indices
     )
     ckpt = None
+    # metrics.jsonl and TensorBoard events, through the run directory's owner.
+    mlog = MetricsLog(out, primary=True, first_step=start + 1 if history else 0)
     try:
         for r in range(start, cfg.federated.rounds):
             t0 = time.time()
@@ -355,11 +350,11 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
                     # nothing behind).
                     if overwrite and out.exists():
                         shutil.rmtree(out)
-                    out.mkdir(parents=True, exist_ok=True)
-                    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+                    make_dir(out)
+                    atomic_write_text(out / "config.yaml", cfg.to_yaml(), mode=FILE_MODE)
+                    atomic_write_text(out / METRICS_FILE, "", mode=FILE_MODE)  # to append
                 ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(out), keep=cfg.checkpoint.keep)
-            with open(out / "metrics.jsonl", "w" if r == 0 else "a") as mf:
-                mf.write(_metric_line(record))
+            mlog.write(record)
             is_last = r + 1 == cfg.federated.rounds
             if is_last or (cfg.checkpoint.every and (r + 1) % cfg.checkpoint.every == 0):
                 ckpt.save(
@@ -382,6 +377,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
                 + f" uplink {payloads} B ({record['seconds']:.1f} s)"
             )
     finally:
+        mlog.close()
         if ckpt is not None:
             ckpt.close()
     save_adapter(
@@ -408,7 +404,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
             "wall_seconds": time.time() - t_start,
         }
     )
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n", mode=FILE_MODE)
     return summary
 
 

@@ -16,15 +16,13 @@ mappings in Flower records.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import numpy as np
 
 from ffa_jax.errors import FederationError
 from ffa_jax.lora import path_str
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 
 def tree_to_arrays(tree: PyTree) -> dict[str, np.ndarray]:

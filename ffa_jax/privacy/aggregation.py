@@ -19,8 +19,7 @@ import jax_privacy.clipping
 from ffa_jax.privacy.clipping import overflow_bound, overflow_guard, per_example_norms
 from ffa_jax.privacy.correlated import BandedNoise
 from ffa_jax.privacy.noise import gaussian_noise_like
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 
 def clip_updates(stacked: PyTree, clip_norm: jax.Array) -> tuple[PyTree, jax.Array]:

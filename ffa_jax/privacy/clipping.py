@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import jax_privacy.clipping
 
 from ffa_jax.errors import ConfigError
+from ffa_jax.types import PyTree
 
-PyTree = Any
 LossFn = Callable[[PyTree, PyTree, dict], jax.Array]
 GradFn = Callable[[PyTree, PyTree, dict, jax.Array], tuple[PyTree, "GradStats"]]
 

@@ -17,8 +17,7 @@ import jax_privacy.noise_addition
 import optax
 
 from ffa_jax.errors import ConfigError
-
-PyTree = Any
+from ffa_jax.types import PyTree
 
 
 def _check_nonneg(value: Any, field: str, fix: str, *, strict: bool) -> None:

@@ -35,9 +35,8 @@ from ffa_jax.run.report import metric_value
 from ffa_jax.run.resume import agree_on_start, check_budget, check_restored
 from ffa_jax.run.rundir import (
     ADAPTER_FILE,
+    MetricsLog,
     frozen_line,
-    metric_line,
-    metrics_path,
     noise_line,
     open_run_dir,
     privacy_line,
@@ -148,9 +147,11 @@ def train(
         )
 
     # Every input is valid: from here on the run directory is written (by process 0).
-    metrics = metrics_path(out, primary)
     if primary:
         start_run_dir(out, cfg, prep, history, overwrite=overwrite)
+    # metrics.jsonl lines and TensorBoard events (rounds after the history's are recomputed).
+    first_step = history[-1]["round"] + 1 if history else 0
+    mlog = MetricsLog(out, primary=primary, first_step=first_step)
 
     key = train_key(prep)
     # One client's upload per round (the mean over an alternating mode's cycle, e.g. RoLoRA).
@@ -161,8 +162,7 @@ def train(
         t0 = time.time()
         record = {"round": 0, **evaluate(prep, prep.params), "seconds": time.time() - t0}
         history.append(record)
-        with open(metrics, "a") as mf:
-            mf.write(metric_line(record))
+        mlog.write(record)
         log(f"round 0 (pretrained model): {wl.metric_title} {record[wl.metric]:.4f}")
 
     rounds = range(start, cfg.federated.rounds)
@@ -183,7 +183,7 @@ def train(
         ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
         if primary
         else ckpt_lib.NoCheckpointer() as ckpt,
-        open(metrics, "a") as mf,
+        mlog,
     ):
         for r in rounds:
             t0 = time.time()
@@ -210,8 +210,7 @@ def train(
                     record["eval_clients"] = personal_metrics(prep, state)
             record["seconds"] = time.time() - t0
             history.append(record)
-            mf.write(metric_line(record))
-            mf.flush()
+            mlog.write(record)
             if is_last or (cfg.checkpoint.every and (r + 1) % cfg.checkpoint.every == 0):
                 ckpt.save(
                     r + 1,

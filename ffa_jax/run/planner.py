@@ -552,57 +552,44 @@ def alternatives(
     rows = []
     if plan.unit == "client":
         z_now = plan.client_noise_multiplier
-        for name, r, s, b, mm in changes:
-            b = smp.cycle_length
+    else:
+        k = int(np.argmax(plan.client_epsilon))  # the binding client
+        n = int(plan.client_sizes[k])
+        sigma_now = float(plan.noise_multipliers[k])
+    cycle = smp.cycle_length  # BandMF's cyclic Poisson groups (1: plain Poisson)
+    for name, r, s, b, mm in changes:
+        row = {"change": name, "rounds": r, "local_steps": s, "batch_size": b}
+        row["clients_per_round"] = mm
+        if plan.unit == "client":
+            if cycle > 1 and mm * cycle > n_clients:
+                continue  # cyclic Poisson cannot sample that many clients per round
             alt = client_level.ClientSampling(
                 n_clients,
                 mm,
                 smp.sampling,
-                participation_lib.slot_count(n_clients // b, mm, smp.sampling),
-                b,
+                participation_lib.slot_count(n_clients // cycle, mm, smp.sampling),
+                cycle,
             )
-            if b > 1 and mm * b > n_clients:
-                continue  # cyclic Poisson cannot sample that many clients per round
-            row = {
-                "change": name,
-                "rounds": r,
-                "local_steps": s,
-                "batch_size": b,
-                "clients_per_round": mm,
-                "sampling_rate": alt.rate,
-                "epsilon_at_current_sigma": client_level.epsilon_spent(
-                    z_now, alt, r, plan.delta, plan.accountant
-                ),
-            }
+            row["sampling_rate"] = alt.rate
+            row["epsilon_at_current_sigma"] = client_level.epsilon_spent(
+                z_now, alt, r, plan.delta, plan.accountant
+            )
             if math.isfinite(epsilon):
                 row["sigma_for_target"] = client_level.calibrate(
                     epsilon, plan.delta, alt, r, plan.accountant
                 )
-            rows.append(row)
-        return rows
-    k = int(np.argmax(plan.client_epsilon))  # the binding client
-    n = int(plan.client_sizes[k])
-    sigma_now = float(plan.noise_multipliers[k])
-    for name, r, s, b, mm in changes:
-        q = min(1.0, b / n)
-        part = participation_lib.schedule(seed, r, n_clients, mm, smp.sampling)[:, k]
-        steps = max(int(part.sum()), 1) * s
-        row = {
-            "change": name,
-            "rounds": r,
-            "local_steps": s,
-            "batch_size": b,
-            "clients_per_round": mm,
-            "sampling_rate": q,
-            "steps": steps,
-        }
-        row["epsilon_at_current_sigma"] = accounting.epsilon_spent(
-            sigma_now, q, steps, plan.delta, plan.accountant
-        )
-        if math.isfinite(epsilon):
-            row["sigma_for_target"] = accounting.calibrate_noise_multiplier(
-                epsilon, plan.delta, q, steps, plan.accountant
+        else:
+            q = min(1.0, b / n)
+            part = participation_lib.schedule(seed, r, n_clients, mm, smp.sampling)[:, k]
+            steps = max(int(part.sum()), 1) * s
+            row.update(sampling_rate=q, steps=steps)
+            row["epsilon_at_current_sigma"] = accounting.epsilon_spent(
+                sigma_now, q, steps, plan.delta, plan.accountant
             )
+            if math.isfinite(epsilon):
+                row["sigma_for_target"] = accounting.calibrate_noise_multiplier(
+                    epsilon, plan.delta, q, steps, plan.accountant
+                )
         rows.append(row)
     return rows
 

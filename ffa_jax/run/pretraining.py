@@ -27,8 +27,9 @@ import numpy as np
 import optax
 
 from ffa_jax.config import PretrainConfig
-from ffa_jax.data import batching, images
+from ffa_jax.data import images
 from ffa_jax.errors import ConfigError
+from ffa_jax.fileio import atomic_write_text
 from ffa_jax.models.vit import (
     DEFAULT_IMAGE_MEAN,
     DEFAULT_IMAGE_STD,
@@ -39,6 +40,7 @@ from ffa_jax.models.vit import (
 )
 from ffa_jax.models.vit_weights import save_vit
 from ffa_jax.types import PyTree
+from ffa_jax.workloads import evaluate_arrays
 
 KEY_INIT = 0
 KEY_AUGMENT = 1
@@ -65,17 +67,6 @@ def _decay_mask(params: PyTree) -> PyTree:
     )
 
 
-def evaluate_arrays(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int) -> dict:
-    """Accuracy and mean loss of ``eval_fn`` over a whole set in fixed-size batches."""
-    totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
-    for batch, mask in batching.eval_batches(arrays, batch_size):
-        out = eval_fn(params, batch, mask)
-        for k in totals:
-            totals[k] += float(out[k])
-    n = max(totals["count"], 1.0)
-    return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n}
-
-
 def pretrain(
     cfg: PretrainConfig, *, overwrite: bool = False, progress: bool = True, log=print
 ) -> dict[str, Any]:
@@ -96,17 +87,8 @@ def pretrain(
             "name with --set name=<new-name>."
         )
     m = cfg.model
-    data = images.load_image_classification(
-        cfg.data.task,
-        image_size=m.image_size,
-        num_channels=m.num_channels,
-        classes=cfg.data.classes,
-        test_fraction=cfg.data.test_fraction,
-        seed=cfg.seed,
-        max_examples=cfg.data.max_train_examples,
-        image_field=cfg.data.image_field,
-        label_field=cfg.data.label_field,
-        cache_dir=images.resolve_cache_dir(cfg.data.cache_dir),
+    data = images.load_for_config(
+        cfg.data, image_size=m.image_size, num_channels=m.num_channels, seed=cfg.seed
     )
     vit = ViTConfig(
         image_size=m.image_size,
@@ -211,8 +193,8 @@ def pretrain(
     if overwrite and out.exists():
         shutil.rmtree(out)
     save_vit(params, vit, out, image_mean=mean, image_std=std, label_names=data.label_names)
-    (out / "pretrain.yaml").write_text(cfg.to_yaml())
-    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    atomic_write_text(out / "pretrain.yaml", cfg.to_yaml())
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     summary = {
         "model_dir": str(out),
         "task": cfg.data.task,
@@ -225,5 +207,5 @@ def pretrain(
         "steps": total_steps,
         "wall_seconds": time.time() - t_start,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ffa_jax.federated import modes
+from ffa_jax.fileio import atomic_write, atomic_write_text
 
 #: What summary.md says epsilon covers.
 COVERAGE = (
@@ -36,9 +37,11 @@ def write_plots(
     *,
     metric: str = "eval_accuracy",
     metric_title: str = "test accuracy",
+    mode: int | None = None,
 ) -> Path:
     """``metrics.png``: training loss, the test ``metric`` and epsilon spent vs round (a
-    round-0 record, the pretrained model's evaluation, appears in the metric panel only)."""
+    round-0 record, the pretrained model's evaluation, appears in the metric panel only),
+    written atomically with permission bits ``mode`` (``None``: the umask's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,10 +80,10 @@ def write_plots(
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = plot_dir / "metrics.png"
-    tmp = plot_dir / ".metrics.png.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), mode=mode)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -121,8 +124,15 @@ def _privacy_details(cfg, prep, summary) -> str:
 
 
 def write_summary(
-    path: Path, cfg, prep, history: list[dict[str, Any]], summary: dict[str, Any]
+    path: Path,
+    cfg,
+    prep,
+    history: list[dict[str, Any]],
+    summary: dict[str, Any],
+    *,
+    mode: int | None = None,
 ) -> Path:
+    """``summary.md`` of a finished run, written atomically with permission bits ``mode``."""
     last = history[-1]
     lines = [
         f"# Run `{cfg.name}`",
@@ -172,7 +182,7 @@ def write_summary(
     if prep.workload.notes:
         lines += ["## Data", "", *(f"- {n}" for n in prep.workload.notes), ""]
     lines += _samples_section(history)
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines), mode=mode)
     return path
 
 

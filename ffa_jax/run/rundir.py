@@ -1,14 +1,19 @@
-"""The run directory's one owner: ``config.yaml``, ``metrics.jsonl`` (one line per round),
-``adapter.safetensors`` and the printed lines that describe a run.
+"""The run directory's one owner: ``config.yaml``, ``metrics.jsonl`` (one line per round) and
+its TensorBoard event file, ``adapter.safetensors`` and the printed lines that describe a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
+import secrets
 import shutil
+import struct
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +41,38 @@ METRICS_FILE = "metrics.jsonl"
 ADAPTER_FILE = "adapter.safetensors"
 SUMMARY_FILE = "summary.md"
 PLOTS_DIR = "plots"
+# Permission bits of the run directory, whatever the umask: the owner writes, the group (e.g. a
+# team sharing a machine) reads, others nothing. checkpoints/ is owner-only (0700/0600): it
+# holds the run's noise secret (ffa_jax.checkpoint).
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+# TensorBoard's event files sit next to metrics.jsonl (``tensorboard --logdir <output_dir>``
+# shows every run by its name); tensorboardX names them events.out.tfevents.<time>.<host>.
+EVENTS_GLOB = "events.out.tfevents.*"
+# TensorBoard tags: metrics.jsonl's top-level keys under RELEASE_TAG, its ``diagnostics``
+# object under DIAGNOSTICS_TAG -- the same split, so that a dashboard never mixes them.
+RELEASE_TAG = "release"
+DIAGNOSTICS_TAG = "diagnostics"
+DIAGNOSTICS_NOTE = (
+    "Computed from the clients' private data WITHOUT noise: outside the run's (epsilon, delta) "
+    "guarantee. Do not publish; see docs/threat_model.md."
+)
+RELEASE_NOTE = (
+    "Release-safe: the privacy accounting, and post-processing of the noised releases "
+    "(update norm, held-out evaluation) or public counts."
+)
 
 
-def metrics_path(out: Path, primary: bool) -> Path:
-    """Where this process appends metric lines: ``out/metrics.jsonl`` on process 0, the null
-    device elsewhere (only process 0 owns the run directory)."""
-    return out / METRICS_FILE if primary else Path(os.devnull)
+def make_dir(path: Path) -> None:
+    """Creates the run directory ``path`` (or a folder in it) with :data:`DIR_MODE` (its
+    parents, e.g. ``output_dir``, keep the umask's)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, DIR_MODE)
+
+
+def group_readable(path: Path) -> None:
+    """``chmod`` an existing run-directory file to :data:`FILE_MODE`."""
+    os.chmod(path, FILE_MODE)
 
 
 def start_run_dir(
@@ -52,21 +83,24 @@ def start_run_dir(
     ``history``), atomically."""
     if overwrite and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG_FILE, cfg.to_yaml() + resolved_perf_comment(prep))
+    make_dir(out)
+    atomic_write_text(
+        out / CONFIG_FILE, cfg.to_yaml() + resolved_perf_comment(prep), mode=FILE_MODE
+    )
     # The checkpoint's history is the truth: later lines (rounds done after the last
     # checkpoint, or a torn line from a crash) are dropped and recomputed.
-    atomic_write_text(out / METRICS_FILE, "".join(metric_line(h) for h in history))
+    atomic_write_text(out / METRICS_FILE, "".join(metric_line(h) for h in history), mode=FILE_MODE)
 
 
 def write_reports(
     out: Path, cfg: RunConfig, prep: Prepared, history: list[dict], summary: dict[str, Any]
 ) -> None:
-    """Process 0, at the end: ``plots/metrics.png`` and ``summary.md``."""
+    """Process 0, at the end: ``plots/metrics.png`` and ``summary.md`` (group-readable)."""
     from ffa_jax.run.report import write_plots, write_summary
 
-    write_plots(out / PLOTS_DIR, history)
-    write_summary(out / SUMMARY_FILE, cfg, prep, history, summary)
+    make_dir(out / PLOTS_DIR)
+    write_plots(out / PLOTS_DIR, history, mode=FILE_MODE)
+    write_summary(out / SUMMARY_FILE, cfg, prep, history, summary, mode=FILE_MODE)
 
 
 def run_dir(cfg: RunConfig) -> Path:
@@ -132,6 +166,117 @@ def open_run_dir(
             f"{str(out)!r} to continue it, or choose another name with --set name=<new-name>."
         )
     return None
+
+
+class MetricsLog:
+    """Appends a run's records: one ``metrics.jsonl`` line and the same scalars as TensorBoard
+    events (step = the record's ``round``) per :meth:`write`. A context manager; writes nothing
+    unless ``primary`` (only process 0 owns the run directory).
+
+    The TensorBoard tags split a record as ``metrics.jsonl`` does: top-level numbers under
+    ``release/<key>``, the ``diagnostics`` object under ``diagnostics/<key>`` (described as
+    outside the DP guarantee). Non-numeric and non-finite values (a non-private run's infinite
+    epsilon, ``None``) are not plotted. ``first_step`` is the first round this log will write:
+    events of that round and later left by an interrupted attempt are purged from TensorBoard's
+    view (a resumed run recomputes them).
+    """
+
+    def __init__(self, out: Path, *, primary: bool, first_step: int = 0):
+        self.out, self.primary, self.first_step = Path(out), primary, first_step
+        self.lines = None
+        self.events = None
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Appends ``record`` (flushed: a crash loses no finished round)."""
+        if not self.primary:
+            return
+        if self.lines is None:
+            self.lines = open(self.out / METRICS_FILE, "a", encoding="utf-8")
+            group_readable(self.out / METRICS_FILE)
+            self.events = summary_writer(self.out, purge_step=self.first_step)
+            self.events.flush()  # creates the event file
+            for path in self.out.glob(EVENTS_GLOB):
+                group_readable(path)
+        self.lines.write(metric_line(record))
+        self.lines.flush()
+        step = int(record["round"])
+        for tag, value, note in tensorboard_scalars(record):
+            self.events.add_scalar(tag, value, step, summary_description=note)
+        self.events.flush()
+
+    def close(self) -> None:
+        if self.lines is not None:
+            self.lines.close()
+            self.events.close()
+            self.lines = self.events = None
+
+
+def tensorboard_scalars(record: dict[str, Any]) -> Iterator[tuple[str, float, str]]:
+    """``(tag, value, description)`` of every finite number in ``record`` (a metrics line):
+    ``release/<key>`` for top-level keys, ``diagnostics/<key>`` for the ``diagnostics``
+    object, nested dicts joined with ``/``; ``round`` is the step, not a scalar."""
+
+    def walk(prefix: str, d: dict[str, Any], note: str):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from walk(f"{prefix}/{k}", v, note)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                yield f"{prefix}/{k}", float(v), note
+
+    scalars = {k: v for k, v in record.items() if k not in NON_METRIC_KEYS + ("round",)}
+    diag = scalars.pop("diagnostics", None) or {}
+    yield from walk(RELEASE_TAG, scalars, RELEASE_NOTE)
+    yield from walk(DIAGNOSTICS_TAG, diag, DIAGNOSTICS_NOTE)
+
+
+def summary_writer(logdir: Path, *, purge_step: int):
+    """A ``tensorboardX.SummaryWriter`` on ``logdir`` (no TensorFlow needed).
+
+    tensorboardX imports torch when it is installed (to accept torch tensors); ffa_jax hands
+    it floats only, so the import is hidden while tensorboardX loads: a run does not pay
+    torch's seconds of import time and memory in a JAX process."""
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+        try:
+            import tensorboardX
+        finally:
+            del sys.modules["torch"]
+    import tensorboardX
+
+    # tensorboardX names the file by the second and the host and opens it "wb": a random
+    # suffix keeps a resume within the same second from truncating the earlier attempt's file.
+    return tensorboardX.SummaryWriter(
+        logdir=str(logdir),
+        purge_step=purge_step,
+        flush_secs=30,
+        filename_suffix=f".{secrets.token_hex(4)}",
+    )
+
+
+def read_events(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of the TensorBoard event files in ``out``: ``{tag: [(step, value), ...]}``
+    in file order, read with tensorboardX's protobuf (no TensorFlow or tensorboard needed).
+    The records are TFRecord-framed (u64 length, u32 CRC, payload, u32 CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(out).glob(EVENTS_GLOB)):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                if v.WhichOneof("value") == "simple_value":
+                    scalars.setdefault(v.tag, []).append((int(event.step), v.simple_value))
+    return scalars
 
 
 def metric_line(record: dict[str, Any]) -> str:
@@ -279,4 +424,4 @@ def save_adapter(
             if not lora.is_lora(leaf) and re.fullmatch(head_pattern, p):
                 tensors[p] = np.asarray(leaf, np.float32)
     meta = {"lora": json.dumps(dataclasses.asdict(cfg.lora)), "model": cfg.model.name}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), mode=FILE_MODE)

@@ -128,6 +128,24 @@ def balanced_eval_batch(num_examples: int, max_batch_size: int) -> int:
     return -(-num_examples // num_batches)
 
 
+def evaluate_arrays(
+    eval_fn: Callable, params: PyTree, arrays: dict[str, np.ndarray], batch_size: int
+) -> dict[str, float]:
+    """``{"accuracy", "loss"}`` of a classifier over a whole set in fixed-size batches
+    (``batch_size`` rows, the last padded and masked): ``eval_fn(params, batch, mask)``
+    returns the batch's ``correct``, ``loss_sum`` and ``count``; loss is the mean per
+    example."""
+    from ffa_jax.data import batching
+
+    totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+    for batch, mask in batching.eval_batches(arrays, batch_size):
+        out = eval_fn(params, batch, mask)
+        for k in totals:
+            totals[k] += float(out[k])
+    n = max(totals["count"], 1.0)
+    return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n}
+
+
 def classification_evaluator(
     eval_fn: Callable,
     test_arrays: dict[str, np.ndarray],
@@ -143,21 +161,14 @@ def classification_evaluator(
     per process (and is loaded from the persistent compilation cache after that, see
     :func:`ffa_jax.xla_options.enable_compilation_cache`). ``compiler_options``: those of the
     training jits (:func:`ffa_jax.xla_options.compiler_options`; speed only)."""
-    from ffa_jax.data import batching
-
     n = len(next(iter(test_arrays.values()))) if test_arrays else 0
     size = balanced_eval_batch(n, batch_size)
     # jax takes compile options on the outermost jit; the inner jit is inlined into it.
     fn = jax.jit(eval_fn, compiler_options=compiler_options) if compiler_options else eval_fn
 
     def evaluate(params) -> dict[str, float]:
-        totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
-        for batch, mask in batching.eval_batches(test_arrays, size):
-            out = fn(params, batch, mask)
-            for k in totals:
-                totals[k] += float(out[k])
-        n = max(totals["count"], 1.0)
-        return {"eval_accuracy": totals["correct"] / n, "eval_loss": totals["loss_sum"] / n}
+        r = evaluate_arrays(fn, params, test_arrays, size)
+        return {"eval_accuracy": r["accuracy"], "eval_loss": r["loss"]}
 
     return evaluate
 

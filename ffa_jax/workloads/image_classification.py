@@ -50,17 +50,8 @@ def _load_task(cfg: RunConfig) -> tuple[Any, images.ImageClassificationData]:
     model_dir = resolve_model_dir(cfg.model.name)  # fails fast on missing files
     # The architecture first: the data are resized to its input size.
     arch = ViTConfig.from_hf(read_hf_config(model_dir), 1)
-    data = images.load_image_classification(
-        cfg.data.task,
-        image_size=arch.image_size,
-        num_channels=arch.num_channels,
-        classes=cfg.data.classes,
-        test_fraction=cfg.data.test_fraction,
-        seed=cfg.seed,
-        max_examples=cfg.data.max_train_examples,
-        image_field=cfg.data.image_field,
-        label_field=cfg.data.label_field,
-        cache_dir=images.resolve_cache_dir(cfg.data.cache_dir),
+    data = images.load_for_config(
+        cfg.data, image_size=arch.image_size, num_channels=arch.num_channels, seed=cfg.seed
     )
     return model_dir, data
 

@@ -269,7 +269,7 @@ def test_missing_adapter_folder(tmp_path):
 
 
 def _fake_run(tmp_path, *, num_labels=2, train_head=False, save_head=False):
-    """A run directory exactly as train.py leaves it (config.yaml + adapter.safetensors)."""
+    """A run directory exactly as ffa_jax.run.train leaves it (config.yaml + adapter.safetensors)."""
     from ffa_jax.run import KEY_HEAD, KEY_LORA_A, save_adapter
 
     tmp_path.mkdir(parents=True, exist_ok=True)
