@@ -43,6 +43,7 @@ from flwr.serverapp import Grid  # noqa: E402
 from ffa_jax.flower import app as app_lib  # noqa: E402
 from ffa_jax.flower import client_app, server_app  # noqa: E402
 from ffa_jax.flower.core import PUBLIC_METRICS, ClientNode, ClientPrivacy  # noqa: E402
+from ffa_jax.flower.records import to_record  # noqa: E402
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -636,6 +637,67 @@ def test_a_killed_server_app_resumes_with_its_ledger(tiny, tmp_path):
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7)
     assert ckpt_lib.finalized_steps(run / "checkpoints")[-1] == 3  # the final checkpoint
+
+
+class StoppedAfterGrid(LoopGrid):
+    """A LoopGrid whose ServerApp dies (SystemExit) after the clients trained round
+    ``kill_at`` but before their replies reach it (a `flwr stop` mid-round)."""
+
+    def __init__(self, *args, kill_at, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kill_at = kill_at
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if any(
+            m.content.config_records["config"].get("round-index") == self.kill_at for m in messages
+        ):
+            raise SystemExit("ServerApp stopped mid-round")
+        return replies
+
+
+def test_a_server_stopped_mid_round_resumes_with_the_replies_already_sent(tiny, tmp_path):
+    """The ServerApp dies after the clients trained round 2 (their replies lost); resumed
+    from the round-1 checkpoint it asks round 2 again: each node resends its kept reply,
+    byte for byte, without training (no second privacy spend), and the run equals an
+    uninterrupted one. A different tree for that round is still refused as a replay."""
+    base, model = tiny
+    cfg = _tiny_cfg(base, model, "stopped", "federated.rounds=2", "checkpoint.every=1")
+    nodes = [
+        {**nc, client_app.STATE_DIR: str(tmp_path / f"node-{i}")} for i, nc in enumerate(_nodes())
+    ]
+    stopped = StoppedAfterGrid(app_lib.run_config(cfg), nodes, kill_at=1)
+    with pytest.raises(SystemExit):
+        server_app.run_server(stopped, stopped.run_config, log=lambda *a: None)
+    first = {r.metadata.reply_to_message_id: r for r in stopped.replies[-3:]}
+    assert len(_rows(base / "runs" / "stopped")) == 1
+    rc = app_lib.run_config(cfg, resume=True)
+    fresh = LoopGrid(rc, nodes)
+    summary = server_app.run_server(fresh, rc, log=lambda *a: None)
+    assert summary["resumed_at"] == 1
+    for r in fresh.replies:  # the same bytes as the lost replies
+        lost = first[r.metadata.reply_to_message_id]
+        a, b = r.content.array_records["delta"], lost.content.array_records["delta"]
+        assert {k: v.data for k, v in a.items()} == {k: v.data for k, v in b.items()}
+    for _, state in fresh.nodes.values():
+        assert state.config_records[client_app.ROUNDS_STATE]["done"] == 2  # trained once
+    whole_cfg = _tiny_cfg(base, model, "whole2", "federated.rounds=2")
+    server_app.run_server(
+        LoopGrid(app_lib.run_config(whole_cfg), _nodes()),
+        app_lib.run_config(whole_cfg),
+        log=lambda *a: None,
+    )
+    a = load_file(str(base / "runs" / "stopped" / "adapter.safetensors"))
+    b = load_file(str(base / "runs" / "whole2" / "adapter.safetensors"))
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7)
+    # Round 2 again with another tree: a replay, refused (the kept reply answers only its own).
+    again = LoopGrid(rc, nodes)
+    msg = fresh.sent[0]
+    other = {k: v.numpy() + 1.0 for k, v in msg.content.array_records["trainable"].items()}
+    msg.content.array_records["trainable"] = to_record(other)
+    (reply,) = again.send_and_receive([msg])
+    assert reply.has_error() and "round" in reply.error.reason
 
 
 # ----------------------------------------------------------- a real deployment on loopback
