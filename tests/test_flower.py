@@ -700,6 +700,21 @@ def test_a_server_stopped_mid_round_resumes_with_the_replies_already_sent(tiny, 
     assert reply.has_error() and "round" in reply.error.reason
 
 
+def test_flower_local_resume_is_checked_before_anything_starts(tmp_path, capsys):
+    from ffa_jax import cli
+
+    args = ["flower", "local", "--set", f"output_dir={tmp_path}", "--set", "name=x"]
+    assert cli.main([*args, "--resume", "--overwrite"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert cli.main([*args, "--resume"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "metrics.jsonl").write_text("")
+    assert cli.main(args) == 2  # an existing run: the message names --resume and --overwrite
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err
+
+
 # ----------------------------------------------------------- a real deployment on loopback
 
 E2E = [
@@ -720,9 +735,21 @@ E2E = [
 ]
 
 
+def _wait_for_rows(run: Path, n: int, fed, run_id: int, timeout: float = 600.0) -> None:
+    """Waits until ``run``'s metrics.jsonl has ``n`` rounds (fails if the run ends first)."""
+    deadline = time.monotonic() + timeout
+    while not ((run / "metrics.jsonl").is_file() and len(_rows(run)) >= n):
+        if time.monotonic() > deadline or fed.status(run_id).startswith("finished"):
+            pytest.fail(f"round {n} never reached {run}/metrics.jsonl\n{fed.logs(run_id)}")
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
-    """SuperLink + 3 SuperNodes as processes on 127.0.0.1, `flwr run`, 2 rounds of MiniLM."""
+    """SuperLink + 3 SuperNodes as processes on 127.0.0.1, `flwr run`, 2 rounds of MiniLM;
+    `flwr stop` during round 2, then `flwr run ... --run-config resume=true` finishes it."""
+    import psutil
+
     from ffa_jax import cli
     from ffa_jax.flower.local import LocalFederation
 
@@ -734,7 +761,7 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
                 "flower",
                 "app",
                 str(tmp_path / "app"),
-                *_sets(E2E),
+                *_sets([*E2E, "checkpoint.every=1"]),
                 "--set",
                 f"output_dir={out}",
                 "--set",
@@ -745,7 +772,21 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
     )
     fed = LocalFederation(tmp_path / "work", 3, node_config="allow-non-private=true")
     with fed:
-        run_id = fed.submit(tmp_path / "app")
+        stopped = fed.submit(tmp_path / "app")
+        _wait_for_rows(out / "flower", 1, fed, stopped)
+        # Hold the SuperNodes so that round 2 cannot complete, then stop the run for real.
+        nodes = [psutil.Process(fed.processes[f"supernode-{k}"].pid) for k in range(3)]
+        for p in nodes:
+            p.suspend()
+        try:
+            fed.stop(stopped)
+            first = fed.wait(stopped, timeout=120)
+        finally:
+            for p in nodes:
+                p.resume()
+        assert first.startswith("finished:") and first != "finished:completed", first
+        assert len(_rows(out / "flower")) == 1
+        run_id = fed.submit(tmp_path / "app", run_config="resume=true")
         try:
             status = fed.wait(run_id, timeout=600)
         except FederationError as e:  # show the server's log in the failure
@@ -753,6 +794,7 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
         server_log = fed.logs(run_id)
     wall = time.monotonic() - t0
     assert status == "finished:completed", server_log
+    assert "resuming" in server_log and "at round 1 of 2" in server_log, server_log
     assert fed.alive() == []  # every process (and descendant) was stopped
     assert fed.non_loopback == []  # no socket on any address but 127.0.0.1 ...
     assert len(fed.sockets_seen) >= 4  # ... among the many the check saw
@@ -784,6 +826,7 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
         assert abs(f["eval_accuracy"] - s["eval_accuracy"]) <= 1 / 64  # at most one example
     summary = json.loads((out / "flower" / "summary.json").read_text())
     assert summary["runtime"] == "flower" and len(summary["nodes"]) == 3
+    assert summary["resumed_at"] == 1
     fl = load_file(str(out / "flower" / "adapter.safetensors"))
     sm = load_file(str(out / "sim" / "adapter.safetensors"))
     for name in sm:
