@@ -382,10 +382,11 @@ def train(msg: Message, context: Context) -> Message:
         raise FederationError(f"the server sent round-index={round_idx!r}; expected an int.")
     received = from_record(content.array_records["trainable"], sender="the server")
     digest = received_digest(received)
+    # The node state first: a new Flower run (a resumed ServerApp) restores it from state-dir.
+    cfg, cid, _ = node_identity(context)
     done = rounds_done(context)
     kept = None
     if round_idx == last_round(context):
-        cfg, cid, _ = node_identity(context)
         kept = cached_reply(reply_file(cfg, cid, context), round_idx, digest)
     if kept is not None:  # asked again after a resume: the same reply, nothing retrained
         arrays, public, diagnostics = kept
