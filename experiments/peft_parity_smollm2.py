@@ -77,7 +77,18 @@ def main() -> int:
                     pad_token_id=eos,
                 )
                 theirs.append(out[0, len(p) :].tolist())
+            # Next-token logits of every prompt: HF + PEFT, HF base (adapter disabled), ffa_jax.
+            x = torch.tensor(ids, dtype=torch.long)  # all prompts of a task have one length
+            hf_lora = model(input_ids=x).logits[:, -1].numpy()
+            with model.disable_adapter():
+                hf_base = model(input_ids=x).logits[:, -1].numpy()
     t_all = time.time() - t0
+    ours_logits = np.asarray(run.workload.module.apply({"params": run.merged()}, np.asarray(ids)))
+    ours_logits = ours_logits[:, -1]
+    logits = {
+        "max_abs_diff_hf_peft_vs_ffa_jax": float(np.max(np.abs(hf_lora - ours_logits))),
+        "max_abs_effect_of_adapter_in_hf": float(np.max(np.abs(hf_lora - hf_base))),
+    }
 
     rows, same = [], 0
     for q, o, t in zip(questions, ours, theirs, strict=True):
@@ -94,6 +105,7 @@ def main() -> int:
         "prompts": len(rows),
         "max_new_tokens": args.max_new_tokens,
         "identical": same,
+        "next_token_logits": logits,
         "answers_ffa_jax_correct": int(
             np.sum(
                 [
