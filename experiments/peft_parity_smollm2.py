@@ -43,13 +43,18 @@ def main() -> int:
     import torch
     import transformers
 
+    from ffa_jax.data import gsm as gsm_lib
     from ffa_jax.models import sources
     from ffa_jax.run import export_run_peft, load_run
     from ffa_jax.run.inference import generate, prompt_ids
 
     t0 = time.time()
     run = load_run(args.run_dir)
-    questions = [e.question for e in run.workload.data.test[: args.prompts]]
+    # The task's whole test split (the run's eval.max_examples may have capped its own).
+    cfg = run.config
+    test = gsm_lib.load_gsm(cfg.data.task, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+    test = test.test[: args.prompts]
+    questions = [e.question for e in test]
     ours = generate(run, questions, max_new_tokens=args.max_new_tokens, batch_size=len(questions))
     tok = run.tokenizer()
     ids = prompt_ids(run, questions, "task", tok)
@@ -57,7 +62,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         res = export_run_peft(args.run_dir, pathlib.Path(tmp) / "adapter", merged=False)
-        cfg = json.loads((res.out_dir / "adapter_config.json").read_text())
+        adapter_cfg = json.loads((res.out_dir / "adapter_config.json").read_text())
         gguf = sources.smollm2_path()
         base = transformers.LlamaForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -100,19 +105,16 @@ def main() -> int:
         "run_dir": str(args.run_dir),
         "lora.mode": run.config.lora.mode,
         "privacy.epsilon": run.config.privacy.epsilon,
-        "adapter_config": {k: cfg[k] for k in ("base_model_name_or_path", "r", "lora_alpha")}
-        | {"target_modules": sorted(cfg["target_modules"])},
+        "adapter_config": {
+            k: adapter_cfg[k] for k in ("base_model_name_or_path", "r", "lora_alpha")
+        }
+        | {"target_modules": sorted(adapter_cfg["target_modules"])},
         "prompts": len(rows),
         "max_new_tokens": args.max_new_tokens,
         "identical": same,
         "next_token_logits": logits,
         "answers_ffa_jax_correct": int(
-            np.sum(
-                [
-                    o["answer"] == e.final_answer
-                    for o, e in zip(ours, run.workload.data.test[: len(ours)], strict=True)
-                ]
-            )
+            np.sum([o["answer"] == e.final_answer for o, e in zip(ours, test, strict=True)])
         ),
         "versions": {
             "torch": torch.__version__,
