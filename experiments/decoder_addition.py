@@ -182,6 +182,16 @@ def report(runs: pathlib.Path, results: pathlib.Path, data: pathlib.Path) -> Non
     (results / "runs.csv").write_text(buf.getvalue())
 
     base = next((r for r in rows if r.get("baseline_exact_match") is not None), None)
+    first = runs / "cells" / cell_name(*CELLS[0]) / "metrics.jsonl"
+    if base is None and first.is_file():  # the baseline is logged (round 0) before round 1
+        rec = [json.loads(x) for x in first.read_text().splitlines() if x.strip()]
+        r0 = next((r for r in rec if r["round"] == 0 and "eval_exact_match" in r), None)
+        if r0 is not None:
+            base = {
+                "test_examples": r0["eval_examples"],
+                "baseline_exact_match": r0["eval_exact_match"],
+                "baseline_exact_match_lenient": r0["eval_exact_match_lenient"],
+            }
     lines = [
         "# Decoder experiment: SmolLM2-135M on 2-digit addition, private federated (FFA-)LoRA",
         "",
@@ -213,7 +223,7 @@ def report(runs: pathlib.Path, results: pathlib.Path, data: pathlib.Path) -> Non
     for r in rows:
         method = {"ffa": "FFA-LoRA", "lora": "LoRA"}[r["lora.mode"]]
         if r["status"] != "ok":
-            lines.append(f"| {method} | {r['privacy.epsilon']} | not run (missing) | | | | | |")
+            lines.append(f"| {method} | {r['privacy.epsilon']} | not finished | | | | | |")
             continue
         sigma = r["noise_multiplier"]
         eps = r["epsilon_spent"]
