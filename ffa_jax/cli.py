@@ -13,7 +13,7 @@ ffa-jax generate RUN_DIR --prompt TEXT | --input FILE.jsonl [--output FILE]  # d
 ffa-jax predict RUN_DIR --input FILE [--output FILE]  # classifier runs: .jsonl texts, .npy images
 ffa-jax eval RUN_DIR [--split test] [--json]   # re-evaluate the run's adapter, its metrics
 ffa-jax flower app OUT_DIR [--config ...] [--set ...]   # a Flower App folder for `flwr run`
-ffa-jax flower local [--config ...] [--set ...]  # SuperLink + SuperNodes on 127.0.0.1, flwr run
+ffa-jax flower local [--config ...] [--set ...] [--resume]  # SuperLink + SuperNodes on 127.0.0.1
 ffa-jax experiment NAME [--quick] [--seeds ...]  # run experiments/grids/NAME.yaml (resumes)
 
 Exit codes: 0 success; 2 bad input (ffa-jax: error: ...); 3 ``ffa-jax audit`` detected a
@@ -527,11 +527,21 @@ def cmd_flower_local(args) -> int:
 
     cfg = _absolute_output(_load(args))
     out = run_dir(cfg)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other; pass one of them.")
+    if args.resume and not (out / "config.yaml").is_file():
         raise ConfigError(
-            f"run directory {str(out)!r} already exists; pass --overwrite or choose another "
-            "name with --set name=<new-name>."
+            f"--resume: {str(out)!r} is not a run directory (no config.yaml); start the run "
+            "without --resume (same --config/--set as the stopped run)."
         )
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise ConfigError(
+            f"run directory {str(out)!r} already exists; pass --resume to continue it from its "
+            "last checkpoint, --overwrite to replace it, or choose another name with "
+            "--set name=<new-name>."
+        )
+    # The same work folder as the stopped run: the nodes' state-dirs (secrets, rounds trained,
+    # kept replies) live there.
     work = args.work_dir or out.parent / f"{cfg.name}.flower"
     app_dir = write_app(
         cfg,
@@ -539,6 +549,7 @@ def cmd_flower_local(args) -> int:
         round_timeout=args.timeout,
         node_timeout=min(args.timeout, 300.0),
         overwrite=args.overwrite,
+        resume=args.resume,
     )
     with LocalFederation(work, cfg.federated.clients) as fed:
         print(
@@ -1005,6 +1016,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=3600.0, help="seconds the run may take (default 3600)"
     )
     q.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stopped run (same --config/--set/--work-dir) from its last checkpoint",
+    )
     q.set_defaults(func=cmd_flower_local)
     return parser
 

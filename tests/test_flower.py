@@ -43,6 +43,7 @@ from flwr.serverapp import Grid  # noqa: E402
 from ffa_jax.flower import app as app_lib  # noqa: E402
 from ffa_jax.flower import client_app, server_app  # noqa: E402
 from ffa_jax.flower.core import PUBLIC_METRICS, ClientNode, ClientPrivacy  # noqa: E402
+from ffa_jax.flower.records import to_record  # noqa: E402
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -638,6 +639,82 @@ def test_a_killed_server_app_resumes_with_its_ledger(tiny, tmp_path):
     assert ckpt_lib.finalized_steps(run / "checkpoints")[-1] == 3  # the final checkpoint
 
 
+class StoppedAfterGrid(LoopGrid):
+    """A LoopGrid whose ServerApp dies (SystemExit) after the clients trained round
+    ``kill_at`` but before their replies reach it (a `flwr stop` mid-round)."""
+
+    def __init__(self, *args, kill_at, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kill_at = kill_at
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if any(
+            m.content.config_records["config"].get("round-index") == self.kill_at for m in messages
+        ):
+            raise SystemExit("ServerApp stopped mid-round")
+        return replies
+
+
+def test_a_server_stopped_mid_round_resumes_with_the_replies_already_sent(tiny, tmp_path):
+    """The ServerApp dies after the clients trained round 2 (their replies lost); resumed
+    from the round-1 checkpoint it asks round 2 again: each node resends its kept reply,
+    byte for byte, without training (no second privacy spend), and the run equals an
+    uninterrupted one. A different tree for that round is still refused as a replay."""
+    base, model = tiny
+    cfg = _tiny_cfg(base, model, "stopped", "federated.rounds=2", "checkpoint.every=1")
+    nodes = [
+        {**nc, client_app.STATE_DIR: str(tmp_path / f"node-{i}")} for i, nc in enumerate(_nodes())
+    ]
+    stopped = StoppedAfterGrid(app_lib.run_config(cfg), nodes, kill_at=1)
+    with pytest.raises(SystemExit):
+        server_app.run_server(stopped, stopped.run_config, log=lambda *a: None)
+    first = {r.metadata.reply_to_message_id: r for r in stopped.replies[-3:]}
+    assert len(_rows(base / "runs" / "stopped")) == 1
+    rc = app_lib.run_config(cfg, resume=True)
+    fresh = LoopGrid(rc, nodes)
+    summary = server_app.run_server(fresh, rc, log=lambda *a: None)
+    assert summary["resumed_at"] == 1
+    for r in fresh.replies:  # the same bytes as the lost replies
+        lost = first[r.metadata.reply_to_message_id]
+        a, b = r.content.array_records["delta"], lost.content.array_records["delta"]
+        assert {k: v.data for k, v in a.items()} == {k: v.data for k, v in b.items()}
+    for _, state in fresh.nodes.values():
+        assert state.config_records[client_app.ROUNDS_STATE]["done"] == 2  # trained once
+    whole_cfg = _tiny_cfg(base, model, "whole2", "federated.rounds=2")
+    server_app.run_server(
+        LoopGrid(app_lib.run_config(whole_cfg), _nodes()),
+        app_lib.run_config(whole_cfg),
+        log=lambda *a: None,
+    )
+    a = load_file(str(base / "runs" / "stopped" / "adapter.safetensors"))
+    b = load_file(str(base / "runs" / "whole2" / "adapter.safetensors"))
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7)
+    # Round 2 again with another tree: a replay, refused (the kept reply answers only its own).
+    again = LoopGrid(rc, nodes)
+    msg = fresh.sent[0]
+    other = {k: v.numpy() + 1.0 for k, v in msg.content.array_records["trainable"].items()}
+    msg.content.array_records["trainable"] = to_record(other)
+    (reply,) = again.send_and_receive([msg])
+    assert reply.has_error() and "round" in reply.error.reason
+
+
+def test_flower_local_resume_is_checked_before_anything_starts(tmp_path, capsys):
+    from ffa_jax import cli
+
+    args = ["flower", "local", "--set", f"output_dir={tmp_path}", "--set", "name=x"]
+    assert cli.main([*args, "--resume", "--overwrite"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert cli.main([*args, "--resume"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "metrics.jsonl").write_text("")
+    assert cli.main(args) == 2  # an existing run: the message names --resume and --overwrite
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err
+
+
 # ----------------------------------------------------------- a real deployment on loopback
 
 E2E = [
@@ -658,9 +735,21 @@ E2E = [
 ]
 
 
+def _wait_for_rows(run: Path, n: int, fed, run_id: int, timeout: float = 600.0) -> None:
+    """Waits until ``run``'s metrics.jsonl has ``n`` rounds (fails if the run ends first)."""
+    deadline = time.monotonic() + timeout
+    while not ((run / "metrics.jsonl").is_file() and len(_rows(run)) >= n):
+        if time.monotonic() > deadline or fed.status(run_id).startswith("finished"):
+            pytest.fail(f"round {n} never reached {run}/metrics.jsonl\n{fed.logs(run_id)}")
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
-    """SuperLink + 3 SuperNodes as processes on 127.0.0.1, `flwr run`, 2 rounds of MiniLM."""
+    """SuperLink + 3 SuperNodes as processes on 127.0.0.1, `flwr run`, 2 rounds of MiniLM;
+    `flwr stop` during round 2, then `flwr run ... --run-config resume=true` finishes it."""
+    import psutil
+
     from ffa_jax import cli
     from ffa_jax.flower.local import LocalFederation
 
@@ -672,7 +761,7 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
                 "flower",
                 "app",
                 str(tmp_path / "app"),
-                *_sets(E2E),
+                *_sets([*E2E, "checkpoint.every=1"]),
                 "--set",
                 f"output_dir={out}",
                 "--set",
@@ -683,7 +772,21 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
     )
     fed = LocalFederation(tmp_path / "work", 3, node_config="allow-non-private=true")
     with fed:
-        run_id = fed.submit(tmp_path / "app")
+        stopped = fed.submit(tmp_path / "app")
+        _wait_for_rows(out / "flower", 1, fed, stopped)
+        # Hold the SuperNodes so that round 2 cannot complete, then stop the run for real.
+        nodes = [psutil.Process(fed.processes[f"supernode-{k}"].pid) for k in range(3)]
+        for p in nodes:
+            p.suspend()
+        try:
+            fed.stop(stopped)
+            first = fed.wait(stopped, timeout=120)
+        finally:
+            for p in nodes:
+                p.resume()
+        assert first.startswith("finished:") and first != "finished:completed", first
+        assert len(_rows(out / "flower")) == 1
+        run_id = fed.submit(tmp_path / "app", run_config="resume=true")
         try:
             status = fed.wait(run_id, timeout=600)
         except FederationError as e:  # show the server's log in the failure
@@ -691,6 +794,7 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
         server_log = fed.logs(run_id)
     wall = time.monotonic() - t0
     assert status == "finished:completed", server_log
+    assert "resuming" in server_log and "at round 1 of 2" in server_log, server_log
     assert fed.alive() == []  # every process (and descendant) was stopped
     assert fed.non_loopback == []  # no socket on any address but 127.0.0.1 ...
     assert len(fed.sockets_seen) >= 4  # ... among the many the check saw
@@ -722,6 +826,7 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
         assert abs(f["eval_accuracy"] - s["eval_accuracy"]) <= 1 / 64  # at most one example
     summary = json.loads((out / "flower" / "summary.json").read_text())
     assert summary["runtime"] == "flower" and len(summary["nodes"]) == 3
+    assert summary["resumed_at"] == 1
     fl = load_file(str(out / "flower" / "adapter.safetensors"))
     sm = load_file(str(out / "sim" / "adapter.safetensors"))
     for name in sm:

@@ -24,7 +24,11 @@ Each SuperNode is one client. It is started with its partition,
    replay), and so is a skipped-ahead round when every client takes part in every round
    (:data:`ROUNDS_STATE` records the rounds trained and the last one); the received tree
    must match the trainable tree's names, shapes and dtypes, and the config record may hold
-   nothing but ``round-index``;
+   nothing but ``round-index``. One exception: with a ``state-dir``, the node keeps its last
+   reply (:func:`save_reply`), and the same round asked again *with the same received tree*
+   (a ServerApp stopped after this node trained the round, then resumed from the checkpoint
+   before it) gets that reply again, byte for byte, without training: resending an output
+   already released spends no privacy;
 6. runs its local DP-SGD steps (:class:`ffa_jax.flower.core.ClientNode`);
 7. replies with the delta of the trainable tree (an ``ArrayRecord``, ``"delta"``; noised
    under sample-level DP) and public numbers only (a ``MetricRecord``, ``"metrics"``, keys
@@ -47,6 +51,7 @@ covered: the diagnostics when sent, and timing (see docs/threat_model.md).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import resource
@@ -216,6 +221,68 @@ def save_node_state(path: Path | None, context: Context) -> None:
     os.replace(tmp, path)
 
 
+def reply_file(cfg, cid: int, context: Context) -> Path | None:
+    """Where this node keeps its last reply (:func:`save_reply`): ``<state-dir>/<config
+    digest>-partition-<k>-reply.npz``, or None without a ``state-dir``."""
+    store = state_file(cfg, cid, context)
+    return None if store is None else store.with_name(store.stem + "-reply.npz")
+
+
+def received_digest(received: dict[str, np.ndarray]) -> str:
+    """SHA-256 of the received tree (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(received):
+        a = np.ascontiguousarray(received[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_reply(
+    path: Path | None,
+    round_idx: int,
+    digest: str,
+    arrays: dict[str, np.ndarray],
+    public: dict[str, float],
+    diagnostics: dict[str, float],
+) -> None:
+    """Keeps the reply of round ``round_idx`` (to the received tree of SHA-256 ``digest``) in
+    ``path`` (owner-only, atomic; ``.npz`` without pickles), replacing the previous one."""
+    if path is None:
+        return
+    meta = {"round": round_idx, "digest": digest, "public": public, "diagnostics": diagnostics}
+    entries = {f"a/{k}": np.asarray(v) for k, v in arrays.items()}
+    entries["meta"] = np.frombuffer(json.dumps(meta, default=float).encode(), np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:  # mkstemp: mode 0600
+        np.savez(f, **entries)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def cached_reply(
+    path: Path | None, round_idx: int, digest: str
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]] | None:
+    """The kept reply ``(arrays, public, diagnostics)`` when it answers round ``round_idx``
+    to the same received tree (``digest``); else None."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            if meta["round"] != round_idx or meta["digest"] != digest:
+                return None
+            arrays = {k[2:]: z[k] for k in z.files if k.startswith("a/")}
+    except (OSError, ValueError, KeyError) as e:
+        raise FederationError(
+            f"this node's kept reply {str(path)!r} is unreadable ({e}); delete it (round "
+            f"{round_idx + 1} then cannot be answered again: the server must start a new run)."
+        ) from e
+    return arrays, dict(meta["public"]), dict(meta["diagnostics"])
+
+
 def node_identity(context: Context) -> tuple[RunConfig, int, int]:
     """``(config, partition id, secret)`` of this node for the run in ``context``: checks the
     partition and the operator's consent, and restores (``state-dir``) or draws its secret."""
@@ -314,7 +381,21 @@ def train(msg: Message, context: Context) -> Message:
     if isinstance(round_idx, bool) or not isinstance(round_idx, int):
         raise FederationError(f"the server sent round-index={round_idx!r}; expected an int.")
     received = from_record(content.array_records["trainable"], sender="the server")
+    digest = received_digest(received)
+    # The node state first: a new Flower run (a resumed ServerApp) restores it from state-dir.
+    cfg, cid, _ = node_identity(context)
     done = rounds_done(context)
+    kept = None
+    if round_idx == last_round(context):
+        kept = cached_reply(reply_file(cfg, cid, context), round_idx, digest)
+    if kept is not None:  # asked again after a resume: the same reply, nothing retrained
+        arrays, public, diagnostics = kept
+        print(
+            f"ffa_jax client {cid}: round {round_idx + 1} asked again with the same tree (a "
+            "resumed server); resending the reply already sent, nothing retrained",
+            flush=True,
+        )
+        return _reply(msg, cfg, arrays, public, diagnostics, received)
     if node is None:
         arrays, public, diagnostics, cfg, cid = _train_in_worker(
             context, state_dir, received, round_idx
@@ -331,9 +412,17 @@ def train(msg: Message, context: Context) -> Message:
             f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.1f} MiB)",
             flush=True,
         )
-    # Recorded before the reply leaves: this round can never be trained again.
+    # Recorded before the reply leaves: this round can never be trained again (and the reply
+    # is kept after that, so that a crash in between leaves the round refused, never retrained).
     context.state[ROUNDS_STATE] = ConfigRecord({"done": done + 1, "last": round_idx})
     save_node_state(state_file(cfg, cid, context), context)
+    save_reply(reply_file(cfg, cid, context), round_idx, digest, arrays, public, diagnostics)
+    return _reply(msg, cfg, arrays, public, diagnostics, received)
+
+
+def _reply(msg, cfg, arrays, public, diagnostics, received) -> Message:
+    """The train reply: the delta and public numbers (and the diagnostics when sent)."""
+    public = dict(public)
     record = to_record(arrays)
     public["uplink_payload_bytes"] = wire.payload_bytes(arrays)
     public["uplink_serialized_bytes"] = serialized_bytes(record)

@@ -325,13 +325,24 @@ class LocalFederation:
             )
         return res
 
-    def submit(self, app_dir: str | Path) -> int:
-        """``flwr run APP_DIR ffa-local``; returns the run id."""
-        res = self.flwr("run", str(Path(app_dir).absolute()), CONNECTION, "--format", "json")
+    def submit(self, app_dir: str | Path, run_config: str = "") -> int:
+        """``flwr run APP_DIR ffa-local [--run-config RUN_CONFIG]``; returns the run id.
+
+        ``run_config``: Flower run-config overrides, e.g. ``"resume=true"`` (a stopped run
+        continues from its last checkpoint) or ``"num-server-rounds=5"``."""
+        extra = ["--run-config", run_config] if run_config.strip() else []
+        res = self.flwr(
+            "run", str(Path(app_dir).absolute()), CONNECTION, *extra, "--format", "json"
+        )
         data = _last_json(res.stdout)
         if not data.get("success") or data.get("run-id") is None:
             raise FederationError(f"flwr run did not start a run: {res.stdout.strip()[-2000:]}")
         return int(data["run-id"])
+
+    def stop(self, run_id: int) -> None:
+        """``flwr stop RUN_ID``: the SuperLink stops the run (its ServerApp and the ClientApps
+        it started); :meth:`wait` then returns ``finished:stopped``."""
+        self.flwr("stop", str(run_id), CONNECTION)
 
     def status(self, run_id: int) -> str:
         """The run's status as ``flwr ls`` reports it (e.g. ``running``, ``finished:completed``)."""
