@@ -60,6 +60,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": MODEL_DTYPES,
     "lora.mode": LORA_MODES,
     "lora.a_init": A_INITS,
+    "lora.sb_init": SB_INITS,
     "data.partition": PARTITIONS,
     "federated.weighting": WEIGHTINGS,
     "federated.client_sampling": CLIENT_SAMPLINGS,
@@ -67,6 +68,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "server.optimizer": SERVER_OPTIMIZERS,
     "privacy.accountant": ACCOUNTANTS,
     "privacy.unit": PRIVACY_UNITS,
+    "privacy.mechanism": NOISE_MECHANISMS,
     "perf.cpu_library_fusion": CPU_LIBRARY_FUSIONS,
 }
 

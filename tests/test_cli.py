@@ -12,6 +12,7 @@ import pytest
 import ffa_jax.run
 from ffa_jax import cli, xla_options
 from ffa_jax.config import (
+    LORA_MODES,
     SHIPPED_CONFIGS,
     load_config,
     load_pretrain_config,
@@ -78,7 +79,7 @@ def test_config_schema_lists_every_field_with_type_default_choices_and_help(caps
         for k, x in (v.items() if isinstance(v, dict) else [(None, v)])
     }
     assert set(train) == set(flat)
-    assert train["lora.mode"]["choices"] == ["ffa", "lora"]
+    assert train["lora.mode"]["choices"] == list(LORA_MODES)
     assert train["lora.mode"]["default"] == "ffa" and train["lora.mode"]["type"] == "str"
     assert train["privacy.epsilon"]["type"] == "float" and train["privacy.epsilon"]["help"]
     assert all(entry["help"] for entry in train.values()), "every field has a description"
