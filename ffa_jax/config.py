@@ -205,6 +205,12 @@ class DataConfig:
       partition: ``iid``, ``label_mix`` (row k of ``label_mix`` is client k's label
         distribution, the paper's non-IID setting) or ``dirichlet`` (``dirichlet_alpha``).
       test_fraction: held-out share when the task has no test split.
+      validation_fraction: share of each client's training examples held out as the
+        validation split (0: none). Drawn per client from the public ``seed`` (never the
+        run's secret), so the split is the same for every method and epsilon of one seed;
+        the held-out examples are not trained on (they are outside the DP guarantee's data
+        set, like the test split) and are evaluated after every round (``val_*`` metrics).
+        Experiment grids select hyperparameters and the reported round on it, never on test.
       max_train_examples: optional cap on training examples (stratified).
       classes: image tasks: source label ids to keep, relabelled ``0..k-1`` in this order
         (null: all), e.g. ``[5, 6, 7, 8, 9]`` for the private half of MNIST.
@@ -218,6 +224,7 @@ class DataConfig:
     label_mix: tuple[tuple[float, ...], ...] = PAPER_LABEL_MIX_2
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.2
+    validation_fraction: float = 0.0
     max_train_examples: int | None = None
     text_field: str = "text"
     label_field: str = "label"
@@ -253,6 +260,12 @@ class DataConfig:
             "data.test_fraction",
             self.test_fraction,
             "must be in (0, 1), e.g. 0.2.",
+        )
+        _require(
+            _is_number(self.validation_fraction) and 0 <= self.validation_fraction < 0.5,
+            "data.validation_fraction",
+            self.validation_fraction,
+            "must be in [0, 0.5): 0 for no validation split, e.g. 0.1 for 10% of each client.",
         )
         if self.max_train_examples is not None:
             _positive_int("data.max_train_examples", self.max_train_examples)
@@ -1023,6 +1036,7 @@ class PretrainDataConfig:
     task: str = "mnist5k"
     classes: tuple[int, ...] | None = (0, 1, 2, 3, 4)
     test_fraction: float = 0.2
+    validation_fraction: float = 0.0
     max_train_examples: int | None = None
     image_field: str = "image"
     label_field: str = "label"
@@ -1034,6 +1048,12 @@ class PretrainDataConfig:
             "data.test_fraction",
             self.test_fraction,
             "must be in (0, 1), e.g. 0.2.",
+        )
+        _require(
+            _is_number(self.validation_fraction) and 0 <= self.validation_fraction < 0.5,
+            "data.validation_fraction",
+            self.validation_fraction,
+            "must be in [0, 0.5): 0 for no validation split, e.g. 0.1 for 10% of each client.",
         )
         if self.max_train_examples is not None:
             _positive_int("data.max_train_examples", self.max_train_examples)

@@ -49,7 +49,7 @@ from ffa_jax.run.rundir import (
 )
 from ffa_jax.run.setup import (
     build_round,
-    evaluate,
+    evaluate_splits,
     noise_note,
     prepare,
     run_secret,
@@ -157,7 +157,11 @@ def train(
     if cfg.eval.baseline and not any(h["round"] == 0 for h in history):
         # The pretrained model (B = 0, so the LoRA tree computes the base model), as round 0.
         t0 = time.time()
-        record = {"round": 0, **evaluate(prep, prep.params), "seconds": time.time() - t0}
+        record = {
+            "round": 0,
+            **evaluate_splits(prep, prep.params, test=True),
+            "seconds": time.time() - t0,
+        }
         history.append(record)
         with open(metrics, "a") as mf:
             mf.write(metric_line(record))
@@ -194,8 +198,12 @@ def train(
             state = jax.device_get(new_state)
             record = round_record(prep, r, inp, m, loss, per_client_bytes)
             is_last = r + 1 == cfg.federated.rounds
-            if is_last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
-                record.update(evaluate(prep, lora.combine(state.trainable, prep.frozen)))
+            # The validation split (if any) every round; the test split after the last round
+            # and every eval.every rounds.
+            test = is_last or bool(cfg.eval.every and (r + 1) % cfg.eval.every == 0)
+            record.update(
+                evaluate_splits(prep, lora.combine(state.trainable, prep.frozen), test=test)
+            )
             record["seconds"] = time.time() - t0
             history.append(record)
             mf.write(metric_line(record))
