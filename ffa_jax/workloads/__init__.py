@@ -99,9 +99,9 @@ class Workload:
     summary_fields: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
     result_rows: Callable[[dict[str, Any], Sequence[dict[str, Any]]], list[tuple[str, str]]]
     notes: tuple[str, ...] = ()
-    split_evaluator: Callable[[dict[str, np.ndarray]], Callable[[PyTree], dict[str, Any]]] | None = (
-        None
-    )
+    split_evaluator: (
+        Callable[[dict[str, np.ndarray]], Callable[[PyTree], dict[str, Any]]] | None
+    ) = None
 
     @property
     def num_labels(self) -> int:
