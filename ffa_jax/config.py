@@ -45,6 +45,8 @@ PAPER_LABEL_MIX_2 = ((0.1, 0.9), (0.9, 0.1), (0.5, 0.5))
 
 # perf.microbatch_size / perf.clients_per_chunk: chosen per run by ffa_jax.perf.resolve.
 AUTO = "auto"
+# Validation metrics that may select a run's reported round (higher is better).
+SELECT_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auc")
 # perf.cpu_library_fusion values (see ffa_jax.xla_options).
 CPU_LIBRARY_FUSIONS = ("auto", "jax", "dots", "off")
 
@@ -562,6 +564,10 @@ class EvalConfig:
       baseline: also evaluate the pretrained model (LoRA B = 0) before the first round; it is
         logged as round 0 in ``metrics.jsonl`` and shown in ``summary.md``.
       max_new_tokens: decoders: greedy generation stops at EOS or after this many tokens.
+      select_metric: with a validation split (``data.validation_fraction``): the validation
+        metric (higher is better) whose best round (earliest on ties) is the run's selected
+        round; that round's model is evaluated once on the test split at the end
+        (``selected_test_*`` in the summary), next to the last round's test metrics.
     """
 
     every: int = 5
@@ -569,6 +575,7 @@ class EvalConfig:
     batch_size: int | str = AUTO
     baseline: bool = False
     max_new_tokens: int = 256
+    select_metric: str = "balanced_accuracy"
 
     def __post_init__(self):
         _require(
@@ -582,6 +589,12 @@ class EvalConfig:
         if self.batch_size != AUTO:
             _positive_int("eval.batch_size", self.batch_size)
         _positive_int("eval.max_new_tokens", self.max_new_tokens)
+        _require(
+            self.select_metric in SELECT_METRICS,
+            "eval.select_metric",
+            self.select_metric,
+            f"use one of {SELECT_METRICS} (a validation metric, higher is better).",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -101,3 +101,11 @@ def test_eval_lines_name_their_split(tmp_path):
         assert len(r["val_recall_per_class"]) == 2
     assert "eval_accuracy" not in rows[1] and "eval_balanced_accuracy" in rows[2]
     assert summary["test_balanced_accuracy"] == rows[2]["eval_balanced_accuracy"]
+    # The selected round: best validation balanced accuracy over rounds >= 1, earliest on ties;
+    # its model's test metrics are read once (the last line's when it is the last round).
+    scores = [r["val_balanced_accuracy"] for r in rows[1:]]
+    assert summary["selected_round"] == 1 + scores.index(max(scores))
+    assert summary["selected_val_balanced_accuracy"] == max(scores)
+    assert 0.0 <= summary["selected_test_balanced_accuracy"] <= 1.0
+    if summary["selected_round"] == 2:
+        assert summary["selected_test_accuracy"] == rows[2]["eval_accuracy"]

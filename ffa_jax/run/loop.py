@@ -49,6 +49,7 @@ from ffa_jax.run.rundir import (
 )
 from ffa_jax.run.setup import (
     build_round,
+    evaluate,
     evaluate_splits,
     noise_note,
     prepare,
@@ -181,6 +182,9 @@ def train(
         )
         rounds = bar
     last_saved = start if restored is not None else None
+    # The validation-selected round (eval.select_metric, earliest on ties) and its trainable
+    # tree (host arrays, the size of the adapter): its test metrics are read once at the end.
+    selector = RoundSelector(f"val_{cfg.eval.select_metric}", history)
     with (
         ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
         if primary
@@ -205,6 +209,7 @@ def train(
                 evaluate_splits(prep, lora.combine(state.trainable, prep.frozen), test=test)
             )
             record["seconds"] = time.time() - t0
+            selector.offer(record, state.trainable)
             history.append(record)
             mf.write(metric_line(record))
             mf.flush()
@@ -229,6 +234,9 @@ def train(
         bar.close()
 
     final_params = lora.combine(state.trainable, prep.frozen)
+    selected = selector.summary(
+        history, lambda tree: evaluate(prep, lora.combine(tree, prep.frozen))
+    )
     if primary:
         save_adapter(out / ADAPTER_FILE, final_params, cfg, head_pattern=wl.head_pattern)
     summary = {
@@ -246,10 +254,48 @@ def train(
         "noise": noise_note(cfg),
         # What perf.* "auto" became on this machine (speed only; see ffa_jax.perf).
         "perf_resolved": prep.perf.as_dict(),
+        **selected,
     }
     if primary:
         write_reports(out, cfg, prep, history, summary)
     return json_safe(summary)
+
+
+class RoundSelector:
+    """Keeps the round with the best validation ``key`` (e.g. ``val_balanced_accuracy``;
+    higher is better, the earliest round wins ties; round 0, the pretrained model, is not a
+    candidate) and its trainable tree, so that the selected round's model is read on the test
+    split once, at the end. Runs without a validation split select nothing."""
+
+    def __init__(self, key: str, history: list[dict[str, Any]]):
+        self.key = key
+        self.round, self.score, self.tree = None, -math.inf, None
+        # A resumed run: rounds before the restart compete, but their trees are gone.
+        for h in history:
+            self.offer(h, None)
+
+    def offer(self, record: dict[str, Any], tree) -> None:
+        score = record.get(self.key)
+        if record["round"] >= 1 and score is not None and score > self.score:
+            self.round, self.score, self.tree = record["round"], float(score), tree
+
+    def summary(self, history: list[dict[str, Any]], evaluate_tree) -> dict[str, Any]:
+        """``selected_round``, ``selected_<key>`` and ``selected_test_*`` (the test metrics
+        of the selected round's model: the last record's when it is the last round, else one
+        evaluation of the kept tree); ``{}`` without a validation split."""
+        if self.round is None:
+            return {}
+        out: dict[str, Any] = {"selected_round": self.round, f"selected_{self.key}": self.score}
+        last = history[-1]
+        if self.round == last["round"]:
+            test = {k: v for k, v in last.items() if k.startswith("eval_") and k != "eval_splits"}
+        elif self.tree is not None:
+            test = evaluate_tree(self.tree)
+        else:
+            out["selected_note"] = "selected before a resume: its model was not kept"
+            return out
+        out.update({"selected_test_" + k.removeprefix("eval_"): v for k, v in test.items()})
+        return out
 
 
 def silent(*args, **kwargs) -> None:
