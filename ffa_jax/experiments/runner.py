@@ -247,7 +247,7 @@ def run_experiment(
                 stage=cell.stage,
                 seed=cell.seed,
                 axes={k: grid_lib.fmt_value(v) for k, v in cell.axes.items()},
-                tuned=None if cell.tuned is None else [cell.tuned[0], cell.tuned[1]],
+                tuned=None if cell.tuned is None else [[f, v] for f, v in cell.tuned],
                 overrides=list(cell.overrides) + list(overrides),
                 command=cell_command(grid, cell, overrides, where),
                 ffa_jax_version=__version__,
