@@ -71,14 +71,14 @@ def _group_key(grid, cell: dict[str, Any]) -> tuple:
     return tuple((k, cell["axes"][k]) for k in grid.axes)
 
 
-def _current(grid, cells: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
+def current_cells(grid, cells: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
     """Cells of ``stage`` that belong to the grid as now defined (its axes, seeds, tuning)."""
     if stage == "tune":
         if grid.tune is None:
             return []
         stems = {c.file_stem for c in resolve_tuning(grid, cells)[0]}
     else:
-        chosen = choose(grid, _current(grid, cells, "tune")) if grid.tune is not None else None
+        chosen = choose(grid, current_cells(grid, cells, "tune")) if grid.tune is not None else None
         if grid.tune is not None and chosen is None:
             return []
         stems = {c.file_stem for c in grid_lib.main_cells(grid, chosen)}
@@ -346,8 +346,8 @@ def write_all(grid, out: Path, cells: list[dict[str, Any]], meta: dict[str, Any]
     """Writes ``runs.csv`` (every cell), ``table.md`` and the plots."""
     from ffa_jax.experiments import plots
 
-    tune = _current(grid, cells, "tune")
-    main = _current(grid, cells, "main")
+    tune = current_cells(grid, cells, "tune")
+    main = current_cells(grid, cells, "main")
     write_csv(grid, out / "runs.csv", tune + main)
     rows = summarize(grid, main)
     parts = [
