@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ffa_jax.experiments import grid as grid_lib
+from ffa_jax.experiments import plots, stats
 from ffa_jax.experiments import results as results_lib
-from ffa_jax.experiments import stats
 from ffa_jax.fileio import atomic_write_text
 
 METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auc")
@@ -44,6 +44,7 @@ ROW_FIELDS = (
     "commit",
     "command",
 )
+CURVES_PNG = "validation_curves.png"
 # How runs.csv marks the evidence format (older results have no such column).
 FORMAT_COLUMN = "select_on"
 
@@ -329,6 +330,13 @@ def render_table(grid, rows: list[dict[str, str]], meta: dict[str, Any]) -> str:
         ]
     if grid.claims and main:
         parts += ["## Verdicts", "", *claims_section(grid, main)]
+    if main:
+        parts += [
+            "## Validation curves (reported runs, mean over seeds)",
+            "",
+            f"![validation curves]({CURVES_PNG})",
+            "",
+        ]
     if grid.tune is not None and tune:
         parts += [
             "## Tuning (validation split; every tuning run)",
@@ -348,6 +356,10 @@ def write_all(grid, out: Path, cells: list[dict[str, Any]], meta: dict[str, Any]
     tune = results_lib.current_cells(grid, cells, "tune")
     main = results_lib.current_cells(grid, cells, "main")
     write_runs_csv(grid, out / "runs.csv", tune + main)
+    # The validation curves of the reported runs (do the non-private runs plateau?).
+    plots.curves_plot(
+        grid, main, out / CURVES_PNG, "val_balanced_accuracy", "validation balanced accuracy"
+    )
     regenerate(grid, out, meta)
 
 

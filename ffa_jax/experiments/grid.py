@@ -86,7 +86,7 @@ GRID_KEYS = (
     "select_on",
     "claims",
 )
-QUICK_KEYS = ("set", "seeds", "axes", "candidates", "grid", "probe")
+QUICK_KEYS = ("set", "seeds", "axes", "candidates", "grid", "max_extend", "probe")
 TUNE_KEYS = (
     "field",
     "key",
@@ -487,7 +487,7 @@ def _tune(raw: Any, quick_raw: Mapping, axes, name: str) -> Tune:
             f"{name}: tune.extend.{f}",
             "an extended field needs positive numeric candidates (a log-spaced grid).",
         )
-    max_extend = raw.get("max_extend", 2 if extend else 0)
+    max_extend = quick_raw.get("max_extend", raw.get("max_extend", 2 if extend else 0))
     _need(
         isinstance(max_extend, int) and max_extend >= 0,
         f"{name}: tune.max_extend={max_extend!r}",
