@@ -389,7 +389,10 @@ def cmd_eval(args) -> int:
     for k, v in metrics.items():
         was = ""
         if recorded and k in recorded:
-            was = f"  (recorded after round {recorded['round']}: {recorded[k]:.6g})"
+            # Lists (per-class recall) print as they are.
+            r = recorded[k]
+            r = f"{r:.6g}" if isinstance(r, float) else r
+            was = f"  (recorded after round {recorded['round']}: {r})"
         print(f"  {k} = {v:.6g}{was}" if isinstance(v, float) else f"  {k} = {v}{was}")
     for s in samples or []:
         print(f"  sample: {json.dumps(s)}")
