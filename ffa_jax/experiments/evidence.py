@@ -199,8 +199,13 @@ def claim_rows(grid, claim: dict[str, Any], main: list[dict[str, str]]):
             continue
         where = tuple((a, r[a]) for a in others)
         by_where.setdefault(where, {}).setdefault(r[axis], {})[int(r["seed"])] = v
+    order = {a: [grid_lib.fmt_value(v) for v in vs] for a, vs in grid.axes.items()}
+
+    def position(where):
+        return tuple(order[a].index(v) if v in order[a] else len(order[a]) for a, v in where)
+
     out = []
-    for where, sides in by_where.items():
+    for where, sides in sorted(by_where.items(), key=lambda kv: position(kv[0])):
         p = stats.paired(sides.get(claim["better"], {}), sides.get(claim["worse"], {}))
         v, why = stats.verdict(p)
         out.append((where, p, v, why))
