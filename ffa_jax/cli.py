@@ -15,6 +15,7 @@ ffa-jax eval RUN_DIR [--split test] [--json]   # re-evaluate the run's adapter, 
 ffa-jax flower app OUT_DIR [--config ...] [--set ...]   # a Flower App folder for `flwr run`
 ffa-jax flower local [--config ...] [--set ...] [--resume]  # SuperLink + SuperNodes on 127.0.0.1
 ffa-jax experiment NAME [--quick] [--seeds ...]  # run experiments/grids/NAME.yaml (resumes)
+ffa-jax experiment NAME --table                  # table.md from the committed runs.csv
 
 Exit codes: 0 success; 2 bad input (ffa-jax: error: ...); 3 ``ffa-jax audit`` detected a
 privacy violation (the empirical epsilon lower bound exceeds the run's claimed epsilon).
@@ -326,8 +327,12 @@ def _git_commit() -> str:
 
 
 def cmd_experiment(args) -> int:
-    from ffa_jax.experiments.runner import run_experiment
+    from ffa_jax.experiments.runner import regenerate_table, run_experiment
 
+    if args.table:
+        path = regenerate_table(args.name, quick=args.quick, out=args.out)
+        print(f"wrote {path}")
+        return 0
     command = "ffa-jax experiment " + " ".join(shlex.quote(a) for a in args.argv[1:])
     res = run_experiment(
         args.name,
@@ -489,7 +494,10 @@ def cmd_eval(args) -> int:
     for k, v in metrics.items():
         was = ""
         if recorded and k in recorded:
-            was = f"  (recorded after round {recorded['round']}: {recorded[k]:.6g})"
+            # Lists (per-class recall) print as they are.
+            r = recorded[k]
+            r = f"{r:.6g}" if isinstance(r, float) else r
+            was = f"  (recorded after round {recorded['round']}: {r})"
         print(f"  {k} = {v:.6g}{was}" if isinstance(v, float) else f"  {k} = {v}{was}")
     for s in samples or []:
         print(f"  sample: {json.dumps(s)}")
@@ -866,6 +874,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
     p.add_argument(
         "--tune-only", action="store_true", help="run only the learning-rate tuning cells"
+    )
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="rewrite table.md from the results folder's runs.csv and meta.json; run nothing",
     )
     _add_json_arg(p, "the grid's result")
     p.set_defaults(func=cmd_experiment, argv=None)

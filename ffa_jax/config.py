@@ -49,6 +49,8 @@ PAPER_LABEL_MIX_2 = ((0.1, 0.9), (0.9, 0.1), (0.5, 0.5))
 
 # perf.microbatch_size / perf.clients_per_chunk: chosen per run by ffa_jax.perf.resolve.
 AUTO = "auto"
+# Validation metrics that may select a run's reported round (higher is better).
+SELECT_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auc")
 # perf.cpu_library_fusion values (see ffa_jax.xla_options).
 CPU_LIBRARY_FUSIONS = ("auto", "jax", "dots", "off")
 
@@ -261,6 +263,12 @@ class DataConfig:
       partition: ``iid``, ``label_mix`` (row k of ``label_mix`` is client k's label
         distribution, the paper's non-IID setting) or ``dirichlet`` (``dirichlet_alpha``).
       test_fraction: held-out share when the task has no test split.
+      validation_fraction: share of each client's training examples held out as the
+        validation split (0: none). Drawn per client from the public ``seed`` (never the
+        run's secret), so the split is the same for every method and epsilon of one seed;
+        the held-out examples are not trained on (they are outside the DP guarantee's data
+        set, like the test split) and are evaluated after every round (``val_*`` metrics).
+        Experiment grids select hyperparameters and the reported round on it, never on test.
       max_train_examples: optional cap on training examples (stratified).
       classes: image tasks: source label ids to keep, relabelled ``0..k-1`` in this order
         (null: all), e.g. ``[5, 6, 7, 8, 9]`` for the private half of MNIST.
@@ -274,6 +282,7 @@ class DataConfig:
     label_mix: tuple[tuple[float, ...], ...] = PAPER_LABEL_MIX_2
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.2
+    validation_fraction: float = 0.0
     max_train_examples: int | None = None
     text_field: str = "text"
     label_field: str = "label"
@@ -309,6 +318,12 @@ class DataConfig:
             "data.test_fraction",
             self.test_fraction,
             "must be in (0, 1), e.g. 0.2.",
+        )
+        _require(
+            _is_number(self.validation_fraction) and 0 <= self.validation_fraction < 0.5,
+            "data.validation_fraction",
+            self.validation_fraction,
+            "must be in [0, 0.5): 0 for no validation split, e.g. 0.1 for 10% of each client.",
         )
         if self.max_train_examples is not None:
             _positive_int("data.max_train_examples", self.max_train_examples)
@@ -632,6 +647,10 @@ class EvalConfig:
       baseline: also evaluate the pretrained model (LoRA B = 0) before the first round; it is
         logged as round 0 in ``metrics.jsonl`` and shown in ``summary.md``.
       max_new_tokens: decoders: greedy generation stops at EOS or after this many tokens.
+      select_metric: with a validation split (``data.validation_fraction``): the validation
+        metric (higher is better) whose best round (earliest on ties) is the run's selected
+        round; that round's model is evaluated once on the test split at the end
+        (``selected_test_*`` in the summary), next to the last round's test metrics.
     """
 
     every: int = 5
@@ -639,6 +658,7 @@ class EvalConfig:
     batch_size: int | str = AUTO
     baseline: bool = False
     max_new_tokens: int = 256
+    select_metric: str = "balanced_accuracy"
 
     def __post_init__(self):
         _require(
@@ -652,6 +672,12 @@ class EvalConfig:
         if self.batch_size != AUTO:
             _positive_int("eval.batch_size", self.batch_size)
         _positive_int("eval.max_new_tokens", self.max_new_tokens)
+        _require(
+            self.select_metric in SELECT_METRICS,
+            "eval.select_metric",
+            self.select_metric,
+            f"use one of {SELECT_METRICS} (a validation metric, higher is better).",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -1177,6 +1203,7 @@ class PretrainDataConfig:
     task: str = "mnist5k"
     classes: tuple[int, ...] | None = (0, 1, 2, 3, 4)
     test_fraction: float = 0.2
+    validation_fraction: float = 0.0
     max_train_examples: int | None = None
     image_field: str = "image"
     label_field: str = "label"
@@ -1188,6 +1215,12 @@ class PretrainDataConfig:
             "data.test_fraction",
             self.test_fraction,
             "must be in (0, 1), e.g. 0.2.",
+        )
+        _require(
+            _is_number(self.validation_fraction) and 0 <= self.validation_fraction < 0.5,
+            "data.validation_fraction",
+            self.validation_fraction,
+            "must be in [0, 0.5): 0 for no validation split, e.g. 0.1 for 10% of each client.",
         )
         if self.max_train_examples is not None:
             _positive_int("data.max_train_examples", self.max_train_examples)

@@ -56,32 +56,36 @@ def test_quick_privacy_sweep_end_to_end_and_resume(env, monkeypatch):
 
     rows = _rows(out / "runs.csv")
     assert len(rows) == n_tune + n_main
-    assert all(r["status"] == "ok" for r in rows)
-    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
+    assert all(r["status"] == "ok" and r["select_on"] == "validation" for r in rows)
+    assert all(0.0 <= float(r["last_test_accuracy"]) <= 1.0 for r in rows)
     tune = [r for r in rows if r["stage"] == "tune"]
     main = [r for r in rows if r["stage"] == "main"]
-    # The reported cells use, per method, the tuning candidate with the best accuracy.
+    # The reported cells use, per method, the tuning candidate with the best validation score
+    # (the test split plays no part in the choice).
     for mode in {r["lora.mode"] for r in main}:
         cands = {
-            r["client.learning_rate"]: float(r["test_accuracy"])
-            for r in tune
-            if r["lora.mode"] == mode
+            r["client.learning_rate"]: float(r["val_score"]) for r in tune if r["lora.mode"] == mode
         }
         best = max(cands, key=lambda v: (cands[v], -list(cands).index(v)))
         assert {r["client.learning_rate"] for r in main if r["lora.mode"] == mode} == {best}
     # DP cells spent their budget; the uplink of LoRA is twice FFA's (A and B vs B).
-    assert all(abs(float(r["epsilon"]) - 6) < 0.1 for r in main if r["privacy.epsilon"] == "6")
+    assert all(
+        abs(float(r["epsilon_spent"]) - 6) < 0.1 for r in main if r["privacy.epsilon"] == "6"
+    )
     up = {r["lora.mode"]: int(r["uplink_bytes_per_client_per_round"]) for r in main}
     assert up["lora"] == 2 * up["ffa"]
 
     table = (out / "table.md").read_text()
-    assert "## Results" in table and "## Learning-rate tuning" in table
+    assert "## Results" in table and "## Tuning" in table
     for mode in ("FFA-LoRA", "LoRA"):
-        accs = [float(r["test_accuracy"]) for r in main if grid_lib.METHOD[r["lora.mode"]] == mode]
-        mean, half = results_lib.mean_ci(accs)
+        bal = [
+            float(r["selected_test_balanced_accuracy"])
+            for r in main
+            if grid_lib.METHOD[r["lora.mode"]] == mode
+        ]
+        mean, half = results_lib.mean_ci(bal)
         assert results_lib.fmt_ci(mean, half) in table
-    for png in ("accuracy.png", "tuning.png", "train_loss.png"):
-        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    assert (out / "validation_curves.png").read_bytes()[:8] == PNG_MAGIC
     meta = json.loads((out / "meta.json").read_text())
     assert meta["quick"] and meta["command"] and "commit" in meta and meta["cells"] == len(rows)
 
@@ -104,7 +108,7 @@ def test_quick_privacy_sweep_end_to_end_and_resume(env, monkeypatch):
     assert cli.main(argv) == 0
     name = next(a.split("=", 1)[1] for a in argv if a.startswith("name="))
     rerun = [json.loads(line) for line in open(base / "rerun" / name / "metrics.jsonl")]
-    assert rerun[-1]["eval_accuracy"] == float(cell["test_accuracy"])
+    assert rerun[-1]["eval_accuracy"] == float(cell["last_test_accuracy"])
 
 
 def test_quick_noise_amplification(env, monkeypatch):

@@ -2,18 +2,69 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ffa_jax.config import RunConfig
 from ffa_jax.data import partition, tasks
 from ffa_jax.errors import ConfigError
 
+# Purpose folded into the public seed for the validation hold-out (never the run's secret).
+VALIDATION_PURPOSE = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSplits:
+    """Each client's training indices and the validation indices held out of them.
+
+    Attributes:
+      train: ``train[k]``: the indices (into the task's training examples) client k trains on,
+        in the partition's order.
+      validation: sorted indices of every client's held-out validation examples (empty
+        without ``data.validation_fraction``), disjoint from every ``train[k]``.
+    """
+
+    train: list[np.ndarray]
+    validation: np.ndarray
+
+
+def hold_out(parts: list[np.ndarray], fraction: float, seed: int) -> ClientSplits:
+    """Holds out ``round(fraction * n_k)`` random examples of each client ``k`` (at least one
+    when ``fraction > 0``), drawn from the public ``seed``: the same split for every method,
+    learning rate and epsilon of one seed (paired comparisons).
+
+    Args:
+      parts: ``parts[k]``: client k's training indices.
+      fraction: share in ``[0, 1)`` held out of each client.
+      seed: the run's public seed.
+    """
+    train, held = [], []
+    for k, p in enumerate(parts):
+        p = np.asarray(p)
+        n_val = 0 if fraction <= 0 else max(1, int(round(fraction * len(p))))
+        n_val = min(n_val, max(len(p) - 1, 0))
+        rng = np.random.default_rng([seed, VALIDATION_PURPOSE, k])
+        chosen = np.zeros(len(p), bool)
+        chosen[rng.permutation(len(p))[:n_val]] = True
+        train.append(p[~chosen])  # the partition's order: fraction 0 changes nothing
+        held.append(p[chosen])
+    validation = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    return ClientSplits(train=train, validation=validation.astype(np.int64))
+
 
 def partition_clients(cfg: RunConfig, labels: np.ndarray, num_labels: int) -> list[np.ndarray]:
-    """Splits training examples with ``labels`` ``[N]`` into ``cfg.federated.clients`` clients.
+    """The training indices of each client: :func:`client_splits` without the validation."""
+    return client_splits(cfg, labels, num_labels).train
+
+
+def client_splits(cfg: RunConfig, labels: np.ndarray, num_labels: int) -> ClientSplits:
+    """Splits training examples with ``labels`` ``[N]`` into ``cfg.federated.clients`` clients
+    and holds ``data.validation_fraction`` of each client out as the validation split
+    (:func:`hold_out`).
 
     Returns:
-      ``parts``: ``parts[k]`` holds the training indices of client k.
+      :class:`ClientSplits`: ``train[k]`` holds the training indices of client k.
 
     Raises:
       ConfigError / DataError: more clients than examples, a client smaller than the expected
@@ -33,13 +84,15 @@ def partition_clients(cfg: RunConfig, labels: np.ndarray, num_labels: int) -> li
         label_mix=cfg.data.label_mix if cfg.data.partition == "label_mix" else None,
         dirichlet_alpha=cfg.data.dirichlet_alpha,
     )
+    splits = hold_out(parts, cfg.data.validation_fraction, cfg.seed)
+    parts = splits.train
     smallest = min(len(p) for p in parts)
     if cfg.client.batch_size > smallest:
         raise ConfigError(
             f"client.batch_size={cfg.client.batch_size} exceeds the smallest client's {smallest} "
             "examples (the sampling rate batch_size/n_k must be <= 1); use a smaller batch size or fewer clients."
         )
-    return parts
+    return splits
 
 
 def load_clients(cfg: RunConfig) -> tuple[tasks.TextClassificationData, list[np.ndarray]]:

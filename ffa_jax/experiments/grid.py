@@ -16,18 +16,37 @@ A grid file (``experiments/grids/NAME.yaml``) holds::
     per:                                  # overrides tied to axis values
       lora.mode: {ffa: [client.learning_rate=100], lora: [client.learning_rate=10]}
       lora.mode+privacy.epsilon: {ffa+inf: [client.learning_rate=20]}   # several axes
-    tune:                                 # optional: pick one field's value per group of cells
-      field: client.learning_rate
+    select_on: validation                 # the only accepted value: selection never reads test
+    tune:                                 # optional: pick fields' values per group of cells
       key: lora.mode                      # candidates depend on this axis' value (or
-      candidates: {ffa: [50, 100, 200], lora: [3, 10, 30]}   # axes joined by '+': ffa+inf)
+      grid:                               # axes joined by '+': ffa+inf); cartesian product
+        client.learning_rate: {ffa: [1, 10, 100, 1000], lora: [0.1, 1, 10, 100]}
+        lora.alpha: {ffa: [8], lora: [2, 8, 32]}
+      extend: [client.learning_rate]      # a choice at the edge of its grid adds the next
+      max_extend: 2                       # log step beyond it (at most this many per side)
       seeds: [1000]                       # tuning seeds, disjoint from the reported seeds
       shared_over: [data.partition]       # tuned at the first value of these axes only
       same_as: {privacy.epsilon: {3: 6, 1: 6}}   # these values reuse another value's choice
+      # (one field: ``field: client.learning_rate`` + ``candidates: {ffa: [...], ...}``)
+    claims:                               # optional: the verdicts table.md states
+      - name: FFA-LoRA beats LoRA under DP
+        axis: lora.mode                   # the paired comparison: better vs worse, per seed
+        better: ffa
+        worse: lora
+        at: {privacy.epsilon: [8, 4, 2, 1]}   # one verdict per value (default: every group)
+        metric: balanced_accuracy         # a selected-round test metric (default)
     quick:                                # --quick: replaces set+=, seeds, axes, candidates
       set: [...]
       seeds: [0]
       axes: {privacy.epsilon: [inf, 6]}
       candidates: {ffa: [50], lora: [5]}
+
+Selection (the tuned values, and each run's reported round) reads only the validation split
+(``data.validation_fraction`` > 0 in every cell, ``eval.select_metric``): a tuning cell's score
+is its best validation metric over rounds, a candidate's score the mean over the tuning seeds
+(a diverged run scores 0), and the reported cells' test metrics are those of their
+validation-selected round (next to the last round's). A grid with ``select_on: test`` is
+refused.
 
 A cell is one run: its stage (``tune`` or ``main``), its axis values, its seed and the full list
 of ``section.field=value`` overrides applied on top of ``base`` (so the cell can be rerun alone
@@ -53,20 +72,54 @@ from ffa_jax.config import load_config, parse_override
 from ffa_jax.errors import ConfigError
 
 KINDS = ("train", "noise_amplification", "theorem1")
-GRID_KEYS = ("description", "kind", "base", "set", "seeds", "axes", "per", "tune", "quick", "probe")
-QUICK_KEYS = ("set", "seeds", "axes", "candidates", "probe")
-TUNE_KEYS = ("field", "key", "candidates", "seeds", "shared_over", "same_as")
+GRID_KEYS = (
+    "description",
+    "kind",
+    "base",
+    "set",
+    "seeds",
+    "axes",
+    "per",
+    "tune",
+    "quick",
+    "probe",
+    "select_on",
+    "claims",
+)
+QUICK_KEYS = ("set", "seeds", "axes", "candidates", "grid", "max_extend", "probe")
+TUNE_KEYS = (
+    "field",
+    "key",
+    "candidates",
+    "grid",
+    "extend",
+    "max_extend",
+    "seeds",
+    "shared_over",
+    "same_as",
+)
+CLAIM_KEYS = ("name", "axis", "better", "worse", "at", "metric")
+# What selection may read. Anything else (``test``) is refused: see the module docstring.
+SELECT_ON = ("validation",)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Tune:
-    """Per-group selection of one field (the learning rate) on separate tuning seeds."""
+    """Per-group selection of fields (learning rate, alpha, ...) on separate tuning seeds."""
 
-    field: str
     key: str | None
-    candidates: Mapping[str, tuple[Any, ...]]  # key-axis value (as str) -> candidate values
+    # field -> {key-axis value (as str) -> candidate values}; the candidates of a group are the
+    # cartesian product over fields, in this order.
+    fields: Mapping[str, Mapping[str, tuple[Any, ...]]]
     seeds: tuple[int, ...]
     same_as: Mapping[str, Mapping[str, Any]]  # axis -> {value (str): representative value}
+    extend: tuple[str, ...] = ()  # fields whose grid grows by a log step at a chosen edge
+    max_extend: int = 0  # at most this many steps per side
+
+    @property
+    def field(self) -> str:
+        """The first tuned field (the learning rate): plots' x axis."""
+        return next(iter(self.fields))
 
     def representative(self, axes: Mapping[str, Any]) -> dict[str, Any]:
         """The point whose tuned value ``axes`` reuses."""
@@ -75,11 +128,20 @@ class Tune:
             out[k] = table.get(fmt_value(axes[k]), axes[k])
         return out
 
-    def candidates_for(self, axes: Mapping[str, Any]) -> tuple[Any, ...]:
+    def key_of(self, axes: Mapping[str, Any]) -> str:
         if self.key is None:
-            return self.candidates["*"]
+            return "*"
         rep = self.representative(axes)
-        return self.candidates["+".join(fmt_value(rep[k]) for k in self.key.split("+"))]
+        return "+".join(fmt_value(rep[k]) for k in self.key.split("+"))
+
+    def field_candidates(self, axes: Mapping[str, Any]) -> dict[str, tuple[Any, ...]]:
+        """``{field: base candidate values}`` of the group of ``axes``."""
+        k = self.key_of(axes)
+        return {f: table[k] for f, table in self.fields.items()}
+
+    def candidates_for(self, axes: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The first field's candidates (one-field grids)."""
+        return self.field_candidates(axes)[self.field]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,6 +161,11 @@ class Grid:
     tune: Tune | None
     probe: dict[str, Any]  # kind-specific settings (noise_amplification, theorem1)
     quick: bool
+    select_on: str = "validation"
+    # Every cell holds out a validation split: runs.csv / table.md in the evidence format
+    # (:mod:`ffa_jax.experiments.evidence`).
+    evidence: bool = False
+    claims: tuple[dict[str, Any], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,15 +175,16 @@ class Cell:
     stage: str  # "tune" or "main"
     axes: dict[str, Any]  # axis field -> value (ordered as in the grid)
     seed: int
-    tuned: tuple[str, Any] | None  # (field, value) chosen or tried for this cell
+    # ((field, value), ...) chosen or tried for this cell, in the tune grid's field order
+    tuned: tuple[tuple[str, Any], ...] | None
     overrides: tuple[str, ...]  # everything on top of the base config, seed last
 
     @property
     def cell_id(self) -> str:
         parts = [self.stage]
         parts += [f"{short(k)}={fmt_value(v)}" for k, v in self.axes.items()]
-        if self.tuned is not None:
-            parts.append(f"{short(self.tuned[0])}={fmt_value(self.tuned[1])}")
+        for field, value in self.tuned or ():
+            parts.append(f"{short(field)}={fmt_value(value)}")
         parts.append(f"seed={self.seed}")
         return ",".join(parts)
 
@@ -147,6 +215,22 @@ def fmt_value(v: Any) -> str:
             return "inf"
         return f"{v:g}"
     return str(v)
+
+
+def tuned_values(c: dict[str, Any]) -> dict[str, Any]:
+    """``{field: value}`` a cell record was run with (records of older code hold one
+    ``[field, value]`` pair, newer ones a list of pairs)."""
+    t = c.get("tuned")
+    if not t:
+        return {}
+    if isinstance(t[0], str):
+        return {t[0]: t[1]}
+    return {f: v for f, v in t}
+
+
+def tuned_label(c: dict[str, Any]) -> str:
+    """``"1, 8"``: the tuned values of a cell record, in the grid's field order."""
+    return ", ".join(fmt_value(v) for v in tuned_values(c).values())
 
 
 # Display names of the ``lora.mode`` axis values (tables and plot legends).
@@ -305,71 +389,18 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
         probe.update(quick_raw.get("probe") or {})
     if seeds:
         grid_seeds = _seeds(list(seeds), "--seeds")
+    select_on = str(raw.get("select_on", "validation"))
+    _need(
+        select_on in SELECT_ON,
+        f"{path.name}: select_on={select_on!r}",
+        "selection (learning rate, clip norm, alpha, the reported round) reads only the "
+        "validation split; use select_on: validation with data.validation_fraction > 0 (the "
+        "test split is read once per final configuration).",
+    )
     tune = None
     if tune_raw is not None:
-        _need(isinstance(tune_raw, dict), f"{path.name}: tune", "must be a mapping.")
-        bad = sorted(set(tune_raw) - set(TUNE_KEYS))
-        _need(not bad, f"{path.name}: tune", f"unknown keys {bad}; valid: {TUNE_KEYS}.")
-        key = tune_raw.get("key")
-        _need(
-            key is None or all(k in axes for k in str(key).split("+")),
-            f"{path.name}: tune.key",
-            f"must be an axis of {list(axes)}, or several joined by '+'.",
-        )
-        cands = tune_raw.get("candidates")
-        if quick and "candidates" in quick_raw:
-            cands = quick_raw["candidates"]
-        if key is None and isinstance(cands, list):
-            cands = {"*": cands}
-        _need(
-            isinstance(cands, dict) and all(isinstance(v, list) and v for v in cands.values()),
-            f"{path.name}: tune.candidates",
-            "give {key-axis value: [candidate values]} (or a list without tune.key).",
-        )
-        cands = {
-            "+".join(fmt_value(as_value(p)) for p in str(k).split("+")): tuple(v)
-            for k, v in cands.items()
-        }
-        shared = tuple(tune_raw.get("shared_over") or ())
-        _need(
-            all(s in axes for s in shared),
-            f"{path.name}: tune.shared_over",
-            f"must name axes of {list(axes)}.",
-        )
-        same_raw = tune_raw.get("same_as") or {}
-        _need(isinstance(same_raw, dict), f"{path.name}: tune.same_as", "give {axis: {v: w}}.")
-        same: dict[str, dict[str, Any]] = {}
-        for ax in shared:
-            same[ax] = {fmt_value(v): axes[ax][0] for v in axes[ax]}
-        for ax, table in same_raw.items():
-            _need(
-                ax in axes and isinstance(table, dict),
-                f"{path.name}: tune.same_as.{ax}",
-                f"must map values of an axis of {list(axes)} to other values of it.",
-            )
-            known = {fmt_value(v): v for v in axes[ax]}
-            for v, w in table.items():
-                w = as_value(w)
-                if fmt_value(as_value(v)) in known and fmt_value(w) not in known:
-                    raise ConfigError(
-                        f"{path.name}: tune.same_as.{ax}.{v}={w!r} is not a value of axis {ax} "
-                        f"({list(known)})."
-                    )
-                same.setdefault(ax, {})[fmt_value(as_value(v))] = w
-        tune = Tune(
-            field=str(tune_raw.get("field", "client.learning_rate")),
-            key=key,
-            candidates=cands,
-            seeds=_seeds(tune_raw.get("seeds", [1000]), f"{path.name}: tune.seeds"),
-            same_as=same,
-        )
-        for point in _axis_points_of(axes):
-            try:
-                tune.candidates_for(point)
-            except KeyError as e:
-                raise ConfigError(
-                    f"{path.name}: tune.candidates has no entry {e.args[0]!r} (tune.key={key})."
-                ) from None
+        tune = _tune(tune_raw, quick_raw if quick else {}, axes, path.name)
+    claims = _claims(raw.get("claims"), axes, path.name)
     grid = Grid(
         name=path.stem,
         path=path,
@@ -384,11 +415,170 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
         tune=tune,
         probe=probe,
         quick=quick,
+        select_on=select_on,
+        claims=claims,
     )
     # Every cell's config must validate before anything runs.
-    for cell in tune_cells(grid) + main_cells(grid, chosen=None):
-        cell_config(grid, cell, ())
-    return grid
+    fractions = [
+        cell_config(grid, cell, ()).data.validation_fraction
+        for cell in tune_cells(grid) + main_cells(grid, chosen=None)
+    ]
+    if tune is not None and not all(fractions):
+        raise ConfigError(
+            f"{path.name}: tune selects on the validation split, but some cells have "
+            "data.validation_fraction=0; add data.validation_fraction=0.1 to the grid's set:."
+        )
+    if claims and not all(fractions):
+        raise ConfigError(
+            f"{path.name}: claims compare validation-selected rounds; add "
+            "data.validation_fraction=0.1 to the grid's set:."
+        )
+    return dataclasses.replace(grid, evidence=kind == "train" and all(fractions))
+
+
+def _tune(raw: Any, quick_raw: Mapping, axes, name: str) -> Tune:
+    _need(isinstance(raw, dict), f"{name}: tune", "must be a mapping.")
+    bad = sorted(set(raw) - set(TUNE_KEYS))
+    _need(not bad, f"{name}: tune", f"unknown keys {bad}; valid: {TUNE_KEYS}.")
+    key = raw.get("key")
+    _need(
+        key is None or all(k in axes for k in str(key).split("+")),
+        f"{name}: tune.key",
+        f"must be an axis of {list(axes)}, or several joined by '+'.",
+    )
+    if "grid" in raw:
+        _need(
+            "field" not in raw and "candidates" not in raw,
+            f"{name}: tune",
+            "give either grid: {field: {key value: [values]}} or field + candidates, not both.",
+        )
+        fields_raw = raw["grid"]
+        if "grid" in quick_raw:
+            fields_raw = quick_raw["grid"]
+        _need(isinstance(fields_raw, dict) and fields_raw, f"{name}: tune.grid", "give a mapping.")
+    else:
+        cands = raw.get("candidates")
+        if "candidates" in quick_raw:
+            cands = quick_raw["candidates"]
+        fields_raw = {str(raw.get("field", "client.learning_rate")): cands}
+    fields: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for field, cands in fields_raw.items():
+        parse_override(f"{field}=0")
+        if key is None and isinstance(cands, list):
+            cands = {"*": cands}
+        _need(
+            isinstance(cands, dict) and all(isinstance(v, list) and v for v in cands.values()),
+            f"{name}: tune candidates of {field}",
+            "give {key-axis value: [candidate values]} (or a list without tune.key).",
+        )
+        fields[str(field)] = {
+            "+".join(fmt_value(as_value(p)) for p in str(k).split("+")): tuple(v)
+            for k, v in cands.items()
+        }
+    extend = tuple(raw.get("extend") or ())
+    _need(
+        all(f in fields for f in extend),
+        f"{name}: tune.extend",
+        f"must name tuned fields of {list(fields)}.",
+    )
+    for f in extend:
+        _need(
+            all(isinstance(v, (int, float)) and v > 0 for t in fields[f].values() for v in t),
+            f"{name}: tune.extend.{f}",
+            "an extended field needs positive numeric candidates (a log-spaced grid).",
+        )
+    max_extend = quick_raw.get("max_extend", raw.get("max_extend", 2 if extend else 0))
+    _need(
+        isinstance(max_extend, int) and max_extend >= 0,
+        f"{name}: tune.max_extend={max_extend!r}",
+        "give an integer >= 0.",
+    )
+    shared = tuple(raw.get("shared_over") or ())
+    _need(
+        all(s in axes for s in shared),
+        f"{name}: tune.shared_over",
+        f"must name axes of {list(axes)}.",
+    )
+    same_raw = raw.get("same_as") or {}
+    _need(isinstance(same_raw, dict), f"{name}: tune.same_as", "give {axis: {v: w}}.")
+    same: dict[str, dict[str, Any]] = {}
+    for ax in shared:
+        same[ax] = {fmt_value(v): axes[ax][0] for v in axes[ax]}
+    for ax, table in same_raw.items():
+        _need(
+            ax in axes and isinstance(table, dict),
+            f"{name}: tune.same_as.{ax}",
+            f"must map values of an axis of {list(axes)} to other values of it.",
+        )
+        known = {fmt_value(v): v for v in axes[ax]}
+        for v, w in table.items():
+            w = as_value(w)
+            if fmt_value(as_value(v)) in known and fmt_value(w) not in known:
+                raise ConfigError(
+                    f"{name}: tune.same_as.{ax}.{v}={w!r} is not a value of axis {ax} "
+                    f"({list(known)})."
+                )
+            same.setdefault(ax, {})[fmt_value(as_value(v))] = w
+    tune = Tune(
+        key=key,
+        fields=fields,
+        seeds=_seeds(raw.get("seeds", [1000]), f"{name}: tune.seeds"),
+        same_as=same,
+        extend=extend,
+        max_extend=max_extend,
+    )
+    for point in _axis_points_of(axes):
+        try:
+            tune.field_candidates(point)
+        except KeyError as e:
+            raise ConfigError(
+                f"{name}: the tune candidates have no entry {e.args[0]!r} (tune.key={key})."
+            ) from None
+    return tune
+
+
+def _claims(raw: Any, axes, name: str) -> tuple[dict[str, Any], ...]:
+    if raw is None:
+        return ()
+    _need(isinstance(raw, list), f"{name}: claims", "give a list of claims.")
+    out = []
+    for i, c in enumerate(raw):
+        where = f"{name}: claims[{i}]"
+        _need(isinstance(c, dict), where, "each claim is a mapping.")
+        bad = sorted(set(c) - set(CLAIM_KEYS))
+        _need(not bad, where, f"unknown keys {bad}; valid: {CLAIM_KEYS}.")
+        ax = c.get("axis")
+        _need(ax in axes, f"{where}.axis={ax!r}", f"must be an axis of {list(axes)}.")
+        values = [fmt_value(v) for v in axes[ax]]
+        for side in ("better", "worse"):
+            _need(
+                fmt_value(as_value(c.get(side))) in values,
+                f"{where}.{side}={c.get(side)!r}",
+                f"must be a value of axis {ax}: {values}.",
+            )
+        at = c.get("at") or {}
+        _need(
+            isinstance(at, dict) and all(a in axes and a != ax for a in at),
+            f"{where}.at",
+            f"give {{axis: [values]}} over the other axes of {list(axes)}.",
+        )
+        metric = str(c.get("metric", "balanced_accuracy"))
+        _need(
+            metric in ("balanced_accuracy", "accuracy", "macro_f1", "auc"),
+            f"{where}.metric={metric!r}",
+            "use balanced_accuracy, accuracy, macro_f1 or auc.",
+        )
+        out.append(
+            {
+                "name": str(c.get("name") or f"claim {i + 1}"),
+                "axis": ax,
+                "better": fmt_value(as_value(c["better"])),
+                "worse": fmt_value(as_value(c["worse"])),
+                "at": {a: [fmt_value(as_value(v)) for v in vs] for a, vs in at.items()},
+                "metric": metric,
+            }
+        )
+    return tuple(out)
 
 
 def _axis_points_of(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -410,8 +600,8 @@ def _overrides(grid: Grid, axes: Mapping[str, Any], tuned, seed: int) -> tuple[s
     for k, table in grid.per.items():
         value = "+".join(fmt_value(axes[a]) for a in k.split("+"))
         out += table.get(value, ())
-    if tuned is not None:
-        out.append(override(*tuned))
+    for field, value in tuned or ():
+        out.append(override(field, value))
     out.append(f"seed={seed}")
     # Research grids are reproducible by design: the noise is regenerable from the cell's seed
     # (the runs say so); none of them is a private release.
@@ -425,8 +615,40 @@ def tune_group(grid: Grid, axes: Mapping[str, Any]) -> tuple[tuple[str, str], ..
     return tuple((k, fmt_value(v)) for k, v in grid.tune.representative(axes).items())
 
 
-def tune_cells(grid: Grid) -> list[Cell]:
-    """Every (representative point, candidate, tuning seed) cell."""
+def log_extension(base: Sequence[Any], side: str, steps: int) -> float:
+    """The candidate ``steps`` log steps beyond the ``low``/``high`` edge of ``base`` (the step
+    is the ratio of the two values nearest that edge; 10 for a one-value grid), rounded to 6
+    significant digits."""
+    b = sorted(float(v) for v in base)
+    if side == "low":
+        ratio = b[1] / b[0] if len(b) > 1 else 10.0
+        v = b[0] / ratio**steps
+    else:
+        ratio = b[-1] / b[-2] if len(b) > 1 else 10.0
+        v = b[-1] * ratio**steps
+    return float(f"{v:.6g}")
+
+
+def group_candidates(
+    grid: Grid, point: Mapping[str, Any], extensions: Mapping[tuple, Mapping[str, Any]] | None
+) -> dict[str, tuple[Any, ...]]:
+    """``{field: candidates}`` of the tuning group of ``point``: the grid's, plus the log
+    steps ``extensions[group][field] = {"low": n, "high": m}`` beyond its edges (sorted)."""
+    assert grid.tune is not None
+    cands = dict(grid.tune.field_candidates(point))
+    ext = (extensions or {}).get(tune_group(grid, point), {})
+    for field, sides in ext.items():
+        base = cands[field]
+        extra = [log_extension(base, side, j) for side, n in sides.items() for j in range(1, n + 1)]
+        cands[field] = tuple(sorted({*map(as_value, base), *extra}, key=float))
+    return cands
+
+
+def tune_cells(
+    grid: Grid, extensions: Mapping[tuple, Mapping[str, Any]] | None = None
+) -> list[Cell]:
+    """Every (representative point, candidate combination, tuning seed) cell; ``extensions``:
+    the log steps added beyond a grid's edges (see :func:`group_candidates`)."""
     if grid.tune is None:
         return []
     cells, seen = [], set()
@@ -436,8 +658,9 @@ def tune_cells(grid: Grid) -> list[Cell]:
         if g in seen:
             continue
         seen.add(g)
-        for value in grid.tune.candidates_for(point):
-            tuned = (grid.tune.field, as_value(value))
+        cands = group_candidates(grid, point, extensions)
+        for combo in itertools.product(*cands.values()):
+            tuned = tuple((f, as_value(v)) for f, v in zip(cands, combo, strict=True))
             for seed in grid.tune.seeds:
                 cells.append(
                     Cell(
@@ -452,15 +675,19 @@ def tune_cells(grid: Grid) -> list[Cell]:
 
 
 def main_cells(grid: Grid, chosen: Mapping[tuple, Any] | None) -> list[Cell]:
-    """The reported cells. With tuning, ``chosen[tune_group]`` is the selected value (None:
-    the first candidate, used only to validate configs before tuning has run)."""
+    """The reported cells. With tuning, ``chosen[tune_group]`` is the selected
+    ``((field, value), ...)`` (None: the first candidates, used only to validate configs
+    before tuning has run)."""
     cells = []
     for point in _axis_points(grid):
         tuned = None
         if grid.tune is not None:
             g = tune_group(grid, point)
-            value = chosen[g] if chosen is not None else grid.tune.candidates_for(point)[0]
-            tuned = (grid.tune.field, as_value(value))
+            if chosen is not None:
+                tuned = tuple(chosen[g])
+            else:
+                cands = grid.tune.field_candidates(point)
+                tuned = tuple((f, as_value(v[0])) for f, v in cands.items())
         for seed in grid.seeds:
             cells.append(
                 Cell(

@@ -126,7 +126,8 @@ def tuning_plot(grid, tune: list[dict[str, Any]], path: Path) -> Path | None:
     for c in tune:
         acc = c.get("test_accuracy") if c.get("status") == "ok" else 0.0
         g = tuple(c["axes"].items())
-        groups.setdefault(g, {}).setdefault(float(c["tuned"][1]), []).append(acc)
+        value = grid_lib.tuned_values(c)[grid.tune.field]
+        groups.setdefault(g, {}).setdefault(float(value), []).append(acc)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for g, per in groups.items():

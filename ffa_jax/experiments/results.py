@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ffa_jax.experiments import grid as grid_lib
+from ffa_jax.experiments import stats
 
 CSV_FIELDS = (
     "stage",
@@ -50,16 +51,8 @@ def load_cells(cells_dir: Path, stage: str | None = None) -> list[dict[str, Any]
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
-    """``(mean, half-width of the 95% t interval)``; the half-width is None for n < 2."""
-    x = np.asarray(values, np.float64)
-    if len(x) == 0:
-        return math.nan, None
-    if len(x) < 2:
-        return float(x[0]), None
-    from scipy import stats
-
-    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return float(x.mean()), float(half)
+    """``(mean, half-width of the 95% t interval)``; see :func:`ffa_jax.experiments.stats.mean_ci`."""
+    return stats.mean_ci(values)
 
 
 def fmt_ci(mean: float, half: float | None, digits: int = 3) -> str:
@@ -78,42 +71,76 @@ def _group_key(grid, cell: dict[str, Any]) -> tuple:
     return tuple((k, cell["axes"][k]) for k in grid.axes)
 
 
-def _current(grid, cells: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
+def current_cells(grid, cells: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
     """Cells of ``stage`` that belong to the grid as now defined (its axes, seeds, tuning)."""
     if stage == "tune":
         if grid.tune is None:
             return []
-        stems = {c.file_stem for c in grid_lib.tune_cells(grid)}
+        stems = {c.file_stem for c in resolve_tuning(grid, cells)[0]}
     else:
-        chosen = choose(grid, _current(grid, cells, "tune")) if grid.tune is not None else None
+        chosen = choose(grid, current_cells(grid, cells, "tune")) if grid.tune is not None else None
         if grid.tune is not None and chosen is None:
             return []
         stems = {c.file_stem for c in grid_lib.main_cells(grid, chosen)}
     return [c for c in cells if c.get("file_stem") in stems]
 
 
-def choose(grid, tune_cells: list[dict[str, Any]]) -> dict[tuple, Any] | None:
-    """``{tune group: chosen value}``: the candidate with the highest mean test accuracy over
-    the tuning seeds (a diverged or failed run counts as accuracy 0; ties go to the earlier
-    candidate). None while some tuning cell of the grid has not run."""
+def selection_score(rec: dict[str, Any] | None) -> float:
+    """A tuning run's score: its best validation metric over rounds (``selected_val_*``, see
+    :class:`ffa_jax.run.loop.RoundSelector`); 0 for a diverged or failed run."""
+    if rec is None or rec.get("status") != "ok":
+        return 0.0
+    v = next((v for k, v in rec.items() if k.startswith("selected_val_")), None)
+    return 0.0 if v is None else float(v)
+
+
+def resolve_tuning(grid, tune_cells: list[dict[str, Any]]):
+    """``(cells, chosen)``: the tuning cells the grid needs given the finished ones, and
+    ``{tune group: ((field, value), ...)}`` once all of them have run (else None).
+
+    A candidate's score is the mean :func:`selection_score` over the tuning seeds (ties go to
+    the earlier candidate). When the choice of a field listed in ``tune.extend`` sits at an
+    edge of its grid, the grid grows by one log step beyond that edge (at most
+    ``tune.max_extend`` per side) and the new candidates run too; every tuning run is kept."""
     if grid.tune is None:
-        return None
+        return [], None
     by_stem = {c.get("file_stem"): c for c in tune_cells}
-    scores: dict[tuple, dict[str, list[float]]] = {}
-    for cell in grid_lib.tune_cells(grid):
-        rec = by_stem.get(cell.file_stem)
-        if rec is None:
-            return None
-        g = grid_lib.tune_group(grid, cell.axes)
-        acc = _acc(rec)
-        scores.setdefault(g, {}).setdefault(grid_lib.fmt_value(cell.tuned[1]), []).append(
-            0.0 if acc is None else acc
-        )
-    chosen = {}
-    for g, per_value in scores.items():
-        best = max(per_value, key=lambda v: (np.mean(per_value[v]), -list(per_value).index(v)))
-        chosen[g] = grid_lib.as_value(_number(best))
-    return chosen
+    extensions: dict[tuple, dict[str, dict[str, int]]] = {}
+    while True:
+        cells = grid_lib.tune_cells(grid, extensions)
+        if any(c.file_stem not in by_stem for c in cells):
+            return cells, None
+        scores: dict[tuple, dict[tuple, list[float]]] = {}
+        for cell in cells:
+            g = grid_lib.tune_group(grid, cell.axes)
+            scores.setdefault(g, {}).setdefault(cell.tuned, []).append(
+                selection_score(by_stem[cell.file_stem])
+            )
+        chosen = {}
+        grew = False
+        for g, per_combo in scores.items():
+            order = list(per_combo)
+            best = max(order, key=lambda t: (np.mean(per_combo[t]), -order.index(t)))
+            chosen[g] = best
+            point = dict(g)
+            cands = grid_lib.group_candidates(grid, point, extensions)
+            for field, value in best:
+                if field not in grid.tune.extend:
+                    continue
+                values = sorted(float(v) for v in cands[field])
+                sides = extensions.setdefault(g, {}).setdefault(field, {"low": 0, "high": 0})
+                for side, edge in (("low", values[0]), ("high", values[-1])):
+                    if float(value) == edge and sides[side] < grid.tune.max_extend:
+                        sides[side] += 1
+                        grew = True
+        if not grew:
+            return cells, chosen
+
+
+def choose(grid, tune_cells: list[dict[str, Any]]) -> dict[tuple, Any] | None:
+    """``{tune group: ((field, value), ...)}`` chosen on the validation split (see
+    :func:`resolve_tuning`); None while some tuning cell the grid needs has not run."""
+    return resolve_tuning(grid, tune_cells)[1]
 
 
 def _sort_key(s: str) -> tuple:
@@ -134,7 +161,7 @@ def _number(s: str) -> Any:
 def write_csv(grid, path: Path, cells: list[dict[str, Any]]) -> None:
     # Full field names: a short name such as "epsilon" would clash with the spent epsilon.
     axes = list(grid.axes)
-    tuned = [grid.tune.field] if grid.tune is not None else []
+    tuned = list(grid.tune.fields) if grid.tune is not None else []
     fields = ["stage", "cell_id", "seed", *axes, *tuned, *CSV_FIELDS[3:]]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
@@ -143,8 +170,8 @@ def write_csv(grid, path: Path, cells: list[dict[str, Any]]) -> None:
         row = dict(c)
         for a in grid.axes:
             row[a] = c["axes"].get(a)
-        if tuned and c.get("tuned"):
-            row[tuned[0]] = grid_lib.fmt_value(c["tuned"][1])
+        for f, v in grid_lib.tuned_values(c).items():
+            row[f] = grid_lib.fmt_value(v)
         w.writerow({k: _csv_value(row.get(k)) for k in fields})
     path.write_text(buf.getvalue())
 
@@ -212,7 +239,7 @@ def main_table(grid, rows: list[dict[str, Any]]) -> str:
             out.append(cells + [f"{r['relative_gap']:.2e}", f"{r['max_abs_gap']:.2e}"])
             continue
         if grid.tune is not None:
-            cells.append(grid_lib.fmt_value(r["tuned"][1]) if r["tuned"] else "-")
+            cells.append(grid_lib.tuned_label({"tuned": r["tuned"]}) if r["tuned"] else "-")
         cells += [
             fmt_ci(r["acc_mean"], r["acc_ci"]),
             f"{r['majority']:.3f}",
@@ -230,14 +257,15 @@ def tune_table(grid, cells: list[dict[str, Any]]) -> str:
     groups: dict[tuple, dict[str, list[float | None]]] = {}
     for c in sorted(cells, key=lambda c: grid_lib.axis_order(grid, c["axes"])):
         g = tuple(c["axes"].items())
-        groups.setdefault(g, {}).setdefault(grid_lib.fmt_value(c["tuned"][1]), []).append(_acc(c))
+        groups.setdefault(g, {}).setdefault(grid_lib.tuned_label(c), []).append(_acc(c))
     header = [grid_lib.short(a) for a in grid.axes] + ["candidate", "test accuracy", "chosen"]
     out = []
     for g, per_value in groups.items():
         pick = chosen.get(tuple((k, v) for k, v in g))
         for value, accs in sorted(per_value.items(), key=lambda kv: _sort_key(kv[0])):
             shown = ", ".join("diverged" if a is None else f"{a:.3f}" for a in accs)
-            mark = "**yes**" if pick is not None and grid_lib.fmt_value(pick) == value else ""
+            picked = pick is not None and grid_lib.tuned_label({"tuned": pick}) == value
+            mark = "**yes**" if picked else ""
             out.append([_axis_label(k, v) for k, v in g] + [value, shown, mark])
     return _md_table(header, out)
 
@@ -318,8 +346,8 @@ def write_all(grid, out: Path, cells: list[dict[str, Any]], meta: dict[str, Any]
     """Writes ``runs.csv`` (every cell), ``table.md`` and the plots."""
     from ffa_jax.experiments import plots
 
-    tune = _current(grid, cells, "tune")
-    main = _current(grid, cells, "main")
+    tune = current_cells(grid, cells, "tune")
+    main = current_cells(grid, cells, "main")
     write_csv(grid, out / "runs.csv", tune + main)
     rows = summarize(grid, main)
     parts = [

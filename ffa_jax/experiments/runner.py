@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ffa_jax.errors import ConfigError, DataError
+from ffa_jax.experiments import evidence as evidence_lib
 from ffa_jax.experiments import grid as grid_lib
 from ffa_jax.experiments import results as results_lib
 from ffa_jax.fileio import atomic_write_text
@@ -94,7 +95,15 @@ def cell_command(grid: grid_lib.Grid, cell: grid_lib.Cell, extra: Sequence[str],
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
-    keep = ("round", "train_loss", "eval_accuracy", "epsilon", "uplink_bytes", "update_norm")
+    keep = (
+        "round",
+        "train_loss",
+        "eval_accuracy",
+        "epsilon",
+        "uplink_bytes",
+        "update_norm",
+        *(f"{split}_{m}" for split in ("val", "eval") for m in evidence_lib.METRICS),
+    )
     out = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -247,7 +256,7 @@ def run_experiment(
                 stage=cell.stage,
                 seed=cell.seed,
                 axes={k: grid_lib.fmt_value(v) for k, v in cell.axes.items()},
-                tuned=None if cell.tuned is None else [cell.tuned[0], cell.tuned[1]],
+                tuned=None if cell.tuned is None else [[f, v] for f, v in cell.tuned],
                 overrides=list(cell.overrides) + list(overrides),
                 command=cell_command(grid, cell, overrides, where),
                 ffa_jax_version=__version__,
@@ -264,11 +273,18 @@ def run_experiment(
             )
             _write(grid, out, info, meta)
 
-    run_all(tune_cells)
     chosen = None
     if grid.tune is not None:
-        chosen = results_lib.choose(grid, results_lib.load_cells(cells_dir, "tune"))
-        log(f"[{grid.name}] chosen {grid.tune.field}: {chosen}")
+        # Tuning runs until no choice sits at an extendable edge of its grid (each round of
+        # extensions adds cells; every finished cell is kept and never rerun).
+        while True:
+            tune_cells, chosen = results_lib.resolve_tuning(
+                grid, results_lib.load_cells(cells_dir, "tune")
+            )
+            if chosen is not None:
+                break
+            run_all(tune_cells)
+        log(f"[{grid.name}] chosen on the {grid.select_on} split: {chosen}")
     if tune_only:
         _write(grid, out, info, meta)
         return {"out": str(out), "ran": ran, "skipped": skipped, "cells": len(tune_cells)}
@@ -284,6 +300,29 @@ def run_experiment(
     }
 
 
+def regenerate_table(name: str, *, quick: bool = False, out: Path | None = None) -> Path:
+    """Rewrites ``table.md`` of an evidence-format results folder from its ``runs.csv`` and
+    ``meta.json`` alone (no cell files, nothing run); returns its path.
+
+    Raises:
+      ConfigError: no such folder, or its ``runs.csv`` predates the evidence format.
+    """
+    grid = grid_lib.load_grid(grid_lib.find_grid(name), quick=quick)
+    out = Path(out) if out is not None else RESULTS_DIR / (grid.name + ("-quick" if quick else ""))
+    csv_path = out / "runs.csv"
+    if not csv_path.is_file() or not (out / "meta.json").is_file():
+        raise ConfigError(
+            f"{str(out)!r} holds no runs.csv and meta.json: run the experiment first."
+        )
+    if not evidence_lib.is_evidence_csv(csv_path):
+        raise ConfigError(
+            f"{str(csv_path)!r} predates the evidence format (no {evidence_lib.FORMAT_COLUMN!r} "
+            "column): its results are superseded; rerun the experiment."
+        )
+    evidence_lib.regenerate(grid, out)
+    return out / "table.md"
+
+
 def _write(grid, out: Path, info: dict, old_meta: dict) -> None:
     """Rewrites meta.json, runs.csv, table.md and the plots from every cell file."""
     cells = results_lib.load_cells(out / "cells")
@@ -294,4 +333,7 @@ def _write(grid, out: Path, info: dict, old_meta: dict) -> None:
     meta["started"] = old_meta.get("started") or info["started"]
     meta["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
-    results_lib.write_all(grid, out, cells, meta)
+    if grid.evidence:
+        evidence_lib.write_all(grid, out, cells, meta)
+    else:
+        results_lib.write_all(grid, out, cells, meta)

@@ -42,7 +42,9 @@ def classification_loss(
 def classification_eval(
     module: nn.Module,
 ) -> Callable[[PyTree, dict[str, jax.Array], jax.Array], dict]:
-    """Jitted ``eval_fn(params, batch, mask) -> {"correct", "loss_sum", "count"}`` sums.
+    """Jitted ``eval_fn(params, batch, mask) -> {"correct", "loss_sum", "count"}`` sums over
+    the real examples of a batch, plus per-row ``"probs"`` ``[B, C]`` (softmax) and ``"pred"``
+    ``[B]`` (argmax) for the balanced metrics (padded rows are dropped by the caller's mask).
 
     ``params`` may hold LoRA nodes; they are merged first (one ``d_in x d_out`` add per target)
     so the forward pass costs the same as the base model's.
@@ -58,11 +60,14 @@ def classification_eval(
             batch.get("token_type_ids"),
         ).astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
+        pred = jnp.argmax(logits, -1)
+        correct = (pred == batch["label"]) & mask
         return {
             "correct": jnp.sum(correct),
             "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
             "count": jnp.sum(mask),
+            "probs": jax.nn.softmax(logits, -1),
+            "pred": pred,
         }
 
     return eval_fn

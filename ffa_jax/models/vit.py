@@ -461,18 +461,22 @@ def image_classification_eval(
 ) -> Callable[[PyTree, dict[str, jax.Array], jax.Array], dict]:
     """Jitted ``eval_fn(params, batch, mask) -> {"correct", "loss_sum", "count"}`` sums over
     the real examples of a batch (``pixel_values`` uint8 ``[B, H, W, C]``, ``label`` ``[B]``,
-    ``mask`` bool ``[B]``). LoRA nodes are merged first."""
+    ``mask`` bool ``[B]``), plus per-row ``"probs"`` ``[B, C]`` (softmax) and ``"pred"``
+    ``[B]`` (argmax) for the balanced metrics. LoRA nodes are merged first."""
 
     @jax.jit
     def eval_fn(params, batch, mask):
         x = normalise(batch["pixel_values"], image_mean, image_std)
         logits = module.apply({"params": lora.merge(params)}, x).astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
+        pred = jnp.argmax(logits, -1)
+        correct = (pred == batch["label"]) & mask
         return {
             "correct": jnp.sum(correct),
             "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
             "count": jnp.sum(mask),
+            "probs": jax.nn.softmax(logits, -1),
+            "pred": pred,
         }
 
     return eval_fn

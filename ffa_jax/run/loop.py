@@ -49,6 +49,7 @@ from ffa_jax.run.rundir import (
 from ffa_jax.run.setup import (
     build_round,
     evaluate,
+    evaluate_splits,
     init_server_state,
     noise_note,
     prepare,
@@ -160,7 +161,11 @@ def train(
     if cfg.eval.baseline and not any(h["round"] == 0 for h in history):
         # The pretrained model (B = 0, so the LoRA tree computes the base model), as round 0.
         t0 = time.time()
-        record = {"round": 0, **evaluate(prep, prep.params), "seconds": time.time() - t0}
+        record = {
+            "round": 0,
+            **evaluate_splits(prep, prep.params, test=True),
+            "seconds": time.time() - t0,
+        }
         history.append(record)
         mlog.write(record)
         log(f"round 0 (pretrained model): {wl.metric_title} {record[wl.metric]:.4f}")
@@ -179,6 +184,9 @@ def train(
         )
         rounds = bar
     last_saved = start if restored is not None else None
+    # The validation-selected round (eval.select_metric, earliest on ties) and its trainable
+    # tree (host arrays, the size of the adapter): its test metrics are read once at the end.
+    selector = RoundSelector(f"val_{cfg.eval.select_metric}", history)
     with (
         ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
         if primary
@@ -204,11 +212,14 @@ def train(
                 **round_bytes(prep, r, inp.slots),
             )
             is_last = r + 1 == cfg.federated.rounds
-            if is_last or (cfg.eval.every and (r + 1) % cfg.eval.every == 0):
-                record.update(evaluate(prep, modes.model_params(state, prep.frozen)))
-                if modes.spec(cfg.lora.mode).client_state is not None:
-                    record["eval_clients"] = personal_metrics(prep, state)
+            # The validation split (if any) every round; the test split after the last round
+            # and every eval.every rounds.
+            test = is_last or bool(cfg.eval.every and (r + 1) % cfg.eval.every == 0)
+            record.update(evaluate_splits(prep, modes.model_params(state, prep.frozen), test=test))
+            if test and modes.spec(cfg.lora.mode).client_state is not None:
+                record["eval_clients"] = personal_metrics(prep, state)
             record["seconds"] = time.time() - t0
+            selector.offer(record, state)
             history.append(record)
             mlog.write(record)
             if is_last or (cfg.checkpoint.every and (r + 1) % cfg.checkpoint.every == 0):
@@ -232,6 +243,10 @@ def train(
         bar.close()
 
     final_params = modes.model_params(state, prep.frozen)
+    # The selected round's state (the mode's extra state included) is read on test once.
+    selected = selector.summary(
+        history, lambda st: evaluate(prep, modes.model_params(st, prep.frozen))
+    )
     if primary and modes.spec(cfg.lora.mode).peft:
         # Fed-SB's r x r matrix folded into B: a plain LoRA adapter (W0 + s B A).
         save_adapter(
@@ -254,6 +269,7 @@ def train(
         "noise": noise_note(cfg),
         # What perf.* "auto" became on this machine (speed only; see ffa_jax.perf).
         "perf_resolved": prep.perf.as_dict(),
+        **selected,
     }
     if primary:
         write_reports(out, cfg, prep, history, summary)
@@ -290,6 +306,44 @@ def personal_metrics(prep, state) -> list[float]:
         float(evaluate(prep, modes.personal_params(state, prep.frozen, k))[metric])
         for k in range(len(prep.client_indices))
     ]
+
+
+class RoundSelector:
+    """Keeps the round with the best validation ``key`` (e.g. ``val_balanced_accuracy``;
+    higher is better, the earliest round wins ties; round 0, the pretrained model, is not a
+    candidate) and what the loop offers with it (the server state), so that the selected
+    round's model is read on the test split once, at the end. Runs without a validation split
+    select nothing."""
+
+    def __init__(self, key: str, history: list[dict[str, Any]]):
+        self.key = key
+        self.round, self.score, self.tree = None, -math.inf, None
+        # A resumed run: rounds before the restart compete, but their trees are gone.
+        for h in history:
+            self.offer(h, None)
+
+    def offer(self, record: dict[str, Any], tree) -> None:
+        score = record.get(self.key)
+        if record["round"] >= 1 and score is not None and score > self.score:
+            self.round, self.score, self.tree = record["round"], float(score), tree
+
+    def summary(self, history: list[dict[str, Any]], evaluate_tree) -> dict[str, Any]:
+        """``selected_round``, ``selected_<key>`` and ``selected_test_*`` (the test metrics
+        of the selected round's model: the last record's when it is the last round, else one
+        evaluation of the kept tree); ``{}`` without a validation split."""
+        if self.round is None:
+            return {}
+        out: dict[str, Any] = {"selected_round": self.round, f"selected_{self.key}": self.score}
+        last = history[-1]
+        if self.round == last["round"]:
+            test = {k: v for k, v in last.items() if k.startswith("eval_") and k != "eval_splits"}
+        elif self.tree is not None:
+            test = evaluate_tree(self.tree)
+        else:
+            out["selected_note"] = "selected before a resume: its model was not kept"
+            return out
+        out.update({"selected_test_" + k.removeprefix("eval_"): v for k, v in test.items()})
+        return out
 
 
 def silent(*args, **kwargs) -> None:

@@ -16,7 +16,8 @@ from ffa_jax import distributed, lora, workloads, xla_options
 from ffa_jax import perf as perf_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.data import partition
-from ffa_jax.data.clients import partition_clients
+from ffa_jax.data.clients import client_splits
+from ffa_jax.errors import ConfigError
 from ffa_jax.federated import modes
 from ffa_jax.federated.client import make_client_optimizer, make_client_update
 from ffa_jax.federated.round import (
@@ -84,6 +85,10 @@ class Prepared:
     secret: int = dataclasses.field(repr=False, compare=False)
     # What perf.* "auto" resolved to (``cfg`` above already holds these integers).
     perf: perf_lib.ResolvedPerf | None = None
+    # ``[N_val]`` indices of train_arrays held out as the validation split (data.validation_fraction;
+    # empty: none) and its evaluator (``evaluate(params) -> {"val_*": ...}``, None: none).
+    validation_indices: np.ndarray | None = None
+    evaluate_validation: Any = None
 
 
 def root_key(cfg: RunConfig) -> jax.Array:
@@ -134,7 +139,18 @@ def prepare(
     wl = workloads.load(cfg, head_key=jax.random.fold_in(key, KEY_HEAD))
     for note in wl.notes:
         log(note)
-    parts = partition_clients(cfg, wl.train_labels, wl.num_labels)
+    splits = client_splits(cfg, wl.train_labels, wl.num_labels)
+    parts = splits.train
+    evaluate_validation = None
+    if len(splits.validation):
+        if wl.split_evaluator is None:
+            raise ConfigError(
+                f"data.validation_fraction={cfg.data.validation_fraction}: the {wl.family} "
+                "workload has no validation evaluator; use data.validation_fraction=0."
+            )
+        evaluate_validation = wl.split_evaluator(
+            {name: a[splits.validation] for name, a in wl.train_arrays.items()}
+        )
     sizes = np.array([len(p) for p in parts])
     table = partition.partition_table(wl.train_labels, parts, wl.label_names)
 
@@ -176,6 +192,8 @@ def prepare(
         target_paths=lora.target_paths(wl.base_params, cfg.lora.targets),
         secret=secret,
         perf=resolved,
+        validation_indices=splits.validation,
+        evaluate_validation=evaluate_validation,
     )
 
 
@@ -352,6 +370,24 @@ def evaluate(prep: Prepared, params: PyTree) -> dict[str, Any]:
     """The workload's test metrics (``eval_*`` keys, e.g. ``eval_accuracy`` or
     ``eval_exact_match``) of ``params`` (a tree that may hold LoRA nodes)."""
     return prep.workload.evaluate(params)
+
+
+def evaluate_splits(prep: Prepared, params: PyTree, *, test: bool) -> dict[str, Any]:
+    """The evaluations of one metrics line: the validation split's ``val_*`` metrics (when the
+    run has one), the test split's ``eval_*`` metrics when ``test``, and ``eval_splits``
+    naming the splits evaluated (``["validation", "test"]``, ``["test"]``, ...); ``{}`` when
+    there is nothing to evaluate."""
+    out: dict[str, Any] = {}
+    splits = []
+    if prep.evaluate_validation is not None:
+        out.update(prep.evaluate_validation(params))
+        splits.append("validation")
+    if test:
+        out.update(evaluate(prep, params))
+        splits.append("test")
+    if splits:
+        out["eval_splits"] = splits
+    return out
 
 
 def run_secret(cfg: RunConfig, restored: ckpt_lib.Restored | None) -> int:

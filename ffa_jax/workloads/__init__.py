@@ -76,6 +76,10 @@ class Workload:
       result_rows: ``result_rows(summary, history) -> [(name, value)]``: the task's rows of
         the result table in ``summary.md``.
       notes: human-readable remarks about the data (logged and written to ``summary.md``).
+      split_evaluator: ``split_evaluator(arrays) -> evaluate(params) -> {"val_<metric>": ...}``
+        for rows of ``train_arrays`` held out as the validation split
+        (``data.validation_fraction``); ``None`` where the family has none (then a
+        validation split is refused by its ``check``).
     """
 
     family: str
@@ -95,6 +99,9 @@ class Workload:
     summary_fields: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
     result_rows: Callable[[dict[str, Any], Sequence[dict[str, Any]]], list[tuple[str, str]]]
     notes: tuple[str, ...] = ()
+    split_evaluator: (
+        Callable[[dict[str, np.ndarray]], Callable[[PyTree], dict[str, Any]]] | None
+    ) = None
 
     @property
     def num_labels(self) -> int:
@@ -130,20 +137,35 @@ def balanced_eval_batch(num_examples: int, max_batch_size: int) -> int:
 
 def evaluate_arrays(
     eval_fn: Callable, params: PyTree, arrays: dict[str, np.ndarray], batch_size: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """``{"accuracy", "loss"}`` of a classifier over a whole set in fixed-size batches
     (``batch_size`` rows, the last padded and masked): ``eval_fn(params, batch, mask)``
     returns the batch's ``correct``, ``loss_sum`` and ``count``; loss is the mean per
-    example."""
+    example. When ``eval_fn`` also returns per-row ``probs`` ``[B, C]`` and ``pred`` ``[B]``,
+    the result also holds ``balanced_accuracy``, ``macro_f1``, ``recall_per_class`` and, for
+    two classes, ``auc`` (:func:`ffa_jax.workloads.metrics.classification_metrics`)."""
     from ffa_jax.data import batching
+    from ffa_jax.workloads.metrics import classification_metrics
 
     totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+    probs, preds, labels = [], [], []
     for batch, mask in batching.eval_batches(arrays, batch_size):
         out = eval_fn(params, batch, mask)
         for k in totals:
             totals[k] += float(out[k])
+        if "probs" in out:
+            probs.append(np.asarray(out["probs"])[mask])
+            preds.append(np.asarray(out["pred"])[mask])
+            labels.append(np.asarray(batch["label"])[mask])
     n = max(totals["count"], 1.0)
-    return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n}
+    res: dict[str, Any] = {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n}
+    if probs:
+        m = classification_metrics(
+            np.concatenate(labels), np.concatenate(probs), np.concatenate(preds)
+        )
+        m.pop("accuracy")  # the same number, summed on device above
+        res.update(m)
+    return res
 
 
 def classification_evaluator(
@@ -151,11 +173,19 @@ def classification_evaluator(
     test_arrays: dict[str, np.ndarray],
     batch_size: int,
     compiler_options: dict[str, str] | None = None,
-) -> Callable[[Any], dict[str, float]]:
-    """``evaluate(params) -> {"eval_accuracy", "eval_loss"}`` over ``test_arrays`` in batches
-    of at most ``batch_size`` (:func:`balanced_eval_batch`), for classifiers whose
+    *,
+    prefix: str = "eval",
+) -> Callable[[Any], dict[str, Any]]:
+    """``evaluate(params) -> {"<prefix>_accuracy", "<prefix>_loss", ...}`` over ``test_arrays``
+    in batches of at most ``batch_size`` (:func:`balanced_eval_batch`), for classifiers whose
     ``eval_fn(params, batch, mask)`` returns the batch's ``correct``, ``loss_sum`` and
-    ``count`` (masked padding excluded).
+    ``count`` (masked padding excluded) and may return per-row ``probs`` ``[B, C]`` and
+    ``pred`` ``[B]``: then the result also holds ``<prefix>_balanced_accuracy``,
+    ``<prefix>_macro_f1``, ``<prefix>_recall_per_class`` (a list) and, for two classes,
+    ``<prefix>_auc`` (:func:`ffa_jax.workloads.metrics.classification_metrics`).
+
+    ``prefix``: ``eval`` for the test split (the historical key names), ``val`` for the
+    validation split carved from the clients' training data (``data.validation_fraction``).
 
     Every batch has one shape (the last is padded and masked), so ``eval_fn`` compiles once
     per process (and is loaded from the persistent compilation cache after that, see
@@ -166,11 +196,22 @@ def classification_evaluator(
     # jax takes compile options on the outermost jit; the inner jit is inlined into it.
     fn = jax.jit(eval_fn, compiler_options=compiler_options) if compiler_options else eval_fn
 
-    def evaluate(params) -> dict[str, float]:
+    def evaluate(params) -> dict[str, Any]:
         r = evaluate_arrays(fn, params, test_arrays, size)
-        return {"eval_accuracy": r["accuracy"], "eval_loss": r["loss"]}
+        return {f"{prefix}_{k}": v for k, v in r.items()}
 
     return evaluate
+
+
+def classification_summary(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The balanced test metrics of the last evaluation in ``history`` (the summary's
+    ``test_balanced_accuracy``, ``test_macro_f1``, ``test_auc``; absent keys are left out)."""
+    last = history[-1]
+    return {
+        f"test_{k}": last[f"eval_{k}"]
+        for k in ("balanced_accuracy", "macro_f1", "auc")
+        if f"eval_{k}" in last
+    }
 
 
 def _encoder_model_types() -> tuple[str, ...]:

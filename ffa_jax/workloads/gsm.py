@@ -183,6 +183,11 @@ def check(cfg: RunConfig) -> None:
         )
     if cfg.model.max_length < 2:
         raise ConfigError(f"model.max_length={cfg.model.max_length} must be >= 2 for a decoder.")
+    if cfg.data.validation_fraction:
+        raise ConfigError(
+            f"data.validation_fraction={cfg.data.validation_fraction}: GSM runs have no "
+            "validation evaluator (exact match needs generation); use data.validation_fraction=0."
+        )
 
 
 def _prompt_arrays(prompts: Sequence[Sequence[int]], length: int, pad: int) -> dict:

