@@ -197,7 +197,10 @@ def cmd_plan(args) -> int:
         backend=args.backend,
         exact=args.exact,
     )
-    print(json.dumps(plan.as_dict(), indent=2) if args.json else memplan.describe(plan))
+    if args.json:
+        _emit(args, plan.as_dict())
+    else:
+        print(memplan.describe(plan))
     return 0 if plan.fits else 1
 
 
@@ -733,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile at the model's full depth instead of extrapolating 1- and 2-layer compiles",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json_arg(p, "the plan")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="time DP vs non-DP, FFA vs LoRA client updates and a round")

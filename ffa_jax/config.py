@@ -72,6 +72,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.unit": PRIVACY_UNITS,
     "privacy.mechanism": NOISE_MECHANISMS,
     "perf.cpu_library_fusion": CPU_LIBRARY_FUSIONS,
+    "eval.select_metric": SELECT_METRICS,
 }
 
 

@@ -42,6 +42,21 @@ from flwr.serverapp import Grid  # noqa: E402
 
 from ffa_jax.flower import app as app_lib  # noqa: E402
 from ffa_jax.flower import client_app, server_app  # noqa: E402
+
+
+@pytest.fixture
+def short_tmp():
+    """A short folder under /tmp for a deployment's work dir: a node's state-dir holds the
+    node worker's Unix socket, whose path is limited to ~100 bytes, and pytest's tmp_path
+    (longer still under pytest-xdist) can exceed it."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="ffa-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 from ffa_jax.flower.core import PUBLIC_METRICS, ClientNode, ClientPrivacy  # noqa: E402
 from ffa_jax.flower.records import to_record  # noqa: E402
 
@@ -745,7 +760,7 @@ def _wait_for_rows(run: Path, n: int, fed, run_id: int, timeout: float = 600.0) 
 
 
 @pytest.mark.slow
-def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
+def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path, short_tmp):
     """SuperLink + 3 SuperNodes as processes on 127.0.0.1, `flwr run`, 2 rounds of MiniLM;
     `flwr stop` during round 2, then `flwr run ... --run-config resume=true` finishes it."""
     import psutil
@@ -770,7 +785,7 @@ def test_flower_deployment_on_loopback_equals_the_simulation(tmp_path):
         )
         == 0
     )
-    fed = LocalFederation(tmp_path / "work", 3, node_config="allow-non-private=true")
+    fed = LocalFederation(short_tmp / "work", 3, node_config="allow-non-private=true")
     with fed:
         stopped = fed.submit(tmp_path / "app")
         _wait_for_rows(out / "flower", 1, fed, stopped)
@@ -860,7 +875,7 @@ E2E_CLIENT_LEVEL = [
 
 
 @pytest.mark.slow
-def test_flower_deployment_client_level_dp_2_of_4_equals_the_simulation(tmp_path):
+def test_flower_deployment_client_level_dp_2_of_4_equals_the_simulation(tmp_path, short_tmp):
     """SuperLink + 4 SuperNodes on 127.0.0.1, 2 sampled per round by the server, client-level
     DP noised on the server, 6 rounds, models kept loaded in node workers: the simulation's
     numbers, and every worker's memory flat from round to round (measured)."""
@@ -873,7 +888,7 @@ def test_flower_deployment_client_level_dp_2_of_4_equals_the_simulation(tmp_path
     app = [str(tmp_path / "app"), *_sets(E2E_CLIENT_LEVEL)]
     assert cli.main(["flower", "app", *app, "--set", f"output_dir={out}", "--set", "name=fl"]) == 0
     t0 = time.monotonic()
-    fed = LocalFederation(tmp_path / "w", 4, node_config="allow-non-private=true")
+    fed = LocalFederation(short_tmp / "w", 4, node_config="allow-non-private=true")
     with fed:
         run_id = fed.submit(tmp_path / "app")
         try:
