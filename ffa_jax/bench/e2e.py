@@ -213,7 +213,7 @@ def _children(pid: int) -> list[int]:
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 out += [int(x) for x in f.read().split()]
     except OSError:
-        pass
+        pass  # the process exited while being listed: it has no children left to count
     return out
 
 
