@@ -40,8 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 from ffa_jax import checkpoint as ckpt_lib
 from ffa_jax import lora
 from ffa_jax.errors import CheckpointError, ConfigError, FederationError
-from ffa_jax.fileio import atomic_write_text
-from ffa_jax.fileio import json_safe as _json_safe
+from ffa_jax.fileio import atomic_write_text, json_safe
 from ffa_jax.flower import wire
 from ffa_jax.flower.app import (
     NODE_TIMEOUT_KEY,
@@ -53,8 +52,8 @@ from ffa_jax.flower.app import (
 )
 from ffa_jax.flower.core import ServerRun
 from ffa_jax.flower.records import from_record, serialized_bytes, to_record
-from ffa_jax.run import metric_line as _metric_line
 from ffa_jax.run import (
+    metric_line,
     noise_note,
     resume,
     run_dir,
@@ -279,7 +278,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
         history, start = restored.history, restored.round
         # The checkpoint's history is the truth: later lines are dropped and recomputed.
         atomic_write_text(
-            out / METRICS_FILE, "".join(_metric_line(h) for h in history), mode=FILE_MODE
+            out / METRICS_FILE, "".join(metric_line(h) for h in history), mode=FILE_MODE
         )
         log(f"ffa_jax server: resuming {out} at round {start} of {cfg.federated.rounds}")
     wl = server.prep.workload
@@ -387,7 +386,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], log=print) -> dict[str, A
         head_pattern=wl.head_pattern,  # a train_head run keeps its trained head
     )
     last = history[-1]
-    summary = _json_safe(
+    summary = json_safe(
         {
             "run_dir": str(out),
             "runtime": "flower",
