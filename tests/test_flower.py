@@ -288,10 +288,11 @@ def _nodes(k=3, ids=None, consent=True):
 def test_apps_in_process_equal_the_simulation(tiny):
     base, model = tiny
     diag = "flower.send_diagnostics=true"
-    cfg = _tiny_cfg(base, model, "loop", diag)
+    val = "data.validation_fraction=0.25"  # validation metrics every round, as the simulation's
+    cfg = _tiny_cfg(base, model, "loop", diag, val)
     grid = LoopGrid(app_lib.run_config(cfg), _nodes())
     summary = server_app.run_server(grid, grid.run_config, log=lambda *a: None)
-    sim_cfg = _tiny_cfg(base, model, "loop-sim", diag)
+    sim_cfg = _tiny_cfg(base, model, "loop-sim", diag, val)
     sim = train_lib.train(sim_cfg, progress=False, log=lambda *a: None)
 
     fl_rows, sim_rows = _rows(base / "runs" / "loop"), _rows(base / "runs" / "loop-sim")
@@ -306,6 +307,10 @@ def test_apps_in_process_equal_the_simulation(tiny):
         assert fd["train_loss"] == pytest.approx(sd["train_loss"], rel=1e-5)
         assert fd["examples"] == sd["examples"]
         assert ("eval_accuracy" in f) == ("eval_accuracy" in s)
+        assert f["eval_splits"] == s["eval_splits"]
+        assert "val_balanced_accuracy" in f
+        for k in ("val_accuracy", "val_balanced_accuracy", "val_loss"):
+            assert f[k] == pytest.approx(s[k], rel=1e-5, abs=1e-6)
     assert summary["test_accuracy"] == pytest.approx(sim["test_accuracy"], abs=1e-9)
     fl = load_file(str(base / "runs" / "loop" / "adapter.safetensors"))
     sm = load_file(str(base / "runs" / "loop-sim" / "adapter.safetensors"))

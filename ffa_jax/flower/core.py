@@ -55,7 +55,7 @@ from ffa_jax.run import (
     build_client_update,
     client_batches,
     client_weights,
-    evaluate,
+    evaluate_splits,
     noise_note,
     planner,
     prepare,
@@ -511,7 +511,9 @@ class ServerRun:
         if diag:
             record["diagnostics"] = diag
         is_last = round_idx + 1 == cfg.federated.rounds
-        if is_last or (cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0):
-            params = lora.combine(self.state.trainable, self.prep.frozen)
-            record.update(evaluate(self.prep, params))
+        # As the simulation's metrics lines: the validation split (if any) every round, the
+        # test split after the last round and every eval.every rounds.
+        test = is_last or bool(cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0)
+        params = lora.combine(self.state.trainable, self.prep.frozen)
+        record.update(evaluate_splits(self.prep, params, test=test))
         return record
