@@ -896,7 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guesses",
         type=int,
         default=None,
-        help="r guesses, half 'in' and half 'out' (default min(100, m))",
+        help="r < m guesses, half 'in' and half 'out' (default min(100, m - 1))",
     )
     p.add_argument(
         "--confidence", type=float, default=0.95, help="of the lower bound (default 0.95)"

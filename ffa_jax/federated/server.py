@@ -22,7 +22,6 @@ from ffa_jax.config import ServerConfig
 # Client-level DP aggregation lives in ffa_jax.privacy; re-exported for existing callers.
 from ffa_jax.privacy.aggregation import (  # noqa: F401
     banded_mf_aggregate,
-    clip_updates,
     dp_fedavg_aggregate,
 )
 from ffa_jax.types import PyTree

@@ -10,9 +10,9 @@ Two privacy units (``privacy.unit``):
   client (add/remove; replace-one for fixed-size client sampling); the server is trusted with
   the clipped updates and adds the noise.
 
-:mod:`ledger` records what a run spent as dp-accounting DpEvents (PLD and RDP), :mod:`planner`
-calibrates and plans a run, :mod:`audit` gives empirical epsilon lower bounds and
-:mod:`audit_run` audits a whole training run with canaries (``ffa-jax audit``).
+:mod:`ledger` records what a run spent as dp-accounting DpEvents (PLD and RDP) and
+:mod:`audit` scores canaries into empirical epsilon lower bounds (``jax_privacy.auditing``);
+the planner and the audit of a whole run live in :mod:`ffa_jax.run`.
 """
 
 from ffa_jax.privacy.accounting import (

@@ -2,7 +2,7 @@
 
 Accounting is event based and stateless: the privacy spent by a client after ``t`` local DP-SGD
 steps is a pure function of ``(noise_multiplier, sampling_rate, t, delta)``, computed by
-``dp_accounting`` from the event
+``jax_privacy.accounting.DpsgdTrainingAccountant`` (on ``dp_accounting``) from the event
 
     SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), t).
 
@@ -38,13 +38,12 @@ Measured costs (2 CPU cores, dp-accounting 0.6.0, q = 0.05, delta = 1e-5):
   of 1e-4 costs 0.02-1.2 s and changes epsilon by at most 0.1% in this range).
 * ``epsilon_curve``: RDP pays one accountant call, then ~0.2 ms per round; PLD composes the
   per-round PLD incrementally, ~5-10 ms per round (100 rounds ~1 s).
-* ``calibrate_noise_multiplier``: RDP 0.3-0.9 s, PLD 0.4-2.1 s (q 0.01..0.5, epsilon 1..8,
-  50..10,000 steps); cached per argument tuple.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -54,8 +53,10 @@ from typing import NamedTuple
 
 import dp_accounting
 import numpy as np
+import scipy.stats
 from dp_accounting.pld import privacy_loss_distribution
 from dp_accounting.rdp import rdp_privacy_accountant
+from jax_privacy import accounting as jp_accounting
 
 from ffa_jax.errors import ConfigError
 
@@ -188,18 +189,7 @@ def _check_truncation(truncation: Truncation | None, q: float) -> Truncation | N
 def overflow_probability(dataset_size: int, sampling_rate: float, max_batch_size: int) -> float:
     """P(Binomial(dataset_size, q) > max_batch_size): one step's chance of truncation."""
     n, q, b = int(dataset_size), float(sampling_rate), int(max_batch_size)
-    if b >= n:
-        return 0.0
-    # Upper tail summed in log space from b+1 upwards (terms decay fast past the mean).
-    k = np.arange(b + 1, n + 1)
-    logpmf = (
-        np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in k])
-        + k * math.log(q)
-        + (n - k) * math.log1p(-q)
-        if 0 < q < 1
-        else np.where(k == (n if q >= 1 else 0), 0.0, -np.inf)
-    )
-    return float(min(1.0, np.exp(logpmf).sum()))
+    return 0.0 if b >= n else float(scipy.stats.binom.sf(b, n, q))
 
 
 def total_overflow(truncation: Truncation, sampling_rate: float, steps: int) -> float:
@@ -300,47 +290,76 @@ def dp_sgd_event(
     )
 
 
+def accountant_config(accountant: str = "pld") -> jp_accounting.DpAccountantConfig:
+    """jax-privacy's accountant configuration as ffa_jax uses it: PLD with discretisation
+    ``PLD_VALUE_DISCRETIZATION`` (tight) or RDP at ``RDP_ORDERS`` (an upper bound of PLD's
+    epsilon), both under add/remove one unit."""
+    _check_accountant(accountant)
+    if accountant == "pld":
+        return jp_accounting.PldAccountantConfig(
+            value_discretization_interval=PLD_VALUE_DISCRETIZATION
+        )
+    return jp_accounting.RdpAccountantConfig(orders=RDP_ORDERS)
+
+
 def make_accountant(
     accountant: str = "pld",
     neighboring_relation: dp_accounting.NeighboringRelation = (
         dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     ),
 ) -> dp_accounting.PrivacyAccountant:
-    """A fresh dp-accounting accountant configured as every function of this module uses it.
-
-    Args:
-        accountant: ``"pld"`` (tight; discretisation ``PLD_VALUE_DISCRETIZATION``) or
-            ``"rdp"`` (an upper bound of PLD's epsilon; orders ``RDP_ORDERS``).
-        neighboring_relation: add/remove one unit (default; Poisson sampling) or
-            ``REPLACE_ONE`` (sampling without replacement, RDP only).
-
-    Returns:
-        An empty ``dp_accounting.PrivacyAccountant``.
-    """
-    _check_accountant(accountant)
-    if accountant == "pld":
-        return dp_accounting.pld.PLDAccountant(
-            neighboring_relation, value_discretization_interval=PLD_VALUE_DISCRETIZATION
-        )
+    """A fresh dp-accounting accountant: :func:`accountant_config`'s, or RDP at ``RDP_ORDERS``
+    under ``REPLACE_ONE`` (fixed-size client sampling: jax-privacy's configurations are
+    add/remove only, and dp-accounting's PLD has no event for it, refused by the callers)."""
+    if neighboring_relation == dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE:
+        return accountant_config(accountant).create_accountant()
     return dp_accounting.rdp.RdpAccountant(RDP_ORDERS, neighboring_relation)
+
+
+def dp_params(
+    sigma: float, q: float, delta: float, truncation: Truncation | None, accountant: str
+) -> jp_accounting.DpParams:
+    """jax-privacy's ``DpParams`` of DP-SGD: Poisson rate q, noise multiplier ``sigma`` and,
+    under PLD only (RDP puts truncation into delta), truncation to ``max_batch_size``.
+
+    The library takes q as ``batch_size / num_samples`` (integers): with a truncation, the
+    client's n and q = b / n (to 1e-9, callers may round q); without one only the ratio
+    enters, and ``q.as_integer_ratio()`` gives the same q bit for bit.
+    """
+    if truncation is None:
+        batch, n = float(q).as_integer_ratio()
+    else:
+        n = truncation.dataset_size
+        batch = round(q * n)
+        if not math.isclose(batch / n, q, rel_tol=1e-9):
+            raise ConfigError(
+                f"sampling_rate={q!r} is not a batch size over the client's "
+                f"{n} examples (truncation.dataset_size): truncated Poisson sampling "
+                "accounts q = b / n."
+            )
+    return jp_accounting.DpParams(
+        noise_multipliers=sigma,
+        num_samples=n,
+        delta=delta,
+        batch_size=batch,
+        truncated_batch_size=(
+            truncation.max_batch_size if truncation is not None and accountant == "pld" else None
+        ),
+    )
 
 
 def _epsilon(
     sigma: float, q: float, steps: int, delta: float, accountant: str, truncation=None
 ) -> float:
+    """Epsilon of ``steps`` DP-SGD steps from ``jax_privacy.accounting.DpsgdTrainingAccountant``
+    (which composes dp-accounting's Poisson-sampled, or truncated, Gaussian event)."""
     if steps == 0:
         return 0.0
     if sigma == 0.0:
         return math.inf
     with _quiet_rdp():
-        if truncation is not None and accountant == "pld":
-            event = dp_accounting.SelfComposedDpEvent(
-                _step_event(sigma, q, truncation, "pld"), steps
-            )
-        else:
-            event = dp_sgd_event(sigma, q, steps)
-        acc = make_accountant(accountant).compose(event)
-        return float(acc.get_epsilon(delta))
+        acc = jp_accounting.DpsgdTrainingAccountant(accountant_config(accountant))
+        return float(acc.compute_epsilon(steps, dp_params(sigma, q, delta, truncation, accountant)))
 
 
 def epsilon_spent(
@@ -479,6 +498,21 @@ def _sig(x: float, digits: int = 12) -> float:
     return float(f"{x:.{digits}g}")
 
 
+class _MemoAccountant(jp_accounting.DpsgdTrainingAccountant):
+    """jax-privacy's DP-SGD accountant remembering each sigma's epsilon: the bracket search
+    and the library's root finder share the costly PLD evaluations."""
+
+    def __init__(self, config: jp_accounting.DpAccountantConfig):
+        super().__init__(config)
+        self.seen: dict[float, float] = {}
+
+    def _compute_epsilon(self, num_updates, dp_params):
+        sigma = float(dp_params.noise_multipliers)
+        if sigma not in self.seen:
+            self.seen[sigma] = float(super()._compute_epsilon(num_updates, dp_params))
+        return self.seen[sigma]
+
+
 def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,
@@ -489,17 +523,12 @@ def calibrate_noise_multiplier(
 ) -> float:
     """Smallest noise multiplier whose epsilon after ``steps`` steps is at most the target.
 
-    The search brackets the root with cheap RDP evaluations (RDP's conversion is looser than
-    PLD's, so the RDP sigma is an upper end for PLD; this is checked, not assumed), then runs
-    ``dp_accounting.calibrate_dp_mechanism`` (Brent) on that bracket with a parameter
-    tolerance of 1e-4 x sigma, tightened until the result spends at least
-    ``(1 - CALIBRATION_RTOL) * target_epsilon``. Results are cached on the arguments rounded
-    to 12 significant digits.
-
-    Measured cost, uncached (2 CPU cores, delta = 1e-5, q in {0.01, 0.05, 0.2, 0.5},
-    epsilon 1..8, 50..10,000 steps): RDP 0.3-0.9 s; PLD 0.4-2.1 s including its RDP bracket;
-    the achieved epsilon was >= 0.9995 x target in every case. A cache hit takes ~30 us.
-    Degenerate inputs (q x steps <~ delta) can take ~5 s for PLD and warn (see below).
+    ``jax_privacy.accounting.calibrate_noise_multiplier`` (Brent's method, returning a sigma
+    whose epsilon is at most the target) runs on a bracket found here, with a tolerance of
+    1e-4 x its lower end: RDP doubles/halves from 1; PLD starts from the RDP sigma (RDP's
+    conversion is looser than PLD's: checked, not assumed) and PLD with truncation from the
+    untruncated PLD sigma (truncation only adds epsilon), so few costly PLD evaluations are
+    needed. Results are cached on the arguments rounded to 12 significant digits.
 
     Args:
         target_epsilon: privacy budget epsilon, > 0.
@@ -507,6 +536,7 @@ def calibrate_noise_multiplier(
         sampling_rate: q = client batch size / client examples, in (0, 1].
         steps: total local steps of one client over the whole run, >= 1.
         accountant: one of ``ACCOUNTANTS``; use the same one for ``epsilon_spent``.
+        truncation: as for :func:`epsilon_spent` (PLD calibrates the truncated event).
 
     Returns:
         sigma as a Python float, with
@@ -514,7 +544,7 @@ def calibrate_noise_multiplier(
         for the same accountant.
 
     Raises:
-        ConfigError: on an out-of-range argument, or if no sigma <= 2^30 reaches the target.
+        ConfigError: on an out-of-range argument, or if no sigma in reach meets the target.
 
     Warns:
         UserWarning: when the target is met by every sigma the search can reach (only if the
@@ -523,8 +553,9 @@ def calibrate_noise_multiplier(
 
     Formal guarantee:
         Training a client for ``steps`` DP-SGD steps with this sigma (clipping norm C, noise
-        N(0, (sigma C)^2) on the clipped sum, Poisson rate q) is sample-level
-        (target_epsilon, delta)-DP per client under add/remove-one neighbouring datasets.
+        N(0, (sigma C)^2) on the clipped sum, Poisson rate q, truncated as ``truncation``
+        says) is sample-level (target_epsilon, delta)-DP per client under add/remove-one
+        neighbouring datasets.
     """
     eps = _check_epsilon(target_epsilon)
     delta = _check_delta(delta)
@@ -532,80 +563,52 @@ def calibrate_noise_multiplier(
     steps = _check_steps(steps, minimum=1)
     _check_accountant(accountant)
     truncation = _check_truncation(truncation, q)
-    sigma = _calibrate_cached(_sig(eps), _sig(delta), _sig(q), steps, accountant)
-    if truncation is None or accountant != "pld":
-        return sigma
-    return _calibrate_truncated(_sig(eps), _sig(delta), _sig(q), steps, truncation, sigma)
+    if accountant != "pld":
+        truncation = None  # RDP accounts the truncation in delta, not in sigma
+    return _calibrate_cached(_sig(eps), _sig(delta), _sig(q), steps, accountant, truncation)
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrate_truncated(
-    eps: float, delta: float, q: float, steps: int, truncation: Truncation, sigma0: float
+def _calibrate_cached(
+    eps: float,
+    delta: float,
+    q: float,
+    steps: int,
+    accountant: str,
+    truncation: Truncation | None = None,
 ) -> float:
-    """Refines the Poisson sigma for truncated Poisson sampling (PLD). Truncation changes
-    epsilon by a fraction of a percent, so a short bisection around ``sigma0`` suffices."""
-
-    def eps_at(s):
-        return _epsilon(s, q, steps, delta, "pld", truncation)
-
-    lo, hi = sigma0, sigma0
-    if eps_at(sigma0) <= eps:
-        while eps_at(lo * 0.99) <= eps and lo > sigma0 * 0.5:
-            lo *= 0.99
-        hi, lo = lo, lo * 0.99
-    else:
-        while eps_at(hi) > eps:
-            lo, hi = hi, hi * 1.01
-            if hi > sigma0 * 2:
-                raise ConfigError(
-                    f"privacy.epsilon={eps}: no noise multiplier near {sigma0:.4g} meets the "
-                    f"target under truncated Poisson sampling (n={truncation.dataset_size}, "
-                    f"B_max={truncation.max_batch_size}); increase the physical batch size."
-                )
-    for _ in range(7):  # 1% bracket / 2^7: relative tolerance ~8e-5 in sigma
-        mid = 0.5 * (lo + hi)
-        if eps_at(mid) <= eps:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-@functools.lru_cache(maxsize=256)
-def _calibrate_cached(eps: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    seen: dict[float, float] = {}
+    acc = _MemoAccountant(accountant_config(accountant))
+    params = dp_params(1.0, q, delta, truncation, accountant)
 
     def eps_at(sigma: float) -> float:
-        if sigma not in seen:
-            seen[sigma] = _epsilon(sigma, q, steps, delta, accountant)
-        return seen[sigma]
-
-    if accountant == "rdp":
-        hi = 1.0
-        while eps_at(hi) > eps:
-            hi *= 2.0
-            if hi > 2.0**30:
-                raise ConfigError(
-                    f"privacy.epsilon={eps} cannot be reached with sigma <= 2^30 for "
-                    f"delta={delta}, q={q}, steps={steps}; raise epsilon or delta."
-                )
-    else:
-        hi = _calibrate_cached(eps, delta, q, steps, "rdp")
-        for _ in range(50):  # RDP >= PLD in theory; this guards discretisation surprises
-            if eps_at(hi) <= eps:
-                break
-            hi *= 1.1
-        else:
-            raise ConfigError(
-                f"privacy.epsilon={eps}: PLD calibration found no sigma below {hi:.3g} for "
-                f"delta={delta}, q={q}, steps={steps}; use privacy.accountant='rdp'."
+        if sigma == 0.0:
+            return math.inf
+        with _quiet_rdp():
+            return acc.compute_epsilon(
+                steps, dataclasses.replace(params, noise_multipliers=float(sigma))
             )
+
+    # (start, factor up, steps up, factor down, lowest sigma tried) of the bracket search.
+    if accountant == "rdp":
+        start, up, n_up, down, floor = 1.0, 2.0, 30, 0.5, 2.0**-20
+    else:
+        # Truncation only adds epsilon, so the untruncated sigma is a lower start.
+        start = _calibrate_cached(eps, delta, q, steps, "pld" if truncation else "rdp")
+        up, n_up, down, floor = 1.1, 50, 0.8, start / 16
+    lo = hi = start
+    for _ in range(n_up):
+        if eps_at(hi) <= eps:
+            break
+        lo, hi = hi, hi * up
+    else:
+        raise ConfigError(
+            f"privacy.epsilon={eps} cannot be reached with sigma <= {hi:.3g} for "
+            f"delta={delta}, q={q}, steps={steps} ({accountant}, truncation={truncation}); "
+            "raise epsilon or delta, or the physical batch size."
+        )
     # Walk down to a sigma that overspends. The walk is bounded because PLD construction cost
     # grows like 1/sigma^2; the bound is only reached when the chance that an example is ever
     # sampled is ~delta or less, where every sigma in reach meets the target.
-    step = 0.5 if accountant == "rdp" else 0.8
-    floor = 2.0**-20 if accountant == "rdp" else hi / 16
-    lo = prev = hi
     while eps_at(lo) <= eps:
         if lo <= floor:
             warnings.warn(
@@ -615,32 +618,27 @@ def _calibrate_cached(eps: float, delta: float, q: float, steps: int, accountant
                 stacklevel=3,
             )
             return lo
-        prev = lo
+        hi = lo
         # epsilon == 0 means delta alone covers the mechanism: skip the costly walk.
-        lo = floor if eps_at(lo) == 0.0 else max(lo * step, floor)
-    # The root lies in (lo, prev]: prev is the smallest probe that meets the target.
-    hi = prev
-
-    tol = 1e-4 * hi
+        lo = floor if eps_at(lo) == 0.0 else max(lo * down, floor)
     with _quiet_rdp():
-        for _ in range(4):
-            sigma = float(
-                dp_accounting.calibrate_dp_mechanism(
-                    lambda: make_accountant(accountant),
-                    lambda s: dp_sgd_event(s, q, steps),
-                    eps,
-                    delta,
-                    bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi),
-                    tol=tol,
-                )
-            )
-            if eps_at(sigma) >= (1 - CALIBRATION_RTOL) * eps:
-                return sigma
-            tol /= 100.0
-    # Never seen in the measured grid; the sigma is still valid (epsilon <= target).
-    warnings.warn(
-        f"calibrated sigma={sigma:.6g} spends epsilon={eps_at(sigma):.6g}, more than "
-        f"{CALIBRATION_RTOL:.0%} below privacy.epsilon={eps}; training is over-noised.",
-        stacklevel=3,
-    )
-    return sigma
+        sigma = jp_accounting.calibrate_noise_multiplier(
+            target_epsilon=eps,
+            accountant=acc,
+            batch_sizes=params.batch_size,
+            num_updates=steps,
+            num_samples=params.num_samples,
+            target_delta=delta,
+            truncated_batch_size=params.truncated_batch_size,
+            initial_max_noise=hi,
+            initial_min_noise=lo,
+            tol=1e-4 * lo,
+        )
+    if eps_at(sigma) < (1 - CALIBRATION_RTOL) * eps:
+        # Never seen in the measured grid; the sigma is still valid (epsilon <= target).
+        warnings.warn(
+            f"calibrated sigma={sigma:.6g} spends epsilon={eps_at(sigma):.6g}, more than "
+            f"{CALIBRATION_RTOL:.0%} below privacy.epsilon={eps}; training is over-noised.",
+            stacklevel=3,
+        )
+    return float(sigma)

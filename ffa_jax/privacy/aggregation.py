@@ -1,5 +1,5 @@
 """Client-level DP aggregation at the server (DP-FedAvg): per-client clipping of whole
-updates with ``jax_privacy.clipping.clip_pytree`` and noise on their sum: independent
+updates and their sum with ``jax_privacy.clipping.clipped_fun`` and noise on the sum: independent
 Gaussian from jax-privacy's Gaussian privatizer (via :mod:`ffa_jax.privacy.noise`), or
 correlated BandMF noise from its matrix-factorization privatizer
 (:mod:`ffa_jax.privacy.correlated`).
@@ -16,39 +16,10 @@ import jax
 import jax.numpy as jnp
 import jax_privacy.clipping
 
-from ffa_jax.privacy.clipping import overflow_bound, overflow_guard, per_example_norms
+from ffa_jax.privacy.clipping import guard_with_scale, overflow_bound
 from ffa_jax.privacy.correlated import BandedNoise
 from ffa_jax.privacy.noise import gaussian_noise_like
 from ffa_jax.types import PyTree
-
-
-def clip_updates(stacked: PyTree, clip_norm: jax.Array) -> tuple[PyTree, jax.Array]:
-    """Scales each client's update (leading axis K) to global L2 norm <= ``clip_norm``.
-
-    Each update goes through ``jax_privacy.clipping.clip_pytree`` (vmapped over K) after
-    :func:`ffa_jax.privacy.clipping.overflow_guard`: an update with a non-finite entry
-    becomes zeros (it would otherwise break the sensitivity bound) and a huge finite one is
-    rescaled so that its norm cannot overflow before it is clipped.
-
-    Args:
-      stacked: client updates, leaves ``[K, ...]``.
-      clip_norm: S > 0 (scalar, Python or traced).
-
-    Returns:
-      The clipped stack (same shapes and dtypes) and the norms before clipping ``[K]``
-      (float32; inf/nan for a non-finite update).
-    """
-    norms = per_example_norms(stacked)
-    one = jax.tree_util.tree_map(lambda x: x[0], stacked)
-    bound = overflow_bound(one)
-
-    def clip_one(update):
-        clipped, _ = jax_privacy.clipping.clip_pytree(
-            overflow_guard(update, bound), jnp.asarray(clip_norm, jnp.float32)
-        )
-        return jax.tree_util.tree_map(lambda c, u: c.astype(u.dtype), clipped, update)
-
-    return jax.vmap(clip_one)(stacked), norms
 
 
 def dp_fedavg_aggregate(
@@ -70,7 +41,7 @@ def dp_fedavg_aggregate(
       key: the server's noise key for this round (never used for anything else).
       extra_sum: optional tree like one client's update (no client axis), added to the sum of
         clipped updates before the noise: the privacy audit's canary client updates (each of
-        norm S), see :mod:`ffa_jax.privacy.audit_run`. None leaves the computation unchanged.
+        norm S), see :mod:`ffa_jax.run.audit`. None leaves the computation unchanged.
 
     Returns:
       (noisy mean update, norms before clipping ``[K]``).
@@ -96,20 +67,47 @@ def clipped_sum(
 ) -> tuple[PyTree, jax.Array]:
     """``sum_k p_k clip_S(delta_k)`` (+ ``extra_sum``) and the norms before clipping ``[K]``.
 
+    Per-client (per-user) clipping by ``jax_privacy.clipping.clipped_fun`` over the client
+    axis: each client's whole update is one group, clipped to global L2 norm S
+    (``clip_pytree``), non-participants (``p_k = 0``: dummies, clients not sampled) zeroed
+    as its padding examples, and the clipped updates summed in float32. Before the library's
+    clip, :func:`ffa_jax.privacy.clipping.guard_with_scale` zeroes an update with a
+    non-finite entry (it would otherwise break the sensitivity bound) and rescales a huge
+    finite one so that its norm cannot overflow.
+
     Not private by itself: the server noises it (:func:`dp_fedavg_aggregate`,
     :func:`banded_mf_aggregate`). Leaves like one client's update (client axis summed out).
+
+    Args:
+      stacked: client updates, leaves ``[K, ...]``.
+      participation: ``[K]`` in {0, 1} (uniform weighting is enforced by the config under
+        client-level DP).
+      clip_norm: S > 0 (scalar, Python or traced).
+      extra_sum: optional tree like one client's update, added after clipping.
+
+    Returns:
+      The sum (leaves like one update, in their dtypes) and the norms before clipping ``[K]``
+      (float32; nan for a non-finite update).
+
+    Formal guarantee:
+      Adding or removing one client changes the sum by at most S in L2 norm (the library's
+      ``BoundedSensitivityCallable.sensitivity``), whatever the updates hold.
     """
-    clipped, norms = clip_updates(stacked, clip_norm)
-    p = participation.astype(jnp.float32)
-
-    def total(x):
-        w = p.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-        return jnp.sum(jnp.where(w > 0, x * w, 0), axis=0)
-
-    summed = jax.tree_util.tree_map(total, clipped)
+    bound = overflow_bound(jax.tree_util.tree_map(lambda x: x[0], stacked))
+    clip = jax_privacy.clipping.clipped_fun(
+        lambda update: guard_with_scale(update, bound),
+        has_aux=True,
+        keep_batch_dim=False,
+        l2_clip_norm=jnp.asarray(clip_norm, jnp.float32),
+        dtype=jnp.float32,
+        return_norms=True,
+    )
+    summed, (scales, guarded_norms) = clip(stacked, is_padding_example=participation <= 0)
+    summed = jax.tree_util.tree_map(lambda s, x: s.astype(x.dtype), summed, stacked)
     if extra_sum is not None:
         summed = jax.tree_util.tree_map(jnp.add, summed, extra_sum)
-    return summed, norms
+    # The raw update's norm: the guard multiplied it by ``scale`` (0 when non-finite: nan).
+    return summed, guarded_norms / scales
 
 
 def banded_mf_aggregate(

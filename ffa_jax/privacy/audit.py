@@ -19,68 +19,51 @@ tight as one run allows; it audits the mechanism, not the federated pipeline aro
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax_privacy import auditing
 
 from ffa_jax.errors import ConfigError
 from ffa_jax.privacy.noise import privatize_grad_sum
 
 
-def _log_binom_pmf(k: np.ndarray, n: int, q: float) -> np.ndarray:
-    k = np.asarray(k, np.float64)
-    log_c = np.array([math.lgamma(n + 1) - math.lgamma(x + 1) - math.lgamma(n - x + 1) for x in k])
-    if q <= 0.0:
-        return np.where(k == 0, 0.0, -np.inf)
-    if q >= 1.0:
-        return np.where(k == n, 0.0, -np.inf)
-    return log_c + k * math.log(q) + (n - k) * math.log1p(-q)
-
-
-def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
-    """P-value of "v or more of r guesses correct" if the mechanism were (epsilon, delta)-DP
-    for each of m canaries (each included with probability 1/2).
-
-    ``P[Binomial(r, q) >= v] + 2 m delta max_{1<=i<=v} P[v > Binomial(r, q) >= v - i] / i``
-    with ``q = e^eps / (1 + e^eps)`` (Steinke, Nasr, Jagielski 2023, Theorem 5.2).
-    """
-    if not (0 <= v <= r <= m) or epsilon < 0 or not 0 <= delta <= 1:
-        raise ConfigError(
-            f"audit: need 0 <= v <= r <= m, epsilon >= 0, delta in [0, 1]; got "
-            f"m={m}, r={r}, v={v}, epsilon={epsilon}, delta={delta}."
-        )
-    q = 1.0 / (1.0 + math.exp(-epsilon))
-    pmf = np.exp(_log_binom_pmf(np.arange(r + 1), r, q))
-    tail = float(pmf[v:].sum())
-    below = np.cumsum(pmf[:v][::-1])  # below[i-1] = P[v - i <= B < v]
-    alpha = float(np.max(below / np.arange(1, v + 1))) if v > 0 else 0.0
-    return min(1.0, tail + 2.0 * m * delta * alpha)
-
-
 def epsilon_lower_bound(m: int, r: int, v: int, delta: float, confidence: float = 0.95) -> float:
-    """The largest epsilon that ``(m, r, v)`` rejects at ``confidence`` (0 if none): with
-    probability >= confidence, the mechanism is not (epsilon', delta)-DP for any epsilon' below
-    it."""
+    """The largest epsilon that ``v`` correct of ``r`` guesses on ``m`` canaries rejects at
+    ``confidence`` (0.0 if none), computed by ``jax_privacy.auditing.CanaryScoreAuditor``.
+
+    With probability >= ``confidence`` (over the canaries' inclusion and the mechanism's
+    randomness), a mechanism that is (epsilon', delta)-DP for each canary does not produce
+    ``v`` or more correct guesses for any epsilon' below the returned value (Steinke, Nasr,
+    Jagielski 2023, Theorem 5.2). The p-value of that theorem depends only on ``(m, r, v)``,
+    while the library's auditor scores one-sided "in" guesses above a threshold. ffa_jax's
+    guesses are two-sided (:func:`guess_and_count`), so they are handed to the auditor as
+    *correctness* scores: each correct guess is a held-in canary scoring 1, each wrong guess a
+    held-out canary scoring 1, every unguessed canary scores 0, and the threshold is 1
+    (``Explicit(1.0)``): the auditor then sees exactly ``r`` guesses, ``v`` correct, of ``m``.
+
+    Raises:
+      ConfigError: not ``0 <= v <= r < m`` (the auditor needs a held-out canary, so at least one
+        canary stays unguessed), delta outside (0, 1], or confidence outside (0, 1).
+    """
+    if not (0 <= v <= r < m) or not 0 < delta <= 1:
+        raise ConfigError(
+            f"audit: need 0 <= v <= r < m and delta in (0, 1]; got m={m}, r={r}, v={v}, "
+            f"delta={delta}."
+        )
     if not 0 < confidence < 1:
         raise ConfigError(f"audit confidence={confidence!r} must be in (0, 1), e.g. 0.95.")
-    p = 1.0 - confidence
-    if p_value(m, r, v, 0.0, delta) >= p:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    while p_value(m, r, v, hi, delta) < p:
-        lo, hi = hi, 2 * hi
-        if hi > 1e3:
-            return math.inf
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if p_value(m, r, v, mid, delta) < p:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    # One unguessed canary goes to the held-out side when every guess is right, so neither
+    # side is empty (the auditor refuses an empty side); unguessed canaries count only in m.
+    spare_out = int(v == r)
+    held_in = np.r_[np.ones(v), np.zeros(m - r - spare_out)]
+    held_out = np.r_[np.ones(r - v), np.zeros(spare_out)]
+    auditor = auditing.CanaryScoreAuditor(held_in, held_out)
+    return float(
+        auditor.epsilon_one_run(1.0 - confidence, delta, threshold_strategy=auditing.Explicit(1.0))
+    )
 
 
 class AuditResult(NamedTuple):

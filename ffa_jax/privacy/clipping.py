@@ -117,30 +117,8 @@ def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
     return v.reshape(v.shape + (1,) * (x.ndim - 1))
 
 
-def per_example_norms(grads: PyTree) -> jax.Array:
-    """Global L2 norm of each example's gradient, in float32, without overflow.
-
-    Squaring float32 overflows for entries above ~1.8e19, which huge inputs do reach; scaling
-    by the per-example max-abs first keeps the norm finite whenever every entry is finite.
-    A non-finite entry gives a non-finite (inf or nan) norm.
-    """
-    leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(grads)]
-    if not leaves:
-        raise ValueError("the trainable tree has no leaves: there is nothing to differentiate.")
-    flat = [g.reshape(g.shape[0], -1) for g in leaves]
-    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(g), axis=1) for g in flat]), axis=0)
-    safe = jnp.where(scale > 0, scale, 1.0)
-    sumsq = sum(jnp.sum(jnp.square(g / safe[:, None]), axis=1) for g in flat)
-    return scale * jnp.sqrt(sumsq)
-
-
 def _zeros_f32(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
-
-
-def _scan_chunks(chunk_fn, init, chunked_batch, chunked_mask):
-    """Runs ``chunk_fn(carry, (batch_chunk, mask_chunk))`` over chunks with ``lax.scan``."""
-    return jax.lax.scan(chunk_fn, init, (chunked_batch, chunked_mask))
 
 
 # ----------------------------------------------------------------------------- DP
@@ -152,23 +130,20 @@ def overflow_bound(tree: PyTree) -> float:
     return math.sqrt(1e37 / max(sum(x.size for x in jax.tree.leaves(tree)), 1))
 
 
-def overflow_guard(grad: PyTree, max_abs_bound: float) -> PyTree:
-    """Prepares one example's gradient for ``jax_privacy.clip_pytree`` (no clipping here).
+def guard_with_scale(grad: PyTree, max_abs_bound: float) -> tuple[PyTree, jax.Array]:
+    """Prepares one example's gradient (or one client's update) for
+    ``jax_privacy.clipping.clip_pytree``; no clipping here.
 
     A gradient with a non-finite entry becomes all zeros (the example then contributes
     nothing, rather than its finite part). A finite gradient whose largest entry exceeds
-    ``max_abs_bound`` is rescaled to max-abs ``max_abs_bound``: same direction, norm still
-    above any sane clip norm, and its sum of squares cannot overflow float32 in
-    ``optax.global_norm`` (which would otherwise give an infinite norm and drop the example).
-    The result is then clipped to ``C``, which is exactly ``C * g / ||g||`` as before.
-    """
-    return guard_with_scale(grad, max_abs_bound)[0]
+    ``max_abs_bound`` (:func:`overflow_bound`) is rescaled to max-abs ``max_abs_bound``: same
+    direction, norm still above any sane clip norm, and its sum of squares cannot overflow
+    float32 in the library's norm (which would otherwise give an infinite norm and drop the
+    example). Clipping the result to C is exactly ``C * g / ||g||`` as before.
 
-
-def guard_with_scale(grad: PyTree, max_abs_bound: float) -> tuple[PyTree, jax.Array]:
-    """:func:`overflow_guard` and the scalar it multiplied the gradient by: 1 (unchanged),
-    ``max_abs_bound / max_abs`` < 1 (a huge finite gradient) or 0 (a non-finite one). The
-    gradient's own norm is then the guarded tree's norm divided by it (not finite for 0)."""
+    Returns the guarded tree (float32) and the scalar it multiplied the gradient by: 1
+    (unchanged), ``max_abs_bound / max_abs`` < 1 (huge) or 0 (non-finite). The gradient's own
+    norm is the guarded tree's norm divided by it (nan for 0)."""
     leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(grad)]
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
     max_abs = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in leaves]))
@@ -207,7 +182,7 @@ def clipped_grad(
     clipped gradients summed in float32. ffa_jax adds two things before the library's clip:
     a real example whose gradient is not finite contributes zero (its norm is still reported
     in ``GradStats.grad_norms``), and huge finite gradients are rescaled so that the norm
-    cannot overflow (see ``overflow_guard``); neither affects the sensitivity bound.
+    cannot overflow (see ``guard_with_scale``); neither affects the sensitivity bound.
 
     Args:
         loss_fn: ``loss_fn(trainable, frozen, example) -> scalar`` for ONE example.
@@ -364,8 +339,8 @@ def mean_grad(loss_fn: LossFn, *, microbatch_size: int | None = None) -> GradFn:
                 ), None
 
             init = (_zeros_f32(trainable), jnp.float32(0))
-            (grad_sum, loss_sum), _ = _scan_chunks(
-                body, init, _chunked(batch, n_chunks), _chunked(real, n_chunks)
+            (grad_sum, loss_sum), _ = jax.lax.scan(
+                body, init, (_chunked(batch, n_chunks), _chunked(real, n_chunks))
             )
         num = jnp.sum(real, dtype=jnp.float32)
         denom = jnp.maximum(num, 1.0)

@@ -143,17 +143,18 @@ def check_audit_args(canaries: int, guesses: int | None, confidence: float) -> i
     """Validates the audit's own arguments (before any compute); returns r.
 
     Raises:
-      ConfigError: canaries < 2, guesses outside [2, canaries], confidence outside (0, 1).
+      ConfigError: canaries < 3, guesses outside [2, canaries), confidence outside (0, 1).
     """
-    if not isinstance(canaries, int) or isinstance(canaries, bool) or canaries < 2:
+    if not isinstance(canaries, int) or isinstance(canaries, bool) or canaries < 3:
         raise ConfigError(
-            f"audit canaries={canaries!r} must be an integer >= 2 (e.g. --canaries 1000)."
+            f"audit canaries={canaries!r} must be an integer >= 3 (e.g. --canaries 1000)."
         )
-    r = min(DEFAULT_GUESSES, canaries) if guesses is None else guesses
-    if not isinstance(r, int) or isinstance(r, bool) or not 2 <= r <= canaries:
+    r = min(DEFAULT_GUESSES, canaries - 1) if guesses is None else guesses
+    if not isinstance(r, int) or isinstance(r, bool) or not 2 <= r < canaries:
         raise ConfigError(
-            f"audit guesses={guesses!r} must be an integer in [2, canaries={canaries}]: "
-            "r/2 'in' and r/2 'out' guesses among the canaries (e.g. --guesses 100)."
+            f"audit guesses={guesses!r} must be an integer in [2, canaries={canaries}): "
+            "r/2 'in' and r/2 'out' guesses among the canaries, at least one canary left "
+            "unguessed (jax_privacy's auditor needs it; e.g. --guesses 100)."
         )
     if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
         raise ConfigError(f"audit confidence={confidence!r} must be in (0, 1), e.g. 0.95.")
@@ -230,8 +231,8 @@ def audit_run(
 
     Args:
       cfg: a private run config (``ffa-jax train``'s); nothing is written.
-      canaries: m >= 2 (memory ``m x trainable size`` floats).
-      guesses: r in [2, m] (default min(100, m)): r // 2 "in", the rest "out".
+      canaries: m >= 3 (memory ``m x trainable size`` floats).
+      guesses: r in [2, m) (default min(100, m - 1)): r // 2 "in", the rest "out".
       confidence: of the lower bound, in (0, 1).
       client: the audited client under ``sample`` (default: the one with the largest
         accounted epsilon); must be None under ``client``.

@@ -13,11 +13,11 @@ from ffa_jax.federated.client import make_client_update, step_noise_key
 from ffa_jax.federated.round import client_key, make_round, server_noise_key
 from ffa_jax.federated.server import (
     ServerDpParams,
-    clip_updates,
     dp_fedavg_aggregate,
     make_server_optimizer,
     server_init,
 )
+from ffa_jax.privacy.aggregation import clipped_sum
 from tests.federated.test_round import dp_params, loss_fn_for, make_batches, setup
 
 
@@ -36,19 +36,23 @@ def test_clipped_client_update_norms_are_bounded(scale):
         "b": jnp.asarray(rng.normal(size=(6, 4, 5)) * scale, jnp.float32),
         "c": jnp.asarray(rng.normal(size=(6, 3)) * scale, jnp.float32),
     }
-    clipped, norms = clip_updates(stacked, jnp.float32(0.7))
-    after = np.sqrt(
-        sum(np.sum(np.asarray(x).reshape(6, -1) ** 2, axis=1) for x in clipped.values())
-    )
-    assert np.all(after <= 0.7 * (1 + 1e-5))
-    small = np.asarray(norms) <= 0.7
-    np.testing.assert_allclose(after[small], np.asarray(norms)[small], rtol=1e-5)
+    # Each client alone in the sum: its clipped update.
+    for k in range(6):
+        alone = jnp.zeros(6).at[k].set(1.0)
+        clipped, norms = clipped_sum(stacked, alone, jnp.float32(0.7))
+        after = np.sqrt(sum(np.sum(np.asarray(x) ** 2) for x in clipped.values()))
+        assert after <= 0.7 * (1 + 1e-5)
+        raw = np.sqrt(sum(np.sum(np.asarray(x[k]) ** 2) for x in stacked.values()))
+        assert float(norms[k]) == pytest.approx(raw, rel=1e-5)
+        if raw <= 0.7:
+            assert after == pytest.approx(raw, rel=1e-5)
 
 
 def test_nonfinite_update_is_dropped():
     stacked = {"b": jnp.array([[1.0, 0.0], [jnp.nan, 1.0]])}
-    clipped, _ = clip_updates(stacked, jnp.float32(10.0))
-    np.testing.assert_array_equal(np.asarray(clipped["b"][1]), [0.0, 0.0])
+    summed, norms = clipped_sum(stacked, jnp.ones(2), jnp.float32(10.0))
+    np.testing.assert_array_equal(np.asarray(summed["b"]), [1.0, 0.0])
+    assert not np.isfinite(float(norms[1]))
 
 
 def test_server_noise_std_is_z_times_s_over_m():

@@ -182,7 +182,7 @@ def _old_clip_updates(stacked, clip_norm):
 @pytest.mark.parametrize("clip", [0.3, 2.0, 50.0])
 def test_client_level_clipping_and_aggregate_are_unchanged(clip):
     from ffa_jax.federated.server import ServerDpParams
-    from ffa_jax.privacy.aggregation import clip_updates, dp_fedavg_aggregate
+    from ffa_jax.privacy.aggregation import clipped_sum, dp_fedavg_aggregate
 
     rng = np.random.default_rng(7)
     stacked = {
@@ -190,14 +190,42 @@ def test_client_level_clipping_and_aggregate_are_unchanged(clip):
         "c": jnp.asarray(rng.normal(size=(5, 3)) * 3, jnp.float32),
     }
     stacked["b"] = stacked["b"].at[3, 0, 0].set(jnp.nan)  # a broken client: dropped
-    new, new_norms = clip_updates(stacked, jnp.float32(clip))
+    participation = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0])
+    # Per-client clipping by jax_privacy's clipped_fun over the client axis vs the former
+    # hand-written clip and weighted sum.
+    new, new_norms = clipped_sum(stacked, participation, jnp.float32(clip))
     old, old_norms = _old_clip_updates(stacked, jnp.float32(clip))
     for k in stacked:
-        np.testing.assert_allclose(new[k], old[k], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(new_norms, old_norms, rtol=1e-6)
-    participation = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0])
+        ref = np.tensordot(np.asarray(participation), np.asarray(old[k]), axes=1)
+        np.testing.assert_allclose(new[k], ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new_norms, old_norms, rtol=1e-6)  # nan where nan
     noiseless = ServerDpParams(jnp.float32(clip), jnp.float32(0.0), jnp.float32(4.0))
     agg, _ = dp_fedavg_aggregate(stacked, participation, noiseless, jax.random.key(0))
     for k in stacked:
         ref = np.tensordot(np.asarray(participation), np.asarray(old[k]), axes=1) / 4
         np.testing.assert_allclose(agg[k], ref, rtol=1e-5, atol=1e-6)
+
+
+# Sigmas of the former hand-written calibration (RDP bracket, dp_accounting's Brent, own
+# bisection for truncation; commit b32e8b0), recorded before it was replaced by
+# jax_privacy.accounting.calibrate_noise_multiplier on the same bracket: (epsilon, q, steps,
+# accountant, (n, B_max) or None, sigma, its epsilon). Both promise epsilon in [0.99, 1] x target with a
+# sigma tolerance of 1e-4 x sigma, so they agree to that tolerance, not bit for bit.
+OLD_SIGMAS = [
+    (4.0, 0.06, 12, "pld", (500, 55), 0.7444855723923618, 3.9996073395272678),
+    (3.0, 0.05, 1000, "pld", None, 2.352358399416746, 2.999987380043214),
+    (2.0, 0.05, 400, "rdp", None, 2.3484674632146034, 1.9999306842005806),
+    (5.0, 1.0, 20, "rdp", None, 4.260387720637185, 4.999932018623185),
+    (1.0, 0.05, 1000, "rdp", None, 6.4946718328968815, 0.9999817523949652),
+]
+
+
+@pytest.mark.parametrize("eps, q, steps, acct, trunc, old, old_eps", OLD_SIGMAS)
+def test_calibrated_sigma_equals_the_former_calibration(eps, q, steps, acct, trunc, old, old_eps):
+    trunc = accounting.Truncation(*trunc) if trunc else None
+    sigma = accounting.calibrate_noise_multiplier(eps, 1e-5, q, steps, acct, trunc)
+    assert sigma == pytest.approx(old, rel=2e-4)
+    # The epsilon of a given sigma (the former code's value, recorded) is unchanged.
+    assert accounting.epsilon_spent(old, q, steps, 1e-5, acct, trunc) == pytest.approx(
+        old_eps, rel=1e-9
+    )
