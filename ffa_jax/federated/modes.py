@@ -679,9 +679,7 @@ def mode_round(
         out = fns[phase](state, view, batches, weights, client_ids, *args, **kwargs)
         new = out[0]
         if client_noise:
-            new = new._replace(
-                noise=scatter_clients(state.noise, client_ids, out[2].client_states)
-            )
+            new = new._replace(noise=scatter_clients(state.noise, client_ids, out[2].client_states))
         trainable_, extra = new.trainable, state.extra
         if s.client_state is not None:
             rows = out[2].client_states

@@ -371,9 +371,7 @@ def _own_curve(sigma, q, local_steps, rounds, delta, acc, trunc, bands) -> np.nd
     (b = 1), or, under sample-level BandMF, the curve over ceil(steps / b) compositions
     read at ceil(r x local_steps / b) after round r."""
     if bands == 1:
-        return accounting.epsilon_curve(
-            sigma, q, local_steps, rounds, delta, acc, truncation=trunc
-        )
+        return accounting.epsilon_curve(sigma, q, local_steps, rounds, delta, acc, truncation=trunc)
     total = correlated.compositions(rounds * local_steps, bands)
     per_comp = accounting.epsilon_curve(sigma, q, 1, total, delta, acc, truncation=trunc)
     idx = [correlated.compositions((r + 1) * local_steps, bands) - 1 for r in range(rounds)]
