@@ -236,6 +236,7 @@ def sample_level_plan(
     noise_multipliers: Sequence[float] | None = None,
     bands: int = 1,
     mechanism: str = "gaussian",
+    compare: bool = True,
 ) -> PrivacyPlan:
     """Calibrates sigma_k for every client so that each spends exactly ``epsilon`` over the
     rounds it takes part in (or, with a fixed ``noise_multiplier`` / ``noise_multipliers``,
@@ -245,7 +246,9 @@ def sample_level_plan(
     every round): client k's steps use cyclic Poisson batches from b groups of n_k // b at
     the per-group rate p_k = B / (n_k // b), and its epsilon is jax-privacy's amplified BandMF
     event's (ceil(steps / b) compositions, :func:`ffa_jax.privacy.correlated.sample_event`;
-    zero-out relation). With b = 1 everything equals the Gaussian plan.
+    zero-out relation). With b = 1 everything equals the Gaussian plan. ``compare``: also
+    fill ``noise_comparison`` (BandMF only; costs one more calibration, of the Gaussian
+    sigma of the binding client).
 
     Each client has its own sampling rate ``q_k = batch_size / n_k`` and its own number of
     rounds ``c_k`` (``participation``, default: every round), hence its own sigma_k: every
@@ -342,7 +345,7 @@ def sample_level_plan(
         if acc == accountant:
             client_eps = per_client[:, -1]
     comparison = {}
-    if mechanism == "banded_mf":
+    if mechanism == "banded_mf" and compare:
         bind = int(np.argmax(client_eps))
         comparison = sample_noise_comparison(
             float(client_eps[bind]),
