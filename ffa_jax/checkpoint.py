@@ -176,6 +176,18 @@ def check_config(saved: Mapping[str, Any], cfg: RunConfig, where: str) -> RunCon
             f"resumes only with federated.rounds={old.federated.rounds}. Start a new run to "
             "train longer."
         )
+    if (
+        old.privacy.mechanism == "banded_mf"
+        and old.privacy.unit == "sample"
+        and old.federated.local_steps != cfg.federated.local_steps
+    ):
+        raise ConfigError(
+            f"federated.local_steps={cfg.federated.local_steps} is invalid: checkpoint {where} "
+            "ran sample-level privacy.mechanism=banded_mf, whose clients' strategy matrix and "
+            "noise streams were sized for federated.rounds x federated.local_steps = "
+            f"{old.federated.rounds} x {old.federated.local_steps} steps; resume with "
+            f"federated.local_steps={old.federated.local_steps}, or start a new run."
+        )
     if diffs:
         raise CheckpointError(
             f"checkpoint {where} was written with another config; these fields differ and would "

@@ -513,14 +513,20 @@ class PrivacyConfig:
       mechanism: ``gaussian`` (default): independent Gaussian noise every round/step.
         ``banded_mf``: correlated noise from a banded matrix factorization (BandMF,
         Choquette-Choo et al., NeurIPS 2023) through jax-privacy's matrix-factorization
-        privatizer, for ``unit=client`` only (DP-FedAvg over rounds): the same (epsilon,
-        delta) with less error on the sum of the updates over many rounds. Needs
+        privatizer: the same (epsilon, delta) with less error on the sum of the updates
+        over many rounds / steps. Under ``unit=client`` (DP-FedAvg over rounds) it needs
         ``federated.client_sampling=poisson`` with ``clients_per_round x bands <=
         clients`` (cyclic Poisson: the clients are split into ``bands`` fixed groups and
-        round t samples from group t mod bands). Sample-level BandMF is planned.
+        round t samples from group t mod bands). Under ``unit=sample`` every client's
+        DP-SGD over all its ``rounds x local_steps`` steps uses correlated noise and
+        cyclic Poisson batches (its examples split into ``bands`` groups; step t samples
+        from group t mod bands); it needs every client in every round
+        (``federated.clients_per_round`` null or = clients) and ``client.batch_size <=
+        n_k // bands`` for every client k (checked when the data is partitioned).
       bands: b, the number of bands of the BandMF strategy matrix (and the cycle length of
-        the client sampling); 1 <= b <= federated.rounds. ``bands=1`` is independent
-        Gaussian noise. Must stay 1 with ``mechanism=gaussian``.
+        the cyclic Poisson sampling); 1 <= b <= federated.rounds (``unit=client``) or
+        <= federated.rounds x federated.local_steps (``unit=sample``). ``bands=1`` is
+        independent Gaussian noise. Must stay 1 with ``mechanism=gaussian``.
     """
 
     epsilon: float = 6.0
@@ -901,17 +907,14 @@ class RunConfig:
 def _check_banded_mf(priv: PrivacyConfig, fed: FederatedConfig) -> None:
     """The cross-section checks of ``privacy.mechanism=banded_mf`` (before any compute)."""
     _require(
-        priv.enabled and priv.unit == "client",
+        priv.enabled,
         "privacy.mechanism",
         priv.mechanism,
-        "banded_mf is implemented for privacy.unit=client (DP-FedAvg over rounds) only. "
-        "Sample-level BandMF (correlated noise over each client's local steps x rounds with "
-        "cyclic Poisson batches) is planned; it needs the cyclic batch schedule and noise state "
-        "inside every client, which ffa_jax does not have yet. Use privacy.unit=client, or "
-        "privacy.mechanism=gaussian."
-        if priv.enabled
-        else "banded_mf needs a private run (privacy.epsilon or privacy.noise_multiplier).",
+        "banded_mf needs a private run (privacy.epsilon or privacy.noise_multiplier).",
     )
+    if priv.unit == "sample":
+        _check_sample_banded_mf(priv, fed)
+        return
     _require(
         priv.bands <= fed.rounds,
         "privacy.bands",
@@ -934,6 +937,30 @@ def _check_banded_mf(priv: PrivacyConfig, fed: FederatedConfig) -> None:
         f"federated.clients_per_round ({fed.participants}) x bands must be <= "
         f"federated.clients ({fed.clients}); lower bands or clients_per_round (bands=1 allows "
         "full participation).",
+    )
+
+
+def _check_sample_banded_mf(priv: PrivacyConfig, fed: FederatedConfig) -> None:
+    """Sample-level BandMF: every client's noise stream spans all its ``rounds x
+    local_steps`` steps, so that number must be known when the run starts (all clients
+    every round), and the strategy matrix is that many steps square."""
+    _require(
+        not fed.partial,
+        "federated.clients_per_round",
+        fed.clients_per_round,
+        "sample-level banded_mf (privacy.unit=sample) needs every client in every round "
+        "(null, or = federated.clients): each client's correlated noise stream and its "
+        "strategy matrix are sized for its total number of local steps (rounds x "
+        "local_steps), which partial participation leaves random. Use "
+        "federated.clients_per_round=null, or privacy.mechanism=gaussian.",
+    )
+    steps = fed.rounds * fed.local_steps
+    _require(
+        priv.bands <= steps,
+        "privacy.bands",
+        priv.bands,
+        f"must be <= federated.rounds x federated.local_steps = {steps} (sample-level BandMF: "
+        "the strategy matrix is each client's total local steps square).",
     )
 
 

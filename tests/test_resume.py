@@ -67,6 +67,14 @@ CASES = {
         "privacy.bands=2",
         "privacy.accountant=rdp",
     ],
+    # Sample-level BandMF (2 bands over each client's 3 x 2 local steps, cyclic Poisson
+    # batches): every client's secret noise stream is threaded through the rounds and
+    # restored from the checkpoint.
+    "sample-banded-mf": [
+        "privacy.mechanism=banded_mf",
+        "privacy.bands=2",
+        "privacy.accountant=rdp",
+    ],
     # Sample-level DP, exactly 2 of 6 clients per round: per-client ledger of rounds taken part.
     "ffa-dp-fixed-partial": [
         "federated.clients=6",

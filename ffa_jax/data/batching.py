@@ -18,7 +18,9 @@ while the PLD accountant accounts the truncated mechanism exactly (the same
 ``TruncatedSubsampledGaussianDpEvent`` jax-privacy's accountant uses). There is one
 implementation of truncated Poisson selection in ffa_jax, this one; no second copy. Client-level
 cyclic Poisson sampling (``privacy.mechanism=banded_mf``) is drawn in
-:mod:`ffa_jax.federated.participation` on the same pattern.
+:mod:`ffa_jax.federated.participation` on the same pattern. Sample-level cyclic Poisson
+sampling (BandMF inside each client) is this same sampler restricted to one group of
+:func:`cyclic_partition` per step (``groups`` of :func:`poisson_batch_indices`).
 """
 
 from __future__ import annotations
@@ -190,12 +192,32 @@ def physical_batch_size(expected_batch_size: float, overflow_probability: float 
     return max(b, 1)
 
 
+def cyclic_partition(rng: np.random.Generator, size: int, bands: int) -> np.ndarray:
+    """One client's examples split into ``bands`` groups of equal size for cyclic Poisson
+    sampling (jax-privacy's ``PartitionType.EQUAL_SPLIT``): a uniformly random permutation of
+    ``range(size)`` cut into ``bands`` rows of ``size // bands``; the ``size mod bands``
+    examples left over are in no group (never sampled).
+
+    Returns:
+      int64 ``[bands, size // bands]``: row g holds the client-local indices of group g.
+    """
+    _check_positive_int("bands", bands)
+    _check_positive_int("size", size)
+    m = int(size) // int(bands)
+    if m < 1:
+        raise DataError(f"size={size} examples cannot fill bands={bands} groups of >= 1.")
+    return rng.permutation(int(size))[: m * int(bands)].reshape(int(bands), m)
+
+
 def poisson_batch_indices(
     rng: np.random.Generator,
     client_sizes: Sequence[int],
     sampling_rates: Sequence[float],
     local_steps: int,
     max_batch_size: int,
+    *,
+    groups: Sequence[np.ndarray] | None = None,
+    first_step: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Poisson-subsampled batches for every client and local step, padded to a fixed size.
 
@@ -210,6 +232,12 @@ def poisson_batch_indices(
       sampling_rates: ``q_k`` in [0, 1] for each client.
       local_steps: S.
       max_batch_size: B_max; see :func:`physical_batch_size`.
+      groups: cyclic Poisson sampling (sample-level BandMF): client k's
+        :func:`cyclic_partition` ``[b, m_k]``; its step s (the client's step number
+        ``first_step + s`` of the run) samples only from group ``(first_step + s) mod b``,
+        each of its m_k examples with probability ``q_k`` (then the per-group rate). None:
+        every example of the client is eligible at every step.
+      first_step: the run-wide index of local step 0 (``round x local_steps``), with groups.
 
     Returns:
       (local_idx int32 ``[K, S, B_max]``, mask bool ``[K, S, B_max]``, dropped): indices are
@@ -232,7 +260,13 @@ def poisson_batch_indices(
     _check_positive_int("max_batch_size", max_batch_size)
 
     num_clients = sizes.size
-    counts = rng.binomial(sizes[:, None], rates[:, None], size=(num_clients, local_steps))
+    population = sizes
+    if groups is not None:
+        if len(groups) != num_clients:
+            raise DataError(f"groups has {len(groups)} entries for {num_clients} clients.")
+        groups = [np.asarray(g) for g in groups]
+        population = np.array([g.shape[1] for g in groups], dtype=np.int64)
+    counts = rng.binomial(population[:, None], rates[:, None], size=(num_clients, local_steps))
     local_idx = np.zeros((num_clients, local_steps, max_batch_size), dtype=np.int32)
     mask = np.zeros((num_clients, local_steps, max_batch_size), dtype=bool)
     dropped = 0
@@ -241,7 +275,10 @@ def poisson_batch_indices(
             count = int(counts[k, s])
             # choice(..., shuffle=True) returns the sample in random order, so truncating an
             # overflowing sample keeps a uniformly random subset.
-            chosen = rng.choice(int(sizes[k]), size=count, replace=False)
+            chosen = rng.choice(int(population[k]), size=count, replace=False)
+            if groups is not None:
+                g = groups[k]
+                chosen = g[(int(first_step) + s) % g.shape[0]][chosen]
             kept = min(count, max_batch_size)
             dropped += count - kept
             local_idx[k, s, :kept] = chosen[:kept]

@@ -9,7 +9,7 @@ argument, never part of the carry: it is shared by all clients, never copied per
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +70,12 @@ def make_client_update(
     *,
     private: bool,
     microbatch_size: int | None = None,
+    banded_noise: Any = None,
 ) -> Callable[..., tuple[PyTree, ClientMetrics]]:
     """Builds ``client_update(trainable, frozen, batches, dp, key, extra_grad_sums=None)
-    -> (delta, ClientMetrics)``.
+    -> (delta, ClientMetrics)``, or, with ``banded_noise``, ``client_update(trainable,
+    frozen, batches, dp, key, extra_grad_sums, noise_state) -> (delta, ClientMetrics,
+    new noise_state)``.
 
     Args:
       loss_fn: per-example loss ``loss_fn(trainable, frozen, example) -> scalar``.
@@ -80,6 +83,12 @@ def make_client_update(
       private: DP-SGD (clip per example, noise the sum, divide by the expected batch size)
         when True; the plain mean gradient over real examples otherwise.
       microbatch_size: per-example gradients in chunks of this size (memory bound).
+      banded_noise: sample-level BandMF (a :class:`ffa_jax.privacy.correlated.BandedNoise`
+        for the client's T = rounds x local_steps steps; ``private=True``): step t's noise is
+        the t-th row of the client's correlated stream, ``noise_multiplier * clip_norm *
+        (C^{-1} W)_t``, read from ``noise_state`` (the client's own stream state, leaves as
+        :meth:`BandedNoise.init` of the trainable tree; SECRET client state, never sent) and
+        the state after the round's steps is returned. ``key`` is then unused for noise.
 
     The returned function takes ``batches``: a dict of arrays ``[S, B_max, ...]`` with a
     ``"mask"`` entry ``[S, B_max]`` (S local steps; padded slots masked out), ``dp``: a
@@ -95,13 +104,19 @@ def make_client_update(
     the rate the accountant assumes. The returned delta is post-processing of those steps.
     """
     plain_grad = mean_grad(loss_fn, microbatch_size=microbatch_size)
+    if banded_noise is not None and not private:
+        raise ValueError("banded_noise needs private=True (it noises the clipped sums).")
 
-    def client_update(trainable, frozen, batches, dp: DpParams, key, extra_grad_sums=None):
+    def client_update(
+        trainable, frozen, batches, dp: DpParams, key, extra_grad_sums=None, noise_state=None
+    ):
         if extra_grad_sums is not None and not private:
             raise ValueError("extra_grad_sums needs private=True (they join the clipped sum).")
+        if (noise_state is None) != (banded_noise is None):
+            raise ValueError("noise_state is given exactly when banded_noise is (BandMF).")
 
         def step(carry, xs):
-            params, opt_state = carry
+            params, opt_state, stream = carry
             batch, step_idx, extra = xs
             mask = batch["mask"]
             example = {k: v for k, v in batch.items() if k != "mask"}
@@ -112,26 +127,30 @@ def make_client_update(
                 if extra is not None:
                     # Already bounded (each canary has norm C): joins the sum unclipped.
                     g_sum = jax.tree_util.tree_map(jnp.add, g_sum, extra)
-                noise_key = step_noise_key(key, step_idx)
-                grads = privatize_grad_sum(
-                    g_sum,
-                    clip_norm=dp.clip_norm,
-                    noise_multiplier=dp.noise_multiplier,
-                    expected_batch_size=dp.expected_batch_size,
-                    key=noise_key,
-                )
+                if banded_noise is not None:
+                    # Correlated noise: this step's row of the client's own stream.
+                    grads, stream = banded_grad(g_sum, dp, banded_noise, stream)
+                else:
+                    grads = privatize_grad_sum(
+                        g_sum,
+                        clip_norm=dp.clip_norm,
+                        noise_multiplier=dp.noise_multiplier,
+                        expected_batch_size=dp.expected_batch_size,
+                        key=step_noise_key(key, step_idx),
+                    )
             else:
                 grads, stats = plain_grad(params, frozen, example, mask)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             n = stats.num_examples
             mean_norm = jnp.sum(stats.grad_norms) / jnp.maximum(n, 1.0)
-            return (params, opt_state), (stats.loss_sum, n, stats.clipped_fraction, mean_norm)
+            carry = (params, opt_state, stream)
+            return carry, (stats.loss_sum, n, stats.clipped_fraction, mean_norm)
 
         steps = jax.tree_util.tree_leaves(batches)[0].shape[0]
-        (final, _), (loss_sum, n, clipped, norms) = jax.lax.scan(
+        (final, _, new_stream), (loss_sum, n, clipped, norms) = jax.lax.scan(
             step,
-            (trainable, optimizer.init(trainable)),
+            (trainable, optimizer.init(trainable), noise_state),
             (batches, jnp.arange(steps), extra_grad_sums),
         )
         delta = jax.tree_util.tree_map(lambda new, old: new - old, final, trainable)
@@ -143,6 +162,26 @@ def make_client_update(
             grad_norm=jnp.mean(norms),
             delta_norm=optax.tree.norm(delta),  # the trainable tree is float32
         )
+        if banded_noise is not None:
+            return delta, metrics, new_stream
         return delta, metrics
 
     return client_update
+
+
+def banded_grad(g_sum: PyTree, dp: DpParams, banded_noise: Any, stream: PyTree):
+    """One sample-level BandMF step: ``(g_sum + noise_multiplier * clip_norm * (C^{-1}
+    W)_t) / expected_batch_size`` (noise the sum, then divide by the FIXED expected batch)
+    and the client's next stream state. ``g_sum``: the clipped per-example gradient sum
+    (float leaves); ``banded_noise``: a :class:`ffa_jax.privacy.correlated.BandedNoise`.
+
+    Formal guarantee: see :mod:`ffa_jax.privacy.correlated` (sample level): with cyclic
+    Poisson batches, the client's sequence of these outputs is the amplified BandMF
+    mechanism on its data, followed by post-processing."""
+    stddev = jnp.asarray(dp.noise_multiplier, jnp.float32) * jnp.asarray(dp.clip_norm, jnp.float32)
+    noise, stream = banded_noise.next(g_sum, stddev, stream)
+    denom = jnp.asarray(dp.expected_batch_size, jnp.float32)
+    grads = jax.tree_util.tree_map(
+        lambda g, z: ((g.astype(jnp.float32) + z) / denom).astype(g.dtype), g_sum, noise
+    )
+    return grads, stream

@@ -620,6 +620,7 @@ def mode_round(
     lora_key: jax.Array | None = None,
     a_init: str = "uniform",
     client_ranks: tuple[int, ...] | None = None,
+    client_noise: bool = False,
 ):
     """The round function of ``mode``, with the signature and outputs of
     :func:`~ffa_jax.federated.round.make_round`'s (``return_deltas``: also the releases).
@@ -633,11 +634,18 @@ def mode_round(
     server step (jitted, pure) after the aggregation. ``lora_key``: the shared public LoRA key
     (FLoRA's re-initialisation draws from it); ``a_init``: ``lora.a_init``;
     ``client_ranks``: ``lora.client_ranks`` (:func:`ranked_client_update`).
+    ``client_noise``: sample-level BandMF: ``state.noise`` holds every client's own noise
+    stream state (leaves ``[N, ...]``); each participant's rows go to its client update as
+    its ``client_state`` (the update's last argument) and its new rows come back in place
+    (:func:`gather_clients` / :func:`scatter_clients`); nothing else reads them.
     """
     s = spec(mode)
-    if not s.alternating and s.server_rule is None and s.client_state is None:
+    if not (s.alternating or s.server_rule or s.client_state or client_noise):
         return make(client_update, return_deltas)
+    if client_noise and (s.client_state is not None or client_ranks is not None):
+        raise ValueError("client_noise uses the round's client_state: not with fedsa/ranks.")
     need_releases = return_deltas or s.client_products or s.client_state is not None
+    need_releases = need_releases or client_noise
     if s.client_state is not None:
         client_update = fedsa_client_update(client_update)
     if client_ranks is not None:
@@ -666,8 +674,12 @@ def mode_round(
             view = frozen  # the clients bring their own b
         if client_ranks is not None:
             kwargs["client_state"] = rank_masks(client_ranks, rank, client_ids)
+        if client_noise:
+            kwargs["client_state"] = gather_clients(state.noise, client_ids)
         out = fns[phase](state, view, batches, weights, client_ids, *args, **kwargs)
         new = out[0]
+        if client_noise:
+            new = new._replace(noise=scatter_clients(state.noise, client_ids, out[2].client_states))
         trainable_, extra = new.trainable, state.extra
         if s.client_state is not None:
             rows = out[2].client_states

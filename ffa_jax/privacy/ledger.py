@@ -10,6 +10,10 @@ rebuilds one composed DpEvent per privacy unit from it:
   truncated-Poisson event of the fixed physical batch, see :mod:`accounting`). Rounds a
   client sat out cost it nothing: the participants are drawn from the run's secret,
   independently of the data.
+  With sample-level BandMF (``bands`` b > 1) the event is jax-privacy's amplified BandMF
+  event of those steps (:func:`ffa_jax.privacy.correlated.sample_event`: ceil(steps / b)
+  compositions on a group of n_k // b at the per-group rate, stored in ``sampling_rates``),
+  under the zero-out relation (see :mod:`ffa_jax.privacy.correlated`).
 * ``unit="client"``: one event for "any client",
   ``SelfComposedDpEvent(round_event, rounds_done)`` with the round event of
   :mod:`client_level` (Poisson / fixed-size / full participation).
@@ -31,7 +35,7 @@ from typing import Any
 import dp_accounting
 
 from ffa_jax.errors import ConfigError
-from ffa_jax.privacy import accounting, client_level
+from ffa_jax.privacy import accounting, client_level, correlated
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,6 +59,10 @@ class PrivacyLedger:
       cycle_length: b of cyclic Poisson client sampling (``privacy.mechanism=banded_mf`` with
         ``privacy.bands`` = b; 1 otherwise): each client's group is sampled once every b
         rounds and the amplified BandMF accounting composes ceil(rounds / b) events.
+      bands: b of sample-level BandMF (``privacy.mechanism=banded_mf`` with
+        ``privacy.unit=sample``; 1 otherwise): each client's examples are split into b
+        groups, ``sampling_rates`` are then the per-group rates p_k = B / (n_k // b), and
+        each client's event is jax-privacy's amplified BandMF event.
       epsilon_spent: max over units of epsilon after ``rounds_done`` rounds, with
         ``accountant`` (inf if not private).
       epsilon_pld, epsilon_rdp: the same with each accountant (None: not private, or not
@@ -82,6 +90,7 @@ class PrivacyLedger:
     max_clients_per_round: int = 0
     client_noise_multiplier: float = 0.0
     cycle_length: int = 1
+    bands: int = 1
     epsilon_pld: float | None = None
     epsilon_rdp: float | None = None
     delta_spent: float | None = None
@@ -106,6 +115,8 @@ class PrivacyLedger:
     def neighboring_relation(self) -> dp_accounting.NeighboringRelation:
         if self.unit == "client":
             return self.sampling.relation
+        if self.bands > 1:  # equal-size cyclic groups: zero-out (see privacy.correlated)
+            return dp_accounting.NeighboringRelation.REPLACE_SPECIAL
         return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
     def events(self, accountant: str | None = None) -> list[dp_accounting.DpEvent]:
@@ -138,6 +149,19 @@ class PrivacyLedger:
         ):
             if r == 0:  # never took part: nothing about its data was released
                 out.append(dp_accounting.NoOpDpEvent())
+                continue
+            if self.bands > 1:
+                out.append(
+                    correlated.sample_event(
+                        float(sigma),
+                        int(r) * self.steps_per_round,
+                        bands=self.bands,
+                        rate=float(q),
+                        group=correlated.group_size(int(n), self.bands),
+                        max_batch_size=int(self.max_batch_size),
+                        accountant=accountant,
+                    )
+                )
                 continue
             trunc = accounting.Truncation(int(n), int(self.max_batch_size))
             step = accounting._step_event(float(sigma), float(q), trunc, accountant)

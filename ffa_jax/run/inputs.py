@@ -28,7 +28,9 @@ def client_batches(
     gathered (a Flower client gathers only its own, ``slots=[k]``). With ``slots`` (``[P]``
     client of each slot, -1 = dummy; see :func:`round_inputs`) only those batches are
     gathered, ``[P, S, B_max, ...]``, and dummy slots are fully masked. ``"_dropped"`` counts
-    the sampled examples that did not fit B_max over all K clients.
+    the sampled examples that did not fit B_max over all K clients. Under sample-level BandMF
+    (``prep.sample_groups``) step s of round r samples only from group ``(r x local_steps +
+    s) mod bands`` of each client, at the per-group rate.
     """
     cfg = prep.cfg
     rng = secret_lib.numpy_rng(prep.secret, SAMPLER_PURPOSE, round_idx)
@@ -38,6 +40,9 @@ def client_batches(
         prep.sampling_rates,
         cfg.federated.local_steps,
         prep.max_batch_size,
+        # Sample-level BandMF: cyclic Poisson over each client's groups, by its step number.
+        groups=prep.sample_groups,
+        first_step=round_idx * cfg.federated.local_steps,
     )
     parts = prep.client_indices
     if slots is not None:

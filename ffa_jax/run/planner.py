@@ -46,10 +46,12 @@ class PrivacyPlan:
         epsilon after each round (max over units): the target under PLD, which accounts the
         truncation of Poisson batches (or of the client sample) exactly; under RDP the target
         plus the truncation's term (:func:`ffa_jax.privacy.accounting.rdp_delta_curve`).
-      mechanism, bands: ``privacy.mechanism`` / ``privacy.bands`` (client-level noise).
-      noise_comparison: client-level: mechanism -> noise multiplier and expected error of the
-        summed server noise (:func:`noise_comparison`), both mechanisms side by side at this
-        plan's epsilon when ``mechanism=banded_mf``; empty otherwise.
+      mechanism, bands: ``privacy.mechanism`` / ``privacy.bands`` (the server's noise under
+        ``client``; each client's DP-SGD noise under ``sample``, where ``sampling_rates``
+        are then the per-group rates B / (n_k // bands) of cyclic Poisson sampling).
+      noise_comparison: mechanism -> noise multiplier and expected error of the summed noise
+        (:func:`noise_comparison`, :func:`sample_noise_comparison`), both mechanisms side by
+        side at this plan's epsilon when ``mechanism=banded_mf``; empty otherwise.
     """
 
     unit: str
@@ -140,6 +142,7 @@ class PrivacyPlan:
             max_clients_per_round=int(self.sampling.max_clients),
             client_noise_multiplier=float(self.client_noise_multiplier),
             cycle_length=int(self.sampling.cycle_length),
+            bands=int(self.bands) if self.unit == "sample" else 1,
             epsilon_spent=(self.epsilon_after(rounds_done) if self.private else math.inf),
             epsilon_pld=eps("pld"),
             epsilon_rdp=eps("rdp"),
@@ -189,6 +192,10 @@ class PrivacyPlan:
             out["max_batch_size"] = self.max_batch_size
             out["client_epsilon"] = [num(e) for e in self.client_epsilon]
             out["overflow_probability_per_step"] = [float(p) for p in self.overflow_probability]
+            out["mechanism"] = self.mechanism
+            out["bands"] = int(self.bands)
+            if self.noise_comparison:
+                out["noise_comparison"] = self.noise_comparison
         return out
 
 
@@ -197,6 +204,8 @@ def _relation_text(plan: PrivacyPlan) -> str:
         return "none"
     if plan.unit == "client":
         return plan.sampling.relation_text
+    if plan.bands > 1:
+        return "zero-out one example of one client (sample-level BandMF, n_k public)"
     return "add/remove one example of one client"
 
 
@@ -225,10 +234,21 @@ def sample_level_plan(
     participation: np.ndarray | None = None,
     sampling: client_level.ClientSampling | None = None,
     noise_multipliers: Sequence[float] | None = None,
+    bands: int = 1,
+    mechanism: str = "gaussian",
+    compare: bool = True,
 ) -> PrivacyPlan:
     """Calibrates sigma_k for every client so that each spends exactly ``epsilon`` over the
     rounds it takes part in (or, with a fixed ``noise_multiplier`` / ``noise_multipliers``,
     reports what it spends).
+
+    ``mechanism="banded_mf"`` with ``bands`` b > 1 (sample-level BandMF, every client in
+    every round): client k's steps use cyclic Poisson batches from b groups of n_k // b at
+    the per-group rate p_k = B / (n_k // b), and its epsilon is jax-privacy's amplified BandMF
+    event's (ceil(steps / b) compositions, :func:`ffa_jax.privacy.correlated.sample_event`;
+    zero-out relation). With b = 1 everything equals the Gaussian plan. ``compare``: also
+    fill ``noise_comparison`` (BandMF only; costs one more calibration, of the Gaussian
+    sigma of the binding client).
 
     Each client has its own sampling rate ``q_k = batch_size / n_k`` and its own number of
     rounds ``c_k`` (``participation``, default: every round), hence its own sigma_k: every
@@ -247,14 +267,19 @@ def sample_level_plan(
         participation = np.ones((rounds, k), dtype=bool)
     participation = np.asarray(participation, dtype=bool)
     sampling = sampling or _full_sampling(k)
-    q = batch_size / sizes
+    bands = int(bands)
+    if bands > 1:
+        correlated.check_sample_bands(batch_size, sizes, bands, rounds * local_steps)
+    # Accounting's dataset per step: the client (b = 1) or one of its b groups.
+    groups = np.array([correlated.group_size(int(n), bands) for n in sizes], np.int64)
+    q = batch_size / groups
     private = (
         math.isfinite(epsilon) or noise_multiplier is not None or noise_multipliers is not None
     )
     overflow = np.array(
         [
             accounting.overflow_probability(int(n), float(qk), max_batch_size)
-            for n, qk in zip(sizes, q, strict=True)
+            for n, qk in zip(groups, q, strict=True)
         ]
     )
     common = dict(
@@ -269,6 +294,8 @@ def sample_level_plan(
         overflow_probability=overflow,
         delta=delta,
         accountant=accountant,
+        mechanism=mechanism,
+        bands=bands,
     )
     if not private:
         inf = np.full(rounds, math.inf)
@@ -280,7 +307,7 @@ def sample_level_plan(
             **common,
         )
     counts = np.maximum(participation.sum(axis=0), 1)  # a client that never takes part: 1
-    truncs = [accounting.Truncation(int(n), int(max_batch_size)) for n in sizes]
+    truncs = [accounting.Truncation(int(n), int(max_batch_size)) for n in groups]
     if noise_multipliers is not None:
         sigmas = np.asarray(noise_multipliers, np.float64)
     elif noise_multiplier is not None:
@@ -289,7 +316,12 @@ def sample_level_plan(
         sigmas = np.array(
             [
                 accounting.calibrate_noise_multiplier(
-                    epsilon, delta, float(qk), int(c) * local_steps, accountant, truncation=t
+                    epsilon,
+                    delta,
+                    float(qk),
+                    correlated.compositions(int(c) * local_steps, bands),
+                    accountant,
+                    truncation=t,
                 )
                 for qk, c, t in zip(q, counts, truncs, strict=True)
             ]
@@ -298,9 +330,7 @@ def sample_level_plan(
     for acc in accounting.ACCOUNTANTS:
         eps_rows, delta_rows = [], []
         for i, (s, qk, c, t) in enumerate(zip(sigmas, q, counts, truncs, strict=True)):
-            own = accounting.epsilon_curve(
-                float(s), float(qk), local_steps, int(c), delta, acc, truncation=t
-            )
+            own = _own_curve(float(s), float(qk), local_steps, int(c), delta, acc, t, bands)
             # PLD accounts the truncation in epsilon; RDP in delta.
             own_delta = (
                 accounting.rdp_delta_curve(own, float(qk), local_steps, delta, t)
@@ -314,14 +344,84 @@ def sample_level_plan(
         deltas[acc] = np.stack(delta_rows).max(axis=0)
         if acc == accountant:
             client_eps = per_client[:, -1]
+    comparison = {}
+    if mechanism == "banded_mf" and compare:
+        bind = int(np.argmax(client_eps))
+        comparison = sample_noise_comparison(
+            float(client_eps[bind]),
+            delta,
+            client_size=int(sizes[bind]),
+            batch_size=batch_size,
+            max_batch_size=max_batch_size,
+            steps=int(counts[bind]) * local_steps,
+            bands=bands,
+            accountant=accountant,
+            z_banded=float(sigmas[bind]),
+        )
     return PrivacyPlan(
         noise_multipliers=sigmas,
         curves=curves,
         client_epsilon=client_eps,
         private=True,
         deltas=deltas,
+        noise_comparison=comparison,
         **common,
     )
+
+
+def _own_curve(sigma, q, local_steps, rounds, delta, acc, trunc, bands) -> np.ndarray:
+    """``[rounds]`` epsilon of one client after each of its rounds: the DP-SGD curve
+    (b = 1), or, under sample-level BandMF, the curve over ceil(steps / b) compositions
+    read at ceil(r x local_steps / b) after round r."""
+    if bands == 1:
+        return accounting.epsilon_curve(sigma, q, local_steps, rounds, delta, acc, truncation=trunc)
+    total = correlated.compositions(rounds * local_steps, bands)
+    per_comp = accounting.epsilon_curve(sigma, q, 1, total, delta, acc, truncation=trunc)
+    idx = [correlated.compositions((r + 1) * local_steps, bands) - 1 for r in range(rounds)]
+    return np.asarray(per_comp)[idx]
+
+
+def sample_noise_comparison(
+    epsilon: float,
+    delta: float,
+    *,
+    client_size: int,
+    batch_size: float,
+    max_batch_size: int,
+    steps: int,
+    bands: int,
+    accountant: str,
+    z_banded: float,
+) -> dict[str, dict[str, float]]:
+    """Sample level, one client (the binding one): both mechanisms at the same (epsilon,
+    delta) over its ``steps`` local steps: ``gaussian`` (independent noise, Poisson batches
+    at q = B / n, sigma calibrated here) and ``banded_mf`` (``z_banded``, cyclic Poisson over
+    ``bands`` groups). Same keys as :func:`noise_comparison`; the stds are per coordinate of
+    the SUM of the clipped gradient sums over the steps, in units of privacy.clip_norm C
+    (divide by the expected batch size for the sum of the noisy gradients)."""
+    z_gauss = (
+        z_banded
+        if bands == 1
+        else accounting.calibrate_noise_multiplier(
+            epsilon,
+            delta,
+            batch_size / client_size,
+            steps,
+            accountant,
+            truncation=accounting.Truncation(int(client_size), int(max_batch_size)),
+        )
+    )
+    out = {}
+    for name, z, b in (("gaussian", z_gauss, 1), ("banded_mf", z_banded, bands)):
+        err = correlated.summed_noise_std(z, steps, b)
+        out[name] = {
+            "noise_multiplier": float(z),
+            "bands": int(b),
+            "summed_noise_std_final": err["final"],
+            "summed_noise_std_rms": err["rms"],
+            "per_round_noise_std": err["per_round"],
+        }
+    return out
 
 
 def client_level_plan(
@@ -442,7 +542,9 @@ def client_sampling(cfg: RunConfig) -> client_level.ClientSampling:
     length b (``privacy.bands`` under ``privacy.mechanism=banded_mf``, else 1)."""
     fed = cfg.federated
     m = fed.participants
-    b = cfg.privacy.bands if cfg.privacy.mechanism == "banded_mf" else 1
+    # Cyclic client sampling under client-level BandMF only (sample-level cycles examples).
+    banded_clients = cfg.privacy.mechanism == "banded_mf" and cfg.privacy.unit == "client"
+    b = cfg.privacy.bands if banded_clients else 1
     return client_level.ClientSampling(
         fed.clients,
         m,
@@ -506,6 +608,8 @@ def make_plan(
     return sample_level_plan(
         noise_multiplier=priv.noise_multiplier,
         noise_multipliers=ledger.noise_multipliers if fixed else None,
+        bands=priv.bands if priv.enabled else 1,
+        mechanism=priv.mechanism if priv.enabled else "gaussian",
         **common,
     )
 
@@ -579,16 +683,21 @@ def alternatives(
                     epsilon, plan.delta, alt, r, plan.accountant
                 )
         else:
-            q = min(1.0, b / n)
+            if plan.bands > 1 and mm < n_clients:
+                continue  # sample-level BandMF needs every client in every round
+            # Sample-level BandMF: one of the client's `bands` groups per step (bands = 1:
+            # the whole client), ceil(steps / bands) compositions.
+            q = min(1.0, b / correlated.group_size(n, plan.bands))
             part = participation_lib.schedule(seed, r, n_clients, mm, smp.sampling)[:, k]
             steps = max(int(part.sum()), 1) * s
             row.update(sampling_rate=q, steps=steps)
+            composed = correlated.compositions(steps, plan.bands)
             row["epsilon_at_current_sigma"] = accounting.epsilon_spent(
-                sigma_now, q, steps, plan.delta, plan.accountant
+                sigma_now, q, composed, plan.delta, plan.accountant
             )
             if math.isfinite(epsilon):
                 row["sigma_for_target"] = accounting.calibrate_noise_multiplier(
-                    epsilon, plan.delta, q, steps, plan.accountant
+                    epsilon, plan.delta, q, composed, plan.accountant
                 )
         rows.append(row)
     return rows
@@ -627,20 +736,7 @@ def format_plan(plan: PrivacyPlan, alt: list[dict[str, Any]], every: int | None 
             f"epsilon = {plan.epsilon:.4f} at delta = {holds:.3g} ({plan.accountant}); "
             f"{other}: {other_txt}",
         ]
-        if plan.noise_comparison:
-            lines += [
-                "",
-                f"noise mechanisms at epsilon = {plan.epsilon:.4f} (std per coordinate of the "
-                "summed server noise, x privacy.client_clip_norm):",
-                "mechanism   bands   noise multiplier   one round   sum over all rounds"
-                "   RMS over prefix sums",
-            ]
-            for name, row in plan.noise_comparison.items():
-                lines.append(
-                    f"{name:<11} {row['bands']:5d} {row['noise_multiplier']:18.4f}"
-                    f" {row['per_round_noise_std']:11.3f} {row['summed_noise_std_final']:21.3f}"
-                    f" {row['summed_noise_std_rms']:22.3f}"
-                )
+        lines += _comparison_lines(plan, "summed server noise, x privacy.client_clip_norm")
     else:
         lines = [
             f"Sample-level DP per client ({plan.accountant.upper()} accountant, delta={plan.delta:g}), "
@@ -657,6 +753,15 @@ def format_plan(plan: PrivacyPlan, alt: list[dict[str, Any]], every: int | None 
                 f" {plan.noise_multipliers[i]:18.4f} {plan.overflow_probability[i]:15.2e}"
                 f" {plan.client_epsilon[i]:15.4f}"
             )
+        if plan.bands > 1:
+            lines[1:1] = [
+                f"sample-level BandMF: {plan.bands} bands, cyclic Poisson batches from "
+                f"{plan.bands} groups of n // {plan.bands} examples per client (q = the rate "
+                "within a group); neighbours: zero-out one example"
+            ]
+        lines += _comparison_lines(
+            plan, "noise summed over the binding client's steps, x privacy.clip_norm"
+        )
     if holds is not None and holds > plan.delta * (1 + 1e-9):
         lines += [
             "",
@@ -686,6 +791,26 @@ def format_plan(plan: PrivacyPlan, alt: list[dict[str, Any]], every: int | None 
                 f" {row['epsilon_at_current_sigma']:22.4f}"
             )
     return "\n".join(lines)
+
+
+def _comparison_lines(plan: PrivacyPlan, what: str) -> list[str]:
+    """The side-by-side table of :attr:`PrivacyPlan.noise_comparison` (none if empty)."""
+    if not plan.noise_comparison:
+        return []
+    one, all_ = ("one round", "rounds") if plan.unit == "client" else (" one step", "steps ")
+    lines = [
+        "",
+        f"noise mechanisms at epsilon = {plan.epsilon:.4f} (std per coordinate of the {what}):",
+        f"mechanism   bands   noise multiplier   {one}   sum over all {all_}"
+        "   RMS over prefix sums",
+    ]
+    for name, row in plan.noise_comparison.items():
+        lines.append(
+            f"{name:<11} {row['bands']:5d} {row['noise_multiplier']:18.4f}"
+            f" {row['per_round_noise_std']:11.3f} {row['summed_noise_std_final']:21.3f}"
+            f" {row['summed_noise_std_rms']:22.3f}"
+        )
+    return lines
 
 
 def plot_curve(plan: PrivacyPlan, path) -> None:

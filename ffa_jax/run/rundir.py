@@ -396,8 +396,14 @@ def privacy_line(prep: Prepared) -> str:
             f"client-level DP (DP-FedAvg): {who}, z={plan.client_noise_multiplier:.4f}, "
             f"S={cfg.privacy.client_clip_norm:g}, {plan.rounds} rounds -> {eps}"
         )
+    what = "DP-SGD"
+    if plan.mechanism == "banded_mf":
+        what = (
+            f"BandMF DP-SGD ({plan.bands} bands, correlated noise over each client's steps, "
+            "cyclic Poisson batches; q = rate within a group)"
+        )
     return (
-        f"sample-level DP-SGD per client: {who}, "
+        f"sample-level {what} per client: {who}, "
         f"sigma={np.round(plan.noise_multipliers, 4).tolist()} "
         f"q={np.round(plan.sampling_rates, 5).tolist()} "
         f"rounds taken part={plan.rounds_participated.tolist()} x {cfg.federated.local_steps} "

@@ -16,11 +16,13 @@ from ffa_jax import distributed, lora, workloads, xla_options
 from ffa_jax import perf as perf_lib
 from ffa_jax.config import RunConfig
 from ffa_jax.data import partition
+from ffa_jax.data.batching import cyclic_partition
 from ffa_jax.data.clients import client_splits
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated import modes
 from ffa_jax.federated.client import make_client_optimizer, make_client_update
 from ffa_jax.federated.round import (
+    SERVER_KEY_ID,
     banded_noise_key,
     choose_devices,
     client_mesh,
@@ -29,7 +31,7 @@ from ffa_jax.federated.round import (
 )
 from ffa_jax.federated.server import ServerState, make_server_optimizer, server_init
 from ffa_jax.privacy import secret as secret_lib
-from ffa_jax.privacy.correlated import BandedNoise
+from ffa_jax.privacy.correlated import BandedNoise, client_noise_init
 from ffa_jax.privacy.ledger import PrivacyLedger
 from ffa_jax.run import planner
 from ffa_jax.types import PyTree
@@ -49,6 +51,11 @@ KEY_TRAIN = 2  # secret: DP noise (round, client and step are folded in by the r
 SAMPLER_PURPOSE = 3  # secret: host-side Poisson sampling
 # participation.PARTICIPATION_PURPOSE = 4: host-side draw of each round's clients
 # run.audit.AUDIT_PURPOSE = 5: the privacy audit's canaries (ffa-jax audit)
+CYCLIC_PARTITION_PURPOSE = 6  # secret: sample-level BandMF's split of each client into groups
+
+# Second fold-in of the per-client BandMF noise streams' keys (after SERVER_KEY_ID, never a
+# round index): distinct from the server's stream (SERVER_KEY_ID, SERVER_KEY_ID).
+CLIENT_STREAMS_ID = SERVER_KEY_ID - 1
 
 
 @dataclasses.dataclass
@@ -89,6 +96,9 @@ class Prepared:
     # empty: none) and its evaluator (``evaluate(params) -> {"val_*": ...}``, None: none).
     validation_indices: np.ndarray | None = None
     evaluate_validation: Any = None
+    # Sample-level BandMF with bands b > 1: each client's cyclic Poisson groups, ``[b, n_k //
+    # b]`` client-local indices (from the run's secret); None: every example every step.
+    sample_groups: list[np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
 
 def root_key(cfg: RunConfig) -> jax.Array:
@@ -172,7 +182,18 @@ def prepare(
         sigmas = np.full(len(sizes), np.nan)
         eps_curve = np.full(cfg.federated.rounds, np.nan)
 
+    sample_groups = None
+    if sample_banded_noise(cfg) is not None and cfg.privacy.bands > 1:
+        sample_groups = [
+            cyclic_partition(
+                secret_lib.numpy_rng(secret, CYCLIC_PARTITION_PURPOSE, k),
+                int(n),
+                cfg.privacy.bands,
+            )
+            for k, n in enumerate(sizes)
+        ]
     return Prepared(
+        sample_groups=sample_groups,
         cfg=cfg,
         workload=wl,
         data=wl.data,
@@ -246,6 +267,7 @@ def build_client_update(prep: Prepared):
         # Client-level DP clips and noises whole updates at the server: clients run plain SGD.
         private=unit(cfg) == "sample",
         microbatch_size=cfg.perf.microbatch_size or None,
+        banded_noise=sample_banded_noise(cfg),
     )
 
 
@@ -333,6 +355,7 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
         lora_key=lora_key(cfg),
         a_init=cfg.lora.a_init,
         client_ranks=cfg.lora.client_ranks,
+        client_noise=sample_banded_noise(cfg) is not None,
     )
     return fn, server_opt
 
@@ -345,11 +368,40 @@ def banded_noise(cfg: RunConfig) -> BandedNoise | None:
     return None
 
 
+def sample_banded_noise(cfg: RunConfig) -> BandedNoise | None:
+    """Each client's correlated DP-SGD noise (``privacy.mechanism=banded_mf`` under
+    sample-level DP: a strategy for ``federated.rounds x federated.local_steps`` steps and
+    ``privacy.bands`` bands), else None."""
+    if unit(cfg) == "sample" and cfg.privacy.mechanism == "banded_mf":
+        return BandedNoise(cfg.federated.rounds * cfg.federated.local_steps, cfg.privacy.bands)
+    return None
+
+
+def client_noise_keys(key: jax.Array, num_clients: int) -> jax.Array:
+    """``[num_clients]`` initial keys of the clients' sample-level BandMF noise streams, from
+    the run's training ``key`` (its secret): client k's is ``fold_in(fold_in(fold_in(key,
+    SERVER_KEY_ID), CLIENT_STREAMS_ID), k)``, shared with no round, client step or server
+    stream (those fold a round index < SERVER_KEY_ID first, or SERVER_KEY_ID twice)."""
+    base = jax.random.fold_in(jax.random.fold_in(key, SERVER_KEY_ID), CLIENT_STREAMS_ID)
+    return jax.vmap(lambda k: jax.random.fold_in(base, k))(jax.numpy.arange(num_clients))
+
+
 def init_server_state(prep: Prepared, server_opt) -> ServerState:
     """The server state before round 0 (on the host). Under ``banded_mf`` it holds the
-    correlated-noise state, keyed from the run's secret (:func:`train_key`), never ``seed``."""
+    correlated-noise state, keyed from the run's secret (:func:`train_key`), never ``seed``:
+    the server's stream (``unit=client``), or (``unit=sample``) every client's own stream
+    stacked on a client axis (leaves ``[N, ...]``; in a simulation the run holds them for
+    the clients, as FedSA-LoRA's own B: never aggregated, never sent, saved only in the
+    owner-only checkpoints)."""
     noise = banded_noise(prep.cfg)
-    state = () if noise is None else noise.init(prep.trainable, banded_noise_key(train_key(prep)))
+    per_client = sample_banded_noise(prep.cfg)
+    if noise is not None:
+        state = noise.init(prep.trainable, banded_noise_key(train_key(prep)))
+    elif per_client is not None:
+        keys = client_noise_keys(train_key(prep), len(prep.client_indices))
+        state = client_noise_init(per_client, prep.trainable, keys)
+    else:
+        state = ()
     # lora.mode's extra server state (FedEx/FLoRA base deltas, FedSVD's A, FedSA's client B).
     return jax.device_get(
         modes.init_state(

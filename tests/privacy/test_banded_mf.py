@@ -212,7 +212,9 @@ BASE = ["privacy.unit=client", "federated.clients=21", "federated.clients_per_ro
          "privacy.bands"),  # 2 clients x 11 bands > 21 clients
         (["privacy.mechanism=banded_mf", "privacy.bands=2", "federated.clients_per_round=null"],
          "privacy.bands"),  # full participation: only bands=1
-        (["privacy.mechanism=banded_mf", "privacy.unit=sample"], "privacy.mechanism"),
+        # Sample level needs every client every round (BASE samples 2 of 21).
+        (["privacy.mechanism=banded_mf", "privacy.unit=sample"],
+         "federated.clients_per_round"),
         (["privacy.mechanism=banded_mf", "privacy.epsilon=inf"], "privacy.mechanism"),
         (["privacy.bands=3"], "privacy.bands"),  # bands with the gaussian mechanism
         (["privacy.mechanism=toeplitz"], "privacy.mechanism"),
@@ -223,9 +225,17 @@ def test_bad_banded_mf_configs_raise_config_error_naming_the_field(overrides, fi
         load_config(None, [*BASE, *overrides])
 
 
-def test_sample_level_banded_mf_says_it_is_planned():
-    with pytest.raises(ConfigError, match="planned"):
-        load_config(None, [*BASE, "privacy.mechanism=banded_mf", "privacy.unit=sample"])
+def test_sample_level_banded_mf_is_accepted_with_every_client_every_round():
+    # (Its own tests: tests/privacy/test_sample_banded_mf.py.)
+    full = [
+        "privacy.unit=sample",
+        "federated.clients=21",
+        "federated.clients_per_round=null",
+        "privacy.mechanism=banded_mf",
+        "privacy.bands=4",
+    ]
+    cfg = load_config(None, full)
+    assert cfg.privacy.unit == "sample" and cfg.privacy.bands == 4
 
 
 def test_resume_that_changes_rounds_under_banded_mf_is_refused():
