@@ -25,7 +25,7 @@ import pytest
 from ffa_jax import cli
 from ffa_jax.config import load_config
 from ffa_jax.federated.client import DpParams, make_client_update
-from ffa_jax.federated.round import make_round
+from ffa_jax.federated.round import RoundInputs, make_round
 from ffa_jax.federated.server import ServerDpParams, server_init
 from ffa_jax.run import audit as audit_lib
 from tests._tiny import compilation_cache, tiny_model_dir, tiny_overrides
@@ -72,9 +72,11 @@ def test_sample_level_hook_adds_exactly_the_canary_sums_and_nothing_by_default(c
     frozen = {"c": jnp.zeros(())}
     key = jax.random.key(1)
     batches, weights, ids, dp = _toy(1.0)
-    s0, m0 = plain(state, frozen, batches, weights, ids, dp, key)
+    s0, m0 = plain(state, frozen, RoundInputs(batches, weights, ids, dp), key)
     zero = {"w": jnp.zeros((K, S, D))}
-    s1, m1, rel = audited(state, frozen, batches, weights, ids, dp, key, extra_grad_sums=zero)
+    s1, m1, rel = audited(
+        state, frozen, RoundInputs(batches, weights, ids, dp, extra_grad_sums=zero), key
+    )
     # Zero canaries: bit-identical to the round without the hook (noise keys included).
     assert _leaves_equal(s0, s1) and _leaves_equal(m0, m1)
     assert np.allclose(np.mean(rel.deltas["w"], 0), rel.mean_delta["w"])
@@ -82,8 +84,12 @@ def test_sample_level_hook_adds_exactly_the_canary_sums_and_nothing_by_default(c
     batches, weights, ids, dp = _toy(0.0)
     g = jax.random.normal(jax.random.key(2), (S, D))
     extra = {"w": jnp.zeros((K, S, D)).at[2].set(g)}
-    _, _, base = audited(state, frozen, batches, weights, ids, dp, key, extra_grad_sums=zero)
-    _, _, rel = audited(state, frozen, batches, weights, ids, dp, key, extra_grad_sums=extra)
+    _, _, base = audited(
+        state, frozen, RoundInputs(batches, weights, ids, dp, extra_grad_sums=zero), key
+    )
+    _, _, rel = audited(
+        state, frozen, RoundInputs(batches, weights, ids, dp, extra_grad_sums=extra), key
+    )
     moved = np.asarray(rel.deltas["w"] - base.deltas["w"])
     np.testing.assert_allclose(moved[2], -LR * np.asarray(g).sum(0) / 4.0, atol=1e-6)
     assert np.all(moved[[0, 1, 3]] == 0)
@@ -99,17 +105,19 @@ def test_client_level_hook_adds_the_canary_update_before_the_server_noise():
     batches, weights, ids, dp = _toy(0.0)
     key = jax.random.key(1)
     noisy = ServerDpParams(jnp.float32(0.3), jnp.float32(1.0), jnp.float32(3.0))
-    s0, _ = plain(state, frozen, batches, weights, ids, dp, key, noisy)
+    s0, _ = plain(state, frozen, RoundInputs(batches, weights, ids, dp, noisy), key)
     zero = {"w": jnp.zeros(D)}
-    s1, _, _ = audited(state, frozen, batches, weights, ids, dp, key, noisy, extra_update_sum=zero)
+    s1, _, _ = audited(
+        state, frozen, RoundInputs(batches, weights, ids, dp, noisy, extra_update_sum=zero), key
+    )
     assert _leaves_equal(s0, s1)
     quiet = noisy._replace(noise_multiplier=jnp.float32(0.0))
     u = jnp.arange(D, dtype=jnp.float32)
     _, _, base = audited(
-        state, frozen, batches, weights, ids, dp, key, quiet, extra_update_sum=zero
+        state, frozen, RoundInputs(batches, weights, ids, dp, quiet, extra_update_sum=zero), key
     )
     _, _, rel = audited(
-        state, frozen, batches, weights, ids, dp, key, quiet, extra_update_sum={"w": u}
+        state, frozen, RoundInputs(batches, weights, ids, dp, quiet, extra_update_sum={"w": u}), key
     )
     np.testing.assert_allclose(rel.mean_delta["w"] - base.mean_delta["w"], u / 3.0, atol=1e-6)
 

@@ -151,9 +151,10 @@ def test_no_two_round_client_step_triples_share_a_noise_key(env, tmp_path):
     for r in range(cfg.federated.rounds):
         inp = train_lib.round_inputs(prep, r)
         real = inp.slots >= 0
-        np.testing.assert_array_equal(inp.client_ids[real], inp.slots[real])
+        client_ids = inp.inputs.client_ids
+        np.testing.assert_array_equal(client_ids[real], inp.slots[real])
         add(server_noise_key(key, r), ("server", r))
-        for cid in inp.client_ids.tolist():
+        for cid in client_ids.tolist():
             for s in range(cfg.federated.local_steps):
                 add(step_noise_key(client_key(key, r, cid), s), ("step", r, cid, s))
     assert len(seen) == 5 * (1 + prep.plan.sampling.max_clients * cfg.federated.local_steps)

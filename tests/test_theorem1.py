@@ -15,7 +15,7 @@ import pytest
 from ffa_jax import lora
 from ffa_jax.config import LoRAConfig, ServerConfig
 from ffa_jax.federated.client import DpParams, make_client_update
-from ffa_jax.federated.round import make_round
+from ffa_jax.federated.round import RoundInputs, make_round
 from ffa_jax.federated.server import make_server_optimizer, server_init
 from tests.federated.test_round import D_IN, Tiny, loss_fn_for, make_batches
 
@@ -40,10 +40,7 @@ def _trajectory(mode, alpha, lr, clip, rounds=3, private=True):
         state, _ = round_fn(
             state,
             frozen,
-            make_batches(K, 3, 8, seed=r),
-            jnp.ones(K),
-            jnp.arange(K),
-            dp,
+            RoundInputs(make_batches(K, 3, 8, seed=r), jnp.ones(K), jnp.arange(K), dp),
             jax.random.key(7),
         )
         full = lora.merge(lora.combine(state.trainable, frozen))

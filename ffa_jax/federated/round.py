@@ -76,6 +76,46 @@ class RoundReleases(NamedTuple):
     client_states: PyTree = None
 
 
+class RoundInputs(NamedTuple):
+    """Everything one round needs besides the server state, the frozen tree and the key: a
+    pytree (a NamedTuple), passed whole to the jitted ``round_fn(state, frozen, inputs, key)``.
+
+    K is the number of client slots of the round (participants first, then zero-weight
+    dummies), S the local steps, B_max the fixed batch capacity. Every array is a runtime
+    value: a new round with the same shapes never recompiles. A field left None has no
+    leaves, so the round traces exactly as if the field did not exist.
+
+    Attributes:
+      batches: dict of ``[K, S, B_max, ...]`` arrays with ``"mask"`` ``[K, S, B_max]`` (bool).
+      weights: ``[K]`` float32 aggregation weights (0 for dummy or non-participating clients;
+        participation indicators in {0, 1} under client-level DP).
+      client_ids: ``[K]`` int32 global client ids (fold into the PRNG key).
+      dp: :class:`~ffa_jax.federated.client.DpParams` with ``[K]`` leaves (sample-level DP).
+      server_dp: :class:`~ffa_jax.federated.server.ServerDpParams` (scalar leaves), required
+        by a round built with ``client_level_dp``; ignored without.
+      extra_grad_sums: tree like ``state.trainable`` with leaves ``[K, S, ...]``, added to
+        each client's clipped gradient sum of each local step before its noise (the audit's
+        gradient canaries, see :func:`ffa_jax.federated.client.make_client_update`).
+      extra_update_sum: tree like ``state.trainable`` (no client axis), added to the sum of
+        clipped client updates before the server's noise (``client_level_dp`` only: the
+        audit's canary client updates, see :func:`ffa_jax.federated.server.dp_fedavg_aggregate`).
+      client_state: per-client state, leaves ``[K, ...]`` (what each participant keeps
+        between rounds, e.g. FedSA-LoRA's own B, see :mod:`ffa_jax.federated.modes`):
+        passed to the client update as its last argument, whose third output (the client's
+        new state) comes back in ``RoundReleases.client_states`` (``return_deltas``). It
+        is never aggregated.
+    """
+
+    batches: dict[str, jax.Array]
+    weights: jax.Array
+    client_ids: jax.Array
+    dp: DpParams
+    server_dp: ServerDpParams | None = None
+    extra_grad_sums: PyTree = None
+    extra_update_sum: PyTree = None
+    client_state: PyTree = None
+
+
 def client_mesh(num_devices: int | None = None, model_devices: int = 1) -> Mesh:
     """A ``clients x model`` mesh: ``num_devices`` rows of ``model_devices`` devices each.
 
@@ -269,8 +309,7 @@ def make_round(
 ) -> Callable[..., tuple[ServerState, RoundMetrics]]:
     """Builds the jitted ``round_fn``.
 
-    ``round_fn(state, frozen, batches, weights, client_ids, dp, key, server_dp=None,
-    extra_grad_sums=None, extra_update_sum=None, client_state=None) -> (state, RoundMetrics)``, or
+    ``round_fn(state, frozen, inputs, key) -> (state, RoundMetrics)``, or
     ``(state, RoundMetrics, RoundReleases)`` with ``return_deltas`` (what an adversary
     observes, for the privacy audit).
 
@@ -279,26 +318,13 @@ def make_round(
       frozen: the frozen tree (shared by all clients, never stacked); on a mesh with a
         ``model`` axis its large leaves are sharded over it (:func:`frozen_shardings`; place
         it once with :func:`place_frozen` to avoid a transfer per round).
-      batches: dict of ``[K, S, B_max, ...]`` arrays with ``"mask"`` ``[K, S, B_max]``.
-      weights: ``[K]`` aggregation weights (0 for dummy clients).
-      client_ids: ``[K]`` int32 global client ids (fold into the PRNG key).
-      dp: :class:`DpParams` with ``[K]`` leaves.
+      inputs: :class:`RoundInputs` (the clients' batches, weights, ids and DP parameters,
+        leading axis K, and the optional fields). With ``client_level_dp`` its
+        ``server_dp`` is required: each client's update is clipped to
+        ``server_dp.clip_norm`` and the server noises the sum (DP-FedAvg, see
+        :func:`ffa_jax.federated.server.dp_fedavg_aggregate`); ``weights`` must then be
+        participation indicators in {0, 1}.
       key: the run's training key (the round number is folded in here).
-      server_dp: :class:`ServerDpParams`, required when ``client_level_dp``: each client's
-        update is clipped to ``server_dp.clip_norm`` and the server noises the sum
-        (DP-FedAvg); ``weights`` must then be participation indicators in {0, 1}.
-      extra_grad_sums: optional tree like ``state.trainable`` with leaves ``[K, S, ...]``,
-        added to each client's clipped gradient sum of each local step before its noise (the
-        audit's gradient canaries, see :func:`ffa_jax.federated.client.make_client_update`).
-        None (the default) traces exactly the round without it.
-      extra_update_sum: optional tree like ``state.trainable`` (no client axis), added to the
-        sum of clipped client updates before the server's noise (``client_level_dp`` only: the
-        audit's canary client updates, see :func:`ffa_jax.federated.server.dp_fedavg_aggregate`).
-      client_state: optional per-client state, leaves ``[K, ...]`` (what each participant
-        keeps between rounds, e.g. FedSA-LoRA's own B, see :mod:`ffa_jax.federated.modes`):
-        passed to the client update as its last argument, whose third output (the client's
-        new state) comes back in ``RoundReleases.client_states`` (``return_deltas``). It is
-        never aggregated. None (the default) traces exactly the round without it.
 
     ``clients_per_chunk`` (0 = all K at once) and ``mesh`` (from :func:`client_mesh`) change
     memory and speed only; ``min_sharded_elements`` is the size threshold of
@@ -308,37 +334,31 @@ def make_round(
     noise is correlated over rounds (BandMF) and its state is ``state.noise``.
     """
 
-    def round_fn(
-        state: ServerState,
-        frozen,
-        batches,
-        weights,
-        client_ids,
-        dp: DpParams,
-        key,
-        server_dp: ServerDpParams | None = None,
-        extra_grad_sums=None,
-        extra_update_sum=None,
-        client_state=None,
-    ):
+    def round_fn(state: ServerState, frozen, inputs: RoundInputs, key):
+        batches, weights, dp = inputs.batches, inputs.weights, inputs.dp
+        client_ids, server_dp = inputs.client_ids, inputs.server_dp
+        extra_grad_sums, extra_update_sum = inputs.extra_grad_sums, inputs.extra_update_sum
+        client_state = inputs.client_state
         num_clients = weights.shape[0]
         chunk = clients_per_chunk or num_clients
         pad = (-num_clients) % chunk
         keys = jax.vmap(lambda i: client_key(key, state.round, i))(client_ids)
 
-        inputs = (
+        client_args = (
             _pad_clients(batches, pad),
             _pad_clients(dp, pad, 1),  # expected batch 1 keeps dummy clients finite
             _pad_clients(keys, pad),
         )
         if extra_grad_sums is not None or client_state is not None:
             extra = None if extra_grad_sums is None else _pad_clients(extra_grad_sums, pad)
-            inputs = (*inputs, extra)
+            client_args = (*client_args, extra)
         if client_state is not None:
-            inputs = (*inputs, _pad_clients(client_state, pad))
+            client_args = (*client_args, _pad_clients(client_state, pad))
         weights_p = _pad_clients(weights, pad)
         if mesh is not None:
-            inputs = jax.lax.with_sharding_constraint(inputs, NamedSharding(mesh, P(CLIENTS_AXIS)))
+            client_args = jax.lax.with_sharding_constraint(
+                client_args, NamedSharding(mesh, P(CLIENTS_AXIS))
+            )
             # Replicated, or fsdp-sharded over the model axis: GSPMD gathers each weight
             # where it is used, so no device ever holds the whole frozen tree at rest.
             frozen = jax.lax.with_sharding_constraint(
@@ -353,11 +373,11 @@ def make_round(
                 out = client_update(trainable, frozen_, *one)
                 return jax.tree_util.tree_map(lambda x: x[None], out)
         else:
-            run_chunk = jax.vmap(client_update, in_axes=(None, None) + (0,) * len(inputs))
+            run_chunk = jax.vmap(client_update, in_axes=(None, None) + (0,) * len(client_args))
         if chunk == num_clients + pad:
-            outs = run_chunk(state.trainable, frozen, *inputs)
+            outs = run_chunk(state.trainable, frozen, *client_args)
         else:
-            chunked = _to_chunks(inputs, chunk)
+            chunked = _to_chunks(client_args, chunk)
             if mesh is not None:
                 chunked = jax.lax.with_sharding_constraint(
                     chunked, NamedSharding(mesh, P(None, CLIENTS_AXIS))

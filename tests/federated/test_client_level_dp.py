@@ -10,7 +10,7 @@ import pytest
 
 from ffa_jax.config import ServerConfig
 from ffa_jax.federated.client import make_client_update, step_noise_key
-from ffa_jax.federated.round import client_key, make_round, server_noise_key
+from ffa_jax.federated.round import RoundInputs, client_key, make_round, server_noise_key
 from ffa_jax.federated.server import (
     ServerDpParams,
     clip_updates,
@@ -79,7 +79,9 @@ def test_round_with_client_level_dp_compiles_once_and_matches_manual():
     state = server_init(trainable, opt)
     batches = make_batches(K, 2, 8)
     sdp = _sdp(0.05, 1.0, 3.0)
-    new, _ = round_fn(state, frozen, batches, jnp.ones(K), jnp.arange(K), dp_params(K), key, sdp)
+    new, _ = round_fn(
+        state, frozen, RoundInputs(batches, jnp.ones(K), jnp.arange(K), dp_params(K), sdp), key
+    )
     deltas = []
     for k in range(K):
         bk = jax.tree_util.tree_map(lambda x, k=k: x[k], batches)
@@ -96,12 +98,14 @@ def test_round_with_client_level_dp_compiles_once_and_matches_manual():
         new, _ = round_fn(
             new,
             frozen,
-            make_batches(K, 2, 8, seed=r + 1),
-            jnp.array([1.0, 0.0, 1.0]),
-            jnp.arange(K),
-            dp_params(K),
+            RoundInputs(
+                make_batches(K, 2, 8, seed=r + 1),
+                jnp.array([1.0, 0.0, 1.0]),
+                jnp.arange(K),
+                dp_params(K),
+                _sdp(0.1 * (r + 1), 0.5, 2.0),
+            ),
             key,
-            _sdp(0.1 * (r + 1), 0.5, 2.0),
         )
     assert round_fn._cache_size() == 1
 
@@ -147,7 +151,7 @@ def test_idle_chunks_are_skipped_without_changing_results(client_level, chunk):
     weights = jnp.asarray(real, jnp.float32)
     ids = jnp.asarray(np.where(real, slots, 10 + np.arange(P)), jnp.int32)
     key = jax.random.key(3)
-    args = (frozen, batches, weights, ids, dp_params(P), key, sdp)
+    args = (frozen, RoundInputs(batches, weights, ids, dp_params(P), sdp), key)
     round_chunked = make_round(cu, opt, clients_per_chunk=chunk, client_level_dp=client_level)
     got, m = round_chunked(server_init(trainable, opt), *args)
     ref, _ = make_round(cu, opt, client_level_dp=client_level)(server_init(trainable, opt), *args)
@@ -162,12 +166,8 @@ def test_idle_chunks_are_skipped_without_changing_results(client_level, chunk):
     alone, _ = make_round(cu, opt, client_level_dp=client_level)(
         server_init(trainable, opt),
         frozen,
-        sub,
-        jnp.ones(2),
-        jnp.asarray(slots[real], jnp.int32),
-        dp_params(2),
+        RoundInputs(sub, jnp.ones(2), jnp.asarray(slots[real], jnp.int32), dp_params(2), sdp),
         key,
-        sdp,
     )
     for a, b in zip(
         jax.tree_util.tree_leaves(got.trainable),
@@ -181,7 +181,7 @@ def test_idle_chunks_are_skipped_without_changing_results(client_level, chunk):
     # Another round with other participants reuses the executable.
     other = participation.slots(np.array([0, 1, 2, 3, 5]), P, chunk)
     w2 = jnp.asarray(other >= 0, jnp.float32)
-    round_chunked(got, frozen, batches, w2, ids, dp_params(P), key, sdp)
+    round_chunked(got, frozen, RoundInputs(batches, w2, ids, dp_params(P), sdp), key)
     assert round_chunked._cache_size() == 1
 
 

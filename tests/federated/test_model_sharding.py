@@ -21,6 +21,7 @@ from ffa_jax.errors import ConfigError
 from ffa_jax.federated.client import DpParams, make_client_update
 from ffa_jax.federated.round import (
     MODEL_AXIS,
+    RoundInputs,
     client_mesh,
     frozen_partition_spec,
     make_round,
@@ -109,7 +110,7 @@ def _two_rounds(family, mesh):
     state = server_init(trainable, opt)
     for _ in range(2):
         state, m = round_fn(
-            state, frozen, batches, jnp.ones(K), jnp.arange(K), dp, jax.random.key(7)
+            state, frozen, RoundInputs(batches, jnp.ones(K), jnp.arange(K), dp), jax.random.key(7)
         )
     return jax.device_get(state.trainable), frozen, float(m.loss)
 

@@ -12,7 +12,7 @@ import pytest
 from ffa_jax import lora
 from ffa_jax.config import LoRAConfig, ServerConfig
 from ffa_jax.federated.client import DpParams, make_client_update, step_noise_key
-from ffa_jax.federated.round import client_key, client_mesh, make_round
+from ffa_jax.federated.round import RoundInputs, client_key, client_mesh, make_round
 from ffa_jax.federated.server import make_server_optimizer, server_init, weighted_mean
 from ffa_jax.models.layers import Dense
 
@@ -88,10 +88,7 @@ def test_ffa_a_frozen_b_trained_uplink_is_b(private):
         state, m = round_fn(
             state,
             frozen,
-            make_batches(K, 2, 8, seed=r),
-            jnp.ones(K),
-            jnp.arange(K),
-            dp_params(K),
+            RoundInputs(make_batches(K, 2, 8, seed=r), jnp.ones(K), jnp.arange(K), dp_params(K)),
             jax.random.key(9),
         )
     final = lora.combine(state.trainable, frozen)
@@ -113,10 +110,7 @@ def test_lora_mode_uploads_a_and_b_and_trains_a():
     state, _ = make_round(cu, opt)(
         server_init(trainable, opt),
         frozen,
-        make_batches(3, 2, 8),
-        jnp.ones(3),
-        jnp.arange(3),
-        dp_params(3),
+        RoundInputs(make_batches(3, 2, 8), jnp.ones(3), jnp.arange(3), dp_params(3)),
         jax.random.key(0),
     )
     n0, n1 = lp["query"]["kernel"], state.trainable["query"]["kernel"]
@@ -137,7 +131,7 @@ def test_vmapped_round_equals_sequential_clients(private, devices):
         pytest.skip(f"needs {devices} (simulated) devices")
     mesh = client_mesh(devices) if devices > 1 else None
     state, _ = make_round(cu, opt, mesh=mesh)(
-        server_init(trainable, opt), frozen, batches, weights, ids, dp_params(K), key
+        server_init(trainable, opt), frozen, RoundInputs(batches, weights, ids, dp_params(K)), key
     )
 
     deltas = []
@@ -165,10 +159,7 @@ def test_non_private_single_step_is_plain_fedavg_sgd():
     state, _ = make_round(cu, opt)(
         server_init(trainable, opt),
         frozen,
-        batches,
-        jnp.ones(K),
-        jnp.arange(K),
-        dp_params(K),
+        RoundInputs(batches, jnp.ones(K), jnp.arange(K), dp_params(K)),
         jax.random.key(0),
     )
     grads = []
@@ -205,10 +196,7 @@ def test_round_compiles_once_across_rounds_and_batch_sizes():
         state, _ = round_fn(
             state,
             frozen,
-            make_batches(K, 2, 8, seed=r, fill=fill),
-            jnp.ones(K),
-            jnp.arange(K),
-            dp,
+            RoundInputs(make_batches(K, 2, 8, seed=r, fill=fill), jnp.ones(K), jnp.arange(K), dp),
             jax.random.key(0),
         )
     assert round_fn._cache_size() == 1
@@ -222,10 +210,7 @@ def test_client_chunking_does_not_change_results(chunk):
     opt = make_server_optimizer(ServerConfig())
     args = (
         frozen,
-        make_batches(K, 2, 8),
-        jnp.arange(1.0, K + 1),
-        jnp.arange(K),
-        dp_params(K),
+        RoundInputs(make_batches(K, 2, 8), jnp.arange(1.0, K + 1), jnp.arange(K), dp_params(K)),
         jax.random.key(4),
     )
     ref, mref = make_round(cu, opt)(server_init(trainable, opt), *args)
@@ -243,10 +228,7 @@ def test_zero_weight_dummy_clients_are_no_ops():
     ref, _ = make_round(cu, opt)(
         server_init(trainable, opt),
         frozen,
-        b3,
-        jnp.ones(3),
-        jnp.arange(3),
-        dp_params(3),
+        RoundInputs(b3, jnp.ones(3), jnp.arange(3), dp_params(3)),
         jax.random.key(2),
     )
     junk = make_batches(2, 2, 8, seed=99)
@@ -255,10 +237,7 @@ def test_zero_weight_dummy_clients_are_no_ops():
     got, _ = make_round(cu, opt)(
         server_init(trainable, opt),
         frozen,
-        b5,
-        jnp.array([1.0, 1, 1, 0, 0]),
-        jnp.arange(5),
-        dp_params(5),
+        RoundInputs(b5, jnp.array([1.0, 1, 1, 0, 0]), jnp.arange(5), dp_params(5)),
         jax.random.key(2),
     )
     tree_allclose(got.trainable, ref.trainable, rtol=1e-6, atol=1e-7)
@@ -273,10 +252,7 @@ def test_sharded_round_equals_single_device(devices, chunk):
     opt = make_server_optimizer(ServerConfig())
     args = (
         frozen,
-        make_batches(K, 2, 8),
-        jnp.ones(K),
-        jnp.arange(K),
-        dp_params(K),
+        RoundInputs(make_batches(K, 2, 8), jnp.ones(K), jnp.arange(K), dp_params(K)),
         jax.random.key(6),
     )
     ref, _ = make_round(cu, opt)(server_init(trainable, opt), *args)
@@ -315,10 +291,7 @@ def test_server_optimizers_run(name):
         state, m = round_fn(
             state,
             frozen,
-            make_batches(3, 2, 8, seed=r),
-            jnp.ones(3),
-            jnp.arange(3),
-            dp_params(3),
+            RoundInputs(make_batches(3, 2, 8, seed=r), jnp.ones(3), jnp.arange(3), dp_params(3)),
             jax.random.key(0),
         )
     assert int(state.round) == 2 and np.isfinite(float(m.loss))

@@ -13,7 +13,7 @@ from ffa_jax.config import LoRAConfig, ServerConfig
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated import modes
 from ffa_jax.federated.client import DpParams, make_client_update
-from ffa_jax.federated.round import make_round
+from ffa_jax.federated.round import RoundInputs, make_round
 from ffa_jax.federated.server import ServerDpParams, make_server_optimizer, server_init
 from ffa_jax.models.layers import Dense
 
@@ -107,12 +107,10 @@ def run_round(round_fn, state, frozen, r, unit):
     return round_fn(
         state,
         frozen,
-        batches(r),
-        jnp.ones(K),
-        jnp.arange(K),
-        dp(),
+        RoundInputs(
+            batches(r), jnp.ones(K), jnp.arange(K), dp(), SERVER_DP if unit == "client" else None
+        ),
         jax.random.key(7),
-        SERVER_DP if unit == "client" else None,
     )
 
 
@@ -385,10 +383,7 @@ def test_fedsa_b_never_leaves_a_client(unit):
         new, _, rel = round_fn(
             state,
             frozen,
-            batches(r),
-            jnp.ones(K),
-            jnp.arange(K),
-            dp(),
+            RoundInputs(batches(r), jnp.ones(K), jnp.arange(K), dp()),
             jax.random.key(7),
         )
         # What leaves the clients (uploads and their aggregate) holds no b at all.

@@ -191,7 +191,10 @@ def _attack(run: Path) -> float:
 
     state = jax.device_get(server_init(prep.trainable, opt))
     inp = train_lib.round_inputs(prep, 0)
-    inp = inp._replace(dp=inp.dp._replace(noise_multiplier=inp.dp.noise_multiplier * 0))
+    dp = inp.inputs.dp
+    inp = inp._replace(
+        inputs=inp.inputs._replace(dp=dp._replace(noise_multiplier=dp.noise_multiplier * 0))
+    )
     clean, _ = train_lib.run_round(round_fn, prep, state, inp, train_lib.train_key(prep))
     truth = {
         f"{p}/b": np.asarray(n.b)
