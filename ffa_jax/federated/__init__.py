@@ -6,7 +6,8 @@
   weighted FedAvg, server optimiser): ``round_fn(state, frozen, inputs: RoundInputs, key)``;
   ``client_mesh``.
 * :mod:`~ffa_jax.federated.server`: ``ServerState``, ``server_init``, ``make_server_optimizer``
-  (sgd lr 1 = FedAvg, momentum = FedAvgM, adam, yogi).
+  (sgd lr 1 = FedAvg, momentum = FedAvgM, adam, yogi), ``server_step`` (the one server step
+  of the simulation and Flower: weighted mean or DP-FedAvg, then the optimiser step).
 * :mod:`~ffa_jax.federated.participation`: which clients take part in which round.
 
 Names are imported on first use (no import cost, no import cycle with :mod:`ffa_jax.privacy`).
@@ -26,8 +27,10 @@ _NAMES = {
     "client_mesh": "round",
     "make_round": "round",
     "ServerState": "server",
+    "ServerStep": "server",
     "make_server_optimizer": "server",
     "server_init": "server",
+    "server_step": "server",
     "weighted_mean": "server",
 }
 

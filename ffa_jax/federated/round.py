@@ -40,14 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated.client import ClientMetrics, DpParams
-from ffa_jax.federated.server import (
-    ServerDpParams,
-    ServerState,
-    banded_mf_aggregate,
-    dp_fedavg_aggregate,
-    server_update,
-    weighted_mean,
-)
+from ffa_jax.federated.server import ServerDpParams, ServerState, server_step
 from ffa_jax.types import PyTree
 
 CLIENTS_AXIS = "clients"
@@ -98,7 +91,7 @@ class RoundInputs(NamedTuple):
         gradient canaries, see :func:`ffa_jax.federated.client.make_client_update`).
       extra_update_sum: tree like ``state.trainable`` (no client axis), added to the sum of
         clipped client updates before the server's noise (``client_level_dp`` only: the
-        audit's canary client updates, see :func:`ffa_jax.federated.server.dp_fedavg_aggregate`).
+        audit's canary client updates, see :func:`ffa_jax.federated.server.server_step`).
       client_state: per-client state, leaves ``[K, ...]`` (what each participant keeps
         between rounds, e.g. FedSA-LoRA's own B, see :mod:`ffa_jax.federated.modes`):
         passed to the client update as its last argument, whose third output (the client's
@@ -322,7 +315,7 @@ def make_round(
         leading axis K, and the optional fields). With ``client_level_dp`` its
         ``server_dp`` is required: each client's update is clipped to
         ``server_dp.clip_norm`` and the server noises the sum (DP-FedAvg, see
-        :func:`ffa_jax.federated.server.dp_fedavg_aggregate`); ``weights`` must then be
+        :func:`ffa_jax.federated.server.server_step`); ``weights`` must then be
         participation indicators in {0, 1}.
       key: the run's training key (the round number is folded in here).
 
@@ -405,28 +398,23 @@ def make_round(
         deltas, metrics = outs[0], outs[1]
         new_client_states = outs[2] if client_state is not None else None
 
-        if client_level_dp:
-            if server_dp is None:
-                raise ValueError("client_level_dp=True needs server_dp=ServerDpParams(...).")
-            if banded_noise is not None:
-                mean_delta, _, noise_state = banded_mf_aggregate(
-                    deltas, weights_p, server_dp, banded_noise, state.noise, extra_update_sum
-                )
-            else:
-                mean_delta, _ = dp_fedavg_aggregate(
-                    deltas,
-                    weights_p,
-                    server_dp,
-                    server_noise_key(key, state.round),
-                    extra_update_sum,
-                )
-        else:
-            if extra_update_sum is not None:
-                raise ValueError("extra_update_sum needs client_level_dp=True.")
-            mean_delta = weighted_mean(deltas, weights_p)
-        new_state = server_update(state, mean_delta, server_optimizer)
-        if client_level_dp and banded_noise is not None:
-            new_state = new_state._replace(noise=noise_state)
+        if client_level_dp and server_dp is None:
+            raise ValueError("client_level_dp=True needs server_dp=ServerDpParams(...).")
+        if not client_level_dp and extra_update_sum is not None:
+            raise ValueError("extra_update_sum needs client_level_dp=True.")
+        # Without client_level_dp any server_dp is ignored (the round is not client-level DP).
+        banded = banded_noise if client_level_dp else None
+        gaussian = client_level_dp and banded is None
+        new_state, mean_delta, _ = server_step(
+            state,
+            deltas,
+            weights_p,
+            server_optimizer,
+            server_dp=server_dp if client_level_dp else None,
+            noise_key=server_noise_key(key, state.round) if gaussian else None,
+            banded_noise=banded,
+            extra_update_sum=extra_update_sum,
+        )
         metrics = jax.tree_util.tree_map(lambda x: x[:num_clients], metrics)
         w = weights / jnp.maximum(jnp.sum(weights), 1e-12)
         update_norm = optax.tree.norm(mean_delta)
