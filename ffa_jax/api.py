@@ -239,7 +239,7 @@ def finetune_model(
     from ffa_jax import run as train_lib
     from ffa_jax.data import batching
     from ffa_jax.federated.client import DpParams, make_client_optimizer, make_client_update
-    from ffa_jax.federated.round import make_round
+    from ffa_jax.federated.round import RoundInputs, make_round
     from ffa_jax.federated.server import make_server_optimizer, server_init
     from ffa_jax.run import planner
 
@@ -331,7 +331,7 @@ def finetune_model(
         )
         batches = batching.gather_client_batches(data, parts, local_idx)
         batches["mask"] = mask
-        state, m = round_fn(state, frozen, batches, weights, client_ids, dp, key)
+        state, m = round_fn(state, frozen, RoundInputs(batches, weights, client_ids, dp), key)
         eps = float(curve[r])
         metrics.append(
             {

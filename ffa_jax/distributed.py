@@ -207,15 +207,15 @@ def global_round(
     check_mesh(mesh)
     replicated = NamedSharding(mesh, P())
 
-    def inner(state, frozen, batches, weights, client_ids, dp, key_data, server_dp, impl):
+    def inner(state, frozen, inputs, key_data, impl):
         # The key travels as its raw uint32 data (a plain array any process can build).
         key = jax.random.wrap_key_data(key_data, impl=impl)
-        return round_fn(state, frozen, batches, weights, client_ids, dp, key, server_dp)
+        return round_fn(state, frozen, inputs, key)
 
     jitted = jax.jit(
         inner,
         out_shardings=replicated,
-        static_argnums=8,
+        static_argnums=4,
         compiler_options=compiler_options,
     )
     frozen_cache: list[Any] = [None, None]  # (host tree, its global copy)
@@ -223,7 +223,7 @@ def global_round(
     def to_host(x):
         return np.asarray(x.addressable_data(0))
 
-    def wrapped(state, frozen, batches, weights, client_ids, dp, key, server_dp=None):
+    def wrapped(state, frozen, inputs, key):
         if frozen_cache[0] is not frozen:
             shardings = frozen_shardings(frozen, mesh, min_sharded_elements)
             frozen_cache[:] = [frozen, jax.tree_util.tree_map(_global_frozen, frozen, shardings)]
@@ -237,12 +237,18 @@ def global_round(
         out = jitted(
             rep(state),
             frozen_cache[1],
-            per_client(batches),
-            per_client(weights),
-            per_client(client_ids),
-            per_client(dp),
+            # Per-client fields ([P, ...]) split over the clients axis; the rest replicated.
+            inputs._replace(
+                batches=per_client(inputs.batches),
+                weights=per_client(inputs.weights),
+                client_ids=per_client(inputs.client_ids),
+                dp=per_client(inputs.dp),
+                server_dp=rep(inputs.server_dp),
+                extra_grad_sums=per_client(inputs.extra_grad_sums),
+                extra_update_sum=rep(inputs.extra_update_sum),
+                client_state=per_client(inputs.client_state),
+            ),
             rep(jax.random.key_data(key)),
-            rep(server_dp),
             jax.random.key_impl(key),
         )
         return jax.tree_util.tree_map(to_host, out)

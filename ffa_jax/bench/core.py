@@ -157,7 +157,8 @@ def memory_probe(
     call, round_fn, args = round_setup(
         spec, module, params, classification_loss(module), clients, chunk
     )
-    state, frozen, batches = args[:3]
+    state, frozen, inputs = args[:3]
+    batches = inputs.batches
     out: dict[str, Any] = {
         "clients": clients,
         "clients_per_chunk": chunk or clients,

@@ -14,7 +14,7 @@ import optax
 from ffa_jax import lora, xla_options
 from ffa_jax.config import LoRAConfig, ServerConfig
 from ffa_jax.federated.client import DpParams, make_client_update
-from ffa_jax.federated.round import make_round
+from ffa_jax.federated.round import RoundInputs, make_round
 from ffa_jax.federated.server import make_server_optimizer, server_init
 from ffa_jax.models.encoder import EncoderClassifier, EncoderConfig
 from ffa_jax.models.layers import cast_frozen_weights
@@ -118,5 +118,6 @@ def round_setup(spec: BenchSpec, module, params, loss_fn, k: int, chunk: int):
     batches = random_batches(spec, k, MODELS[spec.model]["vocab_size"], spec.round_batch)
     dpk = DpParams(jnp.ones(k), jnp.ones(k), jnp.full((k,), float(spec.round_batch[0])))
     state = server_init(trainable, opt)
-    args = (state, frozen, batches, jnp.ones(k), jnp.arange(k), dpk, jax.random.key(0))
+    inputs = RoundInputs(batches, jnp.ones(k), jnp.arange(k), dpk)
+    args = (state, frozen, inputs, jax.random.key(0))
     return (lambda: round_fn(*args)[0].trainable), round_fn, args

@@ -3,9 +3,11 @@
 * :mod:`~ffa_jax.federated.client`: ``make_client_update`` (``lax.scan`` of local DP-SGD or
   SGD steps of one client, returning the delta of its trainable tree), ``DpParams``.
 * :mod:`~ffa_jax.federated.round`: ``make_round`` (all clients ``vmap``ped in one ``jax.jit``,
-  weighted FedAvg, server optimiser), ``client_mesh``.
+  weighted FedAvg, server optimiser): ``round_fn(state, frozen, inputs: RoundInputs, key)``;
+  ``client_mesh``.
 * :mod:`~ffa_jax.federated.server`: ``ServerState``, ``server_init``, ``make_server_optimizer``
-  (sgd lr 1 = FedAvg, momentum = FedAvgM, adam, yogi).
+  (sgd lr 1 = FedAvg, momentum = FedAvgM, adam, yogi), ``server_step`` (the one server step
+  of the simulation and Flower: weighted mean or DP-FedAvg, then the optimiser step).
 * :mod:`~ffa_jax.federated.participation`: which clients take part in which round.
 
 Names are imported on first use (no import cost, no import cycle with :mod:`ffa_jax.privacy`).
@@ -20,12 +22,15 @@ _NAMES = {
     "DpParams": "client",
     "make_client_optimizer": "client",
     "make_client_update": "client",
+    "RoundInputs": "round",
     "RoundMetrics": "round",
     "client_mesh": "round",
     "make_round": "round",
     "ServerState": "server",
+    "ServerStep": "server",
     "make_server_optimizer": "server",
     "server_init": "server",
+    "server_step": "server",
     "weighted_mean": "server",
 }
 

@@ -430,8 +430,8 @@ def fedsa_client_update(client_update: Callable) -> Callable:
     make_client_update`) run on (the server's ``a`` and head, this client's own ``b``),
     returning ``(upload, metrics, new b)``: the upload is the delta of ``a`` and the head
     only (the server tree's structure); the new ``b`` (``{path: [r, d_out]}``) stays with the
-    client (``make_round``'s ``client_state``). Signature: ``(trainable, frozen, batches, dp,
-    key, extra_grad_sums, own_b)``."""
+    client (``RoundInputs.client_state`` of the round). Signature: ``(trainable, frozen,
+    batches, dp, key, extra_grad_sums, own_b)``."""
 
     def update(trainable, frozen, batches, dp, key, extra_grad_sums, own_b):
         def with_b(path, x):
@@ -666,17 +666,19 @@ def mode_round(
     elif s.server_rule == "fedsvd":
         step = jax.jit(fedsvd_step)
 
-    def round_fn(state, frozen, batches, weights, client_ids, *args, **kwargs):
+    def round_fn(state, frozen, inputs, key):
+        client_ids, weights = inputs.client_ids, inputs.weights
         phase = int(jax.device_get(state.round)) % len(fns)
         view = client_frozen(frozen, state.extra)
         if s.client_state is not None:
-            kwargs["client_state"] = gather_clients(state.extra["client_b"], client_ids)
+            own_b = gather_clients(state.extra["client_b"], client_ids)
+            inputs = inputs._replace(client_state=own_b)
             view = frozen  # the clients bring their own b
         if client_ranks is not None:
-            kwargs["client_state"] = rank_masks(client_ranks, rank, client_ids)
+            inputs = inputs._replace(client_state=rank_masks(client_ranks, rank, client_ids))
         if client_noise:
-            kwargs["client_state"] = gather_clients(state.noise, client_ids)
-        out = fns[phase](state, view, batches, weights, client_ids, *args, **kwargs)
+            inputs = inputs._replace(client_state=gather_clients(state.noise, client_ids))
+        out = fns[phase](state, view, inputs, key)
         new = out[0]
         if client_noise:
             new = new._replace(noise=scatter_clients(state.noise, client_ids, out[2].client_states))
@@ -689,9 +691,9 @@ def mode_round(
         if s.server_rule == "fedex":
             trainable_, extra = step(state.trainable, trainable_, out[2].deltas, weights, extra)
         elif s.server_rule == "flora":
-            key = jax.random.fold_in(lora_key, new.round)
+            flora_key = jax.random.fold_in(lora_key, new.round)
             trainable_, extra = step(
-                state.trainable, trainable_, out[2].deltas, weights, extra, key, a_init=a_init
+                state.trainable, trainable_, out[2].deltas, weights, extra, flora_key, a_init=a_init
             )
         elif s.server_rule == "fedsvd":
             trainable_, extra = step(trainable_, extra)

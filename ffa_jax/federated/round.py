@@ -40,14 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from ffa_jax.errors import ConfigError
 from ffa_jax.federated.client import ClientMetrics, DpParams
-from ffa_jax.federated.server import (
-    ServerDpParams,
-    ServerState,
-    banded_mf_aggregate,
-    dp_fedavg_aggregate,
-    server_update,
-    weighted_mean,
-)
+from ffa_jax.federated.server import ServerDpParams, ServerState, server_step
 from ffa_jax.types import PyTree
 
 CLIENTS_AXIS = "clients"
@@ -74,6 +67,46 @@ class RoundReleases(NamedTuple):
     # Per-client state the clients keep (``client_state`` of the round; leaves ``[K, ...]``,
     # None without): never aggregated, it stays with its client (e.g. FedSA-LoRA's own B).
     client_states: PyTree = None
+
+
+class RoundInputs(NamedTuple):
+    """Everything one round needs besides the server state, the frozen tree and the key: a
+    pytree (a NamedTuple), passed whole to the jitted ``round_fn(state, frozen, inputs, key)``.
+
+    K is the number of client slots of the round (participants first, then zero-weight
+    dummies), S the local steps, B_max the fixed batch capacity. Every array is a runtime
+    value: a new round with the same shapes never recompiles. A field left None has no
+    leaves, so the round traces exactly as if the field did not exist.
+
+    Attributes:
+      batches: dict of ``[K, S, B_max, ...]`` arrays with ``"mask"`` ``[K, S, B_max]`` (bool).
+      weights: ``[K]`` float32 aggregation weights (0 for dummy or non-participating clients;
+        participation indicators in {0, 1} under client-level DP).
+      client_ids: ``[K]`` int32 global client ids (fold into the PRNG key).
+      dp: :class:`~ffa_jax.federated.client.DpParams` with ``[K]`` leaves (sample-level DP).
+      server_dp: :class:`~ffa_jax.federated.server.ServerDpParams` (scalar leaves), required
+        by a round built with ``client_level_dp``; ignored without.
+      extra_grad_sums: tree like ``state.trainable`` with leaves ``[K, S, ...]``, added to
+        each client's clipped gradient sum of each local step before its noise (the audit's
+        gradient canaries, see :func:`ffa_jax.federated.client.make_client_update`).
+      extra_update_sum: tree like ``state.trainable`` (no client axis), added to the sum of
+        clipped client updates before the server's noise (``client_level_dp`` only: the
+        audit's canary client updates, see :func:`ffa_jax.federated.server.server_step`).
+      client_state: per-client state, leaves ``[K, ...]`` (what each participant keeps
+        between rounds, e.g. FedSA-LoRA's own B, see :mod:`ffa_jax.federated.modes`):
+        passed to the client update as its last argument, whose third output (the client's
+        new state) comes back in ``RoundReleases.client_states`` (``return_deltas``). It
+        is never aggregated.
+    """
+
+    batches: dict[str, jax.Array]
+    weights: jax.Array
+    client_ids: jax.Array
+    dp: DpParams
+    server_dp: ServerDpParams | None = None
+    extra_grad_sums: PyTree = None
+    extra_update_sum: PyTree = None
+    client_state: PyTree = None
 
 
 def client_mesh(num_devices: int | None = None, model_devices: int = 1) -> Mesh:
@@ -269,8 +302,7 @@ def make_round(
 ) -> Callable[..., tuple[ServerState, RoundMetrics]]:
     """Builds the jitted ``round_fn``.
 
-    ``round_fn(state, frozen, batches, weights, client_ids, dp, key, server_dp=None,
-    extra_grad_sums=None, extra_update_sum=None, client_state=None) -> (state, RoundMetrics)``, or
+    ``round_fn(state, frozen, inputs, key) -> (state, RoundMetrics)``, or
     ``(state, RoundMetrics, RoundReleases)`` with ``return_deltas`` (what an adversary
     observes, for the privacy audit).
 
@@ -279,26 +311,13 @@ def make_round(
       frozen: the frozen tree (shared by all clients, never stacked); on a mesh with a
         ``model`` axis its large leaves are sharded over it (:func:`frozen_shardings`; place
         it once with :func:`place_frozen` to avoid a transfer per round).
-      batches: dict of ``[K, S, B_max, ...]`` arrays with ``"mask"`` ``[K, S, B_max]``.
-      weights: ``[K]`` aggregation weights (0 for dummy clients).
-      client_ids: ``[K]`` int32 global client ids (fold into the PRNG key).
-      dp: :class:`DpParams` with ``[K]`` leaves.
+      inputs: :class:`RoundInputs` (the clients' batches, weights, ids and DP parameters,
+        leading axis K, and the optional fields). With ``client_level_dp`` its
+        ``server_dp`` is required: each client's update is clipped to
+        ``server_dp.clip_norm`` and the server noises the sum (DP-FedAvg, see
+        :func:`ffa_jax.federated.server.server_step`); ``weights`` must then be
+        participation indicators in {0, 1}.
       key: the run's training key (the round number is folded in here).
-      server_dp: :class:`ServerDpParams`, required when ``client_level_dp``: each client's
-        update is clipped to ``server_dp.clip_norm`` and the server noises the sum
-        (DP-FedAvg); ``weights`` must then be participation indicators in {0, 1}.
-      extra_grad_sums: optional tree like ``state.trainable`` with leaves ``[K, S, ...]``,
-        added to each client's clipped gradient sum of each local step before its noise (the
-        audit's gradient canaries, see :func:`ffa_jax.federated.client.make_client_update`).
-        None (the default) traces exactly the round without it.
-      extra_update_sum: optional tree like ``state.trainable`` (no client axis), added to the
-        sum of clipped client updates before the server's noise (``client_level_dp`` only: the
-        audit's canary client updates, see :func:`ffa_jax.federated.server.dp_fedavg_aggregate`).
-      client_state: optional per-client state, leaves ``[K, ...]`` (what each participant
-        keeps between rounds, e.g. FedSA-LoRA's own B, see :mod:`ffa_jax.federated.modes`):
-        passed to the client update as its last argument, whose third output (the client's
-        new state) comes back in ``RoundReleases.client_states`` (``return_deltas``). It is
-        never aggregated. None (the default) traces exactly the round without it.
 
     ``clients_per_chunk`` (0 = all K at once) and ``mesh`` (from :func:`client_mesh`) change
     memory and speed only; ``min_sharded_elements`` is the size threshold of
@@ -308,37 +327,31 @@ def make_round(
     noise is correlated over rounds (BandMF) and its state is ``state.noise``.
     """
 
-    def round_fn(
-        state: ServerState,
-        frozen,
-        batches,
-        weights,
-        client_ids,
-        dp: DpParams,
-        key,
-        server_dp: ServerDpParams | None = None,
-        extra_grad_sums=None,
-        extra_update_sum=None,
-        client_state=None,
-    ):
+    def round_fn(state: ServerState, frozen, inputs: RoundInputs, key):
+        batches, weights, dp = inputs.batches, inputs.weights, inputs.dp
+        client_ids, server_dp = inputs.client_ids, inputs.server_dp
+        extra_grad_sums, extra_update_sum = inputs.extra_grad_sums, inputs.extra_update_sum
+        client_state = inputs.client_state
         num_clients = weights.shape[0]
         chunk = clients_per_chunk or num_clients
         pad = (-num_clients) % chunk
         keys = jax.vmap(lambda i: client_key(key, state.round, i))(client_ids)
 
-        inputs = (
+        client_args = (
             _pad_clients(batches, pad),
             _pad_clients(dp, pad, 1),  # expected batch 1 keeps dummy clients finite
             _pad_clients(keys, pad),
         )
         if extra_grad_sums is not None or client_state is not None:
             extra = None if extra_grad_sums is None else _pad_clients(extra_grad_sums, pad)
-            inputs = (*inputs, extra)
+            client_args = (*client_args, extra)
         if client_state is not None:
-            inputs = (*inputs, _pad_clients(client_state, pad))
+            client_args = (*client_args, _pad_clients(client_state, pad))
         weights_p = _pad_clients(weights, pad)
         if mesh is not None:
-            inputs = jax.lax.with_sharding_constraint(inputs, NamedSharding(mesh, P(CLIENTS_AXIS)))
+            client_args = jax.lax.with_sharding_constraint(
+                client_args, NamedSharding(mesh, P(CLIENTS_AXIS))
+            )
             # Replicated, or fsdp-sharded over the model axis: GSPMD gathers each weight
             # where it is used, so no device ever holds the whole frozen tree at rest.
             frozen = jax.lax.with_sharding_constraint(
@@ -353,11 +366,11 @@ def make_round(
                 out = client_update(trainable, frozen_, *one)
                 return jax.tree_util.tree_map(lambda x: x[None], out)
         else:
-            run_chunk = jax.vmap(client_update, in_axes=(None, None) + (0,) * len(inputs))
+            run_chunk = jax.vmap(client_update, in_axes=(None, None) + (0,) * len(client_args))
         if chunk == num_clients + pad:
-            outs = run_chunk(state.trainable, frozen, *inputs)
+            outs = run_chunk(state.trainable, frozen, *client_args)
         else:
-            chunked = _to_chunks(inputs, chunk)
+            chunked = _to_chunks(client_args, chunk)
             if mesh is not None:
                 chunked = jax.lax.with_sharding_constraint(
                     chunked, NamedSharding(mesh, P(None, CLIENTS_AXIS))
@@ -385,28 +398,23 @@ def make_round(
         deltas, metrics = outs[0], outs[1]
         new_client_states = outs[2] if client_state is not None else None
 
-        if client_level_dp:
-            if server_dp is None:
-                raise ValueError("client_level_dp=True needs server_dp=ServerDpParams(...).")
-            if banded_noise is not None:
-                mean_delta, _, noise_state = banded_mf_aggregate(
-                    deltas, weights_p, server_dp, banded_noise, state.noise, extra_update_sum
-                )
-            else:
-                mean_delta, _ = dp_fedavg_aggregate(
-                    deltas,
-                    weights_p,
-                    server_dp,
-                    server_noise_key(key, state.round),
-                    extra_update_sum,
-                )
-        else:
-            if extra_update_sum is not None:
-                raise ValueError("extra_update_sum needs client_level_dp=True.")
-            mean_delta = weighted_mean(deltas, weights_p)
-        new_state = server_update(state, mean_delta, server_optimizer)
-        if client_level_dp and banded_noise is not None:
-            new_state = new_state._replace(noise=noise_state)
+        if client_level_dp and server_dp is None:
+            raise ValueError("client_level_dp=True needs server_dp=ServerDpParams(...).")
+        if not client_level_dp and extra_update_sum is not None:
+            raise ValueError("extra_update_sum needs client_level_dp=True.")
+        # Without client_level_dp any server_dp is ignored (the round is not client-level DP).
+        banded = banded_noise if client_level_dp else None
+        gaussian = client_level_dp and banded is None
+        new_state, mean_delta, _ = server_step(
+            state,
+            deltas,
+            weights_p,
+            server_optimizer,
+            server_dp=server_dp if client_level_dp else None,
+            noise_key=server_noise_key(key, state.round) if gaussian else None,
+            banded_noise=banded,
+            extra_update_sum=extra_update_sum,
+        )
         metrics = jax.tree_util.tree_map(lambda x: x[:num_clients], metrics)
         w = weights / jnp.maximum(jnp.sum(weights), 1e-12)
         update_norm = optax.tree.norm(mean_delta)

@@ -5,9 +5,8 @@ is what the server computes from the clients' deltas. They are built on the func
 in-process simulation (:func:`ffa_jax.run.train`): the same :func:`ffa_jax.run.prepare`,
 batches (:func:`ffa_jax.run.client_batches`), client update
 (:func:`ffa_jax.federated.client.make_client_update`), PRNG keys
-(:func:`ffa_jax.federated.round.client_key`), aggregation
-(:func:`ffa_jax.federated.server.weighted_mean`) and Optax server step
-(:func:`ffa_jax.federated.server.server_update`). With the same config and
+(:func:`ffa_jax.federated.round.client_key`), and server step (aggregation and Optax step,
+:func:`ffa_jax.federated.server.server_step`). With the same config and
 ``privacy.noise_seed`` (a reproducible research run, not a private one), a distributed run
 computes what :func:`ffa_jax.run.train` computes, up to float32 rounding (one client is
 ``jit``-compiled on its own instead of ``vmap``-ped with the others).
@@ -43,11 +42,9 @@ from ffa_jax.federated.client import DpParams
 from ffa_jax.federated.round import client_key, server_noise_key
 from ffa_jax.federated.server import (
     ServerDpParams,
-    dp_fedavg_aggregate,
     make_server_optimizer,
     server_init,
-    server_update,
-    weighted_mean,
+    server_step,
 )
 from ffa_jax.flower import wire
 from ffa_jax.run import (
@@ -350,8 +347,8 @@ class ServerRun:
     secret is never sent: a client learns only that it was sampled, in the round it is.
 
     Under client-level DP (``privacy.unit: client``) each round is the simulation's
-    DP-FedAvg step, :func:`ffa_jax.federated.server.dp_fedavg_aggregate` (the same function
-    the simulation's round calls): clip each participant's whole update to
+    DP-FedAvg step, :func:`ffa_jax.federated.server.server_step` with ``server_dp`` (the same
+    function the simulation's round calls): clip each participant's whole update to
     ``privacy.client_clip_norm`` S, add ``N(0, (z S)^2 I)`` to their sum with the server's
     noise key of the round (:func:`ffa_jax.federated.round.server_noise_key`), divide by the
     expected number of participants; then the Optax server step. The epsilon, delta and the
@@ -392,15 +389,14 @@ class ServerRun:
         self._key = train_key(self.prep)
         opt = self.server_opt
 
-        def aggregate(state, stacked, weights):
-            mean_delta = weighted_mean(stacked, weights)
-            return server_update(state, mean_delta, opt), optax.tree.norm(mean_delta), jnp.zeros(0)
+        def aggregate(state, stacked, weights, dp=None, key=None):
+            # The simulation's server step (same function, same noise key of the round).
+            new_state, mean_delta, norms = server_step(
+                state, stacked, weights, opt, server_dp=dp, noise_key=key
+            )
+            return new_state, optax.tree.norm(mean_delta), jnp.zeros(0) if norms is None else norms
 
-        def aggregate_dp(state, stacked, weights, dp, key):
-            mean_delta, norms = dp_fedavg_aggregate(stacked, weights, dp, key)
-            return server_update(state, mean_delta, opt), optax.tree.norm(mean_delta), norms
-
-        self._aggregate = jax.jit(aggregate_dp if self.client_level else aggregate)
+        self._aggregate = jax.jit(aggregate)
 
     @property
     def secret(self) -> int:

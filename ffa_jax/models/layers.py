@@ -90,7 +90,7 @@ def activation(name: str):
     """The elementwise activation of an HF ``hidden_act`` name (see :data:`ACTIVATIONS`).
 
     The GELUs have hand-written VJPs that keep only their input for the backward pass; values
-    and gradients equal ``jax.nn.gelu``'s to float rounding (tests/models/test_layers.py).
+    and gradients equal ``jax.nn.gelu``'s to float rounding (tests/unit/models/test_layers.py).
     Reverse mode only: ``jax.jvp`` through them is not supported.
 
     Raises:

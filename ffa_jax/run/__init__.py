@@ -13,7 +13,7 @@ audit``), :mod:`~ffa_jax.run.pretraining` (``ffa-jax pretrain``), :mod:`~ffa_jax
 
 from ffa_jax.errors import DataError
 from ffa_jax.run.inference import LoadedRun, export_run_peft, load_run
-from ffa_jax.run.inputs import RoundInputs, client_batches, round_inputs, run_round
+from ffa_jax.run.inputs import ScheduledRound, client_batches, round_inputs, run_round
 from ffa_jax.run.loop import NonFiniteError, check_finite, silent, train
 from ffa_jax.run.report import metric_value
 from ffa_jax.run.resume import check_budget, resume_config
@@ -55,8 +55,8 @@ __all__ = [
     "NON_METRIC_KEYS",
     "NonFiniteError",
     "Prepared",
-    "RoundInputs",
     "SAMPLER_PURPOSE",
+    "ScheduledRound",
     "build_client_update",
     "build_round",
     "check_budget",

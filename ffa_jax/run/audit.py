@@ -307,9 +307,11 @@ def audit_run(
         inp = round_inputs(prep, rnd)
         rkey = jax.random.fold_in(per_round_key, rnd)
         if unit == "sample":
-            inp = inp._replace(
-                dp=inp.dp._replace(noise_multiplier=inp.dp.noise_multiplier * noise_scale)
+            dp = inp.inputs.dp
+            inputs = inp.inputs._replace(
+                dp=dp._replace(noise_multiplier=dp.noise_multiplier * noise_scale)
             )
+            inp = inp._replace(inputs=inputs)
             where = np.flatnonzero(inp.slots == client)
             slot = int(where[0]) if len(where) else None  # None: the client sits out
             # Each included canary takes part in each local step with the client's Poisson
@@ -321,10 +323,11 @@ def audit_run(
                 sums = sums.at[slot].set(_canary_sum(sampled, dirs))
             extra = {"extra_grad_sums": jax.vmap(jax.vmap(unravel))(sums)}
         else:
-            sdp = inp.server_dp
-            inp = inp._replace(
+            sdp = inp.inputs.server_dp
+            inputs = inp.inputs._replace(
                 server_dp=sdp._replace(noise_multiplier=sdp.noise_multiplier * noise_scale)
             )
+            inp = inp._replace(inputs=inputs)
             # A canary client takes part in each round like a real one: Poisson at M / N.
             rate = plan.sampling.rate
             sampled = jax.random.bernoulli(rkey, rate, (canaries,)) & incl

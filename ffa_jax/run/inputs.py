@@ -1,4 +1,5 @@
-"""One round's inputs (a :class:`RoundInputs`): its participants, their batches and weights,
+"""One round's inputs (a :class:`ScheduledRound` holding the round's
+:class:`~ffa_jax.federated.round.RoundInputs`): its participants, their batches and weights,
 and running a round on them.
 """
 
@@ -12,6 +13,7 @@ import numpy as np
 from ffa_jax.data import batching
 from ffa_jax.federated import participation
 from ffa_jax.federated.client import DpParams
+from ffa_jax.federated.round import RoundInputs
 from ffa_jax.federated.server import ServerDpParams
 from ffa_jax.privacy import secret as secret_lib
 from ffa_jax.run.setup import SAMPLER_PURPOSE, Prepared, client_weights, unit
@@ -58,19 +60,17 @@ def client_batches(
     return out
 
 
-class RoundInputs(NamedTuple):
-    """The host-side inputs of one round, ``[P]`` slots (participants first, then dummies)."""
+class ScheduledRound(NamedTuple):
+    """One round as the run schedules it: ``[P]`` slots (participants first, then dummies),
+    the jitted round's :class:`~ffa_jax.federated.round.RoundInputs` for them, and host-side
+    bookkeeping that never enters the round."""
 
     slots: np.ndarray  # [P] client of each slot, -1 = dummy
-    batches: dict[str, np.ndarray]  # [P, S, B_max, ...] with "mask"
-    weights: np.ndarray  # [P] aggregation weights, 0 for dummies
-    client_ids: np.ndarray  # [P] int32 global client ids (dummies: K + slot, unused by anyone)
-    dp: DpParams  # [P] per-slot DP-SGD parameters
-    server_dp: ServerDpParams | None  # client-level DP parameters (scalars)
+    inputs: RoundInputs  # batches [P, S, B_max, ...], weights, client ids, DP parameters
     dropped: int  # sampled examples that did not fit B_max
 
 
-def round_inputs(prep: Prepared, round_idx: int) -> RoundInputs:
+def round_inputs(prep: Prepared, round_idx: int) -> ScheduledRound:
     """Participants of round ``round_idx`` (from the plan), placed in fixed-size slots, and
     everything the jitted round needs for them. Same shapes every round: nothing recompiles."""
     cfg, plan = prep.cfg, prep.plan
@@ -98,23 +98,15 @@ def round_inputs(prep: Prepared, round_idx: int) -> RoundInputs:
             # Noise the sum, then divide by the FIXED expected number of participants (M).
             expected_clients=np.float32(plan.sampling.clients_per_round),
         )
-    return RoundInputs(slots, batches, weights, client_ids, dp, server_dp, dropped)
+    inputs = RoundInputs(batches, weights, client_ids, dp, server_dp)
+    return ScheduledRound(slots, inputs, dropped)
 
 
-def run_round(round_fn, prep: Prepared, state, inp: RoundInputs, key: jax.Array, **extra):
+def run_round(round_fn, prep: Prepared, state, inp: ScheduledRound, key: jax.Array, **extra):
     """``(new server state, RoundMetrics)``: one call of the jitted round (from
-    :func:`build_round`) on ``inp`` (:func:`round_inputs`) with the run's training ``key``.
+    :func:`build_round`) on ``inp.inputs`` (:func:`round_inputs`) with the run's training
+    ``key``.
 
-    ``extra``: the audit's canary inputs (``extra_grad_sums`` / ``extra_update_sum`` of
-    :func:`ffa_jax.federated.round.make_round`); a training run passes none."""
-    return round_fn(
-        state,
-        prep.frozen,
-        inp.batches,
-        inp.weights,
-        inp.client_ids,
-        inp.dp,
-        key,
-        inp.server_dp,
-        **extra,
-    )
+    ``extra``: the audit's canary inputs (the ``extra_grad_sums`` / ``extra_update_sum``
+    fields of :class:`ffa_jax.federated.round.RoundInputs`); a training run passes none."""
+    return round_fn(state, prep.frozen, inp.inputs._replace(**extra), key)

@@ -303,7 +303,7 @@ def round_memory(
     ``{"family", "seq_shape", "frozen_bytes", "trainable_bytes"}``; ``layers`` as in
     :func:`abstract_model`. Compiled from abstract values only."""
     from ffa_jax.federated.client import DpParams, make_client_optimizer, make_client_update
-    from ffa_jax.federated.round import make_round
+    from ffa_jax.federated.round import RoundInputs, make_round
     from ffa_jax.federated.server import ServerDpParams, make_server_optimizer, server_init
 
     stored = split_bytes(cfg, layers)
@@ -342,16 +342,14 @@ def round_memory(
     vec = sds((k_dev,), jnp.float32)
     state = jax.eval_shape(lambda t: server_init(t, server_opt), trainable)
     scalar = sds((), jnp.float32)
-    args = (
-        state,
-        frozen,
+    inputs = RoundInputs(
         batches,
         vec,
         sds((k_dev,), jnp.int32),
         DpParams(vec, vec, vec),
-        jax.eval_shape(lambda: jax.random.key(0)),
         ServerDpParams(scalar, scalar, scalar) if private and not sample_dp else None,
     )
+    args = (state, frozen, inputs, jax.eval_shape(lambda: jax.random.key(0)))
     stats = round_fn.lower(*args).compile(compiler_options=FAST_COMPILE).memory_analysis()
     if stats is None:
         raise ConfigError(

@@ -26,7 +26,7 @@ from ffa_jax.config import RunConfig
 from ffa_jax.errors import CheckpointError, ConfigError
 from ffa_jax.fileio import atomic_write, atomic_write_text, json_safe
 from ffa_jax.privacy import secret as secret_lib
-from ffa_jax.run.inputs import RoundInputs
+from ffa_jax.run.inputs import ScheduledRound
 from ffa_jax.run.setup import Prepared, noise_note, unit
 from ffa_jax.types import PyTree
 
@@ -289,7 +289,7 @@ def metric_line(record: dict[str, Any]) -> str:
 def round_record(
     prep: Prepared,
     r: int,
-    inp: RoundInputs,
+    inp: ScheduledRound,
     m,
     loss,
     per_client_bytes,
