@@ -308,11 +308,19 @@ def make_accountant(
         dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     ),
 ) -> dp_accounting.PrivacyAccountant:
-    """A fresh dp-accounting accountant: :func:`accountant_config`'s, or RDP at ``RDP_ORDERS``
-    under ``REPLACE_ONE`` (fixed-size client sampling: jax-privacy's configurations are
-    add/remove only, and dp-accounting's PLD has no event for it, refused by the callers)."""
+    """A fresh dp-accounting accountant: :func:`accountant_config`'s under add/remove one
+    unit; under another relation (jax-privacy's configurations are add/remove only) the same
+    accountant built directly: PLD with ``PLD_VALUE_DISCRETIZATION`` (``REPLACE_SPECIAL``:
+    zero-out, sample-level BandMF's amplified events) or RDP at ``RDP_ORDERS`` (``REPLACE_ONE``:
+    fixed-size client sampling, which dp-accounting's PLD cannot account; refused by the
+    callers)."""
     if neighboring_relation == dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE:
         return accountant_config(accountant).create_accountant()
+    _check_accountant(accountant)
+    if accountant == "pld":
+        return dp_accounting.pld.PLDAccountant(
+            neighboring_relation, value_discretization_interval=PLD_VALUE_DISCRETIZATION
+        )
     return dp_accounting.rdp.RdpAccountant(RDP_ORDERS, neighboring_relation)
 
 
