@@ -12,7 +12,7 @@ e.g. a ``git worktree`` of the commit before the move) with the same seeds::
 Each run is ``ffa-jax train --config configs/quickstart.yaml`` of that tree with
 ``privacy.noise_seed=S`` (a research run: the noise, the Poisson batches and the client
 sampling are regenerable from S, so it is NOT a private release). Resumable: a run whose
-directory holds ``summary.json`` is read, not rerun. One CSV row per (label, seed).
+``metrics.jsonl`` ends with its final test evaluation is read, not rerun. One CSV row per (label, seed).
 """
 
 from __future__ import annotations
@@ -40,6 +40,22 @@ FIELDS = [
 ]
 
 
+def finished(run: Path) -> dict | None:
+    """The last line of a finished run's ``metrics.jsonl`` (the final round, with its test
+    evaluation), else None."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if not lines or "eval_accuracy" not in lines[-1]:
+        return None
+    cfg = (run / "config.yaml").read_text()
+    rounds = next(
+        (int(x.split(":")[1]) for x in cfg.splitlines() if x.strip().startswith("rounds:")), None
+    )
+    return lines[-1] if lines[-1].get("round") == rounds else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--code", type=Path, required=True, help="the code tree to run")
@@ -60,23 +76,34 @@ def main(argv=None) -> int:
         name = f"{args.label}-s{seed}"
         run = args.runs / name
         cmd = [
-            sys.executable, "-m", "ffa_jax.cli", "train", "--no-progress", "--overwrite",
-            "--config", "configs/quickstart.yaml",
-            "--set", f"privacy.noise_seed={seed}",
-            "--set", f"output_dir={args.runs}", "--set", f"name={name}",
+            sys.executable,
+            "-m",
+            "ffa_jax.cli",
+            "train",
+            "--no-progress",
+            "--overwrite",
+            "--config",
+            "configs/quickstart.yaml",
+            "--set",
+            f"privacy.noise_seed={seed}",
+            "--set",
+            f"output_dir={args.runs}",
+            "--set",
+            f"name={name}",
         ]
         t0 = time.time()
-        if not (run / "summary.json").exists():
+        if finished(run) is None:
             subprocess.run(cmd, cwd=code, env=env, check=True)
         wall = time.time() - t0
-        summary = json.loads((run / "summary.json").read_text())
-        last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+        last = finished(run)
+        if last is None:
+            raise SystemExit(f"{run}: the run ended without its final test evaluation")
         rows.append(
             {
                 "label": args.label,
                 "seed": seed,
                 "commit": commit,
-                "epsilon": summary["epsilon"],
+                "epsilon": last.get("epsilon"),
                 "delta": last.get("delta"),
                 "test_accuracy": last.get("eval_accuracy"),
                 "test_balanced_accuracy": last.get("eval_balanced_accuracy"),
