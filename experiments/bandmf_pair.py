@@ -155,7 +155,7 @@ def summary_table(rows: list[dict]) -> str:
     paired difference banded_mf - gaussian (mean, 95% CI, wins/losses) over the seeds both
     mechanisms finished (:mod:`ffa_jax.experiments.stats`)."""
     by = {m: {r["seed"]: r for r in rows if r["mechanism"] == m} for m in MECHANISMS}
-    keys = ["test_accuracy", "test_balanced_accuracy", "accumulated_noise_norm"]
+    keys = ["test_accuracy", "test_balanced_accuracy", "test_loss", "accumulated_noise_norm"]
     lines = [
         "| metric | gaussian mean [95% CI] | banded_mf mean [95% CI] | banded_mf - gaussian "
         "(paired) [95% CI] | wins / losses | pairs |",
