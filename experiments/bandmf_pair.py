@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from ffa_jax.config import load_config
+from ffa_jax.experiments import stats
 from ffa_jax.federated.round import banded_noise_key, server_noise_key
 from ffa_jax.privacy.noise import gaussian_noise_like
 from ffa_jax.run import loop
@@ -52,7 +53,6 @@ COMMON = [
     "client.learning_rate=50",
     "privacy.unit=client",
     "privacy.client_clip_norm=1.0",
-    "privacy.accountant=rdp",
     "eval.every=0",
     "eval.batch_size=128",
     "checkpoint.every=10",
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
                 "delta": summary["delta"],
                 "noise_multiplier": z,
                 "test_accuracy": metrics[-1].get("eval_accuracy"),
+                "test_balanced_accuracy": metrics[-1].get("eval_balanced_accuracy"),
                 "test_loss": metrics[-1].get("eval_loss"),
                 "accumulated_noise_norm": noise_norm,
                 "wall_seconds": round(time.time() - t0, 1),
@@ -145,7 +146,36 @@ def main(argv=None) -> int:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(rows)
+            (out / "results.md").write_text(summary_table(rows))
     return 0
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: per mechanism the mean and 95% t interval of each metric over seeds, and the
+    paired difference banded_mf - gaussian (mean, 95% CI, wins/losses) over the seeds both
+    mechanisms finished (:mod:`ffa_jax.experiments.stats`)."""
+    by = {m: {r["seed"]: r for r in rows if r["mechanism"] == m} for m in MECHANISMS}
+    keys = ["test_accuracy", "test_balanced_accuracy", "test_loss", "accumulated_noise_norm"]
+    lines = [
+        "| metric | gaussian mean [95% CI] | banded_mf mean [95% CI] | banded_mf - gaussian "
+        "(paired) [95% CI] | wins / losses | pairs |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def ci(vals):
+        m, h = stats.mean_ci(vals)
+        return f"{m:.4f}" + ("" if h is None else f" [{m - h:.4f}, {m + h:.4f}]")
+
+    for k in keys:
+        g = {s: float(r[k]) for s, r in by["gaussian"].items() if r.get(k) is not None}
+        b = {s: float(r[k]) for s, r in by["banded_mf"].items() if r.get(k) is not None}
+        p = stats.paired(b, g)
+        iv = "" if p.interval is None else f" [{p.interval[0]:+.4f}, {p.interval[1]:+.4f}]"
+        lines.append(
+            f"| {k} | {ci(list(g.values()))} | {ci(list(b.values()))} | {p.diff:+.4f}{iv} "
+            f"| {p.wins} / {p.losses} | {p.n} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
