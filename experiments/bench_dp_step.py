@@ -34,12 +34,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     a = ap.parse_args()
     spec = bench.BenchSpec(model=a.model, batch_size=a.batch, seq_len=a.seq, local_steps=a.steps)
-    module, params = bench._encoder(spec)
+    module, params = bench.random_encoder(spec)
     loss_fn = classification_loss(module)
     lp = lora.init(params, LoRAConfig(mode="ffa", rank=spec.rank), jax.random.key(1))
     trainable, frozen = lora.split(lp, lora.trainable_mask(lp, "ffa"))
     batch = jax.tree_util.tree_map(
-        lambda x: x[0], bench._batches(spec, 1, bench.MODELS[a.model]["vocab_size"])
+        lambda x: x[0], bench.random_batches(spec, 1, bench.MODELS[a.model]["vocab_size"])
     )
     real = int(round(a.fill * a.batch))
     batch["mask"] = np.broadcast_to(np.arange(a.batch) < real, batch["mask"].shape).copy()
@@ -57,7 +57,7 @@ def main() -> None:
             name = f"mb{mb}_{'dp' if private else 'nodp'}"
             fns[name] = lambda cu=cu: cu(*args)
             jax.block_until_ready(fns[name]())  # compile
-    med = bench._round_robin(fns, a.repeats)
+    med = bench.round_robin(fns, a.repeats)
     out = {"args": vars(a), "median_s": med}
     out["dp_over_nodp"] = {mb: med[f"mb{mb}_dp"] / med[f"mb{mb}_nodp"] for mb in a.microbatch}
     print(json.dumps(out, indent=1))

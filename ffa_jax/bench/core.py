@@ -55,7 +55,7 @@ def _time(fn, repeats: int) -> tuple[float, float]:
     return compile_s, statistics.median(times)
 
 
-def _round_robin(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+def round_robin(fns: dict[str, Any], repeats: int) -> dict[str, float]:
     """Median seconds of each (warm) callable, timed in turn ``repeats`` rounds over all, so
     that a change of machine load hits all alike. Non-JAX results (torch tensors, None) are
     fine: ``jax.block_until_ready`` leaves them as they are."""
@@ -306,7 +306,7 @@ def run_bench(
                 "xla": compiled_memory(cu, *args),
             }
     # Timed round-robin, so that DP / non-DP and LoRA / FFA compare under the same load.
-    for name, median in _round_robin(timed, spec.repeats).items():
+    for name, median in round_robin(timed, spec.repeats).items():
         results[name].update(
             client_update_s=median,
             step_s=median / spec.local_steps,
@@ -362,8 +362,8 @@ def run_bench(
             threads=threads or default_threads(),
         )
         # Interleaved (ffa_jax, torch, ffa_jax, torch, ...) so that both see the same load.
-        client = _round_robin({"jax": timed["ffa_dp"], "torch": torch_client}, spec.repeats)
-        round_ = _round_robin({"jax": round_call, "torch": torch_round}, spec.repeats)
+        client = round_robin({"jax": timed["ffa_dp"], "torch": torch_client}, spec.repeats)
+        round_ = round_robin({"jax": round_call, "torch": torch_round}, spec.repeats)
         report["reference"] = {
             **info,
             "ffa_dp": {"client_update_s": client["torch"], "ffa_jax_s": client["jax"]},
@@ -403,7 +403,7 @@ def library_fusion_ab(spec: BenchSpec, settings: list[str], model=None) -> dict[
         jitted = jax.jit(update, compiler_options=options[setting])
         compiled[setting] = jitted.lower(*args).compile()
         jax.block_until_ready(compiled[setting](*args))
-    medians = _round_robin(
+    medians = round_robin(
         {setting: (lambda fn=fn: fn(*args)) for setting, fn in compiled.items()}, spec.repeats
     )
     first = medians[settings[0]]
