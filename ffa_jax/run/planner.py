@@ -411,17 +411,7 @@ def sample_noise_comparison(
             truncation=accounting.Truncation(int(client_size), int(max_batch_size)),
         )
     )
-    out = {}
-    for name, z, b in (("gaussian", z_gauss, 1), ("banded_mf", z_banded, bands)):
-        err = correlated.summed_noise_std(z, steps, b)
-        out[name] = {
-            "noise_multiplier": float(z),
-            "bands": int(b),
-            "summed_noise_std_final": err["final"],
-            "summed_noise_std_rms": err["rms"],
-            "per_round_noise_std": err["per_round"],
-        }
-    return out
+    return mechanism_rows(z_gauss, z_banded, bands, steps)
 
 
 def client_level_plan(
@@ -521,12 +511,18 @@ def noise_comparison(
         if sampling.cycle_length == 1
         else client_level.calibrate(epsilon, delta, plain, rounds, accountant)
     )
+    return mechanism_rows(z_gauss, z_banded, sampling.cycle_length, rounds)
+
+
+def mechanism_rows(
+    z_gauss: float, z_banded: float, bands: int, steps: int
+) -> dict[str, dict[str, float]]:
+    """The side-by-side rows of :func:`noise_comparison` and its sample-level twin: each
+    mechanism's noise multiplier, bands and the std of its noise summed over ``steps``
+    (:func:`correlated.summed_noise_std`)."""
     out = {}
-    for name, z, b in (
-        ("gaussian", z_gauss, 1),
-        ("banded_mf", z_banded, sampling.cycle_length),
-    ):
-        err = correlated.summed_noise_std(z, rounds, b)
+    for name, z, b in (("gaussian", z_gauss, 1), ("banded_mf", z_banded, bands)):
+        err = correlated.summed_noise_std(z, steps, b)
         out[name] = {
             "noise_multiplier": float(z),
             "bands": int(b),
