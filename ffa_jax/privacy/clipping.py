@@ -144,9 +144,14 @@ def guard_with_scale(grad: PyTree, max_abs_bound: float) -> tuple[PyTree, jax.Ar
     Returns the guarded tree (float32) and the scalar it multiplied the gradient by: 1
     (unchanged), ``max_abs_bound / max_abs`` < 1 (huge) or 0 (non-finite). The gradient's own
     norm is the guarded tree's norm divided by it (nan for 0)."""
-    leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(grad)]
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
-    max_abs = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in leaves]))
+    # One reduction pass per leaf: max |g| is nan when any entry is nan and inf when any is
+    # inf, so it also says whether the gradient is finite. A separate isfinite pass over the
+    # per-example gradients made a width-256 MLP's clipped-gradient step 0.88 ms instead of
+    # 0.79 ms (non-private: 0.63 ms; issue 20).
+    max_abs = jnp.max(
+        jnp.stack([jnp.max(jnp.abs(g)).astype(jnp.float32) for g in jax.tree.leaves(grad)])
+    )
+    finite = jnp.isfinite(max_abs)
     scale = jnp.where(
         finite,
         jnp.where(max_abs > max_abs_bound, max_abs_bound / jnp.where(finite, max_abs, 1.0), 1.0),

@@ -9,6 +9,7 @@ import pytest
 
 from ffa_jax.errors import ConfigError
 from ffa_jax.privacy import GradStats, clipped_grad, mean_grad
+from ffa_jax.privacy.clipping import guard_with_scale
 
 D_IN, HIDDEN, D_OUT, B = 5, 7, 3, 8
 
@@ -197,6 +198,26 @@ def test_real_example_with_non_finite_gradient_contributes_zero():
     g_ref, _ = jitted()(0.5, trainable, frozen, batch, without)
     assert_tree_close(g_bad, g_ref, atol=1e-6, rtol=1e-6)
     assert not np.isfinite(np.asarray(stats.grad_norms)[1])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_guard_zeroes_a_gradient_with_any_non_finite_entry(bad):
+    # The guard reads finiteness off max |g| (nan and inf propagate through max): one entry
+    # in the second of three leaves must zero the whole tree, finite leaves included.
+    b = np.ones((2, 3), np.float32)
+    b[1, 2] = bad
+    tree = {"a": jnp.full((4,), 2.0), "b": jnp.asarray(b), "c": jnp.zeros((), jnp.bfloat16)}
+    guarded, scale = jax.jit(guard_with_scale, static_argnums=1)(tree, 1e3)
+    assert float(scale) == 0.0
+    for leaf in jax.tree.leaves(guarded):
+        assert leaf.dtype == jnp.float32 and not np.any(np.asarray(leaf))
+    # Finite: unchanged below the bound, rescaled to max |g| = bound above it.
+    ok, s1 = guard_with_scale({"a": jnp.array([3.0, -4.0])}, 10.0)
+    np.testing.assert_array_equal(ok["a"], [3.0, -4.0])
+    assert float(s1) == 1.0
+    big, s2 = guard_with_scale({"a": jnp.array([3.0, -40.0])}, 10.0)
+    np.testing.assert_allclose(big["a"], [0.75, -10.0])
+    assert float(s2) == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("microbatch_size", [1, 2, 4, 8, 16])
