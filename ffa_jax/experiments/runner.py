@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ffa_jax import xla_options
 from ffa_jax.errors import ConfigError, DataError
 from ffa_jax.experiments import evidence as evidence_lib
 from ffa_jax.experiments import grid as grid_lib
@@ -47,18 +48,6 @@ def git_commit(root: Path | None = None, grid_file: Path | None = None) -> dict[
         paths.append(str(Path(grid_file).resolve()))
     sha, dirty = git_state(root, paths=paths)
     return {"commit": sha, "dirty": dirty}
-
-
-def enable_compilation_cache(path: Path) -> None:
-    """JAX's persistent compilation cache: cells that differ only in runtime values (seed,
-    epsilon, data) reuse one compiled round. Never changes results."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def full_model_bytes(cfg) -> int:
@@ -235,7 +224,12 @@ def run_experiment(
         info["full_model_bytes"] = full_model_bytes(
             grid_lib.cell_config(grid, grid_lib.main_cells(grid, None)[0], overrides)
         )
-    enable_compilation_cache(Path(os.environ.get("FFA_JAX_CACHE", "runs/.jax_cache")))
+    # One persistent compilation cache for the whole grid: cells that differ only in runtime
+    # values (seed, epsilon, data) reuse one compiled round. A cache the user set up stands.
+    if not jax.config.jax_compilation_cache_dir:
+        xla_options.enable_compilation_cache(
+            True, Path(os.environ.get("FFA_JAX_CACHE", "runs/.jax_cache"))
+        )
     cells_dir.mkdir(parents=True, exist_ok=True)
     ran = skipped = 0
     seconds_run = 0.0
