@@ -259,12 +259,7 @@ def run_experiment(
             atomic_write_text(path, json.dumps(_clean(rec), indent=1, default=_json_default))
             ran += 1
             seconds_run += rec["wall_seconds"]
-            acc = rec.get("test_accuracy")
-            log(
-                f"  -> {rec['status']}"
-                + (f", test accuracy {acc:.4f}" if isinstance(acc, float) else "")
-                + f" ({rec['wall_seconds']:.0f} s)"
-            )
+            log(f"  -> {rec['status']}{_cell_score(rec, cell.stage)} ({rec['wall_seconds']:.0f} s)")
             _write(grid, out, info, meta)
 
     chosen = None
@@ -292,6 +287,22 @@ def run_experiment(
         "cells": total,
         "seconds": time.time() - t0,
     }
+
+
+def _cell_score(rec: dict, stage: str) -> str:
+    """The number a finished cell's log line shows. With a validation split: the validation
+    score the selection reads (tuning cells show nothing from the test split, so a tuning log
+    cannot invite choosing on test); otherwise the test accuracy."""
+    val = next((k for k in rec if k.startswith("selected_val_")), None)
+    if val is not None and isinstance(rec[val], float):
+        text = f", validation {val.removeprefix('selected_val_')} {rec[val]:.4f}"
+        text += f" (round {rec.get('selected_round')})"
+        test = rec.get("selected_test_accuracy")
+        if stage != "tune" and isinstance(test, float):
+            text += f", test accuracy there {test:.4f}"
+        return text
+    acc = rec.get("test_accuracy")
+    return f", test accuracy {acc:.4f}" if isinstance(acc, float) else ""
 
 
 def regenerate_table(name: str, *, quick: bool = False, out: Path | None = None) -> Path:

@@ -156,3 +156,20 @@ def test_quick_evidence_grid_end_to_end(tmp_path, monkeypatch):
     (out / "table.md").unlink()
     argv = ["experiment", "privacy_evidence", "--quick", "--table", "--out", str(out)]
     assert cli.main(argv) == 0 and (out / "table.md").read_text() == table
+
+
+def test_tuning_log_lines_show_validation_never_test():
+    from ffa_jax.experiments import runner
+
+    rec = {
+        "status": "ok",
+        "test_accuracy": 0.88,
+        "selected_round": 7,
+        "selected_val_balanced_accuracy": 0.81,
+        "selected_test_accuracy": 0.9,
+    }
+    tune = runner._cell_score(rec, "tune")
+    assert "validation balanced_accuracy 0.8100 (round 7)" in tune and "test" not in tune
+    assert "test accuracy there 0.9000" in runner._cell_score(rec, "main")
+    # A grid without a validation split (no selection) shows the test accuracy, as before.
+    assert runner._cell_score({"test_accuracy": 0.88}, "main") == ", test accuracy 0.8800"
