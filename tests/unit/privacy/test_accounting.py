@@ -110,6 +110,32 @@ def test_epsilon_curve_is_monotone_and_ends_at_epsilon_spent(accountant):
     assert curve[r] > epsilon_spent(sigma, q, spr, DELTA, accountant)
 
 
+def test_truncated_pld_curve_equals_the_accountant_composing_round_by_round():
+    # The curve builds the round's truncated PLD once; dp-accounting's own accountant,
+    # composing the round event each round, must give the very same numbers.
+    sigma, q, spr, rounds, n, b_max = 0.9, 64 / 1011, 2, 6, 1011, 112
+    trunc = acc_mod.Truncation(n, b_max)
+    curve = epsilon_curve(sigma, q, spr, rounds, DELTA, "pld", truncation=trunc)
+    acc = acc_mod.make_accountant("pld")
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.TruncatedSubsampledGaussianDpEvent(
+            dataset_size=n,
+            sampling_probability=q,
+            truncated_batch_size=b_max,
+            noise_multiplier=sigma,
+        ),
+        spr,
+    )
+    expected = []
+    for _ in range(rounds):
+        acc.compose(event)
+        expected.append(acc.get_epsilon(DELTA))
+    np.testing.assert_array_equal(curve, np.maximum.accumulate(expected))
+    # All steps composed at once: equal up to the convolutions' float rounding.
+    total = epsilon_spent(sigma, q, spr * rounds, DELTA, "pld", truncation=trunc)
+    assert curve[-1] == pytest.approx(total, rel=1e-8)
+
+
 def test_epsilon_edge_cases():
     assert epsilon_spent(1.0, 0.1, 0, DELTA) == 0.0
     assert epsilon_spent(0.0, 0.1, 0, DELTA) == 0.0
