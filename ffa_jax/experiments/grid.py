@@ -234,7 +234,16 @@ def tuned_label(c: dict[str, Any]) -> str:
 
 
 # Display names of the ``lora.mode`` axis values (tables and plot legends).
-METHOD = {"ffa": "FFA-LoRA", "lora": "LoRA"}
+METHOD = {
+    "ffa": "FFA-LoRA",
+    "lora": "LoRA",
+    "fedsa": "FedSA-LoRA",
+    "rolora": "RoLoRA",
+    "fedsb": "Fed-SB",
+    "fedex": "FedEx-LoRA",
+    "fedsvd": "FedSVD",
+    "flora": "FLoRA",
+}
 
 
 def axis_order(grid, axes: dict[str, str]) -> tuple[int, ...]:
