@@ -164,16 +164,61 @@ def curves_plot(
     if not groups:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    means = {}
     for g, runs in groups.items():
         rounds = sorted({r for run in runs for r, _ in run})
         ys = [np.mean([v for run in runs for r2, v in run if r2 == r]) for r in rounds]
-        ax.plot(rounds, ys, marker="o", ms=3, label=", ".join(_label(k, v) for k, v in g))
-    ax.set(xlabel="round", ylabel=ylabel, title=f"{grid.name}: {ylabel} (mean over seeds)")
-    _integer_x(ax)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+        means[g] = (rounds, ys)
+    axis_names = [k for k, _ in next(iter(groups))]
+    if len(groups) <= 8 or len(axis_names) < 2:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for g, (rounds, ys) in means.items():
+            ax.plot(rounds, ys, marker="o", ms=3, label=", ".join(_label(k, v) for k, v in g))
+        ax.set(xlabel="round", ylabel=ylabel, title=f"{grid.name}: {ylabel} (mean over seeds)")
+        _integer_x(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        return _save(fig, path)
+    # Many groups (e.g. 8 methods x 3 epsilons): one panel per value of the last axis, one
+    # colour per remaining combination, shared y axis and one legend, so lines stay legible.
+    panel_axis = axis_names[-1]
+    panels = list(dict.fromkeys(dict(g)[panel_axis] for g in means))
+    series = list(dict.fromkeys(tuple((k, v) for k, v in g if k != panel_axis) for g in means))
+    colors = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(3.6 * len(panels) + 2.2, 3.8), sharey=True, squeeze=False
+    )
+    for ax, pv in zip(axes[0], panels, strict=True):
+        for i, sk in enumerate(series):
+            g = next(
+                (
+                    g
+                    for g in means
+                    if dict(g)[panel_axis] == pv
+                    and tuple((k, v) for k, v in g if k != panel_axis) == sk
+                ),
+                None,
+            )
+            if g is None:
+                continue
+            rounds, ys = means[g]
+            ax.plot(
+                rounds,
+                ys,
+                marker="o",
+                ms=3,
+                color=colors(i),
+                label=", ".join(_label(k, v) for k, v in sk),
+            )
+        ax.set(xlabel="round", title=_label(panel_axis, pv))
+        _integer_x(ax)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.suptitle(f"{grid.name}: {ylabel} (mean over seeds)")
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / (3.6 * len(panels) + 2.2), 1))
     return _save(fig, path)
 
 
