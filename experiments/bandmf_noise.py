@@ -71,8 +71,9 @@ def main(argv=None) -> int:
         for k in range(a.keys):
             key = jax.random.key(1000 + k)
             if bands == 1:
-                noise = jnp.stack([gaussian_noise_like(like, std, server_noise_key(key, r))
-                                   for r in range(t)])
+                noise = jnp.stack(
+                    [gaussian_noise_like(like, std, server_noise_key(key, r)) for r in range(t)]
+                )
             else:
                 noise = std * correlated.noise_stream(t, bands, like, key, t)
             noise = np.asarray(noise, np.float64)

@@ -97,9 +97,7 @@ class ClientSampling(NamedTuple):
 
 def check_sampling(s: ClientSampling) -> ClientSampling:
     n, m, p, b = s.num_clients, s.clients_per_round, s.max_clients, s.cycle_length
-    if not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (n, m, p, b)
-    ):
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (n, m, p, b)):
         raise ConfigError(f"client sampling {s!r}: counts must be integers.")
     if b != 1:
         if b < 1 or s.sampling != "poisson" or m * b > n:
@@ -162,9 +160,7 @@ def round_event(z: float, s: ClientSampling, accountant: str = "pld") -> dp_acco
 def run_event(z: float, s: ClientSampling, rounds: int, accountant: str = "pld"):
     """``SelfComposedDpEvent(round_event(z, s), ceil(rounds / b))``: the run's client-level
     event (b = ``s.cycle_length``; b = 1: one composition per round)."""
-    return dp_accounting.SelfComposedDpEvent(
-        round_event(z, s, accountant), s.compositions(rounds)
-    )
+    return dp_accounting.SelfComposedDpEvent(round_event(z, s, accountant), s.compositions(rounds))
 
 
 def _truncation(s: ClientSampling, accountant: str) -> accounting.Truncation | None:

@@ -84,9 +84,7 @@ def test_banded_aggregate_adds_the_streamed_noise_to_the_clipped_sum():
     )
     mech = correlated.BandedNoise(STEPS, BANDS)
     state0 = mech.init({"b": jnp.zeros(d)}, jax.random.key(3))
-    out, _, state1 = jax.jit(banded_mf_aggregate, static_argnums=3)(
-        stacked, part, dp, mech, state0
-    )
+    out, _, state1 = jax.jit(banded_mf_aggregate, static_argnums=3)(stacked, part, dp, mech, state0)
     summed, _ = clipped_sum(stacked, part, dp.clip_norm)
     noise, state_ref = mech.next(summed, 0.5, state0)
     np.testing.assert_allclose(out["b"], (summed["b"] + noise["b"]) / 2.0, rtol=1e-6)
@@ -175,9 +173,7 @@ def test_bands_1_is_independent_gaussian_same_epsilon_and_std():
     d = 20_000
     corr = np.asarray(correlated.noise_stream(6, 1, jnp.zeros(d), jax.random.key(0), 6))
     np.testing.assert_allclose(corr @ corr.T / d, np.eye(6), atol=5 * math.sqrt(2 / d))
-    ind = np.asarray(
-        gaussian_noise_like(jnp.zeros(d), 1.0, server_noise_key(jax.random.key(0), 0))
-    )
+    ind = np.asarray(gaussian_noise_like(jnp.zeros(d), 1.0, server_noise_key(jax.random.key(0), 0)))
     assert np.std(corr[0]) == pytest.approx(np.std(ind), rel=0.03)
 
 
@@ -204,17 +200,29 @@ BASE = ["privacy.unit=client", "federated.clients=21", "federated.clients_per_ro
     ("overrides", "field"),
     [
         (["privacy.mechanism=banded_mf", "privacy.bands=0"], "privacy.bands"),
-        (["privacy.mechanism=banded_mf", "privacy.bands=11", "federated.rounds=10"],
-         "privacy.bands"),
-        (["privacy.mechanism=banded_mf", "privacy.bands=2", "federated.client_sampling=fixed",
-          "privacy.accountant=rdp"], "federated.client_sampling"),
-        (["privacy.mechanism=banded_mf", "privacy.bands=11", "federated.rounds=20"],
-         "privacy.bands"),  # 2 clients x 11 bands > 21 clients
-        (["privacy.mechanism=banded_mf", "privacy.bands=2", "federated.clients_per_round=null"],
-         "privacy.bands"),  # full participation: only bands=1
+        (
+            ["privacy.mechanism=banded_mf", "privacy.bands=11", "federated.rounds=10"],
+            "privacy.bands",
+        ),
+        (
+            [
+                "privacy.mechanism=banded_mf",
+                "privacy.bands=2",
+                "federated.client_sampling=fixed",
+                "privacy.accountant=rdp",
+            ],
+            "federated.client_sampling",
+        ),
+        (
+            ["privacy.mechanism=banded_mf", "privacy.bands=11", "federated.rounds=20"],
+            "privacy.bands",
+        ),  # 2 clients x 11 bands > 21 clients
+        (
+            ["privacy.mechanism=banded_mf", "privacy.bands=2", "federated.clients_per_round=null"],
+            "privacy.bands",
+        ),  # full participation: only bands=1
         # Sample level needs every client every round (BASE samples 2 of 21).
-        (["privacy.mechanism=banded_mf", "privacy.unit=sample"],
-         "federated.clients_per_round"),
+        (["privacy.mechanism=banded_mf", "privacy.unit=sample"], "federated.clients_per_round"),
         (["privacy.mechanism=banded_mf", "privacy.epsilon=inf"], "privacy.mechanism"),
         (["privacy.bands=3"], "privacy.bands"),  # bands with the gaussian mechanism
         (["privacy.mechanism=toeplitz"], "privacy.mechanism"),
