@@ -212,19 +212,19 @@ def _from_datasets(
         return np.stack(images), list(ds[label_field])
 
     train_images, train_labels = split(dd["train"], "train")
-    names = tasks._class_label_names(dd["train"], label_field)
+    names = tasks.class_label_names(dd["train"], label_field)
     test_images = test_labels = None
     for name in HUB_TEST_SPLITS:
-        if name in dd and tasks._has_labels(dd[name], label_field):
+        if name in dd and tasks.has_labels(dd[name], label_field):
             test_images, test_labels = split(dd[name], name)
             break
     return _Raw(
         train_images=train_images,
-        train_labels=tasks._encode_labels(train_labels, names, source, "train"),
+        train_labels=tasks.encode_labels(train_labels, names, source, "train"),
         test_images=test_images,
         test_labels=None
         if test_labels is None
-        else tasks._encode_labels(test_labels, names, source, "test"),
+        else tasks.encode_labels(test_labels, names, source, "test"),
         label_names=names,
     )
 
@@ -296,7 +296,7 @@ def _load_npz(path: Path, image_size: int, num_channels: int) -> _Raw:
                 f"{src}: {lab_key} has shape {labels.shape}; expected [{len(images)}] (one label "
                 f"per image of {img_key})."
             )
-        return images, tasks._encode_labels(labels, names, src, name)
+        return images, tasks.encode_labels(labels, names, src, name)
 
     train_images, train_labels = split("images", "labels", "train")
     test_images = test_labels = None
@@ -524,7 +524,7 @@ def load_image_classification(
         if test_images is not None:
             test_images, test_labels = _select_classes(test_images, test_labels, classes)
         names = tuple(names[c] for c in classes)
-    tasks._check_two_classes(train_labels, names, task, "")
+    tasks.check_two_classes(train_labels, names, task, "")
     if test_images is None or len(test_labels) == 0:
         rng = np.random.default_rng((seed, 0))
         keep, held = tasks.stratified_split(

@@ -137,7 +137,7 @@ def _columns(
     return texts, list(ds[label_field])
 
 
-def _class_label_names(ds: Any, label_field: str) -> tuple[str, ...] | None:
+def class_label_names(ds: Any, label_field: str) -> tuple[str, ...] | None:
     """Names of a ``datasets.ClassLabel`` column, or ``None`` for plain int/str labels."""
     feature = ds.features.get(label_field)
     names = getattr(feature, "names", None)
@@ -177,7 +177,7 @@ def _load_local_file(
         source=str(path),
         train_texts=texts,
         train_labels=labels,
-        label_names=_class_label_names(dd, label_field),
+        label_names=class_label_names(dd, label_field),
     )
 
 
@@ -195,7 +195,7 @@ def _check_utf8(path: Path) -> None:
                 ) from e
 
 
-def _has_labels(ds: Any, label_field: str) -> bool:
+def has_labels(ds: Any, label_field: str) -> bool:
     """False for splits whose labels are hidden (GLUE test splits store -1 everywhere)."""
     if label_field not in ds.column_names or len(ds) == 0:
         return False
@@ -240,7 +240,7 @@ def _load_hub(
     texts, labels = _columns(train, f"{task} (train split)", text_field, label_field, pair_field)
     test_texts = test_labels = None
     for split in HUB_TEST_SPLITS:
-        if split in dd and _has_labels(dd[split], label_field):
+        if split in dd and has_labels(dd[split], label_field):
             test_texts, test_labels = _columns(
                 dd[split], f"{task} ({split} split)", text_field, label_field, pair_field
             )
@@ -251,7 +251,7 @@ def _load_hub(
         train_labels=labels,
         test_texts=test_texts,
         test_labels=test_labels,
-        label_names=_class_label_names(train, label_field),
+        label_names=class_label_names(train, label_field),
     )
 
 
@@ -273,7 +273,7 @@ def _check_texts(texts: Sequence[Any], source: str, split: str) -> tuple[str, ..
     return tuple(texts)
 
 
-def _encode_labels(
+def encode_labels(
     raw: Sequence[Any], names: tuple[str, ...] | None, source: str, split: str
 ) -> np.ndarray:
     """Integer labels as int32 ``[N]``; strings are mapped through ``names`` (sorted names)."""
@@ -333,7 +333,7 @@ def _label_names(raw: RawSplits) -> tuple[str, ...]:
             f"(e.g. {next(v for v in pooled if not isinstance(v, str))!r}); make them all "
             "ints or all strings."
         )
-    ints = _encode_labels(pooled, None, raw.source, "all")
+    ints = encode_labels(pooled, None, raw.source, "all")
     return tuple(str(i) for i in range(int(ints.max()) + 1)) if ints.size else ()
 
 
@@ -363,7 +363,7 @@ def stratified_split(
     return kept_idx, taken_idx
 
 
-def _check_two_classes(labels: np.ndarray, names: tuple[str, ...], source: str, why: str) -> None:
+def check_two_classes(labels: np.ndarray, names: tuple[str, ...], source: str, why: str) -> None:
     present = np.unique(labels)
     if len(present) < 2:
         found = names[int(present[0])] if len(present) else "none"
@@ -545,12 +545,12 @@ def load_text_classification(
 
     names = _label_names(raw)
     train_texts = _check_texts(raw.train_texts, raw.source, "train")
-    train_labels = _encode_labels(raw.train_labels, names, raw.source, "train")
-    _check_two_classes(train_labels, names, raw.source, "")
+    train_labels = encode_labels(raw.train_labels, names, raw.source, "train")
+    check_two_classes(train_labels, names, raw.source, "")
 
     if raw.test_texts is not None and raw.test_labels is not None:
         test_texts = _check_texts(raw.test_texts, raw.source, "test")
-        test_labels = _encode_labels(raw.test_labels, names, raw.source, "test")
+        test_labels = encode_labels(raw.test_labels, names, raw.source, "test")
     else:
         rng = np.random.default_rng((seed, 0))
         keep, held = stratified_split(
@@ -577,7 +577,7 @@ def load_text_classification(
         _, chosen = stratified_split(train_labels, max_examples, np.random.default_rng((seed, 1)))
         train_texts = tuple(train_texts[i] for i in chosen)
         train_labels = train_labels[chosen]
-        _check_two_classes(
+        check_two_classes(
             train_labels, names, raw.source, f" after capping to max_examples={max_examples}"
         )
 

@@ -92,7 +92,7 @@ class _DropRdpConvergenceWarnings(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_rdp():
+def quiet_rdp():
     logger = logging.getLogger("absl")
     flt = _DropRdpConvergenceWarnings()
     logger.addFilter(flt)
@@ -157,7 +157,7 @@ def _check_delta(delta: float) -> float:
     return float(delta)
 
 
-def _check_epsilon(epsilon: float) -> float:
+def check_epsilon(epsilon: float) -> float:
     if not isinstance(epsilon, numbers.Real) or not (epsilon > 0 and math.isfinite(epsilon)):
         raise ConfigError(
             f"privacy.epsilon={epsilon!r} must be a finite number > 0 (e.g. 1, 3 or 6); "
@@ -249,7 +249,9 @@ def rdp_delta_curve(
     return np.maximum.accumulate(np.asarray(out, np.float64))
 
 
-def _step_event(sigma: float, q: float, truncation: Truncation | None, accountant: str):
+def step_event(sigma: float, q: float, truncation: Truncation | None, accountant: str):
+    """One DP-SGD step's DpEvent: dp-accounting's truncated subsampled Gaussian (PLD with a
+    ``truncation``) or the Poisson-subsampled Gaussian (RDP, which puts truncation into delta)."""
     if truncation is not None and accountant == "pld":
         return dp_accounting.TruncatedSubsampledGaussianDpEvent(
             dataset_size=truncation.dataset_size,
@@ -366,7 +368,7 @@ def _epsilon(
         return 0.0
     if sigma == 0.0:
         return math.inf
-    with _quiet_rdp():
+    with quiet_rdp():
         acc = jp_accounting.DpsgdTrainingAccountant(accountant_config(accountant))
         return float(acc.compute_epsilon(steps, dp_params(sigma, q, delta, truncation, accountant)))
 
@@ -481,7 +483,7 @@ def epsilon_curve(
             total = total.compose(round_pld)
             eps.append(total.get_epsilon_for_delta(delta))
     elif accountant == "rdp":
-        with _quiet_rdp():
+        with quiet_rdp():
             acc = make_accountant("rdp").compose(dp_sgd_event(sigma, q, 1))
         rdp_step = getattr(acc, "_rdp", None)
         if rdp_step is None:
@@ -578,7 +580,7 @@ def calibrate_noise_multiplier(
         says) is sample-level (target_epsilon, delta)-DP per client under add/remove-one
         neighbouring datasets.
     """
-    eps = _check_epsilon(target_epsilon)
+    eps = check_epsilon(target_epsilon)
     delta = _check_delta(delta)
     q = _check_sampling_rate(sampling_rate)
     steps = _check_steps(steps, minimum=1)
@@ -604,7 +606,7 @@ def _calibrate_cached(
     def eps_at(sigma: float) -> float:
         if sigma == 0.0:
             return math.inf
-        with _quiet_rdp():
+        with quiet_rdp():
             return acc.compute_epsilon(
                 steps, dataclasses.replace(params, noise_multipliers=float(sigma))
             )
@@ -642,7 +644,7 @@ def _calibrate_cached(
         hi = lo
         # epsilon == 0 means delta alone covers the mechanism: skip the costly walk.
         lo = floor if eps_at(lo) == 0.0 else max(lo * down, floor)
-    with _quiet_rdp():
+    with quiet_rdp():
         sigma = jp_accounting.calibrate_noise_multiplier(
             target_epsilon=eps,
             accountant=acc,

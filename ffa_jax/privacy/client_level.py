@@ -199,7 +199,7 @@ def epsilon_spent(z: float, s: ClientSampling, rounds: int, delta: float, accoun
         return 0.0
     if z == 0:
         return math.inf
-    with accounting._quiet_rdp():
+    with accounting.quiet_rdp():
         acc = accounting.make_accountant(accountant, s.relation)
         acc.compose(run_event(z, s, rounds, accountant))
         return float(acc.get_epsilon(delta))
@@ -223,7 +223,7 @@ def epsilon_curve(
         return accounting.epsilon_curve(
             float(z), s.rate, 1, int(rounds), float(delta), accountant, _truncation(s, accountant)
         )
-    with accounting._quiet_rdp():
+    with accounting.quiet_rdp():
         acc = accounting.make_accountant("rdp", s.relation).compose(round_event(z, s, "rdp"))
     rdp = getattr(acc, "_rdp", None)
     if rdp is None:  # private RDP vector moved in a dp-accounting release: pay more
@@ -285,7 +285,7 @@ def calibrate(
             accountant,
             _truncation(s, accountant),
         )
-    eps = accounting._check_epsilon(target_epsilon)
+    eps = accounting.check_epsilon(target_epsilon)
     lo, hi = 0.0, 1.0
     while epsilon_spent(hi, s, rounds, delta, "rdp") > eps:
         lo, hi = hi, hi * 2.0
@@ -294,7 +294,7 @@ def calibrate(
                 f"privacy.epsilon={eps} cannot be reached with z <= 2^30 for delta={delta}; "
                 "raise epsilon or delta."
             )
-    with accounting._quiet_rdp():
+    with accounting.quiet_rdp():
         z = float(
             dp_accounting.calibrate_dp_mechanism(
                 lambda: accounting.make_accountant("rdp", s.relation),

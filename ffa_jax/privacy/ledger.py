@@ -164,7 +164,7 @@ class PrivacyLedger:
                 )
                 continue
             trunc = accounting.Truncation(int(n), int(self.max_batch_size))
-            step = accounting._step_event(float(sigma), float(q), trunc, accountant)
+            step = accounting.step_event(float(sigma), float(q), trunc, accountant)
             out.append(dp_accounting.SelfComposedDpEvent(step, int(r) * self.steps_per_round))
         return out
 
@@ -213,7 +213,7 @@ def account(ledger: PrivacyLedger, accountant: str) -> float:
         )
     worst = 0.0
     for event in ledger.events(accountant):
-        with accounting._quiet_rdp():
+        with accounting.quiet_rdp():
             acc = accounting.make_accountant(accountant, ledger.neighboring_relation)
             acc.compose(event)
             worst = max(worst, float(acc.get_epsilon(ledger.delta)))
