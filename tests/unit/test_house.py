@@ -147,6 +147,40 @@ def test_no_private_name_crosses_modules():
     assert private == []
 
 
+def _private_attributes(mods: dict[str, Path]) -> list[tuple[str, str, str]]:
+    """``(module, imported module, name)`` for every ``alias._name`` where ``alias`` is an
+    ffa_jax module imported by that module (``from ffa_jax.privacy import accounting``, then
+    ``accounting._x``): a private name crossing modules by attribute, not by import."""
+    found = []
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text(), str(path))
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    if full in mods and full != name:
+                        aliases[alias.asname or alias.name] = full
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in mods and alias.asname and alias.name != name:
+                        aliases[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
+                found.append((name, aliases[node.value.id], node.attr))
+    return found
+
+
+def test_no_private_name_crosses_modules_by_attribute():
+    assert _private_attributes(_modules()) == []
+
+
 def test_every_module_has_a_layer():
     mods = _modules()
     assert len(mods) > 50  # the walk found the package
