@@ -183,40 +183,34 @@ def curves_plot(
     # Many groups (e.g. 8 methods x 3 epsilons): one panel per value of the last axis, one
     # colour per remaining combination, shared y axis and one legend, so lines stay legible.
     panel_axis = axis_names[-1]
-    panels = list(dict.fromkeys(dict(g)[panel_axis] for g in means))
-    series = list(dict.fromkeys(tuple((k, v) for k, v in g if k != panel_axis) for g in means))
+    # (panel value, the group's other axis values) -> its mean curve.
+    by_panel = {
+        (dict(g)[panel_axis], tuple((k, v) for k, v in g if k != panel_axis)): curve
+        for g, curve in means.items()
+    }
+    panels = list(dict.fromkeys(pv for pv, _ in by_panel))
+    series = list(dict.fromkeys(sk for _, sk in by_panel))
     colors = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
     fig, axes = plt.subplots(
         1, len(panels), figsize=(3.6 * len(panels) + 2.2, 3.8), sharey=True, squeeze=False
     )
     for ax, pv in zip(axes[0], panels, strict=True):
         for i, sk in enumerate(series):
-            g = next(
-                (
-                    g
-                    for g in means
-                    if dict(g)[panel_axis] == pv
-                    and tuple((k, v) for k, v in g if k != panel_axis) == sk
-                ),
-                None,
-            )
-            if g is None:
+            if (pv, sk) not in by_panel:
                 continue
-            rounds, ys = means[g]
-            ax.plot(
-                rounds,
-                ys,
-                marker="o",
-                ms=3,
-                color=colors(i),
-                label=", ".join(_label(k, v) for k, v in sk),
-            )
+            rounds, ys = by_panel[(pv, sk)]
+            label = ", ".join(_label(k, v) for k, v in sk)
+            ax.plot(rounds, ys, marker="o", ms=3, color=colors(i), label=label)
         ax.set(xlabel="round", title=_label(panel_axis, pv))
         _integer_x(ax)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8)
+    # One legend entry per series, from whichever panel has it.
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=8)
     fig.suptitle(f"{grid.name}: {ylabel} (mean over seeds)")
     fig.tight_layout(rect=(0, 0, 1 - 2.0 / (3.6 * len(panels) + 2.2), 1))
     return _save(fig, path)
