@@ -15,6 +15,13 @@ from collections.abc import Callable
 from typing import Any
 
 
+def user_cache_dir() -> pathlib.Path:
+    """ffa_jax's per-user cache folder: ``$XDG_CACHE_HOME/ffa_jax`` (``~/.cache/ffa_jax``
+    without it). Not created here; what lives in it is rebuilt when missing."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "ffa_jax"
+
+
 def atomic_write(
     path: str | os.PathLike,
     write: Callable[[str], None],

@@ -42,6 +42,7 @@ from pathlib import Path
 import jax
 
 from ffa_jax.config import CPU_LIBRARY_FUSIONS
+from ffa_jax.fileio import user_cache_dir
 
 _OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _VALUES = {"off": "", "dots": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
@@ -99,8 +100,7 @@ _ON = ("", "1", "true", "on", "yes")
 
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/ffa_jax/jax_cache`` (``~/.cache/ffa_jax/jax_cache`` without it)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ffa_jax" / "jax_cache"
+    return user_cache_dir() / "jax_cache"
 
 
 def enable_compilation_cache(enabled: bool = True, path: str | Path | None = None) -> Path | None:

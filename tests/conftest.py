@@ -12,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # ffa-jax train subprocesses must not fill the user's ~/.cache (tests that want the persistent
 # compilation cache point JAX_COMPILATION_CACHE_DIR or this variable at a tmp folder).
 os.environ.setdefault("FFA_JAX_COMPILATION_CACHE", "0")
+# Likewise the memo of calibrated noise multipliers (tests of it point it at a tmp folder).
+os.environ.setdefault("FFA_JAX_SIGMA_CACHE", "0")
 
 import re  # noqa: E402
 from pathlib import Path  # noqa: E402

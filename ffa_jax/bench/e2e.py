@@ -2,10 +2,10 @@
 the sequential PyTorch Opacus+PEFT reference, side by side, each as a fresh subprocess.
 
 What users feel is the whole run, not a fixed-batch step: this runs ``ffa-jax train`` on the
-config (its defaults: auto micro-batching, the persistent compilation cache in a cache folder
-of the bench's own, cold in the first run, warm after) and the reference
-(:mod:`ffa_jax.bench.torch_run`, HF transformers + PEFT + Opacus, clients one after another)
-at the same settings, alternately (ffa_jax, reference, ffa_jax, reference, ...), so that a
+config (its defaults: auto micro-batching, the persistent compilation cache and the memo of
+calibrated noise multipliers in folders of the bench's own, cold in the first run, warm after)
+and the reference (:mod:`ffa_jax.bench.torch_run`, HF transformers + PEFT + Opacus, clients
+one after another) at the same settings, alternately (ffa_jax, reference, ffa_jax, reference, ...), so that a
 change of machine load hits both sides alike, on the same host allocator. Per run it records:
 
 * ``wall_s``: the subprocess's whole wall time (start to exit: imports, model and data
@@ -271,7 +271,8 @@ def measure(cmd: list[str], *, env: dict[str, str], log_path: Path) -> dict[str,
 def child_env(choice: str, cache_dir: Path) -> dict[str, str]:
     """The environment of both sides: the same host allocator (preloaded here for the
     reference too; ``ffa-jax`` would re-execute itself onto it) and ffa_jax's compilation
-    cache in ``cache_dir``."""
+    cache in ``cache_dir``, its memo of calibrated noise multipliers next to it (both cold in
+    the first run, like a user's first run)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     env[allocator.ENV_CHOICE] = choice
     env.pop(allocator.ENV_DONE, None)
@@ -279,6 +280,7 @@ def child_env(choice: str, cache_dir: Path) -> dict[str, str]:
     if preloaded is not None:
         env = preloaded
     env["FFA_JAX_COMPILATION_CACHE"] = str(cache_dir)
+    env["FFA_JAX_SIGMA_CACHE"] = str(cache_dir.with_name("sigma_cache"))
     return env
 
 

@@ -376,9 +376,16 @@ def make_round(
                     chunked, NamedSharding(mesh, P(None, CLIENTS_AXIS))
                 )
             chunk_weights = _to_chunks(weights_p, chunk)
+            # The zeros branch below needs the chunk's output shapes. Tracing the whole client
+            # update once for them (eval_shape) and once more for the branch cost ~1 s of a
+            # quickstart run's first round; through one jitted function the branch reuses the
+            # eval_shape trace (jit's cache: same function, same argument types).
+            run_chunk = jax.jit(run_chunk)
             out_shape = jax.eval_shape(
-                lambda xs: run_chunk(state.trainable, frozen, *xs),
-                jax.tree_util.tree_map(lambda x: x[0], chunked),
+                run_chunk,
+                state.trainable,
+                frozen,
+                *jax.tree_util.tree_map(lambda x: x[0], chunked),
             )
 
             def one_chunk(args):

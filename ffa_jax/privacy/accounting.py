@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import numbers
@@ -60,6 +61,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from jax_privacy import accounting as jp_accounting
 
 from ffa_jax.errors import ConfigError
+from ffa_jax.privacy import sigma_cache
 
 ACCOUNTANTS = ("pld", "rdp")
 
@@ -551,7 +553,9 @@ def calibrate_noise_multiplier(
     1e-4 x its lower end: RDP doubles/halves from 1; PLD starts from the RDP sigma (RDP's
     conversion is looser than PLD's: checked, not assumed) and PLD with truncation from the
     untruncated PLD sigma (truncation only adds epsilon), so few costly PLD evaluations are
-    needed. Results are cached on the arguments rounded to 12 significant digits.
+    needed. Results are cached on the arguments rounded to 12 significant digits, in the
+    process and on disk (:mod:`ffa_jax.privacy.sigma_cache`: a remembered sigma is re-checked
+    with this accountant, one evaluation, and used only if it keeps the promise below).
 
     Args:
         target_epsilon: privacy budget epsilon, > 0.
@@ -600,7 +604,8 @@ def _calibrate_cached(
     accountant: str,
     truncation: Truncation | None = None,
 ) -> float:
-    acc = _MemoAccountant(accountant_config(accountant))
+    config = accountant_config(accountant)
+    acc = _MemoAccountant(config)
     params = dp_params(1.0, q, delta, truncation, accountant)
 
     def eps_at(sigma: float) -> float:
@@ -610,6 +615,22 @@ def _calibrate_cached(
             return acc.compute_epsilon(
                 steps, dataclasses.replace(params, noise_multipliers=float(sigma))
             )
+
+    # A sigma remembered on disk by an earlier process is a hint: it is used only if this
+    # accountant confirms the promise a fresh search makes (epsilon within 1% below the
+    # target), so a stale or edited file cannot weaken the guarantee.
+    memo_key = {
+        "epsilon": eps,
+        "delta": delta,
+        "q": q,
+        "steps": steps,
+        "accountant": accountant,
+        "truncation": None if truncation is None else list(truncation),
+        "accountant_config": hashlib.sha256(repr(config).encode()).hexdigest()[:16],
+    }
+    remembered = sigma_cache.lookup(memo_key)
+    if remembered is not None and (1 - CALIBRATION_RTOL) * eps <= eps_at(remembered) <= eps:
+        return remembered
 
     # (start, factor up, steps up, factor down, lowest sigma tried) of the bracket search.
     if accountant == "rdp":
@@ -664,4 +685,6 @@ def _calibrate_cached(
             f"{CALIBRATION_RTOL:.0%} below privacy.epsilon={eps}; training is over-noised.",
             stacklevel=3,
         )
+    else:
+        sigma_cache.remember(memo_key, float(sigma))
     return float(sigma)

@@ -67,6 +67,64 @@ def test_tokenize_raw_tokenizer_matches_and_is_not_mutated(minilm_path):
     np.testing.assert_array_equal(out["attention_mask"], reference["attention_mask"])
 
 
+# Texts whose prefix cut could go wrong: a \x1c (deleted by BERT's normalizer, joining its
+# neighbours), combining accents and CJK right after the cut window, a literal special token,
+# tabs, CR/LF runs, a word longer than WordPiece's 100 characters, and texts just filling L.
+TRICKY = [
+    ("word " * 30) + "ab\x1ccd " * 10,
+    ("x" * 190) + " e\u0301t\u00e9 " + "\u4e2d\u6587" * 20,
+    ("[SEP] [CLS] " * 20) + "tail",
+    "\t".join(["tabbed"] * 80),
+    "\r\n".join(["line"] * 80),
+    ("y" * 150 + " ") * 5,
+    " ".join(f"w{i}" for i in range(30)),
+    " ".join(f"w{i}" for i in range(31)),
+]
+
+
+@pytest.mark.parametrize("length", [8, 16, 32])
+def test_tokenize_prefix_cut_is_exact(minilm_path, length, monkeypatch):
+    """Tokenizing a whitespace-cut prefix (fast path) gives exactly the whole text's tokens,
+    including texts whose prefix is too short (tokenized whole again)."""
+    transformers = pytest.importorskip("transformers")
+    from ffa_jax.data import batching
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    assert batching._prefix_exact(tok, False)
+    texts = TEXTS + TRICKY
+    fast = tokenize(texts, tok, length)
+    monkeypatch.setattr(batching, "PREFIX_CHARS_PER_TOKEN", 10**9)  # never cut
+    whole = tokenize(texts, tok, length)
+    for name in whole:
+        np.testing.assert_array_equal(fast[name], whole[name])
+    # A 1-character window: nearly every text is re-tokenized whole, still exact.
+    monkeypatch.setattr(batching, "PREFIX_CHARS_PER_TOKEN", 0)
+    tiny = tokenize(texts, tok, length)
+    for name in whole:
+        np.testing.assert_array_equal(tiny[name], whole[name])
+
+
+def test_tokenize_prefix_cut_only_for_whitespace_tokenizers(minilm_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from ffa_jax.data import batching
+
+    raw = tokenizers.Tokenizer.from_file(os.path.join(minilm_path, "tokenizer.json"))
+    assert batching._prefix_exact(raw, True)
+    # A byte-level BPE (GPT-2 style) or Metaspace pre-tokenizer may join text across a cut
+    # (e.g. punctuation with the newlines after it): tokenized whole.
+    for pre in (
+        tokenizers.pre_tokenizers.ByteLevel(),
+        tokenizers.pre_tokenizers.Metaspace(),
+        None,
+    ):
+        other = tokenizers.Tokenizer.from_str(raw.to_str())
+        other.pre_tokenizer = pre
+        assert not batching._prefix_exact(other, True)
+    left = tokenizers.Tokenizer.from_str(raw.to_str())
+    left.enable_truncation(16, direction="left")
+    assert not batching._prefix_exact(left, True)
+
+
 def test_tokenize_errors():
     with pytest.raises(DataError, match="max_length=0"):
         tokenize(["a"], object(), 0)
