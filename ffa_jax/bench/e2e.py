@@ -5,8 +5,9 @@ What users feel is the whole run, not a fixed-batch step: this runs ``ffa-jax tr
 config (its defaults: auto micro-batching, the persistent compilation cache and the memo of
 calibrated noise multipliers in folders of the bench's own, cold in the first run, warm after)
 and the reference (:mod:`ffa_jax.bench.torch_run`, HF transformers + PEFT + Opacus, clients
-one after another) at the same settings, alternately (ffa_jax, reference, ffa_jax, reference, ...), so that a
-change of machine load hits both sides alike, on the same host allocator. Per run it records:
+one after another) at the same settings, alternately (ffa_jax, reference, ffa_jax, reference,
+...), so that a change of machine load hits both sides alike, on the same host allocator.
+Per run it records:
 
 * ``wall_s``: the subprocess's whole wall time (start to exit: imports, model and data
   loading, noise calibration, compilation, rounds, evaluations, writing outputs);
