@@ -4,8 +4,10 @@ grid, with the same privacy parameters skips the bracket search of
 start-up on 2 cores; one accountant evaluation, ~0.1 s, instead).
 
 What it stores: only public parameters (epsilon, delta, sampling rate, steps, accountant,
-truncation, the accountant libraries' versions) and the sigma found for them; never data,
-keys or anything a run's secret derives.
+truncation, the accountant libraries' versions, a hash of the calibration's source) and the
+sigma found for them; never data, keys or anything a run's secret derives. Keyed by the code
+too, a run's sigma stays a function of its code and parameters (another search may return
+another sigma within the same 1% promise).
 
 Why a stale or tampered file cannot weaken a guarantee: the memo is a hint. The caller
 re-evaluates a remembered sigma with its own accountant and uses it only when

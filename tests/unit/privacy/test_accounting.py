@@ -205,6 +205,26 @@ def test_truncated_poisson_matches_dp_accounting_and_calibrates():
     assert np.all(np.diff(curve) > 0) and curve[-1] == pytest.approx(eps, rel=1e-6)
 
 
+@pytest.mark.parametrize("b_max", [112, 70])
+def test_truncated_calibration_is_within_tolerance_of_the_smallest_sigma(b_max):
+    """Light truncation (B_max 112 for an expected 64: the untruncated sigma already meets the
+    target and is returned as is) and heavy truncation (B_max 70: a full search above it).
+    Either way the sigma meets the target, keeps the 1% promise, and a sigma 1e-3 smaller
+    (beyond the search tolerance) overspends."""
+    n, steps, delta, eps = 1011, 20, 1e-5, 6.0
+    q = 64 / n
+    trunc = acc_mod.Truncation(n, b_max)
+    untruncated = acc_mod.calibrate_noise_multiplier(eps, delta, q, steps)
+    sigma = acc_mod.calibrate_noise_multiplier(eps, delta, q, steps, truncation=trunc)
+    spent = acc_mod.epsilon_spent(sigma, q, steps, delta, truncation=trunc)
+    assert (1 - acc_mod.CALIBRATION_RTOL) * eps <= spent <= eps
+    assert acc_mod.epsilon_spent(sigma * (1 - 1e-3), q, steps, delta, truncation=trunc) > eps
+    if b_max == 112:
+        assert sigma == untruncated
+    else:
+        assert sigma > untruncated * 1.001
+
+
 def test_overflow_probability_matches_monte_carlo():
     rng = np.random.default_rng(0)
     n, q = 400, 0.1
