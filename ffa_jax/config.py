@@ -51,6 +51,8 @@ PAPER_LABEL_MIX_2 = ((0.1, 0.9), (0.9, 0.1), (0.5, 0.5))
 AUTO = "auto"
 # Validation metrics that may select a run's reported round (higher is better).
 SELECT_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auc")
+# eval.dtype: "model" = the training compute dtype (model.dtype).
+EVAL_DTYPES = ("model", "bfloat16")
 # perf.cpu_library_fusion values (see ffa_jax.xla_options).
 CPU_LIBRARY_FUSIONS = ("auto", "jax", "dots", "off")
 
@@ -73,6 +75,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.mechanism": NOISE_MECHANISMS,
     "perf.cpu_library_fusion": CPU_LIBRARY_FUSIONS,
     "eval.select_metric": SELECT_METRICS,
+    "eval.dtype": EVAL_DTYPES,
 }
 
 
@@ -658,6 +661,11 @@ class EvalConfig:
         metric (higher is better) whose best round (earliest on ties) is the run's selected
         round; that round's model is evaluated once on the test split at the end
         (``selected_test_*`` in the summary), next to the last round's test metrics.
+      dtype: compute dtype of the evaluation forward passes of classifiers (encoders, ViTs):
+        ``model`` (default) computes as training does (``model.dtype``); ``bfloat16`` halves
+        their activation memory and is faster on GPUs/TPUs (on a CPU, XLA has no fast
+        bfloat16 matmuls: slower there). Training, the weights and the LoRA factors are
+        unchanged; only the reported metrics can move (by rounding). Decoders refuse it.
     """
 
     every: int = 5
@@ -666,8 +674,15 @@ class EvalConfig:
     baseline: bool = False
     max_new_tokens: int = 256
     select_metric: str = "balanced_accuracy"
+    dtype: str = "model"
 
     def __post_init__(self):
+        _require(
+            self.dtype in EVAL_DTYPES,
+            "eval.dtype",
+            self.dtype,
+            f"use one of {EVAL_DTYPES} (model: as training computes).",
+        )
         _require(
             isinstance(self.every, int) and self.every >= 0,
             "eval.every",

