@@ -661,6 +661,11 @@ class EvalConfig:
         metric (higher is better) whose best round (earliest on ties) is the run's selected
         round; that round's model is evaluated once on the test split at the end
         (``selected_test_*`` in the summary), next to the last round's test metrics.
+      test: evaluate on the test split at all (after the last round, every ``every`` rounds,
+        at the validation-selected round). ``false``: the validation split only, for the
+        tuning runs of an experiment grid, which must not read the test split
+        (``ffa-jax experiment`` sets it there); the summary then holds no test metrics.
+        Decoders refuse it.
       dtype: compute dtype of the evaluation forward passes of classifiers (encoders, ViTs):
         ``model`` (default) computes as training does (``model.dtype``); ``bfloat16`` halves
         their activation memory and is faster on GPUs/TPUs (on a CPU, XLA has no fast
@@ -674,9 +679,11 @@ class EvalConfig:
     baseline: bool = False
     max_new_tokens: int = 256
     select_metric: str = "balanced_accuracy"
+    test: bool = True
     dtype: str = "model"
 
     def __post_init__(self):
+        _require(isinstance(self.test, bool), "eval.test", self.test, "use true or false.")
         _require(
             self.dtype in EVAL_DTYPES,
             "eval.dtype",

@@ -660,6 +660,9 @@ def tune_cells(
     the log steps added beyond a grid's edges (see :func:`group_candidates`)."""
     if grid.tune is None:
         return []
+    # A tuning run reads the validation split only: the test split is read once per final
+    # configuration (the reported cells), never for a candidate.
+    no_test = ("eval.test=false",) if grid.kind == "train" else ()
     cells, seen = [], set()
     for point in _axis_points(grid):
         point = grid.tune.representative(point)
@@ -677,7 +680,7 @@ def tune_cells(
                         axes=point,
                         seed=seed,
                         tuned=tuned,
-                        overrides=_overrides(grid, point, tuned, seed),
+                        overrides=_overrides(grid, point, tuned, seed) + no_test,
                     )
                 )
     return cells

@@ -163,12 +163,13 @@ def train(
         t0 = time.time()
         record = {
             "round": 0,
-            **evaluate_splits(prep, prep.params, test=True),
+            **evaluate_splits(prep, prep.params, test=cfg.eval.test),
             "seconds": time.time() - t0,
         }
         history.append(record)
         mlog.write(record)
-        log(f"round 0 (pretrained model): {wl.metric_title} {record[wl.metric]:.4f}")
+        if wl.metric in record:
+            log(f"round 0 (pretrained model): {wl.metric_title} {record[wl.metric]:.4f}")
 
     rounds = range(start, cfg.federated.rounds)
     bar = None
@@ -214,7 +215,9 @@ def train(
             is_last = r + 1 == cfg.federated.rounds
             # The validation split (if any) every round; the test split after the last round
             # and every eval.every rounds.
-            test = is_last or bool(cfg.eval.every and (r + 1) % cfg.eval.every == 0)
+            test = cfg.eval.test and (
+                is_last or bool(cfg.eval.every and (r + 1) % cfg.eval.every == 0)
+            )
             record.update(evaluate_splits(prep, modes.model_params(state, prep.frozen), test=test))
             if test and modes.spec(cfg.lora.mode).client_state is not None:
                 record["eval_clients"] = personal_metrics(prep, state)
@@ -245,7 +248,8 @@ def train(
     final_params = modes.model_params(state, prep.frozen)
     # The selected round's state (the mode's extra state included) is read on test once.
     selected = selector.summary(
-        history, lambda st: evaluate(prep, modes.model_params(st, prep.frozen))
+        history,
+        (lambda st: evaluate(prep, modes.model_params(st, prep.frozen))) if cfg.eval.test else None,
     )
     if primary and modes.spec(cfg.lora.mode).peft:
         # Fed-SB's r x r matrix folded into B: a plain LoRA adapter (W0 + s B A).
@@ -330,10 +334,13 @@ class RoundSelector:
     def summary(self, history: list[dict[str, Any]], evaluate_tree) -> dict[str, Any]:
         """``selected_round``, ``selected_<key>`` and ``selected_test_*`` (the test metrics
         of the selected round's model: the last record's when it is the last round, else one
-        evaluation of the kept tree); ``{}`` without a validation split."""
+        evaluation of the kept tree; none when ``evaluate_tree`` is None, i.e. ``eval.test``
+        is false); ``{}`` without a validation split."""
         if self.round is None:
             return {}
         out: dict[str, Any] = {"selected_round": self.round, f"selected_{self.key}": self.score}
+        if evaluate_tree is None:
+            return out
         last = history[-1]
         if self.round == last["round"]:
             test = {k: v for k, v in last.items() if k.startswith("eval_") and k != "eval_splits"}

@@ -230,6 +230,11 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
       ConfigError: ``model.max_length + eval.max_new_tokens`` exceeds the model's context.
     """
     del head_key  # no randomly initialised head
+    if not cfg.eval.test:
+        raise ConfigError(
+            "eval.test=false: a decoder run has no validation split to report instead; use "
+            "eval.test=true."
+        )
     if cfg.eval.dtype != "model":
         raise ConfigError(
             f"eval.dtype={cfg.eval.dtype!r}: a decoder is evaluated by greedy generation in "

@@ -111,6 +111,8 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     majority = float(np.bincount(test_y).max() / max(len(test_y), 1))
 
     def summary_fields(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if "eval_accuracy" not in history[-1]:  # eval.test=false: no test metrics
+            return {"majority_accuracy": majority}
         out = {
             "test_accuracy": history[-1]["eval_accuracy"],
             "test_loss": history[-1]["eval_loss"],
@@ -123,6 +125,8 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         return out
 
     def result_rows(summary: dict[str, Any], history) -> list[tuple[str, str]]:
+        if "test_accuracy" not in summary:
+            return [("test split", "not evaluated (eval.test=false)")]
         rows = [("test accuracy", f"{summary['test_accuracy']:.4f}")]
         if "start_accuracy" in summary:
             rows.append(("test accuracy before fine-tuning", f"{summary['start_accuracy']:.4f}"))

@@ -109,6 +109,8 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     majority = float(np.bincount(test_arrays["label"]).max() / max(len(test_arrays["label"]), 1))
 
     def summary_fields(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if "eval_accuracy" not in history[-1]:  # eval.test=false: no test metrics
+            return {"majority_accuracy": majority}
         return {
             "test_accuracy": history[-1]["eval_accuracy"],
             "test_loss": history[-1]["eval_loss"],
@@ -117,6 +119,8 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         }
 
     def result_rows(summary: dict[str, Any], history) -> list[tuple[str, str]]:
+        if "test_accuracy" not in summary:
+            return [("test split", "not evaluated (eval.test=false)")]
         return [
             ("test accuracy", f"{summary['test_accuracy']:.4f}"),
             ("majority-class accuracy", f"{summary['majority_accuracy']:.4f}"),

@@ -199,6 +199,11 @@ BAD = {
         ConfigError,
         ["eval.dtype='bfloat16'", "eval.dtype=model"],
     ),
+    "no-test-eval": (
+        lambda env, tmp: ["eval.test=false"],
+        ConfigError,
+        ["eval.test=false", "eval.test=true"],
+    ),
     "not-a-gsm-task": (
         lambda env, tmp: ["data.task=spamassassin"],
         DataError,

