@@ -22,6 +22,19 @@ def user_cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "ffa_jax"
 
 
+def cache_switch(var: str) -> tuple[bool, pathlib.Path | None]:
+    """How the environment switch ``var`` of one of ffa_jax's caches reads: ``(False, None)``
+    for ``0`` / ``off`` / ``false`` / ``no`` (the cache is off); ``(True, None)`` when unset or
+    ``1`` / ``on`` / ``true`` / ``yes`` (on, in its default folder); ``(True, folder)`` for any
+    other value, the folder to use."""
+    value = os.environ.get(var, "").strip()
+    if value.lower() in ("0", "off", "false", "no"):
+        return False, None
+    if value.lower() in ("", "1", "on", "true", "yes"):
+        return True, None
+    return True, pathlib.Path(value)
+
+
 def atomic_write(
     path: str | os.PathLike,
     write: Callable[[str], None],

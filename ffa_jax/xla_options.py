@@ -42,7 +42,7 @@ from pathlib import Path
 import jax
 
 from ffa_jax.config import CPU_LIBRARY_FUSIONS
-from ffa_jax.fileio import user_cache_dir
+from ffa_jax.fileio import cache_switch, user_cache_dir
 
 _OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _VALUES = {"off": "", "dots": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
@@ -94,8 +94,6 @@ CACHE_ENV = "FFA_JAX_COMPILATION_CACHE"
 # jits take seconds; 0.1 s leaves out the many tiny eager-dispatch programs, whose disk round
 # trip would cost about what compiling them does.
 CACHE_MIN_COMPILE_SECS = 0.1
-_OFF = ("0", "false", "off", "no")
-_ON = ("", "1", "true", "on", "yes")
 
 
 def default_cache_dir() -> Path:
@@ -116,11 +114,11 @@ def enable_compilation_cache(enabled: bool = True, path: str | Path | None = Non
     :data:`CACHE_MIN_COMPILE_SECS` to compile are cached, unless
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` is set (then JAX's reading of it stands).
     """
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if not enabled or env.lower() in _OFF:
+    on, folder = cache_switch(CACHE_ENV)
+    if not enabled or not on:
         return None
-    if path is None and env.lower() not in _ON:
-        path = env
+    if path is None and folder is not None:
+        path = folder
     if path is None and jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
     target = Path(path) if path is not None else default_cache_dir()

@@ -24,12 +24,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import pathlib
 from importlib import metadata
 from typing import Any
 
-from ffa_jax.fileio import atomic_write_text, user_cache_dir
+from ffa_jax.fileio import atomic_write_text, cache_switch, user_cache_dir
 
 ENV = "FFA_JAX_SIGMA_CACHE"
 FILE_NAME = "sigma_cache.json"
@@ -37,17 +36,14 @@ FILE_NAME = "sigma_cache.json"
 FORMAT = 1
 # Oldest entries are dropped beyond this many (a grid has tens of distinct calibrations).
 MAX_ENTRIES = 2048
-_OFF = ("0", "off", "false", "no")
-_ON = ("", "1", "on", "true", "yes")
 
 
 def cache_file() -> pathlib.Path | None:
     """The memo's path, or None when ``FFA_JAX_SIGMA_CACHE`` turns it off."""
-    env = os.environ.get(ENV, "").strip()
-    if env.lower() in _OFF:
+    on, folder = cache_switch(ENV)
+    if not on:
         return None
-    folder = user_cache_dir() if env.lower() in _ON else pathlib.Path(env)
-    return folder / FILE_NAME
+    return (folder or user_cache_dir()) / FILE_NAME
 
 
 @functools.cache
