@@ -654,7 +654,7 @@ def _calibrate_cached(
         # Truncation only adds epsilon: every sigma below the untruncated answer overspends
         # (beyond the search tolerance) and this one meets the target, so it is the answer
         # within the same tolerance. The down-walk it skips evaluated the truncated PLD at
-        # smaller sigmas, ~0.6-0.8 s each (quickstart: 3.9 s -> 2.5 s on 2 idle cores).
+        # smaller sigmas, ~0.6-0.8 s each (quickstart: 3.65 s -> 1.87 s on 2 idle cores).
         sigma = start
     else:
         lo = hi = start

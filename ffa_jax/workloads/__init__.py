@@ -114,10 +114,13 @@ def compute_dtype(cfg: RunConfig):
     return jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
 
 
-def eval_dtype(cfg: RunConfig):
-    """``eval.dtype`` as a JAX dtype: the compute dtype of a classifier's evaluation forward
-    passes (:func:`compute_dtype` for ``model``)."""
-    return jnp.bfloat16 if cfg.eval.dtype == "bfloat16" else compute_dtype(cfg)
+def eval_module(module: Any, cfg: RunConfig) -> Any:
+    """The module a classifier's evaluation runs: ``module`` itself, or for
+    ``eval.dtype=bfloat16`` a bfloat16 copy of it (``module.clone(dtype=...)``), which reads
+    the same weights."""
+    if cfg.eval.dtype == "bfloat16" and compute_dtype(cfg) != jnp.bfloat16:
+        return module.clone(dtype=jnp.bfloat16)
+    return module
 
 
 def host_weights(cfg: RunConfig) -> bool:

@@ -35,7 +35,7 @@ from ffa_jax.workloads import (
     classification_evaluator,
     classification_summary,
     compute_dtype,
-    eval_dtype,
+    eval_module,
     host_weights,
 )
 
@@ -97,9 +97,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     train_arrays = {"pixel_values": data.train_images, "label": data.train_labels}
     test_arrays = {"pixel_values": test_x, "label": test_y}
 
-    # eval.dtype=bfloat16: the same weights through a bfloat16 copy of the module.
-    eval_module = module if eval_dtype(cfg) == dtype else module.clone(dtype=eval_dtype(cfg))
-    eval_fn = image_classification_eval(eval_module, mean, std)
+    eval_fn = image_classification_eval(eval_module(module, cfg), mean, std)
 
     batch_size = perf_lib.eval_batch_size(cfg)  # "auto" too: inference loads unresolved configs
     options = xla_options.compiler_options(cfg.perf.cpu_library_fusion, "vit")

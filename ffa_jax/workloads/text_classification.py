@@ -28,7 +28,7 @@ from ffa_jax.workloads import (
     classification_evaluator,
     classification_summary,
     compute_dtype,
-    eval_dtype,
+    eval_module,
     host_weights,
 )
 
@@ -95,9 +95,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
     test_arrays = batching.tokenize(test_texts, tokenizer, cfg.model.max_length)
     test_arrays["label"] = np.asarray(test_labels, np.int32)
 
-    # eval.dtype=bfloat16: the same weights through a bfloat16 copy of the module.
-    eval_module = module if eval_dtype(cfg) == dtype else module.clone(dtype=eval_dtype(cfg))
-    eval_fn = classification_eval(eval_module)
+    eval_fn = classification_eval(eval_module(module, cfg))
 
     batch_size = perf_lib.eval_batch_size(cfg)  # "auto" too: inference loads unresolved configs
     options = xla_options.compiler_options(cfg.perf.cpu_library_fusion, "encoder")
