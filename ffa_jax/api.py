@@ -305,6 +305,7 @@ def finetune_model(
         make_client_optimizer(cfg.client),
         private=plan.private,
         microbatch_size=speed.microbatch_size or None,
+        tail_microbatch_size=speed.tail_microbatch_size or None,
     )
     server_opt = make_server_optimizer(cfg.server)
     round_fn = make_round(client_update, server_opt, clients_per_chunk=speed.clients_per_chunk)

@@ -70,6 +70,7 @@ def make_client_update(
     *,
     private: bool,
     microbatch_size: int | None = None,
+    tail_microbatch_size: int | None = None,
     banded_noise: Any = None,
 ) -> Callable[..., tuple[PyTree, ClientMetrics]]:
     """Builds ``client_update(trainable, frozen, batches, dp, key, extra_grad_sums=None)
@@ -83,6 +84,9 @@ def make_client_update(
       private: DP-SGD (clip per example, noise the sum, divide by the expected batch size)
         when True; the plain mean gradient over real examples otherwise.
       microbatch_size: per-example gradients in chunks of this size (memory bound).
+      tail_microbatch_size: DP steps process the last, partly filled micro-batch in chunks
+        of this smaller size (see :func:`ffa_jax.privacy.clipping.clipped_grad`); None: not
+        split. Non-private steps ignore it.
       banded_noise: sample-level BandMF (a :class:`ffa_jax.privacy.correlated.BandedNoise`
         for the client's T = rounds x local_steps steps; ``private=True``): step t's noise is
         the t-th row of the client's correlated stream, ``noise_multiplier * clip_norm *
@@ -122,7 +126,12 @@ def make_client_update(
             example = {k: v for k, v in batch.items() if k != "mask"}
             if private:
                 # C is a runtime value, so changing it never recompiles.
-                clip = clipped_grad(loss_fn, dp.clip_norm, microbatch_size=microbatch_size)
+                clip = clipped_grad(
+                    loss_fn,
+                    dp.clip_norm,
+                    microbatch_size=microbatch_size,
+                    tail_microbatch_size=tail_microbatch_size,
+                )
                 g_sum, stats = clip(params, frozen, example, mask)
                 if extra is not None:
                     # Already bounded (each canary has norm C): joins the sum unclipped.

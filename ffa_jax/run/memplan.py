@@ -324,6 +324,7 @@ def round_memory(
         make_client_optimizer(cfg.client),
         private=sample_dp,
         microbatch_size=resolved.microbatch_size or None,
+        tail_microbatch_size=resolved.tail_microbatch_size or None,
     )
     server_opt = make_server_optimizer(cfg.server)
     round_fn = make_round(

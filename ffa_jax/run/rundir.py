@@ -120,7 +120,8 @@ def resolved_perf_comment(prep: Prepared) -> str:
     r = prep.perf
     return (
         f"# resolved for this run ({r.backend}, ffa_jax.perf): perf.microbatch_size: "
-        f"{r.microbatch_size}, perf.clients_per_chunk: {r.clients_per_chunk}, "
+        f"{r.microbatch_size} (tail micro-batch {r.tail_microbatch_size}), "
+        f"perf.clients_per_chunk: {r.clients_per_chunk}, "
         f"B_max: {r.max_batch_size}, eval.batch_size: {r.eval_batch_size}\n"
     )
 

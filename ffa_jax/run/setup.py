@@ -267,6 +267,7 @@ def build_client_update(prep: Prepared):
         # Client-level DP clips and noises whole updates at the server: clients run plain SGD.
         private=unit(cfg) == "sample",
         microbatch_size=cfg.perf.microbatch_size or None,
+        tail_microbatch_size=prep.perf.tail_microbatch_size or None,
         banded_noise=sample_banded_noise(cfg),
     )
 

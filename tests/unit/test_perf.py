@@ -203,3 +203,18 @@ def test_evaluation_compiles_once_for_every_call_and_the_padded_last_batch():
         assert got["eval_loss"] == pytest.approx(float(np.mean(np.abs(x * w))), rel=1e-6)
     # 3 batches of 8 (the last padded by one), 3 calls: one shape, one compilation.
     assert traces == [(8,)]
+
+
+@pytest.mark.parametrize("m, tail", [(16, 4), (15, 3), (8, 2), (32, 8), (7, 0), (1, 0)])
+def test_tail_microbatch_is_the_largest_divisor_up_to_a_quarter(m, tail):
+    assert perf.tail_microbatch_size(m) == tail
+
+
+def test_tail_split_only_on_sequential_cpu_runs():
+    assert _resolve("cpu").tail_microbatch_size == 4
+    assert "tail in 4s" in _resolve("cpu").describe()
+    assert _resolve("gpu").tail_microbatch_size == 0
+    assert _resolve("cpu", processes=2).tail_microbatch_size == 0
+    # A micro-batch as large as B_max is no micro-batching: nothing to split.
+    assert _resolve("cpu", batch=2).tail_microbatch_size == 0
+    assert _resolve("cpu", microbatch_size=8, clients_per_chunk=1).tail_microbatch_size == 2

@@ -331,3 +331,85 @@ def test_mean_grad_with_no_real_examples_is_zero():
     dirty = garbage_padding(make_batch(0), np.zeros(B, bool))
     g, stats = jitted("mean")(None, trainable, frozen, dirty, np.zeros(B, bool))
     assert tree_norm64(g) == 0 and float(stats.num_examples) == 0 and float(stats.loss_sum) == 0
+
+
+# ----------------------------------------------------------------------------- tail split
+
+TAIL_B = 48
+
+
+def tail_masks():
+    """Real-first masks of every interesting size (empty, inside the first micro-batch, at
+    and around the 16-boundaries, full), and two that are not real-first."""
+    out = {f"first{n}": np.arange(TAIL_B) < n for n in (0, 1, 3, 4, 15, 16, 17, 31, 33, 47, 48)}
+    rng = np.random.default_rng(0)
+    out["shuffled20"] = rng.permutation(np.arange(TAIL_B) < 20)
+    out["last_only"] = np.arange(TAIL_B) == TAIL_B - 1
+    return out
+
+
+@pytest.mark.parametrize("tail", [1, 2, 4, 8])
+def test_tail_split_equals_unchunked(tail):
+    trainable, frozen = split(init_params(11))
+    batch = make_batch(11, 10.0, b=TAIL_B)
+    whole = jax.jit(clipped_grad(loss_fn, 0.8))
+    split_tail = jax.jit(clipped_grad(loss_fn, 0.8, microbatch_size=16, tail_microbatch_size=tail))
+    for name, mask in tail_masks().items():
+        dirty = garbage_padding(batch, mask)
+        g0, s0 = whole(trainable, frozen, batch, mask)
+        g1, s1 = split_tail(trainable, frozen, dirty, mask)
+        scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(g0)) or 1.0
+        assert_tree_close(g1, g0, atol=1e-6 * scale, rtol=1e-6)
+        for a, b in zip(s1, s0, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=name)
+
+
+def test_tail_split_computes_full_micro_batches_then_tail_blocks():
+    # Count the examples whose loss is evaluated: the split computes floor(n / 16) 16 +
+    # ceil((n mod 16) / 4) 4 of them, the plain micro-batching ceil(n / 16) 16.
+    seen = []
+
+    def counting_loss(trainable, frozen, example):
+        jax.debug.callback(lambda _: seen.append(1), example["x"][0])
+        return loss_fn(trainable, frozen, example)
+
+    trainable, frozen = split(init_params(12))
+    batch = make_batch(12, b=TAIL_B)
+    for tail, n, expected in [(4, 33, 36), (4, 32, 32), (4, 1, 4), (4, 0, 0), (None, 33, 48)]:
+        f = jax.jit(clipped_grad(counting_loss, 0.8, microbatch_size=16, tail_microbatch_size=tail))
+        seen.clear()
+        jax.block_until_ready(f(trainable, frozen, batch, np.arange(TAIL_B) < n))
+        assert len(seen) == expected, (tail, n)
+
+
+def test_tail_split_vmaps_over_clients():
+    trainable, frozen = split(init_params(13))
+    batches = [make_batch(13 + c, 2.0, b=TAIL_B) for c in range(3)]
+    masks = np.stack([np.arange(TAIL_B) < n for n in (5, 37, 48)])
+    stack = lambda *xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
+    f = clipped_grad(loss_fn, 0.4, microbatch_size=16, tail_microbatch_size=4)
+    g_all, s_all = jax.jit(jax.vmap(f, in_axes=(None, None, 0, 0)))(
+        trainable, frozen, stack(*batches), masks
+    )
+    for c in range(3):
+        g_c, s_c = jax.jit(clipped_grad(loss_fn, 0.4))(trainable, frozen, batches[c], masks[c])
+        assert_tree_close(jax.tree.map(lambda x, c=c: x[c], g_all), g_c, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(s_all.grad_norms[c], s_c.grad_norms, rtol=1e-6)
+
+
+def test_tail_microbatch_size_must_divide_the_micro_batch():
+    trainable, frozen = split(init_params(0))
+    f = clipped_grad(loss_fn, 1.0, microbatch_size=16, tail_microbatch_size=3)
+    with pytest.raises(ConfigError, match=r"tail_microbatch_size=3.*microbatch_size=16"):
+        f(trainable, frozen, make_batch(0, b=TAIL_B), np.ones(TAIL_B, bool))
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ConfigError, match="tail_microbatch_size"):
+            clipped_grad(loss_fn, 1.0, microbatch_size=16, tail_microbatch_size=bad)
+    # No micro-batching, or a tail no smaller than the micro-batch: nothing to split.
+    batch, mask = make_batch(0, b=TAIL_B), np.arange(TAIL_B) < 30
+    g_ref, _ = clipped_grad(loss_fn, 1.0)(trainable, frozen, batch, mask)
+    for mb, tail in ((None, 4), (16, 16), (16, 32)):
+        g, _ = clipped_grad(loss_fn, 1.0, microbatch_size=mb, tail_microbatch_size=tail)(
+            trainable, frozen, batch, mask
+        )
+        assert_tree_close(g, g_ref, atol=1e-5, rtol=1e-5)
