@@ -35,6 +35,9 @@ A grid file (``experiments/grids/NAME.yaml``) holds::
         worse: lora
         at: {privacy.epsilon: [8, 4, 2, 1]}   # one verdict per value (default: every group)
         metric: balanced_accuracy         # a selected-round test metric (default)
+    pretrain: configs/vision_pretrain_mnist.yaml   # optional: the backbone the cells fine-tune
+                                          # (model.name), trained once before the first cell
+                                          # if its folder does not exist
     quick:                                # --quick: replaces set+=, seeds, axes, candidates
       set: [...]
       seeds: [0]
@@ -68,7 +71,7 @@ from typing import Any
 
 import yaml
 
-from ffa_jax.config import load_config, parse_override
+from ffa_jax.config import load_config, load_pretrain_config, parse_override
 from ffa_jax.errors import ConfigError
 
 KINDS = ("train", "noise_amplification", "theorem1")
@@ -85,6 +88,7 @@ GRID_KEYS = (
     "probe",
     "select_on",
     "claims",
+    "pretrain",
 )
 QUICK_KEYS = ("set", "seeds", "axes", "candidates", "grid", "max_extend", "probe")
 TUNE_KEYS = (
@@ -166,6 +170,9 @@ class Grid:
     # (:mod:`ffa_jax.experiments.evidence`).
     evidence: bool = False
     claims: tuple[dict[str, Any], ...] = ()
+    # A ``ffa-jax pretrain`` config whose model folder the cells fine-tune (``model.name``):
+    # the runner trains it once, before the first cell, when the folder does not exist.
+    pretrain: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -442,7 +449,39 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
             f"{path.name}: claims compare validation-selected rounds; add "
             "data.validation_fraction=0.1 to the grid's set:."
         )
-    return dataclasses.replace(grid, evidence=kind == "train" and all(fractions))
+    pretrain = _pretrain(raw.get("pretrain"), grid, path.name)
+    return dataclasses.replace(grid, evidence=kind == "train" and all(fractions), pretrain=pretrain)
+
+
+def pretrain_folder(config: Path) -> Path:
+    """The model folder that ``ffa-jax pretrain --config config`` writes."""
+    pcfg = load_pretrain_config(config)
+    return Path(pcfg.output_dir) / pcfg.name
+
+
+def _pretrain(raw: Any, grid: Grid, name: str) -> Path | None:
+    if raw is None:
+        return None
+    _need(isinstance(raw, str), f"{name}: pretrain", "give the path of a pretrain config.")
+    config = Path(raw)
+    _need(
+        config.is_file(),
+        f"{name}: pretrain={raw!r}",
+        "does not exist (paths are relative to the repository root).",
+    )
+    _need(grid.kind == "train", f"{name}: pretrain", "only train grids fine-tune a backbone.")
+    folder = pretrain_folder(config)
+    names = {
+        Path(cell_config(grid, c, ()).model.name)
+        for c in tune_cells(grid) + main_cells(grid, chosen=None)
+    }
+    _need(
+        names == {folder},
+        f"{name}: pretrain={raw!r}",
+        f"writes {str(folder)!r}, but the cells fine-tune {sorted(map(str, names))}; set "
+        f"model.name={folder} in the grid's set: (or the pretrain config's name).",
+    )
+    return config
 
 
 def _tune(raw: Any, quick_raw: Mapping, axes, name: str) -> Tune:

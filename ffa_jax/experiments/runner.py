@@ -201,6 +201,10 @@ def run_experiment(
             log(f"{'todo' if c in todo else 'done'}  {c.cell_id}")
         if grid.tune is not None:
             log(f"+ {len(grid_lib.main_cells(grid, None))} main cells after tuning")
+        if grid.pretrain is not None:
+            folder = grid_lib.pretrain_folder(grid.pretrain)
+            state = "exists" if folder.is_dir() else "is trained first"
+            log(f"backbone {folder} (ffa-jax pretrain --config {grid.pretrain}) {state}")
         return {"out": str(out), "ran": 0, "skipped": 0, "cells": len(tune_cells)}
 
     # The code that runs is the code imported now: record its commit once, not per cell.
@@ -230,6 +234,8 @@ def run_experiment(
         xla_options.enable_compilation_cache(
             True, Path(os.environ.get("FFA_JAX_CACHE", "runs/.jax_cache"))
         )
+    if grid.pretrain is not None:
+        info["pretrain"] = _ensure_pretrained(grid.pretrain, log)
     cells_dir.mkdir(parents=True, exist_ok=True)
     ran = skipped = 0
     seconds_run = 0.0
@@ -287,6 +293,24 @@ def run_experiment(
         "cells": total,
         "seconds": time.time() - t0,
     }
+
+
+def _ensure_pretrained(config: Path, log) -> dict[str, Any]:
+    """Trains the grid's backbone (``pretrain:``) unless its model folder exists; returns
+    what ``meta.json`` records of it (the config, the folder, and this run's summary)."""
+    from ffa_jax.config import load_pretrain_config
+    from ffa_jax.run.pretraining import pretrain
+
+    folder = grid_lib.pretrain_folder(config)
+    record: dict[str, Any] = {"config": str(config), "model_folder": str(folder)}
+    if folder.is_dir() and any(folder.iterdir()):
+        log(f"pretrained backbone {folder} exists: not retrained")
+        return record
+    log(f"pretraining the backbone: ffa-jax pretrain --config {config} ...")
+    summary = pretrain(load_pretrain_config(config), progress=False, log=lambda *a, **k: None)
+    log(f"  -> {folder}: {json.dumps(_clean(summary), default=_json_default)}")
+    record["summary"] = _clean(summary)
+    return record
 
 
 def _cell_score(rec: dict, stage: str) -> str:

@@ -197,3 +197,76 @@ def test_privacy_planner_reads_the_image_task(pretrained, tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert abs(plan["epsilon"] - 6.0) < 0.06
     assert not (tmp_path / "vit-mnist").exists()
+
+
+def test_a_grid_pretrains_its_backbone_once(tmp_path, monkeypatch):
+    """A grid's ``pretrain:`` config is trained before the first cell when its model folder
+    is missing (recorded in meta.json), and never again; a grid whose cells fine-tune another
+    folder is refused before anything runs."""
+    import yaml
+
+    from ffa_jax.experiments import grid as grid_lib
+    from ffa_jax.experiments.runner import run_experiment
+    from tests._tiny import compilation_cache
+
+    monkeypatch.chdir(ROOT)
+    pre = yaml.safe_load((ROOT / "configs" / "vision_pretrain_mnist.yaml").read_text())
+    for item in [*TINY_VIT, f"output_dir={tmp_path}", "name=pre"]:
+        key, value = item.split("=", 1)
+        *sections, field = key.split(".")
+        node = pre
+        for s in sections:
+            node = node[s]
+        node[field] = yaml.safe_load(value)
+    pre["data"]["cache_dir"] = str(tmp_path / "cache")
+    pre_path = tmp_path / "pre.yaml"
+    pre_path.write_text(yaml.safe_dump(pre))
+    grid = {
+        "kind": "train",
+        "base": str(ROOT / "configs" / "vision_mnist.yaml"),
+        "pretrain": str(pre_path),
+        "set": [
+            *TINY_RUN,
+            "federated.rounds=1",
+            "eval.every=0",
+            "eval.baseline=false",
+            "data.validation_fraction=0.2",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"model.name={tmp_path / 'pre'}",
+        ],
+        "seeds": [0],
+        "axes": {"lora.mode": ["ffa"]},
+    }
+    grid_path = tmp_path / "vision_tiny.yaml"
+    grid_path.write_text(yaml.safe_dump(grid))
+    out, logs = tmp_path / "out", []
+    with compilation_cache(tmp_path / "jax_cache"):
+        res = run_experiment(str(grid_path), out=out, scratch=tmp_path / "scratch", log=logs.append)
+        assert res["ran"] == 1
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["pretrain"]["model_folder"] == str(tmp_path / "pre")
+        assert 0.0 <= meta["pretrain"]["summary"]["test_accuracy"] <= 1.0
+        assert (tmp_path / "pre" / "config.json").is_file()
+        cell = json.loads(next((out / "cells").glob("*.json")).read_text())
+        assert cell["status"] == "ok" and 0.0 <= cell["selected_test_accuracy"] <= 1.0
+        # Once there, the backbone is not trained again (a second grid over it, another seed).
+        logs.clear()
+        run_experiment(
+            str(grid_path), out=tmp_path / "out2", scratch=tmp_path / "s2", log=logs.append
+        )
+        assert any("exists: not retrained" in str(line) for line in logs)
+    grid["set"][-1] = f"model.name={tmp_path / 'other'}"
+    grid_path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ConfigError, match=r"pretrain=.*writes .*pre.*fine-tune .*other"):
+        grid_lib.load_grid(grid_path)
+
+
+def test_the_vision_evidence_grid_validates(monkeypatch):
+    from ffa_jax.experiments import grid as grid_lib
+
+    monkeypatch.chdir(ROOT)
+    g = grid_lib.load_grid(ROOT / "experiments" / "grids" / "vision_evidence.yaml")
+    assert g.evidence and g.select_on == "validation"
+    assert g.pretrain == Path("configs/vision_pretrain_mnist.yaml")
+    assert len(grid_lib.main_cells(g, None)) == 2 * 4 * 10
+    assert len(grid_lib.tune_cells(g)) == 2 * 3 * 4
