@@ -7,8 +7,10 @@ where it stopped and a finished one reruns nothing. After every cell ``runs.csv`
 ``table.md`` and the plots are rewritten from all cell files.
 
 Learning-rate tuning (a grid's ``tune:``) is part of the experiment: its cells run first on
-their own seeds, the best candidate of each group (highest mean test accuracy over the tuning
-seeds; a diverged run counts as 0) is chosen, and the reported (``main``) cells use it.
+their own seeds and read the validation split only, the best candidate of each group (highest
+mean validation score over the tuning seeds, see :mod:`ffa_jax.experiments.grid`; a diverged
+run counts as 0) is chosen, and the reported (``main``) cells use it. A grid's ``pretrain:``
+backbone is trained before the first cell when its folder is missing.
 """
 
 from __future__ import annotations
