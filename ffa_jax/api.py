@@ -286,6 +286,7 @@ def finetune_model(
         expected_batch_size=cfg.client.batch_size,
         backend=jax.default_backend(),
         num_processes=jax.process_count(),
+        overflow_probability=perf_lib.batch_overflow_probability(cfg),
     )
     max_batch = speed.max_batch_size
     rounds, steps = cfg.federated.rounds, cfg.federated.local_steps

@@ -156,7 +156,9 @@ def cmd_privacy(args) -> int:
     parts = partition_clients(cfg, labels, len(names))
     # The B_max that ffa-jax train accounts for (padded to the micro-batch; backend-free).
     plan = planner.make_plan(
-        cfg, [len(p) for p in parts], perf.max_batch_size(cfg.perf, cfg.client.batch_size)
+        cfg,
+        [len(p) for p in parts],
+        perf.max_batch_size(cfg.perf, cfg.client.batch_size, perf.batch_overflow_probability(cfg)),
     )
     alt = planner.alternatives(
         plan,

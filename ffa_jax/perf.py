@@ -45,6 +45,7 @@ deterministic and resumes bit-identically.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ffa_jax.config import AUTO, PerfConfig, RunConfig
 from ffa_jax.data.batching import physical_batch_size
@@ -128,11 +129,40 @@ def padded_batch_size(base: int, microbatch_size: int) -> int:
     return base
 
 
-def max_batch_size(perf: PerfConfig, expected_batch_size: float) -> int:
-    """The run's B_max: the Poisson tail bound of ``expected_batch_size`` padded up to a
+# The per-step probability that a Poisson batch overflows B_max, unless RDP asks for less.
+OVERFLOW_PROBABILITY = 1e-6
+
+
+def batch_overflow_probability(cfg: RunConfig) -> float:
+    """The per-step overflow probability that a run's B_max is sized for: 1e-6, or, for a
+    sample-level run calibrated to an epsilon target under ``privacy.accountant: rdp``, small
+    enough that the truncation costs at most 1% of ``privacy.delta``
+    (:func:`ffa_jax.privacy.accounting.rdp_overflow_target`), so the run holds the delta it
+    was asked for. (PLD accounts the truncation exactly in epsilon and needs no margin.) The
+    quickstart under RDP: B_max 128 instead of 112; padded slots are skipped on CPU."""
+    p = cfg.privacy
+    if not (
+        p.accountant == "rdp"
+        and p.unit == "sample"
+        and p.noise_multiplier is None
+        and math.isfinite(p.epsilon)
+    ):
+        return OVERFLOW_PROBABILITY
+    from ffa_jax.privacy.accounting import rdp_overflow_target
+
+    steps = cfg.federated.rounds * cfg.federated.local_steps
+    target = rdp_overflow_target(p.epsilon, p.delta, steps)
+    return min(OVERFLOW_PROBABILITY, target) if target > 0 else OVERFLOW_PROBABILITY
+
+
+def max_batch_size(
+    perf: PerfConfig, expected_batch_size: float, overflow_probability: float = OVERFLOW_PROBABILITY
+) -> int:
+    """The run's B_max: the Poisson tail bound of ``expected_batch_size`` at
+    ``overflow_probability`` (:func:`batch_overflow_probability` of the run) padded up to a
     multiple of the micro-batch (:data:`AUTO_MICROBATCH` for ``auto``). It does not depend on
     the backend, so the privacy plan is the same wherever the run goes."""
-    base = physical_batch_size(expected_batch_size)
+    base = physical_batch_size(expected_batch_size, overflow_probability)
     m = AUTO_MICROBATCH if perf.microbatch_size == AUTO else perf.microbatch_size
     return padded_batch_size(base, m)
 
@@ -140,7 +170,7 @@ def max_batch_size(perf: PerfConfig, expected_batch_size: float) -> int:
 def eval_batch_size(cfg: RunConfig) -> int:
     """``cfg.eval.batch_size`` as a number: B_max (:func:`max_batch_size`) for ``auto``."""
     if cfg.eval.batch_size == AUTO:
-        return max_batch_size(cfg.perf, cfg.client.batch_size)
+        return max_batch_size(cfg.perf, cfg.client.batch_size, batch_overflow_probability(cfg))
     return cfg.eval.batch_size
 
 
@@ -151,6 +181,8 @@ def resolve(
     backend: str,
     num_processes: int = 1,
     eval_batch_size: int | str = AUTO,
+    overflow_probability: float = OVERFLOW_PROBABILITY,
+    max_batch_size_of_run: int | None = None,
 ) -> ResolvedPerf:
     """The concrete ``microbatch_size`` / ``clients_per_chunk`` / B_max of a run.
 
@@ -165,13 +197,28 @@ def resolve(
         span the processes, so ``auto`` keeps all clients in one chunk there.
       eval_batch_size: ``eval.batch_size``; ``auto`` becomes B_max (a forward pass of the
         training batch capacity: it fits wherever a training step of that batch does).
+      overflow_probability: the run's :func:`batch_overflow_probability` (B_max's Poisson
+        tail).
+      max_batch_size_of_run: a resumed run's B_max (its privacy ledger's). It is kept when
+        it is still a multiple of the micro-batch (and at least the Poisson bound at 1e-6), so a
+        run extended in rounds or budget keeps its batch shape, which RDP's B_max depends on
+        (:func:`batch_overflow_probability`); the planner then accounts that B_max.
 
     Raises:
       ConfigError: an explicit ``perf.clients_per_chunk`` that ``perf.devices`` does not
         divide (checked here too for the resolved value).
     """
-    base = physical_batch_size(expected_batch_size)
-    b_max = max_batch_size(perf, expected_batch_size)
+    base = physical_batch_size(expected_batch_size, overflow_probability)
+    b_max = max_batch_size(perf, expected_batch_size, overflow_probability)
+    if max_batch_size_of_run is not None and max_batch_size_of_run != b_max:
+        m = AUTO_MICROBATCH if perf.microbatch_size == AUTO else perf.microbatch_size
+        plain = max_batch_size(perf, expected_batch_size)
+        fits = max_batch_size_of_run >= plain and (
+            not 0 < m < max_batch_size_of_run or max_batch_size_of_run % m == 0
+        )
+        if fits:
+            b_max = max_batch_size_of_run
+            base = min(base, b_max)
     # Sequential micro-batches pay off where one client's batch already fills the machine
     # and the skipped padding is saved compute: a single CPU process without an explicit
     # device layout.

@@ -24,6 +24,11 @@ argument: P[M(D) in S] <= P[M'(D) in S] + P_D <= e^eps P[M'(D') in S] + delta + 
 e^eps P[M(D') in S] + e^eps P_D' + delta + P_D.) The plan, the ledger and every metrics line
 report this delta' next to the RDP epsilon: the delta that really holds.
 
+So that an RDP run still holds the delta it was asked for, ``ffa-jax train`` sizes B_max under
+RDP for a per-step overflow of at most :func:`rdp_overflow_target` (1% of delta over all steps
+at the target epsilon), and the planner calibrates the RDP epsilon at
+:func:`rdp_calibration_delta`, delta minus the truncation's term, so that delta' <= delta.
+
 Because the composition is always over *all* steps taken so far (rounds x local steps), a run
 cannot forget earlier rounds (the bug of re-creating a privacy engine every round), and a
 checkpoint only needs the step count to restore the accountant.
@@ -217,6 +222,40 @@ def truncation_delta(epsilon: float, overflow: float) -> float:
     if not math.isfinite(epsilon) or epsilon > 700:
         return 1.0
     return float(min(1.0, (1.0 + math.exp(epsilon)) * overflow))
+
+
+# Under RDP, the share of delta that B_max leaves to the truncation (rdp_overflow_target).
+RDP_TRUNCATION_SHARE = 0.01
+
+
+def rdp_overflow_target(epsilon: float, delta: float, steps: int) -> float:
+    """The per-step overflow probability p for which the truncation costs at most
+    ``RDP_TRUNCATION_SHARE x delta`` under RDP after ``steps`` steps at ``epsilon``:
+    ``(1 + e^epsilon) x steps x p = share x delta`` (the union bound over the steps is at least
+    :func:`total_overflow`). Used to size B_max (``ffa_jax.perf.batch_overflow_probability``);
+    0.0 when epsilon is not finite."""
+    if not math.isfinite(epsilon) or epsilon > 700 or steps <= 0:
+        return 0.0
+    return RDP_TRUNCATION_SHARE * float(delta) / ((1.0 + math.exp(epsilon)) * int(steps))
+
+
+def rdp_calibration_delta(
+    epsilon: float, delta: float, sampling_rate: float, steps: int, truncation: Truncation | None
+) -> float:
+    """The delta at which to calibrate (and read) the RDP epsilon of ``steps`` truncated
+    steps so that, with the truncation's term added (:func:`rdp_delta_curve`), the guarantee
+    is ``(epsilon, delta)``: ``delta - (1 + e^epsilon) x total_overflow``. Returns ``delta``
+    itself when there is no truncation, or when the term is not below ``delta`` (B_max too
+    small for this delta: the run then reports the larger delta' that holds).
+
+    Formal guarantee: an RDP epsilon <= ``epsilon`` at the returned delta_r gives a truncated
+    mechanism that is ``(epsilon, delta_r + (1 + e^epsilon) P_overflow) = (epsilon, delta)``-DP.
+    """
+    if truncation is None:
+        return float(delta)
+    trunc = _check_truncation(truncation, sampling_rate)
+    term = truncation_delta(epsilon, total_overflow(trunc, sampling_rate, steps))
+    return float(delta) - term if term < float(delta) else float(delta)
 
 
 def rdp_delta_curve(

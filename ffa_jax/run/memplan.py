@@ -415,6 +415,7 @@ def plan_memory(
         expected_batch_size=cfg.client.batch_size,
         backend=backend,
         eval_batch_size=cfg.eval.batch_size,
+        overflow_probability=perf_lib.batch_overflow_probability(cfg),
     )
     # The round's client slots: all K (a Poisson participation pads up to a bound <= K, a
     # fixed one holds exactly M).

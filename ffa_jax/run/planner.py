@@ -308,6 +308,16 @@ def sample_level_plan(
         )
     counts = np.maximum(participation.sum(axis=0), 1)  # a client that never takes part: 1
     truncs = [accounting.Truncation(int(n), int(max_batch_size)) for n in groups]
+    # Under RDP the truncation is paid in delta: a run calibrated to an epsilon target reads
+    # its RDP epsilon at delta minus the truncation's term, so that (epsilon, delta) holds.
+    # (Also when a resumed run passes its calibrated sigmas: it read them the same way.)
+    calibrated = noise_multiplier is None and math.isfinite(epsilon)
+    rdp_deltas = [
+        accounting.rdp_calibration_delta(epsilon, delta, float(qk), int(c) * local_steps, t)
+        if calibrated
+        else float(delta)
+        for qk, c, t in zip(q, counts, truncs, strict=True)
+    ]
     if noise_multipliers is not None:
         sigmas = np.asarray(noise_multipliers, np.float64)
     elif noise_multiplier is not None:
@@ -317,23 +327,24 @@ def sample_level_plan(
             [
                 accounting.calibrate_noise_multiplier(
                     epsilon,
-                    delta,
+                    d_rdp if accountant == "rdp" else delta,
                     float(qk),
                     correlated.compositions(int(c) * local_steps, bands),
                     accountant,
                     truncation=t,
                 )
-                for qk, c, t in zip(q, counts, truncs, strict=True)
+                for qk, c, t, d_rdp in zip(q, counts, truncs, rdp_deltas, strict=True)
             ]
         )
     curves, deltas = {}, {}
     for acc in accounting.ACCOUNTANTS:
         eps_rows, delta_rows = [], []
         for i, (s, qk, c, t) in enumerate(zip(sigmas, q, counts, truncs, strict=True)):
-            own = _own_curve(float(s), float(qk), local_steps, int(c), delta, acc, t, bands)
             # PLD accounts the truncation in epsilon; RDP in delta.
+            d = rdp_deltas[i] if acc == "rdp" else float(delta)
+            own = _own_curve(float(s), float(qk), local_steps, int(c), d, acc, t, bands)
             own_delta = (
-                accounting.rdp_delta_curve(own, float(qk), local_steps, delta, t)
+                accounting.rdp_delta_curve(own, float(qk), local_steps, d, t)
                 if acc == "rdp"
                 else np.full(len(own), float(delta))
             )

@@ -142,6 +142,8 @@ def prepare(
         backend=jax.default_backend(),
         num_processes=jax.process_count(),
         eval_batch_size=cfg.eval.batch_size,
+        overflow_probability=perf_lib.batch_overflow_probability(cfg),
+        max_batch_size_of_run=ledger.max_batch_size if ledger is not None else None,
     )
     cfg = perf_lib.resolved_config(cfg, resolved)
     modes.check_config(cfg)

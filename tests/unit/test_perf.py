@@ -218,3 +218,20 @@ def test_tail_split_only_on_sequential_cpu_runs():
     # A micro-batch as large as B_max is no micro-batching: nothing to split.
     assert _resolve("cpu", batch=2).tail_microbatch_size == 0
     assert _resolve("cpu", microbatch_size=8, clients_per_chunk=1).tail_microbatch_size == 2
+
+
+def test_a_resumed_run_keeps_its_b_max_when_the_micro_batch_still_divides_it():
+    # RDP sizes B_max from the rounds and the budget (batch_overflow_probability): a run
+    # extended on resume keeps the checkpoint's B_max instead of a new one.
+    assert _resolve("cpu").max_batch_size == 112
+    kept = perf.resolve(
+        PerfConfig(), expected_batch_size=64, backend="cpu", max_batch_size_of_run=128
+    )
+    assert kept.max_batch_size == 128
+    # Not a multiple of the micro-batch, or below the plain Poisson bound: not kept (the
+    # checkpoint check then names the change).
+    for b in (120, 96):
+        r = perf.resolve(
+            PerfConfig(), expected_batch_size=64, backend="cpu", max_batch_size_of_run=b
+        )
+        assert r.max_batch_size == 112

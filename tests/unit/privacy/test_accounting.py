@@ -311,3 +311,21 @@ def test_the_plan_and_ledger_report_the_delta_that_holds():
     assert 0 < p and 1e-5 < d[-1] < 1
     assert d[-1] == pytest.approx(1e-5 + (1 + math.exp(curve[-1])) * p, rel=1e-9)
     assert np.all(client_level.delta_curve(curve, smp, 1e-5, "pld") == 1e-5)
+
+
+def test_rdp_calibration_delta_leaves_room_for_the_truncation_term():
+    trunc = acc_mod.Truncation(1011, 128)
+    q, steps, delta = 64 / 1011, 20, 1e-5
+    term = acc_mod.truncation_delta(6.0, acc_mod.total_overflow(trunc, q, steps))
+    d = acc_mod.rdp_calibration_delta(6.0, delta, q, steps, trunc)
+    assert 0 < term and d == pytest.approx(delta - term, rel=1e-12) and d < delta
+    # No truncation: delta itself; a term not below delta (B_max too small): delta itself,
+    # and the run reports the larger delta' (rdp_delta_curve).
+    assert acc_mod.rdp_calibration_delta(6.0, delta, q, steps, None) == delta
+    assert (
+        acc_mod.rdp_calibration_delta(6.0, delta, q, steps, acc_mod.Truncation(1011, 90)) == delta
+    )
+    # The B_max target: (1 + e^eps) x steps x p = 1% of delta.
+    p = acc_mod.rdp_overflow_target(6.0, delta, steps)
+    assert (1 + math.exp(6.0)) * steps * p == pytest.approx(0.01 * delta)
+    assert acc_mod.rdp_overflow_target(float("inf"), delta, steps) == 0.0

@@ -1,6 +1,7 @@
 """`ffa-jax privacy`: the planning command prints the numbers a run would use."""
 
 import json
+import math
 
 import dp_accounting
 import pytest
@@ -100,3 +101,63 @@ def test_privacy_json_client_level_partial_participation(capsys):
     assert more["clients_per_round"] == 4
     assert more["sigma_for_target"] > changes["as configured"]["sigma_for_target"]
     assert sum(out["rounds_participated"]) > 0
+
+
+def _rdp_plan(max_batch_size, **kw):
+    args = dict(
+        client_sizes=[1011, 1011, 1011],
+        batch_size=64,
+        max_batch_size=max_batch_size,
+        rounds=10,
+        local_steps=2,
+        epsilon=6.0,
+        delta=1e-5,
+        accountant="rdp",
+    )
+    return planner.sample_level_plan(**{**args, **kw})
+
+
+def test_rdp_run_holds_the_delta_it_was_asked_for():
+    """Under RDP the truncation is paid in delta. With B_max sized by
+    perf.batch_overflow_probability (the quickstart's shape: 128) and the epsilon calibrated at
+    delta minus the truncation term, the run holds (6, 1e-5), as dp-accounting's RDP of the
+    untruncated event plus the overflow term confirms."""
+    from scipy import stats
+
+    from ffa_jax import perf
+    from ffa_jax.config import load_config
+
+    cfg = load_config(None, ["privacy.accountant=rdp"])
+    b_max = perf.max_batch_size(cfg.perf, 64, perf.batch_overflow_probability(cfg))
+    assert b_max == 128
+    plan = _rdp_plan(b_max)
+    assert plan.epsilon <= 6.0 and plan.delta_after(10) <= 1e-5
+    q, steps, sigma = 64 / 1011, 20, float(plan.noise_multipliers[0])
+    term = (1 + math.exp(6.0)) * (1 - (1 - stats.binom.sf(b_max, 1012, q)) ** steps)
+    assert 0 < term <= 0.01 * 1e-5
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    )
+    eps = dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(1e-5 - term)
+    assert eps <= 6.0 + 1e-9
+    # B_max sized for PLD (112) leaves a term above delta: the plan then reports the larger
+    # delta that holds, as before, instead of claiming 1e-5.
+    small = _rdp_plan(112)
+    assert small.delta_after(10) > 1e-5
+
+
+def test_rdp_with_a_fixed_noise_multiplier_keeps_the_plain_delta_and_b_max():
+    from ffa_jax import perf
+    from ffa_jax.config import load_config
+
+    for overrides in (
+        ["privacy.accountant=rdp", "privacy.noise_multiplier=1.0"],
+        ["privacy.accountant=pld"],
+        ["privacy.accountant=rdp", "privacy.epsilon=inf"],
+    ):
+        cfg = load_config(None, overrides)
+        assert perf.batch_overflow_probability(cfg) == perf.OVERFLOW_PROBABILITY
+    cfg = load_config(None, ["privacy.accountant=rdp"])
+    assert perf.batch_overflow_probability(cfg) == pytest.approx(
+        accounting.rdp_overflow_target(6.0, 1e-5, 20)
+    )
