@@ -508,8 +508,11 @@ class ServerRun:
             record["diagnostics"] = diag
         is_last = round_idx + 1 == cfg.federated.rounds
         # As the simulation's metrics lines: the validation split (if any) every round, the
-        # test split after the last round and every eval.every rounds.
-        test = is_last or bool(cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0)
+        # test split after the last round and every eval.every rounds (never with eval.test
+        # false: a tuning run reads the validation split only).
+        test = cfg.eval.test and (
+            is_last or bool(cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0)
+        )
         params = lora.combine(self.state.trainable, self.prep.frozen)
         record.update(evaluate_splits(self.prep, params, test=test))
         return record

@@ -327,6 +327,19 @@ def test_apps_in_process_equal_the_simulation(tiny):
         assert state.config_records[client_app.ROUNDS_STATE]["done"] == cfg.federated.rounds
 
 
+def test_eval_test_false_reads_the_validation_split_only(tiny):
+    base, model = tiny
+    cfg = _tiny_cfg(base, model, "val-only", "data.validation_fraction=0.25", "eval.test=false")
+    grid = LoopGrid(app_lib.run_config(cfg), _nodes())
+    summary = server_app.run_server(grid, grid.run_config, log=lambda *a: None)
+    rows = _rows(base / "runs" / "val-only")
+    assert rows and all("val_balanced_accuracy" in r for r in rows)
+    metrics = [k for r in rows for k in r if k != "eval_splits"]
+    assert not any(k.startswith(("eval_", "test_")) for k in metrics), rows[-1].keys()
+    assert all("test" not in str(r.get("eval_splits", "")) for r in rows)
+    assert "test_accuracy" not in summary
+
+
 @pytest.mark.parametrize(
     "nodes, match",
     [
