@@ -114,20 +114,11 @@ def _num(s: str | None) -> float | None:
     return float(s)
 
 
-def _md(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def _ci(values: list[float]) -> str:
     if not values:
         return "-"
     mean, half = stats.mean_ci(values)
     return f"{mean:.3f}" if half is None else f"{mean:.3f} ± {half:.3f}"
-
-
-def _label(axis: str, value: str) -> str:
-    return grid_lib.METHOD.get(value, value) if axis == "lora.mode" else value
 
 
 def _groups(grid, rows: list[dict[str, str]]) -> dict[tuple, list[dict[str, str]]]:
@@ -168,7 +159,7 @@ def results_table(grid, main: list[dict[str, str]]) -> str:
 
         rounds = col("selected_round")
         out.append(
-            [_label(a, v) for a, v in zip(grid.axes, g, strict=True)]
+            [grid_lib.axis_label(a, v) for a, v in zip(grid.axes, g, strict=True)]
             + [", ".join(sorted({r[f] for r in members})) for f in tuned]
             + [
                 str(len(members)),
@@ -182,7 +173,7 @@ def results_table(grid, main: list[dict[str, str]]) -> str:
                 str(len(members) - len(ok)),
             ]
         )
-    return _md(header, out)
+    return results_lib.md_table(header, out)
 
 
 def claim_rows(grid, claim: dict[str, Any], main: list[dict[str, str]]):
@@ -216,8 +207,8 @@ def claims_section(grid, main: list[dict[str, str]]) -> list[str]:
     parts = []
     for claim in grid.claims:
         rows = claim_rows(grid, claim, main)
-        better = _label(claim["axis"], claim["better"])
-        worse = _label(claim["axis"], claim["worse"])
+        better = grid_lib.axis_label(claim["axis"], claim["better"])
+        worse = grid_lib.axis_label(claim["axis"], claim["worse"])
         header = [grid_lib.short(a) for a in grid.axes if a != claim["axis"]] + [
             "pairs",
             f"{better}",
@@ -230,7 +221,7 @@ def claims_section(grid, main: list[dict[str, str]]) -> list[str]:
         for where, p, v, _ in rows:
             ci = "-" if p.half is None else f"{p.diff:+.3f} ± {p.half:.3f}"
             body.append(
-                [_label(a, x) for a, x in where]
+                [grid_lib.axis_label(a, x) for a, x in where]
                 + [
                     str(p.n),
                     "-" if p.n == 0 else f"{p.mean_better:.3f}",
@@ -248,7 +239,7 @@ def claims_section(grid, main: list[dict[str, str]]) -> list[str]:
             "above 0 with at least 10 pairs, not reproduced when it is below 0, else "
             "inconclusive.",
             "",
-            _md(header, body) if body else "(no finished pairs yet)",
+            results_lib.md_table(header, body) if body else "(no finished pairs yet)",
             "",
         ]
     return parts
@@ -282,7 +273,7 @@ def tuning_table(grid, tune: list[dict[str, str]], main: list[dict[str, str]]) -
                 for s, r in zip(scores, rs, strict=True)
             )
             out.append(
-                [_label(a, v) for a, v in zip(grid.axes, g, strict=True)]
+                [grid_lib.axis_label(a, v) for a, v in zip(grid.axes, g, strict=True)]
                 + [
                     ", ".join(combo),
                     shown,
@@ -290,7 +281,7 @@ def tuning_table(grid, tune: list[dict[str, str]], main: list[dict[str, str]]) -
                     "**yes**" if (g, combo) in used else "",
                 ]
             )
-    return _md(header, out)
+    return results_lib.md_table(header, out)
 
 
 def _sortable(x: str) -> tuple:

@@ -253,6 +253,12 @@ METHOD = {
 }
 
 
+def axis_label(field: str, value: str) -> str:
+    """How a table shows an axis value: the method's name for ``lora.mode`` (``FFA-LoRA``),
+    else the value itself."""
+    return METHOD.get(value, value) if field == "lora.mode" else value
+
+
 def axis_order(grid, axes: dict[str, str]) -> tuple[int, ...]:
     """Sort key of a cell's ``axes``: the position of each axis value in the grid file."""
     order = []

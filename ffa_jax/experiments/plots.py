@@ -60,7 +60,7 @@ def _x_axis(grid) -> str | None:
 
 def _label(field: str | None, value: str) -> str:
     if field == "lora.mode":
-        return grid_lib.METHOD.get(value, value)
+        return grid_lib.axis_label(field, value)
     return f"{grid_lib.short(field)}={value}" if field else value
 
 

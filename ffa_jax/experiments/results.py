@@ -212,16 +212,11 @@ def summarize(grid, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: grid_lib.axis_order(grid, r["axes"]))
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table of string cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def _axis_label(field: str, value: str) -> str:
-    if field == "lora.mode":
-        return grid_lib.METHOD.get(value, value)
-    return value
 
 
 def main_table(grid, rows: list[dict[str, Any]]) -> str:
@@ -234,7 +229,7 @@ def main_table(grid, rows: list[dict[str, Any]]) -> str:
         header = [grid_lib.short(a) for a in axes] + ["max relative gap", "max abs gap"]
     out = []
     for r in rows:
-        cells = [_axis_label(a, r["axes"][a]) for a in axes]
+        cells = [grid_lib.axis_label(a, r["axes"][a]) for a in axes]
         if grid.kind == "theorem1":
             out.append(cells + [f"{r['relative_gap']:.2e}", f"{r['max_abs_gap']:.2e}"])
             continue
@@ -247,7 +242,7 @@ def main_table(grid, rows: list[dict[str, Any]]) -> str:
             str(r["diverged"]),
         ]
         out.append(cells)
-    return _md_table(header, out)
+    return md_table(header, out)
 
 
 def tune_table(grid, cells: list[dict[str, Any]]) -> str:
@@ -266,8 +261,8 @@ def tune_table(grid, cells: list[dict[str, Any]]) -> str:
             shown = ", ".join("diverged" if a is None else f"{a:.3f}" for a in accs)
             picked = pick is not None and grid_lib.tuned_label({"tuned": pick}) == value
             mark = "**yes**" if picked else ""
-            out.append([_axis_label(k, v) for k, v in g] + [value, shown, mark])
-    return _md_table(header, out)
+            out.append([grid_lib.axis_label(k, v) for k, v in g] + [value, shown, mark])
+    return md_table(header, out)
 
 
 def communication_table(grid, cells: list[dict[str, Any]], target: float, full_bytes) -> str:
@@ -288,7 +283,7 @@ def communication_table(grid, cells: list[dict[str, Any]], target: float, full_b
                 reached.append(hit[0] * per_round * K)
         mean, half = mean_ci(reached) if reached else (math.nan, None)
         rows.append(
-            [_axis_label(k, v) for k, v in key]
+            [grid_lib.axis_label(k, v) for k, v in key]
             + [
                 f"{per_round:,}",
                 f"{per_round * K:,}",
@@ -304,7 +299,7 @@ def communication_table(grid, cells: list[dict[str, Any]], target: float, full_b
         f"seeds reaching {target:g}",
         f"uplink to reach {target:g} (MB, mean ± 95% CI)",
     ]
-    text = _md_table(header, rows)
+    text = md_table(header, rows)
     if full_bytes:
         text += (
             f"\n\nFull fine-tuning would upload the whole model, {full_bytes:,} bytes per client per "
@@ -334,12 +329,12 @@ def noise_table(grid, cells: list[dict[str, Any]]) -> str:
             m = {k: float(np.mean([h[k] for h in hs])) for k in hs[0] if k != "round"}
             total = math.sqrt(m["xiB_A"] ** 2 + m["B_xiA"] ** 2 + m["xiB_xiA"] ** 2)
             out.append(
-                [_axis_label(k, v) for k, v in key]
+                [grid_lib.axis_label(k, v) for k, v in key]
                 + [str(r)]
                 + [f"{m[k]:.3e}" for k in ("xiB_A", "B_xiA", "xiB_xiA")]
                 + [f"{total:.3e}", f"{m['update_W']:.3e}"]
             )
-    return _md_table(header, out)
+    return md_table(header, out)
 
 
 def write_all(grid, out: Path, cells: list[dict[str, Any]], meta: dict[str, Any]) -> None:

@@ -173,3 +173,36 @@ def test_tuning_log_lines_show_validation_never_test():
     assert "test accuracy there 0.9000" in runner._cell_score(rec, "main")
     # A grid without a validation split (no selection) shows the test accuracy, as before.
     assert runner._cell_score({"test_accuracy": 0.88}, "main") == ", test accuracy 0.8800"
+
+
+def test_readme_results_block_is_generated_from_the_committed_csvs(monkeypatch):
+    """Every number in the README's results table comes from the committed runs.csv files:
+    regenerating the block gives the README's block."""
+    from ffa_jax.experiments import readme
+
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "README.md").read_text()
+    assert readme.BEGIN in text and readme.END in text
+    assert readme.replace_block(text, readme.block()) == text, (
+        "README.md's results block is stale: run python -m ffa_jax.experiments.readme"
+    )
+
+
+def test_readme_rows_give_the_verdict_table_of_a_finished_grid(monkeypatch):
+    """On a finished grid (the committed --quick run) the rows are its table.md's verdicts;
+    an unfinished one gets a status row and no numbers."""
+    from ffa_jax.experiments import readme
+
+    monkeypatch.chdir(ROOT)
+    rows = readme.grid_rows("privacy_evidence", quick=True)
+    table = (ROOT / "experiments/results/privacy_evidence-quick/table.md").read_text()
+    section = table.split("## Verdicts")[1].split("\n## ")[0]
+    verdicts = [line for line in section.splitlines() if line.startswith("| ") and "**" in line]
+    assert len(rows) == len(verdicts) == 2  # epsilon inf and 2
+    for row, line in zip(rows, verdicts, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        # table.md: epsilon, pairs, FFA-LoRA, LoRA, difference, wins, verdict
+        assert row[1].endswith(f"epsilon {cells[0]}")
+        assert row[2:] == cells[1:]
+    status = readme.grid_rows("rank_evidence")
+    assert len(status) == 1 and "reported runs" in status[0][1] and status[0][2] == "-"
