@@ -14,7 +14,7 @@ ffa-jax predict RUN_DIR --input FILE [--output FILE]  # classifier runs: .jsonl 
 ffa-jax eval RUN_DIR [--split test] [--json]   # re-evaluate the run's adapter, its metrics
 ffa-jax flower app OUT_DIR [--config ...] [--set ...]   # a Flower App folder for `flwr run`
 ffa-jax flower local [--config ...] [--set ...] [--resume]  # SuperLink + SuperNodes on 127.0.0.1
-ffa-jax experiment NAME [--quick] [--seeds ...]  # run experiments/grids/NAME.yaml (resumes)
+ffa-jax experiment NAME [NAME ...] [--quick]    # run experiments/grids/NAME.yaml (resumes)
 ffa-jax experiment NAME --table                  # table.md from the committed runs.csv
 
 Exit codes: 0 success; 2 bad input (ffa-jax: error: ...); 3 ``ffa-jax audit`` detected a
@@ -334,25 +334,34 @@ def _git_commit() -> str:
 def cmd_experiment(args) -> int:
     from ffa_jax.experiments.runner import regenerate_table, run_experiment
 
-    if args.table:
-        path = regenerate_table(args.name, quick=args.quick, out=args.out)
-        print(f"wrote {path}")
-        return 0
-    command = "ffa-jax experiment " + " ".join(shlex.quote(a) for a in args.argv[1:])
-    res = run_experiment(
-        args.name,
-        quick=args.quick,
-        seeds=args.seeds,
-        out=args.out,
-        overrides=args.overrides,
-        command=command.strip(),
-        dry_run=args.dry_run,
-        tune_only=args.tune_only,
-    )
-    if args.json:
-        _emit(args, res)
-    else:
-        print(json.dumps(res, indent=2))
+    names = list(args.name)
+    if len(names) > 1 and args.out is not None:
+        raise ConfigError(
+            f"--out={str(args.out)!r} names one results folder, but {len(names)} grids were "
+            "given; drop --out (each grid writes experiments/results/NAME) or run one grid."
+        )
+    for name in names:
+        if args.table:
+            path = regenerate_table(name, quick=args.quick, out=args.out)
+            print(f"wrote {path}")
+            continue
+        # The command that reruns this grid alone (the other names left out).
+        rest = [a for a in args.argv[1:] if a not in names]
+        command = " ".join(["ffa-jax experiment", shlex.quote(name), *map(shlex.quote, rest)])
+        res = run_experiment(
+            name,
+            quick=args.quick,
+            seeds=args.seeds,
+            out=args.out,
+            overrides=args.overrides,
+            command=command.strip(),
+            dry_run=args.dry_run,
+            tune_only=args.tune_only,
+        )
+        if args.json:
+            _emit(args, res)
+        else:
+            print(json.dumps(res, indent=2))
     return 0
 
 
@@ -617,7 +626,10 @@ EXAMPLES = {
         "ffa-jax privacy --config glue/sst2 --json --png eps.png",
     ],
     "bench": ["ffa-jax bench --quick", "ffa-jax bench --model minilm --memory 8,32 --chunks 1,K"],
-    "experiment": ["ffa-jax experiment rank_sweep --quick --dry-run"],
+    "experiment": [
+        "ffa-jax experiment rank_sweep --quick --dry-run",
+        "ffa-jax experiment privacy_evidence heterogeneity_evidence vision_evidence",
+    ],
     "audit": ["ffa-jax audit --set federated.rounds=2 --canaries 200 --json"],
     "config": [
         "ffa-jax config --config glue/sst2 --set lora.rank=4",
@@ -857,7 +869,12 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment",
         help="run an experiment grid (experiments/grids/NAME.yaml), resuming finished cells",
     )
-    p.add_argument("name", help="grid name (experiments/grids/NAME.yaml) or a grid YAML path")
+    p.add_argument(
+        "name",
+        nargs="+",
+        help="grid name (experiments/grids/NAME.yaml) or a grid YAML path; several run one "
+        "after the other (each resumes its finished cells)",
+    )
     p.add_argument("--quick", action="store_true", help="the grid's tiny CI size")
     p.add_argument(
         "--seeds", type=int, nargs="+", default=None, help="replace the grid's reported seeds"

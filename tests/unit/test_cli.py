@@ -148,3 +148,17 @@ def test_the_wheel_ships_the_configs():
         for p in (ROOT / "configs").rglob("*.yaml")
     }
     assert shipped == every
+
+
+def test_experiment_runs_several_grids_one_after_the_other(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    argv = ["experiment", "rank_sweep", "alpha_sweep", "--quick", "--dry-run", "--json"]
+    assert cli.main(argv) == 0
+    out = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
+    assert [Path(r["out"]).name for r in out] == ["rank_sweep-quick", "alpha_sweep-quick"]
+    # One --out cannot hold two grids: refused before anything runs, naming the flag.
+    argv = ["experiment", "rank_sweep", "alpha_sweep", "--dry-run", "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert "--out=" in capsys.readouterr().err
