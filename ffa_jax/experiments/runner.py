@@ -36,7 +36,7 @@ from ffa_jax.experiments import results as results_lib
 from ffa_jax.fileio import atomic_write_text
 from ffa_jax.run import NonFiniteError, train
 from ffa_jax.run.report import metric_value
-from ffa_jax.version import __version__, git_state
+from ffa_jax.version import REPO_ROOT, __version__, git_state
 
 RESULTS_DIR = Path("experiments/results")
 SCRATCH_DIR = Path("runs/experiments")
@@ -44,12 +44,20 @@ SCRATCH_DIR = Path("runs/experiments")
 
 def git_commit(root: Path | None = None, grid_file: Path | None = None) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool}`` of the repository holding ffa_jax; dirty
-    means uncommitted changes to ffa_jax/, configs/ or the grid file itself."""
+    means uncommitted changes to ffa_jax/, configs/ or the grid file itself. A grid file
+    outside the repository is not version-controlled: the commit is still that of the code
+    (each cell's command names every setting), and ``grid_file_in_repo`` says so."""
+    root = Path(root or REPO_ROOT).resolve()
     paths = ["ffa_jax", "configs"]
+    inside = True
     if grid_file is not None:
-        paths.append(str(Path(grid_file).resolve()))
+        grid_path = Path(grid_file).resolve()
+        inside = grid_path.is_relative_to(root)
+        if inside:
+            # (git status with a path outside the work tree fails as a whole.)
+            paths.append(str(grid_path))
     sha, dirty = git_state(root, paths=paths)
-    return {"commit": sha, "dirty": dirty}
+    return {"commit": sha, "dirty": dirty, **({} if inside else {"grid_file_in_repo": False})}
 
 
 def full_model_bytes(cfg) -> int:
