@@ -526,19 +526,7 @@ def load_image_classification(
         names = tuple(names[c] for c in classes)
     tasks.check_two_classes(train_labels, names, task, "")
     if test_images is None or len(test_labels) == 0:
-        rng = np.random.default_rng((seed, 0))
-        keep, held = tasks.stratified_split(
-            train_labels,
-            int(round(test_fraction * len(train_labels))),
-            rng,
-            every_class_both_sides=True,
-        )
-        keep, held = rng.permutation(keep), rng.permutation(held)
-        if len(held) == 0 or len(keep) == 0:
-            raise DataError(
-                f"data.test_fraction={test_fraction}: splitting the {len(train_labels)} images "
-                f"of {task!r} leaves an empty train or test split; use more data."
-            )
+        keep, held = tasks.held_out_split(train_labels, test_fraction, seed, "images", repr(task))
         test_images, test_labels = train_images[held], train_labels[held]
         train_images, train_labels = train_images[keep], train_labels[keep]
     else:

@@ -337,6 +337,32 @@ def _label_names(raw: RawSplits) -> tuple[str, ...]:
     return tuple(str(i) for i in range(int(ints.max()) + 1)) if ints.size else ()
 
 
+def held_out_split(
+    labels: np.ndarray, test_fraction: float, seed: int, what: str, source: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(keep, held)`` indices of a source without a test split: a stratified
+    ``test_fraction`` held out from the public ``seed`` (every class on both sides), each side
+    in a seeded random order.
+
+    Raises:
+      DataError: a side would be empty.
+    """
+    rng = np.random.default_rng((seed, 0))
+    keep, held = stratified_split(
+        labels, int(round(test_fraction * len(labels))), rng, every_class_both_sides=True
+    )
+    # Sources are often sorted by class (the SpamAssassin asset is, by group); a random
+    # order makes any prefix (e.g. an eval cap) a fair sample.
+    keep, held = rng.permutation(keep), rng.permutation(held)
+    if len(held) == 0 or len(keep) == 0:
+        raise DataError(
+            f"data.test_fraction={test_fraction}: splitting the {len(labels)} {what} of "
+            f"{source} leaves an empty train or test split; use more data or a different "
+            "test_fraction."
+        )
+    return keep, held
+
+
 def stratified_split(
     labels: np.ndarray,
     num_taken: int,
@@ -552,22 +578,7 @@ def load_text_classification(
         test_texts = _check_texts(raw.test_texts, raw.source, "test")
         test_labels = encode_labels(raw.test_labels, names, raw.source, "test")
     else:
-        rng = np.random.default_rng((seed, 0))
-        keep, held = stratified_split(
-            train_labels,
-            int(round(test_fraction * len(train_labels))),
-            rng,
-            every_class_both_sides=True,
-        )
-        # Sources are often sorted by class (the SpamAssassin asset is, by group); a random
-        # order makes any prefix (e.g. an eval cap) a fair sample.
-        keep, held = rng.permutation(keep), rng.permutation(held)
-        if len(held) == 0 or len(keep) == 0:
-            raise DataError(
-                f"data.test_fraction={test_fraction}: splitting the {len(train_labels)} examples "
-                f"of {raw.source} leaves an empty train or test split; use more data or a "
-                "different test_fraction."
-            )
+        keep, held = held_out_split(train_labels, test_fraction, seed, "examples", raw.source)
         test_texts = tuple(train_texts[i] for i in held)
         test_labels = train_labels[held]
         train_texts = tuple(train_texts[i] for i in keep)

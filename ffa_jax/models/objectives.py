@@ -59,15 +59,23 @@ def classification_eval(
             batch["attention_mask"],
             batch.get("token_type_ids"),
         ).astype(jnp.float32)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        pred = jnp.argmax(logits, -1)
-        correct = (pred == batch["label"]) & mask
-        return {
-            "correct": jnp.sum(correct),
-            "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
-            "count": jnp.sum(mask),
-            "probs": jax.nn.softmax(logits, -1),
-            "pred": pred,
-        }
+        return classification_sums(logits, batch["label"], mask)
 
     return eval_fn
+
+
+def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
+    """What a classifier's ``eval_fn`` returns for one batch: ``correct``, ``loss_sum`` and
+    ``count`` summed over the real rows (``mask``), and per-row ``probs`` ``[B, C]``
+    (softmax) and ``pred`` ``[B]`` (argmax). ``logits`` float32 ``[B, C]``, ``labels``
+    ``[B]``."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    pred = jnp.argmax(logits, -1)
+    correct = (pred == labels) & mask
+    return {
+        "correct": jnp.sum(correct),
+        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "count": jnp.sum(mask),
+        "probs": jax.nn.softmax(logits, -1),
+        "pred": pred,
+    }

@@ -55,6 +55,7 @@ import optax
 from ffa_jax import lora
 from ffa_jax.errors import ConfigError, DataError, WeightsError
 from ffa_jax.models.layers import ACTIVATIONS, Dense, activation, layer_norm
+from ffa_jax.models.objectives import classification_sums
 from ffa_jax.types import PyTree
 
 # ViTImageProcessor defaults: pixels rescaled to [0, 1], then (x - 0.5) / 0.5.
@@ -468,15 +469,6 @@ def image_classification_eval(
     def eval_fn(params, batch, mask):
         x = normalise(batch["pixel_values"], image_mean, image_std)
         logits = module.apply({"params": lora.merge(params)}, x).astype(jnp.float32)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        pred = jnp.argmax(logits, -1)
-        correct = (pred == batch["label"]) & mask
-        return {
-            "correct": jnp.sum(correct),
-            "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
-            "count": jnp.sum(mask),
-            "probs": jax.nn.softmax(logits, -1),
-            "pred": pred,
-        }
+        return classification_sums(logits, batch["label"], mask)
 
     return eval_fn
