@@ -262,6 +262,7 @@ def cmd_bench(args) -> int:
         ),
         fusion_ab=fusion_ab,
         allocator_ab=args.allocator_ab,
+        peak=args.peak_tflops,
     )
     report["command"] = "ffa-jax " + " ".join(args.argv)
     report["commit"] = _git_commit()
@@ -781,6 +782,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="PyTorch Opacus+PEFT reference in the same run (auto: when torch is installed)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense peak in TFLOP/s for the MFU column (default: the known peak "
+        "of an H100/H200/A100/TPU v4/v5e for --dtype; none on a CPU)",
+    )
     p.add_argument(
         "--memory",
         default="",

@@ -35,6 +35,8 @@ from ffa_jax.bench.spec import (
     MODELS,
     BenchSpec,
     client_update_args,
+    model_flops_per_example,
+    peak_tflops,
     random_encoder,
     round_setup,
 )
@@ -269,8 +271,14 @@ def run_bench(
     memory_budget_mb: float = MEMORY_BUDGET_MB,
     fusion_ab: list[str] | None = None,
     allocator_ab: bool = False,
+    peak: float | None = None,
 ) -> dict[str, Any]:
     """Runs every variant and returns a JSON-able report with times, memory and ratios.
+
+    Every timed variant also reports its model FLOP rate (:func:`model_flops_per_example`)
+    and, where the device's dense peak is known (``peak`` TFLOP/s, else
+    :data:`ffa_jax.bench.spec.PEAK_TFLOPS` by device kind and dtype), its model-FLOPs
+    utilisation ``mfu``.
 
     ``reference``: also time the PyTorch Opacus+PEFT reference (:mod:`ffa_jax.bench.torch_ref`)
     on the same shapes with ``threads`` torch threads. ``memory``: ``(K, k)`` settings whose
@@ -305,12 +313,25 @@ def run_bench(
                 "uplink_bytes": lora.tree_bytes(trainable),
                 "xla": compiled_memory(cu, *args),
             }
+    device = jax.devices()[0]
+    peak_source = "--peak-tflops" if peak is not None else "PEAK_TFLOPS"
+    peak = peak if peak is not None else peak_tflops(device.device_kind, spec.dtype)
+
+    def flop_rate(flops: float, seconds: float) -> dict[str, float | None]:
+        rate = flops / seconds
+        return {
+            "model_gflop_per_s": rate / 1e9,
+            "mfu": None if peak is None else rate / (peak * 1e12),
+        }
+
     # Timed round-robin, so that DP / non-DP and LoRA / FFA compare under the same load.
     for name, median in round_robin(timed, spec.repeats).items():
+        examples = spec.batch_size * spec.local_steps
         results[name].update(
             client_update_s=median,
             step_s=median / spec.local_steps,
-            examples_per_s=spec.batch_size * spec.local_steps / median,
+            examples_per_s=examples / median,
+            **flop_rate(model_flops_per_example(spec, name.split("_")[0]) * examples, median),
         )
     # One round with K clients (FFA, DP) in one jit, clients vmapped in chunks.
     k = spec.clients
@@ -326,6 +347,13 @@ def run_bench(
         "round_s": median,
         "recompiles_after_first": round_fn._cache_size() - 1,
         "xla": compiled_memory(round_fn, *round_args),
+        **flop_rate(
+            model_flops_per_example(spec, "ffa", spec.round_batch[1])
+            * spec.round_batch[0]
+            * spec.local_steps
+            * k,
+            median,
+        ),
     }
     r = results
     ratios = {
@@ -342,6 +370,12 @@ def run_bench(
     report: dict[str, Any] = {
         "spec": dataclasses.asdict(spec),
         "machine": machine_info(),
+        "peak_tflops": {
+            "value": peak,
+            "source": None if peak is None else peak_source,
+            "device_kind": device.device_kind,
+            "dtype": spec.dtype,
+        },
         "results": results,
         "ratios": ratios,
         "peak_rss_mb": _peak_rss_mb(),
@@ -364,9 +398,14 @@ def run_bench(
         # Interleaved (ffa_jax, torch, ffa_jax, torch, ...) so that both see the same load.
         client = round_robin({"jax": timed["ffa_dp"], "torch": torch_client}, spec.repeats)
         round_ = round_robin({"jax": round_call, "torch": torch_round}, spec.repeats)
+        ref_flops = model_flops_per_example(spec, "ffa") * spec.batch_size * spec.local_steps
         report["reference"] = {
             **info,
-            "ffa_dp": {"client_update_s": client["torch"], "ffa_jax_s": client["jax"]},
+            "ffa_dp": {
+                "client_update_s": client["torch"],
+                "ffa_jax_s": client["jax"],
+                "model_gflop_per_s": ref_flops / client["torch"] / 1e9,
+            },
             "round_ffa_dp": {"clients": k, "round_s": round_["torch"], "ffa_jax_s": round_["jax"]},
             "paired_repeats": spec.repeats,
         }
@@ -453,24 +492,44 @@ def _mb(x: float | None) -> str:
 
 def _variants_md(report: dict[str, Any]) -> list[str]:
     lines = [
-        "| variant | compile s | client update s | examples/s | uplink bytes "
-        "| XLA temp MB | XLA total MB |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | compile s | client update s | examples/s | model GFLOP/s | MFU "
+        "| uplink bytes | XLA temp MB | XLA total MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("ffa_nodp", "ffa_dp", "lora_nodp", "lora_dp"):
         r = report["results"][name]
         xla = r.get("xla") or {}
         lines.append(
             f"| {name} | {r['compile_s']:.2f} | {r['client_update_s']:.3f} "
-            f"| {r['examples_per_s']:.1f} | {r['uplink_bytes']:,} "
+            f"| {r['examples_per_s']:.1f} | {_gflops(r)} | {_mfu(r)} | {r['uplink_bytes']:,} "
             f"| {_mb(xla.get('temp_mb'))} | {_mb(xla.get('total_mb'))} |"
         )
+    peak = report.get("peak_tflops") or {}
     return lines + [
+        "",
+        "Model GFLOP/s: the model FLOPs of the step (forward, the backward's data gradients and "
+        "the LoRA factors' gradients; ffa_jax.bench.spec.model_flops_per_example) per second. "
+        "MFU: that over the device's dense peak"
+        + (
+            f" ({peak['value']:g} TFLOP/s, {peak['source']})."
+            if peak.get("value")
+            else f" (unknown for {peak.get('device_kind', '?')!r}: pass --peak-tflops)."
+        ),
         "",
         "XLA temp = the compiled client update's temporary buffers (activations and, with DP, "
         "per-example gradients); total = temp + arguments (weights, batch) + outputs. "
         "MB = 2^20 bytes. These come from the compiled executable and do not depend on load.",
     ]
+
+
+def _gflops(r: dict[str, Any]) -> str:
+    v = r.get("model_gflop_per_s")
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _mfu(r: dict[str, Any]) -> str:
+    v = r.get("mfu")
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def _round_md(report: dict[str, Any], rb: int, rl: int) -> list[str]:
@@ -480,7 +539,8 @@ def _round_md(report: dict[str, Any], rb: int, rl: int) -> list[str]:
         f"Round of {rr['clients']} FFA DP clients ({rb} x {rl} each, chunks of "
         f"{rr['clients_per_chunk']}) in one jit: {rr['round_s']:.3f} s "
         f"(compile {rr['compile_s']:.2f} s, recompiles after the first: "
-        f"{rr['recompiles_after_first']}; XLA temp {_mb(temp)} MB).",
+        f"{rr['recompiles_after_first']}; XLA temp {_mb(temp)} MB); model GFLOP/s "
+        f"{_gflops(rr)}, MFU {_mfu(rr)}.",
     ]
 
 
@@ -491,7 +551,8 @@ def _reference_md(ref: dict[str, Any], m: dict[str, Any]) -> list[str]:
         f"{ref['opacus']}, {ref['torch_threads']} torch threads; XLA:CPU uses "
         f"{m['usable_cores']} cores), timed alternately with ffa_jax "
         f"({ref.get('paired_repeats', '?')} pairs, medians): Opacus+PEFT FFA DP client update "
-        f"{c['client_update_s']:.3f} s vs ffa_jax {c.get('ffa_jax_s', float('nan')):.3f} s; "
+        f"{c['client_update_s']:.3f} s ({_gflops(c)} model GFLOP/s) vs ffa_jax "
+        f"{c.get('ffa_jax_s', float('nan')):.3f} s; "
         f"sequential round of {r['clients']} clients {r['round_s']:.3f} s vs ffa_jax's "
         f"one-jit round {r.get('ffa_jax_s', float('nan')):.3f} s.",
     ]

@@ -61,6 +61,46 @@ class BenchSpec:
         return (self.round_batch_size or self.batch_size, self.round_seq_len or self.seq_len)
 
 
+# Dense peak FLOP/s (vendor datasheets, no sparsity), in TFLOP/s, by jax device_kind and the
+# dtype of the frozen trunk's matmuls. float32 on NVIDIA counts TF32 tensor cores: XLA's
+# default precision for float32 dots on Ampere and later. Others: pass --peak-tflops.
+PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": {"float32": 494.7, "bfloat16": 989.4},
+    "NVIDIA H200": {"float32": 494.7, "bfloat16": 989.4},
+    "NVIDIA A100-SXM4-80GB": {"float32": 156.0, "bfloat16": 312.0},
+    "NVIDIA A100-SXM4-40GB": {"float32": 156.0, "bfloat16": 312.0},
+    "TPU v4": {"float32": 275.0, "bfloat16": 275.0},
+    "TPU v5 lite": {"float32": 197.0, "bfloat16": 197.0},
+}
+
+
+def model_flops_per_example(spec: BenchSpec, mode: str, seq_len: int | None = None) -> float:
+    """Model FLOPs of one example's DP-SGD (or SGD) step of the bench encoder: the forward
+    pass, the backward pass's data gradients (the frozen trunk gets no weight gradient, so
+    the backward costs one matmul per forward matmul), and the LoRA factors' gradients
+    (FFA-LoRA: B; LoRA: A and B) on the query and value projections of every layer.
+
+    Per token and layer: 2 (4 h^2 + 2 h i) for the projections and the feed-forward, 4 T h
+    for the attention scores and values, 8 h r for the two low-rank branches; the pooler and
+    head add 2 (h^2 + 2 h) per example. Per-example clipping and noise are not model FLOPs.
+    Used for the model-FLOPs utilisation that ``ffa-jax bench`` reports (the standard MFU
+    convention: useful FLOPs of the model, not what the compiled program executes).
+    """
+    m = MODELS[spec.model]
+    h, i, layers = m["hidden_size"], m["intermediate_size"], m["num_layers"]
+    t, r = seq_len or spec.seq_len, spec.rank
+    per_token_layer = 2 * (4 * h * h + 2 * h * i) + 4 * t * h + 8 * h * r
+    forward = layers * t * per_token_layer + 2 * (h * h + 2 * h)
+    lora_grads = layers * t * 2 * (2 * r * h) * (2 if mode == "lora" else 1)
+    return float(2 * forward + lora_grads)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """The dense peak of :data:`PEAK_TFLOPS` for this device and dtype, or None (unknown,
+    e.g. a CPU: pass ``--peak-tflops``)."""
+    return PEAK_TFLOPS.get(device_kind, {}).get(dtype)
+
+
 def random_encoder(spec: BenchSpec):
     family = "roberta" if spec.model.startswith("roberta") else "bert"
     cfg = EncoderConfig(

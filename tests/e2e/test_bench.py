@@ -43,8 +43,39 @@ def test_bench_quick_writes_report(tmp_path, capsys):
         assert report["ratios"]["ffa_dp_over_nodp_memory"] > 0
         assert single["chunk_bound"]["ratio"] == pytest.approx(1.0)
         assert probe["chunk_bound"]["ratio"] > 0
+    # Model FLOP rates everywhere; no MFU on a CPU (its peak is unknown without --peak-tflops).
+    for name in ("ffa_nodp", "ffa_dp", "lora_nodp", "lora_dp", "round_ffa_dp"):
+        assert report["results"][name]["model_gflop_per_s"] > 0
+        assert report["results"][name]["mfu"] is None
+    assert report["peak_tflops"]["value"] is None
     out = capsys.readouterr().out
     assert "| ratio | value |" in out and "| K | k | XLA temp MB |" in out
+    assert "pass --peak-tflops" in out
+
+
+def test_model_flops_and_mfu(tmp_path):
+    from ffa_jax.bench.spec import model_flops_per_example, peak_tflops
+
+    spec = BenchSpec(model="minilm", seq_len=64, rank=8)
+    # MiniLM at 64 tokens: 6 layers x 64 tokens x (2 (4 h^2 + 2 h i) + 4 T h + 8 h r), h 384,
+    # i 1536, plus the pooler and head, twice (forward, data gradients), plus B's gradients.
+    h, i, t, r = 384, 1536, 64, 8
+    forward = 6 * t * (2 * (4 * h * h + 2 * h * i) + 4 * t * h + 8 * h * r) + 2 * (h * h + 2 * h)
+    assert model_flops_per_example(spec, "ffa") == 2 * forward + 6 * t * 4 * r * h
+    assert model_flops_per_example(spec, "lora") > model_flops_per_example(spec, "ffa")
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert peak_tflops("cpu", "float32") is None
+    argv = ["bench", "--quick", "--reference", "none", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--peak-tflops", "0.5"]) == 0
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    ffa = report["results"]["ffa_dp"]
+    assert ffa["mfu"] == pytest.approx(ffa["model_gflop_per_s"] / 500)
+    assert report["peak_tflops"] == {
+        "value": 0.5,
+        "source": "--peak-tflops",
+        "device_kind": "cpu",
+        "dtype": "float32",
+    }
 
 
 def test_memory_probe_over_budget_is_compiled_not_run():
