@@ -266,6 +266,10 @@ class DataConfig:
         ``text_field``/``label_field`` columns, or a HF datasets name (needs internet).
       partition: ``iid``, ``label_mix`` (row k of ``label_mix`` is client k's label
         distribution, the paper's non-IID setting) or ``dirichlet`` (``dirichlet_alpha``).
+        A Dirichlet split is drawn again (from the same public seed's stream) until every
+        client keeps at least ``client.batch_size`` training examples after the validation
+        hold-out, as NIID-Bench redraws below its minimum: a smaller client could not be
+        Poisson-sampled at q = batch / n_k <= 1. A first draw that qualifies is kept.
       test_fraction: held-out share when the task has no test split.
       validation_fraction: share of each client's training examples held out as the
         validation split (0: none). Drawn per client from the public ``seed`` (never the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -58,6 +59,18 @@ def partition_clients(cfg: RunConfig, labels: np.ndarray, num_labels: int) -> li
     return client_splits(cfg, labels, num_labels).train
 
 
+def min_client_size(batch_size: float, validation_fraction: float) -> int:
+    """The fewest examples a client may hold so that, after :func:`hold_out` takes its
+    validation share, at least ``batch_size`` remain to train on (Poisson sampling at
+    q = batch / n_k <= 1): what a Dirichlet split is conditioned on."""
+    n = max(1, math.ceil(batch_size))
+    while True:
+        held = 0 if validation_fraction <= 0 else max(1, int(round(validation_fraction * n)))
+        if n - min(held, n - 1) >= batch_size:
+            return n
+        n += 1
+
+
 def client_splits(cfg: RunConfig, labels: np.ndarray, num_labels: int) -> ClientSplits:
     """Splits training examples with ``labels`` ``[N]`` into ``cfg.federated.clients`` clients
     and holds ``data.validation_fraction`` of each client out as the validation split
@@ -83,6 +96,7 @@ def client_splits(cfg: RunConfig, labels: np.ndarray, num_labels: int) -> Client
         num_labels=num_labels,
         label_mix=cfg.data.label_mix if cfg.data.partition == "label_mix" else None,
         dirichlet_alpha=cfg.data.dirichlet_alpha,
+        min_client_size=min_client_size(cfg.client.batch_size, cfg.data.validation_fraction),
     )
     splits = hold_out(parts, cfg.data.validation_fraction, cfg.seed)
     parts = splits.train

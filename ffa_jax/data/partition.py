@@ -158,8 +158,17 @@ def _split_label_mix(
 
 
 def _split_dirichlet(
-    labels: np.ndarray, num_clients: int, num_labels: int, alpha: float, rng: np.random.Generator
+    labels: np.ndarray,
+    num_clients: int,
+    num_labels: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int = 1,
 ) -> list[np.ndarray]:
+    # Draws again (from the same stream, so a first draw that qualifies is kept as it always
+    # was) until every client holds at least ``min_size`` examples: NIID-Bench's rule (Li et
+    # al. 2022) with the run's own minimum, since a client smaller than the expected batch
+    # cannot be Poisson-sampled at q = batch / n_k <= 1.
     for _ in range(DIRICHLET_MAX_TRIES):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
         for c in range(num_labels):
@@ -171,12 +180,14 @@ def _split_dirichlet(
             for k, chunk in enumerate(np.split(members, cuts)):
                 parts[k].append(chunk)
         result = [np.concatenate(p) for p in parts]
-        if min(len(p) for p in result) > 0:
+        if min(len(p) for p in result) >= max(min_size, 1):
             return result
+    need = "no example" if min_size <= 1 else f"fewer than {min_size} examples"
     raise DataError(
         f"data.dirichlet_alpha={alpha}: after {DIRICHLET_MAX_TRIES} draws some of the "
-        f"federated.clients={num_clients} clients still got no example ({len(labels)} examples). "
-        "Increase data.dirichlet_alpha, reduce federated.clients, or use more data."
+        f"federated.clients={num_clients} clients still got {need} ({len(labels)} examples). "
+        "Increase data.dirichlet_alpha, reduce federated.clients or client.batch_size, or use "
+        "more data."
     )
 
 
@@ -189,6 +200,7 @@ def partition(
     num_labels: int,
     label_mix: Sequence[Sequence[float]] | None = None,
     dirichlet_alpha: float = 0.5,
+    min_client_size: int = 1,
 ) -> list[np.ndarray]:
     """Partition examples across clients.
 
@@ -201,6 +213,10 @@ def partition(
       label_mix: ``[R][C]`` label proportions per client for ``label_mix`` (K must be a multiple
         of R; rows repeat cyclically). Ignored by the other methods.
       dirichlet_alpha: concentration for ``dirichlet`` (smaller = more skewed).
+      min_client_size: ``dirichlet`` draws the label shares again (at most
+        ``DIRICHLET_MAX_TRIES`` times, from the same seeded stream) until every client holds
+        at least this many examples; the partition is then Dirichlet conditioned on that
+        minimum. A first draw that meets it is the partition this function always gave.
 
     Returns:
       K sorted, disjoint int64 index arrays into ``labels``, each non-empty. ``iid`` and
@@ -235,7 +251,9 @@ def partition(
                 f"data.dirichlet_alpha={dirichlet_alpha!r} must be a finite number > 0 "
                 "(smaller = more heterogeneous), e.g. 0.5."
             )
-        parts = _split_dirichlet(labels, num_clients, num_labels, float(dirichlet_alpha), rng)
+        parts = _split_dirichlet(
+            labels, num_clients, num_labels, float(dirichlet_alpha), rng, int(min_client_size)
+        )
 
     parts = [np.sort(p).astype(np.int64) for p in parts]
     empty = [k for k, p in enumerate(parts) if p.size == 0]

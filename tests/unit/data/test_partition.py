@@ -188,3 +188,49 @@ def test_bad_labels():
         partition(np.array([0, 1, 2]), 2, "iid", seed=0, num_labels=2)
     with pytest.raises(DataError, match="1-D int"):
         partition(np.array([0.0, 1.0]), 2, "iid", seed=0, num_labels=2)
+
+
+def test_dirichlet_redraws_until_every_client_has_the_minimum():
+    """A draw that leaves a client below ``min_client_size`` is drawn again from the same
+    stream; a first draw that qualifies is the partition as before."""
+    labels = _labels([300, 200])
+    first = partition(labels, 3, "dirichlet", seed=0, num_labels=2, dirichlet_alpha=0.1)
+    smallest = min(len(p) for p in first)
+    kept = partition(
+        labels, 3, "dirichlet", seed=0, num_labels=2, dirichlet_alpha=0.1, min_client_size=smallest
+    )
+    assert all(np.array_equal(x, y) for x, y in zip(first, kept, strict=True))
+    redrawn = partition(
+        labels,
+        3,
+        "dirichlet",
+        seed=0,
+        num_labels=2,
+        dirichlet_alpha=0.1,
+        min_client_size=smallest + 1,
+    )
+    assert min(len(p) for p in redrawn) >= smallest + 1
+    _assert_disjoint(redrawn, len(labels))
+    assert sum(len(p) for p in redrawn) == len(labels)
+    with pytest.raises(DataError, match=r"dirichlet_alpha=0.1.*fewer than 400 examples.*batch"):
+        partition(
+            labels,
+            3,
+            "dirichlet",
+            seed=0,
+            num_labels=2,
+            dirichlet_alpha=0.1,
+            min_client_size=400,
+        )
+
+
+def test_min_client_size_leaves_a_batch_after_the_validation_hold_out():
+    from ffa_jax.data.clients import hold_out, min_client_size
+
+    assert min_client_size(64, 0.0) == 64
+    assert min_client_size(64, 0.1) == 71  # 71 - round(7.1) = 64
+    assert min_client_size(8, 0.1) == 9  # at least one example is held out
+    for batch, frac in ((64, 0.1), (16, 0.25), (5.5, 0.2)):
+        n = min_client_size(batch, frac)
+        assert len(hold_out([np.arange(n)], frac, 0).train[0]) >= batch
+        assert len(hold_out([np.arange(n - 1)], frac, 0).train[0]) < batch
