@@ -163,8 +163,13 @@ def max_batch_size(
     multiple of the micro-batch (:data:`AUTO_MICROBATCH` for ``auto``). It does not depend on
     the backend, so the privacy plan is the same wherever the run goes."""
     base = physical_batch_size(expected_batch_size, overflow_probability)
-    m = AUTO_MICROBATCH if perf.microbatch_size == AUTO else perf.microbatch_size
-    return padded_batch_size(base, m)
+    return padded_batch_size(base, _padding_microbatch(perf))
+
+
+def _padding_microbatch(perf: PerfConfig) -> int:
+    """The micro-batch that B_max is padded to a multiple of (:data:`AUTO_MICROBATCH` for
+    ``auto``, whatever the backend)."""
+    return AUTO_MICROBATCH if perf.microbatch_size == AUTO else perf.microbatch_size
 
 
 def eval_batch_size(cfg: RunConfig) -> int:
@@ -211,14 +216,12 @@ def resolve(
     base = physical_batch_size(expected_batch_size, overflow_probability)
     b_max = max_batch_size(perf, expected_batch_size, overflow_probability)
     if max_batch_size_of_run is not None and max_batch_size_of_run != b_max:
-        m = AUTO_MICROBATCH if perf.microbatch_size == AUTO else perf.microbatch_size
-        plain = max_batch_size(perf, expected_batch_size)
-        fits = max_batch_size_of_run >= plain and (
-            not 0 < m < max_batch_size_of_run or max_batch_size_of_run % m == 0
-        )
-        if fits:
-            b_max = max_batch_size_of_run
-            base = min(base, b_max)
+        kept = max_batch_size_of_run
+        # Kept when already padded to the micro-batch and not below the plain 1e-6 bound.
+        if kept >= max_batch_size(perf, expected_batch_size) and kept == padded_batch_size(
+            kept, _padding_microbatch(perf)
+        ):
+            b_max, base = kept, min(base, kept)
     # Sequential micro-batches pay off where one client's batch already fills the machine
     # and the skipped padding is saved compute: a single CPU process without an explicit
     # device layout.

@@ -440,11 +440,9 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
         select_on=select_on,
         claims=claims,
     )
-    # Every cell's config must validate before anything runs.
-    fractions = [
-        cell_config(grid, cell, ()).data.validation_fraction
-        for cell in tune_cells(grid) + main_cells(grid, chosen=None)
-    ]
+    # Every cell's config must validate before anything runs (built once, checked below).
+    configs = [cell_config(grid, c, ()) for c in tune_cells(grid) + main_cells(grid, chosen=None)]
+    fractions = [c.data.validation_fraction for c in configs]
     if tune is not None and not all(fractions):
         raise ConfigError(
             f"{path.name}: tune selects on the validation split, but some cells have "
@@ -455,7 +453,9 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
             f"{path.name}: claims compare validation-selected rounds; add "
             "data.validation_fraction=0.1 to the grid's set:."
         )
-    pretrain = _pretrain(raw.get("pretrain"), grid, path.name)
+    pretrain = _pretrain(
+        raw.get("pretrain"), grid, path.name, {Path(c.model.name) for c in configs}
+    )
     return dataclasses.replace(grid, evidence=kind == "train" and all(fractions), pretrain=pretrain)
 
 
@@ -465,7 +465,9 @@ def pretrain_folder(config: Path) -> Path:
     return Path(pcfg.output_dir) / pcfg.name
 
 
-def _pretrain(raw: Any, grid: Grid, name: str) -> Path | None:
+def _pretrain(raw: Any, grid: Grid, name: str, names: set[Path]) -> Path | None:
+    """The grid's ``pretrain:`` config, checked against ``names``, the model folders its
+    cells fine-tune."""
     if raw is None:
         return None
     _need(isinstance(raw, str), f"{name}: pretrain", "give the path of a pretrain config.")
@@ -477,10 +479,6 @@ def _pretrain(raw: Any, grid: Grid, name: str) -> Path | None:
     )
     _need(grid.kind == "train", f"{name}: pretrain", "only train grids fine-tune a backbone.")
     folder = pretrain_folder(config)
-    names = {
-        Path(cell_config(grid, c, ()).model.name)
-        for c in tune_cells(grid) + main_cells(grid, chosen=None)
-    }
     _need(
         names == {folder},
         f"{name}: pretrain={raw!r}",
