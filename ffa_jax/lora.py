@@ -27,6 +27,9 @@ only ever taken with respect to the trainable tree.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import re
 import zlib
@@ -448,23 +451,141 @@ def _kernel_in_axes(kind: str, module: Any, args: tuple, kwargs: dict, path: str
     return len(_einsum_split(_einsum_str(module, args, kwargs), path)[2])
 
 
-def _low_rank(kind: str, module: Any, x: jax.Array, node: LoRAWeight, args, kwargs) -> jax.Array:
-    """``(x . a) . b`` for the layer's contraction, never forming ``a @ b``."""
+@dataclasses.dataclass(frozen=True)
+class LowRankLayout:
+    """How a layer call's low-rank input ``u = x . a`` (``[..., r]``) and an array ``g`` laid
+    out like its output line up (the book-keeping tape's view of the call).
+
+    Attributes:
+      rows: ``g -> [T, d_out]``, row t aligned with ``u.reshape(T, r)`` row t.
+      outer: ``(u, g) -> [r, d_out]``, ``sum_t u_t (x) g_t`` contracted in the call's own
+        layouts (no transposing copy of ``g``): the gradient of ``b`` when ``g`` is the output
+        gradient, before the node's scale.
+    """
+
+    rows: Callable[[jax.Array], jax.Array]
+    outer: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _low_rank(
+    kind: str, module: Any, x: jax.Array, node: LoRAWeight, args, kwargs
+) -> tuple[jax.Array, jax.Array, LowRankLayout]:
+    """``(u, low, layout)`` of the layer's unmerged branch, never forming ``a @ b``:
+    ``u = x . a`` (``[..., r]``), ``low = u . b`` (the layer's output layout) and their
+    :class:`LowRankLayout`."""
     a, b = node.a_eff().astype(x.dtype), node.b.astype(x.dtype)
+    r, d_out = b.shape[0], int(np.prod(b.shape[1:]))
+
+    def trailing(g):
+        return g.reshape(-1, d_out)
+
+    def leading_outer(u, g):  # u [..., r], g [..., *features]: contract the shared "..."
+        lead = tuple(range(u.ndim - 1))
+        return jnp.tensordot(u, g, axes=(lead, lead)).reshape(r, d_out)
+
     if kind == "Dense":
-        return (x @ a) @ b
+        u = x @ a
+        return u, u @ b, LowRankLayout(trailing, leading_outer)
     if kind == "DenseGeneral":
         axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
         axis = tuple(ax % x.ndim for ax in axis)
-        low = jax.lax.dot_general(x, a, ((axis, tuple(range(len(axis)))), ((), ())))
-        return jnp.tensordot(low, b, axes=1)  # [..., r] . [r, *features]
+        u = jax.lax.dot_general(x, a, ((axis, tuple(range(len(axis)))), ((), ())))
+        low = jnp.tensordot(u, b, axes=1)  # [..., r] . [r, *features]
+        return u, low, LowRankLayout(trailing, leading_outer)
     path = "/".join(module.path)
     lhs, out, in_letters, out_letters = _einsum_split(_einsum_str(module, args, kwargs), path)
     rank_letter = next(c for c in "rRzZqQ" if c not in lhs + out + in_letters)
     kept = lhs.replace("...", ".")
     mid = "".join(c for c in kept if c not in in_letters).replace(".", "...") + rank_letter
-    low = jnp.einsum(f"{lhs},{in_letters}{rank_letter}->{mid}", x, a)
-    return jnp.einsum(f"{mid},{rank_letter}{out_letters}->{out}", low, b)
+    u = jnp.einsum(f"{lhs},{in_letters}{rank_letter}->{mid}", x, a)
+    low = jnp.einsum(f"{mid},{rank_letter}{out_letters}->{out}", u, b)
+
+    def rows(g):
+        return trailing(jnp.einsum(f"{out}->{mid[:-1]}{out_letters}", g))
+
+    def outer(u, g):
+        return jnp.einsum(f"{mid},{out}->{rank_letter}{out_letters}", u, g).reshape(r, d_out)
+
+    return u, low, LowRankLayout(rows, outer)
+
+
+# ---------------------------------------------------------------------------------------------
+# The book-keeping tape (:mod:`ffa_jax.privacy.bookkeeping`): per-example clipping without
+# per-example gradients. While a :class:`Tape` is active, every intercepted stock layer whose
+# ``b`` is one of the tape's slots records its low-rank input ``u`` and adds a zero "tap" to
+# its output; the gradient of the loss with respect to that tap is the layer's output gradient
+# ``g``, and the gradient of ``b`` is ``scale * sum_t u_t (x) g_t``. The DP step can then clip
+# from ``u`` and ``g`` (activation-sized) instead of materialising ``[B, r, d_out]``.
+
+
+@dataclasses.dataclass(frozen=True)
+class TapUse:
+    """One call of a tapped layer in one per-example forward pass.
+
+    Attributes:
+      slot: which of the tape's ``b`` factors the layer used.
+      u: the call's low-rank input ``x . a``, ``[..., r]`` (T = the product of ``...``).
+      out: shape and dtype of the call's output (the tap's per-example shape).
+      layout: how ``u`` and an output-shaped ``g`` line up (:class:`LowRankLayout`).
+      scale: the node's ``alpha / r``.
+    """
+
+    slot: int
+    u: jax.Array
+    out: jax.ShapeDtypeStruct
+    layout: LowRankLayout
+    scale: float
+
+
+class Tape:
+    """Records the tapped layer calls of one traced forward pass (see :func:`tape`)."""
+
+    def __init__(self, slots: dict[int, int], taps: Sequence[jax.Array] | None):
+        self._slots = slots
+        self._taps = taps
+        self.uses: list[TapUse] = []
+
+    def tap(
+        self, node: LoRAWeight, u: jax.Array, low: jax.Array, layout: LowRankLayout
+    ) -> jax.Array | None:
+        """The tap to add to this call's output, or None when ``node.b`` is not a slot."""
+        slot = self._slots.get(id(node.b))
+        if slot is None:
+            return None
+        i = len(self.uses)
+        out = jax.ShapeDtypeStruct(low.shape, low.dtype)
+        self.uses.append(TapUse(slot, u, out, layout, node.scale))
+        if self._taps is None:  # the shape probe: no taps yet
+            return jnp.zeros(low.shape, low.dtype)
+        if i >= len(self._taps) or self._taps[i].shape != low.shape:
+            raise RuntimeError(
+                "the book-keeping tape saw a different sequence of tapped layer calls than its "
+                "shape probe (a forward pass whose layer calls depend on the data?); use "
+                "clipping='vmap'."
+            )
+        return self._taps[i]
+
+
+_TAPE: contextvars.ContextVar[Tape | None] = contextvars.ContextVar(
+    "ffa_jax_lora_tape", default=None
+)
+
+
+@contextlib.contextmanager
+def tape(slots: dict[int, int], taps: Sequence[jax.Array] | None = None):
+    """Context manager: a :class:`Tape` that records the calls of intercepted stock layers
+    (:func:`intercept`, :func:`linen_apply`) whose ``b`` factor is one of ``slots``
+    (``{id(b array): slot}``, the very array objects the forward pass is given) and adds
+    ``taps[i]`` (zeros shaped like the call's low-rank output) to the ``i``-th such call.
+    ``taps=None`` is the shape probe: zeros are added and the calls recorded. Project models
+    that call :func:`dense` are not tapped (their DP step clips vmapped per-example gradients).
+    """
+    t = Tape(slots, taps)
+    token = _TAPE.set(t)
+    try:
+        yield t
+    finally:
+        _TAPE.reset(token)
 
 
 def _lora_interceptor(mode: str):
@@ -487,8 +608,11 @@ def _lora_interceptor(mode: str):
         own["kernel"] = node.w0
         base = module.clone(parent=None).apply({"params": own}, *args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
-        low = _low_rank(kind, module, x.astype(base.dtype), node, args, kwargs)
-        return base + node.scale * low.astype(base.dtype)
+        u, low, layout = _low_rank(kind, module, x.astype(base.dtype), node, args, kwargs)
+        out = base + node.scale * low.astype(base.dtype)
+        active = _TAPE.get()
+        tap = None if active is None else active.tap(node, u, out, layout)
+        return out if tap is None else out + tap
 
     return interceptor
 
@@ -609,6 +733,9 @@ __all__ = [
     "LINEN_LAYERS",
     "MODES",
     "LoRAWeight",
+    "LowRankLayout",
+    "Tape",
+    "TapUse",
     "apply_fn_with_lora",
     "attach",
     "combine",
@@ -628,6 +755,7 @@ __all__ = [
     "path_key",
     "path_str",
     "split",
+    "tape",
     "target_paths",
     "trainable_mask",
     "tree_bytes",

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import optax
 
 from ffa_jax.config import ClientConfig
-from ffa_jax.privacy.clipping import clipped_grad, mean_grad
+from ffa_jax.errors import ConfigError
+from ffa_jax.privacy.bookkeeping import CLIPPING_METHODS, clipped_grad_auto
+from ffa_jax.privacy.clipping import mean_grad
 from ffa_jax.privacy.noise import privatize_grad_sum
 from ffa_jax.types import PyTree
 
@@ -72,6 +74,7 @@ def make_client_update(
     microbatch_size: int | None = None,
     tail_microbatch_size: int | None = None,
     banded_noise: Any = None,
+    clipping: str = "auto",
 ) -> Callable[..., tuple[PyTree, ClientMetrics]]:
     """Builds ``client_update(trainable, frozen, batches, dp, key, extra_grad_sums=None)
     -> (delta, ClientMetrics)``, or, with ``banded_noise``, ``client_update(trainable,
@@ -93,6 +96,10 @@ def make_client_update(
         (C^{-1} W)_t``, read from ``noise_state`` (the client's own stream state, leaves as
         :meth:`BandedNoise.init` of the trainable tree; SECRET client state, never sent) and
         the state after the round's steps is returned. ``key`` is then unused for noise.
+      clipping: how DP steps clip (:func:`ffa_jax.privacy.bookkeeping.clipped_grad_auto`):
+        ``"auto"`` (book-keeping clipping without per-example gradients for FFA-LoRA on stock
+        Flax layers, vmapped per-example gradients otherwise), ``"vmap"`` or
+        ``"bookkeeping"``. The sum and the guarantee are the same; only the cost differs.
 
     The returned function takes ``batches``: a dict of arrays ``[S, B_max, ...]`` with a
     ``"mask"`` entry ``[S, B_max]`` (S local steps; padded slots masked out), ``dp``: a
@@ -108,6 +115,8 @@ def make_client_update(
     the rate the accountant assumes. The returned delta is post-processing of those steps.
     """
     plain_grad = mean_grad(loss_fn, microbatch_size=microbatch_size)
+    if clipping not in CLIPPING_METHODS:
+        raise ConfigError(f"clipping={clipping!r} must be one of {CLIPPING_METHODS}.")
     if banded_noise is not None and not private:
         raise ValueError("banded_noise needs private=True (it noises the clipped sums).")
 
@@ -126,9 +135,10 @@ def make_client_update(
             example = {k: v for k, v in batch.items() if k != "mask"}
             if private:
                 # C is a runtime value, so changing it never recompiles.
-                clip = clipped_grad(
+                clip = clipped_grad_auto(
                     loss_fn,
                     dp.clip_norm,
+                    method=clipping,
                     microbatch_size=microbatch_size,
                     tail_microbatch_size=tail_microbatch_size,
                 )

@@ -61,7 +61,7 @@ class GradStats(NamedTuple):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _check_clip_norm(clip_norm: Any) -> None:
+def validate_clip_norm(clip_norm: Any) -> None:
     # Only concrete Python numbers can be checked; a traced value is the caller's contract.
     if isinstance(clip_norm, numbers.Real) and not (math.isfinite(clip_norm) and clip_norm > 0):
         raise ConfigError(
@@ -70,7 +70,7 @@ def _check_clip_norm(clip_norm: Any) -> None:
         )
 
 
-def _check_microbatch_size(microbatch_size: int | None, name: str = "microbatch_size") -> None:
+def validate_microbatch_size(microbatch_size: int | None, name: str = "microbatch_size") -> None:
     if microbatch_size is None:
         return
     if (
@@ -85,7 +85,7 @@ def _check_microbatch_size(microbatch_size: int | None, name: str = "microbatch_
         )
 
 
-def _batch_size(batch: dict, mask: jax.Array) -> int:
+def batch_size_of(batch: dict, mask: jax.Array) -> int:
     sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(batch)}
     b = mask.shape[0] if mask.ndim == 1 else None
     if b is None or sizes != {b}:
@@ -96,7 +96,7 @@ def _batch_size(batch: dict, mask: jax.Array) -> int:
     return b
 
 
-def _num_chunks(batch_size: int, microbatch_size: int | None) -> int:
+def num_microbatches(batch_size: int, microbatch_size: int | None) -> int:
     if microbatch_size is None or microbatch_size >= batch_size:
         return 1
     if batch_size % microbatch_size:
@@ -123,7 +123,7 @@ def _tail_size(m: int, n_chunks: int, tail: int | None) -> int | None:
     return tail
 
 
-def _chunked(tree: PyTree, num_chunks: int) -> PyTree:
+def chunked(tree: PyTree, num_chunks: int) -> PyTree:
     return jax.tree.map(lambda x: x.reshape((num_chunks, -1) + x.shape[1:]), tree)
 
 
@@ -254,9 +254,9 @@ def clipped_grad(
         sample-level DP per client, neighbouring datasets differing in one example of one
         client. ``GradStats`` are not private.
     """
-    _check_clip_norm(clip_norm)
-    _check_microbatch_size(microbatch_size)
-    _check_microbatch_size(tail_microbatch_size, "tail_microbatch_size")
+    validate_clip_norm(clip_norm)
+    validate_microbatch_size(microbatch_size)
+    validate_microbatch_size(tail_microbatch_size, "tail_microbatch_size")
     value_and_grad = jax.value_and_grad(loss_fn)
 
     def per_example(trainable, frozen, example):
@@ -299,8 +299,8 @@ def clipped_grad(
 
     def f(trainable, frozen, batch, mask):
         mask = jnp.asarray(mask)
-        b = _batch_size(batch, mask)
-        n_chunks = _num_chunks(b, microbatch_size)
+        b = batch_size_of(batch, mask)
+        n_chunks = num_microbatches(b, microbatch_size)
         real = mask.astype(bool)
         m = b // n_chunks
         tail = _tail_size(m, n_chunks, tail_microbatch_size)
@@ -378,7 +378,7 @@ def mean_grad(loss_fn: LossFn, *, microbatch_size: int | None = None) -> GradFn:
     Formal guarantee:
         None: the output is not private and must only be used when privacy is off.
     """
-    _check_microbatch_size(microbatch_size)
+    validate_microbatch_size(microbatch_size)
     per_example_loss = jax.vmap(loss_fn, in_axes=(None, None, 0))
 
     def summed_loss(trainable, frozen, batch, real):
@@ -390,8 +390,8 @@ def mean_grad(loss_fn: LossFn, *, microbatch_size: int | None = None) -> GradFn:
 
     def f(trainable, frozen, batch, mask):
         mask = jnp.asarray(mask)
-        b = _batch_size(batch, mask)
-        n_chunks = _num_chunks(b, microbatch_size)
+        b = batch_size_of(batch, mask)
+        n_chunks = num_microbatches(b, microbatch_size)
         real = mask.astype(bool)
         if n_chunks == 1:
             loss_sum, grad_sum = grad_fn(trainable, frozen, batch, real)
@@ -414,7 +414,7 @@ def mean_grad(loss_fn: LossFn, *, microbatch_size: int | None = None) -> GradFn:
 
             init = (_zeros_f32(trainable), jnp.float32(0))
             (grad_sum, loss_sum), _ = jax.lax.scan(
-                body, init, (_chunked(batch, n_chunks), _chunked(real, n_chunks))
+                body, init, (chunked(batch, n_chunks), chunked(real, n_chunks))
             )
         num = jnp.sum(real, dtype=jnp.float32)
         denom = jnp.maximum(num, 1.0)

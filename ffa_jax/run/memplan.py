@@ -325,6 +325,7 @@ def round_memory(
         private=sample_dp,
         microbatch_size=resolved.microbatch_size or None,
         tail_microbatch_size=resolved.tail_microbatch_size or None,
+        clipping="vmap",  # as ffa-jax train's workloads run (run.setup.build_client_update)
     )
     server_opt = make_server_optimizer(cfg.server)
     round_fn = make_round(

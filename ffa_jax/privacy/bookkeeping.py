@@ -1,0 +1,313 @@
+"""Per-example clipping without per-example gradients ("book-keeping" clipping) for FFA-LoRA
+on stock Flax layers.
+
+Under FFA-LoRA the trainable tree is the ``b`` factors only. For one call of a layer with a
+LoRA node, the gradient of ``b`` from one example is ``scale * sum_t u_t (x) g_t``, where
+``u = x . a`` (``[T, r]``, the layer's low-rank input at the call's T positions) and ``g``
+(``[T, d_out]``) the gradient of the loss with respect to the layer's output. One batched
+forward and backward pass (the non-private step's cost) records both through the
+:func:`ffa_jax.lora.tape` of the stock-layer interceptor; then, per example,
+
+* the squared norm is ``||sum_t u_t g_t^T||_F^2``: ``|u|^2 |g|^2`` at T = 1, the "ghost" Gram
+  form ``sum_{t,t'} (u_t . u_t')(g_t . g_t')`` when ``T (r + d_out) < r d_out``, else the
+  materialised ``[r, d_out]`` outer product (Bu et al. 2022, "Differentially private
+  optimization on large model at small cost"; Li et al. 2022, ghost clipping);
+* the clipped sum is one contraction ``sum_{i,t} w_i u_it (x) g_it`` with
+  ``w_i = min(1, C / ||grad_i||)``.
+
+So the ``[B, r, d_out]`` per-example gradients and the passes over them (guard, norm, scale,
+sum) that :func:`ffa_jax.privacy.clipping.clipped_grad` makes are gone; at small widths those
+passes were most of the DP step's extra cost (issue 20). The result is the same clipped sum up
+to float rounding (tested against :func:`clipped_grad`).
+
+Only where it is exact: every trainable leaf is the ``b`` of a LoRA node (FFA-LoRA; ``mid`` and
+``a`` not trained), every such ``b`` is used through intercepted stock ``Dense`` /
+``DenseGeneral`` / ``Einsum`` calls (:func:`ffa_jax.lora.linen_apply`) and nowhere else, and a
+probe trace of one example records each of them. :func:`clipped_grad_auto` checks the first
+three at trace time and falls back to :func:`clipped_grad` otherwise; the last is the
+caller's contract (a loss that reads ``b`` directly, e.g. a penalty on it, would have that
+part of the gradient missed; privacy is unaffected, see below).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ffa_jax import lora
+from ffa_jax.errors import ConfigError
+from ffa_jax.privacy.clipping import (
+    GradFn,
+    GradStats,
+    LossFn,
+    batch_size_of,
+    chunked,
+    clipped_grad,
+    num_microbatches,
+    validate_clip_norm,
+    validate_microbatch_size,
+)
+from ffa_jax.types import PyTree
+
+CLIPPING_METHODS = ("auto", "vmap", "bookkeeping")
+
+
+def _b_slots(trainable: PyTree) -> tuple[dict[int, int], list[Any]] | str:
+    """``({id(b): slot}, [b per slot])`` when every trainable leaf is the ``b`` of a LoRA
+    node; otherwise the reason it is not."""
+    slots: dict[int, int] = {}
+    bs: list[Any] = []
+    for leaf in jax.tree_util.tree_leaves(trainable, is_leaf=lora.is_lora):
+        if not lora.is_lora(leaf):
+            return "a trainable leaf is not a LoRA factor (e.g. a trained head)"
+        if leaf.a is not None or leaf.mid is not None or leaf.b is None:
+            return "a LoRA node trains a factor other than b (only FFA-LoRA trains b alone)"
+        slots[id(leaf.b)] = len(bs)
+        bs.append(leaf.b)
+    if not bs:
+        return "the trainable tree is empty"
+    return slots, bs
+
+
+def probe(loss_fn: LossFn, trainable: PyTree, frozen: PyTree, example: dict) -> list | str:
+    """The tape's record of one example's forward pass (shapes only, no compute): a list of
+    :class:`ffa_jax.lora.TapUse`, or the reason book-keeping clipping does not apply."""
+    found = _b_slots(trainable)
+    if isinstance(found, str):
+        return found
+    slots, bs = found
+    uses: list = []
+
+    def run(ex):
+        # trainable/frozen are closed over, not arguments: the tape finds b by identity.
+        with lora.tape(slots) as t:
+            loss_fn(trainable, frozen, ex)
+        uses.extend(t.uses)
+        return 0
+
+    jax.eval_shape(run, example)
+    used = {use.slot for use in uses}
+    if used != set(range(len(bs))):
+        return (
+            f"{len(bs) - len(used)} of {len(bs)} trainable b factors are not used through an "
+            "intercepted stock Flax layer (lora.linen_apply); project models that call "
+            "lora.dense clip vmapped per-example gradients"
+        )
+    return uses
+
+
+def _per_slot(uses: list, us: list, gs: list, n_slots: int) -> list:
+    """Per slot, float32: ``(U [B, T, r], G [B, T, d_out])``, the slot's calls concatenated
+    along T, when the ghost norm is the cheaper (:func:`_ghost`); otherwise the materialised
+    per-example gradients ``[B, r, d_out]``, each call contracted in its own layouts. The
+    node's scale is applied to U (the smaller side: scaling G cost a pass over
+    activation-sized data)."""
+    out = []
+    for s in range(n_slots):
+        idx = [i for i, use in enumerate(uses) if use.slot == s]
+        r, d = us[idx[0]].shape[-1], int(np.prod(gs[idx[0]].shape[1:])) // _positions(us[idx[0]])
+        t = sum(_positions(us[i]) for i in idx)
+        scaled = [us[i].astype(jnp.float32) * uses[i].scale for i in idx]
+        if _ghost(t, r, d):
+            u = jnp.concatenate([x.reshape(x.shape[0], -1, r) for x in scaled], axis=1)
+            g = jnp.concatenate([jax.vmap(uses[i].layout.rows)(gs[i]) for i in idx], axis=1)
+            out.append((u, g.astype(jnp.float32)))
+        else:
+            out.append(
+                sum(
+                    jax.vmap(uses[i].layout.outer)(x, gs[i].astype(jnp.float32))
+                    for i, x in zip(idx, scaled, strict=True)
+                )
+            )
+    return out
+
+
+def _positions(u: jax.Array) -> int:
+    """T of a batched ``u`` ``[B, ..., r]``."""
+    return int(np.prod(u.shape[1:-1]))
+
+
+def _ghost(t: int, r: int, d: int) -> bool:
+    """Whether per-example norms of ``sum_t u_t g_t^T`` (T positions, ``u_t`` of size r,
+    ``g_t`` of size d) are cheaper from ``u`` and ``g`` directly (T = 1, or the Gram form's
+    ``T^2 (r + d)`` below the materialised ``T r d``) than from the ``[r, d]`` products."""
+    return t == 1 or t * (r + d) < r * d
+
+
+def _ghost_sq_norms(u: jax.Array, g: jax.Array) -> jax.Array:
+    """``[B]`` squared Frobenius norms of ``sum_t u_t g_t^T`` without forming it."""
+    if u.shape[1] == 1:
+        return jnp.sum(u[:, 0] ** 2, -1) * jnp.sum(g[:, 0] ** 2, -1)
+    return jnp.sum(jnp.einsum("btr,bsr->bts", u, u) * jnp.einsum("btd,bsd->bts", g, g), (1, 2))
+
+
+def _zero_sums(bs: list) -> list[jax.Array]:
+    """float32 zeros ``[r, d_out]`` per slot (the clipped sums before reshaping to ``b``)."""
+    return [jnp.zeros((x.shape[0], x[0].size), jnp.float32) for x in bs]
+
+
+def bookkeeping_grad(
+    loss_fn: LossFn,
+    clip_norm: float | jax.Array,
+    uses: list,
+    *,
+    microbatch_size: int | None = None,
+) -> GradFn:
+    """Book-keeping clipped sum for the recorded ``uses`` (from :func:`probe`); the same
+    contract and guarantee as :func:`ffa_jax.privacy.clipping.clipped_grad`.
+
+    Args:
+        loss_fn: ``loss_fn(trainable, frozen, example) -> scalar`` for ONE example.
+        clip_norm: C > 0 (a traced scalar is allowed).
+        uses: the probe's record for this ``loss_fn`` and trainable tree.
+        microbatch_size: if set and smaller than B_max (and a divisor of it), the batch runs
+            in micro-batches of this size (activation memory); all-padding micro-batches are
+            skipped. There are no per-example gradients to bound, so on a CPU leave it None.
+
+    Returns:
+        ``f(trainable, frozen, batch, mask) -> (grad_sum, stats)`` like ``clipped_grad``. An
+        example whose gradient norm is not finite (a non-finite entry, or a norm above
+        float32's ~1.8e19) contributes nothing; its norm is reported as computed.
+
+    Formal guarantee:
+        The same as ``clipped_grad``: each example's contribution ``w_i grad_i`` is computed
+        from that example alone (a vmapped per-example forward and backward pass; no batch
+        statistics) and has L2 norm ``min(||grad_i||, C) <= C`` (0 for padding and for a
+        non-finite norm), so adding or removing one example changes ``grad_sum`` by at most
+        C. This holds even where the tape missed a use of ``b`` (the contribution is then a
+        wrong gradient, still clipped to C).
+    """
+    validate_clip_norm(clip_norm)
+    validate_microbatch_size(microbatch_size)
+    taps_spec = [use.out for use in uses]
+    n_slots = 1 + max(use.slot for use in uses)
+
+    def one_chunk(trainable, frozen, batch, real, c):
+        slots = {id(b): s for s, b in enumerate(_b_slots(trainable)[1])}
+
+        def per_example(taps, example):
+            with lora.tape(slots, taps) as t:
+                loss = loss_fn(trainable, frozen, example)
+            if len(t.uses) != len(taps):
+                raise RuntimeError(
+                    f"the book-keeping tape recorded {len(t.uses)} tapped layer calls, its "
+                    f"shape probe {len(taps)}; use clipping='vmap' for this loss."
+                )
+            return loss.astype(jnp.float32), [use.u for use in t.uses]
+
+        b = real.shape[0]
+        taps = [jnp.zeros((b, *s.shape), s.dtype) for s in taps_spec]
+        (losses, us), gs = jax.vmap(jax.value_and_grad(per_example, has_aux=True))(taps, batch)
+        parts = _per_slot(uses, us, gs, n_slots)
+        sq = [
+            _ghost_sq_norms(*part) if isinstance(part, tuple) else jnp.sum(part**2, (1, 2))
+            for part in parts
+        ]
+        norms = jnp.sqrt(sum(sq))
+        ok = real & jnp.isfinite(norms)
+        weight = jnp.where(ok, jnp.minimum(1.0, c / jnp.where(ok & (norms > 0), norms, 1.0)), 0.0)
+        sums = []
+        for part in parts:
+            # jnp.where, not a zero weight: a padded or non-finite example's values may be
+            # inf/nan, and 0 * inf = nan would reach the sum.
+            if isinstance(part, tuple):
+                u, g = part
+                keep = ok[:, None, None]
+                u = jnp.where(keep, u * weight[:, None, None], 0.0)
+                sums.append(jnp.einsum("btr,btd->rd", u, jnp.where(keep, g, 0.0)))
+            else:
+                sums.append(
+                    jnp.einsum("b,brd->rd", weight, jnp.where(ok[:, None, None], part, 0.0))
+                )
+        return sums, losses, norms
+
+    def f(trainable, frozen, batch, mask):
+        mask = jnp.asarray(mask)
+        b = batch_size_of(batch, mask)
+        n_chunks = num_microbatches(b, microbatch_size)
+        real = mask.astype(bool)
+        c = jnp.asarray(clip_norm, jnp.float32)
+        bs = _b_slots(trainable)[1]
+        if n_chunks == 1:
+            sums, losses, norms = one_chunk(trainable, frozen, batch, real, c)
+        else:
+            chunk = functools.partial(one_chunk, trainable, frozen, c=c)
+            m = b // n_chunks
+
+            def skipped(_batch, _real):
+                zero = jnp.zeros((m,), jnp.float32)
+                return _zero_sums(bs), zero, zero
+
+            def body(acc, xs):
+                sums, losses, norms = jax.lax.cond(jnp.any(xs[1]), chunk, skipped, *xs)
+                return [a + s for a, s in zip(acc, sums, strict=True)], (losses, norms)
+
+            init = _zero_sums(bs)
+            sums, (losses, norms) = jax.lax.scan(
+                body, init, (chunked(batch, n_chunks), chunked(real, n_chunks))
+            )
+            losses, norms = losses.reshape(b), norms.reshape(b)
+        grad_sum = [s.reshape(x.shape).astype(x.dtype) for s, x in zip(sums, bs, strict=True)]
+        norms = jnp.where(real, norms, 0.0)
+        num = jnp.sum(real, dtype=jnp.float32)
+        stats = GradStats(
+            loss_sum=jnp.sum(jnp.where(real, losses, 0.0)),
+            num_examples=num,
+            grad_norms=norms,
+            clipped_fraction=jnp.sum(real & (norms > c), dtype=jnp.float32) / jnp.maximum(num, 1.0),
+        )
+        # The trainable tree's leaves are exactly the b factors, in slot order (_b_slots).
+        treedef = jax.tree_util.tree_structure(trainable)
+        return jax.tree_util.tree_unflatten(treedef, grad_sum), stats
+
+    return f
+
+
+def clipped_grad_auto(
+    loss_fn: LossFn,
+    clip_norm: float | jax.Array,
+    *,
+    method: str = "auto",
+    microbatch_size: int | None = None,
+    tail_microbatch_size: int | None = None,
+) -> GradFn:
+    """The DP step's clipped gradient sum by ``method``:
+
+    * ``"vmap"``: :func:`ffa_jax.privacy.clipping.clipped_grad` (vmapped per-example
+      gradients through jax-privacy; every model);
+    * ``"bookkeeping"``: :func:`bookkeeping_grad`; a ConfigError at trace time where it does
+      not apply (the message says why);
+    * ``"auto"`` (default): book-keeping where the probe finds it applies (FFA-LoRA on stock
+      Flax layers run through :func:`ffa_jax.lora.linen_apply`), ``"vmap"`` otherwise.
+
+    The probe is one shape-only trace of one example's forward pass when the returned
+    function is traced. ``tail_microbatch_size`` applies to ``"vmap"`` only. Same contract
+    and formal guarantee as ``clipped_grad``.
+    """
+    if method not in CLIPPING_METHODS:
+        raise ConfigError(f"clipping={method!r} must be one of {CLIPPING_METHODS}.")
+    vmapped = clipped_grad(
+        loss_fn,
+        clip_norm,
+        microbatch_size=microbatch_size,
+        tail_microbatch_size=tail_microbatch_size,
+    )
+    if method == "vmap":
+        return vmapped
+
+    def f(trainable, frozen, batch, mask):
+        uses = probe(loss_fn, trainable, frozen, jax.tree.map(lambda x: x[0], batch))
+        if isinstance(uses, str):
+            if method == "bookkeeping":
+                raise ConfigError(
+                    f"clipping='bookkeeping' does not apply: {uses}. Use 'auto' or 'vmap'."
+                )
+            return vmapped(trainable, frozen, batch, mask)
+        grad = bookkeeping_grad(loss_fn, clip_norm, uses, microbatch_size=microbatch_size)
+        return grad(trainable, frozen, batch, mask)
+
+    return f
