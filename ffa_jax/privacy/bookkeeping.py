@@ -31,6 +31,7 @@ part of the gradient missed; privacy is unaffected, see below).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -90,6 +91,9 @@ def probe(loss_fn: LossFn, trainable: PyTree, frozen: PyTree, example: dict) -> 
         return 0
 
     jax.eval_shape(run, example)
+    # Keep the layouts, shapes and slots; drop the probe's tracers of u (they must not outlive
+    # the probe's trace).
+    uses = [dataclasses.replace(use, u=None) for use in uses]
     used = {use.slot for use in uses}
     if used != set(range(len(bs))):
         return (
