@@ -524,15 +524,16 @@ class TapUse:
 
     Attributes:
       slot: which of the tape's ``b`` factors the layer used.
-      u: the call's low-rank input ``x . a``, ``[..., r]`` (T = the product of ``...``); None
-        in the records :func:`ffa_jax.privacy.bookkeeping.probe` returns.
+      u: the call's low-rank input ``x . a``, ``[..., r]`` (T = the product of ``...``); its
+        ``jax.ShapeDtypeStruct`` in the records :func:`ffa_jax.privacy.bookkeeping.probe`
+        returns.
       out: shape and dtype of the call's output (the tap's per-example shape).
       layout: how ``u`` and an output-shaped ``g`` line up (:class:`LowRankLayout`).
       scale: the node's ``alpha / r``.
     """
 
     slot: int
-    u: jax.Array | None
+    u: jax.Array | jax.ShapeDtypeStruct
     out: jax.ShapeDtypeStruct
     layout: LowRankLayout
     scale: float
