@@ -2,7 +2,8 @@
 
 Two privacy units (``privacy.unit``):
 
-* sample-level (DP-SGD inside each client; :mod:`clipping`, :mod:`noise`, :mod:`accounting`).
+* sample-level (DP-SGD inside each client; :mod:`clipping`, :mod:`noise`, :mod:`accounting`;
+  :mod:`bookkeeping` clips FFA-LoRA on stock Flax layers without per-example gradients).
   Formal guarantee: neighbouring datasets differ in one example of one client; the server adds
   no noise and only sees noisy updates.
 * client-level (DP-FedAvg at the server; :func:`ffa_jax.federated.server.dp_fedavg_aggregate`,
@@ -26,6 +27,7 @@ from ffa_jax.privacy.accounting import (
     epsilon_spent,
     make_accountant,
 )
+from ffa_jax.privacy.bookkeeping import CLIPPING_METHODS, clipped_grad_auto
 from ffa_jax.privacy.clipping import GradStats, clipped_grad, mean_grad
 from ffa_jax.privacy.noise import (
     gaussian_noise_like,
@@ -35,12 +37,14 @@ from ffa_jax.privacy.noise import (
 
 __all__ = [
     "ACCOUNTANTS",
+    "CLIPPING_METHODS",
     "CALIBRATION_RTOL",
     "PLD_VALUE_DISCRETIZATION",
     "RDP_ORDERS",
     "GradStats",
     "calibrate_noise_multiplier",
     "clipped_grad",
+    "clipped_grad_auto",
     "dp_sgd_event",
     "epsilon_curve",
     "epsilon_spent",

@@ -221,7 +221,8 @@ def bookkeeping_grad(
             _ghost_sq_norms(*part) if isinstance(part, tuple) else jnp.sum(part**2, (1, 2))
             for part in parts
         ]
-        norms = jnp.sqrt(sum(sq))
+        # The Gram form can round a (near-)zero square slightly below 0; NaN stays NaN.
+        norms = jnp.sqrt(jnp.maximum(sum(sq), 0.0))
         ok = real & jnp.isfinite(norms)
         weight = jnp.where(ok, jnp.minimum(1.0, c / jnp.where(ok & (norms > 0), norms, 1.0)), 0.0)
         sums = []
