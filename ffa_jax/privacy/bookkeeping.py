@@ -43,11 +43,11 @@ from ffa_jax import lora
 from ffa_jax.errors import ConfigError
 from ffa_jax.privacy.clipping import (
     GradFn,
-    GradStats,
     LossFn,
     batch_size_of,
     chunked,
     clipped_grad,
+    clipped_stats,
     num_microbatches,
     validate_clip_norm,
     validate_microbatch_size,
@@ -267,14 +267,7 @@ def bookkeeping_grad(
             )
             losses, norms = losses.reshape(b), norms.reshape(b)
         grad_sum = [s.reshape(x.shape).astype(x.dtype) for s, x in zip(sums, bs, strict=True)]
-        norms = jnp.where(real, norms, 0.0)
-        num = jnp.sum(real, dtype=jnp.float32)
-        stats = GradStats(
-            loss_sum=jnp.sum(jnp.where(real, losses, 0.0)),
-            num_examples=num,
-            grad_norms=norms,
-            clipped_fraction=jnp.sum(real & (norms > c), dtype=jnp.float32) / jnp.maximum(num, 1.0),
-        )
+        stats = clipped_stats(real, losses, norms, clip_norm)
         # The trainable tree's leaves are exactly the b factors, in slot order (_b_slots).
         treedef = jax.tree_util.tree_structure(trainable)
         return jax.tree_util.tree_unflatten(treedef, grad_sum), stats

@@ -176,6 +176,22 @@ def guard_with_scale(grad: PyTree, max_abs_bound: float) -> tuple[PyTree, jax.Ar
     return guarded, scale
 
 
+def clipped_stats(
+    real: jax.Array, losses: jax.Array, norms: jax.Array, clip_norm: float | jax.Array
+) -> GradStats:
+    """The :class:`GradStats` of a clipped step from per-example ``losses`` and gradient
+    ``norms`` (``[B_max]``; padded slots, ``real`` False, are ignored and report norm 0)."""
+    norms = jnp.where(real, norms, 0.0)
+    c = jnp.asarray(clip_norm, jnp.float32)
+    num = jnp.sum(real, dtype=jnp.float32)
+    return GradStats(
+        loss_sum=jnp.sum(jnp.where(real, losses, 0.0)),
+        num_examples=num,
+        grad_norms=norms,
+        clipped_fraction=jnp.sum(real & (norms > c), dtype=jnp.float32) / jnp.maximum(num, 1.0),
+    )
+
+
 def _interleave(rows: int, cols: int) -> Callable[[jax.Array], jax.Array]:
     """``x[B, ...] -> x.reshape(rows, cols, ...).swapaxes(0, 1).reshape(B, ...)``, B = rows
     x cols: position ``r cols + c`` moves to ``c rows + r``. ``_interleave(cols, rows)``
@@ -336,16 +352,7 @@ def clipped_grad(
             losses, scales, guarded_norms = map(merge, (losses, scales, guarded_norms), tail_stats)
         # The raw gradient's norm: the guard multiplied it by ``scale`` (1 almost always; < 1
         # for a huge gradient; 0 for a non-finite one, whose norm is then reported as nan).
-        norms = guarded_norms / scales
-        norms = jnp.where(real, norms, 0.0)
-        c = jnp.asarray(clip_norm, jnp.float32)
-        num = jnp.sum(real, dtype=jnp.float32)
-        stats = GradStats(
-            loss_sum=jnp.sum(jnp.where(real, losses, 0.0)),
-            num_examples=num,
-            grad_norms=norms,
-            clipped_fraction=jnp.sum(real & (norms > c), dtype=jnp.float32) / jnp.maximum(num, 1.0),
-        )
+        stats = clipped_stats(real, losses, guarded_norms / scales, clip_norm)
         grad_sum = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, trainable)
         return grad_sum, stats
 
