@@ -578,7 +578,7 @@ def tape(slots: dict[int, int], taps: Sequence[jax.Array] | None = None):
     """Context manager: a :class:`Tape` that records the calls of intercepted stock layers
     (:func:`intercept`, :func:`linen_apply`) whose ``b`` factor is one of ``slots``
     (``{id(b array): slot}``, the very array objects the forward pass is given) and adds
-    ``taps[i]`` (zeros shaped like the call's low-rank output) to the ``i``-th such call.
+    ``taps[i]`` (zeros shaped like the call's output) to the ``i``-th such call.
     ``taps=None`` is the shape probe: zeros are added and the calls recorded. Project models
     that call :func:`dense` are not tapped (their DP step clips vmapped per-example gradients).
     """

@@ -98,8 +98,9 @@ def make_client_update(
         the state after the round's steps is returned. ``key`` is then unused for noise.
       clipping: how DP steps clip (:func:`ffa_jax.privacy.bookkeeping.clipped_grad_auto`):
         ``"auto"`` (book-keeping clipping without per-example gradients for FFA-LoRA on stock
-        Flax layers, vmapped per-example gradients otherwise), ``"vmap"`` or
-        ``"bookkeeping"``. The sum and the guarantee are the same; only the cost differs.
+        Flax layers where every per-example norm takes the ghost form, vmapped per-example
+        gradients otherwise), ``"vmap"`` or ``"bookkeeping"``. The sum (to float rounding) and
+        the guarantee are the same; only the cost differs.
 
     The returned function takes ``batches``: a dict of arrays ``[S, B_max, ...]`` with a
     ``"mask"`` entry ``[S, B_max]`` (S local steps; padded slots masked out), ``dp``: a
