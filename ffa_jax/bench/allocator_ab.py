@@ -132,7 +132,9 @@ def worker(spec_json: str) -> None:
     module, params = random_encoder(spec)
     args = client_update_args(spec, params, "ffa")
     update = jax.jit(
-        make_client_update(classification_loss(module), optax.sgd(0.1), private=True),
+        make_client_update(
+            classification_loss(module), optax.sgd(0.1), private=True, clipping="vmap"
+        ),
         compiler_options=spec.compiler_options,
     )
     jax.block_until_ready(update(*args))

@@ -152,7 +152,8 @@ def round_setup(spec: BenchSpec, module, params, loss_fn, k: int, chunk: int):
     ``(call, round_fn, args)``: ``call()`` runs ``round_fn(*args)``."""
     lp = lora.init(params, LoRAConfig(mode="ffa", rank=spec.rank), jax.random.key(1))
     trainable, frozen = lora.split(lp, lora.trainable_mask(lp, "ffa"))
-    cu = make_client_update(loss_fn, optax.sgd(0.1), private=True)
+    # The project's encoder calls lora.dense: the vmapped path, as ffa-jax train runs it.
+    cu = make_client_update(loss_fn, optax.sgd(0.1), private=True, clipping="vmap")
     opt = make_server_optimizer(ServerConfig())
     round_fn = make_round(cu, opt, clients_per_chunk=chunk, compiler_options=spec.compiler_options)
     batches = random_batches(spec, k, MODELS[spec.model]["vocab_size"], spec.round_batch)
