@@ -1,8 +1,9 @@
 """DP vs non-DP client step of FFA-LoRA on stock Flax models (``lora.attach``).
 
-    PYTHONPATH=. python experiments/bench_stock_flax.py [--model mlp|attention] [WIDTH ...]
+    PYTHONPATH=. python experiments/bench_stock_flax.py [--model mlp|attention] [--mode ffa|lora]
+        [WIDTH ...]
 
-Models (stock ``flax.linen`` layers, LoRA r=8, FFA):
+Models (stock ``flax.linen`` layers, LoRA r=8, FFA-LoRA unless ``--mode lora``):
 
 * ``mlp``: ``nn.Dense`` ``WIDTH -> WIDTH -> WIDTH -> 10``, LoRA on the two hidden kernels, one
   feature vector per example;
@@ -61,14 +62,14 @@ def build(kind: str, width: int):
     raise SystemExit(f"--model {kind!r}: use mlp or attention")
 
 
-def measure(kind: str, width: int) -> dict[str, float]:
+def measure(kind: str, width: int, mode: str = "ffa") -> dict[str, float]:
     model, targets, x = build(kind, width)
     y = np.random.default_rng(1).integers(0, 10, (STEPS, BATCH)).astype(np.int32)
     params = model.init(jax.random.key(0), x[0, :1])["params"]
     spec = LoRAConfig(rank=8, targets=targets)
     p = lora.attach(model, params, spec, jax.random.key(1), x[0, :1])
-    trainable, frozen = lora.split(p, lora.trainable_mask(p, "ffa"))
-    apply = lora.linen_apply(model, "ffa")
+    trainable, frozen = lora.split(p, lora.trainable_mask(p, mode))
+    apply = lora.linen_apply(model, mode)
 
     def loss_fn(t, f, ex):
         logits = apply(lora.combine(t, f), ex["x"][None])[0]
@@ -99,13 +100,18 @@ def measure(kind: str, width: int) -> dict[str, float]:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    kind = "mlp"
-    if args[:1] == ["--model"]:
-        kind, args = args[1], args[2:]
+    kind, mode = "mlp", "ffa"
+    while args[:1] in (["--model"], ["--mode"]):
+        if args[0] == "--model":
+            kind = args[1]
+        else:
+            mode = args[1]
+        args = args[2:]
     widths = [int(w) for w in args] or [256, 1024]
-    print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); model {kind}")
+    device = f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform})"
+    print(f"device: {device}; model {kind}; mode {mode}")
     for w in widths:
-        r = measure(kind, w)
+        r = measure(kind, w, mode)
         ms = r["step_ms"]
         print(
             f"width {w}: non-DP {ms['nondp']:.3f} ms/step, DP {ms['dp']:.3f} ms/step "

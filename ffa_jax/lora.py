@@ -461,10 +461,14 @@ class LowRankLayout:
       outer: ``(u, g) -> [r, d_out]``, ``sum_t u_t (x) g_t`` contracted in the call's own
         layouts (no transposing copy of ``g``): the gradient of ``b`` when ``g`` is the output
         gradient, before the node's scale.
+      x_rows: ``x -> [T, d_in]``, the input's contracted axes flattened in the order of
+        ``a``'s input axes, rows aligned with ``u``'s (the gradient of ``a`` is
+        ``scale * sum_t x_t (x) (g_t . b^T)``).
     """
 
     rows: Callable[[jax.Array], jax.Array]
     outer: Callable[[jax.Array, jax.Array], jax.Array]
+    x_rows: Callable[[jax.Array], jax.Array]
 
 
 def _low_rank(
@@ -474,7 +478,7 @@ def _low_rank(
     ``u = x . a`` (``[..., r]``), ``low = u . b`` (the layer's output layout) and their
     :class:`LowRankLayout`."""
     a, b = node.a_eff().astype(x.dtype), node.b.astype(x.dtype)
-    r, d_out = b.shape[0], int(np.prod(b.shape[1:]))
+    r, d_out, d_in = b.shape[0], int(np.prod(b.shape[1:])), int(np.prod(a.shape[:-1]))
 
     def trailing(g):
         return g.reshape(-1, d_out)
@@ -485,13 +489,17 @@ def _low_rank(
 
     if kind == "Dense":
         u = x @ a
-        return u, u @ b, LowRankLayout(trailing, leading_outer)
+        return u, u @ b, LowRankLayout(trailing, leading_outer, lambda x: x.reshape(-1, d_in))
     if kind == "DenseGeneral":
         axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
         axis = tuple(ax % x.ndim for ax in axis)
         u = jax.lax.dot_general(x, a, ((axis, tuple(range(len(axis)))), ((), ())))
         low = jnp.tensordot(u, b, axes=1)  # [..., r] . [r, *features]
-        return u, low, LowRankLayout(trailing, leading_outer)
+
+        def x_rows(x):  # the contracted axes last, in a's order; the rest as in u
+            return jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim))).reshape(-1, d_in)
+
+        return u, low, LowRankLayout(trailing, leading_outer, x_rows)
     path = "/".join(module.path)
     lhs, out, in_letters, out_letters = _einsum_split(_einsum_str(module, args, kwargs), path)
     rank_letter = next(c for c in "rRzZqQ" if c not in lhs + out + in_letters)
@@ -506,7 +514,10 @@ def _low_rank(
     def outer(u, g):
         return jnp.einsum(f"{mid},{out}->{rank_letter}{out_letters}", u, g).reshape(r, d_out)
 
-    return u, low, LowRankLayout(rows, outer)
+    def x_rows(x):
+        return jnp.einsum(f"{lhs}->{mid[:-1]}{in_letters}", x).reshape(-1, d_in)
+
+    return u, low, LowRankLayout(rows, outer, x_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,6 +538,7 @@ class TapUse:
       u: the call's low-rank input ``x . a``, ``[..., r]`` (T = the product of ``...``); its
         ``jax.ShapeDtypeStruct`` in the records :func:`ffa_jax.privacy.bookkeeping.probe`
         returns.
+      x: the call's input (likewise).
       out: shape and dtype of the call's output (the tap's per-example shape).
       layout: how ``u`` and an output-shaped ``g`` line up (:class:`LowRankLayout`).
       scale: the node's ``alpha / r``.
@@ -534,6 +546,7 @@ class TapUse:
 
     slot: int
     u: jax.Array | jax.ShapeDtypeStruct
+    x: jax.Array | jax.ShapeDtypeStruct
     out: jax.ShapeDtypeStruct
     layout: LowRankLayout
     scale: float
@@ -548,7 +561,12 @@ class Tape:
         self.uses: list[TapUse] = []
 
     def tap(
-        self, node: LoRAWeight, u: jax.Array, low: jax.Array, layout: LowRankLayout
+        self,
+        node: LoRAWeight,
+        x: jax.Array,
+        u: jax.Array,
+        low: jax.Array,
+        layout: LowRankLayout,
     ) -> jax.Array | None:
         """The tap to add to this call's output, or None when ``node.b`` is not a slot."""
         slot = self._slots.get(id(node.b))
@@ -556,7 +574,7 @@ class Tape:
             return None
         i = len(self.uses)
         out = jax.ShapeDtypeStruct(low.shape, low.dtype)
-        self.uses.append(TapUse(slot, u, out, layout, node.scale))
+        self.uses.append(TapUse(slot, u, x, out, layout, node.scale))
         if self._taps is None:  # the shape probe: no taps yet
             return jnp.zeros(low.shape, low.dtype)
         if i >= len(self._taps) or self._taps[i].shape != low.shape:
@@ -610,10 +628,11 @@ def _lora_interceptor(mode: str):
         own["kernel"] = node.w0
         base = module.clone(parent=None).apply({"params": own}, *args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
-        u, low, layout = _low_rank(kind, module, x.astype(base.dtype), node, args, kwargs)
+        x = x.astype(base.dtype)
+        u, low, layout = _low_rank(kind, module, x, node, args, kwargs)
         out = base + node.scale * low.astype(base.dtype)
         active = _TAPE.get()
-        tap = None if active is None else active.tap(node, u, out, layout)
+        tap = None if active is None else active.tap(node, x, u, out, layout)
         return out if tap is None else out + tap
 
     return interceptor

@@ -68,8 +68,9 @@ class ProjectMLP(nn.Module):
         return layers.Dense(3, name="head")(nn.relu(layers.Dense(8, name="query")(x)))
 
 
-def setup(model, x, targets, rank=4, head=False):
-    """``(loss_fn, trainable, frozen)`` of FFA-LoRA on ``model`` with random non-zero B (a
+def setup(model, x, targets, rank=4, head=False, mode="ffa"):
+    """``(loss_fn, trainable, frozen)`` of FFA-LoRA (or ``mode``) on ``model`` with random
+    non-zero B (a
     stock model through lora.attach, or a model of the project's layers through lora.init)."""
     params = model.init(jax.random.key(0), x[:1])["params"]
     spec = LoRAConfig(rank=rank, alpha=8.0, targets=targets)
@@ -85,12 +86,12 @@ def setup(model, x, targets, rank=4, head=False):
         return node.replace(b=0.3 * jax.random.normal(key, node.b.shape))
 
     p = jax.tree_util.tree_map_with_path(fill, p, is_leaf=lora.is_lora)
-    mask = lora.trainable_mask(p, "ffa", extra="head/.*" if head else None)
+    mask = lora.trainable_mask(p, mode, extra="head/.*" if head else None)
     trainable, frozen = lora.split(p, mask)
     if isinstance(model, ProjectMLP):
         apply = lambda q, x: model.apply({"params": q}, x)  # noqa: E731 (lora.dense inside)
     else:
-        apply = lora.linen_apply(model, "ffa")
+        apply = lora.linen_apply(model, mode)
 
     def loss_fn(t, f, ex):
         logits = apply(lora.combine(t, f), ex["x"][None])[0]
@@ -118,9 +119,9 @@ CASES = {
 }
 
 
-def run_both(case, clip_norm, batch, mask, microbatch_size=None):
+def run_both(case, clip_norm, batch, mask, microbatch_size=None, mode="ffa"):
     model, shape, targets = CASES[case]
-    loss_fn, trainable, frozen = setup(model, batch["x"], targets)
+    loss_fn, trainable, frozen = setup(model, batch["x"], targets, mode=mode)
     vmapped = jax.jit(lambda t, f: clipped_grad(loss_fn, clip_norm)(t, f, batch, mask))
     booked = jax.jit(
         lambda t, f: bookkeeping.clipped_grad_auto(
@@ -146,15 +147,18 @@ def assert_same(ref, got, atol=1e-5):
     assert float(s_got.clipped_fraction) == float(s_ref.clipped_fraction)
 
 
+@pytest.mark.parametrize("mode", ["ffa", "lora"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_same_clipped_sum_as_vmapped_per_example_gradients(case):
+def test_same_clipped_sum_as_vmapped_per_example_gradients(case, mode):
+    """FFA-LoRA (b trained) and LoRA (a and b trained: the gradient of a is
+    ``scale sum_t x_t (x) (g_t b^T)``)."""
     shape = CASES[case][1]
     batch = batch_of(shape)
     # A clip norm between the smallest and largest per-example norm: some clipped, some not.
-    ref, got = run_both(case, 1.0, batch, MASK)
+    ref, got = run_both(case, 1.0, batch, MASK, mode=mode)
     norms = np.asarray(ref[1].grad_norms)[MASK]
     c = float(np.median(norms))
-    ref, got = run_both(case, c, batch, MASK)
+    ref, got = run_both(case, c, batch, MASK, mode=mode)
     assert 0 < float(ref[1].clipped_fraction) < 1
     assert_same(ref, got)
 
@@ -236,7 +240,7 @@ def test_auto_books_only_where_every_norm_takes_the_ghost_form(case, booked):
     batch = batch_of(shape)
     loss_fn, trainable, frozen = setup(model, batch["x"], targets)
     uses = bookkeeping.probe(loss_fn, trainable, frozen, jax.tree.map(lambda x: x[0], batch))
-    assert all(bookkeeping.ghost_slots(uses)) == booked
+    assert all(bookkeeping.ghost_forms(uses, trainable)) == booked
 
     def run(method):
         grad = bookkeeping.clipped_grad_auto(loss_fn, 0.5, method=method)
