@@ -6,6 +6,8 @@ fallback where it does not apply, and its compiled cost next to the non-private 
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -119,16 +121,29 @@ CASES = {
 }
 
 
-def run_both(case, clip_norm, batch, mask, microbatch_size=None, mode="ffa"):
+@functools.cache
+def compiled(case, mode="ffa", microbatch_size=None):
+    """``(trainable, frozen, vmapped, booked)`` of a case: both clipped sums jitted once, the
+    batch, mask and clip norm as arguments (so the tests below share their compilations)."""
     model, shape, targets = CASES[case]
-    loss_fn, trainable, frozen = setup(model, batch["x"], targets, mode=mode)
-    vmapped = jax.jit(lambda t, f: clipped_grad(loss_fn, clip_norm)(t, f, batch, mask))
-    booked = jax.jit(
-        lambda t, f: bookkeeping.clipped_grad_auto(
-            loss_fn, clip_norm, method="bookkeeping", microbatch_size=microbatch_size
-        )(t, f, batch, mask)
-    )
-    return vmapped(trainable, frozen), booked(trainable, frozen)
+    loss_fn, trainable, frozen = setup(model, batch_of(shape)["x"], targets, mode=mode)
+
+    def vmapped(t, f, batch, mask, c):
+        return clipped_grad(loss_fn, c)(t, f, batch, mask)
+
+    def booked(t, f, batch, mask, c):
+        grad = bookkeeping.clipped_grad_auto(
+            loss_fn, c, method="bookkeeping", microbatch_size=microbatch_size
+        )
+        return grad(t, f, batch, mask)
+
+    return trainable, frozen, jax.jit(vmapped), jax.jit(booked)
+
+
+def run_both(case, clip_norm, batch, mask, microbatch_size=None, mode="ffa"):
+    trainable, frozen, vmapped, booked = compiled(case, mode, microbatch_size)
+    c = jnp.float32(clip_norm)
+    return vmapped(trainable, frozen, batch, mask, c), booked(trainable, frozen, batch, mask, c)
 
 
 def pairs(a, b):
