@@ -231,8 +231,10 @@ def bookkeeping_grad(
         clip_norm: C > 0 (a traced scalar is allowed).
         uses: the probe's record for this ``loss_fn`` and trainable tree.
         microbatch_size: if set and smaller than B_max (and a divisor of it), the batch runs
-            in micro-batches of this size (activation memory); all-padding micro-batches are
-            skipped. There are no per-example gradients to bound, so on a CPU leave it None.
+            in micro-batches of this size: it bounds activation memory (there are no
+            per-example gradients to bound), and micro-batches of padding only are skipped,
+            so a real-first Poisson batch pays for about its sampled size (what
+            :func:`ffa_jax.perf.resolve` picks it for on a CPU).
 
     Returns:
         ``f(trainable, frozen, batch, mask) -> (grad_sum, stats)`` like ``clipped_grad``. An
