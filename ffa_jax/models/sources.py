@@ -15,6 +15,7 @@ Every failure is a :class:`ffa_jax.errors.WeightsError` that names what is missi
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 from typing import Any, NamedTuple
@@ -161,6 +162,111 @@ def load_hf_tokenizer(model_dir: str | os.PathLike):
         raise WeightsError(
             f"cannot load a tokenizer from {str(model_dir)!r}: {type(e).__name__}: {e}"
         ) from e
+
+
+# transformers' BERT WordPiece tokenizer classes (``tokenizer_class`` in tokenizer_config.json).
+BERT_TOKENIZER_CLASSES = ("BertTokenizer", "BertTokenizerFast")
+
+
+def bert_tokenizer_json(model_dir: str | os.PathLike) -> str | None:
+    """A model folder's ``tokenizer.json`` text when it is the BERT WordPiece pipeline that
+    ``transformers`` (5.x) builds from the folder's ``tokenizer_config.json``, else None.
+
+    transformers 5 builds a ``BertTokenizer`` from its config flags (``do_lower_case``,
+    ``strip_accents``, ``tokenize_chinese_chars``, the special tokens), not from the JSON's
+    normalizer. The JSON is used only when every part of it (normalizer, pre-tokenizer,
+    WordPiece model, ``[CLS] A [SEP] (B [SEP])`` template with the vocabulary's ids, padding
+    id) is what those flags give, so both encode every text to the same ids (tested id for id
+    on the quickstart's whole corpus, ``tests/unit/models/test_encoding_tokenizer.py``). Anything else
+    (another class, a missing or unreadable file, a flag that differs) returns None.
+    """
+    folder = pathlib.Path(model_dir)
+    try:
+        cfg = read_json(folder / "tokenizer_config.json")
+        text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+        tok = json.loads(text)
+    except (WeightsError, OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if cfg.get("tokenizer_class") not in BERT_TOKENIZER_CLASSES or not isinstance(tok, dict):
+        return None
+    specials = {
+        name: cfg.get(f"{name}_token", default)
+        for name, default in (
+            ("unk", "[UNK]"),
+            ("sep", "[SEP]"),
+            ("pad", "[PAD]"),
+            ("cls", "[CLS]"),
+        )
+    }
+    model = tok.get("model") or {}
+    vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else {}
+    if not all(isinstance(t, str) and t in vocab for t in specials.values()):
+        return None  # AddedToken dicts or tokens outside the vocabulary: leave it to transformers
+    cls, sep = specials["cls"], specials["sep"]
+    ids = {cls: vocab[cls], sep: vocab[sep]}
+    expected = {
+        "normalizer": {
+            "type": "BertNormalizer",
+            "clean_text": True,
+            "handle_chinese_chars": cfg.get("tokenize_chinese_chars", True),
+            "strip_accents": cfg.get("strip_accents"),
+            "lowercase": cfg.get("do_lower_case", True),
+        },
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "model": {
+            "type": "WordPiece",
+            "unk_token": specials["unk"],
+            "continuing_subword_prefix": "##",
+            "max_input_chars_per_word": 100,
+        },
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [_special(cls, 0), _sequence("A", 0), _special(sep, 0)],
+            "pair": [
+                _special(cls, 0),
+                _sequence("A", 0),
+                _special(sep, 0),
+                _sequence("B", 1),
+                _special(sep, 1),
+            ],
+            "special_tokens": {t: {"id": t, "ids": [i], "tokens": [t]} for t, i in ids.items()},
+        },
+    }
+    got = {
+        "normalizer": tok.get("normalizer"),
+        "pre_tokenizer": tok.get("pre_tokenizer"),
+        "model": {k: model.get(k) for k in expected["model"]},
+        "post_processor": tok.get("post_processor"),
+    }
+    padding = tok.get("padding")
+    if got != expected or (padding is not None and padding.get("pad_id") != vocab[specials["pad"]]):
+        return None
+    return text
+
+
+def _special(token: str, type_id: int) -> dict[str, Any]:
+    return {"SpecialToken": {"id": token, "type_id": type_id}}
+
+
+def _sequence(name: str, type_id: int) -> dict[str, Any]:
+    return {"Sequence": {"id": name, "type_id": type_id}}
+
+
+def load_encoding_tokenizer(model_dir: str | os.PathLike):
+    """The tokenizer that ffa_jax encodes a local encoder folder's text with (training,
+    evaluation, ``predict``): a ``tokenizers.Tokenizer`` from ``tokenizer.json`` when
+    :func:`bert_tokenizer_json` accepts it (same ids as transformers', without importing
+    transformers, which imports torch where it is installed: ~2.7 s of start-up), else
+    :func:`load_hf_tokenizer`. Both work with :func:`ffa_jax.data.batching.tokenize`."""
+    text = bert_tokenizer_json(model_dir)
+    if text is None:
+        return load_hf_tokenizer(model_dir)
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_str(text)
+    except Exception:  # noqa: BLE001 - a JSON this tokenizers release cannot read: use transformers
+        return load_hf_tokenizer(model_dir)
 
 
 # --------------------------------------------------------------------------- LLaMA sources

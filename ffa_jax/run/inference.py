@@ -85,14 +85,15 @@ class LoadedRun:
         return lora.merge(self.params)
 
     def tokenizer(self) -> Any:
-        """The run's tokenizer (encoder and decoder runs)."""
-        from ffa_jax.models import llama_weights
-        from ffa_jax.models import weights as weights_lib
+        """The run's tokenizer (encoder and decoder runs): for an encoder, the one training
+        encoded with (:func:`ffa_jax.models.sources.load_encoding_tokenizer`)."""
+        from ffa_jax.models import llama_weights, sources
 
         if self.family == "llama":
             return llama_weights.load_llama_tokenizer(self.config.model.name)
         if self.family == "encoder":
-            return weights_lib.load_tokenizer(str(self.model_dir))
+            # The same tokenizer as training used (ids must match the adapter's inputs).
+            return sources.load_encoding_tokenizer(self.model_dir)
         raise ConfigError(f"a {self.family} run has no tokenizer (its inputs are images).")
 
     def recorded_eval(self) -> dict[str, Any] | None:

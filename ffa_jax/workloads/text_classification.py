@@ -22,7 +22,7 @@ from ffa_jax.models import encoder as encoder_lib
 from ffa_jax.models import weights as weights_lib
 from ffa_jax.models.layers import cast_frozen_weights
 from ffa_jax.models.objectives import classification_eval, classification_loss
-from ffa_jax.models.sources import resolve_model_dir
+from ffa_jax.models.sources import load_encoding_tokenizer, resolve_model_dir
 from ffa_jax.workloads import (
     Workload,
     classification_evaluator,
@@ -83,7 +83,7 @@ def load(cfg: RunConfig, *, head_key: jax.Array) -> Workload:
         base_params = cast_frozen_weights(base_params, dtype, keep=head_pattern)
     module = encoder_lib.EncoderClassifier(enc_cfg, dtype=dtype)
 
-    tokenizer = weights_lib.load_tokenizer(str(model_dir))
+    tokenizer = load_encoding_tokenizer(model_dir)
     train_arrays = batching.tokenize(data.train_texts, tokenizer, cfg.model.max_length)
     train_arrays["label"] = np.asarray(data.train_labels, np.int32)
     test_texts, test_labels = data.test_texts, data.test_labels
