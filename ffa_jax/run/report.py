@@ -42,14 +42,14 @@ def write_plots(
     """``metrics.png``: training loss, the test ``metric`` and epsilon spent vs round (a
     round-0 record, the pretrained model's evaluation, appears in the metric panel only),
     written atomically with permission bits ``mode`` (``None``: the umask's)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object-oriented API, without pyplot: no GUI backend or global figure state (and
+    # ~0.3 s less import at the end of every run).
+    from matplotlib.figure import Figure
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     trained = [h for h in history if metric_value(h, "train_loss") is not None]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     axes[0].plot(
         [h["round"] for h in trained],
         [metric_value(h, "train_loss") for h in trained],
@@ -80,10 +80,7 @@ def write_plots(
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = plot_dir / "metrics.png"
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), mode=mode)
-    finally:
-        plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), mode=mode)
     return path
 
 
