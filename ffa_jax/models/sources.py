@@ -170,13 +170,14 @@ BERT_TOKENIZER_CLASSES = ("BertTokenizer", "BertTokenizerFast")
 
 def bert_tokenizer_json(model_dir: str | os.PathLike) -> str | None:
     """A model folder's ``tokenizer.json`` text when it is the BERT WordPiece pipeline that
-    ``transformers`` (5.x) builds from the folder's ``tokenizer_config.json``, else None.
+    ``transformers`` (5.x) builds from the folder's ``tokenizer_config.json``, else None
+    (without padding in the JSON, the text returned pads with the config's pad token).
 
     transformers 5 builds a ``BertTokenizer`` from its config flags (``do_lower_case``,
     ``strip_accents``, ``tokenize_chinese_chars``, the special tokens), not from the JSON's
     normalizer. The JSON is used only when every part of it (normalizer, pre-tokenizer,
     WordPiece model, ``[CLS] A [SEP] (B [SEP])`` template with the vocabulary's ids, padding
-    id) is what those flags give, so both encode every text to the same ids (tested id for id
+    id, added tokens only the special ones) is what those flags give, so both encode every text to the same ids (tested id for id
     on the quickstart's whole corpus, ``tests/unit/models/test_encoding_tokenizer.py``). Anything else
     (another class, a missing or unreadable file, a flag that differs) returns None.
     """
@@ -196,12 +197,28 @@ def bert_tokenizer_json(model_dir: str | os.PathLike) -> str | None:
             ("sep", "[SEP]"),
             ("pad", "[PAD]"),
             ("cls", "[CLS]"),
+            ("mask", "[MASK]"),
         )
     }
     model = tok.get("model") or {}
     vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else {}
     if not all(isinstance(t, str) and t in vocab for t in specials.values()):
         return None  # AddedToken dicts or tokens outside the vocabulary: leave it to transformers
+    # Added tokens (matched whole, before WordPiece): only the special tokens themselves, at
+    # their vocabulary ids, in the JSON and in the config; anything more goes to transformers.
+    allowed = {t: vocab[t] for t in specials.values()}
+    added = tok.get("added_tokens") or []
+    config_added = cfg.get("added_tokens_decoder") or {}
+    if (
+        not all(isinstance(a, dict) and allowed.get(a.get("content")) == a.get("id") for a in added)
+        or not all(
+            isinstance(a, dict) and str(allowed.get(a.get("content"))) == str(i)
+            for i, a in config_added.items()
+        )
+        or cfg.get("additional_special_tokens")
+        or cfg.get("extra_special_tokens")
+    ):
+        return None
     cls, sep = specials["cls"], specials["sep"]
     ids = {cls: vocab[cls], sep: vocab[sep]}
     expected = {
@@ -239,8 +256,21 @@ def bert_tokenizer_json(model_dir: str | os.PathLike) -> str | None:
         "post_processor": tok.get("post_processor"),
     }
     padding = tok.get("padding")
-    if got != expected or (padding is not None and padding.get("pad_id") != vocab[specials["pad"]]):
+    pad = specials["pad"]
+    if got != expected or (padding is not None and padding.get("pad_id") != vocab[pad]):
         return None
+    if padding is None:
+        # Many BERT tokenizer.json files carry no padding: pad with the config's pad token, as
+        # transformers does (data.batching.tokenize keeps a tokenizer's own pad token).
+        tok["padding"] = {
+            "strategy": "BatchLongest",
+            "direction": "Right",
+            "pad_to_multiple_of": None,
+            "pad_id": vocab[pad],
+            "pad_type_id": 0,
+            "pad_token": pad,
+        }
+        return json.dumps(tok, ensure_ascii=False)
     return text
 
 

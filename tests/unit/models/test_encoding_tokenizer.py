@@ -113,6 +113,10 @@ def _set(path: str, value):
         (None, _set("padding.pad_id", 5)),
         (_set("tokenizer_class", "RobertaTokenizer"), None),
         (_set("unk_token", {"content": "[UNK]", "__type": "AddedToken"}), None),
+        # An added token transformers would match whole, before WordPiece.
+        (_set("added_tokens_decoder", {"30522": {"content": "<new>", "special": True}}), None),
+        (_set("additional_special_tokens", ["<new>"]), None),
+        (None, lambda d: d["added_tokens"].append({"id": 1000, "content": "hello"})),
     ],
 )
 def test_a_json_transformers_would_not_build_is_not_used(minilm_dir, tmp_path, config, tokenizer):
@@ -152,3 +156,14 @@ def test_encoding_minilm_does_not_import_transformers(minilm_dir):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_json_without_padding_pads_as_transformers(minilm_dir, tmp_path):
+    """Most BERT tokenizer.json files have ``"padding": null``: the config's pad token pads."""
+    folder = _edited_copy(minilm_dir, tmp_path / "tok", tokenizer=_set("padding", None))
+    assert bert_tokenizer_json(folder) is not None
+    fast = load_encoding_tokenizer(folder)
+    assert isinstance(fast, tokenizers.Tokenizer)
+    assert fast.padding["pad_id"] == 0 and fast.padding["pad_token"] == "[PAD]"
+    slow = load_hf_tokenizer(folder)
+    _same(batching.tokenize(TRICKY, fast, 32), batching.tokenize(TRICKY, slow, 32))
