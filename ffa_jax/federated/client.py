@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from ffa_jax.config import ClientConfig
-from ffa_jax.errors import ConfigError
-from ffa_jax.privacy.bookkeeping import CLIPPING_METHODS, clipped_grad_auto
+from ffa_jax.privacy.bookkeeping import clipped_grad_auto, validate_clipping
 from ffa_jax.privacy.clipping import mean_grad
 from ffa_jax.privacy.noise import privatize_grad_sum
 from ffa_jax.types import PyTree
@@ -97,8 +96,8 @@ def make_client_update(
         :meth:`BandedNoise.init` of the trainable tree; SECRET client state, never sent) and
         the state after the round's steps is returned. ``key`` is then unused for noise.
       clipping: how DP steps clip (:func:`ffa_jax.privacy.bookkeeping.clipped_grad_auto`):
-        ``"auto"`` (book-keeping clipping without per-example gradients for FFA-LoRA on stock
-        Flax layers where every per-example norm takes the ghost form, vmapped per-example
+        ``"auto"`` (book-keeping clipping without per-example gradients for FFA-LoRA and LoRA
+        on stock Flax layers where every per-example norm takes the ghost form, vmapped per-example
         gradients otherwise), ``"vmap"`` or ``"bookkeeping"``. The sum (to float rounding) and
         the guarantee are the same; only the cost differs.
 
@@ -116,8 +115,7 @@ def make_client_update(
     the rate the accountant assumes. The returned delta is post-processing of those steps.
     """
     plain_grad = mean_grad(loss_fn, microbatch_size=microbatch_size)
-    if clipping not in CLIPPING_METHODS:
-        raise ConfigError(f"clipping={clipping!r} must be one of {CLIPPING_METHODS}.")
+    validate_clipping(clipping)  # before any trace: clipped_grad_auto runs inside the step
     if banded_noise is not None and not private:
         raise ValueError("banded_noise needs private=True (it noises the clipped sums).")
 

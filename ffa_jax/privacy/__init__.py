@@ -3,7 +3,8 @@
 Two privacy units (``privacy.unit``):
 
 * sample-level (DP-SGD inside each client; :mod:`clipping`, :mod:`noise`, :mod:`accounting`;
-  :mod:`bookkeeping` clips FFA-LoRA on stock Flax layers without per-example gradients).
+  :mod:`bookkeeping` clips FFA-LoRA and LoRA on stock Flax layers without per-example
+  gradients).
   Formal guarantee: neighbouring datasets differ in one example of one client; the server adds
   no noise and only sees noisy updates.
 * client-level (DP-FedAvg at the server; :func:`ffa_jax.federated.server.dp_fedavg_aggregate`,

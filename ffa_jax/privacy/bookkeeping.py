@@ -60,6 +60,12 @@ from ffa_jax.types import PyTree
 CLIPPING_METHODS = ("auto", "vmap", "bookkeeping")
 
 
+def validate_clipping(method: str) -> None:
+    """A ConfigError unless ``method`` is one of :data:`CLIPPING_METHODS`."""
+    if method not in CLIPPING_METHODS:
+        raise ConfigError(f"clipping={method!r} must be one of {CLIPPING_METHODS}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Factor:
     """One trainable leaf: factor ``name`` (``"a"`` or ``"b"``) of the LoRA node in ``slot``,
@@ -350,8 +356,7 @@ def clipped_grad_auto(
     function is traced. ``tail_microbatch_size`` applies to ``"vmap"`` only. Same contract
     and formal guarantee as ``clipped_grad``.
     """
-    if method not in CLIPPING_METHODS:
-        raise ConfigError(f"clipping={method!r} must be one of {CLIPPING_METHODS}.")
+    validate_clipping(method)
     vmapped = clipped_grad(
         loss_fn,
         clip_norm,
