@@ -550,8 +550,8 @@ def _reference_md(ref: dict[str, Any], m: dict[str, Any]) -> list[str]:
     c, r = ref["ffa_dp"], ref["round_ffa_dp"]
     return [
         f"PyTorch reference (torch {ref['torch']}, peft {ref['peft']}, opacus "
-        f"{ref['opacus']}, {ref['torch_threads']} torch threads; XLA:CPU uses "
-        f"{m['usable_cores']} cores), timed alternately with ffa_jax "
+        f"{ref['opacus']}, on {ref.get('device', 'cpu')}, {ref['torch_threads']} torch threads; "
+        f"XLA:CPU uses {m['usable_cores']} cores), timed alternately with ffa_jax "
         f"({ref.get('paired_repeats', '?')} pairs, medians): Opacus+PEFT FFA DP client update "
         f"{c['client_update_s']:.3f} s ({_gflops(c)} model GFLOP/s) vs ffa_jax "
         f"{c.get('ffa_jax_s', float('nan')):.3f} s; "

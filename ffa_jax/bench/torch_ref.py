@@ -11,7 +11,9 @@ trainable), and DP-SGD through Opacus: ``GradSampleModule`` per-sample gradients
 ``DPOptimizer`` per-sample clipping to C plus Gaussian noise ``sigma * C`` divided by the
 expected batch size, i.e. what ``PrivacyEngine.make_private`` assembles. A round runs its K
 clients one after another, as peers simulate them: reset B to the global value, take
-``local_steps`` DP-SGD steps, keep the delta, then average.
+``local_steps`` DP-SGD steps, keep the delta, then average. On a machine where torch sees a
+CUDA GPU the reference runs there (as ffa_jax's side runs on the GPU), and each timed call
+waits for the device before it returns.
 """
 
 from __future__ import annotations
@@ -31,6 +33,21 @@ def torch_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _device():
+    """CUDA when torch sees a GPU, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync() -> None:
+    """Waits for queued CUDA work (timings must include it); nothing on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _model(shape: dict[str, int], rank: int, alpha: float, seq_len: int):
@@ -58,18 +75,19 @@ def _model(shape: dict[str, int], rank: int, alpha: float, seq_len: int):
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_B." in name)  # FFA-LoRA: A, trunk and head frozen
     model.train()
-    return model
+    return model.to(_device())
 
 
 def _batches(n: int, batch_size: int, seq_len: int, vocab: int):
     import torch
 
     g = torch.Generator().manual_seed(0)
+    device = _device()
     return [
         (
-            torch.randint(2, vocab, (batch_size, seq_len), generator=g),
-            torch.ones(batch_size, seq_len, dtype=torch.long),
-            torch.randint(0, 2, (batch_size,), generator=g),
+            torch.randint(2, vocab, (batch_size, seq_len), generator=g).to(device),
+            torch.ones(batch_size, seq_len, dtype=torch.long, device=device),
+            torch.randint(0, 2, (batch_size,), generator=g).to(device),
         )
         for _ in range(n)
     ]
@@ -151,6 +169,8 @@ def make_reference(
         "opacus": opacus.__version__,
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
+        "device": str(_device())
+        + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
         "attention": "transformers default (sdpa)",
     }
     client = _DpClient(shape, rank, alpha, seq_len, batch_size, clip_norm, noise_multiplier)
@@ -158,7 +178,9 @@ def make_reference(
     one = _batches(local_steps, batch_size, seq_len, vocab)
 
     def client_update():
-        return client.update(one, start)
+        delta = client.update(one, start)
+        _sync()
+        return delta
 
     rclient = _DpClient(
         shape, rank, alpha, round_seq_len, round_batch_size, clip_norm, noise_multiplier
@@ -171,6 +193,7 @@ def make_reference(
         with torch.no_grad():
             for p, s, *ds in zip(rclient.params, rstart, *deltas, strict=True):
                 p.copy_(s + torch.stack(ds).mean(0))
+        _sync()
 
     for fn in (client_update, round_):  # warm-up (allocator, Opacus hooks)
         fn()
