@@ -358,6 +358,7 @@ def cmd_experiment(args) -> int:
             command=command.strip(),
             dry_run=args.dry_run,
             tune_only=args.tune_only,
+            reuse=not args.no_reuse,
         )
         if args.json:
             _emit(args, res)
@@ -904,6 +905,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
     p.add_argument(
         "--tune-only", action="store_true", help="run only the learning-rate tuning cells"
+    )
+    p.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="run every cell, even one whose resolved config equals a finished cell of another "
+        "results folder beside it (by default that run's record is copied, naming its source)",
     )
     p.add_argument(
         "--table",

@@ -308,6 +308,15 @@ def render_table(grid, rows: list[dict[str, str]], meta: dict[str, Any]) -> str:
         f"- machine: {meta.get('machine')}; JAX devices: {meta.get('jax_devices')}",
         f"- runs: {len(main)} reported + {len(tune)} tuning; summed run time "
         f"{seconds / 3600:.2f} h",
+        *(
+            [
+                f"- {meta['cells_reused']} of these runs have the same resolved config as a "
+                "finished run of another grid and were copied from it, not rerun (the cell "
+                "file's `reused_from` names it; its commit and run time are the original's)"
+            ]
+            if meta.get("cells_reused")
+            else []
+        ),
         f"- every cell: `{grid.base}` with {', '.join(f'`{s}`' for s in grid.set) or 'no changes'}",
         f"- selection on the **{grid.select_on}** split (held out of each client's training "
         f"data from the public seed) by {metric.replace('_', ' ')}: the tuned values (mean over "

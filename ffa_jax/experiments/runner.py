@@ -6,6 +6,13 @@ history). A cell whose file exists is never run again, so an interrupted experim
 where it stopped and a finished one reruns nothing. After every cell ``runs.csv``,
 ``table.md`` and the plots are rewritten from all cell files.
 
+A train cell whose resolved run config (its :func:`run_fingerprint`) equals that of a finished
+cell of another results folder beside ``OUT`` (another grid) is not run again: that cell's
+record is copied, with its own commit and run time, under this grid's cell name, command and
+axes, and ``reused_from`` names the file it came from (``reuse=False`` / ``--no-reuse`` runs
+it). The evidence grids share such runs: the label-mix, epsilon-4, alpha-8, rank-8 tuning
+cells of ``heterogeneity_evidence``, ``alpha_evidence`` and ``rank_evidence`` are one run each.
+
 Learning-rate tuning (a grid's ``tune:``) is part of the experiment: its cells run first on
 their own seeds and read the validation split only, the best candidate of each group (highest
 mean validation score over the tuning seeds, see :mod:`ffa_jax.experiments.grid`; a diverged
@@ -15,6 +22,7 @@ backbone is trained before the first cell when its folder is missing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ffa_jax import xla_options
+from ffa_jax.config import load_config
 from ffa_jax.errors import ConfigError, DataError
 from ffa_jax.experiments import evidence as evidence_lib
 from ffa_jax.experiments import grid as grid_lib
@@ -91,6 +100,77 @@ def cell_command(grid: grid_lib.Grid, cell: grid_lib.Cell, extra: Sequence[str],
     for o in [*cell.overrides, *extra, *where]:
         parts += ["--set", o]
     return shlex.join(parts)
+
+
+def run_fingerprint(cfg) -> str:
+    """The identity of a train cell's numbers: the SHA-1 (hex) of its resolved, validated
+    :class:`ffa_jax.config.RunConfig` without ``name`` and ``output_dir`` (where it is written,
+    nothing it computes). Cells of any grids with one fingerprint train on the same data,
+    split, seeds and (research grids set ``privacy.noise_seed``) noise, so on one machine and
+    one training program they give the same numbers."""
+    d = cfg.to_dict()
+    d.pop("name", None)
+    d.pop("output_dir", None)
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _record_fingerprint(rec: dict[str, Any], base: Path | None) -> str | None:
+    """A cell record's stored fingerprint; for records of older code, the fingerprint of its
+    overrides on the grid's base config (None when they no longer load)."""
+    if rec.get("fingerprint"):
+        return rec["fingerprint"]
+    try:
+        return run_fingerprint(load_config(base, rec.get("overrides") or []))
+    except (ConfigError, OSError):
+        return None
+
+
+def finished_runs(results_root: Path, *, exclude: Path) -> dict[str, Path]:
+    """``{fingerprint: cell file}`` of the finished train cells in the results folders under
+    ``results_root`` other than ``exclude`` (first file in name order wins).
+
+    Records written before fingerprints were stored are indexed only in evidence-format
+    folders (their overrides re-resolved on their grid's base config): older folders describe
+    older code and configs, and a run is reused only as far as ``resume`` trusts its own cells.
+    """
+    index: dict[str, Path] = {}
+    if not results_root.is_dir():
+        return index
+    skip = exclude.resolve()
+    for meta_path in sorted(results_root.glob("*/meta.json")):
+        folder = meta_path.parent
+        if folder.resolve() == skip or not (folder / "cells").is_dir():
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        legacy_base: Path | None | bool = False  # False: legacy records not indexed
+        runs_csv = folder / "runs.csv"
+        if runs_csv.is_file() and evidence_lib.is_evidence_csv(runs_csv):
+            try:
+                grid_path = Path(meta.get("grid_file", ""))
+                if not grid_path.is_file():
+                    grid_path = REPO_ROOT / grid_path
+                g = grid_lib.load_grid(grid_path, quick=bool(meta.get("quick")))
+                legacy_base = g.base if g.kind == "train" else False
+            except (ConfigError, OSError, ValueError):
+                legacy_base = False
+        for path in sorted((folder / "cells").glob("*.json")):
+            try:
+                rec = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not rec.get("fingerprint") and legacy_base is False:
+                continue
+            fp = _record_fingerprint(rec, legacy_base or None)
+            if fp is not None:
+                index.setdefault(fp, path)
+    return index
+
+
+# What names a record's place in its grid (rewritten when a run is reused by another grid).
+_PLACE = ("cell_id", "file_stem", "stage", "seed", "axes", "tuned", "overrides", "command")
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
@@ -168,6 +248,7 @@ def run_experiment(
     command: str | None = None,
     dry_run: bool = False,
     tune_only: bool = False,
+    reuse: bool = True,
     log=print,
 ) -> dict[str, Any]:
     """Runs the grid ``name`` (``experiments/grids/NAME.yaml`` or a path) and writes ``out``.
@@ -181,9 +262,11 @@ def run_experiment(
       scratch: where the cells' run directories go (default ``runs/experiments/<out name>``).
       dry_run: list the cells and what would run, run nothing.
       tune_only: run the tuning cells and stop (the choice is then in ``table.md``).
+      reuse: copy a train cell whose :func:`run_fingerprint` matches a finished cell of
+        another results folder beside ``out`` instead of running it (module docstring).
 
     Returns:
-      ``{"out": path, "ran": n, "skipped": n, "cells": n, "seconds": wall}``.
+      ``{"out": path, "ran": n, "reused": n, "skipped": n, "cells": n, "seconds": wall}``.
 
     Raises:
       ConfigError: bad grid, bad override, or ``out`` made with other settings.
@@ -247,19 +330,35 @@ def run_experiment(
     if grid.pretrain is not None:
         info["pretrain"] = _ensure_pretrained(grid.pretrain, log)
     cells_dir.mkdir(parents=True, exist_ok=True)
-    ran = skipped = 0
+    ran = skipped = reused = 0
     seconds_run = 0.0
+    # Finished runs of the other grids (read once: a grid's own new cells never match them).
+    others = finished_runs(out.parent, exclude=out) if reuse and grid.kind == "train" else {}
 
     def run_all(cells):
-        nonlocal ran, skipped, seconds_run
+        nonlocal ran, skipped, reused, seconds_run
         for i, cell in enumerate(cells, 1):
             path = cells_dir / f"{cell.file_stem}.json"
             if path.is_file():
                 skipped += 1
                 continue
             log(f"[{grid.name}] {cell.stage} {i}/{len(cells)}: {cell.cell_id}")
-            rec = run_cell(grid, cell, overrides, scratch, log)
             where = [f"output_dir={scratch}", f"name={cell.file_stem}"]
+            fingerprint = None
+            if grid.kind == "train":
+                fingerprint = run_fingerprint(
+                    grid_lib.cell_config(grid, cell, [*overrides, *where])
+                )
+            source = others.get(fingerprint) if fingerprint is not None else None
+            if source is not None:
+                # The same run, finished by another grid: its numbers, commit and run time
+                # stand; only its place (name, axes, command) is this grid's.
+                rec = json.loads(source.read_text())
+                rec = {k: v for k, v in rec.items() if k not in _PLACE}
+                rec["reused_from"] = source.as_posix()
+            else:
+                rec = run_cell(grid, cell, overrides, scratch, log)
+                rec.update(ffa_jax_version=__version__, **code)
             rec.update(
                 cell_id=cell.cell_id,
                 file_stem=cell.file_stem,
@@ -269,13 +368,20 @@ def run_experiment(
                 tuned=None if cell.tuned is None else [[f, v] for f, v in cell.tuned],
                 overrides=list(cell.overrides) + list(overrides),
                 command=cell_command(grid, cell, overrides, where),
-                ffa_jax_version=__version__,
-                **code,
             )
+            if fingerprint is not None:
+                rec["fingerprint"] = fingerprint
             atomic_write_text(path, json.dumps(_clean(rec), indent=1, default=_json_default))
-            ran += 1
-            seconds_run += rec["wall_seconds"]
-            log(f"  -> {rec['status']}{_cell_score(rec, cell.stage)} ({rec['wall_seconds']:.0f} s)")
+            if source is not None:
+                reused += 1
+                log(f"  -> reused (the same run config) from {source.as_posix()}")
+            else:
+                ran += 1
+                seconds_run += rec["wall_seconds"]
+                log(
+                    f"  -> {rec['status']}{_cell_score(rec, cell.stage)} "
+                    f"({rec['wall_seconds']:.0f} s)"
+                )
             _write(grid, out, info, meta)
 
     chosen = None
@@ -292,13 +398,20 @@ def run_experiment(
         log(f"[{grid.name}] chosen on the {grid.select_on} split: {chosen}")
     if tune_only:
         _write(grid, out, info, meta)
-        return {"out": str(out), "ran": ran, "skipped": skipped, "cells": len(tune_cells)}
+        return {
+            "out": str(out),
+            "ran": ran,
+            "reused": reused,
+            "skipped": skipped,
+            "cells": len(tune_cells),
+        }
     run_all(grid_lib.main_cells(grid, chosen))
     _write(grid, out, info, meta)
     total = len(tune_cells) + len(grid_lib.main_cells(grid, chosen))
     return {
         "out": str(out),
         "ran": ran,
+        "reused": reused,
         "skipped": skipped,
         "cells": total,
         "seconds": time.time() - t0,
@@ -368,6 +481,7 @@ def _write(grid, out: Path, info: dict, old_meta: dict) -> None:
     meta = dict(info)
     meta["cell_seconds_total"] = sum(c.get("wall_seconds", 0.0) for c in cells)
     meta["cells"] = len(cells)
+    meta["cells_reused"] = sum(1 for c in cells if c.get("reused_from"))
     meta["commits"] = sorted({str(c.get("commit")) for c in cells})
     meta["started"] = old_meta.get("started") or info["started"]
     meta["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
