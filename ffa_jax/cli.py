@@ -332,6 +332,16 @@ def _git_commit() -> str:
     return "unknown" if sha is None else sha + ("-dirty" if dirty else "")
 
 
+def _worker_slot(text: str | None) -> tuple[int, int] | None:
+    """``--worker K/N`` (set by ``--workers`` for its processes) -> ``(K, N)``."""
+    if text is None:
+        return None
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise ConfigError(f"--worker={text!r}: expected K/N with 0 <= K < N (set by --workers).")
+    return int(k), int(n)
+
+
 def cmd_experiment(args) -> int:
     from ffa_jax.experiments.runner import regenerate_table, run_experiment
 
@@ -355,10 +365,13 @@ def cmd_experiment(args) -> int:
             seeds=args.seeds,
             out=args.out,
             overrides=args.overrides,
-            command=command.strip(),
+            scratch=args.scratch,
+            command=args.command or command.strip(),
             dry_run=args.dry_run,
             tune_only=args.tune_only,
             reuse=not args.no_reuse,
+            workers=args.workers,
+            worker=_worker_slot(args.worker),
         )
         if args.json:
             _emit(args, res)
@@ -906,6 +919,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tune-only", action="store_true", help="run only the learning-rate tuning cells"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N cells at once, each worker process pinned to an equal share of the CPUs "
+        "(a small model's step does not keep several XLA threads busy: see docs/experiments.md);"
+        " the cells record their CPUs, and their command starts with the taskset that "
+        "reproduces them; default 1",
+    )
+    # Set by --workers for its worker processes.
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--scratch", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--command", default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--no-reuse",
         action="store_true",

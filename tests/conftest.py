@@ -35,6 +35,7 @@ SLOW_TESTS = frozenset(
         "tests/e2e/test_flower.py::test_keep_model_trains_every_round_in_one_node_worker",
         "tests/e2e/test_flower.py::test_a_server_stopped_mid_round_resumes_with_the_replies_already_sent",
         "tests/e2e/test_experiments.py::test_quick_privacy_sweep_end_to_end_and_resume",
+        "tests/e2e/test_grid_workers.py::test_two_workers_run_each_cell_once_and_reproducibly",
         "tests/e2e/test_experiments.py::test_quick_noise_amplification",
         "tests/e2e/test_experiments.py::test_quick_theorem1",
         "tests/e2e/test_compilation_cache.py::test_second_identical_cli_run_compiles_nothing_new",

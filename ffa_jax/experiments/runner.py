@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -42,6 +43,7 @@ from ffa_jax.errors import ConfigError, DataError
 from ffa_jax.experiments import evidence as evidence_lib
 from ffa_jax.experiments import grid as grid_lib
 from ffa_jax.experiments import results as results_lib
+from ffa_jax.experiments import workers as workers_lib
 from ffa_jax.fileio import atomic_write_text
 from ffa_jax.run import NonFiniteError, train
 from ffa_jax.run.report import metric_value
@@ -49,6 +51,8 @@ from ffa_jax.version import REPO_ROOT, __version__, git_state
 
 RESULTS_DIR = Path("experiments/results")
 SCRATCH_DIR = Path("runs/experiments")
+# How often a worker waiting for the other workers' tuning cells looks again (seconds).
+WORKER_POLL_SECONDS = 10.0
 
 
 def git_commit(root: Path | None = None, grid_file: Path | None = None) -> dict[str, Any]:
@@ -102,25 +106,31 @@ def cell_command(grid: grid_lib.Grid, cell: grid_lib.Cell, extra: Sequence[str],
     return shlex.join(parts)
 
 
-def run_fingerprint(cfg) -> str:
+def run_fingerprint(cfg, cpu_threads: int) -> str:
     """The identity of a train cell's numbers: the SHA-1 (hex) of its resolved, validated
     :class:`ffa_jax.config.RunConfig` without ``name`` and ``output_dir`` (where it is written,
-    nothing it computes). Cells of any grids with one fingerprint train on the same data,
-    split, seeds and (research grids set ``privacy.noise_seed``) noise, so on one machine and
-    one training program they give the same numbers."""
+    nothing it computes), and of ``cpu_threads``, the CPUs it ran on (XLA:CPU's thread count
+    sets the float summation order of its matmuls). Cells of any grids with one fingerprint
+    train on the same data, split, seeds and (research grids set ``privacy.noise_seed``) noise
+    with the same threads, so on one machine and one training program they give the same
+    numbers."""
     d = cfg.to_dict()
     d.pop("name", None)
     d.pop("output_dir", None)
+    d["cpu_threads"] = int(cpu_threads)
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _record_fingerprint(rec: dict[str, Any], base: Path | None) -> str | None:
-    """A cell record's stored fingerprint; for records of older code, the fingerprint of its
-    overrides on the grid's base config (None when they no longer load)."""
+def _record_fingerprint(rec: dict[str, Any], base: Path | None, cpus: int | None) -> str | None:
+    """A cell record's stored fingerprint; for records of older code (which ran on all
+    ``cpus`` of their machine), the fingerprint of its overrides on the grid's base config
+    (None when they no longer load)."""
     if rec.get("fingerprint"):
         return rec["fingerprint"]
+    if cpus is None:
+        return None
     try:
-        return run_fingerprint(load_config(base, rec.get("overrides") or []))
+        return run_fingerprint(load_config(base, rec.get("overrides") or []), cpus)
     except (ConfigError, OSError):
         return None
 
@@ -146,6 +156,8 @@ def finished_runs(results_root: Path, *, exclude: Path) -> dict[str, Path]:
         except (OSError, ValueError):
             continue
         legacy_base: Path | None | bool = False  # False: legacy records not indexed
+        found = re.search(r", (\d+) CPUs,", str(meta.get("machine", "")))
+        legacy_cpus = int(found.group(1)) if found else None
         runs_csv = folder / "runs.csv"
         if runs_csv.is_file() and evidence_lib.is_evidence_csv(runs_csv):
             try:
@@ -163,7 +175,7 @@ def finished_runs(results_root: Path, *, exclude: Path) -> dict[str, Path]:
                 continue
             if not rec.get("fingerprint") and legacy_base is False:
                 continue
-            fp = _record_fingerprint(rec, legacy_base or None)
+            fp = _record_fingerprint(rec, legacy_base or None, legacy_cpus)
             if fp is not None:
                 index.setdefault(fp, path)
     return index
@@ -249,6 +261,8 @@ def run_experiment(
     dry_run: bool = False,
     tune_only: bool = False,
     reuse: bool = True,
+    workers: int = 1,
+    worker: tuple[int, int] | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Runs the grid ``name`` (``experiments/grids/NAME.yaml`` or a path) and writes ``out``.
@@ -264,17 +278,24 @@ def run_experiment(
       tune_only: run the tuning cells and stop (the choice is then in ``table.md``).
       reuse: copy a train cell whose :func:`run_fingerprint` matches a finished cell of
         another results folder beside ``out`` instead of running it (module docstring).
+      workers: run the cells in this many processes at once, each pinned to an equal share
+        of this process's CPUs (:mod:`ffa_jax.experiments.workers`); 1 runs them here.
+      worker: ``(k, n)``: this process is worker k of n (set by ``workers``; it claims each
+        cell before running it and waits for the other workers' tuning cells).
 
     Returns:
       ``{"out": path, "ran": n, "reused": n, "skipped": n, "cells": n, "seconds": wall}``.
 
     Raises:
-      ConfigError: bad grid, bad override, or ``out`` made with other settings.
+      ConfigError: bad grid, bad override, bad ``workers``, or ``out`` made with other
+        settings.
+      RuntimeError: a worker process failed (its output says why).
     """
     t0 = time.time()
     grid = grid_lib.load_grid(grid_lib.find_grid(name), quick=quick, seeds=seeds)
     for o in overrides:
         grid_lib.parse_override(o)
+    cpu_sets = workers_lib.split_cpus(workers) if worker is None else None
     out = Path(out) if out is not None else RESULTS_DIR / (grid.name + ("-quick" if quick else ""))
     scratch = Path(scratch) if scratch is not None else SCRATCH_DIR / out.name
     cells_dir = out / "cells"
@@ -302,11 +323,12 @@ def run_experiment(
 
     # The code that runs is the code imported now: record its commit once, not per cell.
     code = git_commit(grid_file=grid.path)
+    command = command or f"ffa-jax experiment {name}" + (" --quick" if quick else "")
     info = {
         **settings,
         "description": grid.description,
         "grid_file": str(grid.path),
-        "command": command or f"ffa-jax experiment {name}" + (" --quick" if quick else ""),
+        "command": command,
         "ffa_jax_version": __version__,
         **code,
         "python": sys.version.split()[0],
@@ -330,59 +352,127 @@ def run_experiment(
     if grid.pretrain is not None:
         info["pretrain"] = _ensure_pretrained(grid.pretrain, log)
     cells_dir.mkdir(parents=True, exist_ok=True)
-    ran = skipped = reused = 0
+    if cpu_sets is not None and len(cpu_sets) > 1:
+        before = {p.name for p in cells_dir.glob("*.json")}
+        argvs = []
+        for k in range(len(cpu_sets)):
+            argv = [*workers_lib.python_argv(), "experiment", str(grid.path), "--out", str(out)]
+            argv += ["--worker", f"{k}/{len(cpu_sets)}", "--scratch", str(scratch)]
+            argv += ["--command", command]
+            argv += ["--quick"] * quick + ["--no-reuse"] * (not reuse) + ["--tune-only"] * tune_only
+            if seeds is not None:
+                argv += ["--seeds", *map(str, seeds)]
+            for o in overrides:
+                argv += ["--set", o]
+            argvs.append(argv)
+        log(f"[{grid.name}] {len(cpu_sets)} workers on CPUs {cpu_sets}")
+        codes = workers_lib.run_workers(argvs, cpu_sets)
+        _write(grid, out, info, meta)  # once more, from every worker's cells
+        after = {p.name for p in cells_dir.glob("*.json")}
+        if any(codes):
+            raise RuntimeError(
+                f"experiment {grid.name}: worker exit codes {codes} (their output above says "
+                "why); the finished cells are kept: rerun the same command to resume."
+            )
+        new = [json.loads((cells_dir / n).read_text()) for n in sorted(after - before)]
+        n_reused = sum(1 for c in new if c.get("reused_from"))
+        total = len(tune_cells)
+        if grid.tune is not None:
+            tune_cells, chosen = results_lib.resolve_tuning(
+                grid, results_lib.load_cells(cells_dir, "tune")
+            )
+            total = len(tune_cells)
+        else:
+            chosen = None
+        if not tune_only and (grid.tune is None or chosen is not None):
+            total += len(grid_lib.main_cells(grid, chosen))
+        return {
+            "out": str(out),
+            "ran": len(new) - n_reused,
+            "reused": n_reused,
+            "skipped": len(before),
+            "cells": total,
+            "seconds": time.time() - t0,
+        }
+
+    ran = skipped = reused = busy = 0
     seconds_run = 0.0
+    threads = workers_lib.cpu_threads()
+    prefix = "" if worker is None else workers_lib.taskset_prefix(workers_lib.usable_cpus())
+    claims = scratch / ".claims"
     # Finished runs of the other grids (read once: a grid's own new cells never match them).
     others = finished_runs(out.parent, exclude=out) if reuse and grid.kind == "train" else {}
+    tag = grid.name if worker is None else f"{grid.name} worker {worker[0] + 1}/{worker[1]}"
 
-    def run_all(cells):
-        nonlocal ran, skipped, reused, seconds_run
+    def run_one(cell, path: Path, i: int, n: int) -> None:
+        nonlocal ran, reused, seconds_run
+        log(f"[{tag}] {cell.stage} {i}/{n}: {cell.cell_id}")
+        where = [f"output_dir={scratch}", f"name={cell.file_stem}"]
+        fingerprint = None
+        if grid.kind == "train":
+            cfg = grid_lib.cell_config(grid, cell, [*overrides, *where])
+            fingerprint = run_fingerprint(cfg, threads)
+        source = others.get(fingerprint) if fingerprint is not None else None
+        if source is not None:
+            # The same run, finished by another grid: its numbers, commit, run time and
+            # command prefix stand; only its place (name, axes, command) is this grid's.
+            rec = json.loads(source.read_text())
+            rec = {k: v for k, v in rec.items() if k not in _PLACE}
+            rec["reused_from"] = source.as_posix()
+            cmd_prefix = rec.get("command_prefix", "")
+        else:
+            rec = run_cell(grid, cell, overrides, scratch, log)
+            rec.update(ffa_jax_version=__version__, cpu_threads=threads, **code)
+            cmd_prefix = prefix
+            if prefix:
+                rec["command_prefix"] = prefix
+        rec.update(
+            cell_id=cell.cell_id,
+            file_stem=cell.file_stem,
+            stage=cell.stage,
+            seed=cell.seed,
+            axes={k: grid_lib.fmt_value(v) for k, v in cell.axes.items()},
+            tuned=None if cell.tuned is None else [[f, v] for f, v in cell.tuned],
+            overrides=list(cell.overrides) + list(overrides),
+            command=cmd_prefix + cell_command(grid, cell, overrides, where),
+        )
+        if fingerprint is not None:
+            rec["fingerprint"] = fingerprint
+        atomic_write_text(path, json.dumps(_clean(rec), indent=1, default=_json_default))
+        if source is not None:
+            reused += 1
+            log(f"  -> reused (the same run config) from {source.as_posix()}")
+        else:
+            ran += 1
+            seconds_run += rec["wall_seconds"]
+            log(f"  -> {rec['status']}{_cell_score(rec, cell.stage)} ({rec['wall_seconds']:.0f} s)")
+
+    def run_all(cells) -> int:
+        """Runs the missing ``cells``; returns how many of them this process finished."""
+        nonlocal skipped, busy
+        done = 0
         for i, cell in enumerate(cells, 1):
             path = cells_dir / f"{cell.file_stem}.json"
             if path.is_file():
                 skipped += 1
                 continue
-            log(f"[{grid.name}] {cell.stage} {i}/{len(cells)}: {cell.cell_id}")
-            where = [f"output_dir={scratch}", f"name={cell.file_stem}"]
-            fingerprint = None
-            if grid.kind == "train":
-                fingerprint = run_fingerprint(
-                    grid_lib.cell_config(grid, cell, [*overrides, *where])
-                )
-            source = others.get(fingerprint) if fingerprint is not None else None
-            if source is not None:
-                # The same run, finished by another grid: its numbers, commit and run time
-                # stand; only its place (name, axes, command) is this grid's.
-                rec = json.loads(source.read_text())
-                rec = {k: v for k, v in rec.items() if k not in _PLACE}
-                rec["reused_from"] = source.as_posix()
+            if worker is None:
+                run_one(cell, path, i, len(cells))
             else:
-                rec = run_cell(grid, cell, overrides, scratch, log)
-                rec.update(ffa_jax_version=__version__, **code)
-            rec.update(
-                cell_id=cell.cell_id,
-                file_stem=cell.file_stem,
-                stage=cell.stage,
-                seed=cell.seed,
-                axes={k: grid_lib.fmt_value(v) for k, v in cell.axes.items()},
-                tuned=None if cell.tuned is None else [[f, v] for f, v in cell.tuned],
-                overrides=list(cell.overrides) + list(overrides),
-                command=cell_command(grid, cell, overrides, where),
-            )
-            if fingerprint is not None:
-                rec["fingerprint"] = fingerprint
-            atomic_write_text(path, json.dumps(_clean(rec), indent=1, default=_json_default))
-            if source is not None:
-                reused += 1
-                log(f"  -> reused (the same run config) from {source.as_posix()}")
-            else:
-                ran += 1
-                seconds_run += rec["wall_seconds"]
-                log(
-                    f"  -> {rec['status']}{_cell_score(rec, cell.stage)} "
-                    f"({rec['wall_seconds']:.0f} s)"
-                )
-            _write(grid, out, info, meta)
+                claim = claims / f"{cell.file_stem}.claim"
+                if not workers_lib.claim(claim):
+                    busy += 1  # another worker runs it
+                    continue
+                try:
+                    if path.is_file():  # finished by another worker since the check above
+                        continue
+                    run_one(cell, path, i, len(cells))
+                finally:
+                    workers_lib.release(claim)
+            done += 1
+            if worker is None or worker[0] == 0:
+                _write(grid, out, info, meta)
+        return done
 
     chosen = None
     if grid.tune is not None:
@@ -394,10 +484,12 @@ def run_experiment(
             )
             if chosen is not None:
                 break
-            run_all(tune_cells)
-        log(f"[{grid.name}] chosen on the {grid.select_on} split: {chosen}")
+            if run_all(tune_cells) == 0 and worker is not None:
+                time.sleep(WORKER_POLL_SECONDS)  # the rest is another worker's: wait for it
+        log(f"[{tag}] chosen on the {grid.select_on} split: {chosen}")
     if tune_only:
-        _write(grid, out, info, meta)
+        if worker is None:
+            _write(grid, out, info, meta)
         return {
             "out": str(out),
             "ran": ran,
@@ -406,7 +498,8 @@ def run_experiment(
             "cells": len(tune_cells),
         }
     run_all(grid_lib.main_cells(grid, chosen))
-    _write(grid, out, info, meta)
+    if worker is None:
+        _write(grid, out, info, meta)
     total = len(tune_cells) + len(grid_lib.main_cells(grid, chosen))
     return {
         "out": str(out),

@@ -57,14 +57,16 @@ def fake_runs(monkeypatch):
 
 def test_fingerprint_ignores_only_where_a_run_is_written():
     base = ROOT / "configs/quickstart.yaml"
-    a = runner.run_fingerprint(load_config(base, ["name=a", "output_dir=/tmp/a"]))
-    b = runner.run_fingerprint(load_config(base, ["name=b", "output_dir=/tmp/b"]))
+    a = runner.run_fingerprint(load_config(base, ["name=a", "output_dir=/tmp/a"]), 2)
+    b = runner.run_fingerprint(load_config(base, ["name=b", "output_dir=/tmp/b"]), 2)
     assert a == b
     # The same value reached through another override is the same run ...
-    assert runner.run_fingerprint(load_config(base, ["lora.alpha=8.0"])) == a
-    # ... and any field that changes what is computed changes the fingerprint.
+    assert runner.run_fingerprint(load_config(base, ["lora.alpha=8.0"]), 2) == a
+    # ... and any field that changes what is computed changes the fingerprint, as does the
+    # CPU count (XLA:CPU's threads set the matmuls' float summation order).
     for o in ("seed=1", "privacy.noise_seed=0", "lora.alpha=16", "data.validation_fraction=0.1"):
-        assert runner.run_fingerprint(load_config(base, [o])) != a, o
+        assert runner.run_fingerprint(load_config(base, [o]), 2) != a, o
+    assert runner.run_fingerprint(load_config(base, []), 1) != a
 
 
 def test_a_cell_finished_by_another_grid_is_copied_not_rerun(tmp_path, monkeypatch, fake_runs):
@@ -117,8 +119,38 @@ def test_the_evidence_grids_share_their_alpha_8_tuning_runs(monkeypatch):
     for name in ("heterogeneity_evidence", "alpha_evidence", "rank_evidence"):
         grid = grid_lib.load_grid(grid_lib.find_grid(name))
         for cell in grid_lib.tune_cells(grid):
-            fp = runner.run_fingerprint(grid_lib.cell_config(grid, cell, []))
+            fp = runner.run_fingerprint(grid_lib.cell_config(grid, cell, []), 1)
             owners.setdefault(fp, []).append(f"{name}:{cell.cell_id}")
     shared = [v for v in owners.values() if len(v) > 1]
     assert len(shared) == 8 and all(len(v) == 3 for v in shared)
     assert all("alpha=8" in v[0] and "rank=8" in v[2] for v in shared)
+
+
+def test_a_worker_skips_cells_another_worker_holds(tmp_path, monkeypatch, fake_runs):
+    """Worker mode (in-process, training faked): a cell whose claim a live process holds is
+    left to it; once released, the next pass runs it. Cells record the worker's CPUs, and their
+    command starts with the taskset that reproduces them."""
+    from ffa_jax.experiments import workers
+
+    monkeypatch.chdir(ROOT)
+    grid = _grid(tmp_path, "modes", "lora.mode", "[ffa, lora]")
+    out, scratch = tmp_path / "results" / "modes", tmp_path / "scratch"
+    kw = dict(out=out, scratch=scratch, worker=(0, 2), log=lambda *a: None)
+    held = scratch / ".claims" / f"{_stem(grid, 'lora')}.claim"
+    assert workers.claim(held)  # this live process stands in for the other worker
+    res = runner.run_experiment(str(grid), **kw)
+    assert res["ran"] == 1 and [r.split(":")[1] for r in fake_runs] == ["main,mode=ffa,seed=0"]
+    workers.release(held)
+    res = runner.run_experiment(str(grid), **kw)
+    assert res["ran"] == 1 and res["skipped"] == 1 and len(fake_runs) == 2
+    assert not list((scratch / ".claims").iterdir())
+    prefix = workers.taskset_prefix(workers.usable_cpus())
+    for p in (out / "cells").glob("*.json"):
+        rec = json.loads(p.read_text())
+        assert rec["command"].startswith(prefix + "ffa-jax train ")
+        assert rec["cpu_threads"] == len(workers.usable_cpus())
+
+
+def _stem(grid_path: Path, mode: str) -> str:
+    grid = grid_lib.load_grid(grid_path)
+    return next(c.file_stem for c in grid_lib.main_cells(grid, None) if c.axes["lora.mode"] == mode)
