@@ -144,13 +144,19 @@ def release(path: Path) -> None:
 
 def run_workers(argvs: Sequence[Sequence[str]], cpu_sets: Sequence[Sequence[int]]) -> list[int]:
     """Starts ``argvs[i]`` pinned to ``cpu_sets[i]`` (before exec, so before XLA sizes its
-    thread pool), all at once; waits for all; returns their exit codes. Output is inherited."""
+    thread pool), all at once; waits for all; returns their exit codes. Their output goes
+    where this process's ``sys.stdout`` and ``sys.stderr`` go now (so a ``--json`` caller,
+    whose prints go to stderr, keeps its stdout for the result line)."""
+    sys.stdout.flush()
     procs = []
     try:
         for argv, cpus in zip(argvs, cpu_sets, strict=True):
             procs.append(
                 subprocess.Popen(
-                    list(argv), preexec_fn=lambda c=tuple(cpus): os.sched_setaffinity(0, c)
+                    list(argv),
+                    stdout=_fd(sys.stdout),
+                    stderr=_fd(sys.stderr),
+                    preexec_fn=lambda c=tuple(cpus): os.sched_setaffinity(0, c),
                 )
             )
         return [p.wait() for p in procs]
@@ -160,6 +166,15 @@ def run_workers(argvs: Sequence[Sequence[str]], cpu_sets: Sequence[Sequence[int]
                 p.terminate()
         for p in procs:
             p.wait()
+
+
+def _fd(stream) -> int | None:
+    """The file descriptor behind ``stream``, or None (inherit) for one without (a notebook's
+    or a test's captured stream)."""
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def python_argv() -> list[str]:

@@ -63,8 +63,9 @@ def test_two_workers_run_each_cell_once_and_reproducibly(tmp_path):
     argv += ["--scratch", str(scratch), "--workers", "2", "--json"]
     proc = subprocess.run(argv, cwd=ROOT, env=env, text=True, capture_output=True)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    logs = proc.stdout + proc.stderr
-    assert "worker 1/2" in logs and "worker 2/2" in logs
+    # --json: stdout is the result line alone, the workers' logs went to stderr.
+    assert json.loads(proc.stdout)["ran"] == 6
+    assert "worker 1/2" in proc.stderr and "worker 2/2" in proc.stderr
 
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     assert sorted(c["stage"] for c in cells) == ["main"] * 2 + ["tune"] * 4
@@ -78,7 +79,7 @@ def test_two_workers_run_each_cell_once_and_reproducibly(tmp_path):
     assert len(rows) == 1 + 6  # the parent's final tables see every worker's cells
     # Rerunning the grid finds every cell done.
     proc = subprocess.run(argv, cwd=ROOT, env=env, text=True, capture_output=True)
-    assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])["ran"] == 0
+    assert proc.returncode == 0 and json.loads(proc.stdout)["ran"] == 0
 
     # A cell's command, taskset and all, reproduces its numbers exactly.
     if shutil.which("taskset") is None:
