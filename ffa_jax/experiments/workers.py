@@ -5,7 +5,7 @@
 On a CPU backend XLA sizes its thread pool by the process's CPUs, so every worker computes with
 the same number of threads, and a cell's numbers depend on that number: the cells record it
 (``cpu_threads``) and their command starts with ``taskset -c <cpus>``, which reproduces them
-exactly. Why: on the 2-core machine two one-thread workers finish about 1.2x the cells per hour
+exactly. Why: on the 2-core machine two one-thread workers finish 1.1-1.2x the cells per hour
 of one two-thread process (``docs/experiments.md``), since a single small model's step keeps two
 threads busy only ~88% of the time.
 
