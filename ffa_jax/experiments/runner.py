@@ -395,7 +395,7 @@ def run_experiment(
             "seconds": time.time() - t0,
         }
 
-    ran = skipped = reused = busy = 0
+    ran = skipped = reused = 0
     seconds_run = 0.0
     threads = workers_lib.cpu_threads()
     prefix = "" if worker is None else workers_lib.taskset_prefix(workers_lib.usable_cpus())
@@ -449,7 +449,7 @@ def run_experiment(
 
     def run_all(cells) -> int:
         """Runs the missing ``cells``; returns how many of them this process finished."""
-        nonlocal skipped, busy
+        nonlocal skipped
         done = 0
         for i, cell in enumerate(cells, 1):
             path = cells_dir / f"{cell.file_stem}.json"
@@ -461,8 +461,7 @@ def run_experiment(
             else:
                 claim = claims / f"{cell.file_stem}.claim"
                 if not workers_lib.claim(claim):
-                    busy += 1  # another worker runs it
-                    continue
+                    continue  # another worker runs it
                 try:
                     if path.is_file():  # finished by another worker since the check above
                         continue
