@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -38,7 +37,6 @@ from typing import Any
 import numpy as np
 
 from ffa_jax import xla_options
-from ffa_jax.config import load_config
 from ffa_jax.errors import ConfigError, DataError
 from ffa_jax.experiments import evidence as evidence_lib
 from ffa_jax.experiments import grid as grid_lib
@@ -121,62 +119,28 @@ def run_fingerprint(cfg, cpu_threads: int) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _record_fingerprint(rec: dict[str, Any], base: Path | None, cpus: int | None) -> str | None:
-    """A cell record's stored fingerprint; for records of older code (which ran on all
-    ``cpus`` of their machine), the fingerprint of its overrides on the grid's base config
-    (None when they no longer load)."""
-    if rec.get("fingerprint"):
-        return rec["fingerprint"]
-    if cpus is None:
-        return None
-    try:
-        return run_fingerprint(load_config(base, rec.get("overrides") or []), cpus)
-    except (ConfigError, OSError):
-        return None
-
-
 def finished_runs(results_root: Path, *, exclude: Path) -> dict[str, Path]:
     """``{fingerprint: cell file}`` of the finished train cells in the results folders under
     ``results_root`` other than ``exclude`` (first file in name order wins).
 
-    Records written before fingerprints were stored are indexed only in evidence-format
-    folders (their overrides re-resolved on their grid's base config): older folders describe
-    older code and configs, and a run is reused only as far as ``resume`` trusts its own cells.
+    Only records that store their fingerprint (written since the runner stores it) are
+    indexed: an older record's config cannot be re-resolved safely (its base config and the
+    defaults may have changed since), and a run is reused only as far as resuming trusts the
+    grid's own cells.
     """
     index: dict[str, Path] = {}
     if not results_root.is_dir():
         return index
     skip = exclude.resolve()
-    for meta_path in sorted(results_root.glob("*/meta.json")):
-        folder = meta_path.parent
-        if folder.resolve() == skip or not (folder / "cells").is_dir():
+    for folder in sorted(p for p in results_root.iterdir() if (p / "cells").is_dir()):
+        if folder.resolve() == skip:
             continue
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            continue
-        legacy_base: Path | None | bool = False  # False: legacy records not indexed
-        found = re.search(r", (\d+) CPUs,", str(meta.get("machine", "")))
-        legacy_cpus = int(found.group(1)) if found else None
-        runs_csv = folder / "runs.csv"
-        if runs_csv.is_file() and evidence_lib.is_evidence_csv(runs_csv):
-            try:
-                grid_path = Path(meta.get("grid_file", ""))
-                if not grid_path.is_file():
-                    grid_path = REPO_ROOT / grid_path
-                g = grid_lib.load_grid(grid_path, quick=bool(meta.get("quick")))
-                legacy_base = g.base if g.kind == "train" else False
-            except (ConfigError, OSError, ValueError):
-                legacy_base = False
         for path in sorted((folder / "cells").glob("*.json")):
             try:
-                rec = json.loads(path.read_text())
+                fp = json.loads(path.read_text()).get("fingerprint")
             except (OSError, ValueError):
                 continue
-            if not rec.get("fingerprint") and legacy_base is False:
-                continue
-            fp = _record_fingerprint(rec, legacy_base or None, legacy_cpus)
-            if fp is not None:
+            if isinstance(fp, str) and fp:
                 index.setdefault(fp, path)
     return index
 
