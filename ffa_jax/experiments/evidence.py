@@ -176,9 +176,14 @@ def results_table(grid, main: list[dict[str, str]]) -> str:
     return results_lib.md_table(header, out)
 
 
+ARROW = " → "  # how a gap_grows claim shows its [from, to] pair of conditions
+
+
 def claim_rows(grid, claim: dict[str, Any], main: list[dict[str, str]]):
-    """``[(where, Paired, verdict, why)]``: one per value combination of the claim's ``at``
-    axes (every other axis value too, when the claim names none)."""
+    """``[(where, Paired, verdict, why)]``: one per value combination of the axes other than
+    the claim's ``axis`` (restricted to its ``at``). ``where`` is ``((axis, value), ...)``; for
+    a ``gap_grows`` claim its ``along`` axis shows ``"from → to"`` and the pairs are the
+    per-seed gaps ``better - worse`` at ``to`` (side A) and at ``from`` (side B)."""
     axis, metric = claim["axis"], "selected_test_" + claim["metric"]
     others = [a for a in grid.axes if a != axis]
     by_where: dict[tuple, dict[str, dict[int, float]]] = {}
@@ -190,31 +195,70 @@ def claim_rows(grid, claim: dict[str, Any], main: list[dict[str, str]]):
             continue
         where = tuple((a, r[a]) for a in others)
         by_where.setdefault(where, {}).setdefault(r[axis], {})[int(r["seed"])] = v
+
+    def sides(where):
+        got = by_where.get(where, {})
+        return got.get(claim["better"], {}), got.get(claim["worse"], {})
+
+    pairs: dict[tuple, tuple[dict[int, float], dict[int, float]]] = {}
+    if claim["along"] is None:
+        pairs = {where: sides(where) for where in by_where}
+    else:
+        along, frm, to = claim["along"]
+
+        def gap(where):
+            b, w = sides(where)
+            return {s: b[s] - w[s] for s in set(b) & set(w)}
+
+        for where in by_where:
+            if dict(where)[along] != frm:
+                continue
+            there = tuple((a, to if a == along else v) for a, v in where)
+            shown = tuple((a, f"{frm}{ARROW}{to}" if a == along else v) for a, v in where)
+            pairs[shown] = (gap(there), gap(where))
     order = {a: [grid_lib.fmt_value(v) for v in vs] for a, vs in grid.axes.items()}
 
     def position(where):
         return tuple(order[a].index(v) if v in order[a] else len(order[a]) for a, v in where)
 
     out = []
-    for where, sides in sorted(by_where.items(), key=lambda kv: position(kv[0])):
-        p = stats.paired(sides.get(claim["better"], {}), sides.get(claim["worse"], {}))
-        v, why = stats.verdict(p)
+    for where, (a_side, b_side) in sorted(pairs.items(), key=lambda kv: position(kv[0])):
+        p = stats.paired(a_side, b_side)
+        v, why = stats.verdict(p, margin=claim["margin"], kind=claim["kind"])
         out.append((where, p, v, why))
     return out
+
+
+def claim_sides(claim: dict[str, Any]) -> tuple[str, str]:
+    """How tables name a claim's two sides A and B (the paired difference is A - B)."""
+    axis = claim["axis"]
+    better = grid_lib.axis_label(axis, claim["better"])
+    worse = grid_lib.axis_label(axis, claim["worse"])
+    if claim["along"] is not None:
+        along, frm, to = claim["along"]
+        gap = f"{better} - {worse}"
+        return f"{gap} at {grid_lib.short(along)} {to}", f"{gap} at {grid_lib.short(along)} {frm}"
+    if claim["kind"] in ("depends", "insensitive"):
+        return f"{grid_lib.short(axis)} {better}", f"{grid_lib.short(axis)} {worse}"
+    return better, worse
+
+
+def claim_rule(claim: dict[str, Any]) -> str:
+    """The claim's verdict rule in words, its margin filled in."""
+    return stats.CLAIM_RULES[claim["kind"]].replace("+-margin", f"±{claim['margin']:g}")
 
 
 def claims_section(grid, main: list[dict[str, str]]) -> list[str]:
     parts = []
     for claim in grid.claims:
         rows = claim_rows(grid, claim, main)
-        better = grid_lib.axis_label(claim["axis"], claim["better"])
-        worse = grid_lib.axis_label(claim["axis"], claim["worse"])
+        a_name, b_name = claim_sides(claim)
         header = [grid_lib.short(a) for a in grid.axes if a != claim["axis"]] + [
             "pairs",
-            f"{better}",
-            f"{worse}",
-            f"paired difference {better} - {worse} (95% CI)",
-            f"wins {better} / {worse} / ties",
+            a_name,
+            b_name,
+            "paired difference A - B (95% CI)",
+            "seeds A > B / A < B / ties",
             "verdict",
         ]
         body = []
@@ -235,9 +279,8 @@ def claims_section(grid, main: list[dict[str, str]]) -> list[str]:
             f"### Claim: {claim['name']}",
             "",
             f"Test {claim['metric'].replace('_', ' ')} at each run's validation-selected round, "
-            "paired by seed; reproduced when the 95% interval of the mean paired difference is "
-            "above 0 with at least 10 pairs, not reproduced when it is below 0, else "
-            "inconclusive.",
+            f"paired by seed; A = {a_name}, B = {b_name}. With at least 10 pairs, "
+            f"{claim_rule(claim)}.",
             "",
             results_lib.md_table(header, body) if body else "(no finished pairs yet)",
             "",

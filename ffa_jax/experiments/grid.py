@@ -35,10 +35,23 @@ A grid file (``experiments/grids/NAME.yaml``) holds::
         worse: lora
         at: {privacy.epsilon: [8, 4, 2, 1]}   # one verdict per value (default: every group)
         metric: balanced_accuracy         # a selected-round test metric (default)
+      - name: the lead grows as epsilon falls
+        kind: gap_grows                   # per seed: (better - worse at `to`) minus (at `from`)
+        axis: lora.mode
+        better: ffa
+        worse: lora
+        along: {privacy.epsilon: [8, 1]}  # [from, to]
+      - name: LoRA depends on alpha
+        kind: depends                     # or insensitive: |difference| < margin
+        axis: lora.alpha
+        between: [1, 64]                  # per seed: alpha 1 minus alpha 64, two-sided
+        at: {lora.mode: [lora]}
+        margin: 0.02                      # the equivalence margin (metric units)
     pretrain: configs/vision_pretrain_mnist.yaml   # optional: the backbone the cells fine-tune
                                           # (model.name), trained once before the first cell
                                           # if its folder does not exist
-    quick:                                # --quick: replaces set+=, seeds, axes, candidates
+    quick:                                # --quick: replaces set+=, seeds, axes, candidates,
+                                          # claims
       set: [...]
       seeds: [0]
       axes: {privacy.epsilon: [inf, 6]}
@@ -73,6 +86,7 @@ import yaml
 
 from ffa_jax.config import load_config, load_pretrain_config, parse_override
 from ffa_jax.errors import ConfigError
+from ffa_jax.experiments import stats
 
 KINDS = ("train", "noise_amplification", "theorem1")
 GRID_KEYS = (
@@ -90,7 +104,7 @@ GRID_KEYS = (
     "claims",
     "pretrain",
 )
-QUICK_KEYS = ("set", "seeds", "axes", "candidates", "grid", "max_extend", "probe")
+QUICK_KEYS = ("set", "seeds", "axes", "candidates", "grid", "max_extend", "probe", "claims")
 TUNE_KEYS = (
     "field",
     "key",
@@ -102,7 +116,23 @@ TUNE_KEYS = (
     "shared_over",
     "same_as",
 )
-CLAIM_KEYS = ("name", "axis", "better", "worse", "at", "metric")
+CLAIM_KEYS = (
+    "name",
+    "kind",
+    "axis",
+    "better",
+    "worse",
+    "along",
+    "between",
+    "margin",
+    "at",
+    "metric",
+)
+# What a claim states (the statistic and verdict rule: :mod:`ffa_jax.experiments.stats`):
+# ``beats``: better > worse; ``gap_grows``: the gap better - worse is larger at ``along``'s
+# second value than at its first; ``depends``: the metric differs between the two ``between``
+# values of ``axis``; ``insensitive``: it differs by less than ``margin`` between them.
+CLAIM_KINDS = tuple(stats.CLAIM_RULES)
 # What selection may read. Anything else (``test``) is refused: see the module docstring.
 SELECT_ON = ("validation",)
 
@@ -422,7 +452,9 @@ def load_grid(path: str | Path, *, quick: bool = False, seeds: Sequence[int] | N
     tune = None
     if tune_raw is not None:
         tune = _tune(tune_raw, quick_raw if quick else {}, axes, path.name)
-    claims = _claims(raw.get("claims"), axes, path.name)
+    # --quick may state its own claims (its axes may lack the full grid's values).
+    claims_raw = quick_raw["claims"] if quick and "claims" in quick_raw else raw.get("claims")
+    claims = _claims(claims_raw, axes, path.name)
     grid = Grid(
         name=path.stem,
         path=path,
@@ -590,6 +622,10 @@ def _tune(raw: Any, quick_raw: Mapping, axes, name: str) -> Tune:
 
 
 def _claims(raw: Any, axes, name: str) -> tuple[dict[str, Any], ...]:
+    """The normalised claims: ``name``, ``kind``, ``axis``, the two compared values of
+    ``axis`` as ``better`` / ``worse`` (``between``'s two values for ``depends`` and
+    ``insensitive``), ``along`` (``gap_grows``: ``(axis, from, to)``, else None), ``at``,
+    ``metric`` and ``margin`` (``depends`` / ``insensitive``, else 0)."""
     if raw is None:
         return ()
     _need(isinstance(raw, list), f"{name}: claims", "give a list of claims.")
@@ -599,18 +635,59 @@ def _claims(raw: Any, axes, name: str) -> tuple[dict[str, Any], ...]:
         _need(isinstance(c, dict), where, "each claim is a mapping.")
         bad = sorted(set(c) - set(CLAIM_KEYS))
         _need(not bad, where, f"unknown keys {bad}; valid: {CLAIM_KEYS}.")
+        kind = str(c.get("kind", "beats"))
+        _need(kind in CLAIM_KINDS, f"{where}.kind={kind!r}", f"use one of {CLAIM_KINDS}.")
         ax = c.get("axis")
         _need(ax in axes, f"{where}.axis={ax!r}", f"must be an axis of {list(axes)}.")
         values = [fmt_value(v) for v in axes[ax]]
-        for side in ("better", "worse"):
+        two_values = kind in ("depends", "insensitive")
+        if two_values:
+            # One axis at two values (a method's sensitivity to alpha, say): ``between``.
             _need(
-                fmt_value(as_value(c.get(side))) in values,
-                f"{where}.{side}={c.get(side)!r}",
-                f"must be a value of axis {ax}: {values}.",
+                "better" not in c and "worse" not in c,
+                f"{where}",
+                f"kind {kind} compares the two values of `between`; drop better/worse.",
             )
+            pair = c.get("between")
+            _need(
+                isinstance(pair, list)
+                and len(pair) == 2
+                and all(fmt_value(as_value(v)) in values for v in pair)
+                and fmt_value(as_value(pair[0])) != fmt_value(as_value(pair[1])),
+                f"{where}.between={pair!r}",
+                f"give two different values of axis {ax}: {values}.",
+            )
+            sides = [fmt_value(as_value(v)) for v in pair]
+        else:
+            _need("between" not in c, f"{where}.between", "only for depends / insensitive.")
+            for side in ("better", "worse"):
+                _need(
+                    fmt_value(as_value(c.get(side))) in values,
+                    f"{where}.{side}={c.get(side)!r}",
+                    f"must be a value of axis {ax}: {values}.",
+                )
+            sides = [fmt_value(as_value(c[s])) for s in ("better", "worse")]
+        along = None
+        if kind == "gap_grows":
+            a = c.get("along")
+            ok = isinstance(a, dict) and len(a) == 1
+            other, pair = next(iter(a.items())) if ok else (None, None)
+            ok = ok and other in axes and other != ax and isinstance(pair, list) and len(pair) == 2
+            other_values = [fmt_value(v) for v in axes[other]] if ok else []
+            pts = [fmt_value(as_value(v)) for v in pair] if ok else []
+            _need(
+                ok and all(v in other_values for v in pts) and pts[0] != pts[1],
+                f"{where}.along={a!r}",
+                f"give {{axis: [from, to]}}: another axis of {list(axes)} and two of its values "
+                "(the claim: the gap is larger at `to`).",
+            )
+            along = (other, pts[0], pts[1])
+        else:
+            _need("along" not in c, f"{where}.along", "only for kind gap_grows.")
         at = c.get("at") or {}
         _need(
-            isinstance(at, dict) and all(a in axes and a != ax for a in at),
+            isinstance(at, dict)
+            and all(a in axes and a != ax and (along is None or a != along[0]) for a in at),
             f"{where}.at",
             f"give {{axis: [values]}} over the other axes of {list(axes)}.",
         )
@@ -620,14 +697,28 @@ def _claims(raw: Any, axes, name: str) -> tuple[dict[str, Any], ...]:
             f"{where}.metric={metric!r}",
             "use balanced_accuracy, accuracy, macro_f1 or auc.",
         )
+        margin = c.get("margin", 0.0)
+        if two_values:
+            # An equivalence margin decides "no effect": it must be stated up front.
+            _need(
+                isinstance(margin, (int, float)) and 0 < margin < 1 and "margin" in c,
+                f"{where}.margin={c.get('margin')!r}",
+                "give the equivalence margin in metric units, e.g. 0.02 (a difference whose "
+                "95% interval lies within +-margin counts as no effect).",
+            )
+        else:
+            _need("margin" not in c, f"{where}.margin", "only for depends / insensitive.")
         out.append(
             {
                 "name": str(c.get("name") or f"claim {i + 1}"),
+                "kind": kind,
                 "axis": ax,
-                "better": fmt_value(as_value(c["better"])),
-                "worse": fmt_value(as_value(c["worse"])),
+                "better": sides[0],
+                "worse": sides[1],
+                "along": along,
                 "at": {a: [fmt_value(as_value(v)) for v in vs] for a, vs in at.items()},
                 "metric": metric,
+                "margin": float(margin),
             }
         )
     return tuple(out)

@@ -68,7 +68,7 @@ def grid_rows(
             rows.append(
                 [
                     link,
-                    f"{claim['name']}: {condition}",
+                    f"{claim['name']}: {condition}" if condition else claim["name"],
                     str(p.n),
                     "-" if p.n == 0 else f"{p.mean_better:.3f}",
                     "-" if p.n == 0 else f"{p.mean_worse:.3f}",
@@ -86,10 +86,10 @@ def block(results: Path = RESULTS, grids: Path = GRIDS_DIR, names=GRIDS) -> str:
         "experiment",
         "claim: condition",
         "pairs",
-        "better",
-        "worse",
-        "paired difference (95% CI)",
-        "wins / losses / ties",
+        "A",
+        "B",
+        "paired difference A - B (95% CI)",
+        "seeds A > B / A < B / ties",
         "verdict",
     ]
     rows = [row for name in names for row in grid_rows(name, results, grids)]
@@ -98,9 +98,13 @@ def block(results: Path = RESULTS, grids: Path = GRIDS_DIR, names=GRIDS) -> str:
             BEGIN,
             "",
             "Test balanced accuracy at each run's validation-selected round, 10 paired seeds "
-            "per condition; *better* / *worse* are the claim's two methods (FFA-LoRA / LoRA). "
-            "Reproduced when the 95% interval of the paired difference is above 0, not "
-            "reproduced when below, else inconclusive.",
+            "per condition. A and B are the two sides a claim compares: FFA-LoRA and LoRA "
+            "(*beats*: reproduced when the 95% interval of A - B is above 0, not reproduced "
+            "when below); the FFA-LoRA - LoRA gap at the later and the earlier condition "
+            "(*gap grows*: the same rule); one method at two values of an axis (*depends*: "
+            "reproduced when the interval excludes 0 and is not within the claim's margin, "
+            "not reproduced when within it; *insensitive*: the reverse). Otherwise "
+            "inconclusive. Each grid's `table.md` states its claims' rules and margins.",
             "",
             results_lib.md_table(header, rows),
             "",

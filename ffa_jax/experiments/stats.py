@@ -2,15 +2,24 @@
 seeds with their interval and win counts, and a verdict per claim. Pure numpy with a table of
 Student t quantiles (scipy is not a dependency of ffa_jax).
 
-A claim "``better`` beats ``worse``" is judged on the per-seed paired differences
-``d_s = metric(better, s) - metric(worse, s)`` (the same seed gives both methods the same
-split, partition, frozen A and data order):
+Every claim is judged on per-seed paired differences ``d_s`` (the same seed gives every cell
+the same split, partition, frozen A and data order), their mean and its 95% t interval
+``[lo, hi]``. What ``d_s`` is depends on the claim's kind (:data:`CLAIM_RULES`):
 
-* **reproduced**: at least ``min_pairs`` pairs and the 95% interval of the mean difference
-  lies above 0;
-* **not reproduced**: at least ``min_pairs`` pairs and the interval lies below ``margin``
-  (with the default margin 0: ``worse`` is significantly better);
-* **inconclusive**: otherwise (the interval contains 0, or too few pairs).
+* ``beats``: ``d_s = metric(better, s) - metric(worse, s)``;
+* ``gap_grows``: the change of that gap between two conditions, ``d_s = gap_s(to) -
+  gap_s(from)`` (a difference in differences);
+* ``depends`` / ``insensitive``: one method at two values of an axis, ``d_s = metric(v1, s)
+  - metric(v2, s)``, judged two-sided against an equivalence margin ``m`` stated in the grid.
+
+With at least ``min_pairs`` pairs (else **inconclusive**):
+
+* ``beats``, ``gap_grows``: **reproduced** when ``lo > 0``; **not reproduced** when ``hi <
+  margin`` (with the default margin 0: the opposite holds significantly); else inconclusive.
+* ``depends``: **not reproduced** when ``-m < lo`` and ``hi < m`` (any effect is smaller than
+  the margin); **reproduced** when the interval excludes 0 otherwise; else inconclusive.
+* ``insensitive``: the complement: reproduced when ``-m < lo`` and ``hi < m``; not
+  reproduced when the interval excludes 0 otherwise; else inconclusive.
 """
 
 from __future__ import annotations
@@ -113,15 +122,46 @@ def paired(better: Mapping[int, float], worse: Mapping[int, float]) -> Paired:
     )
 
 
-def verdict(p: Paired, *, min_pairs: int = 10, margin: float = 0.0) -> tuple[str, str]:
-    """``(verdict, the statistic that says so)`` for the claim "better beats worse" (see the
-    module docstring)."""
+def verdict(
+    p: Paired, *, min_pairs: int = 10, margin: float = 0.0, kind: str = "beats"
+) -> tuple[str, str]:
+    """``(verdict, the statistic that says so)`` for a claim of ``kind`` on its paired
+    differences ``p`` (see the module docstring; ``margin``: the equivalence margin of
+    ``depends`` / ``insensitive``, or the bound of "not reproduced" for the others)."""
+    if kind not in CLAIM_RULES:
+        raise ValueError(f"kind={kind!r}: use one of {tuple(CLAIM_RULES)}")
     if p.n < min_pairs or p.interval is None:
         return "inconclusive", f"{p.n} paired seeds (< {min_pairs})"
     lo, hi = p.interval
     stat = f"paired difference {p.diff:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}], n={p.n}"
+    if kind in ("depends", "insensitive"):
+        if margin <= 0:
+            raise ValueError(f"kind={kind!r} needs an equivalence margin > 0, not {margin}")
+        within = -margin < lo and hi < margin
+        excludes_zero = lo > 0 or hi < 0
+        if within:
+            v = "not reproduced" if kind == "depends" else "reproduced"
+            return v, stat + f" (within +-{margin:g})"
+        if excludes_zero:
+            v = "reproduced" if kind == "depends" else "not reproduced"
+            return v, stat + " (excludes 0)"
+        return "inconclusive", stat + f" (contains 0, not within +-{margin:g})"
     if lo > 0:
         return "reproduced", stat + " (above 0)"
     if hi < margin:
         return "not reproduced", stat + (" (below 0)" if margin == 0 else f" (below {margin:g})")
     return "inconclusive", stat + " (contains 0)"
+
+
+# How each claim kind reads its interval, in words (table.md and the README say it).
+CLAIM_RULES = {
+    "beats": "reproduced when the 95% interval of the mean paired difference is above 0, not "
+    "reproduced when it is below 0, else inconclusive",
+    "gap_grows": "reproduced when the 95% interval of the mean change in the paired gap is "
+    "above 0, not reproduced when it is below 0, else inconclusive",
+    "depends": "reproduced when the 95% interval of the mean paired difference excludes 0 and "
+    "does not lie within +-margin, not reproduced when it lies within +-margin (no effect as "
+    "large as the margin), else inconclusive",
+    "insensitive": "reproduced when the 95% interval of the mean paired difference lies "
+    "within +-margin, not reproduced when it excludes 0 otherwise, else inconclusive",
+}

@@ -198,10 +198,12 @@ def test_readme_rows_give_the_verdict_table_of_a_finished_grid(monkeypatch):
     table = (ROOT / "experiments/results/privacy_evidence-quick/table.md").read_text()
     section = table.split("## Verdicts")[1].split("\n## ")[0]
     verdicts = [line for line in section.splitlines() if line.startswith("| ") and "**" in line]
-    assert len(rows) == len(verdicts) == 2  # epsilon inf and 2
+    # FFA-LoRA beats LoRA at epsilon inf and 2; the gap grows from inf to 2.
+    assert len(rows) == len(verdicts) == 3
+    assert rows[2][1].endswith("epsilon inf → 2")
     for row, line in zip(rows, verdicts, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        # table.md: epsilon, pairs, FFA-LoRA, LoRA, difference, wins, verdict
+        # table.md: epsilon, pairs, A, B, difference, wins, verdict
         assert row[1].endswith(f"epsilon {cells[0]}")
         assert row[2:] == cells[1:]
     status = readme.grid_rows("rank_evidence")

@@ -53,3 +53,36 @@ def test_verdicts():
     ten_b = {s: 0.7 for s in range(10)}
     assert stats.verdict(stats.paired(ten_a, ten_b))[0] == "reproduced"
     assert stats.verdict(stats.paired(ten_b, ten_a))[0] == "not reproduced"
+
+
+def _p(diff: float, half: float, n: int = 10) -> stats.Paired:
+    return stats.Paired(n, 0.8, 0.8 - diff, diff, half, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("diff", "half", "depends", "insensitive"),
+    [
+        (0.050, 0.010, "reproduced", "not reproduced"),  # [0.04, 0.06]: excludes 0
+        (-0.050, 0.010, "reproduced", "not reproduced"),  # two-sided: either sign
+        (0.005, 0.010, "not reproduced", "reproduced"),  # [-0.005, 0.015] within 0.02
+        (0.012, 0.005, "not reproduced", "reproduced"),  # [0.007, 0.017]: small, within
+        (0.010, 0.030, "inconclusive", "inconclusive"),  # [-0.02, 0.04]: wide
+        (0.030, 0.015, "reproduced", "not reproduced"),  # [0.015, 0.045]: past the margin
+    ],
+)
+def test_two_sided_verdicts_against_the_equivalence_margin(diff, half, depends, insensitive):
+    p = _p(diff, half)
+    assert stats.verdict(p, kind="depends", margin=0.02)[0] == depends
+    assert stats.verdict(p, kind="insensitive", margin=0.02)[0] == insensitive
+    # Too few pairs decides nothing, whatever the interval.
+    assert stats.verdict(_p(diff, half, n=9), kind="depends", margin=0.02)[0] == "inconclusive"
+
+
+def test_verdict_needs_a_known_kind_and_a_margin_for_two_sided_claims():
+    with pytest.raises(ValueError, match="kind="):
+        stats.verdict(_p(0.1, 0.01), kind="grows")
+    with pytest.raises(ValueError, match="margin"):
+        stats.verdict(_p(0.1, 0.01), kind="insensitive")
+    # gap_grows reads its interval as beats does.
+    assert stats.verdict(_p(0.05, 0.01), kind="gap_grows")[0] == "reproduced"
+    assert stats.verdict(_p(-0.05, 0.01), kind="gap_grows")[0] == "not reproduced"
