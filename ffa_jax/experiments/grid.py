@@ -51,7 +51,7 @@ A grid file (``experiments/grids/NAME.yaml``) holds::
                                           # (model.name), trained once before the first cell
                                           # if its folder does not exist
     quick:                                # --quick: replaces set+=, seeds, axes, candidates,
-                                          # claims
+                                          # grid, extend, max_extend, claims
       set: [...]
       seeds: [0]
       axes: {privacy.epsilon: [inf, 6]}
@@ -104,7 +104,17 @@ GRID_KEYS = (
     "claims",
     "pretrain",
 )
-QUICK_KEYS = ("set", "seeds", "axes", "candidates", "grid", "max_extend", "probe", "claims")
+QUICK_KEYS = (
+    "set",
+    "seeds",
+    "axes",
+    "candidates",
+    "grid",
+    "extend",
+    "max_extend",
+    "probe",
+    "claims",
+)
 TUNE_KEYS = (
     "field",
     "key",
@@ -559,7 +569,7 @@ def _tune(raw: Any, quick_raw: Mapping, axes, name: str) -> Tune:
             "+".join(fmt_value(as_value(p)) for p in str(k).split("+")): tuple(v)
             for k, v in cands.items()
         }
-    extend = tuple(raw.get("extend") or ())
+    extend = tuple(quick_raw.get("extend", raw.get("extend")) or ())
     _need(
         all(f in fields for f in extend),
         f"{name}: tune.extend",
