@@ -71,6 +71,7 @@ def test_edge_choice_extends_the_grid_by_log_steps(monkeypatch):
     picks = {dict(g)["lora.mode"]: lr(t)["client.learning_rate"] for g, t in chosen.items()}
     assert picks == {"ffa": 100000.0, "lora": 10000.0}
     assert len(cells) == len(base) + 3 * 2 * 2 * 3 * len(grid.tune.seeds) and done
+
     # An interior optimum does not extend anything.
     def mid(c):
         t = lr(c.tuned)
