@@ -111,9 +111,10 @@ def test_a_cell_finished_by_another_grid_is_copied_not_rerun(tmp_path, monkeypat
     assert res["ran"] == 2 and res["reused"] == 0 and len(fake_runs) == 5
 
 
-def test_the_evidence_grids_share_their_alpha_8_tuning_runs(monkeypatch):
-    """The tuning runs at label mix, epsilon 4, alpha 8, rank 8 are one run in each of the
-    heterogeneity, alpha and rank grids: 8 runs x 3 grids, so 16 are copies."""
+def test_the_evidence_grids_share_their_rank_8_tuning_runs(monkeypatch):
+    """The tuning runs at label mix, epsilon 4, rank 8 are one run in the heterogeneity and
+    rank grids (24: 2 methods x 4 rates x alpha 2, 8, 32), and those at alpha 8 in the alpha
+    grid too: 8 runs x 3 grids and 16 x 2, so 32 are copies."""
     monkeypatch.chdir(ROOT)
     owners: dict[str, list[str]] = {}
     for name in ("heterogeneity_evidence", "alpha_evidence", "rank_evidence"):
@@ -122,8 +123,11 @@ def test_the_evidence_grids_share_their_alpha_8_tuning_runs(monkeypatch):
             fp = runner.run_fingerprint(grid_lib.cell_config(grid, cell, []), 1)
             owners.setdefault(fp, []).append(f"{name}:{cell.cell_id}")
     shared = [v for v in owners.values() if len(v) > 1]
-    assert len(shared) == 8 and all(len(v) == 3 for v in shared)
-    assert all("alpha=8" in v[0] and "rank=8" in v[2] for v in shared)
+    three = [v for v in shared if len(v) == 3]
+    assert len(shared) == 24 and len(three) == 8
+    assert all("alpha=8" in v[0] and "alpha_evidence" in v[1] and "rank=8" in v[2] for v in three)
+    assert all("label_mix" in v[0] and "rank=8" in v[-1] for v in shared)
+    assert sum(len(v) - 1 for v in shared) == 32
 
 
 def test_a_worker_skips_cells_another_worker_holds(tmp_path, monkeypatch, fake_runs):
