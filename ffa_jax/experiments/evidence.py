@@ -365,6 +365,11 @@ def render_table(grid, rows: list[dict[str, str]], meta: dict[str, Any]) -> str:
         f"data from the public seed) by {metric.replace('_', ' ')}: the tuned values (mean over "
         "the tuning seeds of each run's best round) and each reported run's round; the test "
         "split is read at the selected round and at the last round only",
+        "- what epsilon covers: each run's training (its `epsilon_spent` in `runs.csv`), not "
+        "the selection of its hyperparameters and reported round on the validation split, "
+        "which is held out of the same private data; every run sets `privacy.noise_seed` so "
+        "that its command reproduces it, so none is a private release "
+        "([threat model](../../../docs/threat_model.md#not-covered))",
         "- regenerate: `ffa-jax experiment "
         + grid.name
         + (" --quick" if grid.quick else "")
