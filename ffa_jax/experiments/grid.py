@@ -655,7 +655,7 @@ def _claims(raw: Any, axes, name: str) -> tuple[dict[str, Any], ...]:
             # One axis at two values (a method's sensitivity to alpha, say): ``between``.
             _need(
                 "better" not in c and "worse" not in c,
-                f"{where}",
+                where,
                 f"kind {kind} compares the two values of `between`; drop better/worse.",
             )
             pair = c.get("between")
