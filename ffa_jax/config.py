@@ -271,6 +271,12 @@ class DataConfig:
         hold-out, as NIID-Bench redraws below its minimum: a smaller client could not be
         Poisson-sampled at q = batch / n_k <= 1. A first draw that qualifies is kept.
       test_fraction: held-out share when the task has no test split.
+      split_seed: the public seed of which examples are test and which are training: the
+        held-out test split (when the task has none), the ``max_train_examples`` subsample
+        and the test order. Null: the run's ``seed``. Set it to one value across runs that
+        must share one test split while ``seed`` varies the rest (the partition, the
+        validation hold-out, A, the noise): experiment grids do, so that a tuning seed's
+        training and validation examples are never another seed's test examples.
       validation_fraction: share of each client's training examples held out as the
         validation split (0: none). Drawn per client from the public ``seed`` (never the
         run's secret), so the split is the same for every method and epsilon of one seed;
@@ -290,6 +296,7 @@ class DataConfig:
     label_mix: tuple[tuple[float, ...], ...] = PAPER_LABEL_MIX_2
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.2
+    split_seed: int | None = None
     validation_fraction: float = 0.0
     max_train_examples: int | None = None
     text_field: str = "text"
@@ -321,6 +328,15 @@ class DataConfig:
             self.dirichlet_alpha,
             "must be > 0 (smaller = more heterogeneous), e.g. 0.5.",
         )
+        if self.split_seed is not None:
+            _require(
+                isinstance(self.split_seed, int)
+                and not isinstance(self.split_seed, bool)
+                and self.split_seed >= 0,
+                "data.split_seed",
+                self.split_seed,
+                "must be null (the run's seed) or an integer >= 0, e.g. 0.",
+            )
         _require(
             _is_number(self.test_fraction) and 0 < self.test_fraction < 1,
             "data.test_fraction",
@@ -865,6 +881,11 @@ class RunConfig:
     perf: PerfConfig = dataclasses.field(default_factory=PerfConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     flower: FlowerConfig = dataclasses.field(default_factory=FlowerConfig)
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the train/test split: ``data.split_seed``, or ``seed`` when null."""
+        return self.seed if self.data.split_seed is None else self.data.split_seed
 
     def __post_init__(self):
         _check_name_and_seed(self.name, self.seed, "run")

@@ -122,7 +122,7 @@ def load_clients(cfg: RunConfig) -> tuple[tasks.TextClassificationData, list[np.
     data = tasks.load_text_classification(
         cfg.data.task,
         test_fraction=cfg.data.test_fraction,
-        seed=cfg.seed,
+        seed=cfg.split_seed,
         text_field=cfg.data.text_field,
         label_field=cfg.data.label_field,
         max_examples=cfg.data.max_train_examples,

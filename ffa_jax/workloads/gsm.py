@@ -201,7 +201,7 @@ def _load_task(cfg: RunConfig) -> gsm_lib.GSMData:
     return gsm_lib.load_gsm(
         cfg.data.task,
         test_fraction=cfg.data.test_fraction,
-        seed=cfg.seed,
+        seed=cfg.split_seed,
         max_train_examples=cfg.data.max_train_examples,
         max_test_examples=cfg.eval.max_examples,
     )

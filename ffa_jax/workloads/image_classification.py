@@ -53,7 +53,7 @@ def _load_task(cfg: RunConfig) -> tuple[Any, images.ImageClassificationData]:
     # The architecture first: the data are resized to its input size.
     arch = ViTConfig.from_hf(read_hf_config(model_dir), 1)
     data = images.load_for_config(
-        cfg.data, image_size=arch.image_size, num_channels=arch.num_channels, seed=cfg.seed
+        cfg.data, image_size=arch.image_size, num_channels=arch.num_channels, seed=cfg.split_seed
     )
     return model_dir, data
 

@@ -43,7 +43,7 @@ def _load_task(cfg: RunConfig) -> tasks.TextClassificationData:
     return tasks.load_text_classification(
         cfg.data.task,
         test_fraction=cfg.data.test_fraction,
-        seed=cfg.seed,
+        seed=cfg.split_seed,
         text_field=cfg.data.text_field,
         label_field=cfg.data.label_field,
         max_examples=cfg.data.max_train_examples,
