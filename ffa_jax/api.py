@@ -308,7 +308,7 @@ def finetune_model(
         microbatch_size=speed.microbatch_size or None,
         tail_microbatch_size=speed.tail_microbatch_size or None,
     )
-    server_opt = make_server_optimizer(cfg.server)
+    server_opt = make_server_optimizer(cfg.server, cfg.federated.rounds)
     round_fn = make_round(client_update, server_opt, clients_per_chunk=speed.clients_per_chunk)
     state = server_init(trainable, server_opt)
 

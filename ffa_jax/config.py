@@ -39,6 +39,7 @@ MODEL_DTYPES = ("float32", "bfloat16")
 PARTITIONS = ("iid", "label_mix", "dirichlet")
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
+SERVER_SCHEDULES = ("constant", "cosine")
 WEIGHTINGS = ("uniform", "examples")
 ACCOUNTANTS = ("pld", "rdp")
 PRIVACY_UNITS = ("sample", "client")
@@ -70,6 +71,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federated.client_sampling": CLIENT_SAMPLINGS,
     "client.optimizer": CLIENT_OPTIMIZERS,
     "server.optimizer": SERVER_OPTIMIZERS,
+    "server.schedule": SERVER_SCHEDULES,
     "privacy.accountant": ACCOUNTANTS,
     "privacy.unit": PRIVACY_UNITS,
     "privacy.mechanism": NOISE_MECHANISMS,
@@ -476,10 +478,22 @@ class ServerConfig:
 
     ``sgd`` with learning rate 1 is FedAvg; ``momentum`` is FedAvgM; ``adam``/``yogi`` are
     FedAdam/FedYogi (Reddi et al., 2021; ``eps`` is their tau).
+
+    Attributes:
+      optimizer: ``sgd``, ``momentum``, ``adam`` or ``yogi``.
+      learning_rate: the server step size (1 with ``sgd``: FedAvg).
+      schedule: ``constant`` (the learning rate every round) or ``cosine``: round t (0-based)
+        of T = ``federated.rounds`` steps with ``learning_rate * (1 + cos(pi t / T)) / 2``,
+        from the full rate at the first round towards 0 at the last. A decaying server step
+        lets a run settle where a constant one keeps swinging between non-IID clients' pulls.
+        It scales what the server applies, after any noise: the accounting is unchanged.
+      momentum: for ``momentum``.
+      b1, b2, eps: for ``adam`` / ``yogi`` (``eps`` is their tau).
     """
 
     optimizer: str = "sgd"
     learning_rate: float = 1.0
+    schedule: str = "constant"
     momentum: float = 0.9
     b1: float = 0.9
     b2: float = 0.99
@@ -497,6 +511,12 @@ class ServerConfig:
             "server.learning_rate",
             self.learning_rate,
             "must be > 0 (1.0 with sgd is FedAvg).",
+        )
+        _require(
+            self.schedule in SERVER_SCHEDULES,
+            "server.schedule",
+            self.schedule,
+            f"use one of {SERVER_SCHEDULES}.",
         )
         for f in ("momentum", "b1", "b2"):
             v = getattr(self, f)

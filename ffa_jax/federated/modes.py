@@ -242,11 +242,12 @@ def check_config(cfg: RunConfig) -> None:
             "server optimiser's moments would refer to factors that no longer exist. Use "
             "server.optimizer: sgd."
         )
-    if s.client_products and cfg.server.learning_rate != 1.0:
+    if s.client_products and (cfg.server.learning_rate != 1.0 or cfg.server.schedule != "constant"):
         raise ConfigError(
-            f"server.learning_rate={cfg.server.learning_rate!r} with lora.mode={s.name!r} is "
-            f"refused: {s.title}'s aggregation is exact for the clients' mean (FedAvg, "
-            "server.learning_rate: 1) only. Set server.learning_rate: 1."
+            f"server.learning_rate={cfg.server.learning_rate!r} (schedule "
+            f"{cfg.server.schedule!r}) with lora.mode={s.name!r} is refused: {s.title}'s "
+            "aggregation is exact for the clients' mean (FedAvg, server.learning_rate: 1, "
+            "constant) only. Set server.learning_rate: 1 and server.schedule: constant."
         )
     if s.server_rule is not None and cfg.perf.model_devices != 1:
         raise ConfigError(

@@ -48,14 +48,28 @@ class ServerState(NamedTuple):
     extra: PyTree = None
 
 
-def make_server_optimizer(cfg: ServerConfig) -> optax.GradientTransformation:
+def make_server_optimizer(
+    cfg: ServerConfig, rounds: int | None = None
+) -> optax.GradientTransformation:
+    """The Optax server optimiser of ``cfg`` (``server.*``). ``rounds``: the run's
+    ``federated.rounds``, the horizon of ``server.schedule: cosine`` (its state then counts
+    the rounds applied, and is saved with the server state).
+
+    Raises:
+      ValueError: ``schedule: cosine`` without ``rounds``.
+    """
+    lr: float | optax.Schedule = cfg.learning_rate
+    if cfg.schedule == "cosine":
+        if not rounds:
+            raise ValueError("server.schedule=cosine needs the number of rounds (rounds=...)")
+        lr = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps=rounds)
     if cfg.optimizer == "sgd":
-        return optax.sgd(cfg.learning_rate)
+        return optax.sgd(lr)
     if cfg.optimizer == "momentum":
-        return optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
+        return optax.sgd(lr, momentum=cfg.momentum)
     if cfg.optimizer == "adam":
-        return optax.adam(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-    return optax.yogi(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+        return optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    return optax.yogi(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
 
 
 def server_init(

@@ -52,6 +52,7 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "learning-rate": "client.learning_rate",
     "batch-size": "client.batch_size",
     "server-learning-rate": "server.learning_rate",
+    "server-schedule": "server.schedule",
     "privacy-unit": "privacy.unit",
     "epsilon": "privacy.epsilon",
     "delta": "privacy.delta",

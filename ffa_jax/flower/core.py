@@ -382,7 +382,7 @@ class ServerRun:
             prep = dataclasses.replace(prep, secret=secret)
         self.prep = _frozen_on_device(prep)
         self.plan = self.prep.plan
-        self.server_opt = make_server_optimizer(cfg.server)
+        self.server_opt = make_server_optimizer(cfg.server, cfg.federated.rounds)
         self.state = jax.device_get(server_init(self.prep.trainable, self.server_opt))
         self.weights = client_weights(cfg, [len(p) for p in self.prep.client_indices])
         self.client_level = cfg.privacy.enabled and cfg.privacy.unit == "client"

@@ -327,7 +327,7 @@ def round_memory(
         tail_microbatch_size=resolved.tail_microbatch_size or None,
         clipping="vmap",  # as ffa-jax train's workloads run (run.setup.build_client_update)
     )
-    server_opt = make_server_optimizer(cfg.server)
+    server_opt = make_server_optimizer(cfg.server, cfg.federated.rounds)
     round_fn = make_round(
         client_update,
         server_opt,

@@ -318,7 +318,7 @@ def build_round(prep: Prepared, *, return_deltas: bool = False):
     round reads the same buffers as one global array sharded over ``model``."""
     cfg = prep.cfg
     client_update = build_client_update(prep)
-    server_opt = make_server_optimizer(cfg.server)
+    server_opt = make_server_optimizer(cfg.server, cfg.federated.rounds)
     chunk = cfg.perf.clients_per_chunk or prep.plan.sampling.max_clients
     model_devices = cfg.perf.model_devices
     multi = distributed.is_distributed()

@@ -82,3 +82,42 @@ def test_misuse_is_refused():
         server_step(state, deltas, weights, opt, extra_update_sum=trainable)
     with pytest.raises(ValueError, match="noise_key"):
         server_step(state, deltas, weights, opt, server_dp=sdp)
+
+
+def test_cosine_schedule_decays_the_server_step_over_the_rounds():
+    from ffa_jax.config import ServerConfig
+    from ffa_jax.federated.server import make_server_optimizer
+
+    rounds, lr = 4, 0.5
+    opt = make_server_optimizer(ServerConfig(learning_rate=lr, schedule="cosine"), rounds)
+    g = {"b": jnp.ones(3)}
+    state, steps = opt.init(g), []
+    for _ in range(rounds):
+        upd, state = opt.update(g, state)
+        steps.append(float(-upd["b"][0]))
+    expect = [lr * (1 + np.cos(np.pi * t / rounds)) / 2 for t in range(rounds)]
+    np.testing.assert_allclose(steps, expect, rtol=1e-6)
+    assert steps[0] == pytest.approx(lr) and steps[-1] < 0.2 * lr
+    # constant (the default) is plain optax.sgd: the same state tree, the same steps.
+    const = make_server_optimizer(ServerConfig(learning_rate=lr), rounds)
+    ref = optax.sgd(lr)
+    assert jax.tree_util.tree_structure(const.init(g)) == jax.tree_util.tree_structure(ref.init(g))
+    assert float(const.update(g, const.init(g))[0]["b"][0]) == -lr
+    with pytest.raises(ValueError, match="rounds"):
+        make_server_optimizer(ServerConfig(schedule="cosine"))
+
+
+def test_a_bad_schedule_and_a_schedule_on_exact_aggregation_modes_are_refused():
+    from ffa_jax.config import load_config
+    from ffa_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="server.schedule"):
+        load_config("configs/quickstart.yaml", ["server.schedule=linear"])
+    from ffa_jax.federated import modes
+
+    cfg = load_config(
+        "configs/quickstart.yaml",
+        ["server.schedule=cosine", "lora.mode=fedex", "privacy.epsilon=inf"],
+    )
+    with pytest.raises(ConfigError, match="server.schedule: constant"):
+        modes.check_config(cfg)
