@@ -46,6 +46,9 @@ ROW_FIELDS = (
     "command",
 )
 CURVES_PNG = "validation_curves.png"
+# Statuses whose validation-selected model is reported: a diverged run's is its best round
+# before the divergence (``ffa_jax.run.loop.NonFiniteError.selected``).
+REPORTED = ("ok", "diverged")
 # How runs.csv marks the evidence format (older results have no such column).
 FORMAT_COLUMN = "select_on"
 
@@ -153,8 +156,11 @@ def results_table(grid, main: list[dict[str, str]]) -> str:
     out = []
     for g, members in _groups(grid, main).items():
         ok = [r for r in members if r["status"] == "ok"]
+        # A diverged run counts by its early-stopped model (the validation-selected round
+        # before the divergence) where it has one: no survivorship bias in the means.
+        reported = [r for r in members if r["status"] in REPORTED]
 
-        def col(name, rows=ok):
+        def col(name, rows=reported):
             return [v for v in (_num(r[name]) for r in rows) if v is not None]
 
         rounds = col("selected_round")
@@ -169,7 +175,7 @@ def results_table(grid, main: list[dict[str, str]]) -> str:
                 _ci(col("selected_test_accuracy")),
                 f"{min(rounds):.0f}-{max(rounds):.0f}" if rounds else "-",
                 _ci(col("last_test_balanced_accuracy")),
-                f"{sum(col('majority_accuracy')) / max(len(ok), 1):.3f}" if ok else "-",
+                f"{sum(col('majority_accuracy', ok)) / max(len(ok), 1):.3f}" if ok else "-",
                 str(len(members) - len(ok)),
             ]
         )
@@ -190,7 +196,7 @@ def claim_rows(grid, claim: dict[str, Any], main: list[dict[str, str]]):
     for r in main:
         if any(r[a] not in vs for a, vs in claim["at"].items()):
             continue
-        v = _num(r[metric]) if r["status"] == "ok" else None
+        v = _num(r[metric]) if r["status"] in REPORTED else None
         if v is None:
             continue
         where = tuple((a, r[a]) for a in others)
@@ -310,9 +316,11 @@ def tuning_table(grid, tune: list[dict[str, str]], main: list[dict[str, str]]) -
             per.setdefault(tuple(r[f] for f in fields), []).append(r)
         for combo in sorted(per, key=lambda t: tuple(_sortable(x) for x in t)):
             rs = sorted(per[combo], key=lambda r: int(r["seed"]))
-            scores = [(_num(r["val_score"]) or 0.0) if r["status"] == "ok" else 0.0 for r in rs]
+            scores = [
+                (_num(r["val_score"]) or 0.0) if r["status"] in REPORTED else 0.0 for r in rs
+            ]
             shown = ", ".join(
-                f"{s:.3f}" if r["status"] == "ok" else r["status"]
+                f"{s:.3f}" if r["status"] == "ok" else f"{r['status']} ({s:.3f})"
                 for s, r in zip(scores, rs, strict=True)
             )
             out.append(

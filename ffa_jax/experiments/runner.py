@@ -188,6 +188,12 @@ def run_cell(grid, cell, extra, scratch: Path, log) -> dict[str, Any]:
             rec.update(probes.theorem1(cfg, reference_alpha=ref, log=quiet))
     except NonFiniteError as e:
         rec.update(status="diverged", message=str(e).split(". ")[0])
+        # The validation-selected round before the divergence and its test metrics: a
+        # diverged run is reported by its early-stopped model, like every other run.
+        rec.update(e.selected)
+        run_dir = Path(cfg.output_dir) / cfg.name
+        if grid.kind == "train" and (run_dir / "metrics.jsonl").is_file():
+            rec["history"] = _history(run_dir)
     except (DataError, ConfigError) as e:
         # Every cell's config validated before the run; what fails here depends on the data
         # (e.g. a Dirichlet client smaller than the batch): recorded, the grid goes on.

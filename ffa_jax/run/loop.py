@@ -61,7 +61,15 @@ from ffa_jax.run.setup import (
 
 class NonFiniteError(FfaJaxError, FloatingPointError):
     """A round produced a non-finite training loss, update or model; the run stopped before
-    writing that round, so the metrics and the last checkpoint describe the last good round."""
+    writing that round, so the metrics and the last checkpoint describe the last good round.
+
+    Attributes:
+      selected: what :meth:`RoundSelector.summary` gives for the rounds before the
+        divergence (the validation-selected round and its test metrics; ``{}`` without a
+        validation split), set by :func:`train`.
+    """
+
+    selected: dict[str, Any] = {}
 
 
 def train(
@@ -199,7 +207,21 @@ def train(
             inp = round_inputs(prep, r)
             new_state, m = run_round(round_fn, prep, state, inp, key)
             loss = float(m.loss)
-            check_finite(r, loss, float(m.update_norm), new_state.trainable, ckpt_dir, last_saved)
+            try:
+                check_finite(
+                    r, loss, float(m.update_norm), new_state.trainable, ckpt_dir, last_saved
+                )
+            except NonFiniteError as e:
+                # Early stopping on the validation split still has a model: the selected round
+                # before the divergence, read on test as a finished run's would be (so that a
+                # grid does not lose the runs that diverged late: no survivorship bias).
+                e.selected = selector.summary(
+                    history,
+                    (lambda st: evaluate(prep, modes.model_params(st, prep.frozen)))
+                    if cfg.eval.test
+                    else None,
+                )
+                raise
             # The state lives on the host between rounds, as after a restore: every round
             # (fresh or resumed) calls the same executable with the same input placement.
             state = jax.device_get(new_state)
@@ -342,8 +364,9 @@ class RoundSelector:
         if evaluate_tree is None:
             return out
         last = history[-1]
-        if self.round == last["round"]:
-            test = {k: v for k, v in last.items() if k.startswith("eval_") and k != "eval_splits"}
+        tested = {k: v for k, v in last.items() if k.startswith("eval_") and k != "eval_splits"}
+        if self.round == last["round"] and tested:
+            test = tested
         elif self.tree is not None:
             test = evaluate_tree(self.tree)
         else:

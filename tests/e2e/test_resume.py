@@ -267,6 +267,38 @@ def test_non_finite_round_stops_with_the_last_good_checkpoint(env, tmp_path, mon
     _assert_same_result(run, _full_run(env, "ffa-nodp"))
 
 
+def test_a_diverged_run_keeps_its_validation_selected_round(env, tmp_path, monkeypatch):
+    """Early stopping on the validation split survives a divergence: the error carries the
+    best round before it and that model's test metrics, as a finished run's summary would."""
+    build = train_lib.build_round
+
+    def poisoned_build(prep):
+        round_fn, opt = build(prep)
+
+        def poisoned(state, *args):
+            new_state, m = round_fn(state, *args)
+            if int(state.round) == 2:  # the third round diverges
+                m = m._replace(loss=m.loss * np.nan)
+            return new_state, m
+
+        return poisoned, opt
+
+    monkeypatch.setattr(train_lib, "build_round", poisoned_build)
+    cfg = load_config(
+        None, _overrides(env, tmp_path, "nan-val", "ffa-nodp", "data.validation_fraction=0.2")
+    )
+    with pytest.raises(train_lib.NonFiniteError) as e:
+        train_lib.train(cfg, progress=False, log=lambda *a: None)
+    sel = e.value.selected
+    rows = _metrics(tmp_path / "nan-val")
+    assert [r["round"] for r in rows] == [1, 2]
+    best = max(rows, key=lambda r: (r["val_balanced_accuracy"], -r["round"]))
+    assert sel["selected_round"] == best["round"]
+    assert sel["selected_val_balanced_accuracy"] == best["val_balanced_accuracy"]
+    for m in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert 0.0 <= sel[f"selected_test_{m}"] <= 1.0
+
+
 def test_non_finite_update_is_detected():
     with pytest.raises(train_lib.NonFiniteError, match="averaged update's norm is nan"):
         train_lib.check_finite(4, 0.5, float("nan"), {"b": np.zeros(2)}, Path("c"), None)

@@ -147,3 +147,24 @@ def test_the_committed_grids_state_the_papers_trend_and_sensitivity_claims():
     assert kinds["privacy_evidence"] == ["beats", "gap_grows", "gap_grows"]
     assert kinds["heterogeneity_evidence"] == ["beats", "gap_grows", "gap_grows"]
     assert kinds["alpha_evidence"] == ["beats", "depends", "insensitive"]
+
+
+def test_a_diverged_run_counts_by_its_early_stopped_model(tmp_path):
+    """A diverged reported run with a validation-selected round before the divergence is
+    paired by that model's test metric (no survivorship bias); one that diverged before any
+    validation has no metric and drops out of the pairs, and the table counts both."""
+    grid = _grid(tmp_path, DEPENDS)
+    rows = _rows()
+    for r in rows:
+        if (r["lora.mode"], r["privacy.epsilon"], r["lora.alpha"], r["seed"]) == (
+            "lora",
+            "8",
+            "64",
+            "2",
+        ):
+            r["status"] = "diverged"  # kept its round-12 model: 0.69
+    [(_, p, _, _)] = evidence.claim_rows(grid, grid.claims[0], rows)
+    assert p.n == 3 and p.diff == pytest.approx(0.04)
+    rows[-1]["selected_test_balanced_accuracy"] = ""  # diverged before any validation
+    [(_, p, _, _)] = evidence.claim_rows(grid, grid.claims[0], rows)
+    assert p.n == 2
