@@ -51,7 +51,7 @@ A grid file (``experiments/grids/NAME.yaml``) holds::
                                           # (model.name), trained once before the first cell
                                           # if its folder does not exist
     quick:                                # --quick: replaces set+=, seeds, axes, candidates,
-                                          # grid, extend, max_extend, claims
+                                          # grid, extend, max_extend, same_as, claims
       set: [...]
       seeds: [0]
       axes: {privacy.epsilon: [inf, 6]}
@@ -112,6 +112,7 @@ QUICK_KEYS = (
     "grid",
     "extend",
     "max_extend",
+    "same_as",
     "probe",
     "claims",
 )
@@ -593,7 +594,7 @@ def _tune(raw: Any, quick_raw: Mapping, axes, name: str) -> Tune:
         f"{name}: tune.shared_over",
         f"must name axes of {list(axes)}.",
     )
-    same_raw = raw.get("same_as") or {}
+    same_raw = quick_raw.get("same_as", raw.get("same_as")) or {}
     _need(isinstance(same_raw, dict), f"{name}: tune.same_as", "give {axis: {v: w}}.")
     same: dict[str, dict[str, Any]] = {}
     for ax in shared:

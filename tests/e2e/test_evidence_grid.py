@@ -46,12 +46,12 @@ def test_edge_choice_extends_the_grid_by_log_steps(monkeypatch):
     monkeypatch.chdir(ROOT)
     grid = grid_lib.load_grid(GRID)
     base = grid_lib.tune_cells(grid)
-    assert len(base) == 3 * 2 * 4 * 3 * len(grid.tune.seeds)  # (inf, 8, 2) x modes x lr x alpha
+    assert len(base) == 2 * 2 * 4 * 4 * len(grid.tune.seeds)  # (inf, 4) x modes x lr x alpha
     lr = dict
 
     def score(c):  # validation score rises with the learning rate: the top edge wins
-        # (alpha 8, the middle of its grid, is best: only the learning rate extends)
-        alpha_penalty = abs(float(lr(c.tuned)["lora.alpha"]) - 8) / 1e9
+        # (alpha 5, inside its grid, is best: only the learning rate extends)
+        alpha_penalty = abs(float(lr(c.tuned)["lora.alpha"]) - 5) / 1e9
         return float(lr(c.tuned)["client.learning_rate"]) / 1e6 - alpha_penalty
 
     cells, chosen = results_lib.resolve_tuning(grid, _records(base, score))
@@ -70,12 +70,12 @@ def test_edge_choice_extends_the_grid_by_log_steps(monkeypatch):
     assert chosen is not None
     picks = {dict(g)["lora.mode"]: lr(t)["client.learning_rate"] for g, t in chosen.items()}
     assert picks == {"ffa": 100000.0, "lora": 10000.0}
-    assert len(cells) == len(base) + 3 * 2 * 2 * 3 * len(grid.tune.seeds) and done
+    assert len(cells) == len(base) + 2 * 2 * 2 * 4 * len(grid.tune.seeds) and done
 
     # An interior optimum does not extend anything.
     def mid(c):
         t = lr(c.tuned)
-        return -abs(float(t["client.learning_rate"]) - 10) - abs(float(t["lora.alpha"]) - 8)
+        return -abs(float(t["client.learning_rate"]) - 10) - abs(float(t["lora.alpha"]) - 5)
 
     cells, chosen = results_lib.resolve_tuning(grid, _records(base, mid))
     assert chosen is not None and len(cells) == len(base)
@@ -83,11 +83,11 @@ def test_edge_choice_extends_the_grid_by_log_steps(monkeypatch):
 
 
 def test_alpha_extends_at_an_edge_for_both_methods(monkeypatch):
-    """The grids that tune alpha extend it too: a choice at alpha's edge (the first pass of
-    privacy_evidence chose 2 or 32 in every group) adds the next log step, for FFA-LoRA and
+    """The grids that tune alpha extend it too: a choice at alpha's edge (privacy_evidence's
+    pilot chose an edge of {2, 8, 32} in every group) adds the next log step, for FFA-LoRA and
     LoRA alike, at every learning rate of the group."""
     monkeypatch.chdir(ROOT)
-    for name in ("privacy_evidence", "heterogeneity_evidence"):
+    for name in ("privacy_evidence", "heterogeneity_evidence", "rank_evidence", "vision_evidence"):
         grid = grid_lib.load_grid(ROOT / "experiments/grids" / f"{name}.yaml")
         assert "lora.alpha" in grid.tune.extend, name
     grid = grid_lib.load_grid(GRID)
@@ -101,16 +101,16 @@ def test_alpha_extends_at_an_edge_for_both_methods(monkeypatch):
     cells, chosen = results_lib.resolve_tuning(grid, _records(base, score))
     assert chosen is None
     new = [c for c in cells if c not in base]
-    # alpha 128 (32 x 4) at each of the group's 4 learning rates, 6 groups (3 epsilons x 2).
-    assert {lr(c.tuned)["lora.alpha"] for c in new} == {128.0} and len(new) == 6 * 4
+    # alpha 5000 (500 x 10) at each of the group's 4 learning rates, 4 groups (inf, 4 x 2).
+    assert {lr(c.tuned)["lora.alpha"] for c in new} == {5000.0} and len(new) == 4 * 4
     assert {c.axes["lora.mode"] for c in new} == {"ffa", "lora"}
     for _ in range(4):
         cells, chosen = results_lib.resolve_tuning(grid, _records(cells, score))
         if chosen is not None:
             break
-    # Two steps at most: 128, then 512, where the choice stops.
-    assert {lr(t)["lora.alpha"] for t in chosen.values()} == {512.0}
-    assert len(cells) == len(base) + 2 * 6 * 4
+    # Two steps at most: 5000, then 50000, where the choice stops.
+    assert {lr(t)["lora.alpha"] for t in chosen.values()} == {50000.0}
+    assert len(cells) == len(base) + 2 * 4 * 4
 
 
 def _evidence_results() -> list[Path]:

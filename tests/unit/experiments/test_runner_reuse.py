@@ -14,7 +14,7 @@ from ffa_jax.experiments import runner
 
 ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE = next(
-    iter(sorted((ROOT / "experiments/results/privacy_evidence/cells").glob("main_*.json")))
+    iter(sorted((ROOT / "experiments/results/privacy_evidence_pilot/cells").glob("main_*.json")))
 )
 
 GRID = """\
@@ -111,23 +111,20 @@ def test_a_cell_finished_by_another_grid_is_copied_not_rerun(tmp_path, monkeypat
     assert res["ran"] == 2 and res["reused"] == 0 and len(fake_runs) == 5
 
 
-def test_the_evidence_grids_share_their_rank_8_tuning_runs(monkeypatch):
-    """The tuning runs at label mix, epsilon 4, rank 8 are one run in the heterogeneity and
-    rank grids (24: 2 methods x 4 rates x alpha 2, 8, 32), and those at alpha 8 in the alpha
-    grid too: 8 runs x 3 grids and 16 x 2, so 32 are copies."""
+def test_the_evidence_grids_share_their_epsilon_4_label_mix_tuning_runs(monkeypatch):
+    """The tuning runs at label mix, epsilon 4 and rank 8 (2 methods x 4 rates x 4 alphas)
+    are one run in the privacy, heterogeneity and rank grids: 32 runs x 3 grids, so 64 are
+    copies."""
     monkeypatch.chdir(ROOT)
     owners: dict[str, list[str]] = {}
-    for name in ("heterogeneity_evidence", "alpha_evidence", "rank_evidence"):
+    for name in ("privacy_evidence", "heterogeneity_evidence", "alpha_evidence", "rank_evidence"):
         grid = grid_lib.load_grid(grid_lib.find_grid(name))
         for cell in grid_lib.tune_cells(grid):
             fp = runner.run_fingerprint(grid_lib.cell_config(grid, cell, []), 1)
             owners.setdefault(fp, []).append(f"{name}:{cell.cell_id}")
     shared = [v for v in owners.values() if len(v) > 1]
-    three = [v for v in shared if len(v) == 3]
-    assert len(shared) == 24 and len(three) == 8
-    assert all("alpha=8" in v[0] and "alpha_evidence" in v[1] and "rank=8" in v[2] for v in three)
-    assert all("label_mix" in v[0] and "rank=8" in v[-1] for v in shared)
-    assert sum(len(v) - 1 for v in shared) == 32
+    assert len(shared) == 32 and all(len(v) == 3 for v in shared)
+    assert all("epsilon=4" in v[0] and "label_mix" in v[1] and "rank=8" in v[2] for v in shared)
 
 
 def test_a_worker_skips_cells_another_worker_holds(tmp_path, monkeypatch, fake_runs):
