@@ -316,9 +316,7 @@ def tuning_table(grid, tune: list[dict[str, str]], main: list[dict[str, str]]) -
             per.setdefault(tuple(r[f] for f in fields), []).append(r)
         for combo in sorted(per, key=lambda t: tuple(_sortable(x) for x in t)):
             rs = sorted(per[combo], key=lambda r: int(r["seed"]))
-            scores = [
-                (_num(r["val_score"]) or 0.0) if r["status"] in REPORTED else 0.0 for r in rs
-            ]
+            scores = [(_num(r["val_score"]) or 0.0) if r["status"] in REPORTED else 0.0 for r in rs]
             shown = ", ".join(
                 f"{s:.3f}" if r["status"] == "ok" else f"{r['status']} ({s:.3f})"
                 for s, r in zip(scores, rs, strict=True)
