@@ -36,6 +36,7 @@ ROW_FIELDS = (
     "val_score",
     "selected_round",
     *(f"selected_test_{m}" for m in METRICS),
+    "selected_test_recall_per_class",
     "last_round",
     *(f"last_test_{m}" for m in METRICS),
     "majority_accuracy",
@@ -87,6 +88,12 @@ def csv_row(grid, c: dict[str, Any]) -> dict[str, str]:
         "commit": c.get("commit"),
         "command": c.get("command"),
     }
+    recall = c.get("selected_test_recall_per_class")
+    # Per-class recall of the selected round's model, class by class (balanced accuracy is
+    # their mean): "0.91;0.85".
+    row["selected_test_recall_per_class"] = (
+        ";".join(f"{r:.4g}" for r in recall) if isinstance(recall, list) else None
+    )
     for m in METRICS:
         row[f"selected_test_{m}"] = c.get(f"selected_test_{m}")
         row[f"last_test_{m}"] = c.get(f"test_{m}")
@@ -148,9 +155,10 @@ def results_table(grid, main: list[dict[str, str]]) -> str:
         "macro-F1",
         "AUC",
         "accuracy",
+        "per-class recall (mean)",
         "selected round (min-max)",
         "last-round balanced accuracy",
-        "majority class",
+        "majority-class accuracy (balanced: 1 / classes)",
         "diverged/failed",
     ]
     out = []
@@ -173,6 +181,7 @@ def results_table(grid, main: list[dict[str, str]]) -> str:
                 _ci(col("selected_test_macro_f1")),
                 _ci(col("selected_test_auc")),
                 _ci(col("selected_test_accuracy")),
+                _recalls(reported),
                 f"{min(rounds):.0f}-{max(rounds):.0f}" if rounds else "-",
                 _ci(col("last_test_balanced_accuracy")),
                 f"{sum(col('majority_accuracy', ok)) / max(len(ok), 1):.3f}" if ok else "-",
@@ -183,6 +192,19 @@ def results_table(grid, main: list[dict[str, str]]) -> str:
 
 
 ARROW = " → "  # how a gap_grows claim shows its [from, to] pair of conditions
+
+
+def _recalls(rows: list[dict[str, str]]) -> str:
+    """Each class's test recall at the selected round, mean over ``rows`` ("0.912 / 0.850");
+    "-" where runs.csv predates the column."""
+    per = [
+        [float(x) for x in r["selected_test_recall_per_class"].split(";")]
+        for r in rows
+        if r.get("selected_test_recall_per_class")
+    ]
+    if not per or len({len(p) for p in per}) != 1:
+        return "-"
+    return " / ".join(f"{sum(c) / len(c):.3f}" for c in zip(*per, strict=True))
 
 
 def claim_rows(grid, claim: dict[str, Any], main: list[dict[str, str]]):

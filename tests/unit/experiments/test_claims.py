@@ -168,3 +168,25 @@ def test_a_diverged_run_counts_by_its_early_stopped_model(tmp_path):
     rows[-1]["selected_test_balanced_accuracy"] = ""  # diverged before any validation
     [(_, p, _, _)] = evidence.claim_rows(grid, grid.claims[0], rows)
     assert p.n == 2
+
+
+def test_runs_csv_and_the_table_carry_per_class_recall(tmp_path):
+    grid = _grid(tmp_path, DEPENDS)
+    cell = {
+        "stage": "main",
+        "cell_id": "x",
+        "seed": 0,
+        "status": "ok",
+        "axes": {"lora.mode": "lora", "privacy.epsilon": "8", "lora.alpha": "1"},
+        "selected_test_recall_per_class": [0.9, 0.7],
+    }
+    assert evidence.csv_row(grid, cell)["selected_test_recall_per_class"] == "0.9;0.7"
+    blank = dict.fromkeys(evidence.fieldnames(grid), "")
+    base = [{**blank, **r} for r in _rows()[:2]]
+    rows = [
+        {**r, "selected_test_recall_per_class": rec}
+        for r, rec in zip(base, ["0.9;0.7", "0.8;0.6"], strict=True)
+    ]
+    assert "| 0.850 / 0.650 |" in evidence.results_table(grid, rows)
+    # A runs.csv from before the column shows "-".
+    assert "| - |" in evidence.results_table(grid, base)
