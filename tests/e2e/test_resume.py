@@ -234,7 +234,9 @@ def test_resume_refuses_when_max_epsilon_is_already_spent(env, tmp_path, capsys)
     assert tree_of_files(run) == before
 
 
-def test_non_finite_round_stops_with_the_last_good_checkpoint(env, tmp_path, monkeypatch):
+def _poison_round(monkeypatch, bad_round: int):
+    """Makes round ``bad_round`` (0-based) report a NaN training loss; returns the real
+    ``build_round`` to restore."""
     build = train_lib.build_round
 
     def poisoned_build(prep):
@@ -242,13 +244,18 @@ def test_non_finite_round_stops_with_the_last_good_checkpoint(env, tmp_path, mon
 
         def poisoned(state, *args):
             new_state, m = round_fn(state, *args)
-            if int(state.round) == 1:  # the second round diverges
+            if int(state.round) == bad_round:
                 m = m._replace(loss=m.loss * np.nan)
             return new_state, m
 
         return poisoned, opt
 
     monkeypatch.setattr(train_lib, "build_round", poisoned_build)
+    return build
+
+
+def test_non_finite_round_stops_with_the_last_good_checkpoint(env, tmp_path, monkeypatch):
+    build = _poison_round(monkeypatch, 1)  # the second round diverges
     cfg = load_config(None, _overrides(env, tmp_path, "nan", "ffa-nodp"))
     with pytest.raises(train_lib.NonFiniteError) as e:
         train_lib.train(cfg, progress=False, log=lambda *a: None)
@@ -270,20 +277,7 @@ def test_non_finite_round_stops_with_the_last_good_checkpoint(env, tmp_path, mon
 def test_a_diverged_run_keeps_its_validation_selected_round(env, tmp_path, monkeypatch):
     """Early stopping on the validation split survives a divergence: the error carries the
     best round before it and that model's test metrics, as a finished run's summary would."""
-    build = train_lib.build_round
-
-    def poisoned_build(prep):
-        round_fn, opt = build(prep)
-
-        def poisoned(state, *args):
-            new_state, m = round_fn(state, *args)
-            if int(state.round) == 2:  # the third round diverges
-                m = m._replace(loss=m.loss * np.nan)
-            return new_state, m
-
-        return poisoned, opt
-
-    monkeypatch.setattr(train_lib, "build_round", poisoned_build)
+    _poison_round(monkeypatch, 2)  # the third round diverges
     cfg = load_config(
         None, _overrides(env, tmp_path, "nan-val", "ffa-nodp", "data.validation_fraction=0.2")
     )
