@@ -269,4 +269,5 @@ def test_the_vision_evidence_grid_validates(monkeypatch):
     assert g.evidence and g.select_on == "validation"
     assert g.pretrain == Path("configs/vision_pretrain_mnist.yaml")
     assert len(grid_lib.main_cells(g, None)) == 2 * 4 * 10
-    assert len(grid_lib.tune_cells(g)) == 2 * 3 * 4
+    # (FFA-LoRA, LoRA) x (inf, 6: 3 and 1 reuse 6) x 4 learning rates x 4 alphas
+    assert len(grid_lib.tune_cells(g)) == 2 * 2 * 4 * 4
