@@ -47,9 +47,7 @@ ROW_FIELDS = (
     "command",
 )
 CURVES_PNG = "validation_curves.png"
-# Statuses whose validation-selected model is reported: a diverged run's is its best round
-# before the divergence (``ffa_jax.run.loop.NonFiniteError.selected``).
-REPORTED = ("ok", "diverged")
+REPORTED = results_lib.REPORTED
 # How runs.csv marks the evidence format (older results have no such column).
 FORMAT_COLUMN = "select_on"
 
@@ -266,7 +264,7 @@ def claim_sides(claim: dict[str, Any]) -> tuple[str, str]:
         along, frm, to = claim["along"]
         gap = f"{better} - {worse}"
         return f"{gap} at {grid_lib.short(along)} {to}", f"{gap} at {grid_lib.short(along)} {frm}"
-    if claim["kind"] in ("depends", "insensitive"):
+    if claim["kind"] in stats.EQUIVALENCE_KINDS:
         return f"{grid_lib.short(axis)} {better}", f"{grid_lib.short(axis)} {worse}"
     return better, worse
 

@@ -651,7 +651,7 @@ def _claims(raw: Any, axes, name: str) -> tuple[dict[str, Any], ...]:
         ax = c.get("axis")
         _need(ax in axes, f"{where}.axis={ax!r}", f"must be an axis of {list(axes)}.")
         values = [fmt_value(v) for v in axes[ax]]
-        two_values = kind in ("depends", "insensitive")
+        two_values = kind in stats.EQUIVALENCE_KINDS
         if two_values:
             # One axis at two values (a method's sensitivity to alpha, say): ``between``.
             _need(

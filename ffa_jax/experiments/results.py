@@ -85,12 +85,17 @@ def current_cells(grid, cells: list[dict[str, Any]], stage: str) -> list[dict[st
     return [c for c in cells if c.get("file_stem") in stems]
 
 
+# Statuses whose validation-selected model is reported: a diverged run's is its best round
+# before the divergence (``ffa_jax.run.loop.NonFiniteError.selected``).
+REPORTED = ("ok", "diverged")
+
+
 def selection_score(rec: dict[str, Any] | None) -> float:
     """A tuning run's score: its best validation metric over rounds (``selected_val_*``, see
     :class:`ffa_jax.run.loop.RoundSelector`), for a diverged run over the rounds before it
     diverged (its early-stopped model is as usable as a finished run's); 0 for a failed run or
     one that diverged before any validation."""
-    if rec is None or rec.get("status") not in ("ok", "diverged"):
+    if rec is None or rec.get("status") not in REPORTED:
         return 0.0
     v = next((v for k, v in rec.items() if k.startswith("selected_val_")), None)
     return 0.0 if v is None else float(v)

@@ -134,7 +134,7 @@ def verdict(
         return "inconclusive", f"{p.n} paired seeds (< {min_pairs})"
     lo, hi = p.interval
     stat = f"paired difference {p.diff:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}], n={p.n}"
-    if kind in ("depends", "insensitive"):
+    if kind in EQUIVALENCE_KINDS:
         if margin <= 0:
             raise ValueError(f"kind={kind!r} needs an equivalence margin > 0, not {margin}")
         within = -margin < lo and hi < margin
@@ -153,6 +153,8 @@ def verdict(
     return "inconclusive", stat + " (contains 0)"
 
 
+# The kinds that compare one method at two axis values, two-sided against a margin.
+EQUIVALENCE_KINDS = ("depends", "insensitive")
 # How each claim kind reads its interval, in words (table.md and the README say it).
 CLAIM_RULES = {
     "beats": "reproduced when the 95% interval of the mean paired difference is above 0, not "

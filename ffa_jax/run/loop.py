@@ -196,6 +196,11 @@ def train(
     # The validation-selected round (eval.select_metric, earliest on ties) and its trainable
     # tree (host arrays, the size of the adapter): its test metrics are read once at the end.
     selector = RoundSelector(f"val_{cfg.eval.select_metric}", history)
+    # The selected round's state (the mode's extra state included) is read on test once: at
+    # the end, or at a divergence (None: eval.test is false).
+    test_selected = (
+        (lambda st: evaluate(prep, modes.model_params(st, prep.frozen))) if cfg.eval.test else None
+    )
     with (
         ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep)
         if primary
@@ -215,12 +220,7 @@ def train(
                 # Early stopping on the validation split still has a model: the selected round
                 # before the divergence, read on test as a finished run's would be (so that a
                 # grid does not lose the runs that diverged late: no survivorship bias).
-                e.selected = selector.summary(
-                    history,
-                    (lambda st: evaluate(prep, modes.model_params(st, prep.frozen)))
-                    if cfg.eval.test
-                    else None,
-                )
+                e.selected = selector.summary(history, test_selected)
                 raise
             # The state lives on the host between rounds, as after a restore: every round
             # (fresh or resumed) calls the same executable with the same input placement.
@@ -268,11 +268,7 @@ def train(
         bar.close()
 
     final_params = modes.model_params(state, prep.frozen)
-    # The selected round's state (the mode's extra state included) is read on test once.
-    selected = selector.summary(
-        history,
-        (lambda st: evaluate(prep, modes.model_params(st, prep.frozen))) if cfg.eval.test else None,
-    )
+    selected = selector.summary(history, test_selected)
     if primary and modes.spec(cfg.lora.mode).peft:
         # Fed-SB's r x r matrix folded into B: a plain LoRA adapter (W0 + s B A).
         save_adapter(
